@@ -1,0 +1,42 @@
+"""The lk-vllm command line: one program, fast help, one-line user errors."""
+
+import subprocess
+import sys
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "lk_vllm.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_help_lists_every_command():
+    out = _cli("--help")
+    assert out.returncode == 0
+    for command in ("models", "prepare", "train", "eval", "serve", "calibrate", "bench", "demo"):
+        assert command in out.stdout
+
+
+def test_unknown_command_fails():
+    out = _cli("frobnicate")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_models_list_shows_the_cache(default_target):
+    out = _cli("models", "--list")
+    assert out.returncode == 0
+    assert "smollm2-135m-instruct" in out.stdout and " ok " in out.stdout
+
+
+def test_user_errors_are_one_line(tmp_path):
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    (tmp_path / "lk_fake_command.py").write_text(
+        "from lk_vllm.errors import UserError\n"
+        "def add_arguments(p): pass\n"
+        "def run(a): raise UserError('--flag: expected X, found Y')\n")
+    code = ("import sys; from lk_vllm import cli; cli.COMMANDS['fake'] = ('lk_fake_command', 'test');"
+            "sys.exit(cli.main(['fake']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip() == "lk-vllm fake: error: --flag: expected X, found Y"

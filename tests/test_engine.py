@@ -1,0 +1,73 @@
+"""The one place that knows how to start vLLM here: defaults, overrides, version check."""
+
+import os
+
+import pytest
+
+from lk_vllm import engine
+
+
+def test_cpu_defaults_are_the_measured_working_settings(monkeypatch):
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    kwargs = engine.EngineSettings(model="/m").llm_kwargs()
+    assert kwargs["dtype"] == "float32"
+    assert kwargs["gpu_memory_utilization"] == 0.3
+    assert kwargs["enforce_eager"] is True
+    assert kwargs["disable_log_stats"] is False  # lk-vllm always reads the acceptance counters
+    assert "speculative_config" not in kwargs
+
+
+def test_gpu_keeps_vllm_defaults(monkeypatch):
+    monkeypatch.setattr(engine, "on_gpu", lambda: True)
+    kwargs = engine.EngineSettings(model="/m").llm_kwargs()
+    assert kwargs["dtype"] == "auto"
+    assert "gpu_memory_utilization" not in kwargs
+    assert kwargs["enforce_eager"] is False
+
+
+def test_explicit_values_and_extra_win(monkeypatch):
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    settings = engine.EngineSettings(model="/m", dtype="bfloat16", gpu_memory_utilization=0.5, enforce_eager=False,
+                                     speculative_config={"method": "ngram", "num_speculative_tokens": 3},
+                                     extra={"block_size": 128})
+    kwargs = settings.llm_kwargs()
+    assert (kwargs["dtype"], kwargs["gpu_memory_utilization"], kwargs["enforce_eager"]) == ("bfloat16", 0.5, False)
+    assert kwargs["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3}
+    assert kwargs["block_size"] == 128
+
+
+def test_environment_respects_user_values(monkeypatch):
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    engine.apply_engine_env()
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_server_args_parse_back_with_vllms_own_parser(monkeypatch):
+    """The flags we hand to vLLM's OpenAI server mean what the offline kwargs mean."""
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    settings = engine.EngineSettings(model="/some/model", max_model_len=1024, max_num_seqs=4,
+                                     speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    parsed = parser.parse_args(settings.server_args())
+    assert parsed.model == "/some/model"
+    assert parsed.max_model_len == 1024
+    assert parsed.max_num_seqs == 4
+    assert parsed.dtype == "float32"
+    assert parsed.enforce_eager is True
+    assert parsed.gpu_memory_utilization == 0.3
+    assert parsed.speculative_config["num_speculative_tokens"] == 3
+
+
+def test_version_check(monkeypatch):
+    monkeypatch.setattr(engine, "vllm_version", lambda: "0.31.1")
+    with pytest.raises(RuntimeError, match="built for vLLM 0.32.0 but vLLM 0.31.1"):
+        engine.check_vllm_version()
+    monkeypatch.setattr(engine, "vllm_version", lambda: "0.32.0+cpu")
+    assert engine.check_vllm_version() == "0.32.0+cpu"
