@@ -1,0 +1,837 @@
+"""LK losses for speculative-decoding drafters (arXiv 2602.23881): KL, TV, LK^alpha, LK^lambda.
+
+Notation, per position (row) ``i``:
+
+* ``p = softmax(target_logits[i])`` over the FULL target vocabulary (temperature 1);
+* ``q = softmax(draft_logits[i])`` over the draft vocabulary (``Vd`` ids);
+* ``p_g[d] = p[draft_to_target[d]]``: the target probability gathered to draft ids, NOT renormalised;
+* ``p~ = p_g / sum(p_g)``: the target restricted to the draft ids and renormalised (used only by KL);
+* ``alpha_i = sum_d min(q[d], p_g[d])``: the acceptance rate of the draft at this position. Target tokens
+  outside the draft vocabulary count 0 (the draft can never propose them), so ``1 - alpha_i`` is the total
+  variation distance between ``p`` and ``q`` over the full target vocabulary;
+* ``KL_i = KL(p~ || q)``.
+
+Losses (means over valid positions; ``n`` = number of valid positions):
+
+* ``kl``:     ``mean_i KL_i``
+* ``tv``:     ``mean_i (1 - alpha_i)``
+* ``alpha``:  ``mean_i -log(alpha_i)`` (the log is taken per position, see :func:`lk_loss`)
+* ``lambda``: ``lam * mean_i KL_i + (1 - lam) * mean_i (1 - alpha_i)`` with
+  ``lam = exp(-eta * stopgrad(mean_i alpha_i))``, one scalar per call (per draft position in a K-step unroll).
+
+Gradients with respect to the draft logits ``z`` of row ``i`` (closed form, computed by :class:`_LKLossFunction`):
+
+* ``d KL_i / dz = q - p~``
+* ``d (1 - alpha_i) / dz = q * (M_i - a)`` with ``a[d] = 1 if q[d] < p_g[d] else 0`` and
+  ``M_i = sum_d q[d] * a[d]``. This is the paper's ``1/2 q (s - E_q[s])`` with ``s = sign(q - p_g)``, written
+  with ``a = (1 - s) / 2``; at ties ``q[d] == p_g[d]`` we take ``a[d] = 0`` (``d min(q, p) / dq = 0``), a valid
+  subgradient of the concave ``min``. At ``q == p`` every tie gives ``a = 0`` and the gradient is exactly 0.
+* ``d (-log alpha_i) / dz = (1 / alpha_i) * d (1 - alpha_i) / dz = q * M_i / alpha_i - q * a / alpha_i``.
+  Both terms are bounded by ``q`` (``q * a <= p_g`` and ``M_i <= alpha_i``), so the gradient stays O(1) even
+  when ``alpha_i`` is tiny.
+* lambda: ``lam * (q - p~) + (1 - lam) * q * (M_i - a)`` (``lam`` is a constant for the gradient).
+
+There is no gradient with respect to the target logits: the target is a constant (a ``target_logits`` that
+requires grad is rejected, so a missing ``.detach()`` cannot silently cost a second graph).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lk_vllm.acceptance import expected_acceptance_length
+
+__all__ = [
+    "KINDS",
+    "LKLossResult",
+    "LKMultiLossResult",
+    "lk_loss",
+    "lk_loss_eager",
+    "lk_loss_multi",
+]
+
+KINDS = ("kl", "tv", "alpha", "lambda")
+
+# Rows are processed in chunks of about this many target-vocabulary elements (8 MiB of fp32 per temporary).
+_DEFAULT_CHUNK_ELEMENTS = 1 << 21
+# Below these, fp32 linear-space sums lose relative precision (terms underflow); such rows are recomputed
+# exactly in float64 log space. In real training they are rare, so they cost nothing on average.
+_ALPHA_EXACT_BELOW = 1e-25
+_COVERAGE_EXACT_BELOW = 1e-20
+
+# Layout of the per-call statistics vector that is all-reduced across ranks (float64).
+_S_ALPHA, _S_KL, _S_NLA, _S_COUNT, _S_BAD_DRAFT, _S_BAD_TARGET, _S_BAD_COVERAGE = range(7)
+_NUM_STATS = 7
+
+
+@dataclass(frozen=True)
+class LKLossResult:
+    """Result of :func:`lk_loss`.
+
+    ``loss`` is this rank's differentiable loss; the floats are global (identical on every rank and equal to
+    what one process holding the whole batch computes). Means over zero valid positions are NaN.
+    """
+
+    loss: torch.Tensor
+    kind: str
+    alpha: float  # mean acceptance rate alpha over valid positions
+    lam: float  # weight of the KL term: lam for "lambda", 1.0 for "kl", 0.0 for "tv" and "alpha"
+    kl: float  # mean KL(p~ || q)
+    tv: float  # mean (1 - alpha): total variation between p and q over the full target vocabulary
+    neg_log_alpha: float  # mean -log(alpha)
+    global_loss: float  # the single-process loss value; equals the mean of `loss` over ranks
+    num_valid: int  # valid positions over all ranks
+    world_size: int  # ranks the statistics were reduced over (1 without torch.distributed)
+
+
+@dataclass(frozen=True)
+class LKMultiLossResult:
+    """Result of :func:`lk_loss_multi`: ``loss = sum_k gamma**k * positions[k].loss``."""
+
+    loss: torch.Tensor
+    positions: tuple[LKLossResult, ...]
+    weights: tuple[float, ...]  # gamma**k
+
+    @property
+    def per_position_alpha(self) -> list[float]:
+        return [r.alpha for r in self.positions]
+
+    @property
+    def per_position_lam(self) -> list[float]:
+        return [r.lam for r in self.positions]
+
+    @property
+    def global_loss(self) -> float:
+        return math.fsum(w * r.global_loss for w, r in zip(self.weights, self.positions, strict=True))
+
+    @property
+    def expected_acceptance_length(self) -> float | None:
+        """``1 + sum_k prod_{j<=k} alpha_j`` (see :mod:`lk_vllm.acceptance`); None if a position had no data."""
+        alphas = self.per_position_alpha
+        if any(math.isnan(a) for a in alphas):
+            return None
+        return expected_acceptance_length(alphas)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input checking
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    draft: torch.Tensor  # [N, Vd], contiguous
+    target: torch.Tensor  # [N, V], contiguous, no grad
+    d2t: torch.Tensor | None  # [Vd] int64 on the logits' device, or None for the identity
+    rows: torch.Tensor | None  # int64 indices of valid rows, or None when every row is valid
+    num_local: int
+    compute_dtype: torch.dtype
+    lead_shape: tuple[int, ...]
+
+
+def _check_kind(kind: Any, eta: Any) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; found {kind!r}")
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(
+            f"eta must be a finite number >= 0 (the paper uses 3, or 10 for MEDUSA); found {eta!r}"
+        )
+
+
+def _check_chunk_size(chunk_size: Any) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows or None; found {chunk_size!r}")
+
+
+def _prepare(draft_logits: Any, target_logits: Any, draft_to_target: Any, mask: Any) -> _Prepared:
+    for name, value in (("draft_logits", draft_logits), ("target_logits", target_logits)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor; found {type(value).__name__}")
+        if not value.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor; found dtype {value.dtype}")
+        if value.dim() < 2:
+            raise ValueError(f"{name} must have shape [..., vocab]; found shape {tuple(value.shape)}")
+    if target_logits.requires_grad:
+        raise ValueError(
+            "target_logits requires grad, but LK losses treat the target as a constant (no gradient flows to it); "
+            "pass target_logits.detach() or compute it under torch.no_grad()"
+        )
+    if draft_logits.device != target_logits.device:
+        raise ValueError(
+            f"draft_logits is on {draft_logits.device} but target_logits is on {target_logits.device}; "
+            "put both on the same device"
+        )
+    lead_shape = tuple(draft_logits.shape[:-1])
+    if tuple(target_logits.shape[:-1]) != lead_shape:
+        raise ValueError(
+            f"target_logits has shape {tuple(target_logits.shape)} but draft_logits has shape "
+            f"{tuple(draft_logits.shape)}: all dimensions but the last (the positions) must match"
+        )
+    vocab_draft = draft_logits.shape[-1]
+    vocab_target = target_logits.shape[-1]
+    if vocab_draft == 0:
+        raise ValueError(f"draft_logits has an empty vocabulary dimension: shape {tuple(draft_logits.shape)}")
+    if vocab_target < vocab_draft:
+        raise ValueError(
+            f"target_logits has a vocabulary of {vocab_target}, smaller than draft_logits' {vocab_draft}; "
+            "the draft vocabulary must be a subset of the target's"
+        )
+    device = draft_logits.device
+    d2t = None
+    if draft_to_target is None:
+        if vocab_target != vocab_draft:
+            raise ValueError(
+                f"draft_to_target is None (identity) but draft_logits has {vocab_draft} ids and target_logits "
+                f"{vocab_target}; pass draft_to_target, the target id of each draft id"
+            )
+    else:
+        d2t = _check_draft_to_target(draft_to_target, vocab_draft, vocab_target, device)
+        if vocab_target == vocab_draft and bool((d2t == torch.arange(vocab_draft, device=device)).all()):
+            d2t = None  # identity: skip the gathers
+
+    num_rows = math.prod(lead_shape)
+    rows = None
+    num_local = num_rows
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(
+                f"mask must be a bool torch.Tensor of shape {lead_shape}; found {type(mask).__name__}"
+            )
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (use mask.bool()); found dtype {mask.dtype}")
+        if tuple(mask.shape) != lead_shape:
+            raise ValueError(
+                f"mask must have shape {lead_shape} (one flag per position of draft_logits); "
+                f"found shape {tuple(mask.shape)}"
+            )
+        flat_mask = mask.reshape(-1).to(device)
+        num_local = int(flat_mask.sum())
+        if num_local != num_rows:
+            rows = flat_mask.nonzero().squeeze(1)
+
+    draft = draft_logits.reshape(num_rows, vocab_draft)
+    target = target_logits.reshape(num_rows, vocab_target)
+    if not draft.is_contiguous():
+        draft = draft.contiguous()
+    if not target.is_contiguous():
+        target = target.contiguous()
+    use_fp64 = torch.float64 in (draft_logits.dtype, target_logits.dtype)
+    return _Prepared(
+        draft=draft,
+        target=target,
+        d2t=d2t,
+        rows=rows,
+        num_local=num_local,
+        compute_dtype=torch.float64 if use_fp64 else torch.float32,
+        lead_shape=lead_shape,
+    )
+
+
+def _check_draft_to_target(draft_to_target: Any, vocab_draft: int, vocab_target: int, device) -> torch.Tensor:
+    hint = (
+        " (draft_to_target holds absolute target ids; EAGLE-3 checkpoints store offsets instead, "
+        "convert them with torch.arange(len(d2t)) + d2t)"
+    )
+    d2t = torch.as_tensor(draft_to_target)
+    if d2t.is_floating_point() or d2t.is_complex() or d2t.dtype == torch.bool:
+        raise ValueError(f"draft_to_target must be an integer tensor; found dtype {d2t.dtype}")
+    if tuple(d2t.shape) != (vocab_draft,):
+        raise ValueError(
+            f"draft_to_target must have shape ({vocab_draft},), one target id per draft id; "
+            f"found shape {tuple(d2t.shape)}"
+        )
+    d2t = d2t.to(device=device, dtype=torch.int64)
+    out_of_range = (d2t < 0) | (d2t >= vocab_target)
+    if bool(out_of_range.any()):
+        bad = out_of_range.nonzero().squeeze(1)
+        first = int(bad[0])
+        raise ValueError(
+            f"draft_to_target has {bad.numel()} ids outside [0, {vocab_target}) (the target vocabulary); "
+            f"first: draft id {first} -> {int(d2t[first])}" + hint
+        )
+    sorted_ids, order = torch.sort(d2t)
+    repeated = (sorted_ids[1:] == sorted_ids[:-1]).nonzero().squeeze(1)
+    if repeated.numel():
+        k = int(repeated[0])
+        raise ValueError(
+            f"draft_to_target maps {repeated.numel()} draft ids onto target ids already used; first: target id "
+            f"{int(sorted_ids[k])} at draft ids {int(order[k])} and {int(order[k + 1])}" + hint
+        )
+    return d2t
+
+
+def _describe_bad_rows(name: str, tensor: torch.Tensor, rows: torch.Tensor, d2t: torch.Tensor | None) -> str:
+    """Exact account of what is wrong in the given rows (only called on the error path)."""
+    values = tensor.index_select(0, rows)
+    parts = []
+    nan_rows = torch.isnan(values).any(1)
+    if bool(nan_rows.any()):
+        parts.append(f"NaN in {int(nan_rows.sum())} rows")
+    pos_rows = torch.isposinf(values).any(1)
+    if bool(pos_rows.any()):
+        parts.append(f"+inf in {int(pos_rows.sum())} rows")
+    if name == "draft_logits":
+        neg_rows = torch.isneginf(values).any(1)
+        if bool(neg_rows.any()):
+            parts.append(f"-inf in {int(neg_rows.sum())} rows")
+    else:
+        no_finite = ~torch.isfinite(values).any(1) & ~nan_rows & ~pos_rows
+        if bool(no_finite.any()):
+            parts.append(f"no finite logit in {int(no_finite.sum())} rows")
+        if d2t is not None:
+            gathered = values.index_select(1, d2t)
+            no_draft_mass = ~torch.isfinite(gathered).any(1) & ~nan_rows & ~pos_rows & ~no_finite
+            if bool(no_draft_mass.any()):
+                parts.append(
+                    f"-inf at every draft-vocabulary id in {int(no_draft_mass.sum())} rows (the renormalised "
+                    "target p~ of the KL term is undefined there; mask those positions)"
+                )
+    return ", ".join(parts) if parts else "non-finite values"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chunked forward and backward
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _chunk_rows(vocab_target: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return chunk_size
+    return max(1, _DEFAULT_CHUNK_ELEMENTS // vocab_target)
+
+
+def _take_rows(tensor: torch.Tensor, rows: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+    if rows is None:
+        return tensor[start:stop]
+    return tensor.index_select(0, rows[start:stop])
+
+
+def _gather_cols(tensor: torch.Tensor, d2t: torch.Tensor | None) -> torch.Tensor:
+    return tensor if d2t is None else tensor.index_select(1, d2t)
+
+
+def _forward_chunk(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | None, cd: torch.dtype):
+    """Per-row statistics of one chunk in linear space (fp32 or fp64).
+
+    Returns ``(lse_t, lse_d, coverage, kl, alpha)``, each ``[rows]``: the log-normalisers of the target and
+    draft softmaxes (non-finite exactly when the row is unusable), the target mass on the draft vocabulary
+    ``coverage = sum_d p_g[d]`` (so ``p_g = coverage * p~``), ``KL(p~ || q)`` and ``alpha``.
+    Temporaries are ``[rows, V]`` and a few ``[rows, Vd]``; nothing is kept.
+    """
+    target_c = target.to(cd)
+    p = torch.softmax(target_c, dim=1)
+    max_t = target_c.amax(dim=1)
+    # At the arg-max, softmax is exp(0) / sum, so log(max p) = -log(sum exp(z - max)).
+    lse_t = max_t - p.amax(dim=1).log()
+    p_g = _gather_cols(p, d2t)
+    del p
+    coverage = p_g.sum(dim=1)
+    lse_g = lse_t + coverage.log()
+
+    draft_c = draft.to(cd)
+    q = torch.softmax(draft_c, dim=1)
+    min_d, max_d = torch.aminmax(draft_c, dim=1)
+    lse_d = max_d - q.amax(dim=1).log()
+    lse_d = torch.where(torch.isfinite(min_d), lse_d, min_d)  # -inf in a draft row: flag it as bad
+
+    # KL(p~ || q) = sum p~ (log p~ - log q) = (1 / coverage) sum p_g ((z_t - lse_g) - (z_d - lse_d)).
+    work = torch.sub(_gather_cols(target_c, d2t), draft_c)
+    del target_c, draft_c
+    work.add_((lse_d - lse_g).unsqueeze(1))
+    work.mul_(p_g)
+    kl = work.sum(dim=1).div_(coverage)
+    alpha = torch.minimum(q, p_g, out=work).sum(dim=1)
+    return lse_t, lse_d, coverage, kl, alpha
+
+
+def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | None):
+    """Float64 log-space statistics for rows where linear-space sums underflow (or a -inf target made 0 * inf).
+
+    Returns ``(lse_t, lse_d, coverage, kl, log_alpha)`` (as :func:`_forward_chunk`, but ``log alpha``);
+    ``log_alpha = logsumexp(min(log q, log p_g))`` is exact even when alpha is far below the smallest float.
+    ``coverage`` is ``exp(lse_g - lse_t)``: 0 when the target has no finite logit among the draft ids.
+    """
+    target64 = target.double()
+    draft64 = draft.double()
+    lse_t = torch.logsumexp(target64, dim=1)
+    target_g = _gather_cols(target64, d2t)
+    lse_g = torch.logsumexp(target_g, dim=1)
+    lse_d = torch.logsumexp(draft64, dim=1)
+    log_q = draft64 - lse_d.unsqueeze(1)
+    log_p_tilde = target_g - lse_g.unsqueeze(1)
+    p_tilde = log_p_tilde.exp()
+    kl_terms = torch.where(p_tilde > 0, p_tilde * (log_p_tilde - log_q), torch.zeros_like(p_tilde))
+    kl = kl_terms.sum(dim=1)
+    log_alpha = torch.logsumexp(torch.minimum(log_q, target_g - lse_t.unsqueeze(1)), dim=1)
+    return lse_t, lse_d, (lse_g - lse_t).exp(), kl, log_alpha
+
+
+def _tv_pieces(q: torch.Tensor, p_g: torch.Tensor):
+    """``q * a`` (``a = [q < p_g]``) and ``M = sum q * a``: then ``d (1 - alpha) / dz = M q - q a``."""
+    q_a = torch.where(q < p_g, q, 0.0)
+    return q_a, q_a.sum(dim=1)
+
+
+def _backward_chunk(
+    draft: torch.Tensor,
+    target: torch.Tensor,
+    d2t: torch.Tensor | None,
+    coverage: torch.Tensor,
+    kl_weight: torch.Tensor | None,
+    tv_weight: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """Write ``kl_weight * (q - p~) + tv_weight * (M q - q a)`` for one chunk into ``out`` ([rows, Vd]).
+
+    ``kl_weight`` is a 0-d tensor or None (no KL term); ``tv_weight`` a [rows, 1] tensor or None.
+    ``p_g`` is rebuilt as ``coverage * softmax(target[:, d2t])``: a saved ratio keeps fp32 relative precision,
+    where ``exp(z - lse)`` would inherit the rounding of a large ``lse``.
+    """
+    cd = out.dtype
+    q = torch.softmax(draft.to(cd), dim=1)
+    p_tilde = torch.softmax(_gather_cols(target, d2t).to(cd), dim=1)
+    if kl_weight is not None:
+        torch.sub(q, p_tilde, out=out)
+        out.mul_(kl_weight)
+        if tv_weight is None:
+            return
+    else:
+        out.zero_()
+    p_g = p_tilde.mul_(coverage.unsqueeze(1))
+    q_a, mass = _tv_pieces(q, p_g)
+    out.addcmul_(q, tv_weight * mass.unsqueeze(1))
+    out.addcmul_(q_a, tv_weight, value=-1.0)
+
+
+def _exact_backward_rows(
+    draft: torch.Tensor,
+    target: torch.Tensor,
+    d2t: torch.Tensor | None,
+    kind: str,
+    kl_weight: torch.Tensor | None,
+    tv_weight: torch.Tensor,
+) -> torch.Tensor:
+    """Float64 gradient for the rows handled by :func:`_exact_rows` (same formulas, log-space where needed)."""
+    target64 = target.double()
+    draft64 = draft.double()
+    lse_t = torch.logsumexp(target64, dim=1, keepdim=True)
+    log_q = torch.log_softmax(draft64, dim=1)
+    target_g = _gather_cols(target64, d2t)
+    log_p_g = target_g - lse_t
+    q = log_q.exp()
+    below = log_q < log_p_g
+    grad = torch.zeros_like(q)
+    if kl_weight is not None:
+        grad += kl_weight.double() * (q - torch.softmax(target_g, dim=1))
+    if kind == "alpha":
+        # tv_weight already carries 1 / alpha in linear space, which underflowed; use the ratio form instead:
+        # (M q - q a) / alpha with q a / alpha = exp(log q - log alpha) <= 1 wherever a = 1.
+        log_alpha = torch.logsumexp(torch.minimum(log_q, log_p_g), dim=1, keepdim=True)
+        ratio = torch.where(below, (log_q - log_alpha).exp(), torch.zeros_like(q))
+        grad += tv_weight.double() * (q * ratio.sum(dim=1, keepdim=True) - ratio)
+    else:
+        q_a = torch.where(below, q, torch.zeros_like(q))
+        grad += tv_weight.double() * (q * q_a.sum(dim=1, keepdim=True) - q_a)
+    return grad
+
+
+class _LKLossFunction(torch.autograd.Function):
+    """Chunked LK loss with the closed-form gradients of the module docstring.
+
+    Forward: one pass over the rows, chunk by chunk, computing per-row ``alpha``, ``KL`` and three
+    log-normalisers; the per-call sums are all-reduced once (so ``lam`` uses the global mean alpha), then the
+    loss is formed. Saved for backward: the inputs (references, no copies) and four numbers per valid row.
+    Backward: recomputes ``q`` and ``p`` chunk by chunk from the saved normalisers and writes the gradient
+    straight into the output; the only ``[N, Vd]`` tensor it allocates is the gradient itself.
+    """
+
+    @staticmethod
+    def forward(ctx, draft, target, prepared: _Prepared, kind, eta, chunk_rows, group, world_size, info):
+        cd = prepared.compute_dtype
+        rows = prepared.rows
+        d2t = prepared.d2t
+        n_local = prepared.num_local
+        device = draft.device
+        lse_t = torch.empty(n_local, dtype=cd, device=device)
+        lse_d = torch.empty_like(lse_t)
+        coverage = torch.empty_like(lse_t)
+        kl = torch.empty_like(lse_t)
+        alpha = torch.empty_like(lse_t)
+        for start in range(0, n_local, chunk_rows):
+            stop = min(start + chunk_rows, n_local)
+            stats = _forward_chunk(
+                _take_rows(draft, rows, start, stop), _take_rows(target, rows, start, stop), d2t, cd
+            )
+            for buffer, value in zip((lse_t, lse_d, coverage, kl, alpha), stats, strict=True):
+                buffer[start:stop] = value
+
+        bad_draft = ~torch.isfinite(lse_d)
+        bad_target = ~torch.isfinite(lse_t)
+        exact = (
+            ~bad_draft
+            & ~bad_target
+            & ((alpha < _ALPHA_EXACT_BELOW) | (coverage < _COVERAGE_EXACT_BELOW) | ~torch.isfinite(kl))
+        )
+        exact_rows = exact.nonzero().squeeze(1)
+        log_alpha = alpha.log()
+        if exact_rows.numel():
+            source = exact_rows if rows is None else rows.index_select(0, exact_rows)
+            values = _exact_rows(draft.index_select(0, source), target.index_select(0, source), d2t)
+            for buffer, value in zip((lse_t, lse_d, coverage, kl, log_alpha), values, strict=True):
+                buffer[exact_rows] = value.to(cd)
+            alpha[exact_rows] = values[4].exp().to(cd)
+            exact_coverage_zero = values[2] == 0
+        else:
+            exact_coverage_zero = torch.zeros(0, dtype=torch.bool, device=device)
+        bad_coverage = torch.zeros_like(bad_target)
+        bad_coverage[exact_rows] = exact_coverage_zero
+        bad = bad_draft | bad_target | bad_coverage
+        good = ~bad
+
+        stats = torch.zeros(_NUM_STATS, dtype=torch.float64, device=device)
+        stats[_S_ALPHA] = alpha[good].double().sum()
+        stats[_S_KL] = kl[good].double().sum()
+        stats[_S_NLA] = -log_alpha[good].double().sum()
+        stats[_S_COUNT] = n_local
+        stats[_S_BAD_DRAFT] = bad_draft.sum()
+        stats[_S_BAD_TARGET] = bad_target.sum()
+        stats[_S_BAD_COVERAGE] = bad_coverage.sum()
+        local = stats.clone()
+        if world_size > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        _raise_for_bad_rows(stats, local, prepared, bad_draft, bad_target | bad_coverage, world_size)
+
+        count = int(stats[_S_COUNT])
+        total = {"alpha": float(stats[_S_ALPHA]), "kl": float(stats[_S_KL]), "nla": float(stats[_S_NLA])}
+        mean = {k: (v / count if count else math.nan) for k, v in total.items()}
+        lam = {"kl": 1.0, "tv": 0.0, "alpha": 0.0}.get(kind)
+        if lam is None:
+            lam = math.exp(-eta * mean["alpha"]) if count else 1.0
+
+        def combine(alpha_sum: float, kl_sum: float, nla_sum: float, n: float) -> float:
+            return {
+                "kl": kl_sum,
+                "tv": n - alpha_sum,
+                "alpha": nla_sum,
+                "lambda": lam * kl_sum + (1.0 - lam) * (n - alpha_sum),
+            }[kind]
+
+        # Each rank's loss is world_size / N_global * (its own sum): the mean over ranks is the global loss,
+        # and DDP's gradient averaging reproduces the single-process gradient.
+        scale = world_size / count if count else 0.0
+        local_sum = combine(
+            float(local[_S_ALPHA]), float(local[_S_KL]), float(local[_S_NLA]), float(local[_S_COUNT])
+        )
+        loss = torch.tensor(scale * local_sum, dtype=cd, device=device)
+        info.update(
+            alpha=mean["alpha"],
+            kl=mean["kl"],
+            tv=(1.0 - mean["alpha"]) if count else math.nan,
+            neg_log_alpha=mean["nla"],
+            lam=lam,
+            global_loss=combine(total["alpha"], total["kl"], total["nla"], count) / count if count else 0.0,
+            num_valid=count,
+        )
+
+        ctx.save_for_backward(draft, target, coverage, alpha, exact_rows)
+        ctx.prepared = prepared
+        ctx.kind = kind
+        ctx.lam = lam
+        ctx.scale = scale
+        ctx.chunk_rows = chunk_rows
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        draft, target, coverage, alpha, exact_rows = ctx.saved_tensors
+        prepared: _Prepared = ctx.prepared
+        rows, d2t, cd, n_local = prepared.rows, prepared.d2t, prepared.compute_dtype, prepared.num_local
+        kind = ctx.kind
+        grad = torch.zeros_like(draft) if rows is not None or exact_rows.numel() else torch.empty_like(draft)
+        if n_local == 0 or ctx.scale == 0.0:
+            return grad.zero_(), None, None, None, None, None, None, None, None
+        scale = grad_output.to(cd) * ctx.scale
+        kl_weight = {"kl": scale, "lambda": scale * ctx.lam}.get(kind)
+        if kind == "tv":
+            tv_scalar = scale
+        elif kind == "lambda":
+            tv_scalar = scale * (1.0 - ctx.lam)
+        else:
+            tv_scalar = None
+        chunk_rows = ctx.chunk_rows
+        direct = rows is None and grad.dtype == cd
+        for start in range(0, n_local, chunk_rows):
+            stop = min(start + chunk_rows, n_local)
+            if kind == "alpha":
+                # Rows in the exact set are recomputed below; give them a harmless weight here.
+                tv_weight = (scale / alpha[start:stop].clamp_min(_ALPHA_EXACT_BELOW)).unsqueeze(1)
+            else:
+                tv_weight = None if tv_scalar is None else tv_scalar.expand(stop - start, 1)
+            out = (
+                grad[start:stop]
+                if direct
+                else torch.empty(stop - start, draft.shape[1], dtype=cd, device=draft.device)
+            )
+            _backward_chunk(
+                _take_rows(draft, rows, start, stop),
+                _take_rows(target, rows, start, stop),
+                d2t,
+                coverage[start:stop],
+                kl_weight,
+                tv_weight,
+                out,
+            )
+            if not direct:
+                if rows is None:
+                    grad[start:stop] = out
+                else:
+                    grad.index_copy_(0, rows[start:stop], out.to(grad.dtype))
+        if exact_rows.numel():
+            source = exact_rows if rows is None else rows.index_select(0, exact_rows)
+            tv_weight = scale if kind == "alpha" else tv_scalar
+            if tv_weight is None:
+                tv_weight = torch.zeros((), dtype=cd, device=draft.device)
+            exact_grad = _exact_backward_rows(
+                draft.index_select(0, source), target.index_select(0, source), d2t, kind, kl_weight, tv_weight
+            )
+            grad.index_copy_(0, source, exact_grad.to(grad.dtype))
+        return grad, None, None, None, None, None, None, None, None
+
+
+def _raise_for_bad_rows(stats, local, prepared: _Prepared, bad_draft, bad_target, world_size: int) -> None:
+    """Raise on every rank (after the all-reduce, so no rank is left waiting) if any valid row is unusable."""
+    problems = []
+    for name, index, local_bad in (
+        ("draft_logits", _S_BAD_DRAFT, bad_draft),
+        ("target_logits", _S_BAD_TARGET, bad_target),
+    ):
+        total = int(stats[index]) + (int(stats[_S_BAD_COVERAGE]) if index == _S_BAD_TARGET else 0)
+        if not total:
+            continue
+        where = f"{total} of {int(stats[_S_COUNT])} valid rows"
+        if world_size > 1:
+            where += f" over {world_size} ranks"
+        detail = ""
+        local_rows = local_bad.nonzero().squeeze(1)
+        if local_rows.numel():
+            source = local_rows if prepared.rows is None else prepared.rows.index_select(0, local_rows)
+            tensor = prepared.draft if name == "draft_logits" else prepared.target
+            detail = (
+                f" (on this rank: {_describe_bad_rows(name, tensor, source, prepared.d2t)}; first bad row "
+                f"{int(source[0])} of the flattened positions)"
+            )
+        problems.append(f"{name} is unusable in {where}{detail}")
+    if problems:
+        allowed = (
+            "draft logits must be finite; target logits may contain -inf (probability 0) but not NaN or +inf, and "
+            "need a finite value among the draft-vocabulary ids"
+        )
+        raise ValueError("; ".join(problems) + f". {allowed}. Masked positions are not checked.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_group(distributed: bool | None, process_group) -> tuple[Any, int]:
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized()
+    if not distributed:
+        return None, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True but torch.distributed is not initialized")
+    return process_group, dist.get_world_size(process_group)
+
+
+def lk_loss(
+    draft_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    *,
+    kind: str,
+    eta: float = 3.0,
+    draft_to_target: torch.Tensor | Sequence[int] | None = None,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    distributed: bool | None = None,
+    process_group=None,
+) -> LKLossResult:
+    """KL, TV, LK^alpha or LK^lambda loss of one draft position (see the module docstring for the formulas).
+
+    Args:
+        draft_logits: ``[..., Vd]`` draft logits (any float dtype; bf16/fp16 are fine). Math is fp32 (fp64 when
+            an input is fp64); the gradient is returned in ``draft_logits.dtype``.
+        target_logits: ``[..., V]`` target logits with the same leading shape, ``V >= Vd``; a constant (must not
+            require grad). ``-inf`` entries mean probability 0; NaN and ``+inf`` are rejected.
+        kind: ``"kl"``, ``"tv"``, ``"alpha"`` or ``"lambda"``.
+        eta: LK^lambda's decay, ``lam = exp(-eta * mean alpha)`` (paper: 3; 10 for MEDUSA). Ignored otherwise.
+        draft_to_target: ``[Vd]`` absolute target id of each draft id (unique, in ``[0, V)``); None when the
+            vocabularies are the same. (EAGLE-3 checkpoints store offsets ``t - d``; add ``arange(Vd)``.)
+        mask: bool ``[...]``, True at valid positions; None means all valid. Masked positions are neither
+            computed nor checked, and get a zero gradient. No valid position: a zero loss with zero gradient,
+            and NaN means.
+        chunk_size: rows per chunk (default: about 2M target-vocabulary elements per chunk). The result does not
+            depend on it beyond floating-point rounding of the per-row sums.
+        distributed: reduce the statistics across ranks; default: when torch.distributed is initialized.
+            Every rank of the group must then call with the same ``kind`` (a collective per call).
+        process_group: the data-parallel group to reduce over (default: the default group).
+
+    ``-log alpha`` is taken per position, then averaged (the paper's one-hot limit: it equals the NLL). There is
+    no clamp: a row whose fp32 ``alpha`` falls below 1e-25 is recomputed in float64 log space
+    (``log alpha = logsumexp(min(log q, log p_g))``), so the loss stays exact and finite for any finite logits.
+
+    Distributed convention: the means are global (sums and counts all-reduced, then divided), so ``alpha``,
+    ``lam``, ``kl``, ``tv`` and ``global_loss`` equal what one process holding the whole batch computes. Each
+    rank's ``loss`` is ``world_size / N_global * sum of its own per-position terms``: the mean of ``loss`` over
+    ranks is the global loss, and DDP (which averages gradients over ranks) gets exactly the single-process
+    gradient. Without DDP gradient averaging (e.g. a plain all-reduce SUM of gradients), divide by world_size.
+
+    Returns:
+        :class:`LKLossResult`.
+    """
+    _check_kind(kind, eta)
+    _check_chunk_size(chunk_size)
+    prepared = _prepare(draft_logits, target_logits, draft_to_target, mask)
+    group, world_size = _resolve_group(distributed, process_group)
+    info: dict[str, Any] = {}
+    chunk_rows = _chunk_rows(prepared.target.shape[1], chunk_size)
+    loss = _LKLossFunction.apply(
+        prepared.draft,
+        prepared.target.detach(),
+        prepared,
+        kind,
+        float(eta),
+        chunk_rows,
+        group,
+        world_size,
+        info,
+    )
+    return LKLossResult(loss=loss, kind=kind, world_size=world_size, **info)
+
+
+def lk_loss_multi(
+    draft_logits: Sequence[torch.Tensor],
+    target_logits: Sequence[torch.Tensor],
+    *,
+    kind: str,
+    eta: float = 3.0,
+    gamma: float = 0.8,
+    draft_to_target: torch.Tensor | Sequence[int] | None = None,
+    masks: Sequence[torch.Tensor | None] | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    distributed: bool | None = None,
+    process_group=None,
+) -> LKMultiLossResult:
+    """LK loss of a K-position draft unroll: ``sum_k gamma**k * L_k`` (the paper's weights, gamma = 0.8).
+
+    Position ``k`` is :func:`lk_loss` of ``draft_logits[k]`` against ``target_logits[k]`` with its own mask,
+    so LK^lambda gets its own ``lam_k = exp(-eta * mean alpha_k)`` from its own (global) batch-mean alpha.
+    ``masks`` is None, one mask shared by every position, or a sequence with one mask (or None) per position.
+    """
+    if isinstance(draft_logits, torch.Tensor) or isinstance(target_logits, torch.Tensor):
+        raise ValueError(
+            "draft_logits and target_logits must be sequences of tensors, one per draft position"
+        )
+    num_positions = len(draft_logits)
+    if num_positions == 0:
+        raise ValueError("draft_logits is empty: need at least one draft position")
+    if len(target_logits) != num_positions:
+        raise ValueError(
+            f"target_logits has {len(target_logits)} positions but draft_logits has {num_positions}"
+        )
+    if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not (0.0 < gamma <= 1.0):
+        raise ValueError(f"gamma must be in (0, 1] (the paper uses 0.8); found {gamma!r}")
+    if masks is None or isinstance(masks, torch.Tensor):
+        masks = [masks] * num_positions
+    elif len(masks) != num_positions:
+        raise ValueError(f"masks has {len(masks)} entries but there are {num_positions} draft positions")
+    results = []
+    weights = []
+    total = None
+    for k in range(num_positions):
+        result = lk_loss(
+            draft_logits[k],
+            target_logits[k],
+            kind=kind,
+            eta=eta,
+            draft_to_target=draft_to_target,
+            mask=masks[k],
+            chunk_size=chunk_size,
+            distributed=distributed,
+            process_group=process_group,
+        )
+        weight = float(gamma) ** k
+        term = result.loss * weight
+        total = term if total is None else total + term
+        results.append(result)
+        weights.append(weight)
+    return LKMultiLossResult(loss=total, positions=tuple(results), weights=tuple(weights))
+
+
+def lk_loss_eager(
+    draft_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    *,
+    kind: str,
+    eta: float = 3.0,
+    draft_to_target: torch.Tensor | Sequence[int] | None = None,
+    mask: torch.Tensor | None = None,
+) -> LKLossResult:
+    """Plain-PyTorch reference of :func:`lk_loss` (single process): autograd through ordinary ops.
+
+    Materialises several ``[N, V]`` tensors; it exists for tests and as the baseline of the loss benchmark.
+    ``-log alpha`` has no guard here (it is inf where fp32 alpha underflows to 0).
+    """
+    _check_kind(kind, eta)
+    prepared = _prepare(draft_logits, target_logits, draft_to_target, mask)
+    cd = prepared.compute_dtype
+    draft, target = prepared.draft, prepared.target
+    if prepared.rows is not None:
+        draft = draft.index_select(0, prepared.rows)
+        target = target.index_select(0, prepared.rows)
+    d2t = prepared.d2t
+    log_q = torch.log_softmax(draft.to(cd), dim=-1)
+    target_c = target.to(cd)
+    log_p_g = _gather_cols(torch.log_softmax(target_c, dim=-1), d2t)
+    log_p_tilde = torch.log_softmax(_gather_cols(target_c, d2t), dim=-1)
+    q = log_q.exp()
+    p_tilde = log_p_tilde.exp()
+    alpha = torch.minimum(q, log_p_g.exp()).sum(dim=-1)
+    kl = torch.where(p_tilde > 0, p_tilde * (log_p_tilde - log_q), 0.0).sum(dim=-1)
+    count = prepared.num_local
+    if count == 0:
+        zero = draft.sum() * 0.0
+        lam = 1.0 if kind in ("kl", "lambda") else 0.0
+        return LKLossResult(zero, kind, math.nan, lam, math.nan, math.nan, math.nan, 0.0, 0, 1)
+    mean_alpha = alpha.mean()
+    mean_kl = kl.mean()
+    neg_log_alpha = -alpha.log().mean()
+    if kind == "kl":
+        lam, loss = 1.0, mean_kl
+    elif kind == "tv":
+        lam, loss = 0.0, 1.0 - mean_alpha
+    elif kind == "alpha":
+        lam, loss = 0.0, neg_log_alpha
+    else:
+        lam = math.exp(-eta * float(mean_alpha.detach()))
+        loss = lam * mean_kl + (1.0 - lam) * (1.0 - mean_alpha)
+    return LKLossResult(
+        loss=loss,
+        kind=kind,
+        alpha=float(mean_alpha.detach()),
+        lam=lam,
+        kl=float(mean_kl.detach()),
+        tv=1.0 - float(mean_alpha.detach()),
+        neg_log_alpha=float(neg_log_alpha.detach()),
+        global_loss=float(loss.detach()),
+        num_valid=count,
+        world_size=1,
+    )
