@@ -27,6 +27,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import os
+
+    # The demo talks to a person: keep vLLM's own logs to warnings (a user's setting wins).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from lk_vllm import acceptance, engine
     from lk_vllm.assets import resolve_target
     from lk_vllm.datasets import dataset_names, load_prompts
@@ -53,6 +57,8 @@ def run(args) -> int:
     llm = engine.make_llm(settings)
     from vllm import SamplingParams
 
+    print("    engine ready; generating...", flush=True)
+
     started = time.time()
     outputs = llm.chat([[{"role": "user", "content": p}] for p in _DEMO_PROMPTS],
                        SamplingParams(max_tokens=args.max_tokens, temperature=0.0), use_tqdm=False)
@@ -61,11 +67,12 @@ def run(args) -> int:
     for prompt, output in zip(_DEMO_PROMPTS, outputs, strict=True):
         print(f"    Q: {prompt[:60]}...\n    A: {output.outputs[0].text.strip()[:160]!r}")
 
-    counts = acceptance.SpecDecodeCounts.from_vllm_counters(engine.read_spec_decode_counters(llm))
+    counts = acceptance.SpecDecodeCounts.from_mapping(engine.read_spec_decode_counters(llm))
     print(f"\n    generated {generated} tokens in {elapsed:.1f} s ({generated / elapsed:.1f} tokens/s)")
     print(f"    mean acceptance length: {counts.acceptance_length:.2f} tokens per target step "
           f"(1.00 would mean no draft token accepted)")
     rates = ", ".join(f"{r:.2f}" for r in counts.per_position_acceptance)
     print(f"    per-position acceptance: [{rates}]")
+    engine.shutdown_llm(llm)
     print("\nDone. Next: `lk-vllm train` an LK drafter and `lk-vllm serve` it (see README.md).")
     return 0
