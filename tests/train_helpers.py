@@ -1,0 +1,48 @@
+"""Tiny targets and prepared data sets for the trainer tests (no vLLM, no download)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from training.prepare import SHARD_FORMAT, save_shard
+
+
+def make_tiny_target(directory: Path, vocab: int = 256, layers: int = 8, seed: int = 0) -> str:
+    """A random LlamaForCausalLM (hidden 64, 2 heads of 32) saved as an HF directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+def make_tiny_data(directory: Path, target: str, num_samples: int = 24, vocab: int = 256, seed: int = 0,
+                   lengths: tuple[int, int] = (16, 40), masked: bool = False) -> str:
+    """A prepared data set of random token sequences (prompt + 'generated' part) in prepare's format."""
+    from lk_vllm.assets import target_fingerprint
+
+    generator = torch.Generator().manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    samples, ids = [], []
+    for i in range(num_samples):
+        length = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=generator))
+        prompt = int(torch.randint(3, 8, (1,), generator=generator))
+        tokens = torch.randint(0, vocab, (length,), generator=generator).tolist()
+        samples.append((tokens[:prompt], [] if masked else tokens[prompt:]))
+        ids.append(f"p{i}")
+    if masked:  # all-masked: put every token in the prompt part
+        samples = [(p + t, []) for p, t in samples]
+    response_tokens = save_shard(directory / "shard-00000.safetensors", samples, ids)
+    manifest = {"format": SHARD_FORMAT,
+                "settings": {"target": target, "target_fingerprint": target_fingerprint(target)},
+                "shards": [{"file": "shard-00000.safetensors", "prompts": num_samples, "samples": num_samples}],
+                "samples": num_samples, "response_tokens": response_tokens}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return str(directory)

@@ -1,0 +1,190 @@
+"""The typed training configuration. A YAML recipe in ``training/recipes/`` is exactly this structure.
+
+Sources, later ones win: the recipe (``--recipe NAME``) or a YAML file (``--config FILE``), then the common
+flags (``--loss``, ``--eta``, ``--target``, ``--data``, ``--output``), then ``--set section.field=value``
+(values parsed as YAML, so ``--set optimizer.betas=[0.9,0.99]`` works). Unknown fields are errors, so a typo
+in a recipe cannot be silently ignored.
+
+Paper defaults (arXiv 2602.23881 §5.3): K = 6 draft positions weighted gamma^k with gamma = 0.8, AdamW with
+betas (0.9, 0.95), lr 4e-4 with a cosine schedule after 100 warm-up steps, gradient clipping at 0.5, eta = 3
+(10 for Medusa).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lk_vllm.errors import UserError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    architecture: Literal["eagle3", "medusa", "mlp_speculator", "draft_model"] = "eagle3"
+    target: str | None = None  # HF directory or cached id; None = the embedded SmolLM2-135M-Instruct
+    # Truncated draft vocabulary (the most frequent tokens of the training data); None = the target's vocabulary.
+    draft_vocab_size: int | None = Field(default=None, ge=1)
+    # Architecture-specific keyword arguments of lk_vllm.drafters.create_drafter (e.g. aux_layer_ids).
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSection(_Section):
+    # Finished `lk-vllm prepare` outputs. Empty: prepare `datasets` with the settings below (cached by hash).
+    dirs: list[str] = Field(default_factory=list)
+    datasets: list[str] = Field(default_factory=lambda: ["sharegpt"])
+    limit: int | None = Field(default=None, ge=1)  # prompts per dataset to prepare
+    temperature: float = Field(default=0.7, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_tokens: int = Field(default=512, ge=1)  # generated tokens per response
+    max_length: int = Field(default=1024, ge=8)  # training sequence length (longer samples are truncated)
+    seed: int = 0
+    heldout: int = Field(default=64, ge=0)  # samples held out for evaluation (chosen by prompt-id hash)
+
+
+class LossSection(_Section):
+    kind: Literal["kl", "tv", "alpha", "lambda"] = "lambda"
+    eta: float = Field(default=3.0, gt=0)
+    gamma: float = Field(default=0.8, gt=0, le=1)
+    num_steps: int = Field(default=6, ge=1)  # K draft positions / TTT unroll steps
+
+
+class OptimizerSection(_Section):
+    lr: float = Field(default=4e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=100, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = Field(default=0.5, gt=0)
+
+
+class TrainingSection(_Section):
+    batch_size: int = Field(default=64, ge=1)  # sequences per optimizer step, over all ranks
+    max_steps: int = Field(default=1000, ge=1)
+    eval_every: int = Field(default=100, ge=1)
+    checkpoint_every: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    log_every: int = Field(default=1, ge=1)
+    seed: int = 0
+    capture: Literal["online", "offline"] = "online"
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"  # offline hidden-state cache
+    eval_batch_size: int = Field(default=8, ge=1)
+
+
+class Config(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    output: str | None = None  # run directory; None = $LK_VLLM_HOME/runs/<recipe or config name>
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.model.architecture == "draft_model" and self.model.draft_vocab_size is not None:
+            raise ValueError("model.draft_vocab_size: a draft_model shares the target's vocabulary; leave it unset")
+        return self
+
+
+# Fields that may change between a run and its --resume: they do not change the weights.
+RESUMABLE_CHANGES = {"output", "training.log_every", "training.eval_every", "training.checkpoint_every",
+                     "training.keep_checkpoints", "training.eval_batch_size", "training.capture",
+                     "training.cache_dtype"}
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{what} {path}: cannot read YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path}: expected a mapping of sections, found {type(data).__name__}")
+    return data
+
+
+def _validate(data: dict, source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise UserError(f"{source}: {where}: {first['msg']} (found {first.get('input')!r})") from None
+
+
+def set_path(data: dict, dotted: str, value: Any) -> None:
+    """``data[a][b] = value`` for ``dotted = "a.b"``, creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set expects SECTION.FIELD=VALUE, found {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(recipe: str | None = None, config_file: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> tuple[Config, str]:
+    """The validated config and a name for it (recipe name or file stem)."""
+    if recipe and config_file:
+        raise UserError("give either --recipe or --config, not both")
+    if recipe:
+        path = RECIPES_DIR / f"{recipe}.yaml"
+        if not path.is_file():
+            raise UserError(f"--recipe {recipe}: no such recipe; available: {', '.join(recipe_names())}")
+        data, name, source = _read_yaml(path, "recipe"), recipe, f"recipe {recipe}"
+    elif config_file:
+        path = Path(config_file).expanduser()
+        if not path.is_file():
+            raise UserError(f"--config {path}: file not found")
+        data, name, source = _read_yaml(path, "--config"), path.stem, f"--config {path}"
+    else:
+        data, name, source = {}, "default", "defaults"
+    for key, value in (overrides or {}).items():
+        set_path(data, key, value)
+    if overrides:
+        source += " with overrides " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    return _validate(data, source), name
+
+
+def flatten(config: Config | dict, prefix: str = "") -> dict[str, Any]:
+    """{"section.field": value} of every leaf."""
+    data = config.model_dump(mode="json") if isinstance(config, Config) else config
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "options":
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def differing_fields(saved: dict, current: Config) -> list[str]:
+    """Fields (except RESUMABLE_CHANGES) whose values differ: 'field: saved -> current'."""
+    before, after = flatten(saved), flatten(current)
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+            for key in sorted(set(before) | set(after))
+            if key not in RESUMABLE_CHANGES and before.get(key) != after.get(key)]

@@ -1,0 +1,537 @@
+"""``lk-vllm train``: train a drafter for a target with an LK (or KL) loss.
+
+The whole loop, in order:
+
+1. config: a recipe (``training/recipes/*.yaml``) or ``--config FILE``, then flags and ``--set`` overrides
+   (``training/config.py``);
+2. data: ``data.dirs`` (finished ``lk-vllm prepare`` outputs), or the target regenerates ``data.datasets``
+   now (``training.prepare.prepare``; cached by settings hash, so later runs reuse it). Samples longer than
+   ``data.max_length`` are truncated; ``data.heldout`` samples (chosen by a hash of the prompt id) are kept
+   for evaluation;
+3. the drafter (``lk_vllm.drafters.create_drafter``; EAGLE-3 with ``model.draft_vocab_size`` gets the most
+   frequent tokens of the training responses as its draft vocabulary);
+4. each step: the global batch of ``training.batch_size`` sequences (a pure function of the step and the
+   seed: epoch-wise seeded permutations), split over ranks -> target hidden states (online: the target runs
+   under no_grad; offline: read from the cache, ``training/capture.py``) -> ``drafter.training_steps`` (K
+   unrolled steps) -> ``sum_k gamma^k * L_k`` with ``lk_vllm.losses`` -> backward -> clip -> AdamW ->
+   linear warm-up then cosine schedule;
+5. every ``eval_every`` steps and at the end: per-position alpha, expected acceptance length and top-1
+   agreement on the held-out samples; the best step by expected acceptance length (not loss) is exported to
+   ``RUN/best``, the last one to ``RUN/final`` (vLLM-native, ``drafter.save_pretrained``);
+6. every ``checkpoint_every`` steps: ``RUN/checkpoints/step-N`` (``training/checkpoint.py``); ``--resume``
+   continues from the newest one and ends with the same weights as an uninterrupted run.
+
+Logs: ``RUN/log.jsonl`` (one JSON object per logged step or evaluation) and TensorBoard event files in
+``RUN/tensorboard`` when the ``tensorboard`` package is installed.
+
+Distributed: ``torchrun --nproc_per_node N -m lk_vllm.cli train ...`` runs DistributedDataParallel (gloo on
+CPU, NCCL on GPU). Each rank takes every N-th sequence of the global batch. ``lk_vllm.losses`` normalises each
+rank's loss by the GLOBAL number of valid positions (times N), so DDP's gradient averaging gives exactly the
+single-process gradient of the same global batch, and LK^lambda's lambda uses the global mean alpha. Rank 0
+prepares data, evaluates, logs and writes checkpoints and exports. FSDP is not wired in: every drafter here
+fits on one device (the largest, an 8B-target EAGLE-3 layer, is ~0.4B parameters; see
+``training/recipes/llama31-8b-eagle3.yaml`` for the multi-GPU DDP command).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lk_vllm.errors import UserError
+from training.capture import collate
+from training.config import Config, differing_fields, load_config, parse_override
+
+
+def _log(message: str) -> None:
+    print(f"[lk-vllm train] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed() -> Dist:
+    """torchrun sets WORLD_SIZE/RANK; then join the process group (gloo on CPU, NCCL on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend=backend)
+    return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size())
+
+
+# ------------------------------------------------------------------------------------------ data
+def ensure_data(config: Config, target_path: str, fingerprint: str, dist: Dist, progress: bool) -> list[str]:
+    """The prepared data directories; regenerates ``data.datasets`` with the target first if needed."""
+    if config.data.dirs:
+        return [str(Path(d).expanduser()) for d in config.data.dirs]
+    from training.prepare import PrepareSettings, default_output_dir, prepare
+
+    d = config.data
+    settings = PrepareSettings(target=target_path, target_fingerprint=fingerprint, datasets=list(d.datasets),
+                               limit=d.limit, seed=d.seed, temperature=d.temperature, top_p=d.top_p,
+                               max_tokens=d.max_tokens, max_length=d.max_length)
+    output = default_output_dir(settings)
+    if dist.main and not (output / "manifest.json").is_file():
+        from lk_vllm import engine
+
+        _log(f"preparing data: the target regenerates {', '.join(d.datasets)} into {output}")
+        llm = engine.make_llm(engine.EngineSettings(model=target_path, max_model_len=max(d.max_length, 256)))
+        try:
+            prepare(settings, output, None, progress=progress, llm=llm)
+        finally:
+            engine.shutdown_llm(llm)
+    dist.barrier()
+    return [str(output)]
+
+
+def load_run_samples(dirs: list[str], fingerprint: str, max_length: int):
+    """All samples (truncated to ``max_length``), and how many were truncated / left with nothing to learn."""
+    from training.data import load_samples
+
+    samples, truncated, empty = [], 0, 0
+    for directory in dirs:
+        for sample in load_samples(Path(directory), fingerprint):
+            if len(sample.input_ids) > max_length:
+                truncated += 1
+                sample.input_ids, sample.loss_mask = sample.input_ids[:max_length], sample.loss_mask[:max_length]
+            if sample.loss_mask.sum() < 2:  # a drafter step predicts at least two tokens ahead
+                empty += 1
+                continue
+            samples.append(sample)
+    if not samples:
+        raise UserError(f"--data {', '.join(dirs)}: no sample has generated tokens within data.max_length={max_length}")
+    return samples, truncated, empty
+
+
+def split_heldout(samples, heldout: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices): the held-out ones are those with the smallest prompt-id hashes, so
+    the split does not depend on shard order or on how many samples there are."""
+    import hashlib
+
+    order = sorted(range(len(samples)),
+                   key=lambda i: (hashlib.sha256(samples[i].prompt_id.encode()).hexdigest(), i))
+    held = sorted(order[:heldout]) if heldout < len(samples) else []
+    held_set = set(held)
+    train = [i for i in range(len(samples)) if i not in held_set]
+    if heldout and not held:
+        raise UserError(f"data.heldout={heldout} leaves no training samples (only {len(samples)} samples)")
+    return train, held
+
+
+class BatchOrder:
+    """Global batch of each step: sequences ``step*B .. step*B+B-1`` of an endless stream of seeded
+    per-epoch permutations of the training samples."""
+
+    def __init__(self, train_indices: list[int], batch_size: int, seed: int):
+        self.indices, self.batch_size, self.seed = train_indices, batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perms = {epoch: torch.randperm(len(self.indices), generator=generator).tolist()}
+        return self._perms[epoch]
+
+    def global_batch(self, step: int) -> list[int]:
+        n, out = len(self.indices), []
+        for position in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, offset = divmod(position, n)
+            out.append(self.indices[self._perm(epoch)[offset]])
+        return out
+
+
+# ------------------------------------------------------------------------------------------ model
+def make_drafter(config: Config, target, samples, train_indices):
+    from lk_vllm.drafters import create_drafter
+
+    options = dict(config.model.options)
+    if config.model.draft_vocab_size is not None and config.model.draft_vocab_size < target.vocab_size:
+        from lk_vllm.vocab import build_draft_vocab
+
+        responses = [samples[i].input_ids[samples[i].loss_mask] for i in train_indices]
+        options["draft_to_target"] = build_draft_vocab(responses, target.vocab_size, config.model.draft_vocab_size,
+                                                       target.tokenizer)
+    return create_drafter(config.model.architecture, target, **options)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class SharedTargetLogits:
+    """Wraps TargetStates so the target logits of a position are computed once per batch and reused by all
+    K unrolled steps (step k at anchor t reads position t+k+1: the K steps read nearly the same rows)."""
+
+    def __init__(self, states, loss_mask: torch.Tensor):
+        self.states = states
+        # Positions whose logits predict a response token: every step's target rows lie among them.
+        wanted = torch.zeros_like(loss_mask)
+        wanted[:, :-1] = loss_mask[:, 1:]
+        batch_index, position = wanted.nonzero(as_tuple=True)
+        self.lookup = torch.full(loss_mask.shape, -1, dtype=torch.long)
+        self.lookup[batch_index, position] = torch.arange(batch_index.numel())
+        self.table = states.logits_at(batch_index, position)
+
+    def __getattr__(self, name):
+        return getattr(self.states, name)
+
+    def logits_at(self, batch_index, positions, chunk_size: int = 1024):
+        rows = self.lookup[batch_index, positions]
+        if bool((rows < 0).any()):
+            return self.states.logits_at(batch_index, positions, chunk_size)
+        return self.table[rows]
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(drafter, capture, samples, indices: list[int], num_steps: int, batch_size: int) -> dict:
+    """Held-out per-position alpha (teacher-forced), expected acceptance length, top-1 agreement, KL."""
+    from lk_vllm.acceptance import expected_acceptance_length
+    from lk_vllm.losses import lk_loss
+
+    d2t = drafter.draft_to_target
+    alpha_sum, kl_sum, top1, count = {}, {}, {}, {}
+    for start in range(0, len(indices), batch_size):
+        batch = collate(samples, indices[start:start + batch_size])
+        states = capture.states(batch)
+        for k, step in enumerate(drafter.training_steps(states, num_steps)):
+            draft, target = step.pairs(states, batch.loss_mask)
+            if draft.shape[0] == 0:
+                continue
+            result = lk_loss(draft, target, kind="kl", draft_to_target=d2t, distributed=False)
+            guess = draft.argmax(-1)
+            guess = guess if d2t is None else d2t[guess]
+            n = draft.shape[0]
+            alpha_sum[k] = alpha_sum.get(k, 0.0) + result.alpha * n
+            kl_sum[k] = kl_sum.get(k, 0.0) + result.kl * n
+            top1[k] = top1.get(k, 0) + int((guess == target.argmax(-1)).sum())
+            count[k] = count.get(k, 0) + n
+    if not count:
+        return {}
+    steps = sorted(count)
+    alpha = [alpha_sum[k] / count[k] for k in steps]
+    agree = [top1[k] / count[k] for k in steps]
+    if len(alpha) < num_steps:
+        # A draft LM has one teacher-forced distribution for every drafting step (see lk_vllm.drafters).
+        alpha += [alpha[-1]] * (num_steps - len(alpha))
+        agree += [agree[-1]] * (num_steps - len(agree))
+    return {
+        "per_position_alpha": [round(a, 6) for a in alpha],
+        "expected_acceptance_length": round(expected_acceptance_length(alpha), 6),
+        "top1_agreement": [round(a, 6) for a in agree],
+        "expected_acceptance_length_greedy": round(expected_acceptance_length(agree), 6),
+        "kl": [round(kl_sum[k] / count[k], 6) for k in steps],
+        "positions": count[steps[0]],
+    }
+
+
+# ------------------------------------------------------------------------------------------ logging
+class Logger:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
+        self.path, self.enabled, self.tb = run_dir / "log.jsonl", enabled, None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.is_file():  # drop what the interrupted run logged after it
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = self.path.with_name(f".log.jsonl.tmp{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        elif self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in _scalars(record):
+                self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _scalars(record: dict, prefix: str = ""):
+    for key, value in record.items():
+        if key == "step":
+            continue
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if isinstance(v, int | float):
+                    yield f"{prefix}{key}/{i}", v
+        elif isinstance(value, int | float):
+            yield f"{prefix}{key}", value
+
+
+# ------------------------------------------------------------------------------------------ the loop
+class _Unroll(torch.nn.Module):
+    """What DDP wraps: its forward is the drafter's K-step unroll."""
+
+    def __init__(self, drafter):
+        super().__init__()
+        self.drafter = drafter
+
+    def forward(self, states, num_steps: int):
+        return self.drafter.training_steps(states, num_steps)
+
+
+def _all_reduce_sum(values: list[float], dist: Dist) -> list[float]:
+    if dist.world == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train(config: Config, name: str = "run", resume: bool = False, progress: bool = True) -> dict:
+    """Run (or continue) a training run; returns a summary. Raises UserError for anything the user can fix."""
+    from tqdm import tqdm
+
+    from lk_vllm.assets import lk_home, resolve_target, target_fingerprint
+    from lk_vllm.drafters import multi_step_loss, target_info
+    from training import checkpoint as ckpt
+    from training.capture import OfflineCapture, OnlineCapture, build_cache, cache_key
+    from training.target import TargetModel
+
+    dist = init_distributed()
+    t = config.training
+    if t.batch_size % dist.world:
+        raise UserError(f"training.batch_size={t.batch_size} must be a multiple of the {dist.world} ranks")
+    run_dir = Path(config.output or lk_home() / "runs" / name).expanduser().resolve()
+    checkpoints_dir = run_dir / "checkpoints"
+    latest = ckpt.latest_checkpoint(checkpoints_dir)
+    if latest is not None and not resume:
+        raise UserError(f"{run_dir} already holds checkpoints ({latest.name}); pass --resume to continue it "
+                        "or choose another --output")
+    state = None
+    if resume and latest is not None:
+        state = ckpt.load_checkpoint(latest)
+        differences = differing_fields(state["config"], config)
+        if differences:
+            raise UserError(f"--resume: {latest} was trained with a different config: {'; '.join(differences)}")
+
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    target_path = resolve_target(config.model.target)
+    fingerprint = target_fingerprint(target_path)
+    data_dirs = ensure_data(config, target_path, fingerprint, dist, progress)
+    samples, truncated, dropped = load_run_samples(data_dirs, fingerprint, config.data.max_length)
+    train_indices, heldout_indices = split_heldout(samples, config.data.heldout)
+    if not train_indices:
+        raise UserError(f"--data {', '.join(data_dirs)}: no training samples left after holding out "
+                        f"{len(heldout_indices)}")
+    target = TargetModel(target_path)
+    drafter = make_drafter(config, target, samples, train_indices)
+    aux_layer_ids = drafter.aux_layer_ids_needed()
+    num_params = sum(p.numel() for p in drafter.trainable_parameters())
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _log(f"{config.model.architecture} drafter, {num_params / 1e6:.1f}M trainable parameters; "
+             f"{len(train_indices)} training / {len(heldout_indices)} held-out samples "
+             f"({truncated} truncated to {config.data.max_length} tokens, {dropped} without response tokens); "
+             f"loss {config.loss.kind}" + (f" eta={config.loss.eta}" if config.loss.kind == "lambda" else "")
+             + f"; {dist.world} rank(s); run directory {run_dir}")
+
+    if t.capture == "offline":
+        cache_dir = lk_home() / "capture" / cache_key(fingerprint, data_dirs, aux_layer_ids,
+                                                      config.data.max_length, t.cache_dtype)
+        if dist.main:
+            manifest = build_cache(target, samples, aux_layer_ids, cache_dir, t.cache_dtype,
+                                   batch_size=t.eval_batch_size, progress=progress)
+            _log(f"hidden-state cache {cache_dir}: {manifest['bytes'] / 1e6:.1f} MB for {manifest['tokens']} tokens")
+        dist.barrier()
+        capture = OfflineCapture(target, cache_dir, aux_layer_ids)
+    else:
+        capture = OnlineCapture(target, aux_layer_ids)
+
+    optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=config.optimizer.lr,
+                                  betas=config.optimizer.betas, eps=config.optimizer.eps,
+                                  weight_decay=config.optimizer.weight_decay)
+    o = config.optimizer
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, o.warmup_steps, t.max_steps, o.min_lr_ratio))
+    start_step, best = 0, {"step": None, "expected_acceptance_length": -1.0}
+    if state is not None:
+        drafter.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        start_step, best = state["step"], state["best"]
+        if dist.main:
+            _log(f"resuming {latest} at step {start_step}")
+    elif resume and dist.main:
+        _log(f"--resume: no checkpoint in {checkpoints_dir}; starting from step 0")
+    model = _Unroll(drafter)
+    if dist.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    if dist.main:
+        (run_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=1))
+    logger = Logger(run_dir, dist.main, start_step if state is not None else None)
+
+    def training_record(step: int, metrics: dict) -> dict:
+        return {"loss": config.loss.kind, "eta": config.loss.eta, "gamma": config.loss.gamma,
+                "num_steps": config.loss.num_steps, "steps": step, "batch_size": t.batch_size,
+                "optimizer": config.optimizer.model_dump(mode="json"), "recipe": name,
+                "data": {"dirs": data_dirs, "train_samples": len(train_indices),
+                         "heldout_samples": len(heldout_indices)},
+                "target_fingerprint": fingerprint, "heldout": metrics, "config": config.model_dump(mode="json")}
+
+    def run_eval(step: int) -> dict:
+        metrics = evaluate(drafter, capture, samples, heldout_indices, config.loss.num_steps, t.eval_batch_size)
+        if metrics:
+            logger.write({"step": step, "eval": metrics})
+            if metrics["expected_acceptance_length"] > best["expected_acceptance_length"]:
+                best.update(step=step, expected_acceptance_length=metrics["expected_acceptance_length"])
+                drafter.save_pretrained(run_dir / "best", target=target_info(target),
+                                        training=training_record(step, metrics))
+        return metrics
+
+    def save(step: int) -> None:
+        ckpt.save_checkpoint(checkpoints_dir, step, {
+            "model": drafter.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(), "step": step, "best": best,
+            "config": config.model_dump(mode="json")}, keep=t.keep_checkpoints)
+
+    order = BatchOrder(train_indices, t.batch_size, t.seed)
+    weights = [config.loss.gamma ** k for k in range(config.loss.num_steps)]
+    bar = tqdm(total=t.max_steps, initial=start_step, desc="training", unit="step",
+               disable=not (progress and dist.main))
+    tokens_seen, clock, metrics = 0, time.time(), {}
+    step = start_step
+    for step in range(start_step, t.max_steps):
+        global_indices = order.global_batch(step)
+        batch = collate(samples, global_indices[dist.rank::dist.world])
+        drafter.train()
+        states = SharedTargetLogits(capture.states(batch), batch.loss_mask)
+        steps = model(states, config.loss.num_steps)
+        out = multi_step_loss(steps, states, kind=config.loss.kind, eta=config.loss.eta,
+                              draft_to_target=drafter.draft_to_target, loss_mask=batch.loss_mask,
+                              step_weights=weights)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(drafter.trainable_parameters(), o.grad_clip))
+        loss_value, = _all_reduce_sum([float(out["loss"].detach()) / dist.world], dist)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            previous = ckpt.latest_checkpoint(checkpoints_dir)
+            kept = f"the last good checkpoint is {previous}" if previous else "no checkpoint was written yet"
+            raise UserError(f"the loss is not finite at step {step + 1} (loss {loss_value}, gradient norm "
+                            f"{grad_norm}); training stopped, {kept}")
+        optimizer.step()
+        scheduler.step()
+        tokens_seen += sum(len(samples[i].input_ids) for i in global_indices)
+        done = step + 1
+        tokens_per_s = tokens_seen / max(time.time() - clock, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", alpha=f"{out['alpha'][0]:.3f}", tok_s=f"{tokens_per_s:.0f}")
+        if done % t.log_every == 0 or done == t.max_steps:
+            logger.write({"step": done, "loss": loss_value, "alpha": out["alpha"], "lam": out["lam"],
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                          "tokens_per_s": round(tokens_per_s, 1), "time": round(time.time(), 3)})
+        if dist.main and (done % t.eval_every == 0 or done == t.max_steps):
+            metrics = run_eval(done)
+            if metrics:
+                bar.write(f"step {done}: held-out expected acceptance length "
+                          f"{metrics['expected_acceptance_length']:.4f}, alpha {metrics['per_position_alpha']}")
+        if dist.main and (done % t.checkpoint_every == 0 or done == t.max_steps):
+            save(done)
+        dist.barrier()
+    bar.close()
+
+    summary = {"run_dir": str(run_dir), "steps": t.max_steps, "best": best}
+    if dist.main:
+        if not metrics:  # resumed at the end, or nothing to evaluate
+            metrics = run_eval(t.max_steps) if heldout_indices else {}
+        drafter.save_pretrained(run_dir / "final", target=target_info(target),
+                                training=training_record(t.max_steps, metrics))
+        summary.update(final=metrics, tokens_per_s=round(tokens_seen / max(time.time() - clock, 1e-9), 1))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        logger.close()
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ command line
+def add_arguments(parser) -> None:
+    from training.config import recipe_names
+
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--recipe", help=f"a built-in recipe: {', '.join(recipe_names())}")
+    source.add_argument("--config", help="a YAML file with the same structure as the recipes")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override any config field, e.g. --set optimizer.lr=1e-3 (repeatable)")
+    parser.add_argument("--loss", choices=["kl", "tv", "alpha", "lambda"], help="loss kind (loss.kind)")
+    parser.add_argument("--eta", type=float, help="LK^lambda decay eta (loss.eta)")
+    parser.add_argument("--target", help="target model directory or cached HF id (model.target)")
+    parser.add_argument("--data", action="append", help="a finished `lk-vllm prepare` directory (data.dirs; repeatable)")
+    parser.add_argument("--output", help="run directory (default $LK_VLLM_HOME/runs/<recipe>)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --output")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args) -> tuple[Config, str]:
+    overrides = {}
+    for flag, key in (("loss", "loss.kind"), ("eta", "loss.eta"), ("target", "model.target"),
+                      ("data", "data.dirs"), ("output", "output")):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    for text in args.set:
+        key, value = parse_override(text)
+        overrides[key] = value
+    return load_config(args.recipe, args.config, overrides)
+
+
+def run(args) -> int:
+    config, name = config_from_args(args)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    summary = train(config, name, resume=args.resume, progress=not args.no_progress)
+    if "final" in summary:
+        final = summary["final"]
+        print(f"trained {summary['steps']} steps: drafter in {summary['run_dir']}/final"
+              + (f", held-out expected acceptance length {final['expected_acceptance_length']:.4f}" if final else ""))
+        if summary["best"]["step"] is not None:
+            print(f"best step {summary['best']['step']} (expected acceptance length "
+                  f"{summary['best']['expected_acceptance_length']:.4f}) in {summary['run_dir']}/best")
+    return 0
