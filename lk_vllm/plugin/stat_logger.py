@@ -1,0 +1,57 @@
+"""``vllm.stat_logger_plugins`` entry point: every engine step into the live store.
+
+vLLM's ``AsyncLLM`` (the OpenAI server's engine client) builds one logger per engine and calls ``record`` after
+each engine step's outputs were processed, in the API-server process; ``serving.live_stats.STORE`` lives in the
+same process and is read by the HTTP routes. The logger is inert when speculative decoding is off, except
+for calibration, which records timing with speculation off on purpose (``record_without_speculation``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+logger = logging.getLogger("lk_vllm.plugin")
+
+
+class LkStatLogger(StatLoggerBase):
+    # Calibration builds its own engine with this logger and speculation off (see serving.calibrate).
+    record_without_speculation = False
+
+    def __init__(self, vllm_config, engine_index: int = 0):
+        from serving.live_stats import STORE
+
+        self.engine_index = engine_index
+        self.store = STORE
+        spec = vllm_config.speculative_config
+        self.active = spec is not None or self.record_without_speculation
+        if spec is not None and engine_index == 0:
+            from serving.drafter_info import describe_speculative_config
+            from serving.speedup import load_baseline_for
+
+            self.store.set_drafter(describe_speculative_config(spec))
+            load_baseline_for(self.store, vllm_config)
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        if not self.active or (scheduler_stats is None and iteration_stats is None):
+            return
+        spec = getattr(scheduler_stats, "spec_decoding_stats", None)
+        finished = len(iteration_stats.finished_requests) if iteration_stats is not None else 0
+        running = scheduler_stats.num_running_reqs if scheduler_stats is not None else 0
+        output_tokens = iteration_stats.num_generation_tokens if iteration_stats is not None else 0
+        # A step that finished a prefill (first token of a request) is not a pure decode step.
+        timed = iteration_stats is not None and not iteration_stats.time_to_first_tokens_iter
+        self.store.record_step(
+            batch_size=running + finished,
+            output_tokens=output_tokens,
+            timed=timed,
+            num_drafts=spec.num_drafts if spec else 0,
+            num_draft_tokens=spec.num_draft_tokens if spec else 0,
+            num_accepted_tokens=spec.num_accepted_tokens if spec else 0,
+            accepted_per_position=list(spec.num_accepted_tokens_per_pos) if spec else [],
+        )
+
+    def log_engine_initialized(self):
+        if self.active:
+            logger.info("lk-vllm: live speculative-decoding statistics enabled")

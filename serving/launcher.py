@@ -1,0 +1,326 @@
+"""``lk-vllm serve``: vLLM's own OpenAI-compatible server with a drafter and the lk-vllm plugins.
+
+The command checks its input (one-line errors, before any engine starts), measures the no-speculation
+baseline once per target/dtype/hardware/vLLM (``lk-vllm calibrate``, cached) and then *replaces itself* with
+vLLM's server process (``vllm.entrypoints.launchers.api_server.entry``), so every vLLM route, flag and signal
+behaves as with vLLM alone. What lk-vllm adds comes in through the plugins (``lk_vllm.plugin``), which
+``VLLM_PLUGINS`` names, with their settings in environment variables:
+
+* ``LK_VLLM_ADMIN_KEY`` (``--admin-key``), ``LK_VLLM_DRAFTERS_DIR`` (``--drafters-dir``),
+  ``LK_VLLM_BASELINE_PROFILE`` (``--baseline-profile`` or the cached calibration);
+* ``VLLM_API_KEY`` (``--api-key``): vLLM's own API-key check, kept out of the process list.
+
+Speculative sampling at temperature > 0 is configured to be faithful: drafters that are models sample their
+drafts from their distribution (``draft_sample_method=probabilistic``) and vLLM's standard rejection sampler
+verifies them, so outputs follow the target's distribution (LK_PAPER.md §3). ``/v1/speculative/stats``
+reports the modes in force.
+
+For scripts (``lk-vllm demo``, tests): :func:`start_server` runs ``lk-vllm serve`` as a subprocess, waits until
+it is healthy and returns a :class:`ServerHandle` (``url``, ``stop()``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from lk_vllm.engine import EngineSettings, add_engine_arguments, apply_engine_env, settings_from_args
+from lk_vllm.errors import UserError
+
+DEFAULT_NUM_SPECULATIVE_TOKENS = 3
+VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+# Speculative methods whose drafter has a distribution to sample from (see serving.drafter_info).
+PROBABILISTIC_METHODS = ("eagle", "eagle3", "draft_model")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", nargs="?", default=None,
+                        help="target model directory or HF id (default: the embedded SmolLM2-135M-Instruct)")
+    spec = parser.add_mutually_exclusive_group()
+    spec.add_argument("--drafter", metavar="DIR", help="drafter checkpoint directory (written by lk-vllm train)")
+    spec.add_argument("--speculative-config", metavar="JSON",
+                      help='vLLM speculative config as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                           '"prompt_lookup_max": 4}\'')
+    parser.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                        help=f"draft tokens per step (default {DEFAULT_NUM_SPECULATIVE_TOKENS} with --drafter)")
+    parser.add_argument("--api-key", default=None, help="require this key on OpenAI routes (as vLLM's --api-key)")
+    parser.add_argument("--admin-key", default=None,
+                        help="key for admin routes (drafter swap); without it admin routes are refused")
+    parser.add_argument("--drafters-dir", metavar="DIR", default=None,
+                        help="directory drafter swaps may load from (nothing outside it is ever opened)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="most concurrent requests in a batch")
+    parser.add_argument("--baseline-profile", metavar="FILE", default=None,
+                        help="calibration profile for the live speed-up (default: the cached one, measured on first start)")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="do not measure the baseline at start (speed-up is reported only if a profile exists)")
+    parser.add_argument("--per-request-spec-decode-metrics", choices=("none", "summary", "detailed"), default="summary",
+                        help="acceptance metrics in every response (default summary)")
+    parser.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
+    add_engine_arguments(parser)
+    parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                        help="after `--`: any further flag of vLLM's server, passed through unchanged")
+
+
+# --------------------------------------------------------------------------------------------------- input checks
+def parse_speculative_config(text: str) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--speculative-config: expected a JSON object, got invalid JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--speculative-config: expected a JSON object, got {type(config).__name__}")
+    if not config.get("method") and not config.get("model"):
+        raise UserError('--speculative-config: expected a "method" (e.g. "ngram", "eagle3") or a "model"')
+    model = config.get("model")
+    if model and config.get("method") != "ngram" and not Path(str(model)).expanduser().is_dir():
+        raise UserError(f"--speculative-config: drafter model directory {model} not found")
+    return config
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def check_drafter_for_target(drafter: Path, target: str) -> None:
+    """One-line error if the drafter directory records (or implies) another target."""
+    record = _read_json(drafter / "lk_training.json")
+    recorded = (record.get("target") or {}).get("fingerprint") if isinstance(record.get("target"), dict) else None
+    target_dir = Path(target)
+    if recorded and target_dir.is_dir():
+        from lk_vllm.assets import target_fingerprint
+
+        actual = target_fingerprint(target)
+        if actual != recorded:
+            where = (record.get("target") or {}).get("path", "?")
+            raise UserError(f"--drafter {drafter}: trained for target fingerprint {recorded} ({where}), "
+                            f"but the target {target} has {actual}")
+    target_config = _read_json(target_dir / "config.json") if target_dir.is_dir() else {}
+    drafter_config = _read_json(drafter / "config.json")
+    vocab = target_config.get("vocab_size")
+    drafter_vocab = drafter_config.get("vocab_size") or (drafter_config.get("transformer_layer_config") or {}).get("vocab_size")
+    if vocab and drafter_vocab and vocab != drafter_vocab:
+        raise UserError(f"--drafter {drafter}: made for a vocabulary of {drafter_vocab} tokens, "
+                        f"but the target {target} has {vocab}")
+
+
+def speculative_config_from_args(args: argparse.Namespace, target: str) -> dict[str, Any] | None:
+    """The speculative config to serve, with faithful sampling settings filled in, or None (no speculation)."""
+    if args.num_speculative_tokens is not None and args.num_speculative_tokens < 1:
+        raise UserError(f"--num-speculative-tokens: expected an integer >= 1, got {args.num_speculative_tokens}")
+    if args.drafter:
+        drafter = Path(args.drafter).expanduser()
+        if not drafter.is_dir():
+            raise UserError(f"--drafter {args.drafter}: directory not found")
+        if not (drafter / "config.json").is_file():
+            raise UserError(f"--drafter {args.drafter}: no config.json (expected a drafter checkpoint directory)")
+        check_drafter_for_target(drafter, target)
+        from lk_vllm.drafters import speculative_config_for
+
+        config = speculative_config_for(drafter, args.num_speculative_tokens or DEFAULT_NUM_SPECULATIVE_TOKENS)
+    elif args.speculative_config:
+        config = parse_speculative_config(args.speculative_config)
+        if args.num_speculative_tokens is not None:
+            config["num_speculative_tokens"] = args.num_speculative_tokens
+        if config.get("model") and config.get("method") != "ngram":
+            drafter = Path(str(config["model"])).expanduser().resolve()
+            check_drafter_for_target(drafter, target)
+            config["model"] = str(drafter)  # always with a '/', never taken for a class path
+        if "num_speculative_tokens" not in config:
+            raise UserError("--speculative-config: expected num_speculative_tokens (or pass --num-speculative-tokens)")
+    else:
+        return None
+    return with_faithful_sampling(config)
+
+
+def with_faithful_sampling(config: dict[str, Any]) -> dict[str, Any]:
+    """Standard rejection sampling always; probabilistic drafts for drafters that are models (user keys win)."""
+    config = dict(config)
+    config.setdefault("rejection_sample_method", "standard")
+    if config.get("method") in PROBABILISTIC_METHODS:
+        config.setdefault("draft_sample_method", "probabilistic")
+    if config["rejection_sample_method"] == "synthetic":
+        raise UserError("--speculative-config: rejection_sample_method 'synthetic' does not preserve the target's "
+                        "distribution; lk-vllm serve uses 'standard'")
+    return config
+
+
+# ------------------------------------------------------------------------------------------------- the command
+@dataclasses.dataclass
+class ServerCommand:
+    argv: list[str]
+    env: dict[str, str]
+    target: str
+    speculative_config: dict[str, Any] | None
+    settings: EngineSettings
+
+
+def build_server_command(args: argparse.Namespace) -> ServerCommand:
+    """Everything needed to exec vLLM's server, from the parsed flags (raises UserError on bad input)."""
+    from lk_vllm.assets import resolve_target
+    from lk_vllm.plugin import plugins_env_value
+    from serving.api import ADMIN_KEY_ENV, DRAFTERS_DIR_ENV
+
+    target = resolve_target(args.target)
+    spec = speculative_config_from_args(args, target)
+    settings = settings_from_args(args, target, speculative_config=spec, max_num_seqs=args.max_num_seqs)
+    vllm_args = list(args.vllm_args or [])
+    if vllm_args and vllm_args[0] == "--":
+        vllm_args = vllm_args[1:]
+    argv = [sys.executable, "-m", VLLM_SERVER_MODULE, *settings.server_args(), "--host", args.host, "--port", str(args.port)]
+    if spec is not None and args.per_request_spec_decode_metrics != "none":
+        argv += ["--per-request-spec-decode-metrics", args.per_request_spec_decode_metrics]
+    argv += vllm_args
+
+    env = dict(os.environ)
+    env["VLLM_PLUGINS"] = plugins_env_value(env.get("VLLM_PLUGINS"))
+    if args.api_key:
+        env["VLLM_API_KEY"] = args.api_key
+    if args.admin_key:
+        env[ADMIN_KEY_ENV] = args.admin_key
+    if args.drafters_dir:
+        drafters_dir = Path(args.drafters_dir).expanduser()
+        if not drafters_dir.is_dir():
+            raise UserError(f"--drafters-dir {args.drafters_dir}: directory not found")
+        env[DRAFTERS_DIR_ENV] = str(drafters_dir.resolve())
+    if args.baseline_profile:
+        from serving.speedup import BaselineProfile
+
+        BaselineProfile.load(args.baseline_profile)  # fail now, in one line, not inside the server
+        env["LK_VLLM_BASELINE_PROFILE"] = str(Path(args.baseline_profile).resolve())
+    return ServerCommand(argv=argv, env=env, target=target, speculative_config=spec, settings=settings)
+
+
+def ensure_calibrated(command: ServerCommand, args: argparse.Namespace) -> None:
+    """Measure the no-speculation baseline once (cached) unless a profile was given or calibration is off."""
+    if command.speculative_config is None or args.baseline_profile or args.no_calibrate:
+        return
+    from serving.speedup import load_cached_profile, profile_key_for_settings, profile_path
+
+    key = profile_key_for_settings(command.settings)
+    path = profile_path(key)
+    command.env["LK_VLLM_BASELINE_PROFILE"] = str(path)
+    if load_cached_profile(key) is not None:
+        return
+    print(f"lk-vllm serve: no baseline for this target/dtype/hardware yet; measuring it once "
+          f"(cached at {path})", file=sys.stderr, flush=True)
+    calibrate = [sys.executable, "-m", "lk_vllm.cli", "calibrate", command.target,
+                 *_engine_flags(command.settings)]
+    result = subprocess.run(calibrate, env=command.env)
+    if result.returncode != 0:
+        raise UserError("calibration failed (see above); pass --no-calibrate to serve without a speed-up figure")
+
+
+def _engine_flags(settings: EngineSettings) -> list[str]:
+    resolved = settings.resolved()
+    flags = ["--max-model-len", str(resolved.max_model_len), "--dtype", resolved.dtype, "--seed", str(resolved.seed)]
+    if resolved.gpu_memory_utilization is not None:
+        flags += ["--gpu-memory-utilization", str(resolved.gpu_memory_utilization)]
+    flags.append("--enforce-eager" if resolved.enforce_eager else "--no-enforce-eager")
+    return flags
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_engine_env()
+    command = build_server_command(args)
+    if args.print_command:
+        print(shlex.join(command.argv))
+        return 0
+    ensure_calibrated(command, args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command.argv[0], command.argv, command.env)  # vLLM's server takes over this process
+    return 0  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------- driving it from Python
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class ServerHandle:
+    url: str
+    process: subprocess.Popen
+    log_path: Path | None = None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the server (vLLM shuts its engine down), SIGKILL its process group if it hangs."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_healthy(url: str, process: subprocess.Popen | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode} before it was healthy")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"the server at {url} was not healthy after {timeout:.0f} s")
+
+
+def start_server(
+    serve_args: list[str] | tuple[str, ...] = (),
+    *,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    env: dict[str, str] | None = None,
+    log_path: str | Path | None = None,
+    timeout: float = 600.0,
+) -> ServerHandle:
+    """Start ``lk-vllm serve <serve_args>`` in a subprocess (own process group) and wait until it is healthy.
+
+    ``serve_args`` are the command's arguments (target, --drafter, ..., and ``--`` vLLM flags); host and port
+    are added here. Output goes to ``log_path`` (default: inherited). Raises if the server dies or times out.
+    """
+    port = port or free_port(host)
+    serve_args = list(serve_args)
+    cut = serve_args.index("--") if "--" in serve_args else len(serve_args)
+    argv = [sys.executable, "-m", "lk_vllm.cli", "serve", *serve_args[:cut], "--host", host, "--port", str(port),
+            *serve_args[cut:]]
+    log_file = open(log_path, "ab") if log_path else None  # noqa: SIM115 - lives as long as the server
+    process = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=log_file or None,
+                               stderr=subprocess.STDOUT if log_file else None, start_new_session=True)
+    url = f"http://{host}:{port}"
+    handle = ServerHandle(url=url, process=process, log_path=Path(log_path) if log_path else None)
+    try:
+        wait_healthy(url, process, timeout)
+    except BaseException:
+        handle.stop()
+        raise
+    return handle

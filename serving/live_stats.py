@@ -1,0 +1,232 @@
+"""Live speculative-decoding statistics of a running server, kept in one process-wide store.
+
+vLLM's front-end process calls the lk stat logger (``lk_vllm.plugin.stat_logger``) once per engine step; the
+logger turns the step's scheduler and iteration stats into a :class:`Step` and appends it here. The HTTP
+routes (``serving.api``), the Prometheus gauges and the dashboard read the same store: they all live in the
+API-server process, so a module-level singleton is shared without any IPC.
+
+A step records the speculative-decoding counters (drafts, draft tokens, accepted tokens per position), the
+output tokens, the batch size (requests in the step) and, for pure decode steps, how long the step took
+(the time since the previous step's output arrived: the engine runs steps back to back while it has work).
+Steps that complete a prefill are not timed, since their cost is the prompt's, not decoding's.
+
+All rates come from ``lk_vllm.acceptance``; speed-up from ``serving.speedup``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Any
+
+from lk_vllm import acceptance
+from serving.speedup import BaselineProfile, speedup_of_steps
+
+# Steps older than this are dropped (bounded memory; the longest window and the dashboard history).
+MAX_HISTORY_SECONDS = 3600.0
+MAX_STEPS = 500_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One engine step as seen by the front end."""
+
+    time: float  # time.monotonic() when the step's outputs were recorded
+    drafter: str
+    batch_size: int  # requests that produced output in this step
+    output_tokens: int
+    decode_seconds: float | None  # wall time of a pure decode step; None when not timed
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class DrafterInfo:
+    """What is speculating right now, as reported by ``/v1/speculative/stats``."""
+
+    name: str  # a path or a method name ("ngram")
+    method: str
+    architecture: str
+    loss: str | None = None
+    num_speculative_tokens: int = 0
+    sampling: dict[str, str] = dataclasses.field(default_factory=dict)
+    since: float = dataclasses.field(default_factory=time.time)  # wall-clock time it went live
+
+    def as_json(self) -> dict[str, Any]:
+        return {"path": self.name, "architecture": self.architecture, "loss": self.loss, "since": self.since}
+
+
+class Counters:
+    """Running sums over a set of steps: vLLM's speculative-decoding counters plus output tokens."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.output_tokens = 0
+        self.counts = acceptance.SpecDecodeCounts()
+
+    def add(self, step: Step) -> None:
+        self.steps += 1
+        self.output_tokens += step.output_tokens
+        self.counts = self.counts + acceptance.SpecDecodeCounts(
+            num_drafts=step.num_drafts,
+            num_draft_tokens=step.num_draft_tokens,
+            num_accepted_tokens=step.num_accepted_tokens,
+            accepted_per_position=step.accepted_per_position,
+        )
+
+    def merge(self, other: Counters) -> None:
+        self.steps += other.steps
+        self.output_tokens += other.output_tokens
+        self.counts = self.counts + other.counts
+
+    def as_json(self) -> dict[str, Any]:
+        counts = self.counts
+        return {
+            "acceptance_length": counts.acceptance_length,
+            "per_position_acceptance": counts.per_position_acceptance,
+            "draft_acceptance_rate": counts.draft_acceptance_rate,
+            "num_drafts": counts.num_drafts,
+            "draft_tokens": counts.num_draft_tokens,
+            "accepted_tokens": counts.num_accepted_tokens,
+            "accepted_per_position": list(counts.accepted_per_position),
+            "output_tokens": self.output_tokens,
+            "steps": self.steps,
+        }
+
+
+class LiveStatsStore:
+    """Thread-safe store of recent steps plus since-start totals, per drafter."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._steps: collections.deque[Step] = collections.deque(maxlen=MAX_STEPS)
+            self._since_start: dict[str, Counters] = {}
+            self._timed_since_start: list[Step] = []  # only timed steps (small: batch, tokens, seconds)
+            self.started = time.monotonic()
+            self.started_wall = time.time()
+            self.drafter: DrafterInfo | None = None
+            self.drafters_seen: dict[str, DrafterInfo] = {}
+            self.baseline: BaselineProfile | None = None
+            self.baseline_error: str | None = None
+            self._last_record: float | None = None
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def set_drafter(self, info: DrafterInfo) -> None:
+        with self._lock:
+            self.drafter = info
+            self.drafters_seen[info.name] = info
+
+    def set_baseline(self, profile: BaselineProfile | None, error: str | None = None) -> None:
+        with self._lock:
+            self.baseline = profile
+            self.baseline_error = error
+
+    def record_step(
+        self,
+        *,
+        batch_size: int,
+        output_tokens: int,
+        timed: bool,
+        num_drafts: int = 0,
+        num_draft_tokens: int = 0,
+        num_accepted_tokens: int = 0,
+        accepted_per_position: list[int] | tuple[int, ...] = (),
+        now: float | None = None,
+    ) -> Step:
+        """Record one engine step. ``timed`` says whether it was a pure decode step (no prefill finished)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            previous, self._last_record = self._last_record, now
+            decode_seconds = now - previous if (timed and previous is not None and output_tokens > 0) else None
+            step = Step(
+                time=now,
+                drafter=self.drafter.name if self.drafter else "none",
+                batch_size=batch_size,
+                output_tokens=output_tokens,
+                decode_seconds=decode_seconds,
+                num_drafts=num_drafts,
+                num_draft_tokens=num_draft_tokens,
+                num_accepted_tokens=num_accepted_tokens,
+                accepted_per_position=tuple(accepted_per_position),
+            )
+            self._steps.append(step)
+            self._since_start.setdefault(step.drafter, Counters()).add(step)
+            if decode_seconds is not None:
+                self._timed_since_start.append(step)
+            while self._steps and now - self._steps[0].time > MAX_HISTORY_SECONDS:
+                self._steps.popleft()
+            return step
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def steps(self, window_seconds: float | None = None, drafter: str | None = None) -> list[Step]:
+        now = time.monotonic()
+        with self._lock:
+            steps = list(self._steps)
+        if window_seconds is not None:
+            steps = [s for s in steps if now - s.time <= window_seconds]
+        if drafter is not None:
+            steps = [s for s in steps if s.drafter == drafter]
+        return steps
+
+    def summary(self, steps: list[Step]) -> dict[str, Any]:
+        counters = Counters()
+        for step in steps:
+            counters.add(step)
+        out = counters.as_json()
+        out.update(self.speed(steps))
+        return out
+
+    def speed(self, steps: list[Step]) -> dict[str, Any]:
+        """Measured decode speed of these steps and the speed-up over the baseline, per batch-size bucket."""
+        return speedup_of_steps(steps, self.baseline)
+
+    def since_start(self, drafter: str | None = None) -> dict[str, Any]:
+        with self._lock:
+            names = [drafter] if drafter is not None else list(self._since_start)
+            counters = Counters()
+            for name in names:
+                if name in self._since_start:
+                    counters.merge(self._since_start[name])
+            timed = [s for s in self._timed_since_start if drafter is None or s.drafter == drafter]
+        out = counters.as_json()
+        out.update(self.speed(timed))
+        out["seconds"] = time.monotonic() - self.started
+        return out
+
+    def history(self, seconds: float, resolution: float, drafter: str | None = None) -> list[dict[str, Any]]:
+        """The window split into intervals of ``resolution`` seconds, each summarised (for the dashboard)."""
+        now = time.monotonic()
+        steps = self.steps(seconds, drafter)
+        if not steps:
+            return []
+        intervals: dict[int, list[Step]] = collections.defaultdict(list)
+        for step in steps:
+            intervals[int((now - step.time) // resolution)].append(step)
+        points = []
+        for index in sorted(intervals, reverse=True):
+            part = intervals[index]
+            summary = self.summary(part)
+            points.append(
+                {
+                    "t": self.started_wall + (part[-1].time - self.started),  # wall-clock seconds
+                    "acceptance_length": summary["acceptance_length"],
+                    "per_position_acceptance": summary["per_position_acceptance"],
+                    "speedup": summary["speedup"],
+                    "tokens_per_s": summary["tokens_per_s"],
+                    "output_tokens": summary["output_tokens"],
+                    "drafter": part[-1].drafter,
+                }
+            )
+        return points
+
+
+# The one store of this process (the API server's front end).
+STORE = LiveStatsStore()
