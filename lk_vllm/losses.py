@@ -355,9 +355,9 @@ def _forward_chunk(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor 
 def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | None):
     """Float64 log-space statistics for rows where linear-space sums underflow (or a -inf target made 0 * inf).
 
-    Returns ``(lse_t, lse_d, coverage, kl, log_alpha)`` (as :func:`_forward_chunk`, but ``log alpha``);
+    Returns ``(lse_t, lse_d, log_coverage, kl, log_alpha)`` (as :func:`_forward_chunk`, but in log space);
     ``log_alpha = logsumexp(min(log q, log p_g))`` is exact even when alpha is far below the smallest float.
-    ``coverage`` is ``exp(lse_g - lse_t)``: 0 when the target has no finite logit among the draft ids.
+    ``log_coverage`` is ``lse_g - lse_t``: -inf exactly when the target has no finite logit among the draft ids.
     """
     target64 = target.double()
     draft64 = draft.double()
@@ -371,7 +371,7 @@ def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | N
     kl_terms = torch.where(p_tilde > 0, p_tilde * (log_p_tilde - log_q), torch.zeros_like(p_tilde))
     kl = kl_terms.sum(dim=1)
     log_alpha = torch.logsumexp(torch.minimum(log_q, target_g - lse_t.unsqueeze(1)), dim=1)
-    return lse_t, lse_d, (lse_g - lse_t).exp(), kl, log_alpha
+    return lse_t, lse_d, lse_g - lse_t, kl, log_alpha
 
 
 def _tv_pieces(q: torch.Tensor, p_g: torch.Tensor):
@@ -485,10 +485,11 @@ class _LKLossFunction(torch.autograd.Function):
         if exact_rows.numel():
             source = exact_rows if rows is None else rows.index_select(0, exact_rows)
             values = _exact_rows(draft.index_select(0, source), target.index_select(0, source), d2t)
-            for buffer, value in zip((lse_t, lse_d, coverage, kl, log_alpha), values, strict=True):
+            for buffer, value in zip((lse_t, lse_d, kl, log_alpha), values[:2] + values[3:], strict=True):
                 buffer[exact_rows] = value.to(cd)
             alpha[exact_rows] = values[4].exp().to(cd)
-            exact_coverage_zero = values[2] == 0
+            coverage[exact_rows] = values[2].exp().to(cd)  # unused by the backward of exact rows
+            exact_coverage_zero = values[2] == -math.inf
         else:
             exact_coverage_zero = torch.zeros(0, dtype=torch.bool, device=device)
         bad_coverage = torch.zeros_like(bad_target)
