@@ -48,6 +48,21 @@ def read_drafter_dir(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def recorded_target_fingerprint(training_record: dict[str, Any]) -> str | None:
+    """The target fingerprint an lk_training.json records (``{"target": {"fingerprint": ...}}``)."""
+    target = training_record.get("target")
+    return target.get("fingerprint") if isinstance(target, dict) else None
+
+
+def recorded_loss(training_record: dict[str, Any]) -> str | None:
+    """The loss kind an lk_training.json records (``{"training": {"loss": ...}}``)."""
+    training = training_record.get("training")
+    if not isinstance(training, dict):
+        return None
+    loss = training.get("loss") or training.get("loss_kind") or training.get("kind")
+    return str(loss) if loss else None
+
+
 def drafter_architecture(config: dict[str, Any], method: str) -> str:
     if "speculators_model_type" in config:
         return str(config["speculators_model_type"])
@@ -70,7 +85,7 @@ def describe_speculative_config(spec) -> DrafterInfo:
         name=name,
         method=method,
         architecture=drafter_architecture(details["config"], method),
-        loss=training.get("loss") or training.get("loss_kind"),
+        loss=recorded_loss(training),
         num_speculative_tokens=int(getattr(spec, "num_speculative_tokens", 0) or 0),
         sampling=sampling_modes(
             method,

@@ -71,8 +71,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="acceptance metrics in every response (default summary)")
     parser.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
     add_engine_arguments(parser)
-    parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
-                        help="after `--`: any further flag of vLLM's server, passed through unchanged")
+    parser.epilog = "Anything after `--` is passed to vLLM's server unchanged, e.g. `-- --max-num-batched-tokens 4096`."
+    _pass_through_after_double_dash(parser)
+
+
+def _pass_through_after_double_dash(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser.parse_args`` put everything after the first ``--`` into ``args.vllm_args`` untouched
+    (argparse alone would mix it with the optional TARGET positional)."""
+    parse = parser.parse_args
+
+    def parse_args(args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        cut = args.index("--") if "--" in args else len(args)
+        parsed = parse(args[:cut], namespace)
+        parsed.vllm_args = args[cut + 1:]
+        return parsed
+
+    parser.parse_args = parse_args
 
 
 # --------------------------------------------------------------------------------------------------- input checks
@@ -100,8 +115,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def check_drafter_for_target(drafter: Path, target: str) -> None:
     """One-line error if the drafter directory records (or implies) another target."""
+    from serving.drafter_info import recorded_target_fingerprint
+
     record = _read_json(drafter / "lk_training.json")
-    recorded = (record.get("target") or {}).get("fingerprint") if isinstance(record.get("target"), dict) else None
+    recorded = recorded_target_fingerprint(record)
     target_dir = Path(target)
     if recorded and target_dir.is_dir():
         from lk_vllm.assets import target_fingerprint
@@ -180,9 +197,7 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
     target = resolve_target(args.target)
     spec = speculative_config_from_args(args, target)
     settings = settings_from_args(args, target, speculative_config=spec, max_num_seqs=args.max_num_seqs)
-    vllm_args = list(args.vllm_args or [])
-    if vllm_args and vllm_args[0] == "--":
-        vllm_args = vllm_args[1:]
+    vllm_args = list(getattr(args, "vllm_args", None) or [])
     argv = [sys.executable, "-m", VLLM_SERVER_MODULE, *settings.server_args(), "--host", args.host, "--port", str(args.port)]
     if spec is not None and args.per_request_spec_decode_metrics != "none":
         argv += ["--per-request-spec-decode-metrics", args.per_request_spec_decode_metrics]

@@ -23,7 +23,13 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from serving.drafter_info import describe_speculative_config, drafter_architecture, read_drafter_dir
+from serving.drafter_info import (
+    describe_speculative_config,
+    drafter_architecture,
+    read_drafter_dir,
+    recorded_loss,
+    recorded_target_fingerprint,
+)
 from serving.live_stats import DrafterInfo
 
 WEIGHTS_FILE = "model.safetensors"
@@ -77,8 +83,7 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def check_target(drafter_dir: Path, target: str | None) -> None:
     """Refuse a drafter trained for another target (when its lk_training.json says which)."""
-    training = read_drafter_dir(drafter_dir)["training"]
-    recorded = training.get("target_fingerprint") or training.get("target_hash")
+    recorded = recorded_target_fingerprint(read_drafter_dir(drafter_dir)["training"])
     if not recorded or not target:
         return
     from lk_vllm.assets import target_fingerprint
@@ -135,7 +140,7 @@ async def swap_drafter(routes, requested: str) -> dict[str, Any]:
         name=str(new_dir),
         method=live.method,
         architecture=drafter_architecture(details["config"], live.method),
-        loss=training.get("loss") or training.get("loss_kind"),
+        loss=recorded_loss(training),
         num_speculative_tokens=live.num_speculative_tokens,
         sampling=live.sampling,
     )

@@ -1,0 +1,555 @@
+"""The vLLM plugin without an engine: entry points, version check, patches, stat logger, live store, speed-up
+math, HTTP routes (auth, swap validation), dashboard assets, launcher input checks."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lk_vllm import plugin
+from lk_vllm.errors import UserError
+from serving import speedup
+from serving.live_stats import DrafterInfo, LiveStatsStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ registration
+def test_entry_points_name_the_three_plugins():
+    found = {
+        group: {e.name: e.value for e in entry_points(group=group)}
+        for group in ("vllm.general_plugins", "vllm.stat_logger_plugins", "vllm.endpoint_plugins")
+    }
+    assert found["vllm.general_plugins"]["lk_general"] == "lk_vllm.plugin:register"
+    assert found["vllm.stat_logger_plugins"]["lk_stats"] == "lk_vllm.plugin.stat_logger:LkStatLogger"
+    assert found["vllm.endpoint_plugins"]["lk_endpoints"] == "lk_vllm.plugin.endpoints:make_endpoint_plugin"
+    # what vLLM's loader requires of each
+    from vllm.plugins.endpoint_plugins.interface import EndpointPlugin
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    from lk_vllm.plugin.endpoints import make_endpoint_plugin
+    from lk_vllm.plugin.stat_logger import LkStatLogger
+
+    assert issubclass(LkStatLogger, StatLoggerBase)
+    assert isinstance(make_endpoint_plugin(), EndpointPlugin)
+    assert set(plugin.PLUGIN_NAMES) == {"lk_general", "lk_stats", "lk_endpoints"}
+
+
+def test_vllm_loads_all_lk_plugins_when_vllm_plugins_names_them(monkeypatch):
+    import vllm.envs
+    from vllm.plugins import load_endpoint_plugins, load_plugins_by_group
+
+    monkeypatch.setenv("VLLM_PLUGINS", plugin.plugins_env_value("other_plugin"))
+    if hasattr(vllm.envs, "__getattr__") and hasattr(vllm.envs, "disable_envs_cache"):
+        vllm.envs.disable_envs_cache()
+    assert "lk_general" in load_plugins_by_group("vllm.general_plugins")
+    assert "lk_stats" in load_plugins_by_group("vllm.stat_logger_plugins")
+    assert [p.name for p in load_endpoint_plugins(("generate",))] == ["lk_endpoints"]
+    # endpoint plugins need a "generate" server
+    assert load_endpoint_plugins(("embed",)) == []
+
+
+def test_plugins_env_value_keeps_the_users_list():
+    assert plugin.plugins_env_value(None) == "lk_general,lk_stats,lk_endpoints"
+    assert plugin.plugins_env_value("mine, lk_stats") == "mine,lk_stats,lk_general,lk_endpoints"
+
+
+def test_register_refuses_another_vllm_version(monkeypatch, capsys):
+    from lk_vllm import engine
+
+    monkeypatch.setattr(engine, "vllm_version", lambda: "0.31.9")
+    with pytest.raises(SystemExit) as exit_info:
+        plugin.register()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "built for vLLM 0.32.0 but vLLM 0.31.9 is installed" in err
+
+
+def test_register_is_idempotent():
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from lk_vllm.plugin import patches, worker
+
+    plugin.register()
+    plugin.register()
+    assert WorkerBase.lk_reload_drafter is worker.lk_reload_drafter
+    assert WorkerBase.lk_drafter_parameters is worker.lk_drafter_parameters
+    from vllm.utils import cpu_triton_utils
+
+    assert cpu_triton_utils._expand_kernel_impl is patches.expand_kernel_any_dtype
+
+
+def test_worker_method_install_refuses_to_replace_a_vllm_method(monkeypatch):
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from lk_vllm.plugin.worker import install_worker_methods
+
+    monkeypatch.setattr(WorkerBase, "lk_reload_drafter", lambda self: None, raising=False)
+    with pytest.raises(RuntimeError, match="already defines lk_reload_drafter"):
+        install_worker_methods()
+
+
+# ------------------------------------------------------------------------------------------------ the CPU patch
+def _expand_reference(values, cu, replace_from, replace_to):
+    counts = [int(cu[0])] + [int(cu[i] - cu[i - 1]) for i in range(1, len(cu))]
+    out = []
+    for value, count in zip(values.tolist(), counts, strict=True):
+        out += [replace_to if value == replace_from else value] * count
+    return out
+
+
+def test_vllms_cpu_expand_kernel_loses_float_values_and_the_patch_keeps_them():
+    """The bug behind word salad at T > 0 with speculation on this CPU build, and its fix."""
+    import vllm._custom_ops  # noqa: F401 - loads the C++ ops
+    from vllm.utils import cpu_triton_utils
+
+    from lk_vllm.plugin.patches import expand_kernel_any_dtype
+
+    original = cpu_triton_utils._expand_kernel_impl
+    if getattr(original, "_lk_vllm_patched", False):  # patched by an earlier test: find vLLM's own
+        import importlib
+
+        original = importlib.reload(cpu_triton_utils)._expand_kernel_impl
+        plugin.register()
+    temperatures = torch.tensor([0.8, 0.0, 1.3])  # 0 = greedy, replaced by 1 as vLLM does
+    cu = torch.tensor([3, 4, 7])
+    expected = _expand_reference(temperatures, cu, 0, 1)
+
+    sentinel = torch.full((7,), 123.0)
+    original(sentinel, temperatures, cu, 0, 1)  # the int replace values vLLM passes
+    assert sentinel.tolist() == [123.0] * 7  # vLLM 0.32.0's CPU kernel writes into an int64 copy
+
+    out = torch.full((7,), 123.0)
+    expand_kernel_any_dtype(out, temperatures, cu, 0, 1)
+    assert out.tolist() == pytest.approx(expected)
+    ints = torch.empty(4, dtype=torch.int32)
+    expand_kernel_any_dtype(ints, torch.tensor([5, 0], dtype=torch.int32), torch.tensor([1, 4]), 0, 9)
+    assert ints.tolist() == [5, 9, 9, 9]
+
+
+def test_the_patch_reaches_vllms_rejection_sampler_through_the_platform_overrides():
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.sample import rejection_sampler
+
+    plugin.register()  # what vLLM's worker does first ...
+    CpuPlatform.register_triton_kernel_overrides()  # ... then the platform installs its kernels
+    temperatures = torch.tensor([0.7, 0.0])
+    expanded = rejection_sampler.expand_batch_to_tokens(temperatures, torch.tensor([2, 5]), 5, replace_from=0,
+                                                        replace_to=1)
+    assert expanded.tolist() == pytest.approx([0.7, 0.7, 1.0, 1.0, 1.0])
+
+
+# ------------------------------------------------------------------------------------------------ stat logger
+def _vllm_config(spec=None, model="/no/such/model"):
+    return SimpleNamespace(speculative_config=spec, model_config=SimpleNamespace(model=model, dtype=torch.float32,
+                                                                                   enforce_eager=True))
+
+
+def _stats(running, drafts=0, draft_tokens=0, accepted=0, per_pos=(), tokens=1, first_tokens=0, finished=0):
+    from vllm.v1.metrics.stats import IterationStats, SchedulerStats
+    from vllm.v1.spec_decode.metrics import SpecDecodingStats
+
+    spec = SpecDecodingStats(num_spec_tokens=len(per_pos), num_drafts=drafts, num_draft_tokens=draft_tokens,
+                             num_accepted_tokens=accepted, num_accepted_tokens_per_pos=list(per_pos))
+    scheduler = SchedulerStats(num_running_reqs=running, spec_decoding_stats=spec if drafts else None)
+    iteration = IterationStats()
+    iteration.num_generation_tokens = tokens
+    iteration.time_to_first_tokens_iter = [0.1] * first_tokens
+    iteration.finished_requests = [object()] * finished
+    return scheduler, iteration
+
+
+def test_stat_logger_records_counts_batch_and_decode_timing(monkeypatch):
+    from lk_vllm.plugin import stat_logger
+    from serving import live_stats
+
+    store = LiveStatsStore()
+    monkeypatch.setattr(live_stats, "STORE", store)
+    spec = SimpleNamespace(method="ngram", model=None, num_speculative_tokens=3, draft_sample_method="greedy",
+                           rejection_sample_method="standard")
+    logger = stat_logger.LkStatLogger(_vllm_config(spec))
+    assert store.drafter.name == "ngram" and store.drafter.num_speculative_tokens == 3
+    assert store.baseline is None and "lk-vllm calibrate" in store.baseline_error
+    logger.record(*_stats(running=2, tokens=2, first_tokens=2))  # prefill step: not timed
+    logger.record(*_stats(running=1, drafts=2, draft_tokens=6, accepted=3, per_pos=(2, 1, 0), tokens=5, finished=1))
+    steps = store.steps()
+    assert [s.decode_seconds is None for s in steps] == [True, False]
+    assert steps[1].batch_size == 2  # one still running + one that finished in this step
+    summary = store.summary(steps)
+    assert summary["num_drafts"] == 2 and summary["draft_tokens"] == 6 and summary["accepted_tokens"] == 3
+    assert summary["acceptance_length"] == pytest.approx(2.5)
+    assert summary["per_position_acceptance"] == pytest.approx([1.0, 0.5, 0.0])
+    assert summary["output_tokens"] == 7
+
+
+def test_stat_logger_is_inert_without_speculation(monkeypatch):
+    from lk_vllm.plugin import stat_logger
+    from serving import live_stats
+
+    store = LiveStatsStore()
+    monkeypatch.setattr(live_stats, "STORE", store)
+    logger = stat_logger.LkStatLogger(_vllm_config(None))
+    logger.record(*_stats(running=1, tokens=1))
+    assert store.steps() == [] and store.drafter is None
+
+
+# ------------------------------------------------------------------------------------------------ store and speed-up
+def _profile(points):
+    return speedup.BaselineProfile(key={}, points=[{"batch_size": b, "seconds_per_token": s} for b, s in points])
+
+
+def test_baseline_interpolates_between_measured_batch_sizes():
+    profile = _profile([(1, 0.1), (4, 0.04), (8, 0.02)])
+    assert profile.seconds_per_token(1) == pytest.approx(0.1)
+    assert profile.seconds_per_token(2) == pytest.approx(0.08)
+    assert profile.seconds_per_token(6) == pytest.approx(0.03)
+    assert profile.seconds_per_token(20) == pytest.approx(0.02)  # clamped at the ends
+
+
+def test_speedup_is_baseline_time_over_live_time_traffic_weighted():
+    store = LiveStatsStore()
+    store.set_baseline(_profile([(1, 0.1), (4, 0.04)]))
+    store.set_drafter(DrafterInfo(name="d", method="ngram", architecture="ngram", num_speculative_tokens=2))
+    clock = [100.0]
+
+    def step(batch, tokens, seconds):
+        clock[0] += seconds
+        store.record_step(batch_size=batch, output_tokens=tokens, timed=True, now=clock[0])
+
+    store.record_step(batch_size=1, output_tokens=1, timed=False, now=clock[0])
+    step(1, 3, 0.1)  # 3 tokens that would have cost 0.3 s: 3x
+    step(4, 8, 0.16)  # 8 tokens at batch 4, 0.32 s without speculation: 2x
+    result = speedup.speedup_of_steps(store.steps(), store.baseline)
+    assert result["speedup"] == pytest.approx((0.3 + 0.32) / (0.1 + 0.16))
+    assert result["speedup_by_batch_size"]["1"]["speedup"] == pytest.approx(3.0)
+    assert result["speedup_by_batch_size"]["2-4"]["speedup"] == pytest.approx(2.0)
+    assert result["tokens_per_s"] == pytest.approx(11 / 0.26)
+    assert speedup.speedup_of_steps(store.steps(), None)["speedup"] is None
+
+
+def test_window_and_per_drafter_statistics():
+    import time
+
+    store = LiveStatsStore()
+    now = time.monotonic()
+    store.set_drafter(DrafterInfo(name="a", method="eagle3", architecture="x", num_speculative_tokens=2))
+    store.record_step(batch_size=1, output_tokens=2, timed=False, num_drafts=1, num_draft_tokens=2,
+                      num_accepted_tokens=1, accepted_per_position=[1, 0], now=now - 120)
+    store.record_step(batch_size=1, output_tokens=3, timed=True, num_drafts=1, num_draft_tokens=2,
+                      num_accepted_tokens=2, accepted_per_position=[1, 1], now=now - 5)
+    store.set_drafter(DrafterInfo(name="b", method="eagle3", architecture="x", num_speculative_tokens=2))
+    store.record_step(batch_size=1, output_tokens=1, timed=True, num_drafts=1, num_draft_tokens=2,
+                      num_accepted_tokens=0, accepted_per_position=[0, 0], now=now - 1)
+    assert store.summary(store.steps(60))["num_drafts"] == 2
+    assert store.summary(store.steps(None))["num_drafts"] == 3
+    assert store.summary(store.steps(60, "a"))["acceptance_length"] == pytest.approx(3.0)
+    assert store.since_start("a")["acceptance_length"] == pytest.approx(2.5)
+    assert store.since_start("b")["acceptance_length"] == pytest.approx(1.0)
+    assert store.since_start()["accepted_tokens"] == 3
+
+
+def test_profile_load_rejects_bad_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="bad.json: expected a JSON calibration profile"):
+        speedup.BaselineProfile.load(bad)
+    bad.write_text(json.dumps({"points": [{"batch_size": 0, "seconds_per_token": 1}]}))
+    with pytest.raises(UserError, match="batch_size >= 1"):
+        speedup.BaselineProfile.load(bad)
+    with pytest.raises(UserError, match="file not found"):
+        speedup.BaselineProfile.load(tmp_path / "missing.json")
+    good = _profile([(2, 0.05), (1, 0.1)])
+    good.points.sort(key=lambda p: p["batch_size"])
+    path = good.save(tmp_path / "sub" / "p.json")
+    assert speedup.BaselineProfile.load(path).seconds_per_token(1) == pytest.approx(0.1)
+    assert not list((tmp_path / "sub").glob("*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------ HTTP routes
+def _drafter_dir(root: Path, name: str, hidden: int = 8, seed: int = 0, extra: dict | None = None) -> Path:
+    path = root / name
+    path.mkdir(parents=True)
+    config = {"architectures": ["LlamaForCausalLMEagle3"], "hidden_size": hidden, "vocab_size": 32, **(extra or {})}
+    (path / "config.json").write_text(json.dumps(config))
+    generator = torch.Generator().manual_seed(seed)
+    save_file({"fc.weight": torch.randn(hidden, 3 * hidden, generator=generator)}, str(path / "model.safetensors"))
+    return path
+
+
+class FakeEngineClient:
+    def __init__(self):
+        self.calls = []
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.calls.append((method, args))
+        return [{"tensors": 1, "checksum": 0.0}]
+
+
+@pytest.fixture
+def app_with_routes(tmp_path, monkeypatch):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serving import api
+
+    drafters = tmp_path / "drafters"
+    live = _drafter_dir(drafters, "live", seed=1)
+    monkeypatch.setenv(api.ADMIN_KEY_ENV, "admin-secret")
+    monkeypatch.setenv(api.DRAFTERS_DIR_ENV, str(drafters))
+    store = LiveStatsStore()
+    routes = api.LkRoutes(store)
+    routes.engine_client = FakeEngineClient()
+    app = FastAPI()
+    app.include_router(routes.router())
+    store.set_drafter(DrafterInfo(name=str(live), method="eagle3", architecture="LlamaForCausalLMEagle3",
+                                  num_speculative_tokens=2, sampling={"draft_sample_method": "probabilistic"}))
+    return TestClient(app), routes, drafters
+
+
+ADMIN = {"X-Admin-Key": "admin-secret"}
+
+
+def test_stats_route_fields_and_window_validation(app_with_routes):
+    client, routes, _ = app_with_routes
+    routes.store.record_step(batch_size=1, output_tokens=3, timed=False, num_drafts=1, num_draft_tokens=2,
+                             num_accepted_tokens=2, accepted_per_position=[1, 1])
+    body = client.get("/v1/speculative/stats").json()
+    for field in ("drafter", "method", "num_speculative_tokens", "sampling", "acceptance_length",
+                  "per_position_acceptance", "draft_tokens", "accepted_tokens", "window_seconds", "speedup",
+                  "baseline", "since_start"):
+        assert field in body, field
+    assert body["acceptance_length"] == pytest.approx(3.0) and body["window_seconds"] == 60.0
+    assert body["drafter"]["architecture"] == "LlamaForCausalLMEagle3"
+    assert client.get("/v1/speculative/stats?window=-1").status_code == 400
+    assert client.get("/v1/speculative/stats?window=abc").status_code == 422
+    assert client.get("/v1/speculative/stats?drafter=nope").status_code == 404
+    history = client.get("/v1/speculative/history?seconds=60&resolution=5").json()
+    assert len(history["points"]) == 1 and history["points"][0]["acceptance_length"] == pytest.approx(3.0)
+
+
+def test_stats_route_answers_404_when_speculation_is_off():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serving import api
+
+    app = FastAPI()
+    app.include_router(api.LkRoutes(LiveStatsStore()).router())
+    response = TestClient(app).get("/v1/speculative/stats")
+    assert response.status_code == 404 and "speculative decoding is off" in response.json()["error"]
+
+
+def test_admin_route_needs_the_admin_key(app_with_routes):
+    client, routes, _ = app_with_routes
+    assert client.post("/v1/speculative/drafter", json={"path": "x"}).status_code == 401
+    assert client.post("/v1/speculative/drafter", json={"path": "x"}, headers={"X-Admin-Key": "no"}).status_code == 403
+    wrong_bearer = client.post("/v1/speculative/drafter", json={"path": "x"}, headers={"Authorization": "Bearer no"})
+    assert wrong_bearer.status_code == 403
+    routes.admin_key = None  # no admin key configured: admin routes are closed
+    assert client.post("/v1/speculative/drafter", json={"path": "x"}, headers=ADMIN).status_code == 403
+    assert routes.engine_client.calls == []
+
+
+@pytest.mark.parametrize("path", ["../outside", "/etc", "live/../../outside", "link"])
+def test_swap_paths_must_resolve_inside_the_drafters_dir(app_with_routes, tmp_path, path):
+    client, routes, drafters = app_with_routes
+    _drafter_dir(tmp_path, "outside", seed=2)
+    (drafters / "link").symlink_to(tmp_path / "outside")
+    response = client.post("/v1/speculative/drafter", json={"path": path}, headers=ADMIN)
+    assert response.status_code == 403, response.json()
+    assert "outside --drafters-dir" in response.json()["error"]
+    assert routes.engine_client.calls == []
+
+
+def test_swap_same_shape_reloads_in_place_and_keeps_stats_per_drafter(app_with_routes):
+    client, routes, drafters = app_with_routes
+    new = _drafter_dir(drafters, "new", seed=3)
+    old_name = routes.store.drafter.name
+    routes.store.record_step(batch_size=1, output_tokens=2, timed=False, num_drafts=1, num_draft_tokens=2,
+                             num_accepted_tokens=1, accepted_per_position=[1, 0])
+    response = client.post("/v1/speculative/drafter", json={"path": "new"}, headers=ADMIN)
+    assert response.status_code == 200, response.json()
+    assert routes.engine_client.calls == [("lk_reload_drafter", (str(new / "model.safetensors"),))]
+    assert routes.store.drafter.name == str(new)
+    routes.store.record_step(batch_size=1, output_tokens=3, timed=False, num_drafts=1, num_draft_tokens=2,
+                             num_accepted_tokens=2, accepted_per_position=[1, 1])
+    assert client.get("/v1/speculative/stats", params={"drafter": old_name}).json()["accepted_tokens"] == 1
+    assert client.get("/v1/speculative/stats", params={"drafter": str(new)}).json()["accepted_tokens"] == 2
+    assert set(client.get("/v1/speculative/stats").json()["drafters"]) == {old_name, str(new)}
+
+
+def test_bad_swaps_are_4xx_and_the_old_drafter_keeps_serving(app_with_routes):
+    client, routes, drafters = app_with_routes
+    _drafter_dir(drafters, "wider", hidden=16)
+    _drafter_dir(drafters, "other_arch", extra={"architectures": ["MedusaModel"]})
+    (drafters / "empty").mkdir()
+    live = routes.store.drafter.name
+    cases = {
+        "wider": (409, "hidden_size"),
+        "other_arch": (409, "architectures"),
+        "empty": (400, "no config.json"),
+        "missing": (404, "not found"),
+        "live": (409, "already the live drafter"),
+    }
+    for path, (status, reason) in cases.items():
+        response = client.post("/v1/speculative/drafter", json={"path": path}, headers=ADMIN)
+        assert response.status_code == status, (path, response.json())
+        assert reason in response.json()["error"], (path, response.json())
+    assert client.post("/v1/speculative/drafter", content=b"{bad", headers=ADMIN).status_code == 400
+    assert client.post("/v1/speculative/drafter", json={"paths": "x"}, headers=ADMIN).status_code == 400
+    assert routes.engine_client.calls == [] and routes.store.drafter.name == live
+
+
+def test_swap_refuses_a_drafter_trained_for_another_target(app_with_routes, tmp_path):
+    client, routes, drafters = app_with_routes
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    routes.target = str(target)
+    other = _drafter_dir(drafters, "other_target", seed=4)
+    (other / "lk_training.json").write_text(json.dumps({"target": {"fingerprint": "0000000000000000"}}))
+    response = client.post("/v1/speculative/drafter", json={"path": "other_target"}, headers=ADMIN)
+    assert response.status_code == 409 and "trained for target 0000000000000000" in response.json()["error"]
+
+
+def test_metrics_collector_reports_the_window(app_with_routes):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from serving.api import LkCollector
+
+    _, routes, _ = app_with_routes
+    routes.store.record_step(batch_size=1, output_tokens=3, timed=False, num_drafts=2, num_draft_tokens=4,
+                             num_accepted_tokens=3, accepted_per_position=[2, 1])
+    registry = CollectorRegistry()
+    registry.register(LkCollector(routes.store))
+    text = generate_latest(registry).decode()
+    assert "lk_acceptance_length 2.5" in text
+    assert 'lk_per_position_acceptance{position="0"} 1.0' in text
+    assert 'lk_per_position_acceptance{position="1"} 0.5' in text
+    assert "lk_speedup NaN" in text  # no baseline: not a number rather than a made-up one
+
+
+def test_dashboard_uses_only_local_files(app_with_routes):
+    client, _, _ = app_with_routes
+    page = client.get("/dashboard")
+    assert page.status_code == 200 and "<svg" in page.text
+    for name in ("dashboard.js", "dashboard.css"):
+        response = client.get(f"/dashboard/static/{name}")
+        assert response.status_code == 200
+    assert client.get("/dashboard/static/..%2Fapi.py").status_code == 404
+    for path in (ROOT / "serving" / "static").iterdir():
+        urls = re.findall(r"https?://[^\s\"')]+", path.read_text())
+        assert urls in ([], ["http://www.w3.org/2000/svg"]), (path.name, urls)
+
+
+# ------------------------------------------------------------------------------------------------ launcher input
+def _serve_args(*argv):
+    import argparse
+
+    from serving import launcher
+
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_serve_command_is_vllms_server_with_faithful_sampling(tmp_path, monkeypatch):
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from serving import launcher
+
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    drafter = _drafter_dir(tmp_path, "d", seed=5)
+    args = _serve_args(str(target), "--speculative-config", json.dumps({"method": "eagle3", "model": str(drafter),
+                       "num_speculative_tokens": 2}), "--api-key", "k", "--admin-key", "a", "--drafters-dir",
+                       str(tmp_path), "--port", "9", "--", "--max-num-batched-tokens", "512")
+    command = launcher.build_server_command(args)
+    assert command.argv[1:3] == ["-m", "vllm.entrypoints.launchers.api_server.entry"]
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(command.argv[3:])
+    assert parsed.model == str(target) and parsed.port == 9 and parsed.max_num_batched_tokens == 512
+    assert parsed.speculative_config["draft_sample_method"] == "probabilistic"
+    assert parsed.speculative_config["rejection_sample_method"] == "standard"
+    assert parsed.per_request_spec_decode_metrics == "summary"
+    assert "k" not in command.argv and "a" not in command.argv  # secrets go through the environment
+    assert command.env["VLLM_API_KEY"] == "k" and command.env["LK_VLLM_ADMIN_KEY"] == "a"
+    assert command.env["VLLM_PLUGINS"] == "lk_general,lk_stats,lk_endpoints"
+    ngram = launcher.build_server_command(_serve_args(str(target), "--speculative-config",
+                                                      '{"method": "ngram", "num_speculative_tokens": 3}'))
+    spec = json.loads(ngram.argv[ngram.argv.index("--speculative-config") + 1])
+    assert spec == {"method": "ngram", "num_speculative_tokens": 3, "rejection_sample_method": "standard"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--speculative-config", "{bad"], "--speculative-config: expected a JSON object, got invalid JSON"),
+        (["--speculative-config", "[1]"], "expected a JSON object, got list"),
+        (["--speculative-config", '{"method": "ngram"}'], "expected num_speculative_tokens"),
+        (["--speculative-config", '{"method": "eagle3", "model": "/no/such/dir", "num_speculative_tokens": 1}'],
+         "drafter model directory /no/such/dir not found"),
+        (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, '
+          '"rejection_sample_method": "synthetic"}'], "does not preserve the target's distribution"),
+        (["--drafter", "/no/such/drafter"], "--drafter /no/such/drafter: directory not found"),
+        (["--drafter", "DRAFTER", "--num-speculative-tokens", "0"], "expected an integer >= 1"),
+        (["--baseline-profile", "/no/profile.json"], "/no/profile.json: file not found"),
+        (["--drafters-dir", "/no/dir"], "--drafters-dir /no/dir: directory not found"),
+    ],
+)
+def test_bad_serve_input_is_one_line_user_error(tmp_path, argv, message):
+    from serving import launcher
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    argv = [str(_drafter_dir(tmp_path, "dd")) if a == "DRAFTER" else a for a in argv]
+    with pytest.raises(UserError) as error:
+        launcher.build_server_command(_serve_args(str(target), *argv))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_drafter_for_another_target_is_refused(tmp_path):
+    from serving import launcher
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    other_vocab = _drafter_dir(tmp_path, "other_vocab", extra={"vocab_size": 64})
+    with pytest.raises(UserError, match="vocabulary of 64 tokens, but the target .* has 32"):
+        launcher.check_drafter_for_target(other_vocab, str(target))
+    fingerprinted = _drafter_dir(tmp_path, "fp")
+    (fingerprinted / "lk_training.json").write_text(json.dumps({"target": {"fingerprint": "feedfeedfeedfeed",
+                                                                           "path": "/elsewhere"}}))
+    with pytest.raises(UserError, match="trained for target fingerprint feedfeedfeedfeed"):
+        launcher.check_drafter_for_target(fingerprinted, str(target))
+
+
+def test_serve_cli_prints_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lk_vllm.cli", "serve", str(tmp_path), "--speculative-config",
+                             "{oops"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "lk-vllm serve: error:" in lines[0]
+
+
+def test_calibrate_batch_sizes_input():
+    from serving.calibrate import parse_batch_sizes
+
+    assert parse_batch_sizes("4,1,2,2") == [1, 2, 4]
+    for bad in ("", "0,1", "a,b"):
+        with pytest.raises(UserError, match="--batch-sizes"):
+            parse_batch_sizes(bad)
