@@ -324,30 +324,29 @@ def _forward_chunk(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor 
     Returns ``(lse_t, lse_d, coverage, kl, alpha)``, each ``[rows]``: the log-normalisers of the target and
     draft softmaxes (non-finite exactly when the row is unusable), the target mass on the draft vocabulary
     ``coverage = sum_d p_g[d]`` (so ``p_g = coverage * p~``), ``KL(p~ || q)`` and ``alpha``.
-    Temporaries are ``[rows, V]`` and a few ``[rows, Vd]``; nothing is kept.
+    Temporaries: one ``[rows, V]`` and three ``[rows, Vd]`` in ``cd``; nothing is kept.
     """
-    target_c = target.to(cd)
-    p = torch.softmax(target_c, dim=1)
-    max_t = target_c.amax(dim=1)
-    # At the arg-max, softmax is exp(0) / sum, so log(max p) = -log(sum exp(z - max)).
-    lse_t = max_t - p.amax(dim=1).log()
+    p = torch.softmax(target, dim=1, dtype=cd)
+    # At the arg-max, softmax is exp(0) / sum, so -log(max p) = log(sum exp(z - max z)).
+    lse_t = target.amax(dim=1).to(cd) - p.amax(dim=1).log()
     p_g = _gather_cols(p, d2t)
     del p
     coverage = p_g.sum(dim=1)
     lse_g = lse_t + coverage.log()
 
-    draft_c = draft.to(cd)
-    q = torch.softmax(draft_c, dim=1)
-    min_d, max_d = torch.aminmax(draft_c, dim=1)
-    lse_d = max_d - q.amax(dim=1).log()
-    lse_d = torch.where(torch.isfinite(min_d), lse_d, min_d)  # -inf in a draft row: flag it as bad
+    q = torch.softmax(draft, dim=1, dtype=cd)
+    lse_d = draft.amax(dim=1).to(cd) - q.amax(dim=1).log()
+    # NaN and +inf already make lse_d NaN; -inf must be caught separately (softmax would give q = 0).
+    lse_d.masked_fill_(draft.amin(dim=1) == -math.inf, -math.inf)
 
     # KL(p~ || q) = sum p~ (log p~ - log q) = (1 / coverage) sum p_g ((z_t - lse_g) - (z_d - lse_d)).
-    work = torch.sub(_gather_cols(target_c, d2t), draft_c)
-    del target_c, draft_c
+    work = _gather_cols(target, d2t).to(cd, copy=d2t is None)
+    work.sub_(draft)
     work.add_((lse_d - lse_g).unsqueeze(1))
     work.mul_(p_g)
-    kl = work.sum(dim=1).div_(coverage)
+    # A -inf target logit gives 0 * -inf = NaN where p_g = 0; that term is 0, hence nansum. (NaN inputs are
+    # caught through lse_t and lse_d, not here.)
+    kl = work.nansum(dim=1).div_(coverage)
     alpha = torch.minimum(q, p_g, out=work).sum(dim=1)
     return lse_t, lse_d, coverage, kl, alpha
 
@@ -374,12 +373,6 @@ def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | N
     return lse_t, lse_d, lse_g - lse_t, kl, log_alpha
 
 
-def _tv_pieces(q: torch.Tensor, p_g: torch.Tensor):
-    """``q * a`` (``a = [q < p_g]``) and ``M = sum q * a``: then ``d (1 - alpha) / dz = M q - q a``."""
-    q_a = torch.where(q < p_g, q, 0.0)
-    return q_a, q_a.sum(dim=1)
-
-
 def _backward_chunk(
     draft: torch.Tensor,
     target: torch.Tensor,
@@ -389,26 +382,30 @@ def _backward_chunk(
     tv_weight: torch.Tensor | None,
     out: torch.Tensor,
 ) -> None:
-    """Write ``kl_weight * (q - p~) + tv_weight * (M q - q a)`` for one chunk into ``out`` ([rows, Vd]).
+    """Write ``kl_weight * (q - p~) + tv_weight * q * (M - a)`` for one chunk into ``out`` ([rows, Vd]).
 
-    ``kl_weight`` is a 0-d tensor or None (no KL term); ``tv_weight`` a [rows, 1] tensor or None.
-    ``p_g`` is rebuilt as ``coverage * softmax(target[:, d2t])``: a saved ratio keeps fp32 relative precision,
-    where ``exp(z - lse)`` would inherit the rounding of a large ``lse``.
+    ``a = [q < p_g]`` and ``M = sum q * a`` (module docstring). ``kl_weight`` is a 0-d tensor or None (no KL
+    term); ``tv_weight`` a ``[rows]`` tensor or None (no TV term). ``p_g`` is rebuilt as
+    ``coverage * softmax(target[:, d2t])``: the saved ratio keeps fp32 relative precision, where
+    ``exp(z - lse)`` would inherit the rounding of a large ``lse``. Written as
+    ``out = q * (kl_weight + tv_weight * (M - a)) - kl_weight * p~`` to touch each element few times.
     """
     cd = out.dtype
-    q = torch.softmax(draft.to(cd), dim=1)
-    p_tilde = torch.softmax(_gather_cols(target, d2t).to(cd), dim=1)
-    if kl_weight is not None:
+    q = torch.softmax(draft, dim=1, dtype=cd)
+    p_tilde = torch.softmax(_gather_cols(target, d2t), dim=1, dtype=cd)
+    if tv_weight is None:
         torch.sub(q, p_tilde, out=out)
         out.mul_(kl_weight)
-        if tv_weight is None:
-            return
-    else:
-        out.zero_()
-    p_g = p_tilde.mul_(coverage.unsqueeze(1))
-    q_a, mass = _tv_pieces(q, p_g)
-    out.addcmul_(q, tv_weight * mass.unsqueeze(1))
-    out.addcmul_(q_a, tv_weight, value=-1.0)
+        return
+    # Without a draft vocabulary p_g = p = p~ exactly (coverage is 1 up to rounding).
+    p_g = p_tilde if d2t is None else p_tilde * coverage.unsqueeze(1)
+    below = torch.lt(q, p_g, out=torch.empty_like(q))  # a, as 1.0 / 0.0
+    mass = torch.linalg.vecdot(q, below)  # M
+    base = tv_weight * mass if kl_weight is None else kl_weight + tv_weight * mass
+    factor = torch.addcmul(base.unsqueeze(1), below, tv_weight.unsqueeze(1), value=-1.0, out=below)
+    torch.mul(q, factor, out=out)
+    if kl_weight is not None:
+        out.addcmul_(p_tilde, kl_weight, value=-1.0)
 
 
 def _exact_backward_rows(
@@ -573,9 +570,9 @@ class _LKLossFunction(torch.autograd.Function):
             stop = min(start + chunk_rows, n_local)
             if kind == "alpha":
                 # Rows in the exact set are recomputed below; give them a harmless weight here.
-                tv_weight = (scale / alpha[start:stop].clamp_min(_ALPHA_EXACT_BELOW)).unsqueeze(1)
+                tv_weight = scale / alpha[start:stop].clamp_min(_ALPHA_EXACT_BELOW)
             else:
-                tv_weight = None if tv_scalar is None else tv_scalar.expand(stop - start, 1)
+                tv_weight = None if tv_scalar is None else tv_scalar.expand(stop - start)
             out = (
                 grad[start:stop]
                 if direct

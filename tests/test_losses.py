@@ -399,7 +399,7 @@ def test_multi_position_weights_and_own_lambda():
         assert multi.per_position_alpha[k] == single.alpha
         assert multi.per_position_lam[k] == pytest.approx(math.exp(-3.0 * single.alpha), rel=1e-14)
         expected_loss += 0.8**k * float(single.loss.detach())
-        torch.testing.assert_close(grads[k], 0.8**k * single_grad, rtol=1e-14, atol=0)
+        torch.testing.assert_close(grads[k], 0.8**k * single_grad, rtol=1e-12, atol=1e-16)
     assert len(set(multi.per_position_lam)) == 3
     assert float(multi.loss.detach()) == pytest.approx(expected_loss, rel=1e-14)
     assert multi.global_loss == pytest.approx(expected_loss, rel=1e-14)
