@@ -1,0 +1,189 @@
+"""Drafter architectures and their vLLM-native checkpoints.
+
+Architectures (registry name -> class, vLLM ``method``):
+
+| name             | class                  | reads from the target                        | vLLM 0.32 method |
+|------------------|------------------------|----------------------------------------------|------------------|
+| ``eagle3``         | ``Eagle3Drafter``        | 3 aux hidden states + token embeddings       | ``eagle3``         |
+| ``medusa``         | ``MedusaDrafter``        | last hidden state (after the final norm)     | ``medusa``         |
+| ``mlp_speculator`` | ``MLPSpeculatorDrafter`` | last hidden state + sampled tokens           | not servable yet |
+| ``draft_model``    | ``DraftLM``              | nothing (an independent small causal LM)      | ``draft_model``    |
+
+API for the trainer (training/train.py) and the evaluator::
+
+    from training.target import TargetModel
+    from lk_vllm.drafters import create_drafter, load_drafter, target_info, speculative_config_for, multi_step_loss
+
+    target = TargetModel(path)                                   # fp32, frozen
+    drafter = create_drafter("eagle3", target, draft_to_target=d2t_ids)   # or load_drafter(dir, target)
+    states = target(input_ids, attention_mask, aux_layer_ids=drafter.aux_layer_ids_needed())
+    steps = drafter.training_steps(states, num_steps=K)           # list[StepOutput], one per unrolled step
+    out = multi_step_loss(steps, states, kind="lambda", eta=3.0, draft_to_target=drafter.draft_to_target,
+                          loss_mask=response_mask)                # loss + per-step alpha
+    out.loss.backward(); optimizer.step()
+    drafter.save_pretrained(dir, target=target_info(target), training={...})   # atomic, validated
+    speculative_config_for(dir, k=3)                              # the dict for EngineSettings
+
+``StepOutput`` (see base.py): ``hidden`` [B, T, Hd] and ``head`` (-> draft logits over the draft vocabulary),
+``target_shift`` and ``mask`` [B, T]. The draft distribution at anchor ``t`` is trained against the target
+distribution at position ``t + target_shift``; ``step.pairs(states, loss_mask)`` returns the
+(draft logits [N, Vd], target logits [N, V]) rows for ``lk_vllm.losses.lk_loss``. ``loss_mask`` [B, T] marks
+the tokens to be predicted (response tokens); the step at anchor ``t`` predicts token ``t + target_shift + 1``.
+
+What "step k" means per architecture (anchor ``t`` = the position whose target logits produced the token the
+drafter starts from, vLLM's convention):
+
+* EAGLE-3: K steps of the training-time test; step k predicts token ``t + 2 + k`` (``target_shift = k + 1``).
+* Medusa / MLP speculator: head / stage k predicts token ``t + 2 + k`` (``target_shift = k + 1``).
+* Draft LM: one step only, plain next-token distillation (``target_shift = 0``): teacher-forced, every
+  drafting step of a causal LM is the same distribution, so K copies would only repeat the loss.
+
+``draft_to_target`` is a LongTensor [Vd] (None: the draft vocabulary is the target's). ``lk_training.json``
+records the target (path, fingerprint, sizes) and whatever the trainer passes as ``training=`` (loss kind,
+eta, steps, data, expected acceptance length per position on held-out data, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lk_vllm.drafters.base import (
+    CPU_ATTENTION_HEAD_SIZES,
+    Drafter,
+    StepOutput,
+    check_drafter_matches_target,
+    read_config,
+    target_info,
+)
+from lk_vllm.errors import UserError
+
+ARCHITECTURES = ("eagle3", "medusa", "mlp_speculator", "draft_model")
+SUPPORTED_FORMATS = (
+    "EAGLE-3 (plain config with architectures LlamaForCausalLMEagle3/Eagle3LlamaForCausalLM, "
+    "or speculators format with speculators_model_type eagle3)",
+    "Medusa (model_type medusa)",
+    "MLP speculator (model_type mlp_speculator)",
+    "draft LM (a Llama-family *ForCausalLM checkpoint)",
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "CPU_ATTENTION_HEAD_SIZES",
+    "Drafter",
+    "StepOutput",
+    "create_drafter",
+    "detect_architecture",
+    "drafter_class",
+    "load_drafter",
+    "multi_step_loss",
+    "speculative_config_for",
+    "target_info",
+]
+
+
+def drafter_class(architecture: str) -> type[Drafter]:
+    if architecture == "eagle3":
+        from lk_vllm.drafters.eagle3 import Eagle3Drafter
+
+        return Eagle3Drafter
+    if architecture == "medusa":
+        from lk_vllm.drafters.medusa import MedusaDrafter
+
+        return MedusaDrafter
+    if architecture == "mlp_speculator":
+        from lk_vllm.drafters.mlp_speculator import MLPSpeculatorDrafter
+
+        return MLPSpeculatorDrafter
+    if architecture == "draft_model":
+        from lk_vllm.drafters.draft_model import DraftLM
+
+        return DraftLM
+    raise UserError(f"unknown drafter architecture {architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
+
+
+def create_drafter(architecture: str, target, **options) -> Drafter:
+    """A fresh drafter for ``target`` (a ``training.target.TargetModel``), initialised from it where that helps."""
+    return drafter_class(architecture).from_target(target, **options)
+
+
+def detect_architecture(config: dict, where: str = "drafter") -> str:
+    """Which architecture a drafter config.json describes (ours or a third party's)."""
+    architectures = [str(a) for a in (config.get("architectures") or [])]
+    model_type = config.get("model_type")
+    if "speculators_config" in config or config.get("speculators_model_type"):
+        if config.get("speculators_model_type") == "eagle3":
+            return "eagle3"
+        raise UserError(
+            f"{where}: speculators model type {config.get('speculators_model_type')!r} is not supported; "
+            f"supported formats: {'; '.join(SUPPORTED_FORMATS)}"
+        )
+    if any("eagle3" in a.lower() for a in architectures):
+        return "eagle3"
+    if model_type == "medusa" or "MedusaModel" in architectures:
+        return "medusa"
+    if model_type == "mlp_speculator" or any("MLPSpeculator" in a for a in architectures):
+        return "mlp_speculator"
+    if any(a.endswith("ForCausalLM") and "eagle" not in a.lower() for a in architectures):
+        return "draft_model"
+    raise UserError(
+        f"{where}: unknown drafter format (architectures={architectures}, model_type={model_type!r}); "
+        f"supported formats: {'; '.join(SUPPORTED_FORMATS)}"
+    )
+
+
+def load_drafter(directory: str | os.PathLike, target=None) -> Drafter:
+    """Load any supported drafter directory; with ``target`` (a TargetModel) also check it was made for that
+    target (vocabulary size, hidden size, fingerprint in lk_training.json) and attach the target's embeddings.
+    Every problem is a one-line UserError raised before any engine starts."""
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise UserError(f"drafter {path} is not a directory")
+    architecture = detect_architecture(read_config(path), f"drafter {path}")
+    drafter = drafter_class(architecture).from_pretrained(path, target=None)
+    if target is not None:
+        check_drafter_matches_target(path, drafter, target)
+        attach = getattr(drafter, "attach_target", None)
+        if attach is not None:
+            attach(target)
+    return drafter
+
+
+def speculative_config_for(directory: str | os.PathLike, num_speculative_tokens: int) -> dict[str, Any]:
+    """The ``speculative_config`` for ``lk_vllm.engine.EngineSettings`` that serves this drafter directory."""
+    path = Path(directory).expanduser().resolve()
+    config = read_config(path)
+    architecture = detect_architecture(config, f"drafter {path}")
+    cls = drafter_class(architecture)
+    if not cls.servable:
+        raise UserError(f"drafter {path}: vLLM 0.32 cannot serve the {architecture} architecture")
+    if num_speculative_tokens < 1:
+        raise UserError(f"num_speculative_tokens must be at least 1, got {num_speculative_tokens}")
+    if architecture == "medusa":
+        from lk_vllm.drafters.medusa import check_medusa_tokens
+
+        check_medusa_tokens(num_speculative_tokens, int(config.get("num_heads") or 0), str(path))
+    return {"method": cls.vllm_method, "model": str(path), "num_speculative_tokens": int(num_speculative_tokens)}
+
+
+def multi_step_loss(steps, states, *, kind: str = "kl", eta: float = 3.0, draft_to_target=None, loss_mask=None,
+                    step_weights=None, chunk_size: int | None = None):
+    """Sum of ``lk_vllm.losses.lk_loss`` over the unrolled steps (weighted by ``step_weights``, default 1).
+
+    Returns a dict: ``loss`` (tensor), ``alpha`` (list of mean alpha per step), ``lam`` (list), ``count``
+    (valid positions per step).
+    """
+    from lk_vllm.losses import lk_loss
+
+    total = None
+    alphas, lams, counts = [], [], []
+    for index, step in enumerate(steps):
+        draft, target = step.pairs(states, loss_mask)
+        out = lk_loss(draft, target, kind=kind, eta=eta, draft_to_target=draft_to_target, chunk_size=chunk_size)
+        weight = 1.0 if step_weights is None else float(step_weights[index])
+        total = out.loss * weight if total is None else total + out.loss * weight
+        alphas.append(float(out.alpha))
+        lams.append(float(out.lam))
+        counts.append(int(draft.shape[0]))
+    return {"loss": total, "alpha": alphas, "lam": lams, "count": counts}

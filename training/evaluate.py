@@ -1,0 +1,323 @@
+"""``lk-vllm eval``: a drafter's acceptance length, simulated in torch or measured in vLLM.
+
+Engines:
+
+* ``torch`` simulates chain speculative decoding with the drafter and the HF target (fp32). At T=0 it replays
+  what vLLM does: after the prompt's first token, each step drafts K tokens, accepts the longest prefix equal to
+  the target's greedy tokens and emits one bonus token; requests stop at an end-of-sequence token or after
+  ``--max-tokens`` tokens, and drafts are verified against the target's tokens even past that point (vLLM counts
+  those acceptances too). At T>0 it reports the expected acceptance length from the per-position acceptance
+  rate alpha (teacher-forced on a continuation sampled from the target at that temperature); both
+  distributions are tempered by T.
+* ``vllm`` serves the drafter in vLLM (``lk_vllm.engine``) and reads its speculative-decoding counters.
+
+Both engines use the same prompt token ids (the target tokenizer's chat template with the generation prompt),
+so at T=0 they should agree up to fp32 differences between HF and vLLM kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lk_vllm.errors import UserError
+
+
+def _log(message: str) -> None:
+    print(f"[lk-vllm eval] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Counts:
+    """Speculative-decoding counters, as vLLM keeps them."""
+
+    num_speculative_tokens: int
+    num_drafts: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    # For T>0 in torch: summed alpha and number of positions, per step.
+    alpha_sum: list[float] = field(default_factory=list)
+    alpha_count: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        k = self.num_speculative_tokens
+        self.accepted_per_position = list(self.accepted_per_position) or [0] * k
+        self.alpha_sum = list(self.alpha_sum) or [0.0] * k
+        self.alpha_count = list(self.alpha_count) or [0] * k
+
+    def add(self, other: Counts) -> None:
+        self.num_drafts += other.num_drafts
+        for k in range(self.num_speculative_tokens):
+            self.accepted_per_position[k] += other.accepted_per_position[k]
+            self.alpha_sum[k] += other.alpha_sum[k]
+            self.alpha_count[k] += other.alpha_count[k]
+
+    def summary(self) -> dict:
+        from lk_vllm import acceptance
+
+        if any(self.alpha_count):
+            alphas = [s / c if c else 0.0 for s, c in zip(self.alpha_sum, self.alpha_count, strict=True)]
+            return {
+                "acceptance_length": float(acceptance.expected_acceptance_length(alphas)),
+                "per_position_alpha": alphas,
+                "per_position_acceptance": _chain_rates(alphas),
+                "positions": int(self.alpha_count[0]),
+            }
+        rates = acceptance.per_position_acceptance(self.num_drafts, self.accepted_per_position)
+        return {
+            "acceptance_length": float(acceptance.mean_acceptance_length(self.num_drafts, self.accepted_per_position)),
+            "per_position_acceptance": [float(r) for r in rates],
+            "num_drafts": self.num_drafts,
+            "num_draft_tokens": self.num_drafts * self.num_speculative_tokens,
+            "num_accepted_tokens": int(sum(self.accepted_per_position)),
+        }
+
+
+def _chain_rates(alphas: Sequence[float]) -> list[float]:
+    """Probability that draft position k is accepted (all earlier ones were): vLLM's per-position rate."""
+    rates, running = [], 1.0
+    for alpha in alphas:
+        running *= alpha
+        rates.append(running)
+    return rates
+
+
+# ------------------------------------------------------------------------------------------ torch engine
+def simulate_greedy(drafter, target, prompt_ids: Sequence[int], num_tokens: int, max_tokens: int) -> Counts:
+    """Chain speculative decoding at T=0 on one prompt, as vLLM runs it (see the module docstring)."""
+    counts = Counts(num_tokens)
+    continuation = target.generate_greedy(prompt_ids, max_tokens + num_tokens + 1)
+    sequence = list(prompt_ids) + continuation
+    states = target(torch.tensor([sequence]), aux_layer_ids=drafter.aux_layer_ids_needed())
+    propose = drafter.make_proposer(states, num_tokens)
+    stops = target.stop_token_ids()
+    emitted = 1  # the prefill's token
+    position = len(prompt_ids)  # index of the last emitted token
+    finished = continuation[0] in stops or max_tokens <= 1
+    while not finished:
+        drafts = propose(position - 1)
+        accepted = 0
+        while accepted < num_tokens and drafts[accepted] == sequence[position + 1 + accepted]:
+            accepted += 1
+        counts.num_drafts += 1
+        for k in range(accepted):
+            counts.accepted_per_position[k] += 1
+        new_tokens = sequence[position + 1 : position + accepted + 2]
+        for token in new_tokens:
+            emitted += 1
+            if token in stops or emitted >= max_tokens:
+                finished = True
+                break
+        position += accepted + 1
+    return counts
+
+
+@torch.no_grad()
+def expected_alpha(drafter, target, prompt_ids: Sequence[int], num_tokens: int, max_tokens: int,
+                   temperature: float, generator: torch.Generator) -> Counts:
+    """Per-step alpha on a continuation sampled at ``temperature`` (teacher-forced), over response positions."""
+    from lk_vllm.losses import lk_loss
+
+    counts = Counts(num_tokens)
+    continuation = target.generate(prompt_ids, max_tokens, temperature=temperature, generator=generator)
+    stops = target.stop_token_ids()
+    for index, token in enumerate(continuation):
+        if token in stops:
+            continuation = continuation[: index + 1]
+            break
+    sequence = list(prompt_ids) + continuation
+    input_ids = torch.tensor([sequence])
+    states = target(input_ids, aux_layer_ids=drafter.aux_layer_ids_needed())
+    response = torch.zeros_like(input_ids, dtype=torch.bool)
+    response[:, len(prompt_ids) :] = True
+    steps = drafter.training_steps(states, num_tokens)
+    for k in range(num_tokens):
+        step = steps[min(k, len(steps) - 1)]
+        if len(steps) == 1 and k > 0:  # a draft LM: step k is the same distribution at a later position
+            step = _shifted(step, k)
+        draft, target_logits = step.pairs(states, response)
+        if draft.shape[0] == 0:
+            continue
+        out = lk_loss(draft / temperature, target_logits / temperature, kind="tv",
+                      draft_to_target=drafter.draft_to_target)
+        counts.alpha_sum[k] += float(out.alpha) * draft.shape[0]
+        counts.alpha_count[k] += draft.shape[0]
+    return counts
+
+
+def _shifted(step, k: int):
+    """The draft LM's step k: the same next-token distribution, at anchors k positions later."""
+    from lk_vllm.drafters.base import StepOutput
+
+    hidden = torch.zeros_like(step.hidden)
+    hidden[:, : hidden.shape[1] - k] = step.hidden[:, k:]
+    mask = torch.zeros_like(step.mask)
+    mask[:, : mask.shape[1] - k] = step.mask[:, k:]
+    return StepOutput(hidden=hidden, head=step.head, target_shift=step.target_shift + k, mask=mask)
+
+
+def evaluate_torch(drafter, target, prompts, num_tokens: int, max_tokens: int, temperature: float,
+                   seed: int = 0) -> dict[str, Counts]:
+    from tqdm import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    per_dataset: dict[str, Counts] = {}
+    for prompt in tqdm(prompts, desc="torch simulation", unit="prompt", file=sys.stderr):
+        prompt_ids = target.chat_prompt_ids(prompt.messages)
+        if temperature > 0:
+            counts = expected_alpha(drafter, target, prompt_ids, num_tokens, max_tokens, temperature, generator)
+        else:
+            counts = simulate_greedy(drafter, target, prompt_ids, num_tokens, max_tokens)
+        per_dataset.setdefault(prompt.dataset, Counts(num_tokens)).add(counts)
+    return per_dataset
+
+
+# ------------------------------------------------------------------------------------------ vLLM engine
+def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dict[str, list[list[int]]],
+                  num_tokens: int, max_tokens: int, temperature: float, settings_overrides: dict | None = None,
+                  seed: int = 0) -> dict[str, Counts]:
+    """Serve the drafter in vLLM and read its counters per dataset (deltas of the cumulative counters)."""
+    from lk_vllm.drafters import speculative_config_for
+    from lk_vllm.engine import EngineSettings, make_llm, read_spec_decode_counters
+
+    longest = max(len(ids) for batch in prompt_ids_by_dataset.values() for ids in batch)
+    settings = EngineSettings(
+        model=target_path,
+        max_model_len=max(2048, longest + max_tokens + num_tokens + 8),
+        speculative_config=speculative_config_for(drafter_dir, num_tokens),
+        seed=seed,
+    )
+    for key, value in (settings_overrides or {}).items():
+        setattr(settings, key, value)
+    _log(f"starting vLLM with {settings.speculative_config}")
+    llm = make_llm(settings)
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    per_dataset: dict[str, Counts] = {}
+    before = read_spec_decode_counters(llm)
+    for name, batch in prompt_ids_by_dataset.items():
+        llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in batch], params, use_tqdm=False)
+        after = read_spec_decode_counters(llm)
+        per_dataset[name] = _counter_delta(before, after, num_tokens)
+        before = after
+    return per_dataset
+
+
+def _counter_delta(before: dict, after: dict, num_tokens: int) -> Counts:
+    def positions(counters):
+        values = list(counters["accepted_per_position"])
+        return values + [0] * (num_tokens - len(values))
+
+    return Counts(
+        num_tokens,
+        num_drafts=after["num_drafts"] - before["num_drafts"],
+        accepted_per_position=[a - b for a, b in zip(positions(after), positions(before), strict=True)],
+    )
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limit: int | None, engine: str,
+             num_tokens: int, max_tokens: int, temperature: float, seed: int = 0,
+             settings_overrides: dict | None = None) -> dict:
+    """Evaluate a drafter directory; the returned dict is what ``--json`` prints."""
+    from lk_vllm.assets import resolve_target
+    from lk_vllm.datasets import load_prompts
+    from lk_vllm.drafters import load_drafter
+    from training.target import TargetModel
+
+    if num_tokens < 1:
+        raise UserError(f"--num-speculative-tokens must be at least 1, got {num_tokens}")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {temperature}")
+    if engine not in ("torch", "vllm"):
+        raise UserError(f"--engine must be torch or vllm, got {engine!r}")
+    target_path = resolve_target(target or _recorded_target(drafter_dir))
+    prompts = [p for name in datasets for p in load_prompts(name, split="eval", limit=limit)]
+    if not prompts:
+        raise UserError(f"--dataset {', '.join(datasets)}: no prompts")
+    started = time.time()
+    target_model = TargetModel(target_path)
+    drafter = load_drafter(drafter_dir, target_model)  # every drafter/target mismatch fails here, before vLLM
+    _log(f"{drafter.architecture} drafter {drafter_dir} on {target_path}: {len(prompts)} prompts, engine {engine}")
+    if engine == "torch":
+        per_dataset = evaluate_torch(drafter, target_model, prompts, num_tokens, max_tokens, temperature, seed)
+    else:
+        if not drafter.servable:
+            raise UserError(f"drafter {drafter_dir}: vLLM 0.32 cannot serve the {drafter.architecture} architecture")
+        by_dataset: dict[str, list[list[int]]] = {}
+        for prompt in prompts:
+            by_dataset.setdefault(prompt.dataset, []).append(target_model.chat_prompt_ids(prompt.messages))
+        del target_model, drafter
+        per_dataset = evaluate_vllm(drafter_dir, target_path, by_dataset, num_tokens, max_tokens, temperature,
+                                    settings_overrides, seed)
+    total = Counts(num_tokens)
+    for counts in per_dataset.values():
+        total.add(counts)
+    result = {
+        "drafter": str(drafter_dir),
+        "target": target_path,
+        "engine": engine,
+        "temperature": temperature,
+        "num_speculative_tokens": num_tokens,
+        "max_tokens": max_tokens,
+        "num_prompts": len(prompts),
+        **total.summary(),
+        "datasets": {name: counts.summary() for name, counts in per_dataset.items()},
+        "seconds": round(time.time() - started, 1),
+    }
+    return result
+
+
+def _recorded_target(drafter_dir: str) -> str | None:
+    from pathlib import Path
+
+    from lk_vllm.drafters.base import read_training_record
+
+    path = (read_training_record(Path(drafter_dir)).get("target") or {}).get("path")
+    return path if path and Path(path).is_dir() else None
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--drafter", required=True, help="drafter checkpoint directory")
+    parser.add_argument("--target", default=None,
+                        help="target model directory or HF id (default: the one recorded with the drafter, else the default target)")
+    parser.add_argument("--engine", choices=("torch", "vllm"), default="torch",
+                        help="torch: simulate with the HF target; vllm: serve the drafter in vLLM (default torch)")
+    parser.add_argument("--dataset", action="append", default=None, help="eval dataset name or .jsonl (repeatable; default mtbench)")
+    parser.add_argument("--limit", type=int, default=20, help="first N prompts of each dataset (default 20)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=3, help="draft tokens per step, K (default 3)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def run(args) -> int:
+    result = run_eval(
+        args.drafter,
+        args.target,
+        args.dataset or ["mtbench"],
+        args.limit,
+        args.engine,
+        args.num_speculative_tokens,
+        args.max_tokens,
+        args.temperature,
+        args.seed,
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"acceptance length {result['acceptance_length']:.3f} ({args.engine}, T={args.temperature}, "
+              f"K={args.num_speculative_tokens}, {result['num_prompts']} prompts)")
+        print("per-position acceptance: " + ", ".join(f"{r:.3f}" for r in result["per_position_acceptance"]))
+        for name, summary in result["datasets"].items():
+            print(f"  {name}: acceptance length {summary['acceptance_length']:.3f}")
+    return 0
