@@ -108,6 +108,21 @@ def save_shard(path: Path, samples: list[tuple[list[int], list[int]]], prompt_id
     return sum(loss_mask)
 
 
+def whole_prompt_prefills(engine_settings):
+    """Engine settings that never split a prompt's prefill over steps. On CPU, vLLM 0.32 crashes ("CPU
+    Generator does not use offset") when a request with its own sampling seed is partially prefilled, which
+    happens as soon as the prompts of a batch exceed the step's token budget."""
+    import dataclasses
+
+    from lk_vllm.engine import on_gpu
+
+    if on_gpu():
+        return engine_settings
+    extra = {"enable_chunked_prefill": False,
+             "max_num_batched_tokens": max(engine_settings.max_model_len, 4096), **engine_settings.extra}
+    return dataclasses.replace(engine_settings, extra=extra)
+
+
 def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: bool = True, llm=None) -> dict:
     """Regenerate responses for every prompt and write the shards; resumes a previous partial run.
 
@@ -150,7 +165,7 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
         if name in done:
             continue
         if llm is None:
-            llm = engine.make_llm(engine_settings)
+            llm = engine.make_llm(whole_prompt_prefills(engine_settings))
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

@@ -88,7 +88,9 @@ def ensure_data(config: Config, target_path: str, fingerprint: str, dist: Dist, 
     """The prepared data directories; regenerates ``data.datasets`` with the target first if needed."""
     if config.data.dirs:
         return [str(Path(d).expanduser()) for d in config.data.dirs]
-    from training.prepare import PrepareSettings, default_output_dir, prepare
+    if not config.data.datasets:
+        raise UserError("no training data: pass --data DIR (a finished `lk-vllm prepare` output) or set data.datasets")
+    from training.prepare import PrepareSettings, default_output_dir, prepare, whole_prompt_prefills
 
     d = config.data
     settings = PrepareSettings(target=target_path, target_fingerprint=fingerprint, datasets=list(d.datasets),
@@ -99,7 +101,8 @@ def ensure_data(config: Config, target_path: str, fingerprint: str, dist: Dist, 
         from lk_vllm import engine
 
         _log(f"preparing data: the target regenerates {', '.join(d.datasets)} into {output}")
-        llm = engine.make_llm(engine.EngineSettings(model=target_path, max_model_len=max(d.max_length, 256)))
+        llm = engine.make_llm(whole_prompt_prefills(
+            engine.EngineSettings(model=target_path, max_model_len=max(d.max_length, 256))))
         try:
             prepare(settings, output, None, progress=progress, llm=llm)
         finally:
@@ -134,12 +137,11 @@ def split_heldout(samples, heldout: int) -> tuple[list[int], list[int]]:
 
     order = sorted(range(len(samples)),
                    key=lambda i: (hashlib.sha256(samples[i].prompt_id.encode()).hexdigest(), i))
-    held = sorted(order[:heldout]) if heldout < len(samples) else []
+    if heldout >= len(samples):
+        raise UserError(f"data.heldout={heldout} leaves no training samples (the data has {len(samples)})")
+    held = sorted(order[:heldout])
     held_set = set(held)
-    train = [i for i in range(len(samples)) if i not in held_set]
-    if heldout and not held:
-        raise UserError(f"data.heldout={heldout} leaves no training samples (only {len(samples)} samples)")
-    return train, held
+    return [i for i in range(len(samples)) if i not in held_set], held
 
 
 class BatchOrder:
@@ -166,9 +168,14 @@ class BatchOrder:
 
 # ------------------------------------------------------------------------------------------ model
 def make_drafter(config: Config, target, samples, train_indices):
-    from lk_vllm.drafters import create_drafter
+    import inspect
+
+    from lk_vllm.drafters import create_drafter, drafter_class
 
     options = dict(config.model.options)
+    accepts = inspect.signature(drafter_class(config.model.architecture).from_target).parameters
+    if "num_heads" in accepts and "num_heads" not in options:
+        options["num_heads"] = config.loss.num_steps  # one head / stage per trained draft position
     if config.model.draft_vocab_size is not None and config.model.draft_vocab_size < target.vocab_size:
         from lk_vllm.vocab import build_draft_vocab
 
@@ -356,9 +363,6 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     data_dirs = ensure_data(config, target_path, fingerprint, dist, progress)
     samples, truncated, dropped = load_run_samples(data_dirs, fingerprint, config.data.max_length)
     train_indices, heldout_indices = split_heldout(samples, config.data.heldout)
-    if not train_indices:
-        raise UserError(f"--data {', '.join(data_dirs)}: no training samples left after holding out "
-                        f"{len(heldout_indices)}")
     target = TargetModel(target_path)
     drafter = make_drafter(config, target, samples, train_indices)
     aux_layer_ids = drafter.aux_layer_ids_needed()

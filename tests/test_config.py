@@ -1,0 +1,155 @@
+"""The training config: recipes validate, overrides apply, mistakes are one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from lk_vllm.errors import UserError
+from training.config import Config, differing_fields, load_config, recipe_names
+from training.train import add_arguments, config_from_args
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_paper_defaults():
+    config = Config()
+    assert config.loss.gamma == 0.8 and config.loss.num_steps == 6 and config.loss.eta == 3.0
+    assert config.optimizer.betas == (0.9, 0.95) and config.optimizer.lr == 4e-4
+    assert config.optimizer.grad_clip == 0.5 and config.optimizer.warmup_steps == 100
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_recipe_validates(name):
+    config, recipe = load_config(recipe=name)
+    assert recipe == name
+    assert config.training.batch_size >= 1
+
+
+def test_required_recipes_exist():
+    required = {
+        "smoke-eagle3",
+        "smoke-medusa",
+        "smoke-mlp",
+        "smoke-draft",
+        "smollm2-eagle3",
+        "smollm2-medusa",
+        "smollm2-mlp",
+        "llama31-8b-eagle3",
+    }
+    assert required <= set(recipe_names())
+
+
+def test_llama_recipe_has_the_paper_hyper_parameters():
+    config, _ = load_config(recipe="llama31-8b-eagle3")
+    assert (config.model.architecture, config.loss.kind, config.loss.eta, config.loss.num_steps) == (
+        "eagle3",
+        "lambda",
+        3.0,
+        6,
+    )
+    assert (
+        config.optimizer.lr,
+        config.optimizer.betas,
+        config.optimizer.warmup_steps,
+        config.optimizer.grad_clip,
+    ) == (4e-4, (0.9, 0.95), 100, 0.5)
+    assert config.training.batch_size == 64 and config.data.max_length == 8192
+
+
+def test_medusa_recipes_use_eta_10():
+    for name in ("smoke-medusa", "smollm2-medusa"):
+        assert load_config(recipe=name)[0].loss.eta == 10.0
+
+
+def test_flags_and_set_override_the_recipe(tmp_path):
+    args = _args(
+        "--recipe",
+        "smoke-eagle3",
+        "--loss",
+        "kl",
+        "--eta",
+        "5",
+        "--data",
+        "/d1",
+        "--data",
+        "/d2",
+        "--output",
+        str(tmp_path),
+        "--set",
+        "optimizer.lr=1e-3",
+        "--set",
+        "optimizer.betas=[0.8, 0.9]",
+        "--set",
+        "model.options={aux_layer_ids: [1, 2, 3]}",
+    )
+    config, name = config_from_args(args)
+    assert name == "smoke-eagle3"
+    assert config.loss.kind == "kl" and config.loss.eta == 5.0
+    assert config.data.dirs == ["/d1", "/d2"] and config.output == str(tmp_path)
+    assert config.optimizer.lr == 1e-3 and config.optimizer.betas == (0.8, 0.9)
+    assert config.model.options == {"aux_layer_ids": [1, 2, 3]}
+    assert config.model.architecture == "eagle3"  # untouched fields keep the recipe's value
+
+
+def test_config_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model: {architecture: medusa}\nloss: {kind: alpha}\n")
+    config, name = load_config(config_file=path)
+    assert (name, config.model.architecture, config.loss.kind) == ("mine", "medusa", "alpha")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"optimizer.learning_rate": 1.0}, "optimizer.learning_rate: Extra inputs are not permitted"),
+        ({"loss.kind": "js"}, "loss.kind"),
+        ({"loss.gamma": 1.5}, "loss.gamma"),
+        ({"training.batch_size": 0}, "training.batch_size"),
+        ({"model.architecture": "hydra"}, "model.architecture"),
+        ({"model.architecture": "draft_model", "model.draft_vocab_size": 100}, "draft_vocab_size"),
+    ],
+)
+def test_bad_values_are_one_line_errors(overrides, message):
+    with pytest.raises(UserError, match=message) as info:
+        load_config(overrides=overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(UserError, match="no such recipe"):
+        load_config(recipe="nope")
+    with pytest.raises(UserError, match="file not found"):
+        load_config(config_file=tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_config(config_file=bad)
+    with pytest.raises(UserError, match="SECTION.FIELD=VALUE"):
+        config_from_args(_args("--set", "optimizer.lr"))
+
+
+def test_differing_fields_ignore_harmless_changes():
+    saved = Config().model_dump(mode="json")
+    changed = Config(output="/elsewhere")
+    changed.training.eval_every = 7
+    assert differing_fields(saved, changed) == []
+    changed.loss.kind = "kl"
+    changed.model.architecture = "medusa"
+    assert differing_fields(saved, changed) == [
+        "loss.kind: 'lambda' -> 'kl'",
+        "model.architecture: 'eagle3' -> 'medusa'",
+    ]
+
+
+def test_print_config(capsys):
+    from training.train import run
+
+    assert run(_args("--recipe", "smoke-mlp", "--print-config")) == 0
+    out = capsys.readouterr().out
+    assert "architecture: mlp_speculator" in out

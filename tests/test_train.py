@@ -1,0 +1,316 @@
+"""The training loop on a tiny random Llama target: evaluation math, resume after SIGKILL, bad input, DDP,
+offline capture. The default target is exercised by test_train_smoke.py."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from train_helpers import make_tiny_data, make_tiny_target
+
+from lk_vllm.errors import UserError
+from training import checkpoint as ckpt
+from training.config import load_config
+from training.train import BatchOrder, evaluate, lr_factor, split_heldout, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    target = make_tiny_target(root / "target")
+    data = make_tiny_data(root / "data", target, num_samples=24)
+    return target, data
+
+
+def _config(tiny, output, **overrides):
+    target, data = tiny
+    values = {"model.target": target, "data.dirs": [data], "data.heldout": 4, "data.max_length": 64,
+              "training.batch_size": 4, "training.max_steps": 6, "training.eval_every": 3,
+              "training.checkpoint_every": 2, "training.eval_batch_size": 4, "loss.num_steps": 2,
+              "optimizer.warmup_steps": 2, "optimizer.lr": 3e-3, "output": str(output)}
+    values.update(overrides)
+    return load_config(overrides=values)[0]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float = 1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+# ------------------------------------------------------------------------------------------ pure helpers
+def test_lr_schedule_warms_up_then_decays_by_cosine():
+    assert lr_factor(0, 4, 20, 0.0) == pytest.approx(0.25)
+    assert lr_factor(3, 4, 20, 0.0) == pytest.approx(1.0)
+    assert lr_factor(4, 4, 20, 0.0) == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_batch_order_visits_every_sample_once_per_epoch_and_is_reproducible():
+    indices = list(range(10, 20))
+    order = BatchOrder(indices, batch_size=5, seed=3)
+    epoch0 = order.global_batch(0) + order.global_batch(1)
+    epoch1 = order.global_batch(2) + order.global_batch(3)
+    assert sorted(epoch0) == indices and sorted(epoch1) == indices and epoch0 != epoch1
+    assert BatchOrder(indices, 5, 3).global_batch(3) == order.global_batch(3)
+    assert BatchOrder(indices, 5, 4).global_batch(0) != order.global_batch(0)
+
+
+def test_heldout_split_depends_on_prompt_ids_only(tiny):
+    from training.data import load_samples
+
+    samples = load_samples(Path(tiny[1]))
+    train_ids, held = split_heldout(samples, 4)
+    assert len(held) == 4 and sorted(train_ids + held) == list(range(len(samples)))
+    reversed_samples = samples[::-1]
+    _, held_reversed = split_heldout(reversed_samples, 4)
+    assert {samples[i].prompt_id for i in held} == {reversed_samples[i].prompt_id for i in held_reversed}
+
+
+def test_evaluation_matches_an_independent_computation(tiny):
+    """alpha = mean of sum_x min(p, q) over response positions, top-1 = argmax agreement, computed here
+    directly from softmaxes of the full logits."""
+    from lk_vllm.drafters import create_drafter
+    from training.capture import OnlineCapture, collate
+    from training.data import load_samples
+    from training.target import TargetModel
+
+    target = TargetModel(tiny[0])
+    samples = load_samples(Path(tiny[1]))
+    torch.manual_seed(0)
+    drafter = create_drafter("eagle3", target)
+    capture = OnlineCapture(target, drafter.aux_layer_ids_needed())
+    indices = [0, 1, 2, 3, 4]
+    metrics = evaluate(drafter, capture, samples, indices, num_steps=2, batch_size=2)
+
+    alpha_sum, agree, count = [0.0, 0.0], [0, 0], [0, 0]
+    for i in indices:  # one sequence at a time: no padding involved
+        batch = collate(samples, [i])
+        states = target(batch.input_ids, batch.attention_mask, aux_layer_ids=drafter.aux_layer_ids_needed())
+        p_all = torch.softmax(states.all_logits()[0].double(), -1)
+        with torch.no_grad():
+            q_steps = [torch.softmax(step.logits()[0].double(), -1) for step in drafter.training_steps(states, 2)]
+        for k, q_all in enumerate(q_steps):
+            n = len(samples[i].input_ids)
+            for t in range(n - k - 2):
+                if not samples[i].loss_mask[t + k + 2]:
+                    continue
+                p, q = p_all[t + k + 1], q_all[t]
+                alpha_sum[k] += float(torch.minimum(p, q).sum())
+                agree[k] += int(p.argmax() == q.argmax())
+                count[k] += 1
+    assert metrics["positions"] == count[0]
+    for k in range(2):
+        assert metrics["per_position_alpha"][k] == pytest.approx(alpha_sum[k] / count[k], abs=1e-5)
+        assert metrics["top1_agreement"][k] == pytest.approx(agree[k] / count[k], abs=1e-6)
+    a1, a2 = metrics["per_position_alpha"]
+    assert metrics["expected_acceptance_length"] == pytest.approx(1 + a1 + a1 * a2, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+@pytest.mark.slow
+def test_training_learns_and_exports_best_and_final(tiny, tmp_path):
+    import json
+
+    from lk_vllm.drafters import load_drafter
+
+    config = _config(tiny, tmp_path / "run", **{"training.max_steps": 12, "training.eval_every": 4})
+    summary = train(config, "tiny", progress=False)
+    run = tmp_path / "run"
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    evals = [r for r in log if "eval" in r]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    best = max(evals, key=lambda r: r["eval"]["expected_acceptance_length"])
+    assert summary["best"]["step"] == best["step"]
+    record = json.loads((run / "best" / "lk_training.json").read_text())["training"]
+    assert record["steps"] == best["step"] and record["heldout"] == best["eval"]
+    final = json.loads((run / "final" / "lk_training.json").read_text())["training"]
+    assert final["loss"] == "lambda" and final["eta"] == 3.0 and final["steps"] == 12
+    assert len(final["heldout"]["per_position_alpha"]) == 2
+    from lk_vllm.assets import target_fingerprint
+
+    assert final["target_fingerprint"] == target_fingerprint(tiny[0])
+    load_drafter(run / "final")  # the export loads back
+
+
+def _run_cli(config_path: Path, *extra, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lk_vllm.cli", "train", "--config", str(config_path),
+                             "--no-progress", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path):
+    config = _config(tiny, tmp_path / "unused", **{"training.max_steps": 12, "training.checkpoint_every": 3,
+                                                   "training.eval_every": 6})
+    data = config.model_dump(mode="json")
+    data.pop("output")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "LK_VLLM_HOME": str(tmp_path / "home")}
+
+    straight = _run_cli(path, "--output", str(tmp_path / "straight"), env=env)
+    killed = _run_cli(path, "--output", str(tmp_path / "killed"), env=env)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while not (checkpoints / "step-3").is_dir():
+        assert killed.poll() is None, killed.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "final").exists()  # really interrupted
+    resumed_from = ckpt.latest_checkpoint(checkpoints)
+    assert resumed_from.name in {"step-3", "step-6", "step-9"}
+
+    resumed = _run_cli(path, "--output", str(tmp_path / "killed"), "--resume", env=env)
+    assert resumed.wait() == 0, resumed.stdout.read()
+    assert straight.wait() == 0, straight.stdout.read()
+    _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "killed"))
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_config_and_reruns_need_resume(tiny, tmp_path):
+    train(_config(tiny, tmp_path / "run"), "tiny", progress=False)
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train(_config(tiny, tmp_path / "run"), "tiny", progress=False)
+    other = _config(tiny, tmp_path / "run", **{"loss.kind": "kl", "model.architecture": "medusa"})
+    with pytest.raises(UserError, match=r"different config: loss.kind: 'lambda' -> 'kl'; "
+                                        r"model.architecture: 'eagle3' -> 'medusa'"):
+        train(other, "tiny", resume=True, progress=False)
+    # A harmless change (evaluation frequency) resumes; at the end already, it only re-exports.
+    summary = train(_config(tiny, tmp_path / "run", **{"training.eval_every": 5}), "tiny", resume=True,
+                    progress=False)
+    assert summary["steps"] == 6
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    import lk_vllm.drafters as drafters
+
+    real = drafters.multi_step_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:  # step 5
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(drafters, "multi_step_loss", poisoned)
+    with pytest.raises(UserError, match=r"not finite at step 5 .*last good checkpoint is .*step-4"):
+        train(_config(tiny, tmp_path / "run"), "tiny", progress=False)
+    state = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "step-4")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    real = ckpt._save_state
+    calls = {"n": 0}
+
+    def save(state, path):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the step-4 checkpoint: write part of it, then the disk is full
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(state, path)
+
+    monkeypatch.setattr(ckpt, "_save_state", save)
+    with pytest.raises(UserError, match=r"checkpoint .*step-4: the disk is full; the previous checkpoint "
+                                        r".*step-2 is intact"):
+        train(_config(tiny, tmp_path / "run"), "tiny", progress=False)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-2"]  # no half-written step-4, no temp dir
+    assert ckpt.load_checkpoint(checkpoints / "step-2")["step"] == 2
+
+
+def test_empty_and_all_masked_data_are_clear_errors(tiny, tmp_path):
+    masked = make_tiny_data(tmp_path / "masked", tiny[0], num_samples=6, masked=True)
+    with pytest.raises(UserError, match="no generated tokens"):
+        train(_config(tiny, tmp_path / "run", **{"data.dirs": [masked]}), "tiny", progress=False)
+    with pytest.raises(UserError, match="no manifest.json"):
+        train(_config(tiny, tmp_path / "run", **{"data.dirs": [str(tmp_path / "nothing")]}), "tiny",
+              progress=False)
+    with pytest.raises(UserError, match="no training data"):
+        train(_config(tiny, tmp_path / "run", **{"data.dirs": [], "data.datasets": []}), "tiny", progress=False)
+    with pytest.raises(UserError, match="leaves no training samples"):
+        train(_config(tiny, tmp_path / "run", **{"data.heldout": 24}), "tiny", progress=False)
+
+
+def test_data_of_another_target_is_refused(tiny, tmp_path):
+    other = make_tiny_target(tmp_path / "other", seed=1)
+    data = make_tiny_data(tmp_path / "data", other, num_samples=6)
+    with pytest.raises(UserError, match="was generated by target"):
+        train(_config(tiny, tmp_path / "run", **{"data.dirs": [data]}), "tiny", progress=False)
+
+
+# ------------------------------------------------------------------------------------------ DDP
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(tiny, tmp_path):
+    config = _config(tiny, tmp_path / "unused", **{"training.max_steps": 4, "training.eval_every": 4,
+                                                   "training.checkpoint_every": 4})
+    data = config.model_dump(mode="json")
+    data.pop("output")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "LK_VLLM_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    single = _run_cli(path, "--output", str(tmp_path / "single"), env=env)
+    assert single.wait() == 0, single.stdout.read()
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "-m", "lk_vllm.cli", "train", "--config", str(path),
+                          "--no-progress", "--output", str(tmp_path / "ddp")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    assert "2 rank(s)" in ddp.stderr
+    _assert_same_weights(_weights(tmp_path / "single"), _weights(tmp_path / "ddp"), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ offline capture
+@pytest.mark.slow
+def test_offline_capture_gives_the_online_results(tiny, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
+    online = train(_config(tiny, tmp_path / "online"), "tiny", progress=False)
+    exact = train(_config(tiny, tmp_path / "offline32", **{"training.capture": "offline",
+                                                           "training.cache_dtype": "float32"}),
+                  "tiny", progress=False)
+    _assert_same_weights(_weights(tmp_path / "online"), _weights(tmp_path / "offline32"), atol=1e-5)
+    assert exact["final"]["expected_acceptance_length"] == pytest.approx(
+        online["final"]["expected_acceptance_length"], abs=1e-5)
+    half = train(_config(tiny, tmp_path / "offline16", **{"training.capture": "offline",
+                                                          "training.cache_dtype": "bfloat16"}),
+                 "tiny", progress=False)
+    assert half["final"]["expected_acceptance_length"] == pytest.approx(
+        online["final"]["expected_acceptance_length"], abs=2e-3)
+    caches = sorted((tmp_path / "home" / "capture").iterdir())
+    assert len(caches) == 2  # keyed by dtype (and target, data, layers, length)
+    for cache in caches:
+        manifest = json.loads((cache / "manifest.json").read_text())
+        assert manifest["bytes"] == sum(p.stat().st_size for p in cache.glob("shard-*.safetensors")) > 0
+        assert manifest["num_samples"] == 24
+        # aux (3 layers) + final hidden state, hidden size 64: no logits stored.
+        width = 4 * 64 * (4 if manifest["dtype"] == "float32" else 2)
+        assert manifest["bytes"] < manifest["tokens"] * width * 1.1
