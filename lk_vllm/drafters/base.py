@@ -175,6 +175,9 @@ class Drafter(nn.Module):
         ``target``: ``target_info(...)`` of the target this drafter was trained for. ``training``: what the
         trainer wants recorded (loss kind, eta, steps, data, expected acceptance length per position, ...).
         """
+        d2t = self.draft_to_target
+        if d2t is not None:  # first: building the export tensors indexes with it
+            validate_draft_to_target(d2t, self.draft_vocab_size, int(target.get("vocab_size", -1)), "export")
         config = self.config_dict(export_format, target)
         state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in self.export_state_dict().items()}
         state = {
@@ -263,9 +266,6 @@ def validate_common(config: dict, state: dict[str, torch.Tensor], target: dict, 
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(f"export: weight {name} has NaN or infinite values")
-    d2t = drafter.draft_to_target
-    if d2t is not None:
-        validate_draft_to_target(d2t, drafter.draft_vocab_size, target["vocab_size"], "export")
 
 
 def validate_attention_config(config: dict, target: dict, where: str) -> None:
