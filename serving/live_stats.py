@@ -19,9 +19,11 @@ import collections
 import dataclasses
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from lk_vllm import acceptance
+from lk_vllm.errors import UserError
 from serving.speedup import BaselineProfile, speedup_of_steps
 
 # Steps older than this are dropped (bounded memory; the longest window and the dashboard history).
@@ -116,6 +118,9 @@ class LiveStatsStore:
             self.drafters_seen: dict[str, DrafterInfo] = {}
             self.baseline: BaselineProfile | None = None
             self.baseline_error: str | None = None
+            self._baseline_path: Path | None = None
+            self._baseline_mtime: float | None = None
+            self._baseline_checked = 0.0
             self._last_record: float | None = None
 
     # -- writing -------------------------------------------------------------------------------------------
@@ -128,6 +133,31 @@ class LiveStatsStore:
         with self._lock:
             self.baseline = profile
             self.baseline_error = error
+
+    def watch_baseline(self, path: str | Path, missing_error: str) -> None:
+        """Use the profile at ``path`` and re-read it whenever it changes (``lk-vllm calibrate --force`` on a
+        running server takes effect without a restart); until it exists, report ``missing_error``."""
+        self._baseline_path = Path(path)
+        self._baseline_mtime = None
+        self._missing_error = missing_error
+        self._baseline_checked = 0.0
+        self.refresh_baseline()
+
+    def refresh_baseline(self, every_seconds: float = 2.0) -> None:
+        if self._baseline_path is None or time.monotonic() - self._baseline_checked < every_seconds:
+            return
+        self._baseline_checked = time.monotonic()
+        try:
+            mtime = self._baseline_path.stat().st_mtime
+        except OSError:
+            self.set_baseline(None, self._missing_error)
+            return
+        if mtime != self._baseline_mtime:
+            self._baseline_mtime = mtime
+            try:
+                self.set_baseline(BaselineProfile.load(self._baseline_path))
+            except UserError as exc:
+                self.set_baseline(None, str(exc))
 
     def record_step(
         self,
@@ -186,6 +216,7 @@ class LiveStatsStore:
 
     def speed(self, steps: list[Step]) -> dict[str, Any]:
         """Measured decode speed of these steps and the speed-up over the baseline, per batch-size bucket."""
+        self.refresh_baseline()
         return speedup_of_steps(steps, self.baseline)
 
     def since_start(self, drafter: str | None = None) -> dict[str, Any]:

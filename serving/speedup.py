@@ -224,20 +224,19 @@ def dtype_name(dtype) -> str:
 
 def load_baseline_for(store, vllm_config) -> None:
     """Give the live store the baseline profile of this engine: ``$LK_VLLM_BASELINE_PROFILE`` if set (the
-    launcher's ``--baseline-profile``), else the cached calibration for this target, dtype, hardware, vLLM."""
+    launcher's ``--baseline-profile`` or the cached calibration it made), else the cached calibration for this
+    target, dtype, hardware and vLLM. The file is re-read when it changes."""
     import os
 
     explicit = os.environ.get("LK_VLLM_BASELINE_PROFILE")
+    if explicit:
+        store.watch_baseline(explicit, f"baseline profile {explicit} not found")
+        return
+    model_config = vllm_config.model_config
     try:
-        if explicit:
-            store.set_baseline(BaselineProfile.load(explicit))
-            return
-        model_config = vllm_config.model_config
         key = profile_key(model_config.model, dtype_name(model_config.dtype), model_config.enforce_eager)
-        profile = load_cached_profile(key)
-        if profile is None:
-            store.set_baseline(None, f"no calibration profile at {profile_path(key)}: run `lk-vllm calibrate`")
-        else:
-            store.set_baseline(profile)
-    except UserError as exc:
-        store.set_baseline(None, str(exc))
+    except Exception as exc:  # an unreadable target: no speed-up figure, but serving goes on
+        store.set_baseline(None, f"cannot key a baseline profile for this target: {exc}")
+        return
+    path = profile_path(key)
+    store.watch_baseline(path, f"no calibration profile at {path}: run `lk-vllm calibrate {model_config.model}`")

@@ -1,0 +1,167 @@
+"""EAGLE-3 drafters (written by lk_vllm.drafters for the default target) served by PLAIN vLLM
+(``python -m vllm.entrypoints.openai.api_server``) with the lk plugins named in VLLM_PLUGINS: live drafter swap
+under streaming load, refused swaps, per-drafter statistics, and faithful sampling at T > 0 (the CPU
+rejection-sampler fix in lk_vllm.plugin.patches).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from serving.client import HTTPError, complete, request_json
+from serving.launcher import ServerHandle, free_port, wait_healthy
+
+pytestmark = pytest.mark.slow
+
+ADMIN_KEY = "swap-admin"
+K = 2
+PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
+
+
+def _write_drafters(target_dir, root):
+    """Two random EAGLE-3 drafters of the same shape (different weights) and one with a wider MLP."""
+    from lk_vllm.drafters import create_drafter, target_info
+    from training.target import TargetModel
+
+    target = TargetModel(target_dir)
+    info = target_info(target)
+    draft_to_target = torch.arange(4096)  # a small draft vocabulary keeps the files small
+    paths = {}
+    for name, seed, intermediate in (("a", 1, 512), ("b", 2, 512), ("wide", 3, 768)):
+        torch.manual_seed(seed)
+        drafter = create_drafter("eagle3", target, draft_to_target=draft_to_target, intermediate_size=intermediate)
+        with torch.no_grad():
+            for parameter in drafter.trainable_parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.01)
+        paths[name] = drafter.save_pretrained(root / name, target=info, training={"loss": "lambda", "seed": seed})
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, default_target):
+    work = tmp_path_factory.mktemp("swap")
+    drafters = work / "drafters"
+    paths = _write_drafters(default_target, drafters)
+    from lk_vllm.drafters import speculative_config_for
+    from lk_vllm.engine import EngineSettings
+    from lk_vllm.plugin import PLUGIN_NAMES
+    from serving.launcher import with_faithful_sampling
+
+    spec = with_faithful_sampling(speculative_config_for(paths["a"], K))
+    settings = EngineSettings(model=default_target, max_model_len=1024, max_num_seqs=16, speculative_config=spec)
+    port = free_port()
+    env = dict(os.environ, VLLM_PLUGINS=",".join(PLUGIN_NAMES), LK_VLLM_ADMIN_KEY=ADMIN_KEY,
+               LK_VLLM_DRAFTERS_DIR=str(drafters), VLLM_CPU_KVCACHE_SPACE="1", VLLM_USE_V2_MODEL_RUNNER="0",
+               HF_HUB_OFFLINE="1")
+    log = open(work / "server.log", "ab")  # noqa: SIM115 - closed at teardown
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *settings.server_args(), "--host", "127.0.0.1",
+         "--port", str(port), "--per-request-spec-decode-metrics", "summary"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    handle = ServerHandle(url=f"http://127.0.0.1:{port}", process=process, log_path=work / "server.log")
+    try:
+        wait_healthy(handle.url, process, timeout=900)
+        yield {"url": handle.url, "model": default_target, "paths": paths, "drafters": drafters}
+    except BaseException:
+        print(handle.log_tail(80))
+        raise
+    finally:
+        handle.stop()
+        log.close()
+
+
+def swap(server, path, key=ADMIN_KEY):
+    return request_json(server["url"], "/v1/speculative/drafter", {"path": path}, headers={"X-Admin-Key": key})
+
+
+def test_plain_vllm_serves_the_drafter_with_the_lk_plugins(server):
+    stats = request_json(server["url"], "/v1/speculative/stats")
+    assert stats["method"] == "eagle3" and stats["num_speculative_tokens"] == K
+    assert stats["drafter"]["path"] == str(server["paths"]["a"])
+    assert stats["drafter"]["loss"] == "lambda"
+    assert stats["sampling"]["draft_sample_method"] == "probabilistic"
+    assert stats["sampling"]["rejection_sample_method"] == "standard"
+
+
+def test_sampling_at_temperature_is_faithful(server):
+    """With a random drafter almost every token is resampled by the rejection sampler, so without the CPU fix
+    (lk_vllm.plugin.patches) the text is word salad with a mean token log-probability far below -4. Faithful
+    sampling at T=0.7 stays near what the target assigns to its own samples."""
+    logprobs = []
+    for seed in range(4):
+        result = complete(server["url"], server["model"], messages=PROMPT, max_tokens=40, temperature=0.7, seed=seed,
+                          logprobs=True)
+        assert result.spec_metrics["num_draft_tokens"] > 0
+        logprobs += result.logprobs
+    mean = sum(logprobs) / len(logprobs)
+    assert math.isfinite(mean) and mean > -3.0, mean
+
+
+def test_swap_in_place_under_streaming_load_without_failures(server):
+    """8 streaming clients keep generating while the drafter is swapped (same shapes: weights reloaded in the
+    workers). Zero failed requests; greedy output does not depend on the drafter; statistics split per drafter."""
+    url, model, paths = server["url"], server["model"], server["paths"]
+    greedy_before = complete(url, model, messages=PROMPT, max_tokens=32).text
+    stop = threading.Event()
+    done: list = []
+
+    def client(index: int) -> int:
+        count = 0
+        while not stop.is_set():
+            result = complete(url, model, messages=PROMPT, max_tokens=24, stream=True, temperature=0.5 * (index % 2),
+                              seed=index, timeout=120)
+            assert 0 < result.completion_tokens <= 24 and result.spec_metrics is not None
+            count += 1
+        return count
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client, i) for i in range(8)]
+        time.sleep(4)
+        response = swap(server, "b")
+        time.sleep(4)
+        stop.set()
+        done = [f.result() for f in futures]  # re-raises any client failure
+    assert sum(done) >= 8
+    assert response["status"] == "swapped" and response["previous"] == str(paths["a"])
+    assert response["drafter"]["path"] == str(paths["b"])
+    stats = request_json(url, "/v1/speculative/stats")
+    assert stats["live_drafter"] == str(paths["b"])
+    assert set(stats["drafters"]) == {str(paths["a"]), str(paths["b"])}
+    for name in ("a", "b"):
+        per_drafter = request_json(url, f"/v1/speculative/stats?drafter={paths[name]}&window=600")
+        assert per_drafter["num_drafts"] > 0, name
+    assert complete(url, model, messages=PROMPT, max_tokens=32).text == greedy_before
+    # and back again: the workers report a different parameter checksum, so the weights really were replaced
+    again = swap(server, str(paths["a"]))
+    assert again["drafter"]["path"] == str(paths["a"])
+    assert again["workers"][0]["checksum"] != response["workers"][0]["checksum"]
+
+
+def test_refused_swaps_leave_the_live_drafter_serving(server):
+    live = request_json(server["url"], "/v1/speculative/stats")["live_drafter"]
+    cases = [("wide", 409, "differ"), ("../swap", 403, "outside --drafters-dir"), ("nothing", 404, "not found")]
+    for path, status, reason in cases:
+        with pytest.raises(HTTPError) as error:
+            swap(server, path)
+        assert error.value.status == status and reason in error.value.body, (path, error.value.body)
+    with pytest.raises(HTTPError) as unauthorised:
+        swap(server, "b", key="wrong")
+    assert unauthorised.value.status == 403
+    assert request_json(server["url"], "/v1/speculative/stats")["live_drafter"] == live
+    assert complete(server["url"], server["model"], messages=PROMPT, max_tokens=8).completion_tokens == 8
+
+
+def test_lk_training_record_is_reported(server):
+    record = json.loads((server["paths"]["a"] / "lk_training.json").read_text())
+    assert record["target"]["fingerprint"]  # what the launcher and the swap check against the live target
