@@ -478,13 +478,15 @@ class _LKLossFunction(torch.autograd.Function):
             & ((alpha < _ALPHA_EXACT_BELOW) | (coverage < _COVERAGE_EXACT_BELOW) | ~torch.isfinite(kl))
         )
         exact_rows = exact.nonzero().squeeze(1)
+        alpha.clamp_(max=1.0)  # sum_d min(q, p_g) <= sum_d q = 1; rounding can exceed it by an ulp
         log_alpha = alpha.log()
         if exact_rows.numel():
             source = exact_rows if rows is None else rows.index_select(0, exact_rows)
             values = _exact_rows(draft.index_select(0, source), target.index_select(0, source), d2t)
             for buffer, value in zip((lse_t, lse_d, kl, log_alpha), values[:2] + values[3:], strict=True):
                 buffer[exact_rows] = value.to(cd)
-            alpha[exact_rows] = values[4].exp().to(cd)
+            log_alpha[exact_rows] = log_alpha[exact_rows].clamp_(max=0.0)
+            alpha[exact_rows] = log_alpha[exact_rows].exp()
             coverage[exact_rows] = values[2].exp().to(cd)  # unused by the backward of exact rows
             exact_coverage_zero = values[2] == -math.inf
         else:

@@ -288,7 +288,7 @@ def test_one_hot_target_makes_lk_alpha_the_nll(seed, n, vocab, scale, off_value,
     leaf = draft.clone().requires_grad_(True)
     nll = F.cross_entropy(leaf, labels)
     (nll_grad,) = torch.autograd.grad(nll, leaf)
-    assert float(result.loss.detach()) == pytest.approx(float(nll), rel=1e-12, abs=1e-12)
+    assert float(result.loss.detach()) == pytest.approx(float(nll.detach()), rel=1e-12, abs=1e-12)
     torch.testing.assert_close(grad, nll_grad, rtol=1e-9, atol=1e-15)
 
 
@@ -407,6 +407,16 @@ def test_multi_position_weights_and_own_lambda():
     assert multi.expected_acceptance_length == pytest.approx(
         expected_acceptance_length(multi.per_position_alpha)
     )
+
+
+def test_perfect_draft_in_fp32_reports_alpha_at_most_one():
+    # q == p up to fp32 rounding: sum_d min(q, p) may round above 1; the reported alpha must not, so that the
+    # acceptance math (which rejects rates above 1) accepts it.
+    gen = torch.Generator().manual_seed(3)
+    targets = [torch.randn(64, 5000, generator=gen) * 4 for _ in range(3)]
+    multi = lk_loss_multi([t + 1.0 for t in targets], targets, kind="lambda")
+    assert all(0.999 < a <= 1.0 for a in multi.per_position_alpha)
+    assert multi.expected_acceptance_length == pytest.approx(4.0, abs=1e-3)
 
 
 def test_multi_position_shared_mask_and_errors():
