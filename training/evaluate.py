@@ -60,37 +60,39 @@ class Counts:
         from lk_vllm import acceptance
 
         if any(self.alpha_count):
-            alphas = [s / c if c else 0.0 for s, c in zip(self.alpha_sum, self.alpha_count, strict=True)]
+            # Clamped: summing alpha * n and dividing can overshoot 1 by rounding.
+            alphas = [min(1.0, s / c) if c else 0.0 for s, c in zip(self.alpha_sum, self.alpha_count, strict=True)]
             return {
-                "acceptance_length": float(acceptance.expected_acceptance_length(alphas)),
+                "acceptance_length": acceptance.expected_acceptance_length(alphas),
                 "per_position_alpha": alphas,
-                "per_position_acceptance": _chain_rates(alphas),
+                "per_position_acceptance": acceptance.cumulative_acceptance(alphas),
                 "positions": int(self.alpha_count[0]),
             }
-        rates = acceptance.per_position_acceptance(self.num_drafts, self.accepted_per_position)
+        accepted = int(sum(self.accepted_per_position))
         return {
-            "acceptance_length": float(acceptance.mean_acceptance_length(self.num_drafts, self.accepted_per_position)),
-            "per_position_acceptance": [float(r) for r in rates],
+            # None when nothing was drafted (e.g. every answer ended after one token).
+            "acceptance_length": acceptance.mean_acceptance_length(accepted, self.num_drafts),
+            "per_position_acceptance": acceptance.per_position_acceptance(self.accepted_per_position, self.num_drafts),
             "num_drafts": self.num_drafts,
             "num_draft_tokens": self.num_drafts * self.num_speculative_tokens,
-            "num_accepted_tokens": int(sum(self.accepted_per_position)),
+            "num_accepted_tokens": accepted,
         }
 
 
-def _chain_rates(alphas: Sequence[float]) -> list[float]:
-    """Probability that draft position k is accepted (all earlier ones were): vLLM's per-position rate."""
-    rates, running = [], 1.0
-    for alpha in alphas:
-        running *= alpha
-        rates.append(running)
-    return rates
-
-
 # ------------------------------------------------------------------------------------------ torch engine
-def simulate_greedy(drafter, target, prompt_ids: Sequence[int], num_tokens: int, max_tokens: int) -> Counts:
-    """Chain speculative decoding at T=0 on one prompt, as vLLM runs it (see the module docstring)."""
+def simulate_greedy(drafter, target, prompt_ids: Sequence[int], num_tokens: int, max_tokens: int,
+                    continuations: dict | None = None) -> Counts:
+    """Chain speculative decoding at T=0 on one prompt, as vLLM runs it (see the module docstring).
+    ``continuations`` caches the target's greedy continuations across drafters (keyed by prompt and length)."""
     counts = Counts(num_tokens)
-    continuation = target.generate_greedy(prompt_ids, max_tokens + num_tokens + 1)
+    length = max_tokens + num_tokens + 1
+    key = (tuple(prompt_ids), length)
+    if continuations is not None and key in continuations:
+        continuation = continuations[key]
+    else:
+        continuation = target.generate_greedy(prompt_ids, length)
+        if continuations is not None:
+            continuations[key] = continuation
     sequence = list(prompt_ids) + continuation
     states = target(torch.tensor([sequence]), aux_layer_ids=drafter.aux_layer_ids_needed())
     propose = drafter.make_proposer(states, num_tokens)
@@ -161,7 +163,7 @@ def _shifted(step, k: int):
 
 
 def evaluate_torch(drafter, target, prompts, num_tokens: int, max_tokens: int, temperature: float,
-                   seed: int = 0) -> dict[str, Counts]:
+                   seed: int = 0, continuations: dict | None = None) -> dict[str, Counts]:
     from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(seed)
@@ -171,7 +173,7 @@ def evaluate_torch(drafter, target, prompts, num_tokens: int, max_tokens: int, t
         if temperature > 0:
             counts = expected_alpha(drafter, target, prompt_ids, num_tokens, max_tokens, temperature, generator)
         else:
-            counts = simulate_greedy(drafter, target, prompt_ids, num_tokens, max_tokens)
+            counts = simulate_greedy(drafter, target, prompt_ids, num_tokens, max_tokens, continuations)
         per_dataset.setdefault(prompt.dataset, Counts(num_tokens)).add(counts)
     return per_dataset
 
@@ -200,13 +202,24 @@ def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dic
 
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
     per_dataset: dict[str, Counts] = {}
-    before = read_spec_decode_counters(llm)
-    for name, batch in prompt_ids_by_dataset.items():
-        llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in batch], params, use_tqdm=False)
-        after = read_spec_decode_counters(llm)
-        per_dataset[name] = _counter_delta(before, after, num_tokens)
-        before = after
+    try:
+        before = read_spec_decode_counters(llm)
+        for name, batch in prompt_ids_by_dataset.items():
+            llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in batch], params, use_tqdm=False)
+            after = read_spec_decode_counters(llm)
+            per_dataset[name] = _counter_delta(before, after, num_tokens)
+            before = after
+    finally:
+        _shutdown(llm)
     return per_dataset
+
+
+def _shutdown(llm) -> None:
+    """Stop the engine's processes now rather than at garbage collection (tests start several engines)."""
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
 
 
 def _counter_delta(before: dict, after: dict, num_tokens: int) -> Counts:
@@ -315,9 +328,13 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"acceptance length {result['acceptance_length']:.3f} ({args.engine}, T={args.temperature}, "
+        print(f"acceptance length {_fmt(result['acceptance_length'])} ({args.engine}, T={args.temperature}, "
               f"K={args.num_speculative_tokens}, {result['num_prompts']} prompts)")
-        print("per-position acceptance: " + ", ".join(f"{r:.3f}" for r in result["per_position_acceptance"]))
+        print("per-position acceptance: " + ", ".join(_fmt(r) for r in result["per_position_acceptance"] or []))
         for name, summary in result["datasets"].items():
-            print(f"  {name}: acceptance length {summary['acceptance_length']:.3f}")
+            print(f"  {name}: acceptance length {_fmt(summary['acceptance_length'])}")
     return 0
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

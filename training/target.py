@@ -38,6 +38,7 @@ class TargetStates:
     aux_layer_ids: tuple[int, ...]  # ascending
     lm_head_weight: torch.Tensor  # [V, H] the target's output projection (frozen)
     embed_weight: torch.Tensor  # [V, H] the target's input embeddings (frozen)
+    cached_logits: torch.Tensor | None = None  # [B, T, V] once cache_all_logits() ran
 
     @property
     def vocab_size(self) -> int:
@@ -46,6 +47,8 @@ class TargetStates:
     def logits_at(self, batch_index: torch.Tensor, positions: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
         """Target logits [N, V] at (batch_index[n], positions[n]), computed chunk by chunk from the hidden
         state so [B, T, V] is never held."""
+        if self.cached_logits is not None:
+            return self.cached_logits[batch_index, positions]
         hidden = self.final_hidden[batch_index, positions]
         if hidden.shape[0] <= chunk_size:
             return hidden @ self.lm_head_weight.T
@@ -53,7 +56,14 @@ class TargetStates:
 
     def all_logits(self) -> torch.Tensor:
         """Target logits [B, T, V] (for short sequences and tests)."""
+        if self.cached_logits is not None:
+            return self.cached_logits
         return self.final_hidden @ self.lm_head_weight.T
+
+    def cache_all_logits(self) -> TargetStates:
+        """Compute [B, T, V] once, for states reused over many steps (small data sets, tests)."""
+        self.cached_logits = self.all_logits()
+        return self
 
 
 class TargetModel:
@@ -237,7 +247,11 @@ class TargetModel:
         """Tokens that end a request in vLLM: the tokenizer's EOS and the generation config's EOS ids."""
         stops: set[int] = set()
         eos = getattr(self.model.generation_config, "eos_token_id", None)
-        for value in [eos, self.tokenizer.eos_token_id]:
+        try:
+            tokenizer_eos = self.tokenizer.eos_token_id
+        except (OSError, ValueError):  # a target without tokenizer files (tests): the generation config decides
+            tokenizer_eos = None
+        for value in [eos, tokenizer_eos]:
             if value is None:
                 continue
             stops.update([value] if isinstance(value, int) else value)

@@ -19,7 +19,7 @@ API for the trainer (training/train.py) and the evaluator::
     states = target(input_ids, attention_mask, aux_layer_ids=drafter.aux_layer_ids_needed())
     steps = drafter.training_steps(states, num_steps=K)           # list[StepOutput], one per unrolled step
     out = multi_step_loss(steps, states, kind="lambda", eta=3.0, draft_to_target=drafter.draft_to_target,
-                          loss_mask=response_mask)                # loss + per-step alpha
+                          loss_mask=response_mask)                # {"loss", "alpha" per step, ...}
     out.loss.backward(); optimizer.step()
     drafter.save_pretrained(dir, target=target_info(target), training={...})   # atomic, validated
     speculative_config_for(dir, k=3)                              # the dict for EngineSettings
@@ -168,22 +168,30 @@ def speculative_config_for(directory: str | os.PathLike, num_speculative_tokens:
 
 
 def multi_step_loss(steps, states, *, kind: str = "kl", eta: float = 3.0, draft_to_target=None, loss_mask=None,
-                    step_weights=None, chunk_size: int | None = None):
-    """Sum of ``lk_vllm.losses.lk_loss`` over the unrolled steps (weighted by ``step_weights``, default 1).
+                    step_weights=None, chunk_size: int | None = None, **loss_options):
+    """Weighted sum of ``lk_vllm.losses.lk_loss`` over a drafter's unrolled steps (each step gets its own
+    lambda from its own mean alpha). ``loss_mask`` [B, T] marks the tokens to predict; ``step_weights``
+    default to 1 (the paper's gamma**k: pass ``[0.8**k for k in range(K)]``); ``loss_options`` go to
+    ``lk_loss`` (e.g. ``distributed``).
 
-    Returns a dict: ``loss`` (tensor), ``alpha`` (list of mean alpha per step), ``lam`` (list), ``count``
-    (valid positions per step).
+    Returns a dict: ``loss`` (tensor), ``alpha``, ``lam`` (lists, one per step), ``count`` (valid positions
+    per step) and ``results`` (the ``LKLossResult`` of each step).
     """
     from lk_vllm.losses import lk_loss
 
     total = None
-    alphas, lams, counts = [], [], []
+    results = []
     for index, step in enumerate(steps):
         draft, target = step.pairs(states, loss_mask)
-        out = lk_loss(draft, target, kind=kind, eta=eta, draft_to_target=draft_to_target, chunk_size=chunk_size)
+        out = lk_loss(draft, target, kind=kind, eta=eta, draft_to_target=draft_to_target, chunk_size=chunk_size,
+                      **loss_options)
         weight = 1.0 if step_weights is None else float(step_weights[index])
         total = out.loss * weight if total is None else total + out.loss * weight
-        alphas.append(float(out.alpha))
-        lams.append(float(out.lam))
-        counts.append(int(draft.shape[0]))
-    return {"loss": total, "alpha": alphas, "lam": lams, "count": counts}
+        results.append(out)
+    return {
+        "loss": total,
+        "alpha": [float(r.alpha) for r in results],
+        "lam": [float(r.lam) for r in results],
+        "count": [int(r.num_valid) for r in results],
+        "results": results,
+    }
