@@ -340,8 +340,12 @@ def _forward_chunk(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor 
     lse_d.masked_fill_(draft.amin(dim=1) == -math.inf, -math.inf)
 
     # KL(p~ || q) = sum p~ (log p~ - log q) = (1 / coverage) sum p_g ((z_t - lse_g) - (z_d - lse_d)).
-    work = _gather_cols(target, d2t).to(cd, copy=d2t is None)
-    work.sub_(draft)
+    target_g = _gather_cols(target, d2t)
+    if target_g.dtype == draft.dtype == cd:
+        work = torch.sub(target_g, draft)
+    else:  # subtract in cd, not in the (low-precision) input dtype
+        work = target_g.to(cd, copy=d2t is None)
+        work.sub_(draft)
     work.add_((lse_d - lse_g).unsqueeze(1))
     work.mul_(p_g)
     # A -inf target logit gives 0 * -inf = NaN where p_g = 0; that term is 0, hence nansum. (NaN inputs are
