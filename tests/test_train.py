@@ -314,3 +314,21 @@ def test_offline_capture_gives_the_online_results(tiny, tmp_path, monkeypatch):
         # aux (3 layers) + final hidden state, hidden size 64: no logits stored.
         width = 4 * 64 * (4 if manifest["dtype"] == "float32" else 2)
         assert manifest["bytes"] < manifest["tokens"] * width * 1.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["eagle3", "medusa", "mlp_speculator", "draft_model"])
+def test_every_architecture_trains_and_exports(tiny, tmp_path, architecture):
+    import json
+
+    from lk_vllm.drafters import load_drafter
+
+    overrides = {"model.architecture": architecture, "training.max_steps": 3, "training.eval_every": 3}
+    if architecture == "draft_model":
+        overrides["model.options"] = {"num_layers": 1}
+    summary = train(_config(tiny, tmp_path / "run", **overrides), "tiny", progress=False)
+    alphas = summary["final"]["per_position_alpha"]
+    assert len(alphas) == 2 and all(0 < a <= 1 for a in alphas)
+    record = json.loads((tmp_path / "run" / "final" / "lk_training.json").read_text())
+    assert record["architecture"] == architecture
+    assert load_drafter(tmp_path / "run" / "final").architecture == architecture

@@ -174,8 +174,9 @@ def make_drafter(config: Config, target, samples, train_indices):
 
     options = dict(config.model.options)
     accepts = inspect.signature(drafter_class(config.model.architecture).from_target).parameters
-    if "num_heads" in accepts and "num_heads" not in options:
-        options["num_heads"] = config.loss.num_steps  # one head / stage per trained draft position
+    for count in ("num_heads", "n_predict"):  # Medusa heads, MLP speculator stages: one per draft position
+        if count in accepts and count not in options:
+            options[count] = config.loss.num_steps
     if config.model.draft_vocab_size is not None and config.model.draft_vocab_size < target.vocab_size:
         from lk_vllm.vocab import build_draft_vocab
 
@@ -461,14 +462,15 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
                             f"{grad_norm}); training stopped, {kept}")
         optimizer.step()
         scheduler.step()
-        tokens_seen += sum(len(samples[i].input_ids) for i in global_indices)
+        step_tokens = sum(len(samples[i].input_ids) for i in global_indices)
+        tokens_seen += step_tokens
         done = step + 1
         tokens_per_s = tokens_seen / max(time.time() - clock, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", alpha=f"{out['alpha'][0]:.3f}", tok_s=f"{tokens_per_s:.0f}")
         if done % t.log_every == 0 or done == t.max_steps:
             logger.write({"step": done, "loss": loss_value, "alpha": out["alpha"], "lam": out["lam"],
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": step_tokens,
                           "tokens_per_s": round(tokens_per_s, 1), "time": round(time.time(), 3)})
         if dist.main and (done % t.eval_every == 0 or done == t.max_steps):
             metrics = run_eval(done)
