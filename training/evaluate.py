@@ -9,7 +9,9 @@ Engines:
   those acceptances too). At T>0 it reports the expected acceptance length from the per-position acceptance
   rate alpha (teacher-forced on a continuation sampled from the target at that temperature); both
   distributions are tempered by T.
-* ``vllm`` serves the drafter in vLLM (``lk_vllm.engine``) and reads its speculative-decoding counters.
+* ``vllm`` serves the drafter in vLLM (``lk_vllm.engine``) and reads its speculative-decoding counters; at
+  T>0 with ``draft_sample_method: probabilistic`` (drafts sampled from the draft distribution, whose
+  acceptance rate is alpha), not vLLM's default greedy drafting.
 
 Both engines use the same prompt token ids (the target tokenizer's chat template with the generation prompt),
 so at T=0 they should agree up to fp32 differences between HF and vLLM kernels.
@@ -190,7 +192,11 @@ def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dic
     settings = EngineSettings(
         model=target_path,
         max_model_len=max(2048, longest + max_tokens + num_tokens + 8),
-        speculative_config=speculative_config_for(drafter_dir, num_tokens),
+        # At T>0 drafts are sampled from the draft distribution, so vLLM's acceptance rate is the alpha
+        # (sum of min(p, q)) the torch engine and the LK losses use; vLLM's default drafts greedily.
+        speculative_config=speculative_config_for(
+            drafter_dir, num_tokens, **({"draft_sample_method": "probabilistic"} if temperature > 0 else {})
+        ),
         seed=seed,
     )
     for key, value in (settings_overrides or {}).items():

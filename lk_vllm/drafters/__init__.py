@@ -150,8 +150,9 @@ def load_drafter(directory: str | os.PathLike, target=None) -> Drafter:
     return drafter
 
 
-def speculative_config_for(directory: str | os.PathLike, num_speculative_tokens: int) -> dict[str, Any]:
-    """The ``speculative_config`` for ``lk_vllm.engine.EngineSettings`` that serves this drafter directory."""
+def speculative_config_for(directory: str | os.PathLike, num_speculative_tokens: int, **options) -> dict[str, Any]:
+    """The ``speculative_config`` for ``lk_vllm.engine.EngineSettings`` that serves this drafter directory.
+    ``options`` are further vLLM speculative-config keys (e.g. ``draft_sample_method="probabilistic"``)."""
     path = Path(directory).expanduser().resolve()
     config = read_config(path)
     architecture = detect_architecture(config, f"drafter {path}")
@@ -164,7 +165,8 @@ def speculative_config_for(directory: str | os.PathLike, num_speculative_tokens:
         from lk_vllm.drafters.medusa import check_medusa_tokens
 
         check_medusa_tokens(num_speculative_tokens, int(config.get("num_heads") or 0), str(path))
-    return {"method": cls.vllm_method, "model": str(path), "num_speculative_tokens": int(num_speculative_tokens)}
+    return {"method": cls.vllm_method, "model": str(path), "num_speculative_tokens": int(num_speculative_tokens),
+            **options}
 
 
 def multi_step_loss(steps, states, *, kind: str = "kl", eta: float = 3.0, draft_to_target=None, loss_mask=None,

@@ -140,11 +140,16 @@ class Drafter(nn.Module):
         """Draft logits for ``num_steps`` unrolled steps on a batch of target states (see the package doc)."""
         raise NotImplementedError
 
+    def propose_all(self, states, num_tokens: int) -> torch.Tensor:
+        """Greedy drafts [B, T, K] (target ids) at every anchor, computed as vLLM drafts them."""
+        raise NotImplementedError
+
     def make_proposer(self, states, num_tokens: int) -> Callable[[int], list[int]]:
         """For the torch evaluator: a function ``anchor -> K greedy draft tokens (target ids)`` on one sequence
         (``states`` has batch size 1). At anchor ``i`` the context is tokens 0..i+1 (the target's logits at ``i``
         produced token ``i + 1``); the drafts are proposals for tokens i+2 .. i+1+K, exactly as vLLM drafts."""
-        raise NotImplementedError
+        drafts = self.propose_all(states, num_tokens)[0]
+        return lambda anchor: drafts[anchor].tolist()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

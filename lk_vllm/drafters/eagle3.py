@@ -366,10 +366,6 @@ class Eagle3Drafter(Drafter):
             drafts.append(self.to_target_ids(self.lm_head(out).argmax(-1)))
         return torch.stack(drafts, dim=-1)
 
-    def make_proposer(self, states, num_tokens: int):
-        drafts = self.propose_all(states, num_tokens)[0]
-        return lambda anchor: drafts[anchor].tolist()
-
     # ---------------------------------------------------------------------------- checkpoint
     def _layer_config(self) -> dict[str, Any]:
         full = self.config.to_dict()

@@ -152,10 +152,6 @@ class MedusaDrafter(Drafter):
         drafts = torch.stack(drafts, dim=-1)
         return drafts if self.token_map is None else self.token_map[drafts]
 
-    def make_proposer(self, states, num_tokens: int):
-        drafts = self.propose_all(states, num_tokens)[0]
-        return lambda anchor: drafts[anchor].tolist()
-
     # ---------------------------------------------------------------------------- checkpoint
     def config_dict(self, export_format: str | None = None, target: dict | None = None) -> dict[str, Any]:
         return {

@@ -149,10 +149,6 @@ class MLPSpeculatorDrafter(Drafter):
             [self.head[i](state).argmax(-1) for i, state in self._stages(states, num_tokens, teacher=False)], dim=-1
         )
 
-    def make_proposer(self, states, num_tokens: int):
-        drafts = self.propose_all(states, num_tokens)[0]
-        return lambda anchor: drafts[anchor].tolist()
-
     # ---------------------------------------------------------------------------- checkpoint
     def config_dict(self, export_format: str | None = None, target: dict | None = None) -> dict[str, Any]:
         return {
