@@ -133,7 +133,7 @@ async def swap_drafter(routes, requested: str) -> dict[str, Any]:
     check_same_shape(live_dir, new_dir)
     if routes.engine_client is None:
         raise SwapError(503, "the engine is not ready", **{"Retry-After": "5"})
-    results = await routes.engine_client.collective_rpc(RELOAD_DRAFTER, args=(str(new_dir / WEIGHTS_FILE),))
+    results = await routes.engine_client.collective_rpc(RELOAD_DRAFTER, args=(str(new_dir),))
     details = read_drafter_dir(new_dir)
     training = details["training"]
     info = DrafterInfo(

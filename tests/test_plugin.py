@@ -379,7 +379,7 @@ def test_swap_same_shape_reloads_in_place_and_keeps_stats_per_drafter(app_with_r
                              num_accepted_tokens=1, accepted_per_position=[1, 0])
     response = client.post("/v1/speculative/drafter", json={"path": "new"}, headers=ADMIN)
     assert response.status_code == 200, response.json()
-    assert routes.engine_client.calls == [("lk_reload_drafter", (str(new / "model.safetensors"),))]
+    assert routes.engine_client.calls == [("lk_reload_drafter", (str(new),))]
     assert routes.store.drafter.name == str(new)
     routes.store.record_step(batch_size=1, output_tokens=3, timed=False, num_drafts=1, num_draft_tokens=2,
                              num_accepted_tokens=2, accepted_per_position=[1, 1])
@@ -553,3 +553,36 @@ def test_calibrate_batch_sizes_input():
     for bad in ("", "0,1", "a,b"):
         with pytest.raises(UserError, match="--batch-sizes"):
             parse_batch_sizes(bad)
+
+
+def test_serve_calibrates_once_on_first_start_unless_told_not_to(tmp_path, monkeypatch):
+    from serving import launcher, speedup
+
+    monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    ngram = ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}']
+    runs = []
+    real_run = subprocess.run
+
+    def fake_run(argv, **kwargs):
+        if argv[2:4] != ["lk_vllm.cli", "calibrate"]:
+            return real_run(argv, **kwargs)
+        runs.append(argv)
+        key = speedup.profile_key_for_settings(command.settings)
+        _profile([(1, 0.1)]).save(speedup.profile_path(key))
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(launcher.subprocess, "run", fake_run)
+    args = _serve_args(str(target), *ngram)
+    command = launcher.build_server_command(args)
+    launcher.ensure_calibrated(command, args)
+    assert len(runs) == 1 and runs[0][2:5] == ["lk_vllm.cli", "calibrate", str(target)]
+    assert command.env["LK_VLLM_BASELINE_PROFILE"].startswith(str(tmp_path / "home" / "calibration"))
+    again = launcher.build_server_command(args)
+    launcher.ensure_calibrated(again, args)  # cached now
+    for flags in (["--no-calibrate"], []):
+        skipped = _serve_args(str(target), *(ngram if flags else []), *flags)
+        launcher.ensure_calibrated(launcher.build_server_command(skipped), skipped)  # no speculation: no baseline
+    assert len(runs) == 1

@@ -35,15 +35,11 @@ ENGINE_FLAGS = ["--max-model-len", "1024", "--max-num-seqs", "32"]
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, default_target):
-    """A fresh baseline, then a speculative lk-vllm server and a plain vLLM server (started together)."""
+    """A speculative lk-vllm server and a plain vLLM server, started together, sharing a fresh lk-vllm home (no
+    baseline profile yet: the speed-up test calibrates right before it measures)."""
     work = tmp_path_factory.mktemp("serving")
-    profile = work / "baseline.json"
-    calibrate = subprocess.run(
-        [sys.executable, "-m", "lk_vllm.cli", "calibrate", default_target, "--batch-sizes", "1,4", "--output-tokens",
-         "48", "--max-model-len", "1024", "--force", "--output", str(profile)],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert calibrate.returncode == 0, calibrate.stderr[-3000:]
+    home = work / "home"
+    home.mkdir()
     drafters = work / "drafters"
     drafters.mkdir()
 
@@ -63,16 +59,15 @@ def servers(tmp_path_factory, default_target):
     spec_handle = None
     try:
         spec_handle = start_server(
-            [default_target, "--speculative-config", json.dumps(NGRAM), "--baseline-profile", str(profile),
-             "--api-key", API_KEY, "--admin-key", ADMIN_KEY, "--drafters-dir", str(drafters), *ENGINE_FLAGS],
-            log_path=work / "spec.log", timeout=900,
+            [default_target, "--speculative-config", json.dumps(NGRAM), "--no-calibrate", "--api-key", API_KEY,
+             "--admin-key", ADMIN_KEY, "--drafters-dir", str(drafters), *ENGINE_FLAGS],
+            env={"LK_VLLM_HOME": str(home)}, log_path=work / "spec.log", timeout=900,
         )
         wait_healthy(plain_handle.url, plain, timeout=900)
         # Warm-up (numba JIT of the n-gram proposer, first prefill) before anything is measured.
         for url, key in ((spec_handle.url, API_KEY), (plain_handle.url, None)):
             complete(url, default_target, messages=REPEAT, max_tokens=16, api_key=key)
-        yield {"spec": spec_handle, "plain": plain_handle, "model": default_target, "profile": profile,
-               "work": work}
+        yield {"spec": spec_handle, "plain": plain_handle, "model": default_target, "home": home, "work": work}
     except BaseException:
         for handle in (spec_handle, plain_handle):
             if handle is not None:
@@ -109,7 +104,8 @@ def test_stats_metrics_and_modes(servers):
     assert body["method"] == "ngram" and body["num_speculative_tokens"] == 4
     assert body["drafter"]["path"] == "ngram"
     assert body["sampling"]["rejection_sample_method"] == "standard"
-    assert body["baseline"]["profile"] == str(servers["profile"])
+    assert body["baseline"]["kind"] == "none" and "lk-vllm calibrate" in body["baseline"]["reason"]
+    assert body["speedup"] is None  # never a made-up number
     assert len(body["per_position_acceptance"]) == 4
     assert body["acceptance_length"] == pytest.approx(1 + body["accepted_tokens"] / body["num_drafts"])
     assert body["since_start"]["num_drafts"] >= body["num_drafts"] > 0
@@ -119,7 +115,7 @@ def test_stats_metrics_and_modes(servers):
     assert "vllm:spec_decode_num_drafts_total" in metrics  # vLLM's own metrics are still there
     values = {line.split(" ")[0]: line.split(" ")[1] for line in metrics.splitlines() if line.startswith("lk_")}
     assert float(values["lk_acceptance_length"]) > 1.0
-    assert float(values["lk_speedup"]) > 0
+    assert values["lk_speedup"] == "NaN"  # no baseline yet
     assert {f'lk_per_position_acceptance{{position="{k}"}}' for k in range(4)} <= set(values)
 
 
@@ -162,27 +158,33 @@ def test_plain_vllm_with_lk_installed_and_speculation_off_is_untouched(servers):
 
 
 def test_reported_speedup_matches_an_ab_measurement(servers):
-    """Same greedy workload, alternating between the plain and the speculative server (so machine load hits both
-    alike): the server's reported speed-up is within 15% of the client-measured decode speed ratio."""
+    """`lk-vllm calibrate` on the running server's target (the server picks the new profile up), then the same
+    greedy workload alternately on the plain and the speculative server (so machine load hits both alike): the
+    server's reported speed-up is within 15% of the client-measured ratio of decode time per token."""
     model = servers["model"]
+    calibrate = subprocess.run(
+        [sys.executable, "-m", "lk_vllm.cli", "calibrate", model, "--batch-sizes", "1,2", "--output-tokens", "48",
+         "--max-model-len", "1024"],
+        env={**os.environ, "LK_VLLM_HOME": str(servers["home"])}, capture_output=True, text=True, timeout=900,
+    )
+    assert calibrate.returncode == 0, calibrate.stderr[-3000:]
+    time.sleep(2.5)  # the server re-reads a changed profile at most every 2 s
     start = time.monotonic()
-    plain_time = spec_time = 0.0
-    plain_tokens = spec_tokens = 0
-    for _ in range(3):
+    seconds = {"plain": 0.0, "spec": 0.0}
+    tokens = {"plain": 0, "spec": 0}
+    for _ in range(4):
         for name in ("plain", "spec"):
             result = complete(servers[name].url, model, messages=REPEAT, max_tokens=96, stream=True,
-                              ignore_eos=True, api_key=API_KEY if name == "spec" else None)
-            assert result.completion_tokens == 96
-            decode = result.decode_seconds_per_token * (result.completion_tokens - 1)
-            if name == "plain":
-                plain_time, plain_tokens = plain_time + decode, plain_tokens + result.completion_tokens - 1
-            else:
-                spec_time, spec_tokens = spec_time + decode, spec_tokens + result.completion_tokens - 1
-    measured = (plain_time / plain_tokens) / (spec_time / spec_tokens)
+                              api_key=API_KEY if name == "spec" else None)
+            seconds[name] += result.decode_seconds_per_token * (result.completion_tokens - 1)
+            tokens[name] += result.completion_tokens - 1
+    measured = (seconds["plain"] / tokens["plain"]) / (seconds["spec"] / tokens["spec"])
     reported = stats(servers, window=time.monotonic() - start + 1)
     print(f"A/B speed-up {measured:.3f}, reported {reported['speedup']:.3f}, acceptance length "
           f"{reported['acceptance_length']:.2f}, by batch size {reported['speedup_by_batch_size']}")
-    assert measured > 1.2  # n-gram speculation on a repeated passage is really faster here
+    assert reported["baseline"]["profile"].startswith(str(servers["home"]))
+    assert tokens["plain"] == tokens["spec"]  # greedy: the same text either way
+    assert measured > 1.5  # n-gram speculation on a repeated passage is really faster here
     assert reported["speedup"] == pytest.approx(measured, rel=0.15)
 
 
