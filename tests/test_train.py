@@ -332,3 +332,18 @@ def test_every_architecture_trains_and_exports(tiny, tmp_path, architecture):
     record = json.loads((tmp_path / "run" / "final" / "lk_training.json").read_text())
     assert record["architecture"] == architecture
     assert load_drafter(tmp_path / "run" / "final").architecture == architecture
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_whole_batch_when_micro_batches_are_alike(tiny, tmp_path):
+    """With equal-length samples every micro-batch has the same number of positions, so the mean of the
+    micro-batch means is the batch mean (KL: no batch statistic inside the loss) and the runs agree."""
+    data = make_tiny_data(tmp_path / "equal", tiny[0], num_samples=12, lengths=(24, 24), prompt_length=6)
+    common = {"data.dirs": [data], "loss.kind": "kl", "training.max_steps": 3, "training.eval_every": 3,
+              "training.checkpoint_every": 3}
+    train(_config(tiny, tmp_path / "whole", **common), "tiny", progress=False)
+    train(_config(tiny, tmp_path / "micro", **common, **{"training.grad_accumulation": 2}), "tiny", progress=False)
+    _assert_same_weights(_weights(tmp_path / "whole"), _weights(tmp_path / "micro"), atol=1e-5)
+    with pytest.raises(UserError, match="multiple of the 1 rank"):
+        train(_config(tiny, tmp_path / "bad", **common, **{"training.grad_accumulation": 3}), "tiny",
+              progress=False)

@@ -24,7 +24,7 @@ def make_tiny_target(directory: Path, vocab: int = 256, layers: int = 8, seed: i
 
 
 def make_tiny_data(directory: Path, target: str, num_samples: int = 24, vocab: int = 256, seed: int = 0,
-                   lengths: tuple[int, int] = (16, 40), masked: bool = False) -> str:
+                   lengths: tuple[int, int] = (16, 40), masked: bool = False, prompt_length: int | None = None) -> str:
     """A prepared data set of random token sequences (prompt + 'generated' part) in prepare's format."""
     from lk_vllm.assets import target_fingerprint
 
@@ -33,7 +33,7 @@ def make_tiny_data(directory: Path, target: str, num_samples: int = 24, vocab: i
     samples, ids = [], []
     for i in range(num_samples):
         length = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=generator))
-        prompt = int(torch.randint(3, 8, (1,), generator=generator))
+        prompt = prompt_length or int(torch.randint(3, 8, (1,), generator=generator))
         tokens = torch.randint(0, vocab, (length,), generator=generator).tolist()
         samples.append((tokens[:prompt], [] if masked else tokens[prompt:]))
         ids.append(f"p{i}")

@@ -68,6 +68,9 @@ class OptimizerSection(_Section):
 
 class TrainingSection(_Section):
     batch_size: int = Field(default=64, ge=1)  # sequences per optimizer step, over all ranks
+    # Split each step into this many micro-batches (memory): gradients are averaged over them, so a
+    # micro-batch's mean counts equally whatever its token count, and LK^lambda's lambda is per micro-batch.
+    grad_accumulation: int = Field(default=1, ge=1)
     max_steps: int = Field(default=1000, ge=1)
     eval_every: int = Field(default=100, ge=1)
     checkpoint_every: int = Field(default=100, ge=1)

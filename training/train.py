@@ -342,8 +342,9 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
 
     dist = init_distributed()
     t = config.training
-    if t.batch_size % dist.world:
-        raise UserError(f"training.batch_size={t.batch_size} must be a multiple of the {dist.world} ranks")
+    if t.batch_size % (dist.world * t.grad_accumulation):
+        raise UserError(f"training.batch_size={t.batch_size} must be a multiple of the {dist.world} rank(s) times "
+                        f"training.grad_accumulation={t.grad_accumulation}")
     run_dir = Path(config.output or lk_home() / "runs" / name).expanduser().resolve()
     checkpoints_dir = run_dir / "checkpoints"
     latest = ckpt.latest_checkpoint(checkpoints_dir)
@@ -444,17 +445,26 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     step = start_step
     for step in range(start_step, t.max_steps):
         global_indices = order.global_batch(step)
-        batch = collate(samples, global_indices[dist.rank::dist.world])
         drafter.train()
-        states = SharedTargetLogits(capture.states(batch), batch.loss_mask)
-        steps = model(states, config.loss.num_steps)
-        out = multi_step_loss(steps, states, kind=config.loss.kind, eta=config.loss.eta,
-                              draft_to_target=drafter.draft_to_target, loss_mask=batch.loss_mask,
-                              step_weights=weights)
         optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        chunk = t.batch_size // t.grad_accumulation
+        loss_value, micro_alphas, micro_lams = 0.0, [], []
+        for first in range(0, t.batch_size, chunk):  # micro-batches: each a mean, averaged over the step
+            batch = collate(samples, global_indices[first:first + chunk][dist.rank::dist.world])
+            states = SharedTargetLogits(capture.states(batch), batch.loss_mask)
+            steps = model(states, config.loss.num_steps)
+            out = multi_step_loss(steps, states, kind=config.loss.kind, eta=config.loss.eta,
+                                  draft_to_target=drafter.draft_to_target, loss_mask=batch.loss_mask,
+                                  step_weights=weights)
+            (out["loss"] / t.grad_accumulation).backward()
+            loss_value += float(out["loss"].detach()) / t.grad_accumulation / dist.world
+            micro_alphas.append(out["alpha"])
+            micro_lams.append(out["lam"])
+            del states, steps, out
+        alphas = [sum(column) / len(column) for column in zip(*micro_alphas, strict=True)]
+        lams = [sum(column) / len(column) for column in zip(*micro_lams, strict=True)]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(drafter.trainable_parameters(), o.grad_clip))
-        loss_value, = _all_reduce_sum([float(out["loss"].detach()) / dist.world], dist)
+        loss_value, = _all_reduce_sum([loss_value], dist)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             previous = ckpt.latest_checkpoint(checkpoints_dir)
             kept = f"the last good checkpoint is {previous}" if previous else "no checkpoint was written yet"
@@ -467,9 +477,9 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
         done = step + 1
         tokens_per_s = tokens_seen / max(time.time() - clock, 1e-9)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", alpha=f"{out['alpha'][0]:.3f}", tok_s=f"{tokens_per_s:.0f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", alpha=f"{alphas[0]:.3f}", tok_s=f"{tokens_per_s:.0f}")
         if done % t.log_every == 0 or done == t.max_steps:
-            logger.write({"step": done, "loss": loss_value, "alpha": out["alpha"], "lam": out["lam"],
+            logger.write({"step": done, "loss": loss_value, "alpha": alphas, "lam": lams,
                           "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": step_tokens,
                           "tokens_per_s": round(tokens_per_s, 1), "time": round(time.time(), 3)})
         if dist.main and (done % t.eval_every == 0 or done == t.max_steps):
