@@ -38,6 +38,17 @@ drafter starts from, vLLM's convention):
 * Draft LM: one step only, plain next-token distillation (``target_shift = 0``): teacher-forced, every
   drafting step of a causal LM is the same distribution, so K copies would only repeat the loss.
 
+Checkpoints (``save_pretrained``: validated first, written to a temporary sibling directory, then renamed):
+
+* EAGLE-3: a plain EAGLE-3 config (``architectures: ["LlamaForCausalLMEagle3"]``, ``eagle_config`` with the
+  aux layer ids) by default, or ``export_format="speculators"``. Both load into vLLM's built-in
+  ``Eagle3LlamaForCausalLM``; the plain one is the default because a speculators checkpoint served on its
+  own makes vLLM take the TARGET from ``verifier.name_or_path`` (a training-time path). Third-party
+  speculators-format EAGLE-3 heads load with ``load_drafter`` too. Embeddings are not written (vLLM shares
+  the target's); ``d2t`` is vLLM's offset form (target id = draft id + d2t[draft id]), ``t2d`` a bool mask.
+* Medusa: ``model_type: medusa`` with one shared LM head (``original_lm_head``) and ``token_map`` when the
+  vocabulary is truncated. MLP speculator: vLLM's ``mlp_speculator`` format. Draft LM: a plain HF Llama.
+
 ``draft_to_target`` is a LongTensor [Vd] (None: the draft vocabulary is the target's). ``lk_training.json``
 records the target (path, fingerprint, sizes) and whatever the trainer passes as ``training=`` (loss kind,
 eta, steps, data, expected acceptance length per position on held-out data, ...).

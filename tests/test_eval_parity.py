@@ -1,0 +1,130 @@
+"""Train-serve parity: a briefly trained drafter on the default target has the same mean acceptance length in
+the torch simulation and in vLLM (T=0, fixed prompts), for EAGLE-3 (plain and speculators format), Medusa and
+the draft LM. Slow: each drafter trains for a few dozen steps and gets its own vLLM engine.
+
+The drafters train on the target's own greedy continuations of the evaluation prompts: then the drafter
+learns exactly what the target says and acceptance is far above 1, which is what makes the comparison
+meaningful (a random drafter agrees with anything at acceptance length 1).
+"""
+
+import pytest
+import torch
+
+from lk_vllm.drafters import create_drafter, load_drafter, multi_step_loss, target_info
+
+pytestmark = pytest.mark.slow
+
+K = 3  # speculative tokens
+MAX_TOKENS = 32
+NUM_PROMPTS = 4
+TOLERANCE = 0.03
+
+
+@pytest.fixture(scope="module")
+def setup(default_target):
+    from lk_vllm.datasets import load_prompts
+    from training.target import TargetModel
+
+    torch.manual_seed(0)
+    target = TargetModel(default_target)
+    prompts = load_prompts("mtbench", split="eval", limit=NUM_PROMPTS)
+    continuations: dict = {}
+    length = MAX_TOKENS + K + 1
+    sequences, starts = [], []
+    for prompt in prompts:
+        prompt_ids = target.chat_prompt_ids(prompt.messages)
+        continuation = target.generate_greedy(prompt_ids, length)
+        continuations[(tuple(prompt_ids), length)] = continuation  # evaluate_torch reuses them
+        sequences.append(prompt_ids + continuation)
+        starts.append(len(prompt_ids))
+    width = max(len(s) for s in sequences)
+    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
+    loss_mask = torch.zeros_like(mask)
+    for row, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = True
+        loss_mask[row, start : len(sequence)] = True
+    return {"target": target, "prompts": prompts, "continuations": continuations, "sequences": sequences,
+            "input_ids": input_ids, "mask": mask, "loss_mask": loss_mask}
+
+
+def _train(drafter, setup, steps: int, lr: float) -> None:
+    """A minimal loop: KL through lk_vllm.losses over K unrolled steps on the fixed batch."""
+    target = setup["target"]
+    states = target(setup["input_ids"], setup["mask"], aux_layer_ids=drafter.aux_layer_ids_needed())
+    states.cache_all_logits()
+    optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=lr, weight_decay=0.0)
+    drafter.train()
+    for _ in range(steps):
+        out = multi_step_loss(drafter.training_steps(states, K), states, kind="kl",
+                              draft_to_target=drafter.draft_to_target, loss_mask=setup["loss_mask"])
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    drafter.eval()
+
+
+def _both_engines(directory, setup):
+    from training.evaluate import evaluate_torch, evaluate_vllm
+
+    target = setup["target"]
+    drafter = load_drafter(directory, target)
+    torch_counts = evaluate_torch(drafter, target, setup["prompts"], K, MAX_TOKENS, 0.0,
+                                  continuations=setup["continuations"])["mtbench"]
+    prompt_ids = {"mtbench": [target.chat_prompt_ids(p.messages) for p in setup["prompts"]]}
+    vllm_counts = evaluate_vllm(str(directory), target.path, prompt_ids, K, MAX_TOKENS, 0.0)["mtbench"]
+    return torch_counts.summary(), vllm_counts.summary()
+
+
+def _assert_parity(torch_summary, vllm_summary, minimum: float):
+    print(f"torch {torch_summary}\nvllm  {vllm_summary}")
+    assert torch_summary["acceptance_length"] > minimum, "the drafter did not learn: the comparison means nothing"
+    assert vllm_summary["acceptance_length"] == pytest.approx(torch_summary["acceptance_length"], rel=TOLERANCE)
+    for a, b in zip(torch_summary["per_position_acceptance"], vllm_summary["per_position_acceptance"], strict=True):
+        assert b == pytest.approx(a, abs=0.05)
+
+
+@pytest.fixture(scope="module")
+def eagle3_dir(setup, tmp_path_factory):
+    from lk_vllm.vocab import build_draft_vocab
+
+    target = setup["target"]
+    draft_to_target = build_draft_vocab(setup["sequences"], target.vocab_size, 2048, target.tokenizer)
+    drafter = create_drafter("eagle3", target, draft_to_target=draft_to_target)
+    _train(drafter, setup, steps=40, lr=3e-3)
+    directory = tmp_path_factory.mktemp("parity") / "eagle3"
+    drafter.save_pretrained(directory, target=target_info(target), training={"loss": "kl", "steps": 40})
+    return directory
+
+
+def test_eagle3_parity(eagle3_dir, setup):
+    torch_summary, vllm_summary = _both_engines(eagle3_dir, setup)
+    _assert_parity(torch_summary, vllm_summary, minimum=1.5)
+
+
+def test_eagle3_speculators_format_serves_the_same(eagle3_dir, setup, tmp_path):
+    """The same weights in the speculators format (as RedHatAI / Nebius publish EAGLE-3 heads)."""
+    target = setup["target"]
+    drafter = load_drafter(eagle3_dir, target)
+    directory = drafter.save_pretrained(tmp_path / "speculators", target=target_info(target), export_format="speculators")
+    torch_summary, vllm_summary = _both_engines(directory, setup)
+    _assert_parity(torch_summary, vllm_summary, minimum=1.5)
+
+
+def test_medusa_parity(setup, tmp_path):
+    target = setup["target"]
+    drafter = create_drafter("medusa", target, num_heads=K)
+    _train(drafter, setup, steps=40, lr=5e-3)
+    directory = drafter.save_pretrained(tmp_path / "medusa", target=target_info(target))
+    torch_summary, vllm_summary = _both_engines(directory, setup)
+    _assert_parity(torch_summary, vllm_summary, minimum=1.3)
+
+
+def test_draft_lm_parity(setup, tmp_path):
+    target = setup["target"]
+    drafter = create_drafter("draft_model", target, num_layers=2)
+    _train(drafter, setup, steps=30, lr=1e-3)
+    directory = drafter.save_pretrained(tmp_path / "draft_lm", target=target_info(target))
+    torch_summary, vllm_summary = _both_engines(directory, setup)
+    _assert_parity(torch_summary, vllm_summary, minimum=1.3)
