@@ -347,3 +347,24 @@ def test_gradient_accumulation_equals_the_whole_batch_when_micro_batches_are_ali
     with pytest.raises(UserError, match="multiple of the 1 rank"):
         train(_config(tiny, tmp_path / "bad", **common, **{"training.grad_accumulation": 3}), "tiny",
               progress=False)
+
+
+def test_shared_target_logits_equal_the_direct_ones(tiny):
+    from training.capture import OnlineCapture, collate
+    from training.data import load_samples
+    from training.target import TargetModel
+    from training.train import SharedTargetLogits
+
+    target = TargetModel(tiny[0])
+    samples = load_samples(Path(tiny[1]))
+    batch = collate(samples, [0, 1, 2])
+    states = OnlineCapture(target, None).states(batch)
+    shared = SharedTargetLogits(states, batch.loss_mask)
+    wanted = torch.zeros_like(batch.loss_mask)
+    wanted[:, :-1] = batch.loss_mask[:, 1:]
+    assert shared.table.shape[0] == int(wanted.sum())  # one row per position predicting a response token
+    everywhere = batch.attention_mask.nonzero(as_tuple=True)  # includes prompt positions: the fallback path
+    torch.testing.assert_close(shared.logits_at(*everywhere), states.logits_at(*everywhere))
+    inside = wanted.nonzero(as_tuple=True)
+    torch.testing.assert_close(shared.logits_at(*inside), states.logits_at(*inside))
+    assert shared.aux_layer_ids == states.aux_layer_ids and shared.final_hidden is states.final_hidden
