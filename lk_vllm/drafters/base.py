@@ -112,7 +112,8 @@ class Drafter(nn.Module):
 
     @property
     def draft_vocab_size(self) -> int:
-        raise NotImplementedError
+        draft_to_target = self.draft_to_target
+        return self.target_vocab_size() if draft_to_target is None else int(draft_to_target.numel())
 
     @classmethod
     def from_target(cls, target, **options) -> Drafter:
@@ -129,8 +130,8 @@ class Drafter(nn.Module):
         return None
 
     def target_vocab_size(self) -> int:
-        """The target vocabulary this drafter was built for."""
-        raise NotImplementedError
+        """The target vocabulary this drafter was built for (subclasses set ``vocab_size``)."""
+        return int(self.vocab_size)
 
     def target_hidden_size(self) -> int | None:
         """The target hidden size this drafter reads (None: it reads no target hidden states)."""

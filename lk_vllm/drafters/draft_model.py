@@ -39,6 +39,7 @@ class DraftLM(Drafter):
         super().__init__()
         self.model = model
         self.config = model.config
+        self.vocab_size = int(model.config.vocab_size)
 
     @classmethod
     def from_target(cls, target, *, num_layers: int = 2, copy_layers: bool = True,
@@ -66,13 +67,6 @@ class DraftLM(Drafter):
         return drafter
 
     # ---------------------------------------------------------------------------- properties
-    @property
-    def draft_vocab_size(self) -> int:
-        return int(self.config.vocab_size)
-
-    def target_vocab_size(self) -> int:
-        return int(self.config.vocab_size)
-
     def _decoder(self):
         return self.model.get_decoder()
 

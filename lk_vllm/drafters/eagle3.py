@@ -266,13 +266,6 @@ class Eagle3Drafter(Drafter):
     def draft_to_target(self) -> torch.Tensor | None:
         return self.draft_ids
 
-    @property
-    def draft_vocab_size(self) -> int:
-        return self._draft_vocab_size
-
-    def target_vocab_size(self) -> int:
-        return self.vocab_size
-
     def target_hidden_size(self) -> int:
         return self._target_hidden_size
 

@@ -119,13 +119,6 @@ class MedusaDrafter(Drafter):
     def draft_to_target(self) -> torch.Tensor | None:
         return self.token_map
 
-    @property
-    def draft_vocab_size(self) -> int:
-        return self._draft_vocab_size
-
-    def target_vocab_size(self) -> int:
-        return self.vocab_size
-
     def target_hidden_size(self) -> int:
         return self.hidden_size
 

@@ -111,13 +111,6 @@ class MLPSpeculatorDrafter(Drafter):
                     emb.weight.copy_(target.embed_weight)
         return drafter
 
-    @property
-    def draft_vocab_size(self) -> int:
-        return self.vocab_size
-
-    def target_vocab_size(self) -> int:
-        return self.vocab_size
-
     def target_hidden_size(self) -> int:
         return self.emb_dim
 
