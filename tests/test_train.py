@@ -368,3 +368,13 @@ def test_shared_target_logits_equal_the_direct_ones(tiny):
     inside = wanted.nonzero(as_tuple=True)
     torch.testing.assert_close(shared.logits_at(*inside), states.logits_at(*inside))
     assert shared.aux_layer_ids == states.aux_layer_ids and shared.final_hidden is states.final_hidden
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_data(tiny, tmp_path):
+    data = make_tiny_data(tmp_path / "data", tiny[0], num_samples=12, seed=1)
+    train(_config(tiny, tmp_path / "run", **{"data.dirs": [data], "training.max_steps": 2}), "tiny", progress=False)
+    make_tiny_data(tmp_path / "data", tiny[0], num_samples=12, seed=2)  # same directory, other samples
+    with pytest.raises(UserError, match="differs from the data .*step-2 was trained on"):
+        train(_config(tiny, tmp_path / "run", **{"data.dirs": [data], "training.max_steps": 2}), "tiny",
+              resume=True, progress=False)

@@ -365,6 +365,10 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     data_dirs = ensure_data(config, target_path, fingerprint, dist, progress)
     samples, truncated, dropped = load_run_samples(data_dirs, fingerprint, config.data.max_length)
     train_indices, heldout_indices = split_heldout(samples, config.data.heldout)
+    data_key = cache_key(fingerprint, data_dirs, (), config.data.max_length, "samples")
+    if state is not None and state.get("data_key") != data_key:
+        raise UserError(f"--resume: the data in {', '.join(data_dirs)} differs from the data {latest} was "
+                        "trained on (its manifest changed); resume with the original data or start a new run")
     target = TargetModel(target_path)
     drafter = make_drafter(config, target, samples, train_indices)
     aux_layer_ids = drafter.aux_layer_ids_needed()
@@ -435,7 +439,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
         ckpt.save_checkpoint(checkpoints_dir, step, {
             "model": drafter.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(), "step": step, "best": best,
-            "config": config.model_dump(mode="json")}, keep=t.keep_checkpoints)
+            "config": config.model_dump(mode="json"), "data_key": data_key}, keep=t.keep_checkpoints)
 
     order = BatchOrder(train_indices, t.batch_size, t.seed)
     weights = [config.loss.gamma ** k for k in range(config.loss.num_steps)]
@@ -489,7 +493,8 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
                           f"{metrics['expected_acceptance_length']:.4f}, alpha {metrics['per_position_alpha']}")
         if dist.main and (done % t.checkpoint_every == 0 or done == t.max_steps):
             save(done)
-        dist.barrier()
+        if done % t.eval_every == 0 or done % t.checkpoint_every == 0:
+            dist.barrier()  # the other ranks wait for rank 0's evaluation / checkpoint
     bar.close()
 
     summary = {"run_dir": str(run_dir), "steps": t.max_steps, "best": best}
