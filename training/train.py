@@ -516,8 +516,12 @@ def add_arguments(parser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--recipe", help=f"a built-in recipe: {', '.join(recipe_names())}")
     source.add_argument("--config", help="a YAML file with the same structure as the recipes")
+    from training.config import Config, flatten
+
+    fields = ", ".join(f"{key} ({value})" for key, value in flatten(Config()).items())
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override any config field, e.g. --set optimizer.lr=1e-3 (repeatable)")
+                        help="override a config field, value in YAML syntax, e.g. --set optimizer.lr=1e-3 "
+                             f"(repeatable). Fields (defaults): {fields}")
     parser.add_argument("--loss", choices=["kl", "tv", "alpha", "lambda"], help="loss kind (loss.kind)")
     parser.add_argument("--eta", type=float, help="LK^lambda decay eta (loss.eta)")
     parser.add_argument("--target", help="target model directory or cached HF id (model.target)")
