@@ -321,26 +321,27 @@ def _gather_cols(tensor: torch.Tensor, d2t: torch.Tensor | None) -> torch.Tensor
 def _forward_chunk(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | None, cd: torch.dtype):
     """Per-row statistics of one chunk in linear space (fp32 or fp64).
 
-    Returns ``(lse_t, lse_d, coverage, kl, alpha)``, each ``[rows]``: the log-normalisers of the target and
-    draft softmaxes (non-finite exactly when the row is unusable), the target mass on the draft vocabulary
-    ``coverage = sum_d p_g[d]`` (so ``p_g = coverage * p~``), ``KL(p~ || q)`` and ``alpha``.
-    Temporaries: one ``[rows, V]`` and three ``[rows, Vd]`` in ``cd``; nothing is kept.
+    Returns ``(lse_d, coverage, kl, alpha)``, each ``[rows]``: the draft log-normaliser (non-finite exactly
+    when the draft row is unusable), the target mass on the draft vocabulary ``coverage = sum_d p_g[d]`` (so
+    ``p_g = coverage * p~``; NaN exactly when the target row is unusable), ``KL(p~ || q)`` and ``alpha``.
+    Temporaries: one ``[rows, V]`` and three ``[rows, Vd]`` in ``cd``; nothing is kept. The only passes over
+    the full target vocabulary are its softmax and the gather.
     """
     p = torch.softmax(target, dim=1, dtype=cd)
-    # At the arg-max, softmax is exp(0) / sum, so -log(max p) = log(sum exp(z - max z)).
-    lse_t = target.amax(dim=1).to(cd) - p.amax(dim=1).log()
     p_g = _gather_cols(p, d2t)
     del p
     coverage = p_g.sum(dim=1)
-    lse_g = lse_t + coverage.log()
+    target_g = _gather_cols(target, d2t)
+    # log p~ = z_g - lse_g. At the arg-max of p_g, p~ = exp(max z_g - lse_g), so lse_g = max z_g - log(max p~).
+    lse_g = target_g.amax(dim=1).to(cd) - (p_g.amax(dim=1) / coverage).log()
 
     q = torch.softmax(draft, dim=1, dtype=cd)
+    # Likewise at the arg-max of q.
     lse_d = draft.amax(dim=1).to(cd) - q.amax(dim=1).log()
     # NaN and +inf already make lse_d NaN; -inf must be caught separately (softmax would give q = 0).
     lse_d.masked_fill_(draft.amin(dim=1) == -math.inf, -math.inf)
 
     # KL(p~ || q) = sum p~ (log p~ - log q) = (1 / coverage) sum p_g ((z_t - lse_g) - (z_d - lse_d)).
-    target_g = _gather_cols(target, d2t)
     if target_g.dtype == draft.dtype == cd:
         work = torch.sub(target_g, draft)
     else:  # subtract in cd, not in the (low-precision) input dtype
@@ -349,16 +350,16 @@ def _forward_chunk(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor 
     work.add_((lse_d - lse_g).unsqueeze(1))
     work.mul_(p_g)
     # A -inf target logit gives 0 * -inf = NaN where p_g = 0; that term is 0, hence nansum. (NaN inputs are
-    # caught through lse_t and lse_d, not here.)
+    # caught through coverage and lse_d, not here.)
     kl = work.nansum(dim=1).div_(coverage)
     alpha = torch.minimum(q, p_g, out=work).sum(dim=1)
-    return lse_t, lse_d, coverage, kl, alpha
+    return lse_d, coverage, kl, alpha
 
 
 def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | None):
     """Float64 log-space statistics for rows where linear-space sums underflow (or a -inf target made 0 * inf).
 
-    Returns ``(lse_t, lse_d, log_coverage, kl, log_alpha)`` (as :func:`_forward_chunk`, but in log space);
+    Returns ``(lse_d, log_coverage, kl, log_alpha)`` (as :func:`_forward_chunk`, but in log space);
     ``log_alpha = logsumexp(min(log q, log p_g))`` is exact even when alpha is far below the smallest float.
     ``log_coverage`` is ``lse_g - lse_t``: -inf exactly when the target has no finite logit among the draft ids.
     """
@@ -374,7 +375,7 @@ def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | N
     kl_terms = torch.where(p_tilde > 0, p_tilde * (log_p_tilde - log_q), torch.zeros_like(p_tilde))
     kl = kl_terms.sum(dim=1)
     log_alpha = torch.logsumexp(torch.minimum(log_q, target_g - lse_t.unsqueeze(1)), dim=1)
-    return lse_t, lse_d, lse_g - lse_t, kl, log_alpha
+    return lse_d, lse_g - lse_t, kl, log_alpha
 
 
 def _backward_chunk(
@@ -461,21 +462,20 @@ class _LKLossFunction(torch.autograd.Function):
         d2t = prepared.d2t
         n_local = prepared.num_local
         device = draft.device
-        lse_t = torch.empty(n_local, dtype=cd, device=device)
-        lse_d = torch.empty_like(lse_t)
-        coverage = torch.empty_like(lse_t)
-        kl = torch.empty_like(lse_t)
-        alpha = torch.empty_like(lse_t)
+        lse_d = torch.empty(n_local, dtype=cd, device=device)
+        coverage = torch.empty_like(lse_d)
+        kl = torch.empty_like(lse_d)
+        alpha = torch.empty_like(lse_d)
         for start in range(0, n_local, chunk_rows):
             stop = min(start + chunk_rows, n_local)
             stats = _forward_chunk(
                 _take_rows(draft, rows, start, stop), _take_rows(target, rows, start, stop), d2t, cd
             )
-            for buffer, value in zip((lse_t, lse_d, coverage, kl, alpha), stats, strict=True):
+            for buffer, value in zip((lse_d, coverage, kl, alpha), stats, strict=True):
                 buffer[start:stop] = value
 
         bad_draft = ~torch.isfinite(lse_d)
-        bad_target = ~torch.isfinite(lse_t)
+        bad_target = ~torch.isfinite(coverage)
         exact = (
             ~bad_draft
             & ~bad_target
@@ -487,12 +487,13 @@ class _LKLossFunction(torch.autograd.Function):
         if exact_rows.numel():
             source = exact_rows if rows is None else rows.index_select(0, exact_rows)
             values = _exact_rows(draft.index_select(0, source), target.index_select(0, source), d2t)
-            for buffer, value in zip((lse_t, lse_d, kl, log_alpha), values[:2] + values[3:], strict=True):
-                buffer[exact_rows] = value.to(cd)
-            log_alpha[exact_rows] = log_alpha[exact_rows].clamp_(max=0.0)
+            exact_lse_d, log_coverage, exact_kl, exact_log_alpha = values
+            lse_d[exact_rows] = exact_lse_d.to(cd)
+            kl[exact_rows] = exact_kl.to(cd)
+            log_alpha[exact_rows] = exact_log_alpha.clamp(max=0.0).to(cd)
             alpha[exact_rows] = log_alpha[exact_rows].exp()
-            coverage[exact_rows] = values[2].exp().to(cd)  # unused by the backward of exact rows
-            exact_coverage_zero = values[2] == -math.inf
+            coverage[exact_rows] = log_coverage.exp().to(cd)  # unused by the backward of exact rows
+            exact_coverage_zero = log_coverage == -math.inf
         else:
             exact_coverage_zero = torch.zeros(0, dtype=torch.bool, device=device)
         bad_coverage = torch.zeros_like(bad_target)
