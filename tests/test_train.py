@@ -151,6 +151,15 @@ def test_training_learns_and_exports_best_and_final(tiny, tmp_path):
     load_drafter(run / "final")  # the export loads back
 
 
+def _config_file(tiny, tmp_path, **overrides) -> Path:
+    """The tiny config as a YAML file for `lk-vllm train --config` (the output comes from --output)."""
+    data = _config(tiny, tmp_path / "unused", **overrides).model_dump(mode="json")
+    data.pop("output")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def _run_cli(config_path: Path, *extra, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lk_vllm.cli", "train", "--config", str(config_path),
                              "--no-progress", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -159,12 +168,8 @@ def _run_cli(config_path: Path, *extra, env=None) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path):
-    config = _config(tiny, tmp_path / "unused", **{"training.max_steps": 12, "training.checkpoint_every": 3,
-                                                   "training.eval_every": 6})
-    data = config.model_dump(mode="json")
-    data.pop("output")
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = _config_file(tiny, tmp_path, **{"training.max_steps": 12, "training.checkpoint_every": 3,
+                                           "training.eval_every": 6})
     env = {**os.environ, "LK_VLLM_HOME": str(tmp_path / "home")}
 
     straight = _run_cli(path, "--output", str(tmp_path / "straight"), env=env)
@@ -269,12 +274,8 @@ def test_data_of_another_target_is_refused(tiny, tmp_path):
 # ------------------------------------------------------------------------------------------ DDP
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tiny, tmp_path):
-    config = _config(tiny, tmp_path / "unused", **{"training.max_steps": 4, "training.eval_every": 4,
-                                                   "training.checkpoint_every": 4})
-    data = config.model_dump(mode="json")
-    data.pop("output")
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = _config_file(tiny, tmp_path, **{"training.max_steps": 4, "training.eval_every": 4,
+                                           "training.checkpoint_every": 4})
     env = {**os.environ, "LK_VLLM_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     single = _run_cli(path, "--output", str(tmp_path / "single"), env=env)
     assert single.wait() == 0, single.stdout.read()
