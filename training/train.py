@@ -24,8 +24,11 @@ The whole loop, in order:
 Logs: ``RUN/log.jsonl`` (one JSON object per logged step or evaluation) and TensorBoard event files in
 ``RUN/tensorboard`` when the ``tensorboard`` package is installed.
 
-Distributed: ``torchrun --nproc_per_node N -m lk_vllm.cli train ...`` runs DistributedDataParallel (gloo on
-CPU, NCCL on GPU). Each rank takes every N-th sequence of the global batch. ``lk_vllm.losses`` normalises each
+Memory: ``training.grad_accumulation`` splits each step's batch into micro-batches (each micro-batch's
+loss is a mean; the step averages them).
+
+Distributed: ``torchrun --nproc_per_node N -m lk_vllm.cli train ...`` (or ``torchrun --nproc_per_node N
+$(which lk-vllm) train ...``) runs DistributedDataParallel (gloo on CPU, NCCL on GPU). Each rank takes every N-th sequence of the global batch. ``lk_vllm.losses`` normalises each
 rank's loss by the GLOBAL number of valid positions (times N), so DDP's gradient averaging gives exactly the
 single-process gradient of the same global batch, and LK^lambda's lambda uses the global mean alpha. Rank 0
 prepares data, evaluates, logs and writes checkpoints and exports. FSDP is not wired in: every drafter here
