@@ -72,6 +72,8 @@ def run_group(spec: dict) -> list[dict]:
 
     from lk_vllm.losses import lk_loss, lk_loss_eager
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     vocab, rows, vocab_draft = spec["V"], spec["N"], spec["Vd"]
     dtype = getattr(torch, spec["dtype"])
     gen = torch.Generator().manual_seed(0)
@@ -430,6 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--min-reps", type=int, default=2)
     parser.add_argument("--max-reps", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=24.0,
+        help="skip the remaining groups once the run has taken this long",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -448,6 +457,16 @@ def main(argv: list[str] | None = None) -> int:
     loads = []
     started = time.time()
     for spec in build_groups(args):
+        if time.time() - started > args.max_minutes * 60:
+            records.append(
+                {
+                    **spec,
+                    "impl": "chunked",
+                    "kind": None,
+                    "skipped": f"run time budget ({args.max_minutes} min) spent",
+                }
+            )
+            continue
         impls = []
         for impl in ("chunked", "naive"):
             need = estimate_bytes(spec["V"], spec["N"], spec["Vd"], spec["dtype"], impl)
@@ -471,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": args.seconds_per_group,
             "min_reps": args.min_reps,
             "max_reps": args.max_reps,
+            "threads": args.threads,
         }
         load_before = os.getloadavg()[0]
         t0 = time.time()

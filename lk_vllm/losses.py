@@ -392,8 +392,8 @@ def _backward_chunk(
     ``a = [q < p_g]`` and ``M = sum q * a`` (module docstring). ``kl_weight`` is a 0-d tensor or None (no KL
     term); ``tv_weight`` a ``[rows]`` tensor or None (no TV term). ``p_g`` is rebuilt as
     ``coverage * softmax(target[:, d2t])``: the saved ratio keeps fp32 relative precision, where
-    ``exp(z - lse)`` would inherit the rounding of a large ``lse``. Written as
-    ``out = q * (kl_weight + tv_weight * (M - a)) - kl_weight * p~`` to touch each element few times.
+    ``exp(z - lse)`` would inherit the rounding of a large ``lse``. Assembled as
+    ``out = q * (kl_weight + tv_weight * M) - tv_weight * (q * a) - kl_weight * p~``.
     """
     cd = out.dtype
     q = torch.softmax(draft, dim=1, dtype=cd)
@@ -402,13 +402,18 @@ def _backward_chunk(
         torch.sub(q, p_tilde, out=out)
         out.mul_(kl_weight)
         return
-    # Without a draft vocabulary p_g = p = p~ exactly (coverage is 1 up to rounding).
-    p_g = p_tilde if d2t is None else p_tilde * coverage.unsqueeze(1)
-    below = torch.lt(q, p_g, out=torch.empty_like(q))  # a, as 1.0 / 0.0
-    mass = torch.linalg.vecdot(q, below)  # M
+    # One more [rows, Vd] buffer, as many as KL's backward holds while it gathers the target: it holds p_g
+    # (= p~ exactly without a draft vocabulary), then a = [q < p_g] as 1.0 / 0.0, then q * a.
+    if d2t is None:
+        masked_q = torch.lt(q, p_tilde, out=torch.empty_like(q))
+    else:
+        masked_q = torch.mul(p_tilde, coverage.unsqueeze(1), out=torch.empty_like(q))
+        torch.lt(q, masked_q, out=masked_q)
+    masked_q.mul_(q)
+    mass = masked_q.sum(dim=1)  # M
     base = tv_weight * mass if kl_weight is None else kl_weight + tv_weight * mass
-    factor = torch.addcmul(base.unsqueeze(1), below, tv_weight.unsqueeze(1), value=-1.0, out=below)
-    torch.mul(q, factor, out=out)
+    torch.mul(q, base.unsqueeze(1), out=out)
+    out.addcmul_(masked_q, tv_weight.unsqueeze(1), value=-1.0)
     if kl_weight is not None:
         out.addcmul_(p_tilde, kl_weight, value=-1.0)
 
