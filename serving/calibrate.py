@@ -74,7 +74,7 @@ async def _measure(settings: EngineSettings, batch_sizes: list[int], output_toke
     kwargs = settings.llm_kwargs()
     kwargs["max_num_seqs"] = max(kwargs.get("max_num_seqs") or 0, max(batch_sizes))
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[CalibrationLogger])
-    params = SamplingParams(max_tokens=output_tokens, min_tokens=output_tokens, ignore_eos=True, temperature=0.0)
+    params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
 
     async def one(prompt: str) -> None:
         async for _ in engine.generate(prompt, params, request_id=uuid.uuid4().hex):
