@@ -586,3 +586,19 @@ def test_serve_calibrates_once_on_first_start_unless_told_not_to(tmp_path, monke
         skipped = _serve_args(str(target), *(ngram if flags else []), *flags)
         launcher.ensure_calibrated(launcher.build_server_command(skipped), skipped)  # no speculation: no baseline
     assert len(runs) == 1
+
+
+def test_serve_drafter_dir_becomes_an_eagle3_config_with_probabilistic_drafts(tmp_path):
+    from serving import launcher
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    drafter = _drafter_dir(tmp_path, "drafter")
+    command = launcher.build_server_command(_serve_args(str(target), "--drafter", str(drafter)))
+    spec = json.loads(command.argv[command.argv.index("--speculative-config") + 1])
+    assert spec == {"method": "eagle3", "model": str(drafter.resolve()), "num_speculative_tokens": 3,
+                    "rejection_sample_method": "standard", "draft_sample_method": "probabilistic"}
+    with pytest.raises(UserError, match="no config.json"):
+        (tmp_path / "bare").mkdir()
+        launcher.build_server_command(_serve_args(str(target), "--drafter", str(tmp_path / "bare")))
