@@ -2,7 +2,8 @@
 
     python benchmarks/serving_load.py [--clients 32] [--seconds 120] [--max-tokens 32] [--target DIR]
 
-Starts the server itself (n-gram speculation, K=4, on the default target unless --target), checks that every
+Calibrates the no-speculation baseline (`lk-vllm calibrate --force`, batch sizes up to --clients), starts the
+server (n-gram speculation, K=4, on the default target unless --target), checks that every
 request succeeded and that the server's speculative-decoding counters grew by exactly the sum of the
 per-response metrics, and writes benchmarks/results/serving_load.json and .md.
 """
@@ -43,9 +44,17 @@ def main() -> int:
     from serving.speedup import hardware_id, installed_vllm_version
 
     target = resolve_target(args.target)
+    # A fresh baseline covering the batch sizes this load reaches (the server reads the cached profile).
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "lk_vllm.cli", "calibrate", target, "--force", "--max-model-len", "1024",
+                    "--batch-sizes", f"1,4,8,16,{args.clients}", "--output-tokens", "32"], check=True)
     serve_args = [target, "--speculative-config", json.dumps(NGRAM), "--max-model-len", "1024", "--max-num-seqs",
                   str(args.clients)]
-    server = start_server(serve_args, log_path=Path(args.output + ".server.log"), timeout=900)
+    import tempfile
+
+    log_path = Path(tempfile.gettempdir()) / "lk_serving_load.server.log"
+    server = start_server(serve_args, log_path=log_path, timeout=900)
     try:
         complete(server.url, target, prompt=PASSAGE, max_tokens=8)  # warm-up
         before = request_json(server.url, "/v1/speculative/stats")["since_start"]

@@ -187,8 +187,11 @@ def speedup_of_steps(steps: Iterable, baseline: BaselineProfile | None) -> dict[
         if step.decode_seconds is None or step.output_tokens <= 0 or step.batch_size <= 0:
             continue
         part = per_bucket.setdefault(
-            bucket_of(step.batch_size), {"tokens": 0, "seconds": 0.0, "baseline_seconds": 0.0, "steps": 0}
+            bucket_of(step.batch_size),
+            {"tokens": 0, "seconds": 0.0, "baseline_seconds": 0.0, "steps": 0, "extrapolated": False},
         )
+        if baseline is not None and step.batch_size > baseline.points[-1]["batch_size"]:
+            part["extrapolated"] = True  # beyond the largest calibrated batch: its time per token is used
         part["tokens"] += step.output_tokens
         part["seconds"] += step.decode_seconds
         part["steps"] += 1
@@ -208,6 +211,7 @@ def speedup_of_steps(steps: Iterable, baseline: BaselineProfile | None) -> dict[
             "seconds_per_token": part["seconds"] / part["tokens"],
             "baseline_seconds_per_token": (part["baseline_seconds"] / part["tokens"]) if baseline else None,
             "speedup": (part["baseline_seconds"] / part["seconds"]) if baseline and part["seconds"] > 0 else None,
+            "baseline_extrapolated": part["extrapolated"],
         }
     return {
         "speedup": (baseline_seconds / seconds) if baseline is not None and seconds > 0 else None,
