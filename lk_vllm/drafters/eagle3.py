@@ -276,7 +276,7 @@ class Eagle3Drafter(Drafter):
     def _embed_ids(self, target_ids: torch.Tensor) -> torch.Tensor:
         if self._embed is None:
             raise RuntimeError("EAGLE-3 drafter has no token embeddings: call attach_target(target) first")
-        return F.embedding(target_ids, self._embed.to(self.fc.weight.dtype))
+        return F.embedding(target_ids, self._embed.to(device=self.fc.weight.device, dtype=self.fc.weight.dtype))
 
     def combine_hidden_states(self, aux: torch.Tensor) -> torch.Tensor:
         """fc over the target's concatenated aux states (with the optional norms vLLM applies)."""
@@ -324,7 +324,8 @@ class Eagle3Drafter(Drafter):
         index = torch.arange(length, device=input_ids.device)
         causal = index[None, :] <= index[:, None]
         # A query row always sees its own key, so rows at padding never softmax over nothing.
-        context_mask = causal[None] & (attention_mask[:, None, :] | torch.eye(length, dtype=torch.bool)[None])
+        own_key = torch.eye(length, dtype=torch.bool, device=input_ids.device)
+        context_mask = causal[None] & (attention_mask[:, None, :] | own_key[None])
         hidden = self.combine_hidden_states(states.aux_hidden.to(self.fc.weight.dtype))
         tokens = shift_left(input_ids, 1)
         context, own_k, own_v = None, [], []
