@@ -402,18 +402,18 @@ def _backward_chunk(
         torch.sub(q, p_tilde, out=out)
         out.mul_(kl_weight)
         return
-    # One more [rows, Vd] buffer, as many as KL's backward holds while it gathers the target: it holds p_g
-    # (= p~ exactly without a draft vocabulary), then a = [q < p_g] as 1.0 / 0.0, then q * a.
+    # `out` itself is the scratch (no buffer beyond KL's): it holds p_g (= p~ exactly without a draft
+    # vocabulary), then a = [q < p_g] as 1.0 / 0.0, then q * a, then the gradient.
     if d2t is None:
-        masked_q = torch.lt(q, p_tilde, out=torch.empty_like(q))
+        torch.lt(q, p_tilde, out=out)
     else:
-        masked_q = torch.mul(p_tilde, coverage.unsqueeze(1), out=torch.empty_like(q))
-        torch.lt(q, masked_q, out=masked_q)
-    masked_q.mul_(q)
-    mass = masked_q.sum(dim=1)  # M
+        torch.mul(p_tilde, coverage.unsqueeze(1), out=out)
+        torch.lt(q, out, out=out)
+    out.mul_(q)
+    mass = out.sum(dim=1)  # M
     base = tv_weight * mass if kl_weight is None else kl_weight + tv_weight * mass
-    torch.mul(q, base.unsqueeze(1), out=out)
-    out.addcmul_(masked_q, tv_weight.unsqueeze(1), value=-1.0)
+    out.mul_(-tv_weight.unsqueeze(1))
+    out.addcmul_(q, base.unsqueeze(1))
     if kl_weight is not None:
         out.addcmul_(p_tilde, kl_weight, value=-1.0)
 
