@@ -145,6 +145,11 @@ def markdown(report: dict) -> str:
         f"{c['dtype']}: 3 aux + final hidden state, no logits); captured at {c['capture_tokens_per_s']} tokens/s.",
         "",
     ]
+    if max(m["load_average_before"][0], m["load_average_after"][0]) > m["cpus"]:
+        lines += [
+            f"Caveat: the load average exceeded the {m['cpus']} CPUs during the run (other jobs shared the machine), "
+            "so step times are dominated by CPU contention and the ratios above are noisy (tens of percent); "
+            "rerun on an idle machine for numbers to compare against the targets.", ""]
     return "\n".join(lines)
 
 
