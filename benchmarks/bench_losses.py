@@ -4,10 +4,11 @@ logit tensors.
 
     python benchmarks/bench_losses.py [--quick] [--out benchmarks/results/losses]
 
-Each (V, N, dtype, draft vocabulary) group runs in a fresh subprocess. Peak memory is the peak resident set
-size (Linux VmHWM, reset through /proc/self/clear_refs) during one forward + backward, minus the resident set
-just before it (inputs already allocated, freed heap returned with malloc_trim): it counts every allocation,
-torch's internal temporaries included, and the gradient of the draft logits. Time is wall-clock of forward +
+Each (V, N, dtype, draft vocabulary) group runs in two fresh subprocesses, one for memory and one for time.
+Peak memory is the peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs) during one
+forward + backward, minus the resident set just before it (inputs already allocated, freed heap returned with
+malloc_trim, MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave the resident set at once): it counts
+every allocation, torch's internal temporaries included, and the gradient of the draft logits. Time is wall-clock of forward +
 backward; repetitions are interleaved across kinds and the minimum is reported (the machine is shared; the
 median is kept in the JSON).
 """
@@ -67,7 +68,8 @@ def _measure_peak(run) -> int:
     return _rss_status()["VmHWM"] - base
 
 
-def run_group(spec: dict) -> list[dict]:
+def run_worker(spec: dict) -> dict:
+    """Measure one group in this (fresh) process: peak memory (mode "memory") or times (mode "time")."""
     import torch
 
     from lk_vllm.losses import lk_loss, lk_loss_eager
@@ -98,34 +100,41 @@ def run_group(spec: dict) -> list[dict]:
         target.amax(dim=1)
         draft.detach().amax(dim=1)
 
-    records = []
-    base = {key: spec[key] for key in ("V", "N", "Vd", "vocab", "dtype")}
-    base["threads"] = torch.get_num_threads()
     cases = [(impl, kind) for impl in spec["impls"] for kind in KINDS]
-    peaks = {}
-    for impl, kind in cases:
-        peaks[impl, kind] = _measure_peak(lambda impl=impl, kind=kind: fwd_bwd(impl, kind))
+    if spec["mode"] == "memory":
+        for impl in spec["impls"]:  # warm-up: one-time allocations are not the loss's
+            fwd_bwd(impl, "kl")
         draft.grad = None
-    _release_memory()
+        peaks = {}
+        for impl, kind in cases:
+            peaks[f"{impl}/{kind}"] = _measure_peak(lambda impl=impl, kind=kind: fwd_bwd(impl, kind))
+            draft.grad = None
+        return {"peak_bytes": peaks, "threads": torch.get_num_threads()}
 
-    times = {case: [] for case in cases}
+    times = {f"{impl}/{kind}": [] for impl, kind in cases}
     floor_times = []
-    budget = spec["seconds"]
+    for impl in spec["impls"]:
+        fwd_bwd(impl, "kl")
     started = time.perf_counter()
     for rep in range(spec["max_reps"]):
         t0 = time.perf_counter()
         floor()
         floor_times.append(time.perf_counter() - t0)
-        for case in cases:
+        for impl, kind in cases:
             t0 = time.perf_counter()
-            fwd_bwd(*case)
-            times[case].append(time.perf_counter() - t0)
-        if rep + 1 >= spec["min_reps"] and time.perf_counter() - started > budget:
+            fwd_bwd(impl, kind)
+            times[f"{impl}/{kind}"].append(time.perf_counter() - t0)
+        if rep + 1 >= spec["min_reps"] and time.perf_counter() - started > spec["seconds"]:
             break
-    draft.grad = None
+    return {"times": times, "floor_times": floor_times, "threads": torch.get_num_threads()}
 
+
+def group_records(spec: dict, memory: dict, timing: dict) -> list[dict]:
+    base = {key: spec[key] for key in ("V", "N", "Vd", "vocab", "dtype")}
+    base["threads"] = timing["threads"]
+    floor_times = timing["floor_times"]
     floor_s = min(floor_times)
-    records.append(
+    records = [
         {
             **base,
             "impl": "floor",
@@ -135,9 +144,9 @@ def run_group(spec: dict) -> list[dict]:
             "reps": len(floor_times),
             "peak_bytes": 0,
         }
-    )
-    for impl, kind in cases:
-        samples = times[impl, kind]
+    ]
+    for case, samples in timing["times"].items():
+        impl, kind = case.split("/")
         records.append(
             {
                 **base,
@@ -146,7 +155,7 @@ def run_group(spec: dict) -> list[dict]:
                 "time_s": min(samples),
                 "time_s_median": statistics.median(samples),
                 "reps": len(samples),
-                "peak_bytes": peaks[impl, kind],
+                "peak_bytes": memory["peak_bytes"][case],
                 "ratio_to_floor": min(samples) / floor_s,
             }
         )
@@ -443,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(run_group(json.loads(args.worker))))
+        print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
 
     if args.quick:
@@ -494,25 +503,38 @@ def main(argv: list[str] | None = None) -> int:
         }
         load_before = os.getloadavg()[0]
         t0 = time.time()
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(worker_spec)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
+        results = {}
+        for mode in ("memory", "time"):
+            # Memory: every allocation above 64 KiB is its own mmap, so RSS follows the live tensors instead of
+            # what glibc's heap happens to keep. Time: the default allocator (what a user runs).
+            mode_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536") if mode == "memory" else env
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--worker",
+                    json.dumps({**worker_spec, "mode": mode}),
+                ],
+                capture_output=True,
+                text=True,
+                env=mode_env,
+            )
+            if proc.returncode != 0:
+                print(proc.stderr, file=sys.stderr)
+                break
+            results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        if len(results) < 2:
             records.append(
                 {**spec, "impl": "chunked", "kind": None, "skipped": f"worker failed: {proc.stderr[-300:]}"}
             )
             continue
-        group_records = json.loads(proc.stdout.strip().splitlines()[-1])
+        group_records_ = group_records(worker_spec, results["memory"], results["time"])
         load_after = os.getloadavg()[0]
         loads += [load_before, load_after]
-        for record in group_records:
+        for record in group_records_:
             record["load_avg_1min"] = [round(load_before, 2), round(load_after, 2)]
-        records += group_records
-        lam = next(r for r in group_records if r["impl"] == "chunked" and r["kind"] == "lambda")
+        records += group_records_
+        lam = next(r for r in group_records_ if r["impl"] == "chunked" and r["kind"] == "lambda")
         print(
             f"V={spec['V']:>6} N={spec['N']:>5} {spec['dtype']:>8} {spec['vocab']:>9}: "
             f"LK^λ {lam['time_s'] * 1e3:8.1f} ms (×{lam['time_ratio_to_kl']:.3f} KL, ×{lam['ratio_to_floor']:.1f} floor) "
@@ -531,9 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         "method": (
             "fwd+bwd wall time of `lk_loss` (chunked, default chunk size) and `lk_loss_eager` (naive) on "
             "random logits (target ~ N(0, 3²); draft = 0.5·target + N(0, 1.5²), so alpha ≈ 0.5), reps "
-            "interleaved across kinds, minimum reported; floor = `target.amax(1)` + `draft.amax(1)`. Peak "
-            "memory = VmHWM − VmRSS around one fwd+bwd in a fresh process per group (VmHWM reset via "
-            "/proc/self/clear_refs, freed heap returned via malloc_trim first); it includes the gradient. "
+            "interleaved across kinds after a warm-up, minimum reported; floor = `target.amax(1)` + "
+            "`draft.amax(1)`. Peak memory = VmHWM − VmRSS around one fwd+bwd (after a warm-up) in a fresh process "
+            "per group (VmHWM reset via /proc/self/clear_refs, freed heap returned via malloc_trim first, "
+            "MALLOC_MMAP_THRESHOLD_=65536 so that every tensor is its own mapping); it includes the gradient. "
             f"Truncated draft vocabulary: Vd = {TRUNCATED_VOCAB} random target ids at every V."
         ),
         "load": f"min {min(loads):.1f}, max {max(loads):.1f}" if loads else "n/a",
