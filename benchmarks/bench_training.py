@@ -61,8 +61,6 @@ def main() -> int:
 
     import torch
 
-    from lk_vllm.assets import lk_home
-
     base = {"training.max_steps": args.steps, "training.eval_every": 10**6, "training.checkpoint_every": 10**6,
             "data.heldout": 4}
     scratch = Path(tempfile.mkdtemp(prefix="bench-training-"))
@@ -72,8 +70,8 @@ def main() -> int:
     cache_start = time.time()
     run_once(base, args.recipe, scratch / "cache", **{"training.capture": "offline", "training.max_steps": 1})
     cache_seconds = time.time() - cache_start
-    caches = sorted((lk_home() / "capture").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
-    cache_manifest = json.loads(caches[-1].read_text())
+    cache_dir = json.loads((scratch / "cache" / "summary.json").read_text())["capture_cache"]
+    cache_manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
 
     results: dict[str, list] = {"online/kl": [], "online/lambda": [], "offline/kl": [], "offline/lambda": []}
     for repeat in range(args.repeats):

@@ -500,7 +500,8 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
             dist.barrier()  # the other ranks wait for rank 0's evaluation / checkpoint
     bar.close()
 
-    summary = {"run_dir": str(run_dir), "steps": t.max_steps, "best": best}
+    summary = {"run_dir": str(run_dir), "steps": t.max_steps, "best": best,
+               "capture_cache": str(capture.directory) if t.capture == "offline" else None}
     if dist.main:
         if not metrics:  # resumed at the end, or nothing to evaluate
             metrics = run_eval(t.max_steps) if heldout_indices else {}
