@@ -14,6 +14,7 @@ the conversation when there is one. All data comes from PyPI packages installed 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -155,6 +156,7 @@ GSM8K_SIZES = {"train": 8000, "eval": 200}  # prompts per split when no limit is
 _GSM8K_INSTRUCTION = "Solve this math problem step by step. End with the final answer after '####'.\n\n"
 
 
+@functools.cache
 def _gsm_generators() -> dict[int, Callable]:
     """Load the template generators by file path. reasoning_gym's package __init__ imports many puzzle
     libraries that are not installed, so a stub package carrying only its stdlib-only ``utils`` is used."""

@@ -145,6 +145,20 @@ class EngineSettings:
         return args
 
 
+def whole_prompt_prefills(settings: EngineSettings) -> EngineSettings:
+    """The same settings, but a prompt's prefill is never split over engine steps (CPU only).
+
+    Needed by engines that sample with a per-request seed: on CPU, vLLM 0.32 crashes ("CPU Generator does not
+    use offset") when such a request is partially prefilled, which happens as soon as a batch's prompts exceed
+    one step's token budget. Not the default, because unsplit prefills delay other requests in a server.
+    """
+    if on_gpu():
+        return settings
+    extra = {"enable_chunked_prefill": False,
+             "max_num_batched_tokens": max(settings.max_model_len, 4096), **settings.extra}
+    return dataclasses.replace(settings, extra=extra)
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the engine flags shared by every command that starts vLLM."""
     group = parser.add_argument_group("vLLM engine")
@@ -178,6 +192,18 @@ def settings_from_args(args: argparse.Namespace, model: str, **overrides: Any) -
         seed=args.seed,
     )
     return dataclasses.replace(settings, **overrides)
+
+
+def engine_arguments(settings: EngineSettings) -> list[str]:
+    """The inverse of ``settings_from_args``: lk-vllm command-line flags that rebuild these settings (used to
+    hand the same engine to another lk-vllm command, e.g. ``serve`` running ``calibrate``)."""
+    s = settings.resolved()
+    flags = ["--max-model-len", str(s.max_model_len), "--dtype", s.dtype, "--seed", str(s.seed),
+             "--tensor-parallel-size", str(s.tensor_parallel_size),
+             "--enforce-eager" if s.enforce_eager else "--no-enforce-eager"]
+    if s.gpu_memory_utilization is not None:
+        flags += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
+    return flags
 
 
 def make_llm(settings: EngineSettings):

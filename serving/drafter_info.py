@@ -48,12 +48,6 @@ def read_drafter_dir(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def recorded_target_fingerprint(training_record: dict[str, Any]) -> str | None:
-    """The target fingerprint an lk_training.json records (``{"target": {"fingerprint": ...}}``)."""
-    target = training_record.get("target")
-    return target.get("fingerprint") if isinstance(target, dict) else None
-
-
 def recorded_loss(training_record: dict[str, Any]) -> str | None:
     """The loss kind an lk_training.json records (``{"training": {"loss": ...}}``)."""
     training = training_record.get("training")

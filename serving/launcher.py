@@ -36,7 +36,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from lk_vllm.engine import EngineSettings, add_engine_arguments, apply_engine_env, settings_from_args
+from lk_vllm.engine import (
+    EngineSettings,
+    add_engine_arguments,
+    apply_engine_env,
+    engine_arguments,
+    settings_from_args,
+)
 from lk_vllm.errors import UserError
 
 DEFAULT_NUM_SPECULATIVE_TOKENS = 3
@@ -115,19 +121,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def check_drafter_for_target(drafter: Path, target: str) -> None:
     """One-line error if the drafter directory records (or implies) another target."""
-    from serving.drafter_info import recorded_target_fingerprint
+    from lk_vllm.drafters.base import target_mismatch
 
     record = _read_json(drafter / "lk_training.json")
-    recorded = recorded_target_fingerprint(record)
     target_dir = Path(target)
-    if recorded and target_dir.is_dir():
-        from lk_vllm.assets import target_fingerprint
-
-        actual = target_fingerprint(target)
-        if actual != recorded:
-            where = (record.get("target") or {}).get("path", "?")
-            raise UserError(f"--drafter {drafter}: trained for target fingerprint {recorded} ({where}), "
-                            f"but the target {target} has {actual}")
+    mismatch = target_mismatch(record, target)
+    if mismatch:
+        recorded, actual = mismatch
+        where = (record.get("target") or {}).get("path", "?")
+        raise UserError(f"--drafter {drafter}: trained for target fingerprint {recorded} ({where}), "
+                        f"but the target {target} has {actual}")
     target_config = _read_json(target_dir / "config.json") if target_dir.is_dir() else {}
     drafter_config = _read_json(drafter / "config.json")
     vocab = target_config.get("vocab_size")
@@ -236,19 +239,10 @@ def ensure_calibrated(command: ServerCommand, args: argparse.Namespace) -> None:
     print(f"lk-vllm serve: no baseline for this target/dtype/hardware yet; measuring it once "
           f"(cached at {path})", file=sys.stderr, flush=True)
     calibrate = [sys.executable, "-m", "lk_vllm.cli", "calibrate", command.target,
-                 *_engine_flags(command.settings)]
+                 *engine_arguments(command.settings)]
     result = subprocess.run(calibrate, env=command.env)
     if result.returncode != 0:
         raise UserError("calibration failed (see above); pass --no-calibrate to serve without a speed-up figure")
-
-
-def _engine_flags(settings: EngineSettings) -> list[str]:
-    resolved = settings.resolved()
-    flags = ["--max-model-len", str(resolved.max_model_len), "--dtype", resolved.dtype, "--seed", str(resolved.seed)]
-    if resolved.gpu_memory_utilization is not None:
-        flags += ["--gpu-memory-utilization", str(resolved.gpu_memory_utilization)]
-    flags.append("--enforce-eager" if resolved.enforce_eager else "--no-enforce-eager")
-    return flags
 
 
 def run(args: argparse.Namespace) -> int:

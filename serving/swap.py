@@ -28,7 +28,6 @@ from serving.drafter_info import (
     drafter_architecture,
     read_drafter_dir,
     recorded_loss,
-    recorded_target_fingerprint,
 )
 from serving.live_stats import DrafterInfo
 
@@ -83,13 +82,13 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def check_target(drafter_dir: Path, target: str | None) -> None:
     """Refuse a drafter trained for another target (when its lk_training.json says which)."""
-    recorded = recorded_target_fingerprint(read_drafter_dir(drafter_dir)["training"])
-    if not recorded or not target:
+    if not target:
         return
-    from lk_vllm.assets import target_fingerprint
+    from lk_vllm.drafters.base import target_mismatch
 
-    live = target_fingerprint(target)
-    if recorded != live:
+    mismatch = target_mismatch(read_drafter_dir(drafter_dir)["training"], target)
+    if mismatch:
+        recorded, live = mismatch
         raise SwapError(409, f"drafter {drafter_dir.name} was trained for target {recorded}, this server runs {live}")
 
 

@@ -71,3 +71,25 @@ def test_version_check(monkeypatch):
         engine.check_vllm_version()
     monkeypatch.setattr(engine, "vllm_version", lambda: "0.32.0+cpu")
     assert engine.check_vllm_version() == "0.32.0+cpu"
+
+
+def test_engine_arguments_round_trip_through_our_own_flags(monkeypatch):
+    import argparse
+
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    settings = engine.EngineSettings(model="/m", max_model_len=777, dtype="bfloat16", seed=5, tensor_parallel_size=2,
+                                     gpu_memory_utilization=0.4, enforce_eager=False)
+    parser = argparse.ArgumentParser()
+    engine.add_engine_arguments(parser)
+    rebuilt = engine.settings_from_args(parser.parse_args(engine.engine_arguments(settings)), "/m")
+    assert rebuilt.llm_kwargs() == settings.llm_kwargs()
+
+
+def test_whole_prompt_prefills_only_on_cpu(monkeypatch):
+    settings = engine.EngineSettings(model="/m", max_model_len=8192, extra={"block_size": 128})
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    cpu = engine.whole_prompt_prefills(settings).llm_kwargs()
+    assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] == 8192
+    assert cpu["block_size"] == 128
+    monkeypatch.setattr(engine, "on_gpu", lambda: True)
+    assert engine.whole_prompt_prefills(settings) is settings

@@ -108,26 +108,11 @@ def save_shard(path: Path, samples: list[tuple[list[int], list[int]]], prompt_id
     return sum(loss_mask)
 
 
-def whole_prompt_prefills(engine_settings):
-    """Engine settings that never split a prompt's prefill over steps. On CPU, vLLM 0.32 crashes ("CPU
-    Generator does not use offset") when a request with its own sampling seed is partially prefilled, which
-    happens as soon as the prompts of a batch exceed the step's token budget."""
-    import dataclasses
-
-    from lk_vllm.engine import on_gpu
-
-    if on_gpu():
-        return engine_settings
-    extra = {"enable_chunked_prefill": False,
-             "max_num_batched_tokens": max(engine_settings.max_model_len, 4096), **engine_settings.extra}
-    return dataclasses.replace(engine_settings, extra=extra)
-
-
 def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: bool = True, llm=None) -> dict:
     """Regenerate responses for every prompt and write the shards; resumes a previous partial run.
 
     ``llm``: an already started ``vllm.LLM`` to reuse (else one is started from ``engine_settings`` when there
-    is work left)."""
+    is work left, and stopped before returning)."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -160,34 +145,39 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
 
     bar = tqdm(total=len(prompts), unit="prompt", desc="regenerating", disable=not progress)
     bar.update(sum(s["prompts"] for s in state["shards"]))
-    for index, shard_prompts in enumerate(shards):
-        name = f"shard-{index:05d}.safetensors"
-        if name in done:
-            continue
-        if llm is None:
-            llm = engine.make_llm(whole_prompt_prefills(engine_settings))
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+    started_here = llm is None  # an engine this call starts, this call also stops
+    try:
+        for index, shard_prompts in enumerate(shards):
+            name = f"shard-{index:05d}.safetensors"
+            if name in done:
+                continue
+            if llm is None:
+                llm = engine.make_llm(engine.whole_prompt_prefills(engine_settings))
+            from vllm import SamplingParams
+            from vllm.inputs import TokensPrompt
 
-        prompt_token_ids, truncated = tokenize_prompts(tokenizer, shard_prompts, max_prompt_tokens)
-        started = time.time()
-        sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed + index,
-                                  max_tokens=min(settings.max_tokens, settings.max_length - max(map(len, prompt_token_ids))))
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], sampling,
-                               use_tqdm=False)
-        samples = [(ids, list(out.outputs[0].token_ids)) for ids, out in zip(prompt_token_ids, outputs, strict=True)]
-        samples = [(p, r) for p, r in samples if r]  # an empty response teaches nothing
-        response_tokens = save_shard(output / name, samples, [p.id for p in shard_prompts])
-        elapsed = time.time() - started
-        state["shards"].append({"file": name, "prompts": len(shard_prompts), "samples": len(samples),
-                                "response_tokens": response_tokens,
-                                "tokens": sum(len(p) + len(r) for p, r in samples),
-                                "truncated_prompts": truncated, "empty_responses": len(shard_prompts) - len(samples),
-                                "seconds": round(elapsed, 2)})
-        _atomic_write_text(progress_path, json.dumps(state, indent=1))
-        bar.update(len(shard_prompts))
-        bar.set_postfix(tok_s=f"{response_tokens / max(elapsed, 1e-9):.0f}")
-    bar.close()
+            prompt_token_ids, truncated = tokenize_prompts(tokenizer, shard_prompts, max_prompt_tokens)
+            started = time.time()
+            sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed + index,
+                                      max_tokens=min(settings.max_tokens, settings.max_length - max(map(len, prompt_token_ids))))
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], sampling,
+                                   use_tqdm=False)
+            samples = [(ids, list(out.outputs[0].token_ids)) for ids, out in zip(prompt_token_ids, outputs, strict=True)]
+            samples = [(p, r) for p, r in samples if r]  # an empty response teaches nothing
+            response_tokens = save_shard(output / name, samples, [p.id for p in shard_prompts])
+            elapsed = time.time() - started
+            state["shards"].append({"file": name, "prompts": len(shard_prompts), "samples": len(samples),
+                                    "response_tokens": response_tokens,
+                                    "tokens": sum(len(p) + len(r) for p, r in samples),
+                                    "truncated_prompts": truncated, "empty_responses": len(shard_prompts) - len(samples),
+                                    "seconds": round(elapsed, 2)})
+            _atomic_write_text(progress_path, json.dumps(state, indent=1))
+            bar.update(len(shard_prompts))
+            bar.set_postfix(tok_s=f"{response_tokens / max(elapsed, 1e-9):.0f}")
+    finally:
+        bar.close()
+        if started_here and llm is not None:
+            engine.shutdown_llm(llm)
 
     totals = {key: sum(s[key] for s in state["shards"])
               for key in ("prompts", "samples", "tokens", "response_tokens", "truncated_prompts", "empty_responses")}

@@ -93,7 +93,7 @@ def ensure_data(config: Config, target_path: str, fingerprint: str, dist: Dist, 
         return [str(Path(d).expanduser()) for d in config.data.dirs]
     if not config.data.datasets:
         raise UserError("no training data: pass --data DIR (a finished `lk-vllm prepare` output) or set data.datasets")
-    from training.prepare import PrepareSettings, default_output_dir, prepare, whole_prompt_prefills
+    from training.prepare import PrepareSettings, default_output_dir, prepare
 
     d = config.data
     settings = PrepareSettings(target=target_path, target_fingerprint=fingerprint, datasets=list(d.datasets),
@@ -104,12 +104,8 @@ def ensure_data(config: Config, target_path: str, fingerprint: str, dist: Dist, 
         from lk_vllm import engine
 
         _log(f"preparing data: the target regenerates {', '.join(d.datasets)} into {output}")
-        llm = engine.make_llm(whole_prompt_prefills(
-            engine.EngineSettings(model=target_path, max_model_len=max(d.max_length, 256))))
-        try:
-            prepare(settings, output, None, progress=progress, llm=llm)
-        finally:
-            engine.shutdown_llm(llm)
+        prepare(settings, output, engine.EngineSettings(model=target_path, max_model_len=max(d.max_length, 256)),
+                progress=progress)
     dist.barrier()
     return [str(output)]
 
@@ -445,7 +441,6 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
             "config": config.model_dump(mode="json"), "data_key": data_key}, keep=t.keep_checkpoints)
 
     order = BatchOrder(train_indices, t.batch_size, t.seed)
-    weights = [config.loss.gamma ** k for k in range(config.loss.num_steps)]
     bar = tqdm(total=t.max_steps, initial=start_step, desc="training", unit="step",
                disable=not (progress and dist.main))
     tokens_seen, clock, metrics = 0, time.time(), {}
@@ -462,7 +457,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
             steps = model(states, config.loss.num_steps)
             out = multi_step_loss(steps, states, kind=config.loss.kind, eta=config.loss.eta,
                                   draft_to_target=drafter.draft_to_target, loss_mask=batch.loss_mask,
-                                  step_weights=weights)
+                                  gamma=config.loss.gamma)
             (out["loss"] / t.grad_accumulation).backward()
             loss_value += float(out["loss"].detach()) / t.grad_accumulation / dist.world
             micro_alphas.append(out["alpha"])

@@ -18,9 +18,10 @@ API for the trainer (training/train.py) and the evaluator::
     drafter = create_drafter("eagle3", target, draft_to_target=d2t_ids)   # or load_drafter(dir, target)
     states = target(input_ids, attention_mask, aux_layer_ids=drafter.aux_layer_ids_needed())
     steps = drafter.training_steps(states, num_steps=K)           # list[StepOutput], one per unrolled step
-    out = multi_step_loss(steps, states, kind="lambda", eta=3.0, draft_to_target=drafter.draft_to_target,
+    out = multi_step_loss(steps, states, kind="lambda", eta=3.0, gamma=0.8,
+                          draft_to_target=drafter.draft_to_target,
                           loss_mask=response_mask)                # {"loss", "alpha" per step, ...}
-    out.loss.backward(); optimizer.step()
+    out["loss"].backward(); optimizer.step()
     drafter.save_pretrained(dir, target=target_info(target), training={...})   # atomic, validated
     speculative_config_for(dir, k=3)                              # the dict for EngineSettings
 
@@ -181,28 +182,22 @@ def speculative_config_for(directory: str | os.PathLike, num_speculative_tokens:
 
 
 def multi_step_loss(steps, states, *, kind: str = "kl", eta: float = 3.0, draft_to_target=None, loss_mask=None,
-                    step_weights=None, chunk_size: int | None = None, **loss_options):
-    """Weighted sum of ``lk_vllm.losses.lk_loss`` over a drafter's unrolled steps (each step gets its own
-    lambda from its own mean alpha). ``loss_mask`` [B, T] marks the tokens to predict; ``step_weights``
-    default to 1 (the paper's gamma**k: pass ``[0.8**k for k in range(K)]``); ``loss_options`` go to
-    ``lk_loss`` (e.g. ``distributed``).
+                    gamma: float = 1.0, chunk_size: int | None = None, **loss_options):
+    """``lk_vllm.losses.lk_loss_multi`` over a drafter's unrolled steps: ``sum_k gamma**k * L_k``, each step with
+    its own lambda from its own mean alpha. ``loss_mask`` [B, T] marks the tokens to predict; ``gamma``
+    defaults to 1 (the paper uses 0.8); ``loss_options`` go to ``lk_loss_multi`` (e.g. ``distributed``).
 
     Returns a dict: ``loss`` (tensor), ``alpha``, ``lam`` (lists, one per step), ``count`` (valid positions
     per step) and ``results`` (the ``LKLossResult`` of each step).
     """
-    from lk_vllm.losses import lk_loss
+    from lk_vllm.losses import lk_loss_multi
 
-    total = None
-    results = []
-    for index, step in enumerate(steps):
-        draft, target = step.pairs(states, loss_mask)
-        out = lk_loss(draft, target, kind=kind, eta=eta, draft_to_target=draft_to_target, chunk_size=chunk_size,
-                      **loss_options)
-        weight = 1.0 if step_weights is None else float(step_weights[index])
-        total = out.loss * weight if total is None else total + out.loss * weight
-        results.append(out)
+    pairs = [step.pairs(states, loss_mask) for step in steps]
+    out = lk_loss_multi([draft for draft, _ in pairs], [target for _, target in pairs], kind=kind, eta=eta,
+                        gamma=gamma, draft_to_target=draft_to_target, chunk_size=chunk_size, **loss_options)
+    results = list(out.positions)
     return {
-        "loss": total,
+        "loss": out.loss,
         "alpha": [float(r.alpha) for r in results],
         "lam": [float(r.lam) for r in results],
         "count": [int(r.num_valid) for r in results],

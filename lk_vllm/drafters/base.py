@@ -242,17 +242,28 @@ def check_drafter_matches_target(directory: str | os.PathLike, drafter: Drafter,
             f"drafter {where} reads target hidden states of size {expected_hidden}, "
             f"but the target {target.path} has hidden size {target.hidden_size}"
         )
-    recorded = (drafter.training_info.get("target") or {}).get("fingerprint")
-    if recorded and Path(target.path).is_dir():
-        from lk_vllm.assets import target_fingerprint
+    mismatch = target_mismatch(drafter.training_info, target.path)
+    if mismatch:
+        recorded, actual = mismatch
+        raise UserError(
+            f"drafter {where} was trained for target fingerprint {recorded} "
+            f"({(drafter.training_info.get('target') or {}).get('path')}), but {target.path} has {actual}; "
+            f"pass the target it was trained for"
+        )
 
-        actual = target_fingerprint(target.path)
-        if actual != recorded:
-            raise UserError(
-                f"drafter {where} was trained for target fingerprint {recorded} "
-                f"({(drafter.training_info.get('target') or {}).get('path')}), but {target.path} has {actual}; "
-                f"pass the target it was trained for"
-            )
+
+def target_mismatch(training_record: dict, target_path: str) -> tuple[str, str] | None:
+    """``(recorded, actual)`` target fingerprints when a drafter's ``lk_training.json`` record names another target
+    than the local model directory ``target_path``; None when they agree or there is nothing to compare (a
+    third-party drafter records no target; an HF id is not fingerprinted)."""
+    recorded_target = training_record.get("target")
+    recorded = recorded_target.get("fingerprint") if isinstance(recorded_target, dict) else None
+    if not recorded or not Path(target_path).is_dir():
+        return None
+    from lk_vllm.assets import target_fingerprint
+
+    actual = target_fingerprint(target_path)
+    return None if actual == recorded else (recorded, actual)
 
 
 def validate_common(config: dict, state: dict[str, torch.Tensor], target: dict, drafter: Drafter) -> None:
