@@ -256,6 +256,15 @@ _LOADERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
 }
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat prompt with the generation prompt appended: the ids vLLM is given, so the torch
+    evaluator, ``eval --engine vllm`` and ``bench`` all measure the same prompts."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def dataset_names() -> list[str]:
     return list(_LOADERS)
 

@@ -238,10 +238,9 @@ class TargetModel:
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of a chat prompt with the generation prompt appended (the same ids vLLM is given)."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        from lk_vllm.datasets import chat_prompt_ids
+
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def stop_token_ids(self) -> set[int]:
         """Tokens that end a request in vLLM: the tokenizer's EOS and the generation config's EOS ids."""
