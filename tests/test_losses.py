@@ -117,6 +117,24 @@ def test_lambda_gradient_is_the_fixed_mixture_of_kl_and_tv():
     torch.testing.assert_close(lam_grad, lam * kl_grad + (1 - lam) * tv_grad, rtol=1e-12, atol=1e-16)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("vocab_draft", [20, 9])
+def test_compiled_and_eager_backward_agree(kind, vocab_draft, monkeypatch):
+    # The backward runs torch.compile'd by default and falls back to in-place eager ops; both must give the
+    # same gradient.
+    from lk_vllm import losses
+
+    draft, target, d2t, mask = make_batch(13, 20, vocab_draft, seed=7, dtype=torch.float32)
+    kwargs = dict(kind=kind, draft_to_target=d2t, mask=mask, chunk_size=5)
+    grads = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("LK_VLLM_COMPILE_LOSS", setting)
+        _, grads[setting] = loss_and_grad(lk_loss, draft, target, **kwargs)
+    if losses._backward_chunk.failed or losses._backward_chunk.compiled is None:
+        pytest.skip("torch.compile is not available here; only the eager backward ran")
+    torch.testing.assert_close(grads["1"], grads["0"], rtol=1e-5, atol=1e-7)
+
+
 def test_paper_lambda_values():
     # LK_PAPER.md section 1: eta = 3 gives lam = 0.22 at alpha = 0.5, 0.05 at alpha = 1; eta = 10 gives 0.0067.
     target = torch.tensor([[0.0, 0.0, -math.inf, -math.inf]], dtype=F64)
