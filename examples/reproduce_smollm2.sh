@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Reproduce the LK paper's KL-vs-LK comparison (its Table 1) on the embedded default target, SmolLM2-135M-Instruct.
+#
+#   examples/reproduce_smollm2.sh [train|bench|all]        (default: all; run from the repository root)
+#
+# train: 9 drafters on identical data, steps and seeds - EAGLE-3 (LK^lambda eta 3), Medusa (eta 10) and the
+#        MLP speculator (eta 3), each with KL, LK^alpha and LK^lambda (recipes training/recipes/smollm2-*.yaml).
+#        The target regenerates the prompts' responses once (`lk-vllm prepare`, cached); every run reads it.
+# bench: all finished drafters and a no-speculation baseline through vLLM at T=0 and T=1, batch 1 and 8,
+#        written to benchmarks/results/smollm2-lk.{json,md,png}.
+#
+# Resumable: a finished run (RUN/final/lk_training.json) is skipped, an interrupted one continues from its newest
+# checkpoint (every 50 steps), so the script can be re-run after a crash or across sessions.
+# Budget on 2 CPU cores: see benchmarks/results/smollm2-lk.md (measured times per stage).
+# Environment: RUNS (default runs/smollm2-lk), ARCHS (default "eagle3 medusa mlp"), LOSSES (default
+# "lambda kl alpha"), BENCH_LIMIT (prompts per dataset, default 16), BENCH_MAX_TOKENS (default 128).
+set -euo pipefail
+export PATH="$PWD/.venv/bin:$PATH"
+
+stage=${1:-all}
+runs=${RUNS:-runs/smollm2-lk}
+archs=${ARCHS:-eagle3 medusa mlp}
+losses=${LOSSES:-lambda kl alpha}
+case $stage in train|bench|all) ;; *) echo "usage: $0 [train|bench|all] (got '$stage')" >&2; exit 2 ;; esac
+
+lk-vllm models >/dev/null
+
+if [[ $stage == train || $stage == all ]]; then
+    for arch in $archs; do
+        for loss in $losses; do
+            out=$runs/$arch-$loss
+            if [[ -f $out/final/lk_training.json ]]; then
+                echo "[reproduce] $out: finished, skipped" >&2
+                continue
+            fi
+            echo "[reproduce] training $out (recipe smollm2-$arch, loss $loss)" >&2
+            mkdir -p "$out"
+            # --resume continues from the newest checkpoint, or starts at step 0 when there is none
+            lk-vllm train --recipe "smollm2-$arch" --loss "$loss" --output "$out" --resume --no-progress \
+                2>&1 | tee -a "$out.log"
+        done
+    done
+fi
+
+if [[ $stage == bench || $stage == all ]]; then
+    drafters=()
+    for arch in $archs; do
+        for loss in $losses; do
+            [[ -f $runs/$arch-$loss/final/lk_training.json ]] && drafters+=(--drafter "$runs/$arch-$loss/best")
+        done
+    done
+    if [[ ${#drafters[@]} -eq 0 ]]; then
+        echo "[reproduce] no finished drafter in $runs; run '$0 train' first" >&2
+        exit 1
+    fi
+    lk-vllm bench "${drafters[@]}" --name smollm2-lk --out-dir benchmarks/results \
+        --dataset mtbench --dataset humaneval --dataset gsm8k --limit "${BENCH_LIMIT:-16}" \
+        --temperature 0 --temperature 1 --concurrency 1 --concurrency 8 \
+        --num-speculative-tokens 3 --max-tokens "${BENCH_MAX_TOKENS:-128}"
+fi
