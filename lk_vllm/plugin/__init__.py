@@ -4,8 +4,9 @@ Three plugins, each named in ``VLLM_PLUGINS`` when that variable is set (vLLM lo
 when they are named there):
 
 * ``lk_general`` (``vllm.general_plugins``, every vLLM process): checks the vLLM version, fixes the CPU
-  rejection-sampler bug that breaks speculative sampling at T > 0 (``lk_vllm.plugin.patches``) and installs
-  the worker-side method used to reload a drafter's weights in place (``lk_vllm.plugin.worker``).
+  rejection-sampler bug that breaks speculative sampling at T > 0 (``lk_vllm.plugin.patches``), installs
+  the worker-side method used to reload a drafter's weights in place (``lk_vllm.plugin.worker``) and makes
+  the V1 engine serve ``mlp_speculator`` drafters (``lk_vllm.plugin.mlp_proposer``).
 * ``lk_stats`` (``vllm.stat_logger_plugins``, the API-server process): records every engine step's
   speculative-decoding counts and timing into the live store (``serving.live_stats``).
 * ``lk_endpoints`` (``vllm.endpoint_plugins``, the API-server process): ``/v1/speculative/stats``,
@@ -47,8 +48,10 @@ def check_version_or_exit() -> str:
 def register() -> None:
     """``vllm.general_plugins`` entry point; vLLM may call it more than once per process."""
     check_version_or_exit()
+    from lk_vllm.plugin import mlp_proposer
     from lk_vllm.plugin.patches import apply_patches
     from lk_vllm.plugin.worker import install_worker_methods
 
     apply_patches()
     install_worker_methods()
+    mlp_proposer.install()
