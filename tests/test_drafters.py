@@ -410,8 +410,9 @@ def test_mlp_speculator_stage_math_and_round_trip(tmp_path, target, batch, tie_w
     loaded = load_drafter(out, target)
     with torch.no_grad():
         torch.testing.assert_close(loaded.training_steps(states, 3)[2].logits(), steps[2].logits())
-    with pytest.raises(UserError, match="cannot serve the mlp_speculator"):
-        speculative_config_for(out, 3)
+    assert speculative_config_for(out, 3)["method"] == "mlp_speculator"  # served through lk-vllm's plugin
+    with pytest.raises(UserError, match="it has 3 stages"):
+        speculative_config_for(out, 4)
 
 
 # ---------------------------------------------------------------------------------------------- draft LM

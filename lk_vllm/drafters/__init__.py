@@ -6,7 +6,7 @@ Architectures (registry name -> class, vLLM ``method``):
 |------------------|------------------------|----------------------------------------------|------------------|
 | ``eagle3``         | ``Eagle3Drafter``        | 3 aux hidden states + token embeddings       | ``eagle3``         |
 | ``medusa``         | ``MedusaDrafter``        | last hidden state (after the final norm)     | ``medusa``         |
-| ``mlp_speculator`` | ``MLPSpeculatorDrafter`` | last hidden state + sampled tokens           | not servable yet |
+| ``mlp_speculator`` | ``MLPSpeculatorDrafter`` | last hidden state + sampled tokens           | ``mlp_speculator`` (plugin) |
 | ``draft_model``    | ``DraftLM``              | nothing (an independent small causal LM)      | ``draft_model``    |
 
 API for the trainer (training/train.py) and the evaluator::
@@ -177,6 +177,12 @@ def speculative_config_for(directory: str | os.PathLike, num_speculative_tokens:
         from lk_vllm.drafters.medusa import check_medusa_tokens
 
         check_medusa_tokens(num_speculative_tokens, int(config.get("num_heads") or 0), str(path))
+    if architecture == "mlp_speculator":  # served through lk-vllm's plugin (lk_vllm.plugin.mlp_proposer)
+        from lk_vllm.plugin.mlp_proposer import mlp_speculator_mismatches
+
+        problems = mlp_speculator_mismatches(config, None, None, num_speculative_tokens)
+        if problems:
+            raise UserError(f"drafter {path}: {'; '.join(problems)}")
     return {"method": cls.vllm_method, "model": str(path), "num_speculative_tokens": int(num_speculative_tokens),
             **options}
 

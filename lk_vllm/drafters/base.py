@@ -97,7 +97,7 @@ class Drafter(nn.Module):
 
     architecture: ClassVar[str] = ""
     vllm_method: ClassVar[str] = ""
-    # True when vLLM 0.32 serves this architecture (the MLP speculator needs a later issue).
+    # True when vLLM 0.32 (with lk-vllm's plugin) serves this architecture.
     servable: ClassVar[bool] = True
 
     def __init__(self):

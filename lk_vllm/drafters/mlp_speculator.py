@@ -12,8 +12,8 @@ exactly as vllm/model_executor/models/mlp_speculator.py defines them. Stage i pr
 Format: ``model_type: mlp_speculator``; weights ``emb.{i}.weight`` [V, inner], ``proj.{i}.weight``
 ([inner, emb_dim] for i = 0, else [inner, inner]), ``head.{i}.weight`` [V, inner], ``ln.{i}.weight|bias``.
 With ``tie_weights`` the embeddings, the projections after the first and the norms are shared (written once
-per stage, as vLLM loads them). vLLM 0.32's V1 engine cannot serve it (issue 7 adds that); here it trains and
-round-trips.
+per stage, as vLLM loads them). vLLM 0.32's V1 engine serves it through lk-vllm's plugin
+(``lk_vllm.plugin.mlp_proposer``), with ``"method": "mlp_speculator"``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ class L2LayerNorm(nn.Module):
 class MLPSpeculatorDrafter(Drafter):
     architecture = "mlp_speculator"
     vllm_method = "mlp_speculator"
-    servable = False  # vLLM 0.32 V1 has no MLP-speculator proposer
 
     def __init__(self, *, vocab_size: int, emb_dim: int, inner_dim: int = 0, n_predict: int = 3,
                  tie_weights: bool = False, scale_input: bool = False, top_k_tokens_per_head=None,
