@@ -125,14 +125,22 @@ def check_drafter_for_target(drafter: Path, target: str) -> None:
 
     record = _read_json(drafter / "lk_training.json")
     target_dir = Path(target)
+    target_config = _read_json(target_dir / "config.json") if target_dir.is_dir() else {}
+    drafter_config = _read_json(drafter / "config.json")
+    if drafter_config.get("model_type") == "mlp_speculator":  # before the fingerprint: names the mismatch
+        from lk_vllm.plugin.mlp_proposer import mlp_speculator_mismatches
+
+        problems = mlp_speculator_mismatches(drafter_config, target_config.get("hidden_size"),
+                                             target_config.get("vocab_size"))
+        if problems:
+            raise UserError(f"--drafter {drafter}: this MLP speculator does not fit the target {target}: "
+                            + "; ".join(problems))
     mismatch = target_mismatch(record, target)
     if mismatch:
         recorded, actual = mismatch
         where = (record.get("target") or {}).get("path", "?")
         raise UserError(f"--drafter {drafter}: trained for target fingerprint {recorded} ({where}), "
                         f"but the target {target} has {actual}")
-    target_config = _read_json(target_dir / "config.json") if target_dir.is_dir() else {}
-    drafter_config = _read_json(drafter / "config.json")
     vocab = target_config.get("vocab_size")
     drafter_vocab = drafter_config.get("vocab_size") or (drafter_config.get("transformer_layer_config") or {}).get("vocab_size")
     if vocab and drafter_vocab and vocab != drafter_vocab:
