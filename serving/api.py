@@ -2,7 +2,8 @@
 
 * ``GET /v1/speculative/stats?window=60&drafter=NAME``: live statistics (DESIGN.md, "Server").
 * ``GET /v1/speculative/history?seconds=600&resolution=5``: the same over time (for the dashboard).
-* ``POST /v1/speculative/drafter {"path": ...}``: swap the drafter (admin key; see ``serving.swap``).
+* ``POST /v1/speculative/drafter {"path": ..., "num_speculative_tokens": K}``: swap the drafter (admin key;
+  K optional, default the live one; see ``serving.swap``).
 * ``GET /dashboard``: the live page (static files in ``serving/static``, no external resources).
 
 Routes under ``/v1`` are guarded by vLLM's own API-key middleware when an API key is set. Admin routes
@@ -14,7 +15,10 @@ load from come from ``$LK_VLLM_ADMIN_KEY`` and ``$LK_VLLM_DRAFTERS_DIR`` (``lk-v
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
+import json
+import logging
 import math
 import os
 import secrets
@@ -30,6 +34,10 @@ STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_WINDOW_SECONDS = 60.0
 ADMIN_KEY_ENV = "LK_VLLM_ADMIN_KEY"
 DRAFTERS_DIR_ENV = "LK_VLLM_DRAFTERS_DIR"
+# Where the statistics are kept over engine restarts (set by lk-vllm serve's supervisor; see serving.supervisor).
+STATS_STATE_ENV = "LK_VLLM_STATS_STATE"
+
+logger = logging.getLogger("lk_vllm.serving")
 
 
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
@@ -71,6 +79,25 @@ def stats_payload(store: LiveStatsStore, window: float, drafter: str | None) -> 
     return payload
 
 
+def carry_statistics_over(store: LiveStatsStore, path: Path) -> None:
+    """Under lk-vllm serve's supervisor, statistics outlive an engine restart: the engine this one replaced left
+    its store in ``path`` (read now), and this one leaves its own there when its process exits."""
+    try:
+        store.merge_snapshot(json.loads(path.read_text()))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("lk-vllm: statistics of the previous engine not restored from %s: %s", path, exc)
+
+    atexit.register(save_statistics, store, path)
+
+
+def save_statistics(store: LiveStatsStore, path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(store.snapshot()))
+    os.replace(temporary, path)
+
+
 def _window(value: float | None, default: float) -> float | JSONResponse:
     if value is None:
         return default
@@ -89,6 +116,8 @@ class LkRoutes:
         self.drafters_dir = os.environ.get(DRAFTERS_DIR_ENV) or None
         self.target: str | None = None
         self.swap_lock = asyncio.Lock()
+        if os.environ.get(STATS_STATE_ENV):
+            carry_statistics_over(self.store, Path(os.environ[STATS_STATE_ENV]))
 
     def speculation_off(self) -> JSONResponse | None:
         if self.store.drafter is None:
@@ -139,7 +168,7 @@ class LkRoutes:
                 return denied
             if (off := self.speculation_off()) is not None:
                 return off
-            from serving.swap import SwapError, swap_drafter
+            from serving.swap import RESTART_HEADER, SwapError, swap_drafter
 
             try:
                 body = await request.json()
@@ -147,11 +176,16 @@ class LkRoutes:
                 return _error(400, 'expected a JSON body {"path": "<drafter directory>"}')
             if not isinstance(body, dict) or not isinstance(body.get("path"), str) or not body["path"]:
                 return _error(400, 'expected a JSON body {"path": "<drafter directory>"}')
+            k = body.get("num_speculative_tokens")
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+                return _error(400, f"num_speculative_tokens must be an integer >= 1, got {k!r}")
             async with self.swap_lock:
                 try:
-                    result = await swap_drafter(self, body["path"])
+                    result = await swap_drafter(self, body["path"], k)
                 except SwapError as exc:
                     return _error(exc.status, str(exc), **exc.headers)
+            if result["status"] == "restart-required":  # for lk-vllm serve's supervisor (serving.supervisor)
+                return JSONResponse(result, headers={RESTART_HEADER: "required"})
             return result
 
         @router.get("/dashboard", include_in_schema=False)

@@ -1,10 +1,12 @@
 """``lk-vllm serve``: vLLM's own OpenAI-compatible server with a drafter and the lk-vllm plugins.
 
 The command checks its input (one-line errors, before any engine starts), measures the no-speculation
-baseline once per target/dtype/hardware/vLLM (``lk-vllm calibrate``, cached) and then *replaces itself* with
-vLLM's server process (``vllm.entrypoints.launchers.api_server.entry``), so every vLLM route, flag and signal
-behaves as with vLLM alone. What lk-vllm adds comes in through the plugins (``lk_vllm.plugin``), which
-``VLLM_PLUGINS`` names, with their settings in environment variables:
+baseline once per target/dtype/hardware/vLLM (``lk-vllm calibrate``, cached) and then runs vLLM's own server
+(``vllm.entrypoints.launchers.api_server.entry``) behind the restart supervisor (``serving.supervisor``: it
+passes every request through, and restarts the engine for drafter swaps that need it), or with
+``--no-supervisor`` *replaces itself* with vLLM's server process. Either way every vLLM route and flag behaves as
+with vLLM alone. What lk-vllm adds comes in through the plugins (``lk_vllm.plugin``), which ``VLLM_PLUGINS``
+names, with their settings in environment variables:
 
 * ``LK_VLLM_ADMIN_KEY`` (``--admin-key``), ``LK_VLLM_DRAFTERS_DIR`` (``--drafters-dir``),
   ``LK_VLLM_BASELINE_PROFILE`` (``--baseline-profile`` or the cached calibration);
@@ -33,6 +35,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-request-spec-decode-metrics", choices=("none", "summary", "detailed"), default="summary",
                         help="acceptance metrics in every response (default summary)")
     parser.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
+    restart = parser.add_argument_group("engine restarts (drafter swaps to another architecture or shape)")
+    restart.add_argument("--restart-wait", type=float, default=300.0, metavar="SECONDS",
+                         help="while the engine restarts, new requests wait this long, then get 503 with Retry-After "
+                              "(default 300)")
+    restart.add_argument("--drain-timeout", type=float, default=300.0, metavar="SECONDS",
+                         help="requests in flight must finish within this before a restart, else the swap is "
+                              "called off (default 300)")
+    restart.add_argument("--no-supervisor", action="store_true",
+                         help="run vLLM's server in this process, with no supervisor in front: no proxy hop, but "
+                              "swaps that need an engine restart are refused (409)")
     add_engine_arguments(parser)
     parser.epilog = "Anything after `--` is passed to vLLM's server unchanged, e.g. `-- --max-num-batched-tokens 4096`."
     _pass_through_after_double_dash(parser)
@@ -192,11 +205,18 @@ def with_faithful_sampling(config: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- the command
 @dataclasses.dataclass
 class ServerCommand:
-    argv: list[str]
+    argv: list[str]  # vLLM's server on --host/--port (what --no-supervisor runs)
     env: dict[str, str]
     target: str
     speculative_config: dict[str, Any] | None
     settings: EngineSettings
+    vllm_flags: list[str] = dataclasses.field(default_factory=list)  # per-request metrics, the user's `--` flags
+
+    def vllm_argv(self, speculative_config: dict[str, Any] | None, listen: list[str]) -> list[str]:
+        """vLLM's server with another speculative config, listening where ``listen`` says (the supervisor's
+        engine restarts)."""
+        settings = dataclasses.replace(self.settings, speculative_config=speculative_config)
+        return [sys.executable, "-m", VLLM_SERVER_MODULE, *settings.server_args(), *listen, *self.vllm_flags]
 
 
 def build_server_command(args: argparse.Namespace) -> ServerCommand:
@@ -208,11 +228,15 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
     target = resolve_target(args.target)
     spec = speculative_config_from_args(args, target)
     settings = settings_from_args(args, target, speculative_config=spec, max_num_seqs=args.max_num_seqs)
-    vllm_args = list(getattr(args, "vllm_args", None) or [])
-    argv = [sys.executable, "-m", VLLM_SERVER_MODULE, *settings.server_args(), "--host", args.host, "--port", str(args.port)]
+    vllm_flags = []
     if spec is not None and args.per_request_spec_decode_metrics != "none":
-        argv += ["--per-request-spec-decode-metrics", args.per_request_spec_decode_metrics]
-    argv += vllm_args
+        vllm_flags += ["--per-request-spec-decode-metrics", args.per_request_spec_decode_metrics]
+    vllm_flags += list(getattr(args, "vllm_args", None) or [])
+    if not getattr(args, "no_supervisor", True) and any(flag.startswith(("--ssl", "--uds")) for flag in vllm_flags):
+        raise UserError("TLS and --uds flags apply to vLLM's own listener: pass --no-supervisor with them "
+                        "(or terminate TLS in front of lk-vllm serve)")
+    argv = [sys.executable, "-m", VLLM_SERVER_MODULE, *settings.server_args(), "--host", args.host,
+            "--port", str(args.port), *vllm_flags]
 
     env = dict(os.environ)
     env["VLLM_PLUGINS"] = plugins_env_value(env.get("VLLM_PLUGINS"))
@@ -230,7 +254,8 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
 
         BaselineProfile.load(args.baseline_profile)  # fail now, in one line, not inside the server
         env["LK_VLLM_BASELINE_PROFILE"] = str(Path(args.baseline_profile).resolve())
-    return ServerCommand(argv=argv, env=env, target=target, speculative_config=spec, settings=settings)
+    return ServerCommand(argv=argv, env=env, target=target, speculative_config=spec, settings=settings,
+                         vllm_flags=vllm_flags)
 
 
 def ensure_calibrated(command: ServerCommand, args: argparse.Namespace) -> None:
@@ -260,10 +285,14 @@ def run(args: argparse.Namespace) -> int:
         print(shlex.join(command.argv))
         return 0
     ensure_calibrated(command, args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(command.argv[0], command.argv, command.env)  # vLLM's server takes over this process
-    return 0  # pragma: no cover
+    if args.no_supervisor:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(command.argv[0], command.argv, command.env)  # vLLM's server takes over this process
+    from serving.supervisor import Supervisor
+
+    return Supervisor(command, host=args.host, port=args.port, restart_wait=args.restart_wait,
+                      drain_timeout=args.drain_timeout).run()
 
 
 # --------------------------------------------------------------------------------------- driving it from Python
@@ -296,9 +325,14 @@ class ServerHandle:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def wait_healthy(url: str, process: subprocess.Popen | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+def wait_healthy(url: str, process: subprocess.Popen | None, timeout: float,
+                 progress: Callable[[float], None] | None = None) -> None:
+    """Poll ``url``/health until it answers 200; ``progress(seconds waited)`` is called about once a second."""
+    started = time.monotonic()
+    deadline = started + timeout
     while time.monotonic() < deadline:
+        if progress is not None:
+            progress(time.monotonic() - started)
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the server exited with code {process.returncode} before it was healthy")
         try:
@@ -319,6 +353,7 @@ def start_server(
     env: dict[str, str] | None = None,
     log_path: str | Path | None = None,
     timeout: float = 600.0,
+    progress: Callable[[float], None] | None = None,
 ) -> ServerHandle:
     """Start ``lk-vllm serve <serve_args>`` in a subprocess (own process group) and wait until it is healthy.
 
@@ -336,7 +371,7 @@ def start_server(
     url = f"http://{host}:{port}"
     handle = ServerHandle(url=url, process=process, log_path=Path(log_path) if log_path else None)
     try:
-        wait_healthy(url, process, timeout)
+        wait_healthy(url, process, timeout, progress)
     except BaseException:
         handle.stop()
         raise

@@ -232,6 +232,42 @@ class LiveStatsStore:
         out["seconds"] = time.monotonic() - self.started
         return out
 
+    # -- carrying statistics over an engine restart -------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """Everything recorded so far, as JSON-able data (``merge_snapshot`` reads it back in another process:
+        step times are ``time.monotonic()`` values, which are system-wide on Linux)."""
+        with self._lock:
+            return {
+                "started": self.started,
+                "started_wall": self.started_wall,
+                "steps": [dataclasses.astuple(step) for step in self._steps],
+                "timed": [dataclasses.astuple(step) for step in self._timed_since_start],
+                "since_start": {name: {"steps": c.steps, "output_tokens": c.output_tokens,
+                                       **dataclasses.asdict(c.counts)} for name, c in self._since_start.items()},
+                "drafters_seen": {name: dataclasses.asdict(info) for name, info in self.drafters_seen.items()},
+            }
+
+    def merge_snapshot(self, data: dict[str, Any]) -> None:
+        """Add an earlier snapshot (of the engine this one replaced) in front of what is recorded here. The live
+        drafter stays the one set here; drafters only the snapshot knows become queryable again."""
+        def steps(rows):
+            return [Step(*row[:-1], tuple(row[-1])) for row in rows]
+
+        with self._lock:
+            self._steps = collections.deque(steps(data["steps"]) + list(self._steps), maxlen=MAX_STEPS)
+            self._timed_since_start[:0] = steps(data["timed"])
+            for name, saved in data["since_start"].items():
+                saved = dict(saved)
+                counters = Counters()
+                counters.steps, counters.output_tokens = saved.pop("steps"), saved.pop("output_tokens")
+                counters.counts = acceptance.SpecDecodeCounts(**saved)
+                counters.merge(self._since_start.get(name, Counters()))
+                self._since_start[name] = counters
+            for name, info in data["drafters_seen"].items():
+                self.drafters_seen.setdefault(name, DrafterInfo(**info))
+            if data["started"] < self.started:
+                self.started, self.started_wall = data["started"], data["started_wall"]
+
     def history(self, seconds: float, resolution: float, drafter: str | None = None) -> list[dict[str, Any]]:
         """The window split into intervals of ``resolution`` seconds, each summarised (for the dashboard)."""
         now = time.monotonic()

@@ -1,24 +1,25 @@
 """Drafter swap on a running server: ``POST /v1/speculative/drafter {"path": ...}``.
 
-What is supported, and what is not (yet):
-
 * **Same architecture and shapes** (the new checkpoint holds exactly the tensors, shapes and dtypes of the live
   drafter's checkpoint, and its config.json has the same architecture and sizes): the weights are reloaded in
   place in every worker through ``engine_client.collective_rpc`` (``lk_vllm.plugin.worker``). The engine core
   runs the RPC between two steps, so requests in flight keep streaming; their next drafts come from the new
   weights. No restart, no failed request.
-* **Different architecture or shapes**: answered ``409 Conflict`` with the reason; the old drafter keeps
-  serving. Restarting the engine inside a live server is not implemented: restart ``lk-vllm serve --drafter
-  NEW`` instead.
-* Methods without drafter weights (``ngram``): 409.
+* **Different architecture or shapes** (or a server speculating without weights, such as n-gram, or another
+  ``num_speculative_tokens``): the engine must restart with a new speculative config. Under ``lk-vllm serve``
+  (its supervisor, ``serving.supervisor``, sets ``$LK_VLLM_SUPERVISED``) this route checks the new drafter and
+  answers the supervisor with the speculative config to restart with (header ``X-LK-Restart: required``); the
+  supervisor drains, restarts and answers the client. Under plain vLLM nothing can restart the engine: 409.
 
 Every path is resolved (symlinks included) and must lie inside ``--drafters-dir``; nothing outside it is ever
-opened. A drafter whose ``lk_training.json`` names another target is refused (409).
+opened. A drafter whose ``lk_training.json`` names another target is refused (409). Every refusal leaves the
+live drafter serving.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,12 @@ from serving.live_stats import DrafterInfo
 WEIGHTS_FILE = "model.safetensors"
 # config.json keys that may differ between two drafters that share a shape (everything else must match).
 _CONFIG_KEYS_FREE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "lk_training"}
+
+
+# Set by lk-vllm serve's supervisor in the environment of the vLLM server it runs (it can restart the engine).
+SUPERVISED_ENV = "LK_VLLM_SUPERVISED"
+# Response header by which this route tells the supervisor to restart the engine (never reaches a client).
+RESTART_HEADER = "X-LK-Restart"
 
 
 class SwapError(Exception):
@@ -92,60 +99,93 @@ def check_target(drafter_dir: Path, target: str | None) -> None:
         raise SwapError(409, f"drafter {drafter_dir.name} was trained for target {recorded}, this server runs {live}")
 
 
-def check_same_shape(current_dir: Path, new_dir: Path) -> None:
-    """409 unless the new drafter can be loaded into the live one's parameters."""
+def shape_difference(current_dir: Path, new_dir: Path) -> str | None:
+    """Why the new drafter cannot be loaded into the live one's parameters, or None if it can."""
     current, new = read_drafter_dir(current_dir)["config"], read_drafter_dir(new_dir)["config"]
+    old_architecture, new_architecture = drafter_architecture(current, "?"), drafter_architecture(new, "?")
+    if old_architecture != new_architecture:
+        return f"the new drafter's architectures differ ({old_architecture} -> {new_architecture})"
     differing = sorted(
         key for key in (set(current) | set(new)) - _CONFIG_KEYS_FREE if current.get(key) != new.get(key)
     )
     if differing:
-        raise SwapError(
-            409,
-            f"the new drafter's config differs in {', '.join(differing)}: only drafters of the same architecture "
-            "and shapes can be swapped live; restart `lk-vllm serve --drafter` for this one",
-        )
+        more = f" and {len(differing) - 6} more" if len(differing) > 6 else ""
+        return f"the new drafter's config differs in {', '.join(differing[:6])}{more}"
     old_tensors, new_tensors = safetensors_header(current_dir / WEIGHTS_FILE), safetensors_header(new_dir / WEIGHTS_FILE)
     if old_tensors != new_tensors:
         changed = sorted(set(old_tensors) ^ set(new_tensors)) or sorted(
             k for k in old_tensors if old_tensors[k] != new_tensors[k]
         )
-        raise SwapError(
-            409,
-            f"the new drafter's tensors differ ({', '.join(changed[:5])}): only the same shapes can be swapped live; "
-            "restart `lk-vllm serve --drafter` for this one",
-        )
+        return f"the new drafter's tensors differ ({', '.join(changed[:5])})"
+    return None
 
 
-async def swap_drafter(routes, requested: str) -> dict[str, Any]:
-    """Validate and perform a swap; raise SwapError (4xx) with the reason, leaving the old drafter serving."""
+def restart_config(new_dir: Path, num_speculative_tokens: int, target: str | None) -> dict[str, Any]:
+    """The speculative config ``lk-vllm serve --drafter NEW`` would start with (4xx if it would refuse it)."""
+    from lk_vllm.drafters import speculative_config_for
+    from lk_vllm.errors import UserError
+    from serving.launcher import check_drafter_for_target, with_faithful_sampling
+
+    try:
+        if target:
+            check_drafter_for_target(new_dir, target)
+    except UserError as exc:
+        raise SwapError(409, str(exc)) from None
+    try:
+        return with_faithful_sampling(speculative_config_for(new_dir, num_speculative_tokens))
+    except UserError as exc:
+        raise SwapError(400, str(exc)) from None
+
+
+def _describe(new_dir: Path, method: str, live: DrafterInfo | None, num_speculative_tokens: int) -> DrafterInfo:
+    details = read_drafter_dir(new_dir)
+    return DrafterInfo(
+        name=str(new_dir),
+        method=method,
+        architecture=drafter_architecture(details["config"], method),
+        loss=recorded_loss(details["training"]),
+        num_speculative_tokens=num_speculative_tokens,
+        sampling=live.sampling if live else {},
+    )
+
+
+async def swap_drafter(routes, requested: str, num_speculative_tokens: int | None = None) -> dict[str, Any]:
+    """Validate and perform a swap; raise SwapError (4xx) with the reason, leaving the old drafter serving.
+
+    Returns the result, or (under the supervisor, when the engine must restart) ``{"status": "restart-required",
+    "speculative_config": ...}`` for the supervisor to act on."""
     from lk_vllm.plugin.worker import RELOAD_DRAFTER
 
     store = routes.store
     live: DrafterInfo | None = store.drafter
     new_dir = resolve_inside(routes.drafters_dir, requested)
-    if live is None or not Path(live.name).is_dir():
-        raise SwapError(409, f"the live drafter ({live.method if live else 'none'}) has no weights to swap")
-    live_dir = Path(live.name).resolve()
     check_target(new_dir, routes.target)
-    if new_dir == live_dir:
+    live_dir = Path(live.name).resolve() if live is not None and Path(live.name).is_dir() else None
+    k = num_speculative_tokens or (live.num_speculative_tokens if live else 0)
+    if new_dir == live_dir and k == live.num_speculative_tokens:
         raise SwapError(409, f"{requested!r} is already the live drafter")
-    check_same_shape(live_dir, new_dir)
+    if live_dir is None:
+        reason = f"the live drafter ({live.method if live else 'none'}) has no weights to swap"
+    elif k != live.num_speculative_tokens:
+        reason = f"num_speculative_tokens changes from {live.num_speculative_tokens} to {k}"
+    else:
+        reason = shape_difference(live_dir, new_dir)
+    if reason is not None:
+        if not os.environ.get(SUPERVISED_ENV):
+            raise SwapError(409, f"{reason}: only drafters of the same architecture and shapes can be swapped into "
+                                 "plain vLLM; serve with `lk-vllm serve` (it restarts the engine for such swaps) or "
+                                 "restart `lk-vllm serve --drafter` for this one")
+        spec = restart_config(new_dir, k, routes.target)
+        info = _describe(new_dir, spec["method"], None, k)
+        return {"status": "restart-required", "reason": reason, "speculative_config": spec,
+                "previous": live.name if live else None, "drafter": info.as_json()}
     if routes.engine_client is None:
         raise SwapError(503, "the engine is not ready", **{"Retry-After": "5"})
     results = await routes.engine_client.collective_rpc(RELOAD_DRAFTER, args=(str(new_dir),))
-    details = read_drafter_dir(new_dir)
-    training = details["training"]
-    info = DrafterInfo(
-        name=str(new_dir),
-        method=live.method,
-        architecture=drafter_architecture(details["config"], live.method),
-        loss=recorded_loss(training),
-        num_speculative_tokens=live.num_speculative_tokens,
-        sampling=live.sampling,
-    )
+    info = _describe(new_dir, live.method, live, k)
     store.set_drafter(info)
     return {"status": "swapped", "mode": "in-place weight reload", "previous": live.name, "drafter": info.as_json(),
             "workers": results}
 
 
-__all__ = ["SwapError", "describe_speculative_config", "resolve_inside", "swap_drafter"]
+__all__ = ["RESTART_HEADER", "SUPERVISED_ENV", "SwapError", "describe_speculative_config", "resolve_inside", "swap_drafter"]

@@ -1,7 +1,8 @@
-"""EAGLE-3 drafters (written by lk_vllm.drafters for the default target) served by PLAIN vLLM
-(``python -m vllm.entrypoints.openai.api_server``) with the lk plugins named in VLLM_PLUGINS: live drafter swap
-under streaming load, refused swaps, per-drafter statistics, and faithful sampling at T > 0 (the CPU
-rejection-sampler fix in lk_vllm.plugin.patches).
+"""EAGLE-3 drafters (written by lk_vllm.drafters for the default target) served by `lk-vllm serve` (vLLM's own
+server with the lk plugins, behind the restart supervisor): live in-place drafter swap under streaming load,
+refused swaps, per-drafter statistics, faithful sampling at T > 0 (the CPU rejection-sampler fix in
+lk_vllm.plugin.patches), and last, a swap to a Medusa drafter that restarts the engine under streaming load.
+(Plain vLLM with the plugins refuses restart swaps with 409: tests/test_plugin.py.)
 """
 
 from __future__ import annotations
@@ -9,9 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import math
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,7 +17,7 @@ import pytest
 import torch
 
 from serving.client import HTTPError, complete, request_json
-from serving.launcher import ServerHandle, free_port, wait_healthy
+from serving.launcher import start_server
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +27,8 @@ PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse ke
 
 
 def _write_drafters(target_dir, root):
-    """Two random EAGLE-3 drafters of the same shape (different weights) and one with a wider MLP."""
+    """Two random EAGLE-3 drafters of the same shape (different weights), one with a wider MLP, a Medusa drafter
+    with K heads (another architecture: swapping to it restarts the engine) and one with too few heads."""
     from lk_vllm.drafters import create_drafter, target_info
     from training.target import TargetModel
 
@@ -44,6 +43,10 @@ def _write_drafters(target_dir, root):
             for parameter in drafter.trainable_parameters():
                 parameter.add_(torch.randn_like(parameter) * 0.01)
         paths[name] = drafter.save_pretrained(root / name, target=info, training={"loss": "lambda", "seed": seed})
+    for name, heads in (("medusa", K), ("medusa_one_head", 1)):
+        torch.manual_seed(4)
+        drafter = create_drafter("medusa", target, num_heads=heads)
+        paths[name] = drafter.save_pretrained(root / name, target=info, training={"loss": "kl"})
     return paths
 
 
@@ -52,40 +55,25 @@ def server(tmp_path_factory, default_target):
     work = tmp_path_factory.mktemp("swap")
     drafters = work / "drafters"
     paths = _write_drafters(default_target, drafters)
-    from lk_vllm.drafters import speculative_config_for
-    from lk_vllm.engine import EngineSettings
-    from lk_vllm.plugin import PLUGIN_NAMES
-    from serving.launcher import with_faithful_sampling
-
-    spec = with_faithful_sampling(speculative_config_for(paths["a"], K))
-    settings = EngineSettings(model=default_target, max_model_len=1024, max_num_seqs=16, speculative_config=spec)
-    port = free_port()
-    env = dict(os.environ, VLLM_PLUGINS=",".join(PLUGIN_NAMES), LK_VLLM_ADMIN_KEY=ADMIN_KEY,
-               LK_VLLM_DRAFTERS_DIR=str(drafters), VLLM_CPU_KVCACHE_SPACE="1", VLLM_USE_V2_MODEL_RUNNER="0",
-               HF_HUB_OFFLINE="1")
-    log = open(work / "server.log", "ab")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *settings.server_args(), "--host", "127.0.0.1",
-         "--port", str(port), "--per-request-spec-decode-metrics", "summary"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    handle = start_server(
+        [default_target, "--drafter", str(paths["a"]), "--num-speculative-tokens", str(K), "--admin-key", ADMIN_KEY,
+         "--drafters-dir", str(drafters), "--no-calibrate", "--max-model-len", "1024", "--max-num-seqs", "16"],
+        log_path=work / "server.log", timeout=900,
     )
-    handle = ServerHandle(url=f"http://127.0.0.1:{port}", process=process, log_path=work / "server.log")
     try:
-        wait_healthy(handle.url, process, timeout=900)
-        yield {"url": handle.url, "model": default_target, "paths": paths, "drafters": drafters}
+        yield {"url": handle.url, "model": default_target, "paths": paths, "drafters": drafters, "handle": handle}
     except BaseException:
         print(handle.log_tail(80))
         raise
     finally:
         handle.stop()
-        log.close()
 
 
 def swap(server, path, key=ADMIN_KEY):
     return request_json(server["url"], "/v1/speculative/drafter", {"path": path}, headers={"X-Admin-Key": key})
 
 
-def test_plain_vllm_serves_the_drafter_with_the_lk_plugins(server):
+def test_serve_runs_the_drafter_with_the_lk_plugins(server):
     stats = request_json(server["url"], "/v1/speculative/stats")
     assert stats["method"] == "eagle3" and stats["num_speculative_tokens"] == K
     assert stats["drafter"]["path"] == str(server["paths"]["a"])
@@ -151,7 +139,8 @@ def test_swap_in_place_under_streaming_load_without_failures(server):
 
 def test_refused_swaps_leave_the_live_drafter_serving(server):
     live = request_json(server["url"], "/v1/speculative/stats")["live_drafter"]
-    cases = [("wide", 409, "differ"), ("../swap", 403, "outside --drafters-dir"), ("nothing", 404, "not found")]
+    cases = [("medusa_one_head", 400, "Medusa has 1 heads"), ("../swap", 403, "outside --drafters-dir"),
+             ("nothing", 404, "not found")]
     for path, status, reason in cases:
         with pytest.raises(HTTPError) as error:
             swap(server, path)
@@ -166,3 +155,53 @@ def test_refused_swaps_leave_the_live_drafter_serving(server):
 def test_lk_training_record_is_reported(server):
     record = json.loads((server["paths"]["a"] / "lk_training.json").read_text())
     assert record["target"]["fingerprint"]  # what the launcher and the swap check against the live target
+
+
+def test_swap_to_another_architecture_restarts_the_engine_without_breaking_streams(server):
+    """EAGLE-3 -> Medusa needs a new engine: the supervisor drains the streams in flight, holds new requests
+    while vLLM restarts with the Medusa config, then serves them with it. 6 streaming clients run throughout:
+    zero failed or broken streams (a broken one raises in its client), the Medusa drafter serves, and the
+    statistics of every drafter (kept in the restarted server's process) stay queryable."""
+    url, model, paths = server["url"], server["model"], server["paths"]
+    greedy_before = complete(url, model, messages=PROMPT, max_tokens=32).text
+    live_before = request_json(url, "/v1/speculative/stats")["live_drafter"]
+    stop = threading.Event()
+    spans: list[tuple[float, float]] = []
+
+    def client(index: int) -> int:
+        count = 0
+        while not stop.is_set():
+            started = time.monotonic()
+            result = complete(url, model, messages=PROMPT, max_tokens=24, stream=True, temperature=0.5 * (index % 2),
+                              seed=index, timeout=600)
+            assert 0 < result.completion_tokens <= 24 and result.spec_metrics is not None
+            spans.append((started, time.monotonic()))
+            count += 1
+        return count
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(client, i) for i in range(6)]
+        time.sleep(4)
+        swap_started = time.monotonic()
+        response = swap(server, "medusa")
+        swap_finished = time.monotonic()
+        time.sleep(4)
+        stop.set()
+        done = [f.result() for f in futures]  # re-raises any client failure
+    restart = response["restart"]
+    print(f"restart: {json.dumps(restart)}; requests completed: {sum(done)}")
+    assert response["status"] == "swapped" and response["mode"] == "engine restart"
+    assert response["previous"] == live_before and response["drafter"]["path"] == str(paths["medusa"])
+    assert restart["drained_requests"] >= 1 and restart["waited_requests"] >= 1 and restart["rejected_requests"] == 0
+    assert restart["statistics_carried_over"]
+    assert [s for s in spans if s[0] < swap_started < s[1]]  # in flight when the swap came, and finished whole
+    assert [s for s in spans if s[0] > swap_finished]  # and new requests afterwards
+
+    stats = request_json(url, "/v1/speculative/stats")
+    assert stats["live_drafter"] == str(paths["medusa"]) and stats["method"] == "medusa"
+    assert stats["drafter"]["architecture"] == "MedusaModel" and stats["num_speculative_tokens"] == K
+    assert {str(paths[name]) for name in ("a", "b", "medusa")} <= set(stats["drafters"])
+    for name in ("a", "b", "medusa"):  # per-drafter statistics from before and after the restart
+        per_drafter = request_json(url, f"/v1/speculative/stats?drafter={paths[name]}&window=3600")
+        assert per_drafter["num_drafts"] > 0 and per_drafter["since_start"]["num_drafts"] > 0, name
+    assert complete(url, model, messages=PROMPT, max_tokens=32).text == greedy_before  # still the target's output
