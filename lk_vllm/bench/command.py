@@ -1,0 +1,225 @@
+"""``lk-vllm bench``: the command line over workloads, contenders, runner, metrics and report."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lk_vllm.engine import EngineSettings, add_engine_arguments, settings_from_args
+from lk_vllm.errors import UserError
+
+DEFAULT_TEMPERATURES = (0.0, 1.0)
+DEFAULT_CONCURRENCIES = (1, 8)
+DEFAULT_OUT_DIR = "benchmarks/results"
+
+METHOD = {
+    "engines": "one vLLM engine per row group (the baseline, then each drafter), started and shut down in turn; "
+               "identical engine settings except the speculative config",
+    "drafting": "drafter configs as `lk-vllm serve` runs them: standard rejection sampling; at T>0 drafts sampled "
+                "from the drafter's distribution (greedy for Medusa heads), at T=0 greedy drafts",
+    "concurrency": "closed loop: c requests in flight while prompts remain (c=1 is batch 1, one request after "
+                   "another); max_num_seqs = the largest concurrency",
+    "sampling": "prompts tokenized with the target's chat template; at T>0 request i samples with seed + i, the "
+                "same for every engine",
+    "acceptance": "acceptance length = 1 + accepted / drafts and per-position acceptance = accepted at position k "
+                  "/ drafts, from vLLM's speculative-decoding counters of the cell",
+    "throughput": "tokens/s = output tokens / wall time from the first request's submission to the last one's "
+                  "completion (after a warm-up; prefix cache emptied before each cell); speedup = tokens/s / the "
+                  "baseline's tokens/s for the same dataset, temperature and concurrency in the same run",
+    "training-time": "training-time expected acceptance length from the drafter's lk_training.json held-out "
+                     "metrics (T=0: top-1 agreement, T=1: alpha); gap % = (served - expected) / expected",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--drafter", action="append", default=[], metavar="DIR",
+                        help="drafter checkpoint directory to benchmark (repeatable)")
+    parser.add_argument("--target", default=None,
+                        help="target model directory or cached HF id (default: the embedded default target)")
+    parser.add_argument("--dataset", action="append", default=None,
+                        help="eval dataset: mtbench, humaneval, gsm8k, ... or a .jsonl file (repeatable; default mtbench)")
+    parser.add_argument("--limit", type=int, default=20, help="first N prompts of each dataset (default 20)")
+    parser.add_argument("--temperature", action="append", type=float, default=None,
+                        help="sampling temperature (repeatable; default 0 and 1)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=3, help="draft tokens per step, K (default 3)")
+    parser.add_argument("--concurrency", action="append", type=int, default=None,
+                        help="requests in flight (repeatable; default 1 and 8; 1 = batch 1)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="output tokens per request at most (default 128)")
+    parser.add_argument("--name", default=None, help="results file name (default bench-<date>-<time>)")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"results directory (default {DEFAULT_OUT_DIR})")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the no-speculation run (then there is no speedup)")
+    parser.add_argument("--json", action="store_true", help="print the results document as one JSON object on stdout")
+    add_engine_arguments(parser)  # its --seed also seeds the requests at T>0
+
+
+def _log(message: str) -> None:
+    print(f"[lk-vllm bench] {message}", file=sys.stderr, flush=True)
+
+
+def _unique(values):
+    return tuple(dict.fromkeys(values))
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    if args.num_speculative_tokens < 1:
+        raise UserError(f"--num-speculative-tokens must be at least 1, got {args.num_speculative_tokens}")
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    for t in args.temperature or ():
+        if not t >= 0:
+            raise UserError(f"--temperature must be >= 0, got {t}")
+    for c in args.concurrency or ():
+        if c < 1:
+            raise UserError(f"--concurrency must be at least 1, got {c}")
+    if args.no_baseline and not args.drafter:
+        raise UserError("nothing to benchmark: --no-baseline and no --drafter")
+    if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
+        raise UserError(f"--name must be a plain file name (no '/', not starting with '.'), got {args.name!r}")
+
+
+def prepare(args: argparse.Namespace):
+    """Check every input and build (plan, contenders, engine settings); nothing starts an engine here."""
+    from lk_vllm.assets import resolve_target
+    from lk_vllm.bench.contenders import BASELINE, drafter_contender, drafter_labels, target_shape
+    from lk_vllm.bench.runner import Plan
+    from lk_vllm.bench.workloads import load_tokenizer, load_workloads
+    from lk_vllm.engine import apply_engine_env
+
+    _check_flags(args)
+    apply_engine_env()  # offline hub access for the tokenizer and config reads below
+    target = resolve_target(args.target)
+    shape = target_shape(target)
+    k = args.num_speculative_tokens
+    labels = drafter_labels(args.drafter)
+    contenders = [] if args.no_baseline else [BASELINE]
+    contenders += [drafter_contender(d, label, shape, k) for d, label in zip(args.drafter, labels, strict=True)]
+    workloads = load_workloads(list(_unique(args.dataset or ["mtbench"])), args.limit, load_tokenizer(target))
+    plan = Plan(workloads=tuple(workloads),
+                temperatures=_unique(float(t) for t in (args.temperature or DEFAULT_TEMPERATURES)),
+                concurrencies=_unique(args.concurrency or DEFAULT_CONCURRENCIES),
+                num_speculative_tokens=k, max_tokens=args.max_tokens, seed=args.seed)
+    settings = settings_from_args(args, target)
+    if plan.max_model_len() > settings.max_model_len:
+        _log(f"--max-model-len raised to {plan.max_model_len()} (longest prompt + --max-tokens + K + 1)")
+        settings.max_model_len = plan.max_model_len()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"--out-dir {out_dir}: not writable")
+    return plan, contenders, settings
+
+
+def execute(plan, contenders, settings: EngineSettings) -> dict[str, dict]:
+    """Measure every contender in turn (one engine at a time); return label -> cell -> Measurement."""
+    from tqdm import tqdm
+
+    from lk_vllm.bench.runner import engine_settings, measure
+
+    results = {}
+    per_contender = plan.num_requests()
+    with tqdm(total=per_contender * len(contenders), unit="req", file=sys.stderr, dynamic_ncols=True) as progress:
+        for number, contender in enumerate(contenders, start=1):
+            progress.set_description(f"{contender.label} ({number}/{len(contenders)})")
+            progress.set_postfix_str("starting vLLM")
+
+            def finished(cell):
+                progress.set_postfix_str(f"{cell.dataset} T={cell.temperature:g} c={cell.concurrency}", refresh=False)
+                progress.update()
+
+            results[contender.label] = measure(engine_settings(settings, plan, contender), plan, finished,
+                                               on_ready=lambda: progress.set_postfix_str("warm-up"))
+    return results
+
+
+def build_document(plan, contenders, settings: EngineSettings, results, name: str, command: str) -> dict[str, Any]:
+    from lk_vllm import __version__
+    from lk_vllm.assets import target_fingerprint
+    from lk_vllm.bench.contenders import BASELINE
+    from lk_vllm.bench.metrics import build_records
+    from lk_vllm.bench.runner import engine_settings
+    from lk_vllm.engine import vllm_version
+    from serving.speedup import hardware_id
+
+    records, overall = build_records(plan, contenders, results)
+    engine = engine_settings(settings, plan, BASELINE).llm_kwargs()
+    target = engine.pop("model")
+    return {
+        "name": name,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "target": target,
+        "target_fingerprint": target_fingerprint(target) if Path(target).is_dir() else None,
+        "hardware": hardware_id(),
+        "vllm_version": vllm_version(),
+        "lk_vllm_version": __version__,
+        "settings": {
+            "datasets": [w.dataset for w in plan.workloads],
+            "limit": min(len(w.prompt_ids) for w in plan.workloads) if plan.workloads else None,
+            "temperatures": list(plan.temperatures),
+            "concurrencies": list(plan.concurrencies),
+            "num_speculative_tokens": plan.num_speculative_tokens,
+            "max_tokens": plan.max_tokens,
+            "seed": plan.seed,
+            "engine": engine,
+        },
+        "drafters": [c.describe() for c in contenders],
+        "method": METHOD,
+        "records": records,
+        "overall": overall,
+    }
+
+
+def command_line(args: argparse.Namespace, plan, settings: EngineSettings, name: str) -> str:
+    """The command that repeats this run, every default spelled out (engine flags as resolved)."""
+    from lk_vllm.engine import engine_arguments
+
+    argv = ["lk-vllm", "bench"]
+    for drafter in args.drafter:
+        argv += ["--drafter", drafter]
+    argv += ["--target", settings.model]
+    for workload in plan.workloads:
+        argv += ["--dataset", workload.dataset]
+    argv += ["--limit", str(args.limit)]
+    for temperature in plan.temperatures:
+        argv += ["--temperature", f"{temperature:g}"]
+    for concurrency in plan.concurrencies:
+        argv += ["--concurrency", str(concurrency)]
+    argv += ["--num-speculative-tokens", str(plan.num_speculative_tokens), "--max-tokens", str(plan.max_tokens)]
+    argv += ["--name", name, "--out-dir", args.out_dir] + (["--no-baseline"] if args.no_baseline else [])
+    return shlex.join(argv + engine_arguments(settings))
+
+
+def run(args: argparse.Namespace) -> int:
+    from lk_vllm.bench.report import write_results
+
+    # vLLM logs to stdout by default; stdout is for the results (one JSON object with --json).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    started = time.time()
+    plan, contenders, settings = prepare(args)
+    name = args.name or f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    _log(f"{len(contenders)} engine(s) x {plan.num_requests()} requests on {settings.model}")
+    results = execute(plan, contenders, settings)
+    command = command_line(args, plan, settings, name)
+    document = build_document(plan, contenders, settings, results, name, command)
+    paths = write_results(document, args.out_dir, name)
+    _log(f"done in {time.time() - started:.0f} s: {', '.join(str(p) for p in paths.values())}")
+    if args.json:
+        print(json.dumps(document))
+    else:
+        for r in document["overall"]:
+            al = "-" if r["acceptance_length"] is None else f"{r['acceptance_length']:.2f}"
+            speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+            print(f"{r['drafter']:<24} T={r['temperature']:<4g} c={r['concurrency']:<3d} acceptance length {al:>5}  "
+                  f"{r['tokens_per_s']:7.1f} tokens/s  speedup {speedup}")
+        print(f"results: {paths['md']}")
+    return 0

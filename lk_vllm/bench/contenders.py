@@ -1,0 +1,100 @@
+"""What the bench compares: the no-speculation baseline and each drafter, as vLLM speculative configs.
+
+Every contender runs on the same target with the same engine settings; only ``speculative_config`` differs.
+A drafter's config is exactly the one ``lk-vllm serve --drafter DIR`` serves (``speculative_config_for`` and
+``serving.launcher.with_faithful_sampling``): standard rejection sampling, and drafts sampled from the
+drafter's distribution for drafters that have one. At T=0 vLLM still drafts greedily (it does so whenever a
+batch is all greedy), so one engine per drafter serves both temperatures. vLLM's Medusa proposer always
+drafts its heads' argmax.
+
+All checks run before any engine starts and fail with one line naming the flag or file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from lk_vllm.errors import UserError
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One engine configuration: the baseline (no speculative config) or a drafter directory."""
+
+    label: str
+    architecture: str  # drafter registry name (eagle3, medusa, draft_model, ...) or "none"
+    loss: str | None = None  # as lk_training.json records it (kl, tv, alpha, lambda); None if unknown
+    path: str | None = None
+    speculative_config: dict[str, Any] | None = None
+    training: dict[str, Any] = field(default_factory=dict)  # lk_training.json "training" ({} if absent)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.speculative_config is None
+
+    def describe(self) -> dict[str, Any]:
+        training = self.training
+        return {
+            "label": self.label,
+            "path": self.path,
+            "architecture": self.architecture,
+            "loss": self.loss,
+            "speculative_config": self.speculative_config,
+            "training": {key: training.get(key) for key in ("loss", "eta", "gamma", "num_steps", "steps", "recipe")
+                         if key in training},
+        }
+
+
+BASELINE = Contender(label="baseline", architecture="none")
+
+
+def target_shape(target: str) -> SimpleNamespace:
+    """What the drafter checks need from the target (its config.json only; no weights are loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(target).get_text_config()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--target {target}: cannot read its config ({str(exc).splitlines()[0]})") from None
+    return SimpleNamespace(path=target, vocab_size=int(config.vocab_size), hidden_size=int(config.hidden_size))
+
+
+def drafter_contender(directory: str, label: str, target, num_speculative_tokens: int) -> Contender:
+    """Check a drafter directory (format, weights, made for ``target``, servable with K tokens) and describe it.
+    ``target`` is ``target_shape(...)``."""
+    from lk_vllm.drafters import load_drafter, speculative_config_for
+    from lk_vllm.drafters.base import check_drafter_matches_target, read_training_record
+    from serving.drafter_info import recorded_loss
+    from serving.launcher import with_faithful_sampling
+
+    path = Path(directory).expanduser().resolve()
+    if not path.is_dir():
+        raise UserError(f"--drafter {directory}: directory not found")
+    drafter = load_drafter(path)  # config and weights readable, in a supported format
+    check_drafter_matches_target(path, drafter, target)
+    config = with_faithful_sampling(speculative_config_for(path, num_speculative_tokens))
+    record = read_training_record(path)
+    training = record.get("training") if isinstance(record.get("training"), dict) else {}
+    return Contender(label=label, architecture=drafter.architecture, loss=recorded_loss(record), path=str(path),
+                     speculative_config=config, training=training)
+
+
+def drafter_labels(directories: list[str]) -> list[str]:
+    """Short unique names: the shortest tail of each path that no other drafter shares (runs/kl/best and
+    runs/lk/best become kl/best and lk/best)."""
+    paths = [Path(d).expanduser().resolve() for d in directories]
+    repeated = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if repeated:
+        raise UserError(f"--drafter {repeated[0]} is given twice")
+    labels = []
+    for path in paths:
+        parts = path.parts
+        for length in range(1, len(parts) + 1):
+            tail = parts[-length:]
+            if sum(1 for other in paths if other.parts[-length:] == tail) == 1:
+                break
+        labels.append("/".join(tail))
+    return labels

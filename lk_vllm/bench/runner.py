@@ -1,0 +1,165 @@
+"""Runs one contender's vLLM engine over every cell of the plan and measures it.
+
+One offline engine (``lk_vllm.engine.make_llm``) per contender, started, measured and shut down before the
+next one starts: engines never share the machine. Requests go through the engine's own request loop
+(``LLMEngine.add_request`` / ``step``) as a closed loop: at concurrency ``c`` exactly ``c`` requests are in
+flight while prompts remain (a finished request is replaced at once), so concurrency 1 is batch 1, one request
+after another, and concurrency 8 is eight clients that each send their next request when the last one is
+answered. ``max_num_seqs`` is the largest concurrency for every contender.
+
+Each cell (dataset, temperature, concurrency) measures, on the same engine:
+
+* wall time from the first request's submission to the last one's completion, and the output tokens of all
+  requests (prefills included: they are the same work with and without a drafter);
+* the engine's speculative-decoding counters before and after (``read_spec_decode_counters``); the difference
+  belongs to the cell (``lk_vllm.acceptance.SpecDecodeCounts``).
+
+Before the first cell a short warm-up (not measured) runs at every temperature, and the prefix cache is
+emptied before each cell so a cell never reuses the prompts' KV cache from an earlier one. At T>0 request
+``i`` of a dataset samples with seed ``seed + i``: the same seeds for every contender and concurrency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from lk_vllm.acceptance import SpecDecodeCounts
+from lk_vllm.bench.contenders import Contender
+from lk_vllm.bench.workloads import Workload
+from lk_vllm.engine import (
+    EngineSettings,
+    make_llm,
+    read_spec_decode_counters,
+    shutdown_llm,
+    whole_prompt_prefills,
+)
+
+WARM_UP_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    temperature: float
+    concurrency: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every contender runs: each dataset at each temperature and concurrency."""
+
+    workloads: tuple[Workload, ...]
+    temperatures: tuple[float, ...]
+    concurrencies: tuple[int, ...]
+    num_speculative_tokens: int
+    max_tokens: int
+    seed: int = 0
+
+    def cells(self) -> Iterator[tuple[Cell, Workload]]:
+        for workload in self.workloads:
+            for temperature in self.temperatures:
+                for concurrency in self.concurrencies:
+                    yield Cell(workload.dataset, temperature, concurrency), workload
+
+    def num_requests(self) -> int:
+        return sum(len(cell_workload.prompt_ids) for _, cell_workload in self.cells())
+
+    def max_model_len(self) -> int:
+        """Context an engine needs: the longest prompt, its answer and one verification step beyond it."""
+        longest = max(w.longest_prompt for w in self.workloads)
+        return longest + self.max_tokens + self.num_speculative_tokens + 1
+
+
+@dataclass(frozen=True)
+class Measurement:
+    num_requests: int
+    output_tokens: int
+    seconds: float
+    counts: SpecDecodeCounts
+
+
+def engine_settings(base: EngineSettings, plan: Plan, contender: Contender) -> EngineSettings:
+    """``base`` with the contender's speculative config; everything else identical for every contender.
+    Whole-prompt prefills because requests sample with their own seed (see ``whole_prompt_prefills``)."""
+    settings = dataclasses.replace(base, speculative_config=contender.speculative_config,
+                                   max_num_seqs=max(plan.concurrencies))
+    return whole_prompt_prefills(settings)
+
+
+def sampling_params(temperature: float, max_tokens: int, seeds: Sequence[int]) -> list:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed if temperature > 0 else None,
+                           output_kind=RequestOutputKind.FINAL_ONLY) for seed in seeds]
+
+
+def drive(engine, prompt_ids: Sequence[Sequence[int]], params: Sequence, concurrency: int,
+          on_finished: Callable[[], None] | None = None) -> tuple[int, float]:
+    """Run the prompts with ``concurrency`` requests in flight; return (output tokens, wall seconds)."""
+    from vllm.inputs import TokensPrompt
+
+    prefix = uuid.uuid4().hex[:8]
+    waiting = list(range(len(prompt_ids)))[::-1]
+    in_flight: set[str] = set()
+    output_tokens = 0
+
+    def submit() -> None:
+        index = waiting.pop()
+        request_id = f"bench-{prefix}-{index}"
+        engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt_ids[index])), params[index])
+        in_flight.add(request_id)
+
+    started = time.perf_counter()
+    while waiting and len(in_flight) < concurrency:
+        submit()
+    while in_flight:
+        for output in engine.step():
+            if not output.finished:
+                continue
+            in_flight.discard(output.request_id)
+            output_tokens += sum(len(completion.token_ids) for completion in output.outputs)
+            if on_finished is not None:
+                on_finished()
+            if waiting:
+                submit()
+    return output_tokens, time.perf_counter() - started
+
+
+def _counters(llm, num_positions: int) -> SpecDecodeCounts:
+    counters = read_spec_decode_counters(llm)
+    # vLLM may report no per-position counter before the first draft: pad, so snapshots always subtract.
+    per_position = list(counters["accepted_per_position"])
+    counters["accepted_per_position"] = per_position + [0] * (num_positions - len(per_position))
+    return SpecDecodeCounts.from_mapping(counters)
+
+
+def measure(settings: EngineSettings, plan: Plan, on_finished: Callable[[Cell], None] | None = None,
+            on_ready: Callable[[], None] | None = None) -> dict[Cell, Measurement]:
+    """Start an engine with ``settings``, measure every cell of ``plan``, shut the engine down."""
+    num_positions = (settings.speculative_config or {}).get("num_speculative_tokens", 0)
+    llm = make_llm(settings)
+    try:
+        engine = llm.llm_engine
+        if on_ready is not None:
+            on_ready()
+        first = plan.workloads[0].prompt_ids[: max(plan.concurrencies)]
+        for temperature in plan.temperatures:  # warm-up, not measured
+            params = sampling_params(temperature, min(WARM_UP_TOKENS, plan.max_tokens), range(len(first)))
+            drive(engine, first, params, max(plan.concurrencies))
+        results = {}
+        for cell, workload in plan.cells():
+            engine.reset_prefix_cache()
+            seeds = [plan.seed + index for index in range(len(workload.prompt_ids))]
+            params = sampling_params(cell.temperature, plan.max_tokens, seeds)
+            before = _counters(llm, num_positions)
+            tokens, seconds = drive(engine, workload.prompt_ids, params, cell.concurrency,
+                                    None if on_finished is None else lambda cell=cell: on_finished(cell))
+            results[cell] = Measurement(len(workload.prompt_ids), tokens, seconds, _counters(llm, num_positions) - before)
+        return results
+    finally:
+        shutdown_llm(llm)

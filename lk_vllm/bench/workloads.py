@@ -1,0 +1,53 @@
+"""What the bench feeds the engines: prompts of each dataset as token ids.
+
+A dataset is anything ``lk_vllm.datasets.load_prompts`` knows (the registry's evaluation splits, or a user's
+JSONL file): adding a dataset there adds it here. Prompts are tokenized once, with the target tokenizer's chat
+template (``lk_vllm.datasets.chat_prompt_ids``, the ids ``lk-vllm eval`` uses too), so every engine gets exactly
+the same token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lk_vllm.errors import UserError
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One dataset's prompts, as the target's token ids."""
+
+    dataset: str
+    prompt_ids: tuple[tuple[int, ...], ...]
+
+    @property
+    def longest_prompt(self) -> int:
+        return max(len(ids) for ids in self.prompt_ids)
+
+
+def load_tokenizer(target: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--target {target}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+def load_workloads(datasets: list[str], limit: int | None, tokenizer) -> list[Workload]:
+    """The first ``limit`` evaluation prompts of each dataset, tokenized (one-line UserError on bad input)."""
+    from lk_vllm.datasets import chat_prompt_ids, load_prompts
+
+    workloads = []
+    for name in datasets:
+        prompts = load_prompts(name, split="eval", limit=limit)
+        if not prompts:
+            raise UserError(f"--dataset {name}: no prompts")
+        ids = tuple(tuple(chat_prompt_ids(tokenizer, prompt.messages)) for prompt in prompts)
+        # A JSONL file's prompts are labelled with the file's stem (lk_vllm.datasets).
+        workloads.append(Workload(prompts[0].dataset, ids))
+    labels = [w.dataset for w in workloads]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise UserError(f"--dataset: {', '.join(repeated)} given twice (JSONL files are named by their file name)")
+    return workloads
