@@ -84,7 +84,7 @@ def drafter_contender(directory: str, label: str, target, num_speculative_tokens
 
 def drafter_labels(directories: list[str]) -> list[str]:
     """Short unique names: the shortest tail of each path that no other drafter shares (runs/kl/best and
-    runs/lk/best become kl/best and lk/best)."""
+    runs/lk/best become kl/best and lk/best), never the baseline's label."""
     paths = [Path(d).expanduser().resolve() for d in directories]
     repeated = sorted({str(p) for p in paths if paths.count(p) > 1})
     if repeated:
@@ -94,7 +94,8 @@ def drafter_labels(directories: list[str]) -> list[str]:
         parts = path.parts
         for length in range(1, len(parts) + 1):
             tail = parts[-length:]
-            if sum(1 for other in paths if other.parts[-length:] == tail) == 1:
+            unique = sum(1 for other in paths if other.parts[-length:] == tail) == 1
+            if unique and "/".join(tail) != BASELINE.label:
                 break
         labels.append("/".join(tail))
     return labels
