@@ -34,6 +34,8 @@ _COMMON_ENV = {
     # Nothing is ever downloaded at run time: targets and drafters are local paths or already cached.
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # vLLM logs to stdout by default; stdout is for results (`--json` prints one JSON object there).
+    "VLLM_LOGGING_STREAM": "ext://sys.stderr",
 }
 
 

@@ -202,8 +202,6 @@ def command_line(args: argparse.Namespace, plan, settings: EngineSettings, name:
 def run(args: argparse.Namespace) -> int:
     from lk_vllm.bench.report import write_results
 
-    # vLLM logs to stdout by default; stdout is for the results (one JSON object with --json).
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     started = time.time()
     plan, contenders, settings = prepare(args)
     name = args.name or f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
