@@ -1,0 +1,253 @@
+"""MLP speculator in vLLM 0.32's V1 engine through lk-vllm's plugin (lk_vllm.plugin.mlp_proposer).
+
+Fast: mismatched checkpoints are refused before any engine starts, ``lk-vllm serve --drafter`` builds the
+``mlp_speculator`` config, the row selection for batches, the patches' idempotency and version check.
+
+Slow (one engine for the module): plain vLLM's OpenAI server, started with lk-vllm installed but not named
+(``VLLM_PLUGINS`` unset) and ``--speculative-config '{"method": "mlp_speculator", ...}'``, serves a briefly
+trained MLP speculator on the default target; four prompts arrive at once (batch > 1). Its Prometheus counters
+give the same mean acceptance length, per position, as the torch simulation at T=0; the per-response metrics
+add up to the same counts; the outputs are the target's greedy continuations. The offline ``vllm.LLM`` path
+(``lk-vllm eval --engine vllm``) builds the same engine config in its own process (checked without an
+engine below) and runs the same patched runner in the engine core.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_eval_parity import MAX_TOKENS, K, _assert_parity, _train, setup  # noqa: F401 (setup is a fixture)
+
+from lk_vllm.errors import UserError
+
+MLP_CONFIG = {"architectures": ["MLPSpeculatorPreTrainedModel"], "model_type": "mlp_speculator",
+              "vocab_size": 32, "emb_dim": 8, "inner_dim": 8, "n_predict": 3, "top_k_tokens_per_head": [1, 1, 1]}
+
+
+def _dirs(tmp_path: Path, **drafter_changes) -> tuple[Path, Path]:
+    """A target directory (hidden size 8, vocabulary 32) and an MLP-speculator directory (config only)."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
+                                                     "vocab_size": 32}))
+    drafter = tmp_path / "mlp"
+    drafter.mkdir()
+    (drafter / "config.json").write_text(json.dumps({**MLP_CONFIG, **drafter_changes}))
+    return target, drafter
+
+
+def _serve_args(*argv):
+    import argparse
+
+    from serving import launcher
+
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+# ------------------------------------------------------------------------------------------ fast
+@pytest.mark.parametrize("change, named", [
+    ({"emb_dim": 16}, "target hidden states of size 16 (emb_dim), but the target's hidden size is 8"),
+    ({"vocab_size": 64}, "vocabulary has 64 tokens (vocab_size), but the target's has 32"),
+])
+@pytest.mark.parametrize("flag", ["--drafter", "--speculative-config"])
+def test_mismatched_mlp_speculator_is_refused_before_the_engine_starts(tmp_path, change, named, flag):
+    from serving import launcher
+
+    target, drafter = _dirs(tmp_path, **change)
+    value = str(drafter) if flag == "--drafter" else json.dumps(
+        {"method": "mlp_speculator", "model": str(drafter), "num_speculative_tokens": 3})
+    with pytest.raises(UserError) as error:
+        launcher.build_server_command(_serve_args(str(target), flag, value, "--no-calibrate"))
+    message = str(error.value)
+    assert named in message and "MLP speculator" in message and "\n" not in message
+
+
+def test_lk_vllm_serve_builds_the_mlp_speculator_config(tmp_path):
+    from serving import launcher
+
+    target, drafter = _dirs(tmp_path)
+    command = launcher.build_server_command(_serve_args(str(target), "--drafter", str(drafter), "--no-calibrate"))
+    spec = json.loads(command.argv[command.argv.index("--speculative-config") + 1])
+    # Greedy drafts (the MLP speculator has no draft distribution vLLM samples from), standard verification.
+    assert spec == {"method": "mlp_speculator", "model": str(drafter.resolve()), "num_speculative_tokens": 3,
+                    "rejection_sample_method": "standard"}
+    with pytest.raises(UserError, match="it has 3 stages \\(n_predict\\), fewer than num_speculative_tokens 4"):
+        launcher.build_server_command(_serve_args(str(target), "--drafter", str(drafter),
+                                                  "--num-speculative-tokens", "4", "--no-calibrate"))
+
+
+def test_last_accepted_rows_pick_the_position_that_sampled_the_last_token():
+    from lk_vllm.plugin.mlp_proposer import last_accepted_rows
+
+    # Prefill step: one row per request.
+    assert last_accepted_rows([[5], [7]], None) == ([0, 1], [5, 7])
+    # Verification: request 0 had 3 drafts, accepted 1 (+1 bonus) -> rows 0..3, last sampled at row 1;
+    # request 1 had 3 drafts, all accepted -> rows 4..7, row 7; request 2 is a prefill chunk with nothing
+    # sampled (its drafts are ignored) -> its only row, token 0; request 3 had no drafts -> its only row.
+    rows, tokens = last_accepted_rows([[11, 12], [21, 22, 23, 24], [], [41]], [3, 3, 0, 0])
+    assert rows == [1, 7, 8, 9]
+    assert tokens == [12, 24, 0, 41]
+
+
+def test_install_is_idempotent_and_checks_what_it_patches(monkeypatch):
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from lk_vllm import engine, plugin
+    from lk_vllm.plugin import mlp_proposer
+
+    plugin.register()
+    init, propose = GPUModelRunner.__init__, GPUModelRunner.propose_draft_token_ids
+    plugin.register()
+    assert mlp_proposer.installed()
+    assert (GPUModelRunner.__init__, GPUModelRunner.propose_draft_token_ids) == (init, propose)
+    assert init.__wrapped__.__qualname__ == "GPUModelRunner.__init__"  # wrapped once, not twice
+    assert mlp_proposer.ARCHITECTURE in ModelRegistry.get_supported_archs()
+
+    class Changed:
+        def propose_draft_token_ids(self, scheduler_output, sampled_token_ids):
+            pass
+
+    with pytest.raises(RuntimeError, match="written for vLLM 0.32.0's GPUModelRunner.propose_draft_token_ids"):
+        mlp_proposer._check_patch_targets(Changed)
+    monkeypatch.setattr(engine, "vllm_version", lambda: "0.33.0")
+    with pytest.raises(RuntimeError, match="built for vLLM 0.32.0 but vLLM 0.33.0"):
+        mlp_proposer.install()
+
+
+@pytest.mark.slow
+def test_offline_engine_config_accepts_mlp_speculator(default_target, tmp_path):
+    """What ``vllm.LLM`` (and ``lk-vllm eval --engine vllm``) builds in its own process, without an engine:
+    the plugin's registration lets vLLM resolve the drafter and keep the method."""
+    from lk_vllm.drafters import speculative_config_for
+    from lk_vllm.engine import EngineSettings, apply_engine_env
+
+    apply_engine_env()
+    from vllm.engine.arg_utils import EngineArgs
+
+    target_config = json.loads((Path(default_target) / "config.json").read_text())
+    drafter = tmp_path / "mlp"
+    drafter.mkdir()
+    (drafter / "config.json").write_text(json.dumps({**MLP_CONFIG, "emb_dim": target_config["hidden_size"],
+                                                     "inner_dim": 8, "vocab_size": target_config["vocab_size"]}))
+    kwargs = EngineSettings(model=default_target, speculative_config=speculative_config_for(drafter, 3)).llm_kwargs()
+    kwargs.pop("disable_log_stats")
+    config = EngineArgs(**kwargs).create_engine_config()
+    assert config.speculative_config.method == "mlp_speculator"
+    assert config.speculative_config.draft_model_config.architectures == ["MLPSpeculatorPreTrainedModel"]
+    assert config.scheduler_config.async_scheduling is False  # vLLM turns it off for this method, as for Medusa
+
+
+# ------------------------------------------------------------------------------------------ slow: one engine
+@pytest.fixture(scope="module")
+def mlp_dir(setup, tmp_path_factory):  # noqa: F811 (the imported fixture)
+    from lk_vllm.drafters import create_drafter, target_info
+
+    target = setup["target"]
+    drafter = create_drafter("mlp_speculator", target, n_predict=K)
+    _train(drafter, setup, steps=20, lr=3e-3)
+    directory = tmp_path_factory.mktemp("mlp") / "mlp"
+    return drafter.save_pretrained(directory, target=target_info(target), training={"loss": "kl", "steps": 20})
+
+
+@pytest.fixture(scope="module")
+def torch_summary(mlp_dir, setup):  # noqa: F811
+    """The torch simulation at T=0 (computed before the server starts: it would compete for the CPU)."""
+    from lk_vllm.drafters import load_drafter
+    from training.evaluate import evaluate_torch
+
+    target = setup["target"]
+    counts = evaluate_torch(load_drafter(mlp_dir, target), target, setup["prompts"], K, MAX_TOKENS, 0.0,
+                            continuations=setup["continuations"])
+    return counts["mtbench"].summary()
+
+
+@pytest.fixture(scope="module")
+def plain_server(mlp_dir, setup, tmp_path_factory):  # noqa: F811
+    """vLLM's own OpenAI server, lk-vllm installed but not named anywhere, serving the MLP speculator."""
+    from lk_vllm.engine import EngineSettings
+    from serving.launcher import ServerHandle, free_port, wait_healthy
+
+    target = setup["target"].path
+    spec = {"method": "mlp_speculator", "model": str(mlp_dir), "num_speculative_tokens": K}
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+    env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_USE_V2_MODEL_RUNNER": "0", "HF_HUB_OFFLINE": "1"})
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "vllm.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+             *EngineSettings(model=target, max_model_len=1024).server_args(),
+             "--speculative-config", json.dumps(spec), "--per-request-spec-decode-metrics", "summary",
+             "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    handle = ServerHandle(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    try:
+        wait_healthy(handle.url, process, timeout=900)
+        yield handle
+    except BaseException:
+        print(handle.log_tail(80))
+        raise
+    finally:
+        handle.stop()
+
+
+def _spec_counters(url: str) -> tuple[int, list[int]]:
+    """(drafts, accepted per position) from vLLM's Prometheus counters."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=60) as response:
+        text = response.read().decode()
+    drafts, per_position = 0, [0] * K
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "vllm:spec_decode_num_drafts_total":
+                drafts += int(sample.value)
+            elif sample.name == "vllm:spec_decode_num_accepted_tokens_per_pos_total":
+                per_position[int(sample.labels["position"])] += int(sample.value)
+    return drafts, per_position
+
+
+@pytest.mark.slow
+def test_plain_vllm_serves_the_mlp_speculator_with_torch_parity(torch_summary, plain_server, setup):  # noqa: F811
+    from serving.client import request_json
+    from training.evaluate import Counts
+
+    target = setup["target"]
+    prompt_ids = [target.chat_prompt_ids(p.messages) for p in setup["prompts"]]
+    before = _spec_counters(plain_server.url)
+
+    def complete(ids):
+        body = {"model": target.path, "prompt": ids, "max_tokens": MAX_TOKENS, "temperature": 0.0,
+                "return_token_ids": True}
+        return request_json(plain_server.url, "/v1/completions", body)
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompt_ids)) as pool:  # batch > 1 in the engine
+        responses = list(pool.map(complete, prompt_ids))
+    drafts, per_position = _spec_counters(plain_server.url)
+    served = Counts(K, num_drafts=drafts - before[0],
+                    accepted_per_position=[a - b for a, b in zip(per_position, before[1], strict=True)])
+    _assert_parity(torch_summary, served.summary(), minimum=1.3)
+
+    # The per-response metrics count the same drafts (another aggregation path in vLLM).
+    per_request = [r["metrics"]["speculative_decoding"] for r in responses]
+    assert sum(m["num_spec_steps"] for m in per_request) == served.num_drafts
+    assert sum(m["num_accepted_draft_tokens"] for m in per_request) == sum(served.accepted_per_position)
+    # Lossless at T=0: every output is the target's own greedy continuation (up to its end-of-sequence).
+    stops = target.stop_token_ids()
+    for ids, response in zip(prompt_ids, responses, strict=True):
+        tokens = response["choices"][0]["token_ids"]
+        continuation = setup["continuations"][(tuple(ids), MAX_TOKENS + K + 1)]
+        assert tokens == continuation[: len(tokens)]
+        assert len(tokens) == MAX_TOKENS or tokens[-1] in stops
+
