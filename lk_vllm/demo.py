@@ -86,12 +86,11 @@ def _send_traffic(url: str, model: str, args) -> list:
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
         results = list(pool.map(one, range(args.requests)))
     for prompt, result in results[: len(DEMO_PROMPTS)]:
-        own = result.spec_metrics or {}
+        own = result.spec_metrics or {}  # the response's own metrics (vLLM's per-request summary)
         print(f"    Q: {prompt[:60]!r}...")
         print(f"    A: {result.text.strip()[:100]!r}...")
-        if own.get("num_drafts"):
-            per_step = 1 + own["num_accepted_tokens"] / own["num_drafts"]
-            print(f"       ({result.completion_tokens} tokens, {per_step:.2f} tokens per target step)")
+        if own.get("num_spec_steps"):
+            print(f"       ({result.completion_tokens} tokens, acceptance length {own['mean_acceptance_length']:.2f})")
     return [result for _, result in results]
 
 

@@ -43,6 +43,7 @@ def test_demo_serves_sends_traffic_prints_live_stats_and_stops_on_ctrl_c(default
             assert step in out
         assert "n-gram" in out and "no training" in out  # which drafter, said plainly
         assert "INFO" not in out  # plain-language output; the engine's logs go to the server log
+        assert re.search(r"\(\d+ tokens, acceptance length [0-9.]+\)", out)  # each answer's own metrics
 
         length = float(re.search(r"acceptance length: ([0-9.]+)", out).group(1))
         rates = [float(x) for x in re.search(r"per-position acceptance: \[([^\]]*)\]", out).group(1).split(",")]
