@@ -162,16 +162,19 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGINT/SIGTERM (or until vLLM's server dies); returns the exit code."""
-        sock = self.bind()  # before the engine starts: a taken port fails now, not after a minute
         try:
-            try:
-                import uvloop
+            import uvloop
 
-                return uvloop.run(self.main(sock))
-            except ImportError:  # pragma: no cover - vLLM depends on uvloop
-                return asyncio.run(self.main(sock))
+            run = uvloop.run
+        except ImportError:  # pragma: no cover - vLLM depends on uvloop
+            run = asyncio.run
+        try:
+            sock = self.bind()  # before the engine starts: a taken port fails now, not after a minute
+            try:
+                return run(self.main(sock))
+            finally:
+                sock.close()
         finally:
-            sock.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def main(self, sock: socket.socket) -> int:

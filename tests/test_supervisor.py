@@ -287,3 +287,20 @@ def test_swap_route_asks_the_supervisor_for_a_restart_only_when_supervised(tmp_p
     assert post("medusa", num_speculative_tokens=0).status_code == 400
     assert post("medusa", num_speculative_tokens=3).status_code == 400  # more than its 2 heads
     assert store.drafter.name == "ngram"
+
+
+def test_a_taken_port_is_a_one_line_error_before_anything_starts():
+    import socket
+
+    from fake_vllm import FakeCommand
+
+    from lk_vllm.errors import UserError
+    from serving.supervisor import Supervisor
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        supervisor = Supervisor(FakeCommand(), host="127.0.0.1", port=taken.getsockname()[1])
+        with pytest.raises(UserError, match="cannot listen there"):
+            supervisor.run()
+    assert not supervisor.workdir.exists() and supervisor.child is None
