@@ -9,7 +9,7 @@ trained MLP speculator on the default target; four prompts arrive at once (batch
 give the same mean acceptance length, per position, as the torch simulation at T=0; the per-response metrics
 add up to the same counts; the outputs are the target's greedy continuations. The offline ``vllm.LLM`` path
 (``lk-vllm eval --engine vllm``) builds the same engine config in its own process (checked without an
-engine below) and runs the same patched runner in the engine core.
+engine below, with the refusal of a mismatched drafter) and runs the same patched runner in the engine core.
 """
 
 from __future__ import annotations
@@ -125,26 +125,37 @@ def test_install_is_idempotent_and_checks_what_it_patches(monkeypatch):
 
 
 @pytest.mark.slow
-def test_offline_engine_config_accepts_mlp_speculator(default_target, tmp_path):
-    """What ``vllm.LLM`` (and ``lk-vllm eval --engine vllm``) builds in its own process, without an engine:
-    the plugin's registration lets vLLM resolve the drafter and keep the method."""
-    from lk_vllm.drafters import speculative_config_for
+def test_engine_config_accepts_a_fitting_mlp_speculator_and_refuses_a_mismatched_one(default_target, tmp_path):
+    """What ``vllm.LLM``, ``lk-vllm eval --engine vllm`` and plain ``vllm serve`` build in their own process,
+    without an engine: the plugin's registration lets vLLM resolve the drafter and keep the method, and a
+    drafter that does not fit is refused there, before any engine process starts, with the mismatch named."""
     from lk_vllm.engine import EngineSettings, apply_engine_env
 
     apply_engine_env()
     from vllm.engine.arg_utils import EngineArgs
 
     target_config = json.loads((Path(default_target) / "config.json").read_text())
-    drafter = tmp_path / "mlp"
-    drafter.mkdir()
-    (drafter / "config.json").write_text(json.dumps({**MLP_CONFIG, "emb_dim": target_config["hidden_size"],
-                                                     "inner_dim": 8, "vocab_size": target_config["vocab_size"]}))
-    kwargs = EngineSettings(model=default_target, speculative_config=speculative_config_for(drafter, 3)).llm_kwargs()
-    kwargs.pop("disable_log_stats")
-    config = EngineArgs(**kwargs).create_engine_config()
+    fitting = {"emb_dim": target_config["hidden_size"], "vocab_size": target_config["vocab_size"]}
+
+    def engine_config(name, k=3, **changes):
+        drafter = tmp_path / name
+        drafter.mkdir()
+        (drafter / "config.json").write_text(json.dumps({**MLP_CONFIG, **fitting, **changes}))
+        spec = {"method": "mlp_speculator", "model": str(drafter), "num_speculative_tokens": k}
+        kwargs = EngineSettings(model=default_target, speculative_config=spec).llm_kwargs()
+        kwargs.pop("disable_log_stats")
+        return EngineArgs(**kwargs).create_engine_config()
+
+    config = engine_config("fits")
     assert config.speculative_config.method == "mlp_speculator"
     assert config.speculative_config.draft_model_config.architectures == ["MLPSpeculatorPreTrainedModel"]
     assert config.scheduler_config.async_scheduling is False  # vLLM turns it off for this method, as for Medusa
+    with pytest.raises(ValueError, match=f"target hidden states of size 64 \\(emb_dim\\), but the target's hidden "
+                                         f"size is {target_config['hidden_size']}"):
+        engine_config("narrow", emb_dim=64)
+    # (vLLM itself refuses K > n_predict unless K is a multiple of n_predict, meant for reused MTP layers.)
+    with pytest.raises(ValueError, match="it has 3 stages \\(n_predict\\), fewer than num_speculative_tokens 6"):
+        engine_config("short", k=6)
 
 
 # ------------------------------------------------------------------------------------------ slow: one engine

@@ -47,8 +47,9 @@ class MLPSpeculatorModel(MLPSpeculator):
         last accepted position t; ``tokens`` [N]: the token the target sampled there (t + 1). Stage i reads the
         previous stage's state and token and proposes token t + 2 + i.
         """
-        if num_tokens > self.n_predict:
-            raise ValueError(f"the MLP speculator has {self.n_predict} stages, cannot propose {num_tokens} tokens")
+        if num_tokens > len(self.head):  # vLLM builds num_speculative_tokens (<= n_predict) stages
+            raise ValueError(f"the MLP speculator was built with {len(self.head)} stages, "
+                             f"cannot propose {num_tokens} tokens")
         state = hidden_states
         if self.scale_input:
             state = self.ln0(state) / math.sqrt(2)

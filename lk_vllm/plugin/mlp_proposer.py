@@ -4,7 +4,8 @@ vLLM 0.32 accepts ``"method": "mlp_speculator"`` in ``SpeculativeConfig`` (and i
 ``model_type`` is ``mlp_speculator``), but its V1 engine cannot run it: the architecture's registry entry is
 commented out, ``GPUModelRunner.__init__`` raises "Unknown speculative decoding method" and
 ``propose_draft_token_ids`` has no branch for it. vLLM has no proposer plugin point, so lk-vllm adds three
-things, in every vLLM process, through the general plugin (serving/README.md, "MLP speculator in vLLM V1"):
+things, in every vLLM process, through the general plugin (serving/README.md, "MLP speculator in vLLM V1"),
+and one check:
 
 1. **Model registration** (a supported extension point): ``MLPSpeculatorPreTrainedModel`` ->
    ``lk_vllm.plugin.mlp_model:MLPSpeculatorModel``, vLLM's own ``MLPSpeculator`` layers and weight loader plus
@@ -15,6 +16,10 @@ things, in every vLLM process, through the general plugin (serving/README.md, "M
    state; vLLM disables async scheduling for both), then ``MLPSpeculatorProposer`` replaces the Medusa one.
 3. **Proposal** (a patch of ``GPUModelRunner.propose_draft_token_ids``): for ``mlp_speculator`` the drafts
    come from ``MLPSpeculatorProposer.propose``; every other method runs vLLM's code unchanged.
+4. **Fit check** (a patch of ``SpeculativeConfig.verify_equal_vocab_size_if_draft_model``, vLLM's check that a
+   drafter fits its target, run when the engine config is built): an MLP speculator whose hidden size,
+   vocabulary or number of stages does not fit is refused there, in the front-end process, before any engine
+   process starts, with the mismatch named.
 
 The scheduler counts drafts and accepted tokens per position for every method alike, so the usual counters
 (``vllm:spec_decode_num_accepted_tokens_per_pos`` and the rest) report the MLP speculator as they report
@@ -59,16 +64,16 @@ def mlp_speculator_mismatches(drafter: dict[str, Any], target_hidden_size: int |
     return problems
 
 
-def check_engine_config(vllm_config) -> None:
-    """Refuse an MLP speculator that does not fit the target, naming the mismatch (runs in the worker before
-    any weights load, for engines started without lk-vllm's launcher, which checks this before starting)."""
-    speculative_config = vllm_config.speculative_config
+def check_fits_target(speculative_config, target_model_config) -> None:
+    """Refuse an MLP speculator that does not fit the target, naming the mismatch (ValueError). Runs where vLLM
+    checks that a drafter fits its target, when the engine config is built, before any engine process starts
+    (lk-vllm's launcher checks the same earlier, from the files)."""
     draft = speculative_config.draft_model_config
-    problems = mlp_speculator_mismatches(draft.hf_config.to_dict(), vllm_config.model_config.get_hidden_size(),
-                                         vllm_config.model_config.get_vocab_size(),
+    problems = mlp_speculator_mismatches(draft.hf_config.to_dict(), target_model_config.get_hidden_size(),
+                                         target_model_config.get_vocab_size(),
                                          speculative_config.num_speculative_tokens)
     if problems:
-        raise ValueError(f"MLP speculator {draft.model} does not fit the target {vllm_config.model_config.model}: "
+        raise ValueError(f"MLP speculator {draft.model} does not fit the target {target_model_config.model}: "
                          + "; ".join(problems))
 
 
@@ -139,7 +144,7 @@ def _construct_runner(original):
         speculative_config = vllm_config.speculative_config
         if speculative_config is None or speculative_config.method != METHOD:
             return original(self, vllm_config, *args, **kwargs)
-        check_engine_config(vllm_config)  # fail before the runner allocates anything
+        check_fits_target(speculative_config, vllm_config.model_config)  # again, for configs built elsewhere
         # vLLM 0.32 raises for mlp_speculator; build the runner as for Medusa (see the module docstring).
         speculative_config.method = "medusa"
         try:
@@ -171,6 +176,17 @@ def _propose_draft_token_ids(original):
     return propose_draft_token_ids
 
 
+def _verify_draft_fits_target(original):
+    @functools.wraps(original)
+    def verify_equal_vocab_size_if_draft_model(self):
+        original(self)
+        if self.method == METHOD and self.target_model_config is not None and self.draft_model_config is not None:
+            check_fits_target(self, self.target_model_config)
+
+    setattr(verify_equal_vocab_size_if_draft_model, _MARK, True)
+    return verify_equal_vocab_size_if_draft_model
+
+
 def _check_patch_targets(runner_cls) -> None:
     """Refuse to patch a runner whose methods are not the ones these patches were written against."""
     parameters = tuple(inspect.signature(runner_cls.propose_draft_token_ids).parameters)
@@ -179,8 +195,18 @@ def _check_patch_targets(runner_cls) -> None:
                            f"GPUModelRunner.propose_draft_token_ids{PROPOSE_PARAMETERS}, found {parameters}")
 
 
+def _patch_points():
+    """(class, method name, wrapper factory) for every vLLM method this module wraps."""
+    from vllm.config import SpeculativeConfig
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return ((SpeculativeConfig, "verify_equal_vocab_size_if_draft_model", _verify_draft_fits_target),
+            (GPUModelRunner, "__init__", _construct_runner),
+            (GPUModelRunner, "propose_draft_token_ids", _propose_draft_token_ids))
+
+
 def install() -> None:
-    """Register the model and patch the V1 runner (idempotent). Raises RuntimeError on another vLLM."""
+    """Register the model and wrap the methods above (idempotent). Raises RuntimeError on another vLLM."""
     from vllm.model_executor.models import ModelRegistry
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -191,12 +217,14 @@ def install() -> None:
     if installed():
         return
     _check_patch_targets(GPUModelRunner)
-    GPUModelRunner.__init__ = _construct_runner(GPUModelRunner.__init__)
-    GPUModelRunner.propose_draft_token_ids = _propose_draft_token_ids(GPUModelRunner.propose_draft_token_ids)
+    for cls, name, wrap in _patch_points():
+        if not callable(getattr(cls, name, None)):
+            raise RuntimeError(f"lk-vllm's MLP-speculator support wraps vLLM 0.32.0's {cls.__name__}.{name}, "
+                               f"which this vLLM does not have")
+        if not getattr(getattr(cls, name), _MARK, False):
+            setattr(cls, name, wrap(getattr(cls, name)))
 
 
 def installed() -> bool:
-    """True when this process's V1 runner carries the patches."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    return all(getattr(f, _MARK, False) for f in (GPUModelRunner.__init__, GPUModelRunner.propose_draft_token_ids))
+    """True when this process's vLLM carries every wrapper."""
+    return all(getattr(getattr(cls, name), _MARK, False) for cls, name, _ in _patch_points())
