@@ -10,7 +10,7 @@ from serving.live_stats import DrafterInfo
 
 # Methods whose drafter is a model with its own output distribution: lk-vllm samples their drafts
 # probabilistically at T > 0 (LK_PAPER.md §3). Others (ngram, suffix) propose deterministic tokens.
-MODEL_DRAFTER_METHODS = ("eagle", "eagle3", "draft_model", "medusa", "mtp", "dflash")
+MODEL_DRAFTER_METHODS = ("eagle", "eagle3", "draft_model", "medusa", "mtp", "dflash", "mlp_speculator")
 
 
 def sampling_modes(method: str, draft_sample_method: str, rejection_sample_method: str) -> dict[str, str]:

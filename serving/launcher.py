@@ -51,7 +51,7 @@ from lk_vllm.errors import UserError
 DEFAULT_NUM_SPECULATIVE_TOKENS = 3
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 # Speculative methods whose drafter has a distribution to sample from (see serving.drafter_info).
-PROBABILISTIC_METHODS = ("eagle", "eagle3", "draft_model")
+PROBABILISTIC_METHODS = ("eagle", "eagle3", "draft_model", "mlp_speculator")  # MLP: lk_vllm.plugin.mlp_proposer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

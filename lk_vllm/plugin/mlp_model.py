@@ -4,13 +4,14 @@
 weight loader, but without the proposal loop V0 ran and with a constructor that reads the *engine's* model
 config (in V1 that is the target's; drafters are built with the target's ``VllmConfig``). This subclass keeps
 vLLM's layers and ``load_weights`` unchanged and only (1) hands the constructor the draft model's config and
-(2) adds :meth:`propose`, the greedy chain over the stages (Wertheimer et al. 2024; the same math as
+(2) adds :meth:`propose`, the chain over the stages (greedy, or sampled) (Wertheimer et al. 2024; the same math as
 ``lk_vllm.drafters.mlp_speculator``, which trains it).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -40,12 +41,15 @@ class MLPSpeculatorModel(MLPSpeculator):
         return logits[..., : self.vocab_size]
 
     @torch.inference_mode()
-    def propose(self, hidden_states: torch.Tensor, tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """Greedy drafts [N, num_tokens] for N requests.
+    def propose(self, hidden_states: torch.Tensor, tokens: torch.Tensor, num_tokens: int,
+                sample: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts [N, num_tokens] for N requests, and their distributions [N, num_tokens, vocab] (None when greedy).
 
         ``hidden_states`` [N, emb_dim]: the target's last hidden state (after its final norm) at each request's
         last accepted position t; ``tokens`` [N]: the token the target sampled there (t + 1). Stage i reads the
-        previous stage's state and token and proposes token t + 2 + i.
+        previous stage's state and token and proposes token t + 2 + i: the argmax of its logits, or with
+        ``sample`` (logits -> (tokens, probabilities)) a token drawn from them.
         """
         if num_tokens > len(self.head):  # vLLM builds num_speculative_tokens (<= n_predict) stages
             raise ValueError(f"the MLP speculator was built with {len(self.head)} stages, "
@@ -53,12 +57,17 @@ class MLPSpeculatorModel(MLPSpeculator):
         state = hidden_states
         if self.scale_input:
             state = self.ln0(state) / math.sqrt(2)
-        drafts = []
+        drafts, probs = [], []
         for stage in range(num_tokens):
             mixed = self.proj[stage](state) + self.emb[stage](tokens) * (self.emb_weight / self.state_weight)
             state = self.activation(self.ln[stage](mixed))
-            tokens = self._logits(stage, state).argmax(dim=-1)
+            logits = self._logits(stage, state)
+            if sample is None:
+                tokens = logits.argmax(dim=-1)
+            else:
+                tokens, stage_probs = sample(logits)
+                probs.append(stage_probs)
             drafts.append(tokens)
         if not drafts:
-            return torch.empty(hidden_states.shape[0], 0, dtype=torch.long, device=hidden_states.device)
-        return torch.stack(drafts, dim=1)
+            return torch.empty(hidden_states.shape[0], 0, dtype=torch.long, device=hidden_states.device), None
+        return torch.stack(drafts, dim=1), (torch.stack(probs, dim=1).contiguous() if probs else None)

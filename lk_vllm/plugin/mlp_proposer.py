@@ -98,13 +98,21 @@ def last_accepted_rows(sampled_token_ids: list[list[int]], num_draft_tokens: lis
 
 
 class MLPSpeculatorProposer:
-    """The V1 proposer for ``mlp_speculator``: K greedy tokens per request per step, in a chain."""
+    """The V1 proposer for ``mlp_speculator``: K tokens per request per step, in a chain.
+
+    Drafts are greedy (argmax), or with ``draft_sample_method: probabilistic`` (and standard rejection sampling)
+    sampled from each stage's distribution at the request's temperature, exactly as vLLM's EAGLE proposer samples
+    them (``compute_probs_and_sample_next_token``); the distributions go to the rejection sampler, so the
+    acceptance rate is the alpha the LK losses train.
+    """
 
     def __init__(self, vllm_config, device):
         self.vllm_config = vllm_config
         self.speculative_config = vllm_config.speculative_config
         self.device = device
         self.num_speculative_tokens = self.speculative_config.num_speculative_tokens
+        self.probabilistic = (self.speculative_config.rejection_sample_method == "standard"
+                              and self.speculative_config.draft_sample_method == "probabilistic")
         self.model = None
 
     def load_model(self, target_model) -> None:
@@ -118,10 +126,12 @@ class MLPSpeculatorProposer:
                                    model_config=self.speculative_config.draft_model_config)
 
     def propose(self, num_speculative_tokens: int, sampled_token_ids: list[list[int]],
-                sample_hidden_states, spec_decode_metadata):
-        """Drafts [num_requests, num_speculative_tokens] from this step's target hidden states."""
+                sample_hidden_states, spec_decode_metadata, sampling_metadata):
+        """Drafts [num_requests, K] from this step's target hidden states, and their distributions
+        [num_requests, K, vocab] when they were sampled (else None)."""
         import torch
         from vllm.utils.torch_utils import async_tensor_h2d
+        from vllm.v1.spec_decode.llm_base_proposer import compute_probs_and_sample_next_token
 
         if sample_hidden_states.shape[0] == len(sampled_token_ids):
             num_draft_tokens = None  # one row per request: nothing was verified in this step
@@ -131,7 +141,11 @@ class MLPSpeculatorProposer:
         rows, tokens = last_accepted_rows(sampled_token_ids, num_draft_tokens)
         rows_tensor = async_tensor_h2d(rows, dtype=torch.long, device=self.device)
         tokens_tensor = async_tensor_h2d(tokens, dtype=torch.long, device=self.device)
-        return self.model.propose(sample_hidden_states[rows_tensor], tokens_tensor, num_speculative_tokens)
+        sample = None
+        if self.probabilistic and not sampling_metadata.all_greedy:
+            def sample(logits):
+                return compute_probs_and_sample_next_token(logits, sampling_metadata)
+        return self.model.propose(sample_hidden_states[rows_tensor], tokens_tensor, num_speculative_tokens, sample)
 
     def dummy_run(self, num_tokens: int, **kwargs) -> None:
         """Nothing to warm up: the drafter has no KV cache and no compiled graph."""
@@ -167,10 +181,13 @@ def _propose_draft_token_ids(original):
             return original(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
                             sample_hidden_states, aux_hidden_states, spec_decode_metadata,
                             common_attn_metadata, slot_mappings)
-        self._draft_probs = None  # greedy drafts: the rejection sampler treats them as one-hot
-        self._draft_prob_req_ids = None
-        return self.drafter.propose(scheduler_output.num_spec_tokens_to_schedule, sampled_token_ids,
-                                    sample_hidden_states, spec_decode_metadata)
+        drafts, probs = self.drafter.propose(scheduler_output.num_spec_tokens_to_schedule, sampled_token_ids,
+                                             sample_hidden_states, spec_decode_metadata, sampling_metadata)
+        # Where vLLM's runner keeps sampled drafts' distributions for the next verification (as for EAGLE);
+        # None: greedy drafts, which the rejection sampler treats as one-hot.
+        self._draft_probs = probs
+        self._draft_prob_req_ids = None if probs is None else self.input_batch.req_ids.copy()
+        return drafts
 
     setattr(propose_draft_token_ids, _MARK, True)
     return propose_draft_token_ids
