@@ -147,6 +147,11 @@ class MLPSpeculatorProposer:
                 return compute_probs_and_sample_next_token(logits, sampling_metadata)
         return self.model.propose(sample_hidden_states[rows_tensor], tokens_tensor, num_speculative_tokens, sample)
 
+    def _create_draft_vllm_config(self):
+        """The config the drafter is built with (the name of vLLM's proposer hook, which lk-vllm's in-place
+        drafter reload calls): the engine's own; the model reads the draft config from it."""
+        return self.vllm_config
+
     def dummy_run(self, num_tokens: int, **kwargs) -> None:
         """Nothing to warm up: the drafter has no KV cache and no compiled graph."""
 
