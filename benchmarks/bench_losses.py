@@ -112,21 +112,25 @@ def run_worker(spec: dict) -> dict:
         return {"peak_bytes": peaks, "threads": torch.get_num_threads()}
 
     times = {f"{impl}/{kind}": [] for impl, kind in cases}
-    floor_times = []
-    for impl in spec["impls"]:
-        fwd_bwd(impl, "kl")
+    cpu_times = {f"{impl}/{kind}": [] for impl, kind in cases}
+    floor_times, floor_cpu_times = [], []
+    for impl, kind in cases:  # warm-up: first-call costs (allocator, torch.compile of the backward)
+        fwd_bwd(impl, kind)
     started = time.perf_counter()
     for rep in range(spec["max_reps"]):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         floor()
         floor_times.append(time.perf_counter() - t0)
+        floor_cpu_times.append(time.process_time() - c0)
         for impl, kind in cases:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fwd_bwd(impl, kind)
             times[f"{impl}/{kind}"].append(time.perf_counter() - t0)
+            cpu_times[f"{impl}/{kind}"].append(time.process_time() - c0)
         if rep + 1 >= spec["min_reps"] and time.perf_counter() - started > spec["seconds"]:
             break
-    return {"times": times, "floor_times": floor_times, "threads": torch.get_num_threads()}
+    return {"times": times, "cpu_times": cpu_times, "floor_times": floor_times, "floor_cpu_times": floor_cpu_times,
+            "threads": torch.get_num_threads()}
 
 
 def group_records(spec: dict, memory: dict, timing: dict) -> list[dict]:
@@ -141,6 +145,7 @@ def group_records(spec: dict, memory: dict, timing: dict) -> list[dict]:
             "kind": None,
             "time_s": floor_s,
             "time_s_median": statistics.median(floor_times),
+            "cpu_time_s": min(timing["floor_cpu_times"]),
             "reps": len(floor_times),
             "peak_bytes": 0,
         }
@@ -154,6 +159,9 @@ def group_records(spec: dict, memory: dict, timing: dict) -> list[dict]:
                 "kind": kind,
                 "time_s": min(samples),
                 "time_s_median": statistics.median(samples),
+                # CPU time of this process: with --threads 1 it is the loss's own compute, barely moved by
+                # other jobs on a shared machine (wall time is not).
+                "cpu_time_s": min(timing["cpu_times"][case]),
                 "reps": len(samples),
                 "peak_bytes": memory["peak_bytes"][case],
                 "ratio_to_floor": min(samples) / floor_s,
@@ -164,6 +172,7 @@ def group_records(spec: dict, memory: dict, timing: dict) -> list[dict]:
             continue
         kl = next(r for r in records if r["impl"] == record["impl"] and r["kind"] == "kl")
         record["time_ratio_to_kl"] = record["time_s"] / kl["time_s"]
+        record["cpu_time_ratio_to_kl"] = record["cpu_time_s"] / kl["cpu_time_s"]
         record["memory_ratio_to_kl"] = record["peak_bytes"] / kl["peak_bytes"]
         if record["impl"] == "chunked" and "naive" in spec["impls"]:
             naive = next(r for r in records if r["impl"] == "naive" and r["kind"] == record["kind"])
@@ -269,7 +278,8 @@ def render_markdown(report: dict) -> str:
             "",
             f"## N = {rows}, {dtype} inputs, {vocab_mode} draft vocabulary ({vd})",
             "",
-            "Times in ms (fwd+bwd, min over reps); ratios: LK time / same implementation's KL time; "
+            "Times in ms (fwd+bwd wall time, min over reps); ratios: LK time / same implementation's KL time, "
+            "wall / CPU time (CPU time of the process: the robust one on a shared machine with --threads 1); "
             "memory in MiB of peak RSS over the baseline (gradient included).",
             "",
             "| V | floor | KL | TV (×KL) | LK^α (×KL) | LK^λ (×KL) | KL / floor | naive KL | naive LK^λ | "
@@ -288,7 +298,7 @@ def render_markdown(report: dict) -> str:
             cells = [f"{vocab:,}", fmt_ms(get["floor", None]["time_s"]), fmt_ms(kl["time_s"])]
             for kind in ("tv", "alpha", "lambda"):
                 r = get["chunked", kind]
-                cells.append(f"{fmt_ms(r['time_s'])} ({r['time_ratio_to_kl']:.3f})")
+                cells.append(f"{fmt_ms(r['time_s'])} ({r['time_ratio_to_kl']:.3f} / {r['cpu_time_ratio_to_kl']:.3f})")
             cells.append(f"{kl['ratio_to_floor']:.1f}×")
             naive_kl, naive_lam = get.get(("naive", "kl")), get.get(("naive", "lambda"))
             naive_note = next((r["skipped"] for r in skipped if r["impl"] == "naive"), "not run")
@@ -308,6 +318,10 @@ def summarize(records: list[dict]) -> tuple[list[str], dict]:
     ratios = {
         kind: [r["time_ratio_to_kl"] for r in chunked if r["kind"] == kind] for kind in ("alpha", "lambda")
     }
+    cpu_ratios = {
+        kind: [r["cpu_time_ratio_to_kl"] for r in chunked if r["kind"] == kind and "cpu_time_ratio_to_kl" in r]
+        for kind in ("alpha", "lambda")
+    }
     mem_ratio = [r["memory_ratio_to_kl"] for r in chunked if r["kind"] in ("alpha", "lambda")]
     lines = ["## Headline", ""]
     headline = {}
@@ -320,6 +334,17 @@ def summarize(records: list[dict]) -> tuple[list[str], dict]:
             }
             lines.append(
                 f"- LK^{'α' if kind == 'alpha' else 'λ'} time / KL time (chunked, all configs): median "
+                f"{statistics.median(values):.3f}, range {min(values):.3f}–{max(values):.3f} (target ≤ 1.05)."
+            )
+    for kind, values in cpu_ratios.items():
+        if values:
+            headline[f"{kind}_cpu_time_ratio_to_kl"] = {
+                "min": min(values),
+                "median": statistics.median(values),
+                "max": max(values),
+            }
+            lines.append(
+                f"- LK^{'α' if kind == 'alpha' else 'λ'} CPU time / KL CPU time (chunked, all configs): median "
                 f"{statistics.median(values):.3f}, range {min(values):.3f}–{max(values):.3f} (target ≤ 1.05)."
             )
     if mem_ratio:
@@ -537,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         lam = next(r for r in group_records_ if r["impl"] == "chunked" and r["kind"] == "lambda")
         print(
             f"V={spec['V']:>6} N={spec['N']:>5} {spec['dtype']:>8} {spec['vocab']:>9}: "
-            f"LK^λ {lam['time_s'] * 1e3:8.1f} ms (×{lam['time_ratio_to_kl']:.3f} KL, ×{lam['ratio_to_floor']:.1f} floor) "
+            f"LK^λ {lam['time_s'] * 1e3:8.1f} ms (×{lam['time_ratio_to_kl']:.3f} KL, CPU ×{lam['cpu_time_ratio_to_kl']:.3f}, "
+            f"×{lam['ratio_to_floor']:.1f} floor) "
             f"impls={impls} {time.time() - t0:.0f}s load {load_before:.1f}->{load_after:.1f}",
             file=sys.stderr,
             flush=True,
