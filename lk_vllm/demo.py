@@ -12,6 +12,7 @@ Ctrl-C; otherwise it is shut down.
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 import sys
 import tempfile
 import time
@@ -179,6 +180,9 @@ def run(args) -> int:
 
         if args.keep_serving:
             _step(6, f"Serving on {server.url} until Ctrl-C (OpenAI API at {server.url}/v1, model {target})")
+            # A shell starts background jobs with SIGINT ignored, and Python keeps it so; Ctrl-C (or kill -INT)
+            # must still end the demo cleanly.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
                 while server.process.poll() is None:
                     time.sleep(1)
