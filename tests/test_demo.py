@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 
 from serving.client import request_json
@@ -71,6 +72,9 @@ def test_demo_serves_sends_traffic_prints_live_stats_and_stops_on_ctrl_c(default
             urllib.request.urlopen(f"{url}/health", timeout=5)
     finally:
         if process.poll() is None:
+            # The demo's server runs in its own session: kill the whole tree, or a failed test leaks an engine.
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
             process.kill()
             process.wait()
 
