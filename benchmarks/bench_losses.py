@@ -325,26 +325,17 @@ def summarize(records: list[dict]) -> tuple[list[str], dict]:
     mem_ratio = [r["memory_ratio_to_kl"] for r in chunked if r["kind"] in ("alpha", "lambda")]
     lines = ["## Headline", ""]
     headline = {}
-    for kind, values in ratios.items():
-        if values:
-            headline[f"{kind}_time_ratio_to_kl"] = {
+    for clock, label, by_kind in (("time", "time", ratios), ("cpu_time", "CPU time", cpu_ratios)):
+        for kind, values in by_kind.items():
+            if not values:
+                continue
+            headline[f"{kind}_{clock}_ratio_to_kl"] = {
                 "min": min(values),
                 "median": statistics.median(values),
                 "max": max(values),
             }
             lines.append(
-                f"- LK^{'α' if kind == 'alpha' else 'λ'} time / KL time (chunked, all configs): median "
-                f"{statistics.median(values):.3f}, range {min(values):.3f}–{max(values):.3f} (target ≤ 1.05)."
-            )
-    for kind, values in cpu_ratios.items():
-        if values:
-            headline[f"{kind}_cpu_time_ratio_to_kl"] = {
-                "min": min(values),
-                "median": statistics.median(values),
-                "max": max(values),
-            }
-            lines.append(
-                f"- LK^{'α' if kind == 'alpha' else 'λ'} CPU time / KL CPU time (chunked, all configs): median "
+                f"- LK^{'α' if kind == 'alpha' else 'λ'} {label} / KL {label} (chunked, all configs): median "
                 f"{statistics.median(values):.3f}, range {min(values):.3f}–{max(values):.3f} (target ≤ 1.05)."
             )
     if mem_ratio:

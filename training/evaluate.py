@@ -186,7 +186,7 @@ def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dic
                   seed: int = 0) -> dict[str, Counts]:
     """Serve the drafter in vLLM and read its counters per dataset (deltas of the cumulative counters)."""
     from lk_vllm.drafters import speculative_config_for
-    from lk_vllm.engine import EngineSettings, make_llm, read_spec_decode_counters
+    from lk_vllm.engine import EngineSettings, make_llm, read_spec_decode_counters, shutdown_llm
 
     longest = max(len(ids) for batch in prompt_ids_by_dataset.values() for ids in batch)
     settings = EngineSettings(
@@ -216,16 +216,8 @@ def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dic
             per_dataset[name] = _counter_delta(before, after, num_tokens)
             before = after
     finally:
-        _shutdown(llm)
+        shutdown_llm(llm)
     return per_dataset
-
-
-def _shutdown(llm) -> None:
-    """Stop the engine's processes now rather than at garbage collection (tests start several engines)."""
-    engine = getattr(llm, "llm_engine", None)
-    core = getattr(engine, "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
 
 
 def _counter_delta(before: dict, after: dict, num_tokens: int) -> Counts:
