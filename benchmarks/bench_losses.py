@@ -102,8 +102,10 @@ def run_worker(spec: dict) -> dict:
 
     cases = [(impl, kind) for impl in spec["impls"] for kind in KINDS]
     if spec["mode"] == "memory":
-        for impl in spec["impls"]:  # warm-up: one-time allocations are not the loss's
-            fwd_bwd(impl, "kl")
+        # Warm-up of every case: one-time allocations (the allocator's, torch.compile's graph for each loss
+        # kind) are not the loss's.
+        for impl, kind in cases:
+            fwd_bwd(impl, kind)
         draft.grad = None
         peaks = {}
         for impl, kind in cases:

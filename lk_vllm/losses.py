@@ -395,7 +395,7 @@ def _gradient_rows(
     (module docstring). ``kl_weight`` is a 0-d tensor or None (no KL term), ``tv_weight`` a ``[rows]`` tensor or
     None (no TV term). Rebuilding ``p_g`` from the saved ratio keeps fp32 relative precision where
     ``exp(z - lse)`` would inherit the rounding of a large ``lse``. Written as plain tensor expressions so
-    that torch.compile fuses it into a reduction loop and one elementwise loop (see :func:`_fused`).
+    that torch.compile fuses it into a reduction loop and one elementwise loop (see :class:`_Fused`).
     """
     q = torch.softmax(draft, dim=1, dtype=cd)
     p_tilde = torch.softmax(target_g, dim=1, dtype=cd)
@@ -407,6 +407,12 @@ def _gradient_rows(
     tv = tv_weight.unsqueeze(1)
     grad = q * (tv * mass - tv * below)
     return grad if kl_weight is None else grad + kl_weight * (q - p_tilde)
+
+
+def _gradient_into(draft, target_g, coverage, kl_weight, tv_weight, out: torch.Tensor) -> None:
+    """:func:`_gradient_rows` written into ``out``: compiled, the fused loop stores straight into ``out``, so
+    no chunk-sized result is allocated and copied."""
+    out.copy_(_gradient_rows(draft, target_g, coverage, kl_weight, tv_weight, out.dtype))
 
 
 def _backward_chunk_inplace(
@@ -460,8 +466,8 @@ class _Fused:
         if self.enabled():
             try:
                 if self.compiled is None:
-                    self.compiled = torch.compile(_gradient_rows, dynamic=True)
-                out.copy_(self.compiled(draft, target_g, coverage, kl_weight, tv_weight, out.dtype))
+                    self.compiled = torch.compile(_gradient_into, dynamic=True)
+                self.compiled(draft, target_g, coverage, kl_weight, tv_weight, out)
                 return
             except Exception as error:  # compilation problems surface at the first call
                 self.failed = True
