@@ -193,6 +193,31 @@ def test_no_lk_table_without_a_kl_drafter(tmp_path):
     assert "LK losses against KL" not in render_markdown(document)
 
 
+def test_paper_layout_pools_concurrencies_per_dataset_and_temperature():
+    from lk_vllm.bench.report import paper_layout, render_markdown
+
+    plan = _plan(datasets=("mtbench", "humaneval", "gsm8k"))
+    cells = [cell for cell, _ in plan.cells()]
+    drafter = _drafter(label="e3-kl", loss="kl")
+    # mtbench T=0: c=1 accepts 2 over 4 drafts (length 1.5), c=8 20 over 12 (2.67): pooled 1 + 22/16 = 2.375,
+    # not the mean of the two cells' lengths (2.08).
+    counts = {("mtbench", 0.0, 1): SpecDecodeCounts(4, 8, 2, (2, 0)),
+              ("mtbench", 0.0, 8): SpecDecodeCounts(12, 24, 20, (12, 8))}
+    measured = {cell: Measurement(2, 10, 1.0, counts.get((cell.dataset, cell.temperature, cell.concurrency),
+                                                        SpecDecodeCounts(2, 4, 1, (1, 0))))
+                for cell in cells}
+    per_dataset, _ = build_records(plan, [drafter], {drafter.label: measured})
+    rows = paper_layout(per_dataset)
+    assert len(rows) == 1 and (rows[0]["architecture"], rows[0]["loss"]) == ("eagle3", "kl")
+    # every other cell: 1 + 1/2
+    assert rows[0]["ours"] == {0.0: "2.38/1.50/1.50", 1.0: "1.50/1.50/1.50"}
+    assert rows[0]["paper"] == ("3.75/4.82/4.50", "3.39/4.31/3.88")
+    md = render_markdown({"records": per_dataset, "overall": []})
+    assert "| eagle3 | kl | e3-kl | 2.38/1.50/1.50 | 1.50/1.50/1.50 | 3.75/4.82/4.50 | 3.39/4.31/3.88 |" in md
+    # a drafter with no recorded loss has no paper row
+    assert paper_layout([dict(r, loss=None) for r in per_dataset]) == []
+
+
 # ------------------------------------------------------------------------------------------------ the command
 def test_bench_is_a_registered_command():
     assert COMMANDS["bench"][0] == "lk_vllm.bench"

@@ -18,6 +18,21 @@ from typing import Any
 # over MT-Bench / HumanEval / GSM8K, for the five targets the paper reports.
 PAPER_LK_GAIN_PERCENT = {0.0: (0.5, 1.8), 1.0: (3.5, 8.2)}
 
+# LK_PAPER.md, Table 1: Llama-3.1-8B target, acceptance length as MT-Bench / HumanEval / GSM8K at T=0 and T=1
+# (the paper's draft length; its LK^lambda rows use eta 3, Medusa eta 10).
+PAPER_TABLE_1 = {
+    ("eagle3", "kl"): ("3.75/4.82/4.50", "3.39/4.31/3.88"),
+    ("eagle3", "alpha"): ("3.77/4.82/4.55", "3.50/4.48/3.98"),
+    ("eagle3", "lambda"): ("3.84/4.89/4.57", "3.48/4.52/4.02"),
+    ("medusa", "kl"): ("2.05/2.41/2.11", "1.72/2.02/1.81"),
+    ("medusa", "alpha"): ("2.06/2.42/2.11", "1.78/2.09/1.85"),
+    ("medusa", "lambda"): ("2.07/2.44/2.13", "1.85/2.22/1.92"),
+    ("mlp_speculator", "kl"): ("2.45/2.42/2.42", "2.13/2.16/2.16"),
+    ("mlp_speculator", "alpha"): ("2.48/2.46/2.46", "2.17/2.19/2.19"),
+    ("mlp_speculator", "lambda"): ("2.48/2.83/2.46", "2.19/2.62/2.18"),
+}
+PAPER_DATASETS = ("mtbench", "humaneval", "gsm8k")
+
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -104,6 +119,13 @@ def render_markdown(document: dict[str, Any], png_name: str | None = None) -> st
             [[c["architecture"], c["drafter"], c["loss"], c["kl_drafter"], _temperature(c["temperature"]),
               str(c["concurrency"]), f"{_num(c['acceptance_length'])} / {_num(c['kl_acceptance_length'])}",
               _signed(c["change_percent"]), _paper_range(c["temperature"])] for c in comparison])
+    paper_rows = paper_layout(document.get("records", []))
+    if paper_rows:
+        lines += ["", "## Next to the paper's Table 1 (Llama-3.1-8B there; acceptance length as MT-Bench / "
+                      "HumanEval / GSM8K, pooled over concurrencies)", ""]
+        lines += _table(["architecture", "loss", "drafter", "T=0", "T=1", "paper T=0", "paper T=1"],
+                        [[r["architecture"], r["loss"], r["drafter"], r["ours"][0.0], r["ours"][1.0],
+                          r["paper"][0], r["paper"][1]] for r in paper_rows])
     lines += ["", "## How it was measured", ""]
     lines += [f"- {text}" for text in document.get("method", {}).values()]
     return "\n".join(lines) + "\n"
@@ -137,6 +159,32 @@ def lk_versus_kl(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "change_percent": 100.0 * (lk["acceptance_length"] / kl["acceptance_length"] - 1.0),
                 })
     return out
+
+
+def paper_layout(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows shaped like the paper's Table 1: per drafter with a known (architecture, loss), the acceptance length
+    on MT-Bench / HumanEval / GSM8K at T=0 and T=1, each pooled over the concurrencies (acceptance does not
+    depend on concurrency; pooling the counters keeps every verification step's weight equal)."""
+    from lk_vllm.acceptance import mean_acceptance_length
+
+    rows = []
+    drafters = dict.fromkeys((r["drafter"], r["architecture"], r["loss"]) for r in records
+                             if (r["architecture"], r["loss"]) in PAPER_TABLE_1)
+    for drafter, architecture, loss in drafters:
+        ours = {}
+        for temperature in (0.0, 1.0):
+            values = []
+            for dataset in PAPER_DATASETS:
+                cells = [r for r in records if (r["drafter"], r["dataset"], r["temperature"]) ==
+                         (drafter, dataset, temperature) and r.get("num_drafts")]
+                length = mean_acceptance_length(sum(r["num_accepted_tokens"] for r in cells),
+                                                sum(r["num_drafts"] for r in cells)) if cells else None
+                values.append(_num(length))
+            ours[temperature] = "/".join(values)
+        rows.append({"architecture": architecture, "loss": loss, "drafter": drafter, "ours": ours,
+                     "paper": PAPER_TABLE_1[(architecture, loss)]})
+    order = list(PAPER_TABLE_1)
+    return sorted(rows, key=lambda r: order.index((r["architecture"], r["loss"])))
 
 
 # ------------------------------------------------------------------------------------------------ png
