@@ -217,11 +217,13 @@ def make_llm(settings: EngineSettings):
     return LLM(**settings.llm_kwargs())
 
 
-def read_spec_decode_counters(llm) -> dict[str, Any]:
+def read_spec_decode_counters(llm, num_positions: int = 0) -> dict[str, Any]:
     """The speculative-decoding counters of an offline engine, summed over engines.
 
     Returns ``{"num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_position": [...]}``;
-    all zero when speculation is off. Turn them into rates with ``lk_vllm.acceptance``.
+    all zero when speculation is off. ``accepted_per_position`` is padded with zeros to ``num_positions``
+    (vLLM reports no per-position counter before the first draft), so two snapshots always subtract.
+    Turn them into rates with ``lk_vllm.acceptance``.
     """
     counters: dict[str, Any] = {
         "num_drafts": 0,
@@ -241,7 +243,7 @@ def read_spec_decode_counters(llm) -> dict[str, Any]:
         elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
             for position, value in enumerate(metric.values):
                 per_position[position] = per_position.get(position, 0) + int(value)
-    counters["accepted_per_position"] = [per_position[k] for k in sorted(per_position)]
+    counters["accepted_per_position"] = [per_position.get(k, 0) for k in range(max(num_positions, len(per_position)))]
     return counters
 
 

@@ -328,8 +328,8 @@ def real_run(default_target, tmp_path_factory):
     snapshots = []  # (engine, counters) in the order the runner read them
     real_read = runner.read_spec_decode_counters
 
-    def spy(llm):
-        counters = real_read(llm)
+    def spy(llm, num_positions=0):
+        counters = real_read(llm, num_positions)
         snapshots.append((id(llm), json.loads(json.dumps(counters))))
         return counters
 

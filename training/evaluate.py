@@ -185,6 +185,7 @@ def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dic
                   num_tokens: int, max_tokens: int, temperature: float, settings_overrides: dict | None = None,
                   seed: int = 0) -> dict[str, Counts]:
     """Serve the drafter in vLLM and read its counters per dataset (deltas of the cumulative counters)."""
+    from lk_vllm.acceptance import SpecDecodeCounts
     from lk_vllm.drafters import speculative_config_for
     from lk_vllm.engine import EngineSettings, make_llm, read_spec_decode_counters, shutdown_llm
 
@@ -209,27 +210,17 @@ def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dic
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
     per_dataset: dict[str, Counts] = {}
     try:
-        before = read_spec_decode_counters(llm)
+        before = SpecDecodeCounts.from_mapping(read_spec_decode_counters(llm, num_tokens))
         for name, batch in prompt_ids_by_dataset.items():
             llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in batch], params, use_tqdm=False)
-            after = read_spec_decode_counters(llm)
-            per_dataset[name] = _counter_delta(before, after, num_tokens)
+            after = SpecDecodeCounts.from_mapping(read_spec_decode_counters(llm, num_tokens))
+            delta = after - before
+            per_dataset[name] = Counts(num_tokens, num_drafts=delta.num_drafts,
+                                       accepted_per_position=list(delta.accepted_per_position))
             before = after
     finally:
         shutdown_llm(llm)
     return per_dataset
-
-
-def _counter_delta(before: dict, after: dict, num_tokens: int) -> Counts:
-    def positions(counters):
-        values = list(counters["accepted_per_position"])
-        return values + [0] * (num_tokens - len(values))
-
-    return Counts(
-        num_tokens,
-        num_drafts=after["num_drafts"] - before["num_drafts"],
-        accepted_per_position=[a - b for a, b in zip(positions(after), positions(before), strict=True)],
-    )
 
 
 # ------------------------------------------------------------------------------------------ driver

@@ -131,11 +131,7 @@ def drive(engine, prompt_ids: Sequence[Sequence[int]], params: Sequence, concurr
 
 
 def _counters(llm, num_positions: int) -> SpecDecodeCounts:
-    counters = read_spec_decode_counters(llm)
-    # vLLM may report no per-position counter before the first draft: pad, so snapshots always subtract.
-    per_position = list(counters["accepted_per_position"])
-    counters["accepted_per_position"] = per_position + [0] * (num_positions - len(per_position))
-    return SpecDecodeCounts.from_mapping(counters)
+    return SpecDecodeCounts.from_mapping(read_spec_decode_counters(llm, num_positions))
 
 
 def measure(settings: EngineSettings, plan: Plan, on_finished: Callable[[Cell], None] | None = None,
