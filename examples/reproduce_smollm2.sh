@@ -15,7 +15,9 @@
 # Budget on 2 CPU cores: README.md, "Reproducing the paper's KL-vs-LK comparison" (measured times per stage).
 # Environment: RUNS (default runs/smollm2-lk), ARCHS (default "eagle3 medusa mlp"), LOSSES (default
 # "lambda kl alpha"), BENCH_LIMIT (prompts per dataset, default 16), BENCH_CONCURRENCY (default 8),
-# BENCH_BATCH1_LIMIT (prompts per dataset at batch 1, default 4), BENCH_MAX_TOKENS (default 128).
+# BENCH_BATCH1_LIMIT (prompts per dataset at batch 1, default 4), BENCH_BATCH1_LOSSES (losses whose drafters the
+# batch-1 speed run includes, default "lambda": the speedup target is the LK drafters'), BENCH_MAX_TOKENS
+# (default 128).
 set -euo pipefail
 export PATH="$PWD/.venv/bin:$PATH"
 
@@ -47,12 +49,17 @@ if [[ $stage == train || $stage == all ]]; then
 fi
 
 if [[ $stage == bench || $stage == all ]]; then
-    drafters=()
-    for arch in $archs; do
-        for loss in $losses; do
-            [[ -f $runs/$arch-$loss/final/lk_training.json ]] && drafters+=(--drafter "$runs/$arch-$loss/best")
+    finished_drafters() {  # finished_drafters LOSSES...: --drafter flags for every finished run with those losses
+        for arch in $archs; do
+            for loss in "$@"; do
+                if [[ -f $runs/$arch-$loss/final/lk_training.json ]]; then
+                    printf -- '--drafter\n%s\n' "$runs/$arch-$loss/best"
+                fi
+            done
         done
-    done
+    }
+    mapfile -t drafters < <(finished_drafters $losses)
+    mapfile -t batch1_drafters < <(finished_drafters ${BENCH_BATCH1_LOSSES:-lambda})
     if [[ ${#drafters[@]} -eq 0 ]]; then
         echo "[reproduce] no finished drafter in $runs; run '$0 train' first" >&2
         exit 1
@@ -63,8 +70,13 @@ if [[ $stage == bench || $stage == all ]]; then
         --dataset mtbench --dataset humaneval --dataset gsm8k --limit "${BENCH_LIMIT:-16}" \
         --temperature 0 --temperature 1 --concurrency "${BENCH_CONCURRENCY:-8}" \
         --num-speculative-tokens 3 --max-tokens "${BENCH_MAX_TOKENS:-128}"
-    # Wall-clock speed at batch 1 and T=0 (the speedup target), on fewer prompts: batch 1 is the slow part.
-    lk-vllm bench "${drafters[@]}" --name smollm2-lk-batch1 --out-dir benchmarks/results \
+    # Wall-clock speed at batch 1 and T=0 (the speedup target), on fewer prompts and drafters: batch 1 is the slow
+    # part (one engine start plus ~100 s of decoding per drafter).
+    if [[ ${#batch1_drafters[@]} -eq 0 ]]; then
+        echo "[reproduce] no finished drafter with loss ${BENCH_BATCH1_LOSSES:-lambda} for the batch-1 run" >&2
+        exit 1
+    fi
+    lk-vllm bench "${batch1_drafters[@]}" --name smollm2-lk-batch1 --out-dir benchmarks/results \
         --dataset mtbench --dataset humaneval --dataset gsm8k --limit "${BENCH_BATCH1_LIMIT:-4}" \
         --temperature 0 --concurrency 1 \
         --num-speculative-tokens 3 --max-tokens "${BENCH_MAX_TOKENS:-128}"
