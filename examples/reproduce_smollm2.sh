@@ -14,7 +14,7 @@
 # checkpoint (every 50 steps), so the script can be re-run after a crash or across sessions.
 # Budget on 2 CPU cores: README.md, "Reproducing the paper's KL-vs-LK comparison" (measured times per stage).
 # Environment: RUNS (default runs/smollm2-lk), ARCHS (default "eagle3 medusa mlp"), LOSSES (default
-# "lambda kl alpha"), BENCH_LIMIT (prompts per dataset, default 16), BENCH_CONCURRENCY (default 8),
+# "lambda kl alpha"), BENCH_LIMIT (prompts per dataset, default 12), BENCH_CONCURRENCY (default 8),
 # BENCH_BATCH1_LIMIT (prompts per dataset at batch 1, default 4), BENCH_BATCH1_LOSSES (losses whose drafters the
 # batch-1 speed run includes, default "lambda": the speedup target is the LK drafters'), BENCH_MAX_TOKENS
 # (default 128).
@@ -67,7 +67,7 @@ if [[ $stage == bench || $stage == all ]]; then
     # Acceptance, the table: every drafter at T=0 and T=1 with 8 requests in flight (acceptance does not depend
     # on concurrency, and 8 in flight measure it several times faster than batch 1 on this CPU).
     lk-vllm bench "${drafters[@]}" --name smollm2-lk --out-dir benchmarks/results \
-        --dataset mtbench --dataset humaneval --dataset gsm8k --limit "${BENCH_LIMIT:-16}" \
+        --dataset mtbench --dataset humaneval --dataset gsm8k --limit "${BENCH_LIMIT:-12}" \
         --temperature 0 --temperature 1 --concurrency "${BENCH_CONCURRENCY:-8}" \
         --num-speculative-tokens 3 --max-tokens "${BENCH_MAX_TOKENS:-128}"
     # Wall-clock speed at batch 1 and T=0 (the speedup target), on fewer prompts and drafters: batch 1 is the slow

@@ -149,6 +149,46 @@ def test_the_patch_reaches_vllms_rejection_sampler_through_the_platform_override
     assert expanded.tolist() == pytest.approx([0.7, 0.7, 1.0, 1.0, 1.0])
 
 
+# ---------------------------------------------------------------------------------------- the Medusa patch
+def _tiny_medusa(truncated: int, vocab: int):
+    """vLLM's Medusa module without a vLLM config: one head, a plain linear lm_head (what load_weights touches)."""
+    from vllm.model_executor.models.medusa import Medusa
+
+    model = Medusa.__new__(Medusa)
+    torch.nn.Module.__init__(model)
+    model.config = SimpleNamespace(original_lm_head=False)
+    model.orig_vocab_size, model.truncated_vocab_size = vocab, truncated
+    model.token_map = None
+    model.lm_heads = torch.nn.ModuleList([torch.nn.Linear(2, truncated, bias=False)])
+    return model
+
+
+def _unloaded(model, loaded: set[str]) -> set[str]:
+    """What vLLM's DefaultModelLoader.track_weights_loading rejects: parameters not reported as loaded."""
+    return {name for name, _ in model.named_parameters()} - loaded
+
+
+def test_vllms_medusa_rejects_its_own_token_map_and_the_patch_accepts_it():
+    from vllm.model_executor.models.medusa import Medusa
+
+    from lk_vllm.plugin.patches import patch_medusa_token_map
+
+    assert patch_medusa_token_map() and patch_medusa_token_map()  # idempotent
+    token_map = torch.tensor([0, 2, 5, 7])
+    weights = [("token_map", token_map), ("lm_heads.0.weight", torch.arange(8.0).reshape(4, 2))]
+    unpatched = Medusa.load_weights.__closure__[0].cell_contents  # the wrapped vLLM method
+    vllm_model = _tiny_medusa(4, 8)
+    assert _unloaded(vllm_model, unpatched(vllm_model, iter(weights))) == {"token_map"}  # the bug
+
+    model = _tiny_medusa(4, 8)
+    loaded = model.load_weights(iter(weights))
+    assert _unloaded(model, loaded) == set()
+    assert torch.equal(model.token_map, token_map)
+    assert torch.equal(model.lm_heads[0].weight, torch.arange(8.0).reshape(4, 2))
+    full = _tiny_medusa(8, 8)  # no truncation: nothing to add
+    assert "token_map" not in full.load_weights(iter([("lm_heads.0.weight", torch.zeros(8, 2))]))
+
+
 # ------------------------------------------------------------------------------------------------ stat logger
 def _vllm_config(spec=None, model="/no/such/model"):
     return SimpleNamespace(speculative_config=spec, model_config=SimpleNamespace(model=model, dtype=torch.float32,

@@ -9,6 +9,11 @@
    coherent at T=0, word salad at T=0.8). The replacement below is a plain torch ``repeat_interleave`` that keeps
    the dtype. It is installed by the general plugin, which vLLM runs in each worker *before* the CPU platform
    registers its kernel overrides (``WorkerWrapperBase.init_worker``), so the platform picks it up.
+2. **Medusa with a truncated vocabulary does not load.** ``Medusa.load_weights`` turns the checkpoint's
+   ``token_map`` into a new ``nn.Parameter`` but leaves it out of the names it reports as loaded, so the
+   default loader's ``track_weights_loading`` rejects every checkpoint with ``truncated_vocab_size`` <
+   ``vocab_size``: "Following weights were not initialized from checkpoint: {'token_map'}" (found by
+   ``examples/reproduce_smollm2.sh``). The wrapper below adds the name when the map was loaded.
 """
 
 from __future__ import annotations
@@ -41,5 +46,27 @@ def patch_cpu_expand_kernel() -> bool:
     return True
 
 
+def patch_medusa_token_map() -> bool:
+    """Report Medusa's ``token_map`` as loaded when the checkpoint carried it; True when the patch is in place."""
+    try:
+        from vllm.model_executor.models.medusa import Medusa
+    except ImportError:
+        return False
+    original = Medusa.load_weights
+    if getattr(original, _MARK, False):
+        return True
+
+    def load_weights(self, weights):
+        loaded = original(self, weights)
+        if getattr(self, "token_map", None) is not None:
+            loaded.add("token_map")
+        return loaded
+
+    setattr(load_weights, _MARK, True)
+    Medusa.load_weights = load_weights
+    return True
+
+
 def apply_patches() -> None:
     patch_cpu_expand_kernel()
+    patch_medusa_token_map()
