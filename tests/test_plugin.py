@@ -176,7 +176,7 @@ def test_vllms_medusa_rejects_its_own_token_map_and_the_patch_accepts_it():
     assert patch_medusa_token_map() and patch_medusa_token_map()  # idempotent
     token_map = torch.tensor([0, 2, 5, 7])
     weights = [("token_map", token_map), ("lm_heads.0.weight", torch.arange(8.0).reshape(4, 2))]
-    unpatched = Medusa.load_weights.__closure__[0].cell_contents  # the wrapped vLLM method
+    unpatched = Medusa.load_weights.__wrapped__  # vLLM's own method
     vllm_model = _tiny_medusa(4, 8)
     assert _unloaded(vllm_model, unpatched(vllm_model, iter(weights))) == {"token_map"}  # the bug
 

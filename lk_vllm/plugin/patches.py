@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import functools
+
 _MARK = "_lk_vllm_patched"
 
 
@@ -56,6 +58,7 @@ def patch_medusa_token_map() -> bool:
     if getattr(original, _MARK, False):
         return True
 
+    @functools.wraps(original)  # keeps vLLM's method reachable as __wrapped__
     def load_weights(self, weights):
         loaded = original(self, weights)
         if getattr(self, "token_map", None) is not None:
