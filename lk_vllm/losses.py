@@ -31,6 +31,11 @@ Gradients with respect to the draft logits ``z`` of row ``i`` (closed form, comp
   when ``alpha_i`` is tiny.
 * lambda: ``lam * (q - p~) + (1 - lam) * q * (M_i - a)`` (``lam`` is a constant for the gradient).
 
+Cost: the forward computes every kind's statistics (``alpha``, ``KL``, ``M_i``) in the same fused row loops, and
+saves the per-row normalisers, so the backward is one elementwise pass with no reduction for every kind; the TV
+term only adds a compare and a select to what KL computes. ``M_i`` and ``a`` come from one expression
+(:func:`_probabilities`), so they cover the same ids and each row of the TV gradient sums to 0.
+
 There is no gradient with respect to the target logits: the target is a constant (a ``target_logits`` that
 requires grad is rejected, so a missing ``.detach()`` cannot silently cost a second graph).
 """
@@ -320,48 +325,63 @@ def _gather_cols(tensor: torch.Tensor, d2t: torch.Tensor | None) -> torch.Tensor
     return tensor if d2t is None else tensor.index_select(1, d2t)
 
 
-def _forward_chunk(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | None, cd: torch.dtype):
-    """Per-row statistics of one chunk in linear space (fp32 or fp64).
+def _log_normaliser(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row ``(m, s)`` with ``logsumexp = m + s``: ``m`` the max, ``s = log sum exp(z - m)`` (in ``[0, log V]``).
+    Kept apart so that ``exp((z - m) - s)`` has softmax's precision (``z - m`` is exact near the max and ``s``
+    is small); non-finite exactly when the row has NaN, +inf or no finite value."""
+    m = logits.amax(dim=1)
+    return m, (logits - m.unsqueeze(1)).exp().sum(dim=1).log()
 
-    Returns ``(lse_d, coverage, kl, alpha)``, each ``[rows]``: the draft log-normaliser (non-finite exactly
-    when the draft row is unusable), the target mass on the draft vocabulary ``coverage = sum_d p_g[d]`` (so
-    ``p_g = coverage * p~``; NaN exactly when the target row is unusable), ``KL(p~ || q)`` and ``alpha``.
-    Temporaries: one ``[rows, V]`` and three ``[rows, Vd]`` in ``cd``; nothing is kept. The only passes over
-    the full target vocabulary are its softmax and the gather.
+
+def _probabilities(draft, target_g, norms: dict[str, torch.Tensor], cd: torch.dtype):
+    """``(log q, log p~, q, p~, p_g)`` of one chunk ``[rows, Vd]`` from the saved per-row normalisers.
+
+    The forward statistics and the backward both use this one expression, so the backward's ``a = [q < p_g]``
+    is the same set the forward summed ``M`` over (a mismatch at near-ties would break ``sum_d grad = 0``).
     """
-    p = torch.softmax(target, dim=1, dtype=cd)
-    p_g = _gather_cols(p, d2t)
-    del p
-    coverage = p_g.sum(dim=1)
-    target_g = _gather_cols(target, d2t)
-    # log p~ = z_g - lse_g. At the arg-max of p_g, p~ = exp(max z_g - lse_g), so lse_g = max z_g - log(max p~).
-    lse_g = target_g.amax(dim=1).to(cd) - (p_g.amax(dim=1) / coverage).log()
+    log_q = (draft.to(cd) - norms["m_d"].unsqueeze(1)) - norms["s_d"].unsqueeze(1)
+    log_p_tilde = (target_g.to(cd) - norms["m_g"].unsqueeze(1)) - norms["s_g"].unsqueeze(1)
+    q = log_q.exp()
+    p_tilde = log_p_tilde.exp()
+    coverage = norms.get("coverage")
+    p_g = p_tilde if coverage is None else p_tilde * coverage.unsqueeze(1)
+    return log_q, log_p_tilde, q, p_tilde, p_g
 
-    q = torch.softmax(draft, dim=1, dtype=cd)
-    # Likewise at the arg-max of q.
-    lse_d = draft.amax(dim=1).to(cd) - q.amax(dim=1).log()
-    # NaN and +inf already make lse_d NaN; -inf must be caught separately (softmax would give q = 0).
-    lse_d.masked_fill_(draft.amin(dim=1) == -math.inf, -math.inf)
 
-    # KL(p~ || q) = sum p~ (log p~ - log q) = (1 / coverage) sum p_g ((z_t - lse_g) - (z_d - lse_d)).
-    if target_g.dtype == draft.dtype == cd:
-        work = torch.sub(target_g, draft)
-    else:  # subtract in cd, not in the (low-precision) input dtype
-        work = target_g.to(cd, copy=d2t is None)
-        work.sub_(draft)
-    work.add_((lse_d - lse_g).unsqueeze(1))
-    work.mul_(p_g)
-    # A -inf target logit gives 0 * -inf = NaN where p_g = 0; that term is 0, hence nansum. (NaN inputs are
-    # caught through coverage and lse_d, not here.)
-    kl = work.nansum(dim=1).div_(coverage)
-    alpha = torch.minimum(q, p_g, out=work).sum(dim=1)
-    return lse_d, coverage, kl, alpha
+def _chunk_statistics(draft: torch.Tensor, target: torch.Tensor, target_g: torch.Tensor | None, cd: torch.dtype):
+    """Per-row statistics of one chunk: the normalisers (``m_d, s_d, m_g, s_g`` and, with a draft vocabulary,
+    ``coverage = sum_d p_g[d]``), ``draft_min`` (a -inf draft logit makes the row unusable), ``alpha``,
+    ``mass = M = sum_d q[d] a[d]`` and ``kl = KL(p~ || q)``, each ``[rows]``.
+
+    ``target_g`` is the target gathered to the draft ids, or None for a full draft vocabulary. Written as plain
+    tensor expressions so that torch.compile fuses everything into a few row loops with no ``[rows, V]`` or
+    ``[rows, Vd]`` temporary (see :class:`_Compiled`). ``coverage`` is 0 where the target has finite logits
+    but none at the draft ids (the caller rejects such rows), NaN where the target row is unusable.
+    """
+    z_d = draft.to(cd)
+    m_d, s_d = _log_normaliser(z_d)
+    norms = {"m_d": m_d, "s_d": s_d}
+    if target_g is None:
+        norms["m_g"], norms["s_g"] = _log_normaliser(target.to(cd))
+        target_g = target
+    else:
+        m_t, s_t = _log_normaliser(target.to(cd))
+        m_g, s_g = _log_normaliser(target_g.to(cd))
+        coverage = ((m_g - m_t) + (s_g - s_t)).exp()
+        no_draft_mass = (m_g == -math.inf) & torch.isfinite(m_t + s_t)
+        norms.update(m_g=m_g, s_g=s_g, coverage=torch.where(no_draft_mass, 0.0, coverage))
+    log_q, log_p_tilde, q, p_tilde, p_g = _probabilities(draft, target_g, norms, cd)
+    alpha = torch.minimum(q, p_g).sum(dim=1)
+    mass = torch.where(q < p_g, q, 0.0).sum(dim=1)
+    # p~ = 0 (a -inf target logit) contributes 0, not 0 * -inf.
+    kl = torch.where(p_tilde > 0, p_tilde * (log_p_tilde - log_q), 0.0).sum(dim=1)
+    return norms, z_d.amin(dim=1), alpha, mass, kl
 
 
 def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | None):
     """Float64 log-space statistics for rows where linear-space sums underflow (or a -inf target made 0 * inf).
 
-    Returns ``(lse_d, log_coverage, kl, log_alpha)`` (as :func:`_forward_chunk`, but in log space);
+    Returns ``(lse_d, log_coverage, kl, log_alpha)`` (as :func:`_chunk_statistics`, but in log space);
     ``log_alpha = logsumexp(min(log q, log p_g))`` is exact even when alpha is far below the smallest float.
     ``log_coverage`` is ``lse_g - lse_t``: -inf exactly when the target has no finite logit among the draft ids.
     """
@@ -380,103 +400,65 @@ def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | N
     return lse_d, lse_g - lse_t, kl, log_alpha
 
 
-def _gradient_rows(
-    draft: torch.Tensor,
-    target_g: torch.Tensor,
-    coverage: torch.Tensor | None,
-    kl_weight: torch.Tensor | None,
-    tv_weight: torch.Tensor | None,
-    cd: torch.dtype,
-) -> torch.Tensor:
+def _gradient_rows(draft, target_g, norms, mass, kl_weight, tv_weight, cd: torch.dtype) -> torch.Tensor:
     """``kl_weight * (q - p~) + tv_weight * q * (M - a)`` for one chunk of rows (``[rows, Vd]`` in ``cd``).
 
-    ``target_g`` are the target logits at the draft ids, so ``p~ = softmax(target_g)``; ``a = [q < p_g]`` with
-    ``p_g = coverage * p~`` (``coverage`` None: no draft vocabulary, ``p_g = p~``) and ``M = sum q * a``
-    (module docstring). ``kl_weight`` is a 0-d tensor or None (no KL term), ``tv_weight`` a ``[rows]`` tensor or
-    None (no TV term). Rebuilding ``p_g`` from the saved ratio keeps fp32 relative precision where
-    ``exp(z - lse)`` would inherit the rounding of a large ``lse``. Written as plain tensor expressions so
-    that torch.compile fuses it into a reduction loop and one elementwise loop (see :class:`_Fused`).
+    ``a = [q < p_g]``; ``M`` (``mass``) was summed over the same ``a`` in the forward, so this is one
+    elementwise pass with no reduction: the TV term adds a compare and two multiplies to what KL computes
+    anyway. ``kl_weight`` is a 0-d tensor or None (no KL term), ``tv_weight`` a ``[rows]`` tensor or None (no TV
+    term).
     """
-    q = torch.softmax(draft, dim=1, dtype=cd)
-    p_tilde = torch.softmax(target_g, dim=1, dtype=cd)
+    _, _, q, p_tilde, p_g = _probabilities(draft, target_g, norms, cd)
     if tv_weight is None:
         return kl_weight * (q - p_tilde)
-    p_g = p_tilde if coverage is None else p_tilde * coverage.unsqueeze(1)
-    below = (q < p_g).to(cd)
-    mass = (q * below).sum(dim=1, keepdim=True)
+    # q * (kl_weight + tv_weight * (M - a)) - kl_weight * p~: the per-row factor takes one of two values.
     tv = tv_weight.unsqueeze(1)
-    grad = q * (tv * mass - tv * below)
-    return grad if kl_weight is None else grad + kl_weight * (q - p_tilde)
+    base = tv * mass.unsqueeze(1) if kl_weight is None else kl_weight + tv * mass.unsqueeze(1)
+    grad = q * torch.where(q < p_g, base - tv, base)
+    return grad if kl_weight is None else grad - kl_weight * p_tilde
 
 
-def _gradient_into(draft, target_g, coverage, kl_weight, tv_weight, out: torch.Tensor) -> None:
-    """:func:`_gradient_rows` written into ``out``: compiled, the fused loop stores straight into ``out``, so
-    no chunk-sized result is allocated and copied."""
-    out.copy_(_gradient_rows(draft, target_g, coverage, kl_weight, tv_weight, out.dtype))
+def _gradient_into(draft, target_g, norms, mass, kl_weight, tv_weight, out: torch.Tensor, cd: torch.dtype) -> None:
+    """:func:`_gradient_rows` written into ``out`` (any float dtype): compiled, the fused loop computes in ``cd``
+    and stores straight into ``out``, so no chunk-sized result is allocated and copied."""
+    out.copy_(_gradient_rows(draft, target_g, norms, mass, kl_weight, tv_weight, cd))
 
 
-def _backward_chunk_inplace(
-    draft: torch.Tensor,
-    target_g: torch.Tensor,
-    coverage: torch.Tensor | None,
-    kl_weight: torch.Tensor | None,
-    tv_weight: torch.Tensor | None,
-    out: torch.Tensor,
-) -> None:
-    """:func:`_gradient_rows` written into ``out`` with in-place eager ops (the fallback without torch.compile):
-    ``out`` is the scratch, holding ``p_g``, then ``a`` as 1.0 / 0.0, then ``q * a``, then the gradient."""
-    cd = out.dtype
-    q = torch.softmax(draft, dim=1, dtype=cd)
-    p_tilde = torch.softmax(target_g, dim=1, dtype=cd)
-    if tv_weight is None:
-        torch.sub(q, p_tilde, out=out)
-        out.mul_(kl_weight)
-        return
-    if coverage is None:
-        torch.lt(q, p_tilde, out=out)
-    else:
-        torch.mul(p_tilde, coverage.unsqueeze(1), out=out)
-        torch.lt(q, out, out=out)
-    out.mul_(q)
-    mass = out.sum(dim=1)  # M
-    base = tv_weight * mass if kl_weight is None else kl_weight + tv_weight * mass
-    out.mul_(-tv_weight.unsqueeze(1))
-    out.addcmul_(q, base.unsqueeze(1))
-    if kl_weight is not None:
-        out.addcmul_(p_tilde, kl_weight, value=-1.0)
+class _Compiled:
+    """A chunk kernel compiled by torch.compile (inductor: fused C++ loops on CPU, Triton on GPU).
 
-
-class _Fused:
-    """:func:`_gradient_rows` compiled by torch.compile (inductor: fused C++ loops on CPU, Triton on GPU).
-
-    Eager PyTorch makes a separate pass over the chunk for every elementwise op, so the TV term's few extra ops
-    would cost LK^lambda ~10% over KL on a CPU; fused, they ride along the passes KL needs anyway. Compilation
-    happens once per process and dtype (shapes are dynamic). If compiling fails (no C++ compiler, an unsupported
-    backend) or ``LK_VLLM_COMPILE_LOSS=0``, the in-place eager version is used; both give the same gradient.
+    Eager PyTorch makes a separate pass, with its own temporary, for every elementwise op; fused, the forward
+    statistics are a few row loops and the backward one elementwise loop. Compilation happens once per process
+    and input variant (shapes are dynamic). If compiling fails (no C++ compiler, an unsupported backend) or
+    ``LK_VLLM_COMPILE_LOSS=0``, the same Python function runs eagerly: same formulas, more memory traffic.
+    Forward and backward switch together (one flag), so ``a`` is always computed by the same code in both.
     """
 
-    def __init__(self) -> None:
+    failed = False  # shared: once one kernel fails to compile, both run eagerly
+
+    def __init__(self, function) -> None:
+        self.function = function
         self.compiled = None
-        self.failed = False
 
-    def enabled(self) -> bool:
-        return not self.failed and os.environ.get("LK_VLLM_COMPILE_LOSS", "1") != "0"
+    @staticmethod
+    def enabled() -> bool:
+        return not _Compiled.failed and os.environ.get("LK_VLLM_COMPILE_LOSS", "1") != "0"
 
-    def __call__(self, draft, target_g, coverage, kl_weight, tv_weight, out: torch.Tensor) -> None:
+    def __call__(self, *args):
         if self.enabled():
             try:
                 if self.compiled is None:
-                    self.compiled = torch.compile(_gradient_into, dynamic=True)
-                self.compiled(draft, target_g, coverage, kl_weight, tv_weight, out)
-                return
+                    self.compiled = torch.compile(self.function, dynamic=True)
+                return self.compiled(*args)
             except Exception as error:  # compilation problems surface at the first call
-                self.failed = True
-                warnings.warn(f"lk_loss: torch.compile of the backward failed ({type(error).__name__}: "
+                _Compiled.failed = True
+                warnings.warn(f"lk_loss: torch.compile failed ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}); using eager PyTorch", stacklevel=2)
-        _backward_chunk_inplace(draft, target_g, coverage, kl_weight, tv_weight, out)
+        return self.function(*args)
 
 
-_backward_chunk = _Fused()
+_statistics_kernel = _Compiled(_chunk_statistics)
+_gradient_kernel = _Compiled(_gradient_into)
 
 
 def _exact_backward_rows(
@@ -514,11 +496,11 @@ def _exact_backward_rows(
 class _LKLossFunction(torch.autograd.Function):
     """Chunked LK loss with the closed-form gradients of the module docstring.
 
-    Forward: one pass over the rows, chunk by chunk, computing per-row ``alpha``, ``KL`` and three
-    log-normalisers; the per-call sums are all-reduced once (so ``lam`` uses the global mean alpha), then the
-    loss is formed. Saved for backward: the inputs (references, no copies) and four numbers per valid row.
-    Backward: recomputes ``q`` and ``p`` chunk by chunk from the saved normalisers and writes the gradient
-    straight into the output; the only ``[N, Vd]`` tensor it allocates is the gradient itself.
+    Forward: one pass over the rows, chunk by chunk (:func:`_chunk_statistics`), computing per row ``alpha``,
+    ``KL``, ``M`` and the log-normalisers; the per-call sums are all-reduced once (so ``lam`` uses the global
+    mean alpha), then the loss is formed. Saved for backward: the inputs (references, no copies) and eight
+    numbers per valid row. Backward: one elementwise pass per chunk (:func:`_gradient_rows`) writing the
+    gradient straight into the output; the only ``[N, Vd]`` tensor it allocates is the gradient itself.
     """
 
     @staticmethod
@@ -528,24 +510,33 @@ class _LKLossFunction(torch.autograd.Function):
         d2t = prepared.d2t
         n_local = prepared.num_local
         device = draft.device
-        lse_d = torch.empty(n_local, dtype=cd, device=device)
-        coverage = torch.empty_like(lse_d)
-        kl = torch.empty_like(lse_d)
-        alpha = torch.empty_like(lse_d)
+        names = ["m_d", "s_d", "m_g", "s_g"] + ([] if d2t is None else ["coverage"])
+        norms = {name: torch.empty(n_local, dtype=cd, device=device) for name in names}
+        draft_min, alpha, mass, kl = (torch.empty(n_local, dtype=cd, device=device) for _ in range(4))
         for start in range(0, n_local, chunk_rows):
             stop = min(start + chunk_rows, n_local)
-            stats = _forward_chunk(
-                _take_rows(draft, rows, start, stop), _take_rows(target, rows, start, stop), d2t, cd
+            target_c = _take_rows(target, rows, start, stop)
+            chunk_norms, *values = _statistics_kernel(
+                _take_rows(draft, rows, start, stop), target_c, None if d2t is None else target_c.index_select(1, d2t), cd
             )
-            for buffer, value in zip((lse_d, coverage, kl, alpha), stats, strict=True):
+            for name in names:
+                norms[name][start:stop] = chunk_norms[name]
+            for buffer, value in zip((draft_min, alpha, mass, kl), values, strict=True):
                 buffer[start:stop] = value
-
-        bad_draft = ~torch.isfinite(lse_d)
-        bad_target = ~torch.isfinite(coverage)
+        coverage = norms.get("coverage")
+        lse_d = norms["m_d"] + norms["s_d"]
+        # Non-finite normalisers: NaN or +inf in the row, or no finite logit; a single -inf draft logit too.
+        bad_draft = ~torch.isfinite(lse_d) | (draft_min == -math.inf)
+        if coverage is None:
+            bad_target = ~torch.isfinite(norms["m_g"] + norms["s_g"])
+            coverage_check = torch.ones_like(alpha)
+        else:
+            bad_target = ~torch.isfinite(coverage)
+            coverage_check = coverage
         exact = (
             ~bad_draft
             & ~bad_target
-            & ((alpha < _ALPHA_EXACT_BELOW) | (coverage < _COVERAGE_EXACT_BELOW) | ~torch.isfinite(kl))
+            & ((alpha < _ALPHA_EXACT_BELOW) | (coverage_check < _COVERAGE_EXACT_BELOW) | ~torch.isfinite(kl))
         )
         exact_rows = exact.nonzero().squeeze(1)
         alpha.clamp_(max=1.0)  # sum_d min(q, p_g) <= sum_d q = 1; rounding can exceed it by an ulp
@@ -553,12 +544,10 @@ class _LKLossFunction(torch.autograd.Function):
         if exact_rows.numel():
             source = exact_rows if rows is None else rows.index_select(0, exact_rows)
             values = _exact_rows(draft.index_select(0, source), target.index_select(0, source), d2t)
-            exact_lse_d, log_coverage, exact_kl, exact_log_alpha = values
-            lse_d[exact_rows] = exact_lse_d.to(cd)
+            _, log_coverage, exact_kl, exact_log_alpha = values
             kl[exact_rows] = exact_kl.to(cd)
             log_alpha[exact_rows] = exact_log_alpha.clamp(max=0.0).to(cd)
             alpha[exact_rows] = log_alpha[exact_rows].exp()
-            coverage[exact_rows] = log_coverage.exp().to(cd)  # unused by the backward of exact rows
             exact_coverage_zero = log_coverage == -math.inf
         else:
             exact_coverage_zero = torch.zeros(0, dtype=torch.bool, device=device)
@@ -612,7 +601,8 @@ class _LKLossFunction(torch.autograd.Function):
             num_valid=count,
         )
 
-        ctx.save_for_backward(draft, target, coverage, alpha, exact_rows)
+        ctx.norm_names = names
+        ctx.save_for_backward(draft, target, alpha, mass, exact_rows, *(norms[name] for name in names))
         ctx.prepared = prepared
         ctx.kind = kind
         ctx.lam = lam
@@ -622,7 +612,8 @@ class _LKLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        draft, target, coverage, alpha, exact_rows = ctx.saved_tensors
+        draft, target, alpha, mass, exact_rows, *norm_values = ctx.saved_tensors
+        norms = dict(zip(ctx.norm_names, norm_values, strict=True))
         prepared: _Prepared = ctx.prepared
         rows, d2t, cd, n_local = prepared.rows, prepared.d2t, prepared.compute_dtype, prepared.num_local
         kind = ctx.kind
@@ -638,7 +629,7 @@ class _LKLossFunction(torch.autograd.Function):
         else:
             tv_scalar = None
         chunk_rows = ctx.chunk_rows
-        direct = rows is None and grad.dtype == cd
+        direct = rows is None
         for start in range(0, n_local, chunk_rows):
             stop = min(start + chunk_rows, n_local)
             if kind == "alpha":
@@ -649,21 +640,20 @@ class _LKLossFunction(torch.autograd.Function):
             out = (
                 grad[start:stop]
                 if direct
-                else torch.empty(stop - start, draft.shape[1], dtype=cd, device=draft.device)
+                else torch.empty(stop - start, draft.shape[1], dtype=grad.dtype, device=draft.device)
             )
-            _backward_chunk(
+            _gradient_kernel(
                 _take_rows(draft, rows, start, stop),
                 _gather_cols(_take_rows(target, rows, start, stop), d2t),
-                None if d2t is None else coverage[start:stop],
+                {name: value[start:stop] for name, value in norms.items()},
+                mass[start:stop],
                 kl_weight,
                 tv_weight,
                 out,
+                cd,
             )
             if not direct:
-                if rows is None:
-                    grad[start:stop] = out
-                else:
-                    grad.index_copy_(0, rows[start:stop], out.to(grad.dtype))
+                grad.index_copy_(0, rows[start:stop], out)
         if exact_rows.numel():
             source = exact_rows if rows is None else rows.index_select(0, exact_rows)
             tv_weight = scale if kind == "alpha" else tv_scalar

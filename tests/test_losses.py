@@ -120,7 +120,7 @@ def test_lambda_gradient_is_the_fixed_mixture_of_kl_and_tv():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("vocab_draft", [20, 9])
 def test_compiled_and_eager_backward_agree(kind, vocab_draft, monkeypatch):
-    # The backward runs torch.compile'd by default and falls back to in-place eager ops; both must give the
+    # The chunk kernels run torch.compile'd by default and fall back to the same functions run eagerly; both give the
     # same gradient.
     from lk_vllm import losses
 
@@ -130,9 +130,33 @@ def test_compiled_and_eager_backward_agree(kind, vocab_draft, monkeypatch):
     for setting in ("1", "0"):
         monkeypatch.setenv("LK_VLLM_COMPILE_LOSS", setting)
         _, grads[setting] = loss_and_grad(lk_loss, draft, target, **kwargs)
-    if losses._backward_chunk.failed or losses._backward_chunk.compiled is None:
+    if losses._Compiled.failed or losses._gradient_kernel.compiled is None:
         pytest.skip("torch.compile is not available here; only the eager backward ran")
     torch.testing.assert_close(grads["1"], grads["0"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("truncated", [False, True])
+def test_tv_gradient_sums_to_zero_at_near_ties(dtype, truncated):
+    # M (summed in the forward) and a = [q < p_g] (taken in the backward) must cover the same ids, or the
+    # row sums of the TV gradient q * (M - a) stop being 0. A draft equal to the target up to a shift puts
+    # every id at a (near-)tie, where a forward/backward mismatch in rounding would show at once.
+    gen = torch.Generator().manual_seed(11)
+    vocab, vocab_draft = 3000, (1200 if truncated else 3000)
+    d2t = torch.randperm(vocab, generator=gen)[:vocab_draft] if truncated else None
+    target = (torch.randn(16, vocab, generator=gen, dtype=F64) * 3).to(dtype)
+    aligned = target if d2t is None else target[:, d2t]
+    for draft in (aligned + 0.5, aligned + 1e-3 * torch.randn(aligned.shape, generator=gen, dtype=F64).to(dtype)):
+        _, grad = loss_and_grad(lk_loss, draft, target, kind="tv", draft_to_target=d2t, chunk_size=5)
+        scale = grad.abs().sum(1).clamp_min(1e-30)
+        assert float((grad.sum(1).abs() / scale).max()) < (1e-4 if dtype == torch.float32 else 1e-10)
+
+
+def test_tv_gradient_is_zero_where_the_draft_is_the_target():
+    # q == p exactly (identical logits): every id is a tie, a = 0, M = 0, so the TV gradient is exactly 0.
+    target = torch.randn(7, 50, generator=torch.Generator().manual_seed(2), dtype=F64) * 2
+    _, grad = loss_and_grad(lk_loss, target.clone(), target, kind="tv")
+    assert bool((grad == 0).all())
 
 
 def test_paper_lambda_values():
