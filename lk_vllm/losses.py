@@ -449,7 +449,11 @@ class _Compiled:
             try:
                 if self.compiled is None:
                     self.compiled = torch.compile(self.function, dynamic=True)
-                return self.compiled(*args)
+                # One graph per input variant (dtype, draft vocabulary or not, which terms, 1-row chunks): more
+                # than dynamo's default 8 in a process that uses several. Past the limit dynamo would run some
+                # variants eagerly, and the forward's M and the backward's a could then round differently.
+                with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+                    return self.compiled(*args)
             except Exception as error:  # compilation problems surface at the first call
                 _Compiled.failed = True
                 warnings.warn(f"lk_loss: torch.compile failed ({type(error).__name__}: "
