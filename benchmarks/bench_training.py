@@ -1,6 +1,6 @@
 """Training throughput on this machine: online vs offline hidden-state capture, and LK vs KL step time.
 
-    python benchmarks/bench_training.py [--recipe smoke-eagle3] [--steps 8] [--repeats 2] \
+    python benchmarks/bench_training.py [--recipe smoke-eagle3] [--steps 8] [--repeats 2] [--threads N] \
         [--out benchmarks/results/training]
 
 Every measurement is a real ``lk-vllm train`` run (``training.train.train``) of the recipe for ``--steps``
@@ -57,9 +57,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/training")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     base = {"training.max_steps": args.steps, "training.eval_every": 10**6, "training.checkpoint_every": 10**6,
             "data.heldout": 4}
@@ -92,7 +96,7 @@ def main() -> int:
 
     report = {
         "command": f"python benchmarks/bench_training.py --recipe {args.recipe} --steps {args.steps} "
-                   f"--repeats {args.repeats}",
+                   f"--repeats {args.repeats}" + (f" --threads {args.threads}" if args.threads else ""),
         "recipe": args.recipe,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "load_average_before": [round(x, 2) for x in load_before],
