@@ -147,6 +147,16 @@ def markdown(report: dict) -> str:
         f"{c['dtype']}: 3 aux + final hidden state, no logits); captured at {c['capture_tokens_per_s']} tokens/s.",
         "",
     ]
+    online = (r["online/kl"]["median_step_s"] + r["online/lambda"]["median_step_s"]) / 2
+    offline = (r["offline/kl"]["median_step_s"] + r["offline/lambda"]["median_step_s"]) / 2
+    lines += [
+        f"Why offline/online stays below 3 on this target: online capture adds the target's forward to the offline "
+        f"step ({online - offline:.2f} s of the {online:.2f} s online step here), so offline/online is "
+        f"1 + forward / offline step. The offline step is not small next to a 135M target: the drafter's forward "
+        "and backward over the unrolled steps, its draft-vocabulary head, and the target's full-vocabulary "
+        "lm_head that rebuilds the target logits from the cached hidden state. 3x needs a target forward that "
+        "costs twice the drafter's whole training step per token (a multi-billion-parameter target with a "
+        "one-layer EAGLE-3 head); the smaller the target, the closer the ratio gets to 1.", ""]
     if max(m["load_average_before"][0], m["load_average_after"][0]) > m["cpus"]:
         lines += [
             f"Caveat: the load average exceeded the {m['cpus']} CPUs during the run (other jobs shared the machine), "
