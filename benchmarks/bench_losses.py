@@ -9,8 +9,8 @@ Peak memory is the peak resident set size (Linux VmHWM, reset through /proc/self
 forward + backward, minus the resident set just before it (inputs already allocated, freed heap returned with
 malloc_trim, MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave the resident set at once): it counts
 every allocation, torch's internal temporaries included, and the gradient of the draft logits. Time is wall-clock of forward +
-backward; repetitions are interleaved across kinds (their order rotates every repetition) and the minimum is
-reported (the median is kept in the JSON). The LK/KL ratios that decide the time target are paired: the median
+backward; the chunked and the naive implementation are timed one after the other, each with its kinds
+interleaved (in a new random order every repetition), and the minimum is reported (the median is kept in the JSON). The LK/KL ratios that decide the time target are paired: the median
 over repetitions of (LK time / KL time of the same repetition), which a slow drift of the machine's load moves
 far less than a ratio of minima.
 """
@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import subprocess
@@ -118,22 +119,30 @@ def run_worker(spec: dict) -> dict:
     times = {f"{impl}/{kind}": [] for impl, kind in cases}
     cpu_times = {f"{impl}/{kind}": [] for impl, kind in cases}
     floor_times, floor_cpu_times = [], []
-    for impl, kind in cases:  # warm-up: first-call costs (allocator, torch.compile of the backward)
+    for impl, kind in cases:  # warm-up: first-call costs (allocator, torch.compile of the kernels)
         fwd_bwd(impl, kind)
-    started = time.perf_counter()
-    for rep in range(spec["max_reps"]):
-        t0, c0 = time.perf_counter(), time.process_time()
-        floor()
-        floor_times.append(time.perf_counter() - t0)
-        floor_cpu_times.append(time.process_time() - c0)
-        shift = rep % len(cases)  # rotate the order: no kind always runs right after the same other kind
-        for impl, kind in cases[shift:] + cases[:shift]:
-            t0, c0 = time.perf_counter(), time.process_time()
-            fwd_bwd(impl, kind)
-            times[f"{impl}/{kind}"].append(time.perf_counter() - t0)
-            cpu_times[f"{impl}/{kind}"].append(time.process_time() - c0)
-        if rep + 1 >= spec["min_reps"] and time.perf_counter() - started > spec["seconds"]:
-            break
+    order = random.Random(0)
+    # One implementation at a time: the naive one's GB-sized allocations must not land just before some
+    # chunked kind and not others. Within an implementation the kinds run in a new random order every
+    # repetition, so no kind always follows the same other one.
+    for impl in spec["impls"]:
+        started = time.perf_counter()
+        min_reps = spec["min_reps"] if impl == "chunked" else min(spec["min_reps"], 2)
+        for rep in range(spec["max_reps"]):
+            if impl == "chunked":
+                t0, c0 = time.perf_counter(), time.process_time()
+                floor()
+                floor_times.append(time.perf_counter() - t0)
+                floor_cpu_times.append(time.process_time() - c0)
+            kinds = list(KINDS)
+            order.shuffle(kinds)
+            for kind in kinds:
+                t0, c0 = time.perf_counter(), time.process_time()
+                fwd_bwd(impl, kind)
+                times[f"{impl}/{kind}"].append(time.perf_counter() - t0)
+                cpu_times[f"{impl}/{kind}"].append(time.process_time() - c0)
+            if rep + 1 >= min_reps and time.perf_counter() - started > spec["seconds"]:
+                break
     return {"times": times, "cpu_times": cpu_times, "floor_times": floor_times, "floor_cpu_times": floor_cpu_times,
             "threads": torch.get_num_threads()}
 
@@ -582,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         "method": (
             "fwd+bwd wall time of `lk_loss` (chunked, default chunk size) and `lk_loss_eager` (naive) on "
             "random logits (target ~ N(0, 3²); draft = 0.5·target + N(0, 1.5²), so alpha ≈ 0.5), reps "
-            "interleaved across kinds (order rotated every rep) after a warm-up, minimum reported; LK/KL ratios "
+            "interleaved across kinds (random order every rep; chunked and naive timed separately) after a "
+            "warm-up, minimum reported; LK/KL ratios "
             "are the median over reps of the same rep's LK time / KL time; floor = `target.amax(1)` + "
             "`draft.amax(1)`. Peak memory = VmHWM − VmRSS around one fwd+bwd (after a warm-up) in a fresh process "
             "per group (VmHWM reset via /proc/self/clear_refs, freed heap returned via malloc_trim first, "
