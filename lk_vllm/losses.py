@@ -404,7 +404,7 @@ def _gradient_rows(draft, target_g, norms, mass, kl_weight, tv_weight, cd: torch
     """``kl_weight * (q - p~) + tv_weight * q * (M - a)`` for one chunk of rows (``[rows, Vd]`` in ``cd``).
 
     ``a = [q < p_g]``; ``M`` (``mass``) was summed over the same ``a`` in the forward, so this is one
-    elementwise pass with no reduction: the TV term adds a compare and two multiplies to what KL computes
+    elementwise pass with no reduction: the TV term adds a compare, a select and a multiply to what KL computes
     anyway. ``kl_weight`` is a 0-d tensor or None (no KL term), ``tv_weight`` a ``[rows]`` tensor or None (no TV
     term).
     """
