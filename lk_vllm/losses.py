@@ -381,7 +381,7 @@ def _chunk_statistics(draft: torch.Tensor, target: torch.Tensor, target_g: torch
 def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | None):
     """Float64 log-space statistics for rows where linear-space sums underflow (or a -inf target made 0 * inf).
 
-    Returns ``(lse_d, log_coverage, kl, log_alpha)`` (as :func:`_chunk_statistics`, but in log space);
+    Returns ``(log_coverage, kl, log_alpha)`` (as :func:`_chunk_statistics`, but in log space);
     ``log_alpha = logsumexp(min(log q, log p_g))`` is exact even when alpha is far below the smallest float.
     ``log_coverage`` is ``lse_g - lse_t``: -inf exactly when the target has no finite logit among the draft ids.
     """
@@ -397,7 +397,7 @@ def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | N
     kl_terms = torch.where(p_tilde > 0, p_tilde * (log_p_tilde - log_q), torch.zeros_like(p_tilde))
     kl = kl_terms.sum(dim=1)
     log_alpha = torch.logsumexp(torch.minimum(log_q, target_g - lse_t.unsqueeze(1)), dim=1)
-    return lse_d, lse_g - lse_t, kl, log_alpha
+    return lse_g - lse_t, kl, log_alpha
 
 
 def _gradient_rows(draft, target_g, norms, mass, kl_weight, tv_weight, cd: torch.dtype) -> torch.Tensor:
@@ -521,7 +521,7 @@ class _LKLossFunction(torch.autograd.Function):
             stop = min(start + chunk_rows, n_local)
             target_c = _take_rows(target, rows, start, stop)
             chunk_norms, *values = _statistics_kernel(
-                _take_rows(draft, rows, start, stop), target_c, None if d2t is None else target_c.index_select(1, d2t), cd
+                _take_rows(draft, rows, start, stop), target_c, None if d2t is None else _gather_cols(target_c, d2t), cd
             )
             for name in names:
                 norms[name][start:stop] = chunk_norms[name]
@@ -531,24 +531,20 @@ class _LKLossFunction(torch.autograd.Function):
         lse_d = norms["m_d"] + norms["s_d"]
         # Non-finite normalisers: NaN or +inf in the row, or no finite logit; a single -inf draft logit too.
         bad_draft = ~torch.isfinite(lse_d) | (draft_min == -math.inf)
+        underflow = (alpha < _ALPHA_EXACT_BELOW) | ~torch.isfinite(kl)
         if coverage is None:
             bad_target = ~torch.isfinite(norms["m_g"] + norms["s_g"])
-            coverage_check = torch.ones_like(alpha)
         else:
             bad_target = ~torch.isfinite(coverage)
-            coverage_check = coverage
-        exact = (
-            ~bad_draft
-            & ~bad_target
-            & ((alpha < _ALPHA_EXACT_BELOW) | (coverage_check < _COVERAGE_EXACT_BELOW) | ~torch.isfinite(kl))
-        )
+            underflow |= coverage < _COVERAGE_EXACT_BELOW
+        exact = ~bad_draft & ~bad_target & underflow
         exact_rows = exact.nonzero().squeeze(1)
         alpha.clamp_(max=1.0)  # sum_d min(q, p_g) <= sum_d q = 1; rounding can exceed it by an ulp
         log_alpha = alpha.log()
         if exact_rows.numel():
             source = exact_rows if rows is None else rows.index_select(0, exact_rows)
             values = _exact_rows(draft.index_select(0, source), target.index_select(0, source), d2t)
-            _, log_coverage, exact_kl, exact_log_alpha = values
+            log_coverage, exact_kl, exact_log_alpha = values
             kl[exact_rows] = exact_kl.to(cd)
             log_alpha[exact_rows] = exact_log_alpha.clamp(max=0.0).to(cd)
             alpha[exact_rows] = log_alpha[exact_rows].exp()
