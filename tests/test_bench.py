@@ -100,7 +100,9 @@ def test_overall_pools_tokens_seconds_and_counters():
 
 
 def test_drafter_labels_are_short_and_unique(tmp_path):
-    assert drafter_labels(["runs/kl/best", "runs/lk/best", "other/final"]) == ["kl/best", "lk/best", "final"]
+    assert drafter_labels(["runs/kl/best", "runs/lk/best", "other/final"]) == ["kl/best", "lk/best", "other/final"]
+    assert drafter_labels(["runs/eagle3-alpha/best"]) == ["eagle3-alpha/best"]
+    assert drafter_labels(["runs/a/drafter"]) == ["drafter"]
     assert drafter_labels(["runs/baseline"]) == ["runs/baseline"]
     from lk_vllm.errors import UserError
 

@@ -82,9 +82,14 @@ def drafter_contender(directory: str, label: str, target, num_speculative_tokens
                      speculative_config=config, training=training)
 
 
+# What `lk-vllm train` names its exported drafters inside the run directory.
+TRAINER_EXPORT_NAMES = ("best", "final")
+
+
 def drafter_labels(directories: list[str]) -> list[str]:
     """Short unique names: the shortest tail of each path that no other drafter shares (runs/kl/best and
-    runs/lk/best become kl/best and lk/best), never the baseline's label."""
+    runs/lk/best become kl/best and lk/best), never the baseline's label, and never a trainer export's bare
+    name (a single runs/lk/best is lk/best, not "best", which would not say which run it was)."""
     paths = [Path(d).expanduser().resolve() for d in directories]
     repeated = sorted({str(p) for p in paths if paths.count(p) > 1})
     if repeated:
@@ -92,7 +97,8 @@ def drafter_labels(directories: list[str]) -> list[str]:
     labels = []
     for path in paths:
         parts = path.parts
-        for length in range(1, len(parts) + 1):
+        shortest = 2 if parts[-1] in TRAINER_EXPORT_NAMES and len(parts) > 1 else 1
+        for length in range(shortest, len(parts) + 1):
             tail = parts[-length:]
             unique = sum(1 for other in paths if other.parts[-length:] == tail) == 1
             if unique and "/".join(tail) != BASELINE.label:
