@@ -12,7 +12,7 @@ every allocation, torch's internal temporaries included, and the gradient of the
 backward; the chunked and the naive implementation are timed one after the other, each with its kinds
 interleaved (in a new random order every repetition), and the minimum is reported (the median is kept in the JSON). The LK/KL ratios that decide the time target are paired: the median
 over repetitions of (LK time / KL time of the same repetition), which a slow drift of the machine's load moves
-far less than a ratio of minima.
+far less than a ratio of minima. Timing runs with THP_MEM_ALLOC_ENABLE=1 (see main).
 """
 
 from __future__ import annotations
@@ -110,11 +110,14 @@ def run_worker(spec: dict) -> dict:
         for impl, kind in cases:
             fwd_bwd(impl, kind)
         draft.grad = None
-        peaks = {}
-        for impl, kind in cases:
-            peaks[f"{impl}/{kind}"] = _measure_peak(lambda impl=impl, kind=kind: fwd_bwd(impl, kind))
-            draft.grad = None
-        return {"peak_bytes": peaks, "threads": torch.get_num_threads()}
+        # The minimum over interleaved repetitions: heap fragmentation adds a few hundred KiB to one call or
+        # another (of either sign between kinds); the least a call needed is the loss's own footprint.
+        peaks = {f"{impl}/{kind}": [] for impl, kind in cases}
+        for _ in range(spec.get("memory_reps", 1)):
+            for impl, kind in cases:
+                peaks[f"{impl}/{kind}"].append(_measure_peak(lambda impl=impl, kind=kind: fwd_bwd(impl, kind)))
+                draft.grad = None
+        return {"peak_bytes": {case: min(values) for case, values in peaks.items()}, "threads": torch.get_num_threads()}
 
     times = {f"{impl}/{kind}": [] for impl, kind in cases}
     cpu_times = {f"{impl}/{kind}": [] for impl, kind in cases}
@@ -435,10 +438,15 @@ def commentary(report: dict) -> list[str]:
     if mem:
         worst = max(mem, key=lambda r: r["memory_ratio_to_kl"])
         verdict = "met" if worst["memory_ratio_to_kl"] <= 1.0 else "not met"
+        kl_peak = next(
+            r["peak_bytes"] for r in chunked
+            if r["kind"] == "kl" and all(r[k] == worst[k] for k in ("V", "N", "dtype", "vocab"))
+        )
         lines.append(
-            f"- Memory target (LK peak ≤ KL peak): {verdict}; largest LK/KL ratio {worst['memory_ratio_to_kl']:.3f} "
-            f"(V={worst['V']}, N={worst['N']}, {worst['dtype']}, {worst['vocab']}); differences of a few MiB are "
-            "allocator noise."
+            f"- Memory target (LK peak ≤ KL peak): {verdict}; largest LK/KL ratio {worst['memory_ratio_to_kl']:.4f} "
+            f"(V={worst['V']}, N={worst['N']}, {worst['dtype']}, {worst['vocab']}: "
+            f"{(worst['peak_bytes'] - kl_peak) / 1024:+.0f} KiB of {kl_peak / 2**20:.0f} MiB). Both kinds run the same "
+            "kernels with the same buffers; what is left is heap fragmentation (either sign between kinds)."
         )
     for key, value in report["headline"].items():
         if key.startswith("target_config_"):
@@ -477,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         help="stop repeating a group after this many seconds (at least --min-reps reps)",
     )
     parser.add_argument("--min-reps", type=int, default=5)
+    parser.add_argument("--memory-reps", type=int, default=3, help="peak memory: minimum over this many calls")
     parser.add_argument("--max-reps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
@@ -536,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": args.seconds_per_group,
             "min_reps": args.min_reps,
             "max_reps": args.max_reps,
+            "memory_reps": args.memory_reps,
             "threads": args.threads,
         }
         load_before = os.getloadavg()[0]
@@ -543,8 +553,14 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for mode in ("memory", "time"):
             # Memory: every allocation above 64 KiB is its own mmap, so RSS follows the live tensors instead of
-            # what glibc's heap happens to keep. Time: the default allocator (what a user runs).
-            mode_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536") if mode == "memory" else env
+            # what glibc's heap happens to keep. Time: PyTorch's CPU allocator with transparent huge pages
+            # (THP_MEM_ALLOC_ENABLE, a PyTorch setting): a fresh N x Vd gradient is GBs at N=8192, and faulting it
+            # in 4 KiB pages cost 0.3-0.5 s of system time per call that varied from call to call, the same for
+            # every kind, and drowned the per-kind differences.
+            if mode == "memory":
+                mode_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536")
+            else:
+                mode_env = dict(env, THP_MEM_ALLOC_ENABLE=os.environ.get("THP_MEM_ALLOC_ENABLE", "1"))
             proc = subprocess.run(
                 [
                     sys.executable,
@@ -594,7 +610,10 @@ def main(argv: list[str] | None = None) -> int:
             "interleaved across kinds (random order every rep; chunked and naive timed separately) after a "
             "warm-up, minimum reported; LK/KL ratios "
             "are the median over reps of the same rep's LK time / KL time; floor = `target.amax(1)` + "
-            "`draft.amax(1)`. Peak memory = VmHWM − VmRSS around one fwd+bwd (after a warm-up) in a fresh process "
+            "`draft.amax(1)`; timed with THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU allocator on transparent huge "
+            "pages: faulting in a GB-sized gradient in 4 KiB pages was the largest source of call-to-call noise). "
+            "Peak memory = VmHWM − VmRSS around one fwd+bwd (minimum over --memory-reps interleaved calls, after a "
+            "warm-up) in a fresh process "
             "per group (VmHWM reset via /proc/self/clear_refs, freed heap returned via malloc_trim first, "
             "MALLOC_MMAP_THRESHOLD_=65536 so that every tensor is its own mapping); it includes the gradient. "
             f"Truncated draft vocabulary: Vd = {TRUNCATED_VOCAB} random target ids at every V."
