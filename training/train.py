@@ -51,7 +51,7 @@ import torch
 
 from lk_vllm.errors import UserError
 from training.capture import collate
-from training.config import Config, differing_fields, load_config, parse_override
+from training.config import BEST_EXPORT, FINAL_EXPORT, Config, differing_fields, load_config, parse_override
 
 
 def _log(message: str) -> None:
@@ -430,7 +430,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
             logger.write({"step": step, "eval": metrics})
             if metrics["expected_acceptance_length"] > best["expected_acceptance_length"]:
                 best.update(step=step, expected_acceptance_length=metrics["expected_acceptance_length"])
-                drafter.save_pretrained(run_dir / "best", target=target_info(target),
+                drafter.save_pretrained(run_dir / BEST_EXPORT, target=target_info(target),
                                         training=training_record(step, metrics))
         return metrics
 
@@ -500,7 +500,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     if dist.main:
         if not metrics:  # resumed at the end, or nothing to evaluate
             metrics = run_eval(t.max_steps) if heldout_indices else {}
-        drafter.save_pretrained(run_dir / "final", target=target_info(target),
+        drafter.save_pretrained(run_dir / FINAL_EXPORT, target=target_info(target),
                                 training=training_record(t.max_steps, metrics))
         summary.update(final=metrics, tokens_per_s=round(tokens_seen / max(time.time() - clock, 1e-9), 1))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -557,5 +557,5 @@ def run(args) -> int:
               + (f", held-out expected acceptance length {final['expected_acceptance_length']:.4f}" if final else ""))
         if summary["best"]["step"] is not None:
             print(f"best step {summary['best']['step']} (expected acceptance length "
-                  f"{summary['best']['expected_acceptance_length']:.4f}) in {summary['run_dir']}/best")
+                  f"{summary['best']['expected_acceptance_length']:.4f}) in {summary['run_dir']}/{BEST_EXPORT}")
     return 0

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from lk_vllm.errors import UserError
+from training.config import BEST_EXPORT, FINAL_EXPORT
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,6 @@ def drafter_contender(directory: str, label: str, target, num_speculative_tokens
                      speculative_config=config, training=training)
 
 
-# What `lk-vllm train` names its exported drafters inside the run directory.
-TRAINER_EXPORT_NAMES = ("best", "final")
-
-
 def drafter_labels(directories: list[str]) -> list[str]:
     """Short unique names: the shortest tail of each path that no other drafter shares (runs/kl/best and
     runs/lk/best become kl/best and lk/best), never the baseline's label, and never a trainer export's bare
@@ -97,7 +94,7 @@ def drafter_labels(directories: list[str]) -> list[str]:
     labels = []
     for path in paths:
         parts = path.parts
-        shortest = 2 if parts[-1] in TRAINER_EXPORT_NAMES and len(parts) > 1 else 1
+        shortest = 2 if parts[-1] in (BEST_EXPORT, FINAL_EXPORT) and len(parts) > 1 else 1
         for length in range(shortest, len(parts) + 1):
             tail = parts[-length:]
             unique = sum(1 for other in paths if other.parts[-length:] == tail) == 1
