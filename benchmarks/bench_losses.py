@@ -5,16 +5,16 @@ logit tensors.
     python benchmarks/bench_losses.py [--quick] [--out benchmarks/results/losses]
 
 Each (V, N, dtype, draft vocabulary) group runs in two fresh subprocesses, one for memory and one for time.
-Peak memory is the peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs) during one
-forward + backward, minus the resident set just before it (inputs already allocated, freed heap returned with
-malloc_trim, MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave the resident set at once): it counts
-every allocation, torch's internal temporaries included, and the gradient of the draft logits. Time is wall-clock of forward +
-backward; the chunked and the naive implementation are timed one after the other, each with its kinds
+Peak memory is the peak of live tensor bytes during one forward + backward above those live before it, from
+every allocation and free PyTorch's CPU allocator reports to torch.profiler (the CPU counterpart of CUDA's
+max_memory_allocated: torch.compile's buffers and the gradient of the draft logits included; exact and
+repeatable). The peak resident set (Linux VmHWM) is kept in the JSON as a cross-check. Time is wall-clock of
+forward + backward; the chunked and the naive implementation are timed one after the other, each with its kinds
 interleaved (in a new random order every repetition), and the minimum is reported (the median is kept in the JSON). The LK/KL ratios that decide the time target are paired: the median
 over repetitions of (LK time / KL time of the same repetition), which a slow drift of the machine's load moves
 far less than a ratio of minima. The ratio of minima is reported next to it: stalls (page faults of a GB-sized
-gradient on a VM) only add time, so it is the one they cannot move. Timing runs with THP_MEM_ALLOC_ENABLE=1
-(see main). `--render JSON` rewrites a saved run's summary and page without measuring.
+gradient on a VM) only add time, so it is the one they cannot move. Timing runs under jemalloc when it is
+installed (see timing_allocator). `--render JSON` rewrites a saved run's summary and page without measuring.
 """
 
 from __future__ import annotations
@@ -64,13 +64,29 @@ def _release_memory() -> None:
         pass
 
 
-def _measure_peak(run) -> int:
+def _measure_rss_peak(run) -> int:
     _release_memory()
     base = _rss_status()["VmRSS"]
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # reset VmHWM to the current RSS
     run()
     return _rss_status()["VmHWM"] - base
+
+
+def _measure_allocated_peak(run) -> int:
+    """Peak bytes of live tensors during ``run()`` above those live before it (the CPU counterpart of CUDA's
+    max_memory_allocated): the running sum of every allocation and free PyTorch's allocator reports to the
+    profiler, torch.compile's buffers included. Exact and repeatable, unlike the resident set."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def run_worker(spec: dict) -> dict:
@@ -112,14 +128,22 @@ def run_worker(spec: dict) -> dict:
         for impl, kind in cases:
             fwd_bwd(impl, kind)
         draft.grad = None
-        # The minimum over interleaved repetitions: heap fragmentation adds a few hundred KiB to one call or
-        # another (of either sign between kinds); the least a call needed is the loss's own footprint.
-        peaks = {f"{impl}/{kind}": [] for impl, kind in cases}
+        allocated = {}
+        for impl, kind in cases:
+            allocated[f"{impl}/{kind}"] = _measure_allocated_peak(lambda impl=impl, kind=kind: fwd_bwd(impl, kind))
+            draft.grad = None
+        # The resident set as a cross-check (it also sees memory outside PyTorch's allocator): the minimum over
+        # interleaved repetitions, since heap fragmentation adds a few hundred KiB to one call or another.
+        rss = {f"{impl}/{kind}": [] for impl, kind in cases}
         for _ in range(spec.get("memory_reps", 1)):
             for impl, kind in cases:
-                peaks[f"{impl}/{kind}"].append(_measure_peak(lambda impl=impl, kind=kind: fwd_bwd(impl, kind)))
+                rss[f"{impl}/{kind}"].append(_measure_rss_peak(lambda impl=impl, kind=kind: fwd_bwd(impl, kind)))
                 draft.grad = None
-        return {"peak_bytes": {case: min(values) for case, values in peaks.items()}, "threads": torch.get_num_threads()}
+        return {
+            "peak_bytes": allocated,
+            "rss_peak_bytes": {case: min(values) for case, values in rss.items()},
+            "threads": torch.get_num_threads(),
+        }
 
     times = {f"{impl}/{kind}": [] for impl, kind in cases}
     cpu_times = {f"{impl}/{kind}": [] for impl, kind in cases}
@@ -172,6 +196,7 @@ def group_records(spec: dict, memory: dict, timing: dict) -> list[dict]:
             "cpu_time_s": min(timing["floor_cpu_times"]),
             "reps": len(floor_times),
             "peak_bytes": 0,
+            "rss_peak_bytes": 0,
         }
     ]
     for case, samples in timing["times"].items():
@@ -188,6 +213,7 @@ def group_records(spec: dict, memory: dict, timing: dict) -> list[dict]:
                 "cpu_time_s": min(timing["cpu_times"][case]),
                 "reps": len(samples),
                 "peak_bytes": memory["peak_bytes"][case],
+                "rss_peak_bytes": memory["rss_peak_bytes"][case],
                 "ratio_to_floor": min(samples) / floor_s,
             }
         )
@@ -200,6 +226,7 @@ def group_records(spec: dict, memory: dict, timing: dict) -> list[dict]:
         record["time_ratio_to_kl"] = _paired_ratio(timing["times"][case], timing["times"][kl_case])
         record["cpu_time_ratio_to_kl"] = _paired_ratio(timing["cpu_times"][case], timing["cpu_times"][kl_case])
         record["memory_ratio_to_kl"] = record["peak_bytes"] / kl["peak_bytes"]
+        record["rss_memory_ratio_to_kl"] = record["rss_peak_bytes"] / kl["rss_peak_bytes"]
         if record["impl"] == "chunked" and "naive" in spec["impls"]:
             naive = next(r for r in records if r["impl"] == "naive" and r["kind"] == record["kind"])
             record["memory_ratio_to_naive"] = record["peak_bytes"] / naive["peak_bytes"]
@@ -256,6 +283,37 @@ def hardware() -> dict:
     }
 
 
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+
+
+def timing_allocator(choice: str) -> tuple[str, dict[str, str]]:
+    """The timing worker's allocator and the environment that selects it.
+
+    A fresh [N, Vd] gradient is GBs at N=8192. glibc maps it fresh for every call and returns it at free, so
+    every call page-faults it in again; on these VMs a 4 KiB fault costs ~11 us and the faults came in stalls of
+    up to seconds that hit random calls of every kind. jemalloc with decay disabled keeps freed pages mapped
+    and hands the same ones back (no faults after the warm-up); THP (a PyTorch setting) faults 2 MiB at a time,
+    which halves the cost but keeps the stalls.
+    """
+    jemalloc = next((path for path in JEMALLOC_PATHS if os.path.exists(path)), None)
+    if choice == "auto":
+        choice = "jemalloc" if jemalloc else "thp"
+    if choice == "jemalloc":
+        if jemalloc is None:
+            raise SystemExit(
+                "--allocator jemalloc: libjemalloc.so.2 not found in " + ", ".join(JEMALLOC_PATHS)
+                + " (Debian/Ubuntu: apt install libjemalloc2)"
+            )
+        return f"jemalloc ({jemalloc}, MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1)", {
+            "LD_PRELOAD": jemalloc,
+            "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1",
+        }
+    if choice == "thp":
+        return "thp (THP_MEM_ALLOC_ENABLE=1)", {"THP_MEM_ALLOC_ENABLE": "1"}
+    return "glibc", {}
+
+
 def build_groups(args) -> list[dict]:
     groups = []
     for rows in args.rows:
@@ -293,7 +351,12 @@ def render_markdown(report: dict) -> str:
         "Method: " + report["method"],
         "",
     ]
+    if report.get("groups_not_yet_run"):
+        lines += [f"**Partial: written while running, {report['groups_not_yet_run']} groups not yet run.**", ""]
     lines += report.get("summary_lines", [])
+    # Runs before 2026-12-02 (evening) measured the resident set only.
+    allocated = any("rss_peak_bytes" in r for r in records)
+    memory_label = "peak allocated tensor bytes" if allocated else "peak RSS"
     groups = {}
     for record in records:
         key = (record["N"], record["dtype"], record["vocab"])
@@ -307,7 +370,7 @@ def render_markdown(report: dict) -> str:
             "Times in ms (fwd+bwd wall time, min over reps); ratios: LK time / same implementation's KL time, "
             "median over repetitions of the per-repetition ratio, wall / CPU time (CPU time of the process: the "
             "robust one on a shared machine with --threads 1); "
-            "memory in MiB of peak RSS over the baseline (gradient included).",
+            f"memory in MiB of {memory_label} over the baseline (gradient included).",
             "",
             "| V | floor | KL | TV (×KL) | LK^α (×KL) | LK^λ (×KL) | KL / floor | naive KL | naive LK^λ | "
             "mem KL | mem LK^λ | mem naive LK^λ | LK^λ mem / naive |",
@@ -369,7 +432,7 @@ def summarize(records: list[dict]) -> tuple[list[str], dict]:
             )
     if mem_ratio:
         headline["lk_memory_ratio_to_kl_max"] = max(mem_ratio)
-        lines.append(f"- LK^α/LK^λ peak memory / KL peak memory: at most {max(mem_ratio):.3f} (target ≤ 1).")
+        lines.append(f"- LK^α/LK^λ peak memory / KL peak memory: at most {max(mem_ratio):.4f} (target ≤ 1).")
     target = [
         r
         for r in chunked
@@ -453,9 +516,14 @@ def commentary(report: dict) -> list[str]:
         lines.append(
             f"- Memory target (LK peak ≤ KL peak): {verdict}; largest LK/KL ratio {worst['memory_ratio_to_kl']:.4f} "
             f"(V={worst['V']}, N={worst['N']}, {worst['dtype']}, {worst['vocab']}: "
-            f"{(worst['peak_bytes'] - kl_peak) / 1024:+.0f} KiB of {kl_peak / 2**20:.0f} MiB). Both kinds run the same "
-            "kernels with the same buffers; what is left is heap fragmentation (either sign between kinds)."
+            f"{(worst['peak_bytes'] - kl_peak) / 1024:+.0f} KiB of {kl_peak / 2**20:.0f} MiB)."
         )
+        rss = [r["rss_memory_ratio_to_kl"] for r in mem if "rss_memory_ratio_to_kl" in r]
+        if rss:
+            lines.append(
+                f"- Cross-check, peak resident set LK/KL: {min(rss):.4f}–{max(rss):.4f} (heap fragmentation moves it "
+                "by a few hundred KiB of either sign; it also counts memory outside PyTorch's allocator)."
+            )
     for key, value in report["headline"].items():
         if key.startswith("target_config_"):
             verdict = "met" if value <= 0.25 else "not met"
@@ -502,6 +570,13 @@ def main(argv: list[str] | None = None) -> int:
         default=24.0,
         help="skip the remaining groups once the run has taken this long",
     )
+    parser.add_argument(
+        "--allocator",
+        choices=("auto", "jemalloc", "thp", "glibc"),
+        default="auto",
+        help="memory allocator of the timing worker: jemalloc (LD_PRELOAD, freed pages kept mapped), thp "
+        "(PyTorch's allocator on transparent huge pages), glibc; auto = jemalloc if installed, else thp",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--render", metavar="JSON", help="rewrite the summary and .md of a saved run (no measuring)")
     args = parser.parse_args(argv)
@@ -519,12 +594,45 @@ def main(argv: list[str] | None = None) -> int:
         args.rows = [1024]
         args.seconds_per_group = min(args.seconds_per_group, 6.0)
     budget = min(args.memory_budget_gb * 2**30, 0.7 * available_bytes())
+    allocator, timing_env = timing_allocator(args.allocator)
+    print(f"timing allocator: {allocator}", file=sys.stderr, flush=True)
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     records: list[dict] = []
     loads = []
     started = time.time()
-    for spec in build_groups(args):
+    command = "python benchmarks/bench_losses.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+
+    def run_report(groups_left: int = 0) -> dict:
+        return {
+            "hardware": hardware(),
+            "command": command.strip(),
+            "method": (
+                "fwd+bwd wall time of `lk_loss` (chunked, default chunk size) and `lk_loss_eager` (naive) on "
+                "random logits (target ~ N(0, 3²); draft = 0.5·target + N(0, 1.5²), so alpha ≈ 0.5), reps "
+                "interleaved across kinds (random order every rep; chunked and naive timed separately) after a "
+                "warm-up, minimum reported; LK/KL ratios are the median over reps of the same rep's LK time / KL "
+                f"time; floor = `target.amax(1)` + `draft.amax(1)`; timing allocator: {allocator}. Peak memory = "
+                "peak bytes of live tensors during one fwd+bwd above those live before it (every allocation and "
+                "free of PyTorch's CPU allocator, as reported to torch.profiler; torch.compile's buffers and the "
+                "gradient included), after a warm-up, in a fresh process per group; the peak resident set "
+                "(VmHWM − VmRSS, minimum over --memory-reps calls, MALLOC_MMAP_THRESHOLD_=65536) is the "
+                f"cross-check in the JSON. Truncated draft vocabulary: Vd = {TRUNCATED_VOCAB} random target ids at "
+                "every V."
+            ),
+            "timing_allocator": allocator,
+            "load": f"min {min(loads):.1f}, max {max(loads):.1f}" if loads else "n/a",
+            "wall_seconds": time.time() - started,
+            "groups_not_yet_run": groups_left,
+            "records": records,
+        }
+
+    groups = build_groups(args)
+    for index, spec in enumerate(groups):
+        if index:  # the groups so far, so that a run cut short keeps what it measured
+            write_report(run_report(groups_left=len(groups) - index), Path(args.out), quiet=True)
         if time.time() - started > args.max_minutes * 60:
             records.append(
                 {
@@ -565,15 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         results = {}
         for mode in ("memory", "time"):
-            # Memory: every allocation above 64 KiB is its own mmap, so RSS follows the live tensors instead of
-            # what glibc's heap happens to keep. Time: PyTorch's CPU allocator with transparent huge pages
-            # (THP_MEM_ALLOC_ENABLE, a PyTorch setting): a fresh N x Vd gradient is GBs at N=8192, and faulting it
-            # in 4 KiB pages cost 0.3-0.5 s of system time per call that varied from call to call, the same for
-            # every kind, and drowned the per-kind differences.
-            if mode == "memory":
-                mode_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536")
-            else:
-                mode_env = dict(env, THP_MEM_ALLOC_ENABLE=os.environ.get("THP_MEM_ALLOC_ENABLE", "1"))
+            # Memory: every allocation above 64 KiB is its own mmap, so the resident set (the cross-check) follows
+            # the live tensors instead of what glibc's heap happens to keep. Time: see timing_env.
+            mode_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536") if mode == "memory" else dict(env, **timing_env)
             proc = subprocess.run(
                 [
                     sys.executable,
@@ -610,35 +712,11 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    command = "python benchmarks/bench_losses.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-    )
-    report = {
-        "hardware": hardware(),
-        "command": command.strip(),
-        "method": (
-            "fwd+bwd wall time of `lk_loss` (chunked, default chunk size) and `lk_loss_eager` (naive) on "
-            "random logits (target ~ N(0, 3²); draft = 0.5·target + N(0, 1.5²), so alpha ≈ 0.5), reps "
-            "interleaved across kinds (random order every rep; chunked and naive timed separately) after a "
-            "warm-up, minimum reported; LK/KL ratios "
-            "are the median over reps of the same rep's LK time / KL time; floor = `target.amax(1)` + "
-            "`draft.amax(1)`; timed with THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU allocator on transparent huge "
-            "pages: faulting in a GB-sized gradient in 4 KiB pages was the largest source of call-to-call noise). "
-            "Peak memory = VmHWM − VmRSS around one fwd+bwd (minimum over --memory-reps interleaved calls, after a "
-            "warm-up) in a fresh process "
-            "per group (VmHWM reset via /proc/self/clear_refs, freed heap returned via malloc_trim first, "
-            "MALLOC_MMAP_THRESHOLD_=65536 so that every tensor is its own mapping); it includes the gradient. "
-            f"Truncated draft vocabulary: Vd = {TRUNCATED_VOCAB} random target ids at every V."
-        ),
-        "load": f"min {min(loads):.1f}, max {max(loads):.1f}" if loads else "n/a",
-        "wall_seconds": time.time() - started,
-        "records": records,
-    }
-    write_report(report, Path(args.out))
+    write_report(run_report(), Path(args.out))
     return 0
 
 
-def write_report(report: dict, out: Path) -> None:
+def write_report(report: dict, out: Path, quiet: bool = False) -> None:
     """Summarise the records and write ``out.json`` and ``out.md``, each atomically (a re-render overwrites the
     only copy of a run's measurements)."""
     from lk_vllm.bench.report import _write_atomic
@@ -648,6 +726,8 @@ def write_report(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(out.with_suffix(".json"), (json.dumps(report, indent=1) + "\n").encode())
     _write_atomic(out.with_suffix(".md"), render_markdown(report).encode())
+    if quiet:
+        return
     print("\n".join(report["summary_lines"]), file=sys.stderr)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", file=sys.stderr)
 

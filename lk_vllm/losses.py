@@ -400,28 +400,37 @@ def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | N
     return lse_g - lse_t, kl, log_alpha
 
 
-def _gradient_rows(draft, target_g, norms, mass, kl_weight, tv_weight, cd: torch.dtype) -> torch.Tensor:
-    """``kl_weight * (q - p~) + tv_weight * q * (M - a)`` for one chunk of rows (``[rows, Vd]`` in ``cd``).
+def _gradient_rows(draft, target_g, norms, mass, alpha, weights, kind: str, cd: torch.dtype) -> torch.Tensor:
+    """The gradient of one chunk of rows (``[rows, Vd]`` in ``cd``) for ``kind``.
 
-    ``a = [q < p_g]``; ``M`` (``mass``) was summed over the same ``a`` in the forward, so this is one
-    elementwise pass with no reduction: the TV term adds a compare, a select and a multiply to what KL computes
-    anyway. ``kl_weight`` is a 0-d tensor or None (no KL term), ``tv_weight`` a ``[rows]`` tensor or None (no TV
-    term).
+    ``weights`` is a ``[2]`` tensor ``(w_kl, w_tv)``: the KL term's and the TV term's factors (the upstream
+    gradient times 1/n, times ``lam`` and ``1 - lam`` for lambda). ``kl``: ``w_kl * (q - p~)``; ``tv``:
+    ``w_tv * q * (M - a)``; ``alpha``: the TV gradient with ``w_tv / alpha`` per row; ``lambda``: both terms.
+    ``a = [q < p_g]``; ``M`` (``mass``) was summed over the same ``a`` in the forward, so this is one elementwise
+    pass with no reduction: the TV term adds a compare, a select and a multiply to what KL computes anyway. The
+    per-row factors are formed inside the kernel, so no kind allocates anything KL does not.
     """
     _, _, q, p_tilde, p_g = _probabilities(draft, target_g, norms, cd)
-    if tv_weight is None:
-        return kl_weight * (q - p_tilde)
-    # q * (kl_weight + tv_weight * (M - a)) - kl_weight * p~: the per-row factor takes one of two values.
-    tv = tv_weight.unsqueeze(1)
-    base = tv * mass.unsqueeze(1) if kl_weight is None else kl_weight + tv * mass.unsqueeze(1)
+    w_kl, w_tv = weights[0], weights[1]
+    if kind == "kl":
+        return w_kl * (q - p_tilde)
+    if kind == "alpha":
+        # Rows in the exact set (alpha below the clamp) are recomputed afterwards; the clamp keeps them finite.
+        tv = (w_tv / alpha.clamp_min(_ALPHA_EXACT_BELOW)).unsqueeze(1)
+    else:
+        tv = w_tv
+    # q * (w_kl + tv * (M - a)) - w_kl * p~: the per-row factor takes one of two values.
+    base = tv * mass.unsqueeze(1)
+    if kind == "lambda":
+        base = base + w_kl
     grad = q * torch.where(q < p_g, base - tv, base)
-    return grad if kl_weight is None else grad - kl_weight * p_tilde
+    return grad - w_kl * p_tilde if kind == "lambda" else grad
 
 
-def _gradient_into(draft, target_g, norms, mass, kl_weight, tv_weight, out: torch.Tensor, cd: torch.dtype) -> None:
+def _gradient_into(draft, target_g, norms, mass, alpha, weights, kind: str, out: torch.Tensor, cd: torch.dtype) -> None:
     """:func:`_gradient_rows` written into ``out`` (any float dtype): compiled, the fused loop computes in ``cd``
     and stores straight into ``out``, so no chunk-sized result is allocated and copied."""
-    out.copy_(_gradient_rows(draft, target_g, norms, mass, kl_weight, tv_weight, cd))
+    out.copy_(_gradient_rows(draft, target_g, norms, mass, alpha, weights, kind, cd))
 
 
 class _Compiled:
@@ -620,23 +629,16 @@ class _LKLossFunction(torch.autograd.Function):
         grad = torch.zeros_like(draft) if rows is not None or exact_rows.numel() else torch.empty_like(draft)
         if n_local == 0 or ctx.scale == 0.0:
             return grad.zero_(), None, None, None, None, None, None, None, None
-        scale = grad_output.to(cd) * ctx.scale
-        kl_weight = {"kl": scale, "lambda": scale * ctx.lam}.get(kind)
-        if kind == "tv":
-            tv_scalar = scale
-        elif kind == "lambda":
-            tv_scalar = scale * (1.0 - ctx.lam)
-        else:
-            tv_scalar = None
+        # (w_kl, w_tv), one small tensor for every kind (so LK's backward holds no more than KL's); ctx.lam is
+        # 1 for kl and 0 for tv and alpha.
+        lam = ctx.lam
+        weights = grad_output.to(cd) * torch.tensor(
+            [ctx.scale * lam, ctx.scale * (1.0 - lam)], dtype=cd, device=draft.device
+        )
         chunk_rows = ctx.chunk_rows
         direct = rows is None
         for start in range(0, n_local, chunk_rows):
             stop = min(start + chunk_rows, n_local)
-            if kind == "alpha":
-                # Rows in the exact set are recomputed below; give them a harmless weight here.
-                tv_weight = scale / alpha[start:stop].clamp_min(_ALPHA_EXACT_BELOW)
-            else:
-                tv_weight = None if tv_scalar is None else tv_scalar.expand(stop - start)
             out = (
                 grad[start:stop]
                 if direct
@@ -647,8 +649,9 @@ class _LKLossFunction(torch.autograd.Function):
                 _gather_cols(_take_rows(target, rows, start, stop), d2t),
                 {name: value[start:stop] for name, value in norms.items()},
                 mass[start:stop],
-                kl_weight,
-                tv_weight,
+                alpha[start:stop],
+                weights,
+                kind,
                 out,
                 cd,
             )
@@ -656,11 +659,9 @@ class _LKLossFunction(torch.autograd.Function):
                 grad.index_copy_(0, rows[start:stop], out)
         if exact_rows.numel():
             source = exact_rows if rows is None else rows.index_select(0, exact_rows)
-            tv_weight = scale if kind == "alpha" else tv_scalar
-            if tv_weight is None:
-                tv_weight = torch.zeros((), dtype=cd, device=draft.device)
+            kl_weight = weights[0] if kind in ("kl", "lambda") else None
             exact_grad = _exact_backward_rows(
-                draft.index_select(0, source), target.index_select(0, source), d2t, kind, kl_weight, tv_weight
+                draft.index_select(0, source), target.index_select(0, source), d2t, kind, kl_weight, weights[1]
             )
             grad.index_copy_(0, source, exact_grad.to(grad.dtype))
         return grad, None, None, None, None, None, None, None, None
