@@ -4,7 +4,10 @@ ARG DEVICE=cpu
 
 FROM python:3.11-slim-bookworm AS base-cpu
 ENV LK_MAKE_DEVICE=cpu VENV_ARGS=""
-RUN apt-get update && apt-get install -y --no-install-recommends make gcc g++ libnuma1 && rm -rf /var/lib/apt/lists/*
+# libjemalloc2: the loss benchmark times under it (benchmarks/bench_losses.py --allocator), and CPU training with
+# large batches can LD_PRELOAD it (README, "LK losses in your own trainer").
+RUN apt-get update && apt-get install -y --no-install-recommends make gcc g++ libnuma1 libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/*
 
 # The official image already carries vllm==0.32.0 and CUDA; the venv sees it through system site-packages.
 FROM vllm/vllm-openai:v0.32.0 AS base-cuda

@@ -346,7 +346,8 @@ def render_markdown(report: dict) -> str:
         f"(torch threads {report['hardware']['torch_threads']}), {report['hardware']['memory_gb']} GB RAM, "
         f"torch {report['hardware']['torch']}. Wall time of the run: {report['wall_seconds'] / 60:.1f} min.",
         "",
-        f"Machine load (1-min load average, other engineers share the cores): {report['load']}.",
+        f"Machine load (1-min load average before and after each group; the benchmark itself keeps "
+        f"{report['hardware']['torch_threads']} threads busy): {report['load']}.",
         "",
         "Method: " + report["method"],
         "",
@@ -472,8 +473,8 @@ NOTES = [
     "- The floor is a single max-reduction over each logit tensor: it reads the data once and does no exp. The "
     "losses need the target's and the draft's normalisers (max and sum of exp) and their probabilities again in "
     "the statistics and the backward, so a multiple of the floor is unavoidable on a CPU where exp dominates.",
-    "- The machine is shared with other engineers' jobs (see the load figures); times are minima over "
-    "interleaved repetitions, so ratios within one group are comparable, absolute times less so.",
+    "- Times are over interleaved repetitions on a VM, so ratios within one group are comparable, absolute "
+    "times less so (they also differ between machines: bf16 elementwise work is much slower on some CPUs).",
 ]
 
 
@@ -504,9 +505,9 @@ def commentary(report: dict) -> list[str]:
         minima = [r["time_ratio_to_kl_of_minima"] for r in rows]
         lines.append(
             f"- Same target by the ratio of minimum times ({name} min / KL min): met in "
-            f"{sum(v <= 1.05 for v in minima)} of {len(rows)}, range {min(minima):.3f}–{max(minima):.3f}. Where it "
-            "and the paired median disagree, repetitions were hit by stalls of several seconds (page faults of the "
-            "fresh gradient on a VM), which only add time."
+            f"{sum(v <= 1.05 for v in minima)} of {len(rows)}, range {min(minima):.3f}–{max(minima):.3f}. Stalls "
+            "(such as page faults of a fresh GB-sized gradient) only add time, so where this and the paired median "
+            "disagree, some repetitions were stalled."
         )
     mem = [r for r in chunked if r["kind"] in ("alpha", "lambda")]
     if mem:
@@ -719,13 +720,13 @@ def main(argv: list[str] | None = None) -> int:
 def write_report(report: dict, out: Path, quiet: bool = False) -> None:
     """Summarise the records and write ``out.json`` and ``out.md``, each atomically (a re-render overwrites the
     only copy of a run's measurements)."""
-    from lk_vllm.bench.report import _write_atomic
+    from lk_vllm.atomic import write_atomic
 
     report["summary_lines"], report["headline"] = summarize(report["records"])
     report["commentary"] = commentary(report)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out.with_suffix(".json"), (json.dumps(report, indent=1) + "\n").encode())
-    _write_atomic(out.with_suffix(".md"), render_markdown(report).encode())
+    write_atomic(out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
+    write_atomic(out.with_suffix(".md"), render_markdown(report))
     if quiet:
         return
     print("\n".join(report["summary_lines"]), file=sys.stderr)

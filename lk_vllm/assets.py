@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lk_vllm.atomic import write_atomic
 from lk_vllm.errors import UserError
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
@@ -77,9 +78,7 @@ def _write_manifest(directory: Path, info: dict) -> None:
         if p.is_file() and p.name != MANIFEST
     }
     manifest = {"files": files, **info}
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, directory / MANIFEST)
+    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
 
 
 def check_model_dir(directory: Path, full_hash: bool = True) -> str | None:

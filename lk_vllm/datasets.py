@@ -19,7 +19,6 @@ import gzip
 import hashlib
 import importlib.util
 import json
-import os
 import random
 import sys
 import types
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lk_vllm.assets import SETUP_HINT, lk_home, package_dir
+from lk_vllm.atomic import write_atomic
 from lk_vllm.errors import UserError
 
 
@@ -99,9 +99,7 @@ def _sharegpt_rows() -> list[dict]:
         if messages and messages[-1]["role"] == "user":
             rows.append({"id": str(record.get("id")), "messages": messages, "reference": reference})
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, cache)
+    write_atomic(cache, "".join(json.dumps(row) + "\n" for row in rows))
     return rows
 
 

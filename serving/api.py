@@ -28,6 +28,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from lk_vllm.atomic import write_atomic
 from serving.live_stats import STORE, LiveStatsStore
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -93,9 +94,7 @@ def carry_statistics_over(store: LiveStatsStore, path: Path) -> None:
 
 
 def save_statistics(store: LiveStatsStore, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(store.snapshot()))
-    os.replace(temporary, path)
+    write_atomic(path, json.dumps(store.snapshot()))
 
 
 def _window(value: float | None, default: float) -> float | JSONResponse:

@@ -20,12 +20,12 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lk_vllm.atomic import write_atomic
 from lk_vllm.errors import UserError
 
 # Batch-size buckets reported separately: (label, smallest, largest).
@@ -96,9 +96,7 @@ class BaselineProfile:
     def save(self, path: Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-            json.dump(self.as_json(), tmp, indent=1)
-        os.replace(tmp.name, path)
+        write_atomic(path, json.dumps(self.as_json(), indent=1))
         self.source = str(path)
         return path
 

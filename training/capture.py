@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lk_vllm.atomic import atomic_path, write_atomic
 from training.target import TargetStates, position_ids_from_mask
 
 CACHE_FORMAT = "lk-vllm-hidden-cache-v1"
@@ -126,18 +126,15 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
                    "offsets": torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)}
         if aux_rows:
             tensors["aux"] = torch.cat([aux_rows[i] for i in members])
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT, "first": str(first)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT, "first": str(first)})
     bar.close()
     elapsed = time.time() - started
     manifest = {"format": CACHE_FORMAT, "num_samples": len(samples), "shard_size": shard_size, "dtype": dtype,
                 "aux_layer_ids": list(aux_layer_ids or []), "tokens": total_tokens,
                 "bytes": cache_size_bytes(directory),
                 "capture_tokens_per_s": round(captured / elapsed, 1) if captured else None}
-    tmp = manifest_path.with_name(f".manifest.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)
+    write_atomic(manifest_path, json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lk_vllm.atomic import atomic_path, write_atomic
 from lk_vllm.errors import UserError
 
 SHARD_FORMAT = "lk-vllm-prepared-v1"
@@ -49,12 +49,6 @@ class PrepareSettings:
     def key(self) -> str:
         blob = json.dumps({k: v for k, v in asdict(self).items() if k != "target"}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def default_output_dir(settings: PrepareSettings) -> Path:
@@ -102,9 +96,8 @@ def save_shard(path: Path, samples: list[tuple[list[int], list[int]]], prompt_id
         "loss_mask": torch.tensor(loss_mask, dtype=torch.uint8),
         "offsets": torch.tensor(offsets, dtype=torch.int64),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": SHARD_FORMAT, "prompt_ids": json.dumps(prompt_ids)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": SHARD_FORMAT, "prompt_ids": json.dumps(prompt_ids)})
     return sum(loss_mask)
 
 
@@ -171,7 +164,7 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
                                     "tokens": sum(len(p) + len(r) for p, r in samples),
                                     "truncated_prompts": truncated, "empty_responses": len(shard_prompts) - len(samples),
                                     "seconds": round(elapsed, 2)})
-            _atomic_write_text(progress_path, json.dumps(state, indent=1))
+            write_atomic(progress_path, json.dumps(state, indent=1))
             bar.update(len(shard_prompts))
             bar.set_postfix(tok_s=f"{response_tokens / max(elapsed, 1e-9):.0f}")
     finally:
@@ -186,7 +179,7 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
     seconds = sum(s["seconds"] for s in state["shards"])
     manifest = {"format": SHARD_FORMAT, "settings": asdict(settings), "shards": state["shards"], **totals,
                 "generation_tokens_per_s": round(totals["response_tokens"] / max(seconds, 1e-9), 1)}
-    _atomic_write_text(output / "manifest.json", json.dumps(manifest, indent=1))
+    write_atomic(output / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 

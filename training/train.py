@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from lk_vllm.atomic import write_atomic
 from lk_vllm.errors import UserError
 from training.capture import collate
 from training.config import BEST_EXPORT, FINAL_EXPORT, Config, differing_fields, load_config, parse_override
@@ -269,9 +270,7 @@ class Logger:
         if resume_step is not None and self.path.is_file():  # drop what the interrupted run logged after it
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".log.jsonl.tmp{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
         try:

@@ -10,9 +10,10 @@ acceptance length over KL next to what the paper reports.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from lk_vllm.atomic import write_atomic
 
 # LK_PAPER.md, Table 2 / App. F: mean acceptance-length change of LK^lambda (eta 3) over KL, EAGLE-3 drafters,
 # over MT-Bench / HumanEval / GSM8K, for the five targets the paper reports.
@@ -34,23 +35,14 @@ PAPER_TABLE_1 = {
 PAPER_DATASETS = ("mtbench", "humaneval", "gsm8k")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_results(document: dict[str, Any], out_dir: str | Path, name: str) -> dict[str, Path]:
     """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``out_dir``; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
-    _write_atomic(paths["json"], (json.dumps(document, indent=1) + "\n").encode())
-    _write_atomic(paths["md"], render_markdown(document, png_name=paths["png"].name).encode())
-    _write_atomic(paths["png"], render_png(document))
+    write_atomic(paths["json"], (json.dumps(document, indent=1) + "\n").encode())
+    write_atomic(paths["md"], render_markdown(document, png_name=paths["png"].name).encode())
+    write_atomic(paths["png"], render_png(document))
     return paths
 
 
