@@ -319,7 +319,7 @@ def build_groups(args) -> list[dict]:
     for rows in args.rows:
         for vocab in args.vocab:
             for dtype in args.dtypes:
-                for vocab_mode in ("full", "truncated"):
+                for vocab_mode in args.draft_vocab:
                     vocab_draft = vocab if vocab_mode == "full" else min(TRUNCATED_VOCAB, vocab)
                     groups.append(
                         {"V": vocab, "N": rows, "Vd": vocab_draft, "vocab": vocab_mode, "dtype": dtype}
@@ -505,9 +505,9 @@ def commentary(report: dict) -> list[str]:
         minima = [r["time_ratio_to_kl_of_minima"] for r in rows]
         lines.append(
             f"- Same target by the ratio of minimum times ({name} min / KL min): met in "
-            f"{sum(v <= 1.05 for v in minima)} of {len(rows)}, range {min(minima):.3f}–{max(minima):.3f}. Stalls "
-            "(such as page faults of a fresh GB-sized gradient) only add time, so where this and the paired median "
-            "disagree, some repetitions were stalled."
+            f"{sum(v <= 1.05 for v in minima)} of {len(rows)}, range {min(minima):.3f}–{max(minima):.3f}. A minimum "
+            "is one repetition: where it and the paired median disagree, one kind had an outlier repetition (a "
+            "stall, such as page faults of a fresh GB-sized gradient, or a lucky fast one)."
         )
     mem = [r for r in chunked if r["kind"] in ("alpha", "lambda")]
     if mem:
@@ -549,11 +549,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument(
+        "--draft-vocab",
+        nargs="+",
+        default=["full", "truncated"],
+        choices=("full", "truncated"),
+        help=f"draft vocabulary: full (Vd = V) and/or truncated (Vd = {TRUNCATED_VOCAB})",
+    )
+    parser.add_argument(
         "--memory-budget-gb",
         type=float,
         default=9.0,
-        help="skip an implementation whose estimated resident size exceeds this (or 70%% of "
+        help="skip an implementation whose estimated resident size exceeds this (or --memory-fraction of "
         "available memory)",
+    )
+    parser.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.7,
+        help="at most this fraction of MemAvailable for one group (default 0.7)",
     )
     parser.add_argument(
         "--seconds-per-group",
@@ -594,7 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         args.vocab = [v for v in args.vocab if v <= 49152] or [32000]
         args.rows = [1024]
         args.seconds_per_group = min(args.seconds_per_group, 6.0)
-    budget = min(args.memory_budget_gb * 2**30, 0.7 * available_bytes())
+    if not 0.0 < args.memory_fraction <= 0.95:
+        parser.error(f"--memory-fraction: expected a fraction in (0, 0.95], got {args.memory_fraction}")
+    budget = min(args.memory_budget_gb * 2**30, args.memory_fraction * available_bytes())
     allocator, timing_env = timing_allocator(args.allocator)
     print(f"timing allocator: {allocator}", file=sys.stderr, flush=True)
     repo = Path(__file__).resolve().parent.parent

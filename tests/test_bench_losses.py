@@ -106,3 +106,17 @@ def test_group_records_and_partial_page(bench, tmp_path):
     assert "3 groups not yet run" in page and "peak allocated tensor bytes" in page
     assert "Memory target (LK peak ≤ KL peak): met" in page
     assert json.loads(out.with_suffix(".json").read_text())["headline"]["lk_memory_ratio_to_kl_max"] == 1.0
+
+
+def test_grid_flags(bench, capsys):
+    import argparse
+
+    args = argparse.Namespace(rows=[8192], vocab=[201088, 32000], dtypes=["float32"], draft_vocab=["full"])
+    assert [(g["V"], g["Vd"], g["vocab"]) for g in bench.build_groups(args)] == [
+        (201088, 201088, "full"), (32000, 32000, "full")]
+    args.draft_vocab = ["truncated"]
+    assert [g["Vd"] for g in bench.build_groups(args)] == [bench.TRUNCATED_VOCAB, bench.TRUNCATED_VOCAB]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--memory-fraction", "2", "--out", "/nonexistent/never-written"])
+    assert exit_info.value.code == 2
+    assert "--memory-fraction: expected a fraction in (0, 0.95], got 2.0" in capsys.readouterr().err
