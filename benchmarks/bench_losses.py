@@ -355,9 +355,6 @@ def render_markdown(report: dict) -> str:
     if report.get("groups_not_yet_run"):
         lines += [f"**Partial: written while running, {report['groups_not_yet_run']} groups not yet run.**", ""]
     lines += report.get("summary_lines", [])
-    # Runs before 2026-12-02 (evening) measured the resident set only.
-    allocated = any("rss_peak_bytes" in r for r in records)
-    memory_label = "peak allocated tensor bytes" if allocated else "peak RSS"
     groups = {}
     for record in records:
         key = (record["N"], record["dtype"], record["vocab"])
@@ -371,7 +368,7 @@ def render_markdown(report: dict) -> str:
             "Times in ms (fwd+bwd wall time, min over reps); ratios: LK time / same implementation's KL time, "
             "median over repetitions of the per-repetition ratio, wall / CPU time (CPU time of the process: the "
             "robust one on a shared machine with --threads 1); "
-            f"memory in MiB of {memory_label} over the baseline (gradient included).",
+            "memory in MiB of peak allocated tensor bytes over the baseline (gradient included).",
             "",
             "| V | floor | KL | TV (×KL) | LK^α (×KL) | LK^λ (×KL) | KL / floor | naive KL | naive LK^λ | "
             "mem KL | mem LK^λ | mem naive LK^λ | LK^λ mem / naive |",
@@ -412,8 +409,8 @@ def summarize(records: list[dict]) -> tuple[list[str], dict]:
     mem_ratio = [r["memory_ratio_to_kl"] for r in chunked if r["kind"] in ("alpha", "lambda")]
     lines = ["## Headline", ""]
     headline = {}
-    # The ratio of minima is the one that stalls cannot move (they only add time); the paired median is the one
-    # that a slow drift of the machine cannot move. Both are reported; they disagree when a VM stalls for seconds.
+    # The paired median is the one a slow drift of the machine cannot move; the ratio of minima the one stalls
+    # cannot move (they only add time), but it rests on one repetition of each kind. Both are reported.
     for clock, label, by_kind in (
         ("time", "time", ratios_by_kind("time_ratio_to_kl")),
         ("cpu_time", "CPU time", ratios_by_kind("cpu_time_ratio_to_kl")),
@@ -617,13 +614,14 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict] = []
     loads = []
     started = time.time()
+    machine = hardware()
     command = "python benchmarks/bench_losses.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
 
     def run_report(groups_left: int = 0) -> dict:
         return {
-            "hardware": hardware(),
+            "hardware": machine,
             "command": command.strip(),
             "method": (
                 "fwd+bwd wall time of `lk_loss` (chunked, default chunk size) and `lk_loss_eager` (naive) on "

@@ -412,7 +412,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     if dist.main:
-        (run_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=1))
+        write_atomic(run_dir / "config.json", json.dumps(config.model_dump(mode="json"), indent=1))
     logger = Logger(run_dir, dist.main, start_step if state is not None else None)
 
     def training_record(step: int, metrics: dict) -> dict:
@@ -502,7 +502,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
         drafter.save_pretrained(run_dir / FINAL_EXPORT, target=target_info(target),
                                 training=training_record(t.max_steps, metrics))
         summary.update(final=metrics, tokens_per_s=round(tokens_seen / max(time.time() - clock, 1e-9), 1))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
         logger.close()
     return summary
 

@@ -40,8 +40,8 @@ def write_results(document: dict[str, Any], out_dir: str | Path, name: str) -> d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
-    write_atomic(paths["json"], (json.dumps(document, indent=1) + "\n").encode())
-    write_atomic(paths["md"], render_markdown(document, png_name=paths["png"].name).encode())
+    write_atomic(paths["json"], json.dumps(document, indent=1) + "\n")
+    write_atomic(paths["md"], render_markdown(document, png_name=paths["png"].name))
     write_atomic(paths["png"], render_png(document))
     return paths
 
