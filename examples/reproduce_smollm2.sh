@@ -6,7 +6,7 @@
 # train: 9 drafters on identical data, steps and seeds - EAGLE-3 (LK^lambda eta 3), Medusa (eta 10) and the
 #        MLP speculator (eta 3), each with KL, LK^alpha and LK^lambda (recipes training/recipes/smollm2-*.yaml).
 #        The target regenerates the prompts' responses once (`lk-vllm prepare`, cached); every run reads it.
-# bench: all finished drafters and a no-speculation baseline through vLLM: acceptance at T=0 and T=1 with 8
+# bench: all finished drafters, vLLM's n-gram drafter (K=4, no training) and a no-speculation baseline through vLLM: acceptance at T=0 and T=1 with 8
 #        requests in flight (benchmarks/results/smollm2-lk.{json,md,png}), then wall-clock speed at batch 1, T=0,
 #        on fewer prompts (smollm2-lk-batch1.{json,md,png}).
 #
@@ -58,6 +58,8 @@ if [[ $stage == bench || $stage == all ]]; then
             done
         done
     }
+    # What a user could run instead of training a drafter, on every page.
+    ngram=(--speculative-config 'ngram-k4={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}')
     mapfile -t drafters < <(finished_drafters $losses)
     mapfile -t batch1_drafters < <(finished_drafters ${BENCH_BATCH1_LOSSES:-lambda})
     if [[ ${#drafters[@]} -eq 0 ]]; then
@@ -66,7 +68,7 @@ if [[ $stage == bench || $stage == all ]]; then
     fi
     # Acceptance, the table: every drafter at T=0 and T=1 with 8 requests in flight (acceptance does not depend
     # on concurrency, and 8 in flight measure it several times faster than batch 1 on this CPU).
-    lk-vllm bench "${drafters[@]}" --name smollm2-lk --out-dir benchmarks/results \
+    lk-vllm bench "${drafters[@]}" "${ngram[@]}" --name smollm2-lk --out-dir benchmarks/results \
         --dataset mtbench --dataset humaneval --dataset gsm8k --limit "${BENCH_LIMIT:-12}" \
         --temperature 0 --temperature 1 --concurrency "${BENCH_CONCURRENCY:-8}" \
         --num-speculative-tokens 3 --max-tokens "${BENCH_MAX_TOKENS:-128}"
@@ -76,7 +78,7 @@ if [[ $stage == bench || $stage == all ]]; then
         echo "[reproduce] no finished drafter with loss ${BENCH_BATCH1_LOSSES:-lambda} for the batch-1 run" >&2
         exit 1
     fi
-    lk-vllm bench "${batch1_drafters[@]}" --name smollm2-lk-batch1 --out-dir benchmarks/results \
+    lk-vllm bench "${batch1_drafters[@]}" "${ngram[@]}" --name smollm2-lk-batch1 --out-dir benchmarks/results \
         --dataset mtbench --dataset humaneval --dataset gsm8k --limit "${BENCH_BATCH1_LIMIT:-4}" \
         --temperature 0 --concurrency 1 \
         --num-speculative-tokens 3 --max-tokens "${BENCH_MAX_TOKENS:-128}"

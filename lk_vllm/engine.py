@@ -7,7 +7,13 @@ arguments here, so the settings that work on CPU (measured in shared/CPU_FACTS.m
   fails on small machines, so ``gpu_memory_utilization`` (on CPU: the fraction of host memory) is 0.3.
 * The V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``): V2 needs Triton and does not support every drafter.
 * ``enforce_eager``: no CUDA graphs on CPU, and torch.compile warm-up costs more than it returns here.
-* fp32 on CPU: these AVX2 machines have no native bf16 math, and fp32 keeps training and serving numerics equal.
+* fp32 on CPU: fp32 keeps training and serving numerics equal; bf16 is refused on a CPU without native bf16
+  math (``check_cpu_settings``).
+* The model runs in the EngineCore process (``LK_VLLM_CPU_INPROCESS_WORKER=1``, the plugin patch in
+  ``lk_vllm.plugin.patches``) instead of vLLM's separate CPU worker process: the shared-memory hand-off between
+  the two, both busy-waiting, cost a third of a decode step on a 2-core machine
+  (benchmarks/results/cpu-spec-step.md). A user-set ``VLLM_CPU_OMP_THREADS_BIND`` keeps vLLM's worker
+  process, the only place vLLM applies that binding.
 
 On a GPU none of the CPU settings apply: vLLM's own defaults are kept. Flags and the usual vLLM environment
 variables override everything. Engines are started in spawned processes, so every script that builds one
@@ -21,14 +27,22 @@ import dataclasses
 import functools
 import json
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
+from lk_vllm.errors import UserError
+
 SUPPORTED_VLLM_VERSION = "0.32.0"
+
+_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+INPROCESS_WORKER_ENV = "LK_VLLM_CPU_INPROCESS_WORKER"  # read by lk_vllm.plugin.patches in vLLM's processes
 
 # Environment vLLM reads at import or engine start. Set only when the user has not set them.
 _CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_USE_V2_MODEL_RUNNER": "0",
+    INPROCESS_WORKER_ENV: "1",
 }
 _COMMON_ENV = {
     # Nothing is ever downloaded at run time: targets and drafters are local paths or already cached.
@@ -55,8 +69,80 @@ def apply_engine_env() -> None:
     env = dict(_COMMON_ENV)
     if not on_gpu():
         env.update(_CPU_ENV)
+        if os.environ.get(_BIND_ENV, "auto") not in ("auto", "") and INPROCESS_WORKER_ENV not in os.environ:
+            env[INPROCESS_WORKER_ENV] = "0"
+            _note(f"{_BIND_ENV} is set, so the model runs in vLLM's own CPU worker process (vLLM binds threads "
+                  "only there); unset it for lk-vllm's faster in-process worker")
     for key, value in env.items():
         os.environ.setdefault(key, value)
+
+
+def cpu_worker_layout() -> str | None:
+    """Where a one-worker CPU engine runs the model: "in-process" (the EngineCore's) or vLLM's "worker-process";
+    None on GPU."""
+    if on_gpu():
+        return None
+    return "in-process" if os.environ.get(INPROCESS_WORKER_ENV) == "1" else "worker-process"
+
+
+def _note(message: str) -> None:
+    print(f"lk-vllm: {message}", file=sys.stderr, flush=True)
+
+
+def parse_core_ids(text: str) -> set[int]:
+    """Core ids of a vLLM binding list such as ``0-3,6`` (ranks separated by ``|``)."""
+    ids: set[int] = set()
+    for part in text.replace("|", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        try:
+            ids.update(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise UserError(f"{_BIND_ENV}={text!r}: expected core ids like 0-3,6 (or auto / nobind), "
+                            f"found {part!r}") from None
+    return ids
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU does bf16 math in hardware (x86: avx512_bf16 or amx_bf16; other CPUs: assumed)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True  # cannot tell: leave it to vLLM
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_cpu_settings(settings: EngineSettings) -> None:
+    """Refuse, with one line, a CPU setting that would run but silently slowly (or not at all)."""
+    if on_gpu():
+        return
+    dtype = str(settings.resolved().dtype).removeprefix("torch.")
+    if dtype in ("bfloat16", "bf16", "half", "float16") and not cpu_has_native_bf16():
+        raise UserError(f"--dtype {dtype}: this CPU has no native bf16 math (no avx512_bf16 or amx_bf16 in "
+                        "/proc/cpuinfo), so vLLM would emulate it slowly; use --dtype float32")
+    bind = os.environ.get(_BIND_ENV, "auto")
+    if bind not in ("auto", "nobind", ""):
+        available = os.sched_getaffinity(0)
+        missing = sorted(parse_core_ids(bind) - available)
+        if missing:
+            raise UserError(f"{_BIND_ENV}={bind}: core(s) {', '.join(map(str, missing))} do not exist or are "
+                            f"not available to this process (available: {_ranges(sorted(available))})")
+
+
+def _ranges(ids: list[int]) -> str:
+    spans: list[list[int]] = []
+    for i in ids:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in spans)
 
 
 def vllm_version() -> str:
@@ -212,6 +298,7 @@ def make_llm(settings: EngineSettings):
     """Start an offline ``vllm.LLM`` with these settings (metrics enabled)."""
     apply_engine_env()
     check_vllm_version()
+    check_cpu_settings(settings)
     from vllm import LLM
 
     return LLM(**settings.llm_kwargs())

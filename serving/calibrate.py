@@ -118,7 +118,7 @@ def calibrate(settings: EngineSettings, batch_sizes: list[int], output_tokens: i
 def run(args: argparse.Namespace) -> int:
     apply_engine_env()
     from lk_vllm.assets import resolve_target
-    from lk_vllm.engine import check_vllm_version
+    from lk_vllm.engine import check_cpu_settings, check_vllm_version
     from serving.speedup import load_cached_profile, profile_key_for_settings, profile_path
 
     batch_sizes = parse_batch_sizes(args.batch_sizes)
@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--output-tokens: expected at least 8, got {args.output_tokens}")
     settings = settings_from_args(args, resolve_target(args.target))
     check_vllm_version()
+    check_cpu_settings(settings)
     key = profile_key_for_settings(settings)
     profile = None if args.force else load_cached_profile(key)
     if profile is None:

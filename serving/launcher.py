@@ -43,6 +43,7 @@ from lk_vllm.engine import (
     EngineSettings,
     add_engine_arguments,
     apply_engine_env,
+    check_cpu_settings,
     engine_arguments,
     settings_from_args,
 )
@@ -228,6 +229,7 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
     target = resolve_target(args.target)
     spec = speculative_config_from_args(args, target)
     settings = settings_from_args(args, target, speculative_config=spec, max_num_seqs=args.max_num_seqs)
+    check_cpu_settings(settings)
     vllm_flags = []
     if spec is not None and args.per_request_spec_decode_metrics != "none":
         vllm_flags += ["--per-request-spec-decode-metrics", args.per_request_spec_decode_metrics]

@@ -136,8 +136,11 @@ def installed_vllm_version() -> str:
 
 
 def profile_key(target: str, dtype: str, enforce_eager: bool) -> dict[str, Any]:
-    """What a baseline profile is valid for: target weights, dtype, hardware, vLLM version, eager mode."""
+    """What a baseline profile is valid for: target weights, dtype, hardware, vLLM version, eager mode and, on
+    CPU, whether the model runs in the EngineCore process (``lk_vllm.engine``: a decode step's cost depends
+    on it)."""
     from lk_vllm.assets import target_fingerprint
+    from lk_vllm.engine import cpu_worker_layout
 
     return {
         "target": target,
@@ -146,6 +149,7 @@ def profile_key(target: str, dtype: str, enforce_eager: bool) -> dict[str, Any]:
         "hardware": hardware_id(),
         "vllm_version": installed_vllm_version(),
         "enforce_eager": bool(enforce_eager),
+        "cpu_worker": cpu_worker_layout(),
     }
 
 

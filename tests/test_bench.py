@@ -9,6 +9,7 @@ snapshots, read through a spy.
 from __future__ import annotations
 
 import json
+import shlex
 import struct
 
 import pytest
@@ -254,6 +255,13 @@ def _error(capsys, *argv) -> str:
     (["--name", "a/b"], "--name must be a plain file name"),
     (["--drafter", "/no/such/drafter"], "--drafter /no/such/drafter: directory not found"),
     (["--dataset", "nosuchset"], "unknown dataset 'nosuchset'"),
+    (["--speculative-config", "{nope"], "expected [LABEL=]JSON object, found invalid JSON"),
+    (["--speculative-config", "[1]"], 'expected a JSON object with a "method"'),
+    (["--speculative-config", '{"method": "eagle3", "model": "/x"}'], "is a drafter; pass its directory with --drafter"),
+    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 0}'], "must be an integer >= 1, found 0"),
+    (["--speculative-config", 'baseline={"method": "ngram"}'], "label 'baseline' is taken"),
+    (["--speculative-config", '{"method": "ngram"}', "--speculative-config", '{"method": "ngram"}'],
+     "label 'ngram-k3' is taken"),
 ])
 def test_bad_flags_fail_in_one_line_before_any_engine(no_engine, capsys, tmp_path, argv, message):
     assert message in _error(capsys, *argv, "--out-dir", str(tmp_path))
@@ -309,6 +317,28 @@ def test_prepare_tokenizes_with_the_chat_template(default_target, tmp_path):
     again = parser.parse_args(command_line(args, plan, settings, "x").split()[2:])
     assert (again.dataset, again.temperature, again.max_tokens, again.max_model_len) == (
         [data.stem], [0.0], 2000, settings.max_model_len)
+
+
+def test_speculative_configs_are_labelled_contenders_and_round_trip(default_target, tmp_path):
+    """--speculative-config adds a no-training contender with the bench's K unless it names its own, labelled
+    METHOD-kK or LABEL=...; the recorded command line gives the same contenders back."""
+    import argparse
+
+    from lk_vllm.bench import add_arguments
+    from lk_vllm.bench.command import command_line, prepare
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--speculative-config", '{"method": "ngram", "prompt_lookup_max": 3}',
+            "--speculative-config", 'wide={"method": "ngram", "num_speculative_tokens": 6}',
+            "--num-speculative-tokens", "4", "--limit", "1", "--out-dir", str(tmp_path)]
+    plan, contenders, settings = prepare(parser.parse_args(argv))
+    assert [c.label for c in contenders] == ["baseline", "ngram-k4", "wide"]
+    assert contenders[1].speculative_config == {"method": "ngram", "prompt_lookup_max": 3, "num_speculative_tokens": 4}
+    assert contenders[2].speculative_config["num_speculative_tokens"] == 6
+    assert contenders[1].architecture == "ngram" and contenders[1].loss is None and not contenders[1].is_baseline
+    again = parser.parse_args(shlex.split(command_line(parser.parse_args(argv), plan, settings, "x"))[2:])
+    assert [c.speculative_config for c in prepare(again)[1]] == [c.speculative_config for c in contenders]
 
 
 # ------------------------------------------------------------------------------------------------ a real run

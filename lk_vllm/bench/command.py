@@ -41,6 +41,10 @@ METHOD = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drafter", action="append", default=[], metavar="DIR",
                         help="drafter checkpoint directory to benchmark (repeatable)")
+    parser.add_argument("--speculative-config", action="append", default=[], metavar="[LABEL=]JSON",
+                        help="a vLLM speculative config that needs no drafter, e.g. "
+                             "'{\"method\": \"ngram\", \"prompt_lookup_max\": 3}' (repeatable; K defaults to "
+                             "--num-speculative-tokens, the label to METHOD-kK)")
     parser.add_argument("--target", default=None,
                         help="target model directory or cached HF id (default: the embedded default target)")
     parser.add_argument("--dataset", action="append", default=None,
@@ -81,8 +85,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     for c in args.concurrency or ():
         if c < 1:
             raise UserError(f"--concurrency must be at least 1, got {c}")
-    if args.no_baseline and not args.drafter:
-        raise UserError("nothing to benchmark: --no-baseline and no --drafter")
+    if args.no_baseline and not args.drafter and not args.speculative_config:
+        raise UserError("nothing to benchmark: --no-baseline and no --drafter or --speculative-config")
     if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
         raise UserError(f"--name must be a plain file name (no '/', not starting with '.'), got {args.name!r}")
 
@@ -90,7 +94,13 @@ def _check_flags(args: argparse.Namespace) -> None:
 def prepare(args: argparse.Namespace):
     """Check every input and build (plan, contenders, engine settings); nothing starts an engine here."""
     from lk_vllm.assets import resolve_target
-    from lk_vllm.bench.contenders import BASELINE, drafter_contender, drafter_labels, target_shape
+    from lk_vllm.bench.contenders import (
+        BASELINE,
+        config_contender,
+        drafter_contender,
+        drafter_labels,
+        target_shape,
+    )
     from lk_vllm.bench.runner import Plan
     from lk_vllm.bench.workloads import load_tokenizer, load_workloads
     from lk_vllm.engine import apply_engine_env
@@ -102,6 +112,8 @@ def prepare(args: argparse.Namespace):
     k = args.num_speculative_tokens
     labels = drafter_labels(args.drafter)
     contenders = [] if args.no_baseline else [BASELINE]
+    for value in args.speculative_config:
+        contenders.append(config_contender(value, k, [c.label for c in contenders] + labels))
     contenders += [drafter_contender(d, label, shape, k) for d, label in zip(args.drafter, labels, strict=True)]
     workloads = load_workloads(list(_unique(args.dataset or ["mtbench"])), args.limit, load_tokenizer(target))
     plan = Plan(workloads=tuple(workloads),
@@ -184,6 +196,8 @@ def command_line(args: argparse.Namespace, plan, settings: EngineSettings, name:
     from lk_vllm.engine import engine_arguments
 
     argv = ["lk-vllm", "bench"]
+    for value in args.speculative_config:
+        argv += ["--speculative-config", value]
     for drafter in args.drafter:
         argv += ["--drafter", drafter]
     argv += ["--target", settings.model]

@@ -83,6 +83,35 @@ def drafter_contender(directory: str, label: str, target, num_speculative_tokens
                      speculative_config=config, training=training)
 
 
+def config_contender(value: str, num_speculative_tokens: int, taken: list[str]) -> Contender:
+    """A ``--speculative-config [LABEL=]JSON`` contender: any vLLM speculative config that needs no drafter
+    directory (n-gram, suffix decoding, ...), so a results page shows what a user could run without training.
+    Without ``num_speculative_tokens`` the config gets ``--num-speculative-tokens``; without a label it is named
+    after the method and K (``ngram-k4``)."""
+    import json
+
+    label, text = None, value.strip()
+    if not text.startswith("{") and "=" in text:
+        label, text = (part.strip() for part in text.split("=", 1))
+    where = f"--speculative-config {value!r}"
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: expected [LABEL=]JSON object, found invalid JSON ({exc.msg})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("method"), str):
+        raise UserError(f"{where}: expected a JSON object with a \"method\" (e.g. {{\"method\": \"ngram\"}})")
+    if "model" in config:
+        raise UserError(f"{where}: a config with a \"model\" is a drafter; pass its directory with --drafter")
+    config.setdefault("num_speculative_tokens", num_speculative_tokens)
+    k = config["num_speculative_tokens"]
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise UserError(f"{where}: num_speculative_tokens must be an integer >= 1, found {k!r}")
+    label = label or f"{config['method']}-k{k}"
+    if not label or label == BASELINE.label or label in taken:
+        raise UserError(f"{where}: label {label!r} is {'taken' if label else 'empty'}; name it with LABEL=JSON")
+    return Contender(label=label, architecture=config["method"], speculative_config=config)
+
+
 def drafter_labels(directories: list[str]) -> list[str]:
     """Short unique names: the shortest tail of each path that no other drafter shares (runs/kl/best and
     runs/lk/best become kl/best and lk/best), never the baseline's label, and never a trainer export's bare

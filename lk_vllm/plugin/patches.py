@@ -14,11 +14,19 @@
    default loader's ``track_weights_loading`` rejects every checkpoint with ``truncated_vocab_size`` <
    ``vocab_size``: "Following weights were not initialized from checkpoint: {'token_map'}" (found by
    ``examples/reproduce_smollm2.sh``). The wrapper below adds the name when the map was loaded.
+3. **On CPU the model runs in a third process.** ``CpuPlatform.check_and_update_config`` turns a one-worker
+   engine's ``uni`` executor into ``mp``, so every step crosses a shared-memory queue between the EngineCore
+   and a worker process, both busy-waiting with ``sched_yield``, and vLLM reserves one of the machine's cores
+   for the EngineCore. On a 2-core machine that costs a third of a decode step (benchmarks/results/
+   cpu-spec-step.md). With ``LK_VLLM_CPU_INPROCESS_WORKER=1`` (set by ``lk_vllm.engine`` on CPU) the wrapper
+   below puts ``uni`` back for a one-worker engine, so the model runs inside the EngineCore process; tensor or
+   pipeline parallel engines keep vLLM's ``mp``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 _MARK = "_lk_vllm_patched"
 
@@ -70,6 +78,34 @@ def patch_medusa_token_map() -> bool:
     return True
 
 
+def patch_cpu_inprocess_worker() -> bool:
+    """Keep a one-worker CPU engine's ``uni`` executor when ``LK_VLLM_CPU_INPROCESS_WORKER=1``; True when the
+    patch is in place."""
+    from lk_vllm.engine import INPROCESS_WORKER_ENV
+
+    try:
+        from vllm.platforms.cpu import CpuPlatform
+    except ImportError:
+        return False
+    original = CpuPlatform.check_and_update_config.__func__
+    if getattr(original, _MARK, False):
+        return True
+
+    @functools.wraps(original)
+    def check_and_update_config(cls, vllm_config):
+        parallel = vllm_config.parallel_config
+        requested = parallel.distributed_executor_backend
+        original(cls, vllm_config)
+        wanted = os.environ.get(INPROCESS_WORKER_ENV, "0") == "1"
+        if wanted and requested == "uni" and parallel.world_size == 1:
+            parallel.distributed_executor_backend = "uni"
+
+    setattr(check_and_update_config, _MARK, True)
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+    return True
+
+
 def apply_patches() -> None:
     patch_cpu_expand_kernel()
     patch_medusa_token_map()
+    patch_cpu_inprocess_worker()
