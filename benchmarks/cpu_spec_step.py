@@ -268,9 +268,18 @@ def main() -> int:
     parser.add_argument("--eagle3", default=None, help="an EAGLE-3 drafter directory (default: a fresh one)")
     parser.add_argument("--layout", action="append", choices=list(LAYOUTS), default=None)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "cpu-spec-step"))
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite the .md and .png from the existing .json (with --commentary: add it)")
+    parser.add_argument("--commentary", default=None, metavar="FILE", help="markdown to put under the tables")
     parser.add_argument("--one", nargs=2, metavar=("LAYOUT", "ENGINE"), help=argparse.SUPPRESS)
     parser.add_argument("--phases", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.render:
+        document = json.loads(Path(args.output).with_suffix(".json").read_text())
+        if args.commentary:
+            document["commentary"] = Path(args.commentary).read_text().strip()
+        write_page(document, Path(args.output))
+        return 0
     from lk_vllm.assets import resolve_target
 
     args.target = resolve_target(args.target)
