@@ -48,7 +48,7 @@ def servers(tmp_path_factory, default_target):
     in between (the plain engine idles meanwhile), so the client-measured plain speed and the calibrated baseline
     are taken at the same time: this machine is shared and its speed drifts by 20% within minutes. Then the
     speculative lk-vllm server starts alone, finds that cached baseline, and runs the same workload first."""
-    from lk_vllm.engine import EngineSettings
+    from lk_vllm.engine import INPROCESS_WORKER_ENV, EngineSettings
 
     work = tmp_path_factory.mktemp("serving")
     home = work / "home"
@@ -58,7 +58,9 @@ def servers(tmp_path_factory, default_target):
     out: dict = {"model": default_target, "home": home, "work": work}
 
     plain_env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}  # plain vLLM, lk-vllm installed
-    plain_env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_USE_V2_MODEL_RUNNER": "0", "HF_HUB_OFFLINE": "1"})
+    # lk-vllm's CPU settings, process layout included: the baseline is measured in the layout serve uses.
+    plain_env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_USE_V2_MODEL_RUNNER": "0", "HF_HUB_OFFLINE": "1",
+                      INPROCESS_WORKER_ENV: "1"})
     port = free_port()
     with open(work / "plain.log", "ab") as plain_log:
         plain = subprocess.Popen(
