@@ -128,13 +128,14 @@ def run_one(args: argparse.Namespace) -> dict:
     for number, ids in enumerate(prompts):
         engine.add_request(f"r{number}", {"prompt_token_ids": ids}, params)
         first = True
+        drafts = read_spec_decode_counters(llm)["num_drafts"]
         while engine.has_unfinished_requests():
-            drafts = read_spec_decode_counters(llm)["num_drafts"]
             start = time.perf_counter()
             finished = engine.step()
             seconds = time.perf_counter() - start
             wall += seconds
-            verified = read_spec_decode_counters(llm)["num_drafts"] > drafts
+            before, drafts = drafts, read_spec_decode_counters(llm)["num_drafts"]  # read between steps, untimed
+            verified = drafts > before
             (prefill if first else verify if verified else plain).append(seconds)
             first = False
             for output in finished:
@@ -198,6 +199,11 @@ def summarise(runs: list[dict], phase_runs: list[dict]) -> dict:
     return {"rows": rows, "phases": phases}
 
 
+def num(value, digits: int = 2) -> str:
+    """A table cell: the number rounded, or "-" when it was not measured."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def write_page(document: dict, out: Path) -> None:
     from lk_vllm.atomic import write_atomic
 
@@ -211,9 +217,6 @@ def write_page(document: dict, out: Path) -> None:
              "| layout | engine | tokens/s | speedup | vs vLLM layout, no spec | plain step ms | verify step ms | "
              "verify cost | tokens / step | acceptance length | verify steps | same tokens |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def num(value, digits=2):
-        return "-" if value is None else f"{value:.{digits}f}"
 
     for r in rows:
         step = r["plain_step_ms"] if r["engine"] == "none" else r["plain_decode_step_ms"]

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cpu_spec_step import LAYOUTS  # noqa: E402
+from benchmarks.cpu_spec_step import LAYOUTS, num  # noqa: E402
 
 
 def serve_and_send(target: str, prompts: list[list[dict]], max_tokens: int, spec: dict | None, env: dict) -> dict:
@@ -85,9 +85,6 @@ def main() -> int:
                 "command": "python benchmarks/live_speedup.py " + " ".join(sys.argv[1:]), "hardware": hardware_id(),
                 "vllm_version": vllm_version(), "settings": {"limit": args.limit, "max_tokens": args.max_tokens,
                                                            "speculative_config": NGRAM_CONFIG}, "rows": rows}
-
-    def num(value, digits=2):
-        return "-" if value is None else f"{value:.{digits}f}"
 
     lines = [f"# Live speed-up vs A/B through `lk-vllm serve` ({document['hardware']})", "",
              f"`{document['command'].strip()}` ({document['created']}, vLLM {document['vllm_version']}). "

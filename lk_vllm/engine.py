@@ -11,7 +11,7 @@ arguments here, so the settings that work on CPU (measured in shared/CPU_FACTS.m
   math (``check_cpu_settings``).
 * The model runs in the EngineCore process (``LK_VLLM_CPU_INPROCESS_WORKER=1``, the plugin patch in
   ``lk_vllm.plugin.patches``) instead of vLLM's separate CPU worker process: the shared-memory hand-off between
-  the two, both busy-waiting, cost a third of a decode step on a 2-core machine
+  the two, both busy-waiting, cost 13-23% of a decode step on a 2-core machine
   (benchmarks/results/cpu-spec-step.md). A user-set ``VLLM_CPU_OMP_THREADS_BIND`` keeps vLLM's worker
   process, the only place vLLM applies that binding.
 
@@ -123,7 +123,7 @@ def check_cpu_settings(settings: EngineSettings) -> None:
     if on_gpu():
         return
     dtype = str(settings.resolved().dtype).removeprefix("torch.")
-    if dtype in ("bfloat16", "bf16", "half", "float16") and not cpu_has_native_bf16():
+    if dtype in ("bfloat16", "bf16") and not cpu_has_native_bf16():
         raise UserError(f"--dtype {dtype}: this CPU has no native bf16 math (no avx512_bf16 or amx_bf16 in "
                         "/proc/cpuinfo), so vLLM would emulate it slowly; use --dtype float32")
     bind = os.environ.get(_BIND_ENV, "auto")

@@ -17,7 +17,7 @@
 3. **On CPU the model runs in a third process.** ``CpuPlatform.check_and_update_config`` turns a one-worker
    engine's ``uni`` executor into ``mp``, so every step crosses a shared-memory queue between the EngineCore
    and a worker process, both busy-waiting with ``sched_yield``, and vLLM reserves one of the machine's cores
-   for the EngineCore. On a 2-core machine that costs a third of a decode step (benchmarks/results/
+   for the EngineCore. On a 2-core machine that costs 13-23% of a decode step (benchmarks/results/
    cpu-spec-step.md). With ``LK_VLLM_CPU_INPROCESS_WORKER=1`` (set by ``lk_vllm.engine`` on CPU) the wrapper
    below puts ``uni`` back for a one-worker engine, so the model runs inside the EngineCore process; tensor or
    pipeline parallel engines keep vLLM's ``mp``.
