@@ -1,25 +1,29 @@
 """``lk-vllm calibrate``: the no-speculation baseline that live speed-up is measured against.
 
-Starts the target in vLLM's async engine (the one the OpenAI server uses) with speculation OFF and the same
-step recorder the server uses (``lk_vllm.plugin.stat_logger``), runs ``b`` concurrent greedy requests that
-each generate exactly ``--output-tokens`` tokens for every batch size ``b`` in ``--batch-sizes``, and keeps
-the decode time per output token of the pure decode steps at each ``b``. The profile is written atomically
-under ``lk_home()/calibration``, keyed by target fingerprint, dtype, hardware and vLLM version, and reused by
-``lk-vllm serve`` (and by the plugin under plain vLLM) for that key.
+Starts the target in vLLM's own OpenAI server with lk-vllm's plugins and speculation OFF (what ``lk-vllm serve``
+runs, on a private local port), streams ``b`` concurrent greedy completions of exactly ``--output-tokens``
+tokens for every batch size ``b`` in ``--batch-sizes``, and keeps the decode time per output token while all
+``b`` streams decode together. Timing through the server matters on small machines: its per-token work
+(detokenising, streaming) slows the engine's steps, and the speculative server's live figures include it too.
+The profile is written atomically under ``lk_home()/calibration``, keyed by target fingerprint, dtype, hardware
+and vLLM version, and reused by ``lk-vllm serve`` (and by the plugin under plain vLLM) for that key.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import concurrent.futures
+import dataclasses
 import json
+import os
+import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 from lk_vllm.engine import EngineSettings, add_engine_arguments, apply_engine_env, settings_from_args
 from lk_vllm.errors import UserError
+from serving.client import Completion, HTTPError, complete
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
 # Varied prompts of similar length so prefix caching and early stops do not change the batch.
@@ -53,62 +57,74 @@ def _prompt(index: int) -> str:
     return f"Write a long, detailed essay about {topic}, their history and why people care about them."
 
 
-async def _measure(settings: EngineSettings, batch_sizes: list[int], output_tokens: int) -> list[dict]:
+def decode_window(completions: list[Completion], batch_size: int) -> dict:
+    """Decode time per output token while all ``batch_size`` streams were decoding together.
+
+    The window runs from the last stream's first token (every prefill done) to the first stream's last token
+    (nobody has finished); each stream's chunks in it are its decode steps, one token each with speculation off.
+    """
+    if len(completions) != batch_size or any(len(c.chunk_times) < 2 for c in completions):
+        raise RuntimeError(f"batch size {batch_size}: a stream ended before it produced two tokens")
+    start = max(c.chunk_times[0] for c in completions)
+    end = min(c.chunk_times[-1] for c in completions)
+    steps = [sum(start < t <= end for t in c.chunk_times) for c in completions]
+    mean_steps = sum(steps) / batch_size
+    if mean_steps < 4:
+        raise RuntimeError(f"batch size {batch_size}: only {mean_steps:.1f} decode steps overlapped in all "
+                           "streams (raise --output-tokens)")
+    return {"batch_size": batch_size, "seconds_per_token": (end - start) / mean_steps / batch_size,
+            "tokens": sum(steps), "steps": round(mean_steps)}
+
+
+def _stream_batch(url: str, model: str, batch_size: int, output_tokens: int) -> list[Completion]:
+    """``batch_size`` concurrent greedy streams of exactly ``output_tokens`` tokens."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=batch_size) as pool:
+        futures = [pool.submit(complete, url, model, prompt=_prompt(i), max_tokens=output_tokens, stream=True,
+                               ignore_eos=True, timeout=600.0) for i in range(batch_size)]
+        return [future.result() for future in futures]
+
+
+def _measure(settings: EngineSettings, batch_sizes: list[int], output_tokens: int) -> list[dict]:
+    """Serve the target with vLLM's own OpenAI server, the way ``lk-vllm serve`` does but with speculation off,
+    and time its streams from a client: the baseline carries the server's own per-token cost, as the
+    speculative server's live figures do."""
     from tqdm import tqdm
-    from vllm import SamplingParams
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
 
-    from lk_vllm.plugin.stat_logger import LkStatLogger
-    from serving.live_stats import LiveStatsStore
+    from lk_vllm.assets import lk_home
+    from lk_vllm.plugin import plugins_env_value
+    from serving.launcher import VLLM_SERVER_MODULE, ServerHandle, free_port, wait_healthy
 
-    store = LiveStatsStore()
-
-    class CalibrationLogger(LkStatLogger):
-        record_without_speculation = True
-
-        def __init__(self, vllm_config, engine_index: int = 0):
-            super().__init__(vllm_config, engine_index)
-            self.store = store
-
-    kwargs = settings.llm_kwargs()
-    kwargs["max_num_seqs"] = max(kwargs.get("max_num_seqs") or 0, max(batch_sizes))
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[CalibrationLogger])
-    params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
-
-    async def one(prompt: str) -> None:
-        async for _ in engine.generate(prompt, params, request_id=uuid.uuid4().hex):
-            pass
-
+    settings = dataclasses.replace(settings, max_num_seqs=max(settings.max_num_seqs or 0, max(batch_sizes)))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}  # a private, local server
+    env["VLLM_PLUGINS"] = plugins_env_value(env.get("VLLM_PLUGINS"))
+    log_path = lk_home() / "calibration" / "server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", VLLM_SERVER_MODULE, *settings.server_args(), "--host", "127.0.0.1",
+            "--port", str(port)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = ServerHandle(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     try:
-        await asyncio.gather(*(one(_prompt(i)) for i in range(2)))  # warm-up, not measured
-        points = []
-        for batch_size in tqdm(batch_sizes, desc="calibrating (speculation off)", file=sys.stderr):
-            store.reset()
-            await asyncio.gather(*(one(_prompt(i)) for i in range(batch_size)))
-            steps = [s for s in store.steps() if s.decode_seconds is not None and s.batch_size == batch_size]
-            tokens = sum(s.output_tokens for s in steps)
-            seconds = sum(s.decode_seconds for s in steps)
-            if tokens == 0:
-                raise RuntimeError(f"no pure decode step was recorded at batch size {batch_size}")
-            points.append({"batch_size": batch_size, "seconds_per_token": seconds / tokens, "tokens": tokens,
-                           "steps": len(steps)})
-        return points
+        with tqdm(desc="starting plain vLLM (speculation off)", unit="s", file=sys.stderr) as bar:
+            wait_healthy(server.url, process, timeout=1800, progress=lambda s: bar.update(int(s) - bar.n))
+        _stream_batch(server.url, settings.model, 2, 16)  # warm-up, not measured
+        return [decode_window(_stream_batch(server.url, settings.model, b, output_tokens), b)
+                for b in tqdm(batch_sizes, desc="calibrating (speculation off)", file=sys.stderr)]
+    except (RuntimeError, TimeoutError, HTTPError) as error:
+        raise UserError(f"calibration failed: {error} (vLLM's log: {log_path})") from None
     finally:
-        engine.shutdown()
-        engine = None  # noqa: F841 - its __del__ shuts down again; let it run while the interpreter is whole
+        server.stop()
 
 
 def calibrate(settings: EngineSettings, batch_sizes: list[int], output_tokens: int):
     """Measure and cache a profile for ``settings`` (speculation is switched off here)."""
-    import dataclasses
-
     from serving.speedup import BaselineProfile, profile_key_for_settings, profile_path
 
     settings = dataclasses.replace(settings, speculative_config=None)
     key = profile_key_for_settings(settings)
     started = time.time()
-    points = asyncio.run(_measure(settings, batch_sizes, output_tokens))
+    points = _measure(settings, batch_sizes, output_tokens)
     profile = BaselineProfile(key=key | {"output_tokens": output_tokens, "seconds": time.time() - started},
                               points=points)
     profile.save(profile_path(key))

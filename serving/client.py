@@ -32,6 +32,7 @@ class Completion:
     last_token: float | None = None  # when the last text arrived (streaming)
     chunks: int = 0
     logprobs: list[float] | None = None
+    chunk_times: list[float] = dataclasses.field(default_factory=list)  # arrival of each text chunk (streaming)
 
     @property
     def decode_seconds_per_token(self) -> float | None:
@@ -93,7 +94,7 @@ def complete(url: str, model: str, *, prompt: str | None = None, messages: list[
                 spec_metrics=(data.get("metrics") or {}).get("speculative_decoding"),
                 started=started, first_token=None, finished=time.monotonic(), chunks=1, logprobs=logprobs,
             )
-        text, first_token, last_token, chunks, usage, metrics = [], None, None, 0, None, None
+        text, chunk_times, usage, metrics = [], [], None, None
         for raw in response:
             line = raw.decode().strip()
             if not line.startswith("data:"):
@@ -107,10 +108,7 @@ def complete(url: str, model: str, *, prompt: str | None = None, messages: list[
             for choice in event.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                 if piece:
-                    last_token = time.monotonic()
-                    if first_token is None:
-                        first_token = last_token
-                    chunks += 1
+                    chunk_times.append(time.monotonic())
                     text.append(piece)
             if event.get("usage"):
                 usage = event["usage"]
@@ -119,5 +117,6 @@ def complete(url: str, model: str, *, prompt: str | None = None, messages: list[
     if usage is None:
         raise HTTPError(500, "the stream ended without a usage chunk")
     return Completion(text="".join(text), completion_tokens=usage["completion_tokens"], spec_metrics=metrics,
-                      started=started, first_token=first_token, finished=finished, last_token=last_token,
-                      chunks=chunks)
+                      started=started, first_token=chunk_times[0] if chunk_times else None, finished=finished,
+                      last_token=chunk_times[-1] if chunk_times else None, chunks=len(chunk_times),
+                      chunk_times=chunk_times)

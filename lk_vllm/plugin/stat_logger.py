@@ -2,8 +2,7 @@
 
 vLLM's ``AsyncLLM`` (the OpenAI server's engine client) builds one logger per engine and calls ``record`` after
 each engine step's outputs were processed, in the API-server process; ``serving.live_stats.STORE`` lives in the
-same process and is read by the HTTP routes. The logger is inert when speculative decoding is off, except
-for calibration, which records timing with speculation off on purpose (``record_without_speculation``).
+same process and is read by the HTTP routes. The logger is inert when speculative decoding is off.
 """
 
 from __future__ import annotations
@@ -16,16 +15,13 @@ logger = logging.getLogger("lk_vllm.plugin")
 
 
 class LkStatLogger(StatLoggerBase):
-    # Calibration builds its own engine with this logger and speculation off (see serving.calibrate).
-    record_without_speculation = False
-
     def __init__(self, vllm_config, engine_index: int = 0):
         from serving.live_stats import STORE
 
         self.engine_index = engine_index
         self.store = STORE
         spec = vllm_config.speculative_config
-        self.active = spec is not None or self.record_without_speculation
+        self.active = spec is not None
         if spec is not None and engine_index == 0:
             from serving.drafter_info import describe_speculative_config
             from serving.speedup import load_baseline_for
