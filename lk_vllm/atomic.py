@@ -1,9 +1,12 @@
-"""Atomic file writes: write a temporary file beside the destination, then rename it over the destination, so
-that a reader (or the next run after a crash) sees the old file or the new one, never half of one."""
+"""Atomic writes: write a temporary file (or directory) beside the destination, then rename it over the
+destination, so that a reader (or the next run after a crash) sees the old copy or the new one, never half of
+one, and the old copy is deleted only after the new one is in place."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,3 +29,34 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` (text as UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def replace_dir(new: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the directory ``new`` (a sibling of ``path``) to ``path``, replacing any directory there.
+
+    Where the kernel can swap two names in one step (Linux ``renameat2(RENAME_EXCHANGE)``), ``path`` is never
+    missing; elsewhere the old directory is renamed aside first (``.NAME.old-PID``, still on disk). Either way
+    the old contents are deleted only once the new ones are in place.
+    """
+    new, path = Path(new), Path(path)
+    if not path.exists():
+        os.replace(new, path)
+        return
+    if _exchange(new, path):
+        shutil.rmtree(new, ignore_errors=True)  # ``new`` now names the old contents
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False where the C library or the file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lk_vllm.errors import UserError
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time (before transformers loads)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

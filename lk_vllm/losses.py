@@ -134,9 +134,10 @@ class LKMultiLossResult:
 @dataclass
 class _Prepared:
     draft: torch.Tensor  # [N, Vd], contiguous
-    target: torch.Tensor  # [N, V], contiguous, no grad
+    target: torch.Tensor  # [N, V] (or a [M, V] table read through target_index), contiguous, no grad
     d2t: torch.Tensor | None  # [Vd] int64 on the logits' device, or None for the identity
     rows: torch.Tensor | None  # int64 indices of valid rows, or None when every row is valid
+    target_index: torch.Tensor | None  # the target row of each valid row (None: the same as ``rows``)
     num_local: int
     compute_dtype: torch.dtype
     lead_shape: tuple[int, ...]
@@ -158,7 +159,8 @@ def _check_chunk_size(chunk_size: Any) -> None:
         raise ValueError(f"chunk_size must be a positive number of rows or None; found {chunk_size!r}")
 
 
-def _prepare(draft_logits: Any, target_logits: Any, draft_to_target: Any, mask: Any) -> _Prepared:
+def _prepare(draft_logits: Any, target_logits: Any, draft_to_target: Any, mask: Any,
+             target_rows: Any = None) -> _Prepared:
     for name, value in (("draft_logits", draft_logits), ("target_logits", target_logits)):
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor; found {type(value).__name__}")
@@ -177,7 +179,9 @@ def _prepare(draft_logits: Any, target_logits: Any, draft_to_target: Any, mask: 
             "put both on the same device"
         )
     lead_shape = tuple(draft_logits.shape[:-1])
-    if tuple(target_logits.shape[:-1]) != lead_shape:
+    if target_rows is not None:
+        _check_target_rows(target_rows, lead_shape, target_logits)
+    elif tuple(target_logits.shape[:-1]) != lead_shape:
         raise ValueError(
             f"target_logits has shape {tuple(target_logits.shape)} but draft_logits has shape "
             f"{tuple(draft_logits.shape)}: all dimensions but the last (the positions) must match"
@@ -225,7 +229,11 @@ def _prepare(draft_logits: Any, target_logits: Any, draft_to_target: Any, mask: 
             rows = flat_mask.nonzero().squeeze(1)
 
     draft = draft_logits.reshape(num_rows, vocab_draft)
-    target = target_logits.reshape(num_rows, vocab_target)
+    target = target_logits.reshape(-1, vocab_target)
+    target_index = rows
+    if target_rows is not None:
+        flat = target_rows.reshape(-1).to(device=device, dtype=torch.int64)
+        target_index = flat if rows is None else flat.index_select(0, rows)
     if not draft.is_contiguous():
         draft = draft.contiguous()
     if not target.is_contiguous():
@@ -236,10 +244,26 @@ def _prepare(draft_logits: Any, target_logits: Any, draft_to_target: Any, mask: 
         target=target,
         d2t=d2t,
         rows=rows,
+        target_index=target_index,
         num_local=num_local,
         compute_dtype=torch.float64 if use_fp64 else torch.float32,
         lead_shape=lead_shape,
     )
+
+
+def _check_target_rows(target_rows: Any, lead_shape: tuple[int, ...], target_logits: torch.Tensor) -> None:
+    if not isinstance(target_rows, torch.Tensor) or target_rows.is_floating_point() or target_rows.dtype == torch.bool:
+        raise ValueError(f"target_rows must be an integer tensor of shape {lead_shape}; found "
+                         f"{type(target_rows).__name__ if not isinstance(target_rows, torch.Tensor) else target_rows.dtype}")
+    if tuple(target_rows.shape) != lead_shape:
+        raise ValueError(f"target_rows must have shape {lead_shape} (one table row per position of draft_logits); "
+                         f"found shape {tuple(target_rows.shape)}")
+    if target_logits.dim() != 2:
+        raise ValueError(f"with target_rows, target_logits must be a [rows, vocab] table; found shape "
+                         f"{tuple(target_logits.shape)}")
+    if target_rows.numel() and (int(target_rows.min()) < 0 or int(target_rows.max()) >= target_logits.shape[0]):
+        raise ValueError(f"target_rows must lie in [0, {target_logits.shape[0]}) (the rows of target_logits); found "
+                         f"[{int(target_rows.min())}, {int(target_rows.max())}]")
 
 
 def _check_draft_to_target(draft_to_target: Any, vocab_draft: int, vocab_target: int, device) -> torch.Tensor:
@@ -309,10 +333,16 @@ def _describe_bad_rows(name: str, tensor: torch.Tensor, rows: torch.Tensor, d2t:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _chunk_rows(vocab_target: int, chunk_size: int | None) -> int:
+def _chunk_rows(vocab_target: int, chunk_size: int | None, device: torch.device) -> int:
+    """Rows per chunk: ``chunk_size``, else about 2M target-vocabulary elements (a CPU cache's worth) on the
+    host, and on a GPU 1/64 of its free memory over the few fp32 ``[rows, V]`` temporaries a chunk needs."""
     if chunk_size is not None:
         return chunk_size
-    return max(1, _DEFAULT_CHUNK_ELEMENTS // vocab_target)
+    elements = _DEFAULT_CHUNK_ELEMENTS
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        elements = max(elements, free // 64 // (4 * 4))
+    return max(1, elements // vocab_target)
 
 
 def _take_rows(tensor: torch.Tensor, rows: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
@@ -438,9 +468,11 @@ class _Compiled:
 
     Eager PyTorch makes a separate pass, with its own temporary, for every elementwise op; fused, the forward
     statistics are a few row loops and the backward one elementwise loop. Compilation happens once per process
-    and input variant (shapes are dynamic). If compiling fails (no C++ compiler, an unsupported backend) or
-    ``LK_VLLM_COMPILE_LOSS=0``, the same Python function runs eagerly: same formulas, more memory traffic.
-    Forward and backward switch together (one flag), so ``a`` is always computed by the same code in both.
+    and input variant (shapes are dynamic). If compiling fails (no C++ compiler, an unsupported backend, a
+    lowering error) or ``LK_VLLM_COMPILE_LOSS=0``, the same Python function runs eagerly: same formulas, more
+    memory traffic. Forward and backward switch together (one flag), so ``a`` is always computed by the same
+    code in both. An error while the compiled kernel runs (a CUDA out-of-memory, say) is the caller's: it is
+    raised and compilation stays on.
     """
 
     failed = False  # shared: once one kernel fails to compile, both run eagerly
@@ -464,10 +496,27 @@ class _Compiled:
                 with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
                     return self.compiled(*args)
             except Exception as error:  # compilation problems surface at the first call
+                if not _is_compile_error(error):
+                    raise
                 _Compiled.failed = True
                 warnings.warn(f"lk_loss: torch.compile failed ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}); using eager PyTorch", stacklevel=2)
         return self.function(*args)
+
+
+def _is_compile_error(error: BaseException) -> bool:
+    """Whether ``error`` came from compiling (dynamo, inductor, a missing compiler or Triton), not from running:
+    an out-of-memory anywhere in its chain counts as running, even when dynamo wrapped it."""
+    from torch._dynamo import exc as dynamo_exc
+
+    chain, seen = error, set()
+    while chain is not None and id(chain) not in seen:
+        if isinstance(chain, torch.OutOfMemoryError):
+            return False
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    return isinstance(error, dynamo_exc.TorchDynamoException | dynamo_exc.FailOnRecompileLimitHit | ImportError
+                      | OSError | NotImplementedError)
 
 
 _statistics_kernel = _Compiled(_chunk_statistics)
@@ -519,7 +568,7 @@ class _LKLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, draft, target, prepared: _Prepared, kind, eta, chunk_rows, group, world_size, info):
         cd = prepared.compute_dtype
-        rows = prepared.rows
+        rows, target_index = prepared.rows, prepared.target_index
         d2t = prepared.d2t
         n_local = prepared.num_local
         device = draft.device
@@ -528,7 +577,7 @@ class _LKLossFunction(torch.autograd.Function):
         draft_min, alpha, mass, kl = (torch.empty(n_local, dtype=cd, device=device) for _ in range(4))
         for start in range(0, n_local, chunk_rows):
             stop = min(start + chunk_rows, n_local)
-            target_c = _take_rows(target, rows, start, stop)
+            target_c = _take_rows(target, target_index, start, stop)
             chunk_norms, *values = _statistics_kernel(
                 _take_rows(draft, rows, start, stop), target_c, None if d2t is None else _gather_cols(target_c, d2t), cd
             )
@@ -552,7 +601,8 @@ class _LKLossFunction(torch.autograd.Function):
         log_alpha = alpha.log()
         if exact_rows.numel():
             source = exact_rows if rows is None else rows.index_select(0, exact_rows)
-            values = _exact_rows(draft.index_select(0, source), target.index_select(0, source), d2t)
+            target_source = exact_rows if target_index is None else target_index.index_select(0, exact_rows)
+            values = _exact_rows(draft.index_select(0, source), target.index_select(0, target_source), d2t)
             log_coverage, exact_kl, exact_log_alpha = values
             kl[exact_rows] = exact_kl.to(cd)
             log_alpha[exact_rows] = exact_log_alpha.clamp(max=0.0).to(cd)
@@ -625,6 +675,7 @@ class _LKLossFunction(torch.autograd.Function):
         norms = dict(zip(ctx.norm_names, norm_values, strict=True))
         prepared: _Prepared = ctx.prepared
         rows, d2t, cd, n_local = prepared.rows, prepared.d2t, prepared.compute_dtype, prepared.num_local
+        target_index = prepared.target_index
         kind = ctx.kind
         grad = torch.zeros_like(draft) if rows is not None or exact_rows.numel() else torch.empty_like(draft)
         if n_local == 0 or ctx.scale == 0.0:
@@ -646,7 +697,7 @@ class _LKLossFunction(torch.autograd.Function):
             )
             _gradient_kernel(
                 _take_rows(draft, rows, start, stop),
-                _gather_cols(_take_rows(target, rows, start, stop), d2t),
+                _gather_cols(_take_rows(target, target_index, start, stop), d2t),
                 {name: value[start:stop] for name, value in norms.items()},
                 mass[start:stop],
                 alpha[start:stop],
@@ -659,9 +710,11 @@ class _LKLossFunction(torch.autograd.Function):
                 grad.index_copy_(0, rows[start:stop], out)
         if exact_rows.numel():
             source = exact_rows if rows is None else rows.index_select(0, exact_rows)
+            target_source = exact_rows if target_index is None else target_index.index_select(0, exact_rows)
             kl_weight = weights[0] if kind in ("kl", "lambda") else None
             exact_grad = _exact_backward_rows(
-                draft.index_select(0, source), target.index_select(0, source), d2t, kind, kl_weight, weights[1]
+                draft.index_select(0, source), target.index_select(0, target_source), d2t, kind, kl_weight,
+                weights[1],
             )
             grad.index_copy_(0, source, exact_grad.to(grad.dtype))
         return grad, None, None, None, None, None, None, None, None
@@ -683,11 +736,14 @@ def _raise_for_bad_rows(stats, local, prepared: _Prepared, bad_draft, bad_target
         detail = ""
         local_rows = local_bad.nonzero().squeeze(1)
         if local_rows.numel():
-            source = local_rows if prepared.rows is None else prepared.rows.index_select(0, local_rows)
-            tensor = prepared.draft if name == "draft_logits" else prepared.target
+            draft_side = name == "draft_logits"
+            index = prepared.rows if draft_side else prepared.target_index
+            source = local_rows if index is None else index.index_select(0, local_rows)
+            tensor = prepared.draft if draft_side else prepared.target
+            table = not draft_side and prepared.target_index is not prepared.rows  # read through target_rows
             detail = (
                 f" (on this rank: {_describe_bad_rows(name, tensor, source, prepared.d2t)}; first bad row "
-                f"{int(source[0])} of the flattened positions)"
+                f"{int(source[0])} of the {'target table' if table else 'flattened positions'})"
             )
         problems.append(f"{name} is unusable in {where}{detail}")
     if problems:
@@ -724,6 +780,7 @@ def lk_loss(
     chunk_size: int | None = None,
     distributed: bool | None = None,
     process_group=None,
+    target_rows: torch.Tensor | None = None,
 ) -> LKLossResult:
     """KL, TV, LK^alpha or LK^lambda loss of one draft position (see the module docstring for the formulas).
 
@@ -744,6 +801,9 @@ def lk_loss(
         distributed: reduce the statistics across ranks; default: when torch.distributed is initialized.
             Every rank of the group must then call with the same ``kind`` (a collective per call).
         process_group: the data-parallel group to reduce over (default: the default group).
+        target_rows: integer ``[...]`` (draft_logits' leading shape): position ``i`` is compared with row
+            ``target_rows[i]`` of ``target_logits``, then a ``[M, V]`` table that several calls can share (the K
+            draft positions of an unroll read overlapping rows) and that is never copied per call.
 
     ``-log alpha`` is taken per position, then averaged (the paper's one-hot limit: it equals the NLL). There is
     no clamp: a row whose fp32 ``alpha`` falls below 1e-25 is recomputed in float64 log space
@@ -760,10 +820,10 @@ def lk_loss(
     """
     _check_kind(kind, eta)
     _check_chunk_size(chunk_size)
-    prepared = _prepare(draft_logits, target_logits, draft_to_target, mask)
+    prepared = _prepare(draft_logits, target_logits, draft_to_target, mask, target_rows)
     group, world_size = _resolve_group(distributed, process_group)
     info: dict[str, Any] = {}
-    chunk_rows = _chunk_rows(prepared.target.shape[1], chunk_size)
+    chunk_rows = _chunk_rows(prepared.target.shape[1], chunk_size, prepared.draft.device)
     loss = _LKLossFunction.apply(
         prepared.draft,
         prepared.target.detach(),
@@ -790,12 +850,15 @@ def lk_loss_multi(
     chunk_size: int | None = None,
     distributed: bool | None = None,
     process_group=None,
+    target_rows: Sequence[torch.Tensor] | None = None,
 ) -> LKMultiLossResult:
     """LK loss of a K-position draft unroll: ``sum_k gamma**k * L_k`` (the paper's weights, gamma = 0.8).
 
     Position ``k`` is :func:`lk_loss` of ``draft_logits[k]`` against ``target_logits[k]`` with its own mask,
     so LK^lambda gets its own ``lam_k = exp(-eta * mean alpha_k)`` from its own (global) batch-mean alpha.
     ``masks`` is None, one mask shared by every position, or a sequence with one mask (or None) per position.
+    ``target_rows`` (one index tensor per position) reads each position's targets from its ``target_logits``
+    table (see :func:`lk_loss`); pass the same table for every position to hold it once.
     """
     if isinstance(draft_logits, torch.Tensor) or isinstance(target_logits, torch.Tensor):
         raise ValueError(
@@ -810,6 +873,8 @@ def lk_loss_multi(
         )
     if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not (0.0 < gamma <= 1.0):
         raise ValueError(f"gamma must be in (0, 1] (the paper uses 0.8); found {gamma!r}")
+    if target_rows is not None and len(target_rows) != num_positions:
+        raise ValueError(f"target_rows has {len(target_rows)} entries but there are {num_positions} draft positions")
     if masks is None or isinstance(masks, torch.Tensor):
         masks = [masks] * num_positions
     elif len(masks) != num_positions:
@@ -828,6 +893,7 @@ def lk_loss_multi(
             chunk_size=chunk_size,
             distributed=distributed,
             process_group=process_group,
+            target_rows=None if target_rows is None else target_rows[k],
         )
         weight = float(gamma) ** k
         term = result.loss * weight

@@ -34,3 +34,35 @@ def test_writer_that_never_creates_the_temporary_fails_loudly(tmp_path):
         with atomic_path(tmp_path / "shard.safetensors"):
             pass
     assert not (tmp_path / "shard.safetensors").exists()
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replace_dir_never_deletes_the_old_copy_first(tmp_path, monkeypatch, exchange):
+    import shutil
+
+    from lk_vllm import atomic
+
+    final = tmp_path / "step-4"
+    final.mkdir()
+    (final / "state.pt").write_text("old")
+    new = tmp_path / ".step-4.tmp"
+    new.mkdir()
+    (new / "state.pt").write_text("new")
+    if not exchange:  # a C library or file system without renameat2: the rename-aside fallback
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    removed, real_rmtree = [], shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        # Whenever anything is deleted, step-4 is there whole (old or new), and it is not what is deleted.
+        removed.append(((final / "state.pt").read_text(), path != final))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", rmtree)
+    atomic.replace_dir(new, final)
+    assert (final / "state.pt").read_text() == "new"
+    assert removed == [("new", True)]
+    assert [p.name for p in tmp_path.iterdir()] == ["step-4"]
+    fresh = tmp_path / ".other.tmp"
+    fresh.mkdir()
+    atomic.replace_dir(fresh, tmp_path / "other")  # nothing there yet: a plain rename
+    assert (tmp_path / "other").is_dir() and not fresh.exists()

@@ -41,18 +41,19 @@ def test_required_recipes_exist():
         "smollm2-medusa",
         "smollm2-mlp",
         "llama31-8b-eagle3",
+        "llama31-8b-medusa",
+        "llama31-8b-mlp",
     }
     assert required <= set(recipe_names())
 
 
-def test_llama_recipe_has_the_paper_hyper_parameters():
-    config, _ = load_config(recipe="llama31-8b-eagle3")
-    assert (config.model.architecture, config.loss.kind, config.loss.eta, config.loss.num_steps) == (
-        "eagle3",
-        "lambda",
-        3.0,
-        6,
-    )
+@pytest.mark.parametrize("name,architecture,eta", [("llama31-8b-eagle3", "eagle3", 3.0),
+                                                    ("llama31-8b-medusa", "medusa", 10.0),
+                                                    ("llama31-8b-mlp", "mlp_speculator", 3.0)])
+def test_llama_recipes_have_the_paper_hyper_parameters(name, architecture, eta):
+    config, _ = load_config(recipe=name)
+    assert (config.model.architecture, config.loss.kind, config.loss.eta, config.loss.num_steps,
+            config.loss.gamma) == (architecture, "lambda", eta, 6, 0.8)
     assert (
         config.optimizer.lr,
         config.optimizer.betas,
@@ -63,7 +64,7 @@ def test_llama_recipe_has_the_paper_hyper_parameters():
 
 
 def test_medusa_recipes_use_eta_10():
-    for name in ("smoke-medusa", "smollm2-medusa"):
+    for name in ("smoke-medusa", "smollm2-medusa", "llama31-8b-medusa"):
         assert load_config(recipe=name)[0].loss.eta == 10.0
 
 

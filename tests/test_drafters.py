@@ -178,6 +178,38 @@ def test_eagle3_padding_does_not_change_real_positions(target, batch):
         torch.testing.assert_close(padded[k][:valid], single[k][:valid], atol=1e-5, rtol=1e-5)
 
 
+def test_eagle3_blockwise_attention_equals_one_block(target, batch, monkeypatch):
+    """Later steps' attention in blocks of 4 query rows (each recomputed in backward) gives the values and
+    gradients of one block over the whole sequence."""
+    from lk_vllm.drafters import eagle3
+
+    ids, mask = batch
+    states = target(ids, mask, aux_layer_ids=[1, 2, 3])
+    results = []
+    for block in (512, 4):
+        monkeypatch.setattr(eagle3, "ATTENTION_BLOCK", block)
+        drafter = _eagle3(target)
+        steps = drafter.training_steps(states, 3)
+        logits = [s.logits() for s in steps]
+        weights = torch.linspace(-1, 1, logits[0].shape[-1])
+        sum((k + 1) * (x * weights).sum() for k, x in enumerate(logits)).backward()
+        results.append(([x.detach() for x in logits], {n: p.grad for n, p in drafter.named_parameters()}))
+    (one, one_grads), (blocks, block_grads) = results
+    for a, b in zip(one, blocks, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert one_grads.keys() == block_grads.keys()
+    for name, grad in one_grads.items():
+        torch.testing.assert_close(grad, block_grads[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_eagle3_refuses_left_padded_states(target, batch):
+    ids, mask = batch
+    drafter = _eagle3(target)
+    states = target(ids, mask.flip(1), aux_layer_ids=drafter.aux_layer_ids)
+    with pytest.raises(ValueError, match="right-padded"):
+        drafter.training_steps(states, 2)
+
+
 def test_eagle3_gradients_reach_only_drafter_weights(target, batch):
     drafter = _eagle3(target)
     states = target(batch[0], batch[1], aux_layer_ids=drafter.aux_layer_ids)

@@ -589,3 +589,101 @@ def test_draft_neg_inf_and_all_neg_inf_target_rows_are_described():
 def test_bad_options_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         lk_loss(torch.randn(2, 4), torch.randn(2, 4), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Targets read from a shared table by index
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("vocab_draft", [40, 17], ids=["full-vocab", "truncated"])
+@pytest.mark.parametrize("masked", [0.0, 0.4], ids=["no-mask", "mask"])
+def test_target_rows_read_a_shared_table(kind, vocab_draft, masked):
+    """Positions read through target_rows give what the gathered copy gives, against the float64 reference;
+    the table is not copied, and rows may repeat and come in any order."""
+    draft, table, d2t, mask = make_batch(23, 40, vocab_draft, seed=11, masked=masked)
+    rows = torch.randint(0, 23, (23,), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(kind=kind, eta=3.0, draft_to_target=d2t, mask=mask, chunk_size=4)
+    result, grad = loss_and_grad(lk_loss, draft, table, target_rows=rows, **kwargs)
+    copied, copied_grad = loss_and_grad(lk_loss, draft, table[rows], **kwargs)
+    loss, alpha, _, _ = numpy_reference(draft, table[rows], d2t, mask, kind)
+    assert float(result.loss.detach()) == pytest.approx(loss, rel=1e-12, abs=1e-14)
+    assert result.alpha == pytest.approx(alpha, rel=1e-12)
+    assert float(result.loss.detach()) == pytest.approx(float(copied.loss.detach()), rel=1e-13, abs=1e-15)
+    torch.testing.assert_close(grad, copied_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_target_rows_exact_rows_and_multi_position():
+    # The float64 recomputation of tiny-alpha rows reads the right table row too.
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(5, 40, generator=gen)
+    table[2, 0] += 300.0  # row 2: the target is sure of token 0
+    draft = torch.randn(4, 40, generator=gen)
+    draft[1, 1] += 300.0  # position 1 reads row 2 and is sure of token 1: alpha ~ e^-300
+    rows = torch.tensor([0, 2, 4, 1])
+    result, grad = loss_and_grad(lk_loss, draft, table, target_rows=rows, kind="alpha", chunk_size=2)
+    ref, ref_grad = loss_and_grad(lk_loss_eager, draft.double(), table[rows].double(), kind="alpha")
+    assert ref.neg_log_alpha > 50
+    assert result.neg_log_alpha == pytest.approx(ref.neg_log_alpha, rel=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+    drafts = [draft, draft[:3]]
+    multi = lk_loss_multi(drafts, [table, table], target_rows=[rows, rows[1:]], kind="lambda", gamma=0.8)
+    gathered = lk_loss_multi(drafts, [table[rows], table[rows[1:]]], kind="lambda", gamma=0.8)
+    assert float(multi.loss) == pytest.approx(float(gathered.loss), rel=1e-6)
+
+
+def test_bad_target_rows_are_refused():
+    draft, table, _, _ = make_batch(6, 10, 10, seed=1, masked=0.0)
+    with pytest.raises(ValueError, match=r"target_rows must lie in \[0, 6\).*\[0, 6\]"):
+        lk_loss(draft, table, target_rows=torch.tensor([0, 1, 2, 3, 4, 6]), kind="kl")
+    with pytest.raises(ValueError, match=r"target_rows must have shape \(6,\)"):
+        lk_loss(draft, table, target_rows=torch.tensor([0, 1]), kind="kl")
+    with pytest.raises(ValueError, match="integer tensor"):
+        lk_loss(draft, table, target_rows=torch.zeros(6), kind="kl")
+    with pytest.raises(ValueError, match=r"\[rows, vocab\] table"):
+        lk_loss(draft[None], table[None], target_rows=torch.zeros(1, 6, dtype=torch.long), kind="kl")
+    with pytest.raises(ValueError, match="target_rows has 1 entries"):
+        lk_loss_multi([draft, draft], [table, table], target_rows=[torch.arange(6)], kind="kl")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chunking and compilation policy
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_one_chunk_for_everything_equals_one_row_chunks():
+    draft, target, d2t, mask = make_batch(37, 50, 21, seed=5, dtype=torch.float32)
+    kwargs = dict(kind="lambda", draft_to_target=d2t, mask=mask)
+    small, small_grad = loss_and_grad(lk_loss, draft, target, chunk_size=1, **kwargs)
+    large, large_grad = loss_and_grad(lk_loss, draft, target, chunk_size=1 << 20, **kwargs)
+    assert float(large.loss) == pytest.approx(float(small.loss), rel=1e-6)
+    assert large.alpha == pytest.approx(small.alpha, rel=1e-6)
+    torch.testing.assert_close(large_grad, small_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("runtime", [True, False], ids=["runtime-error", "compile-error"])
+def test_only_compile_errors_switch_compilation_off(monkeypatch, runtime):
+    """An out-of-memory while the compiled kernel runs reaches the caller and leaves compilation on; a
+    compile error falls back to eager PyTorch for the process, with a warning."""
+    from torch._dynamo import exc as dynamo_exc
+
+    from lk_vllm import losses
+
+    def broken(*args):
+        if runtime:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        raise dynamo_exc.Unsupported("no lowering for this op")
+
+    kernel = losses._Compiled(lambda x: x + 1)
+    kernel.compiled = broken
+    monkeypatch.setattr(losses._Compiled, "failed", False)
+    monkeypatch.setenv("LK_VLLM_COMPILE_LOSS", "1")
+    if runtime:
+        with pytest.raises(torch.OutOfMemoryError):
+            kernel(torch.zeros(2))
+        assert not losses._Compiled.failed
+    else:
+        with pytest.warns(UserWarning, match="torch.compile failed.*Unsupported"):
+            assert kernel(torch.zeros(2)).tolist() == [1.0, 1.0]
+        assert losses._Compiled.failed

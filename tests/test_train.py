@@ -379,3 +379,101 @@ def test_resume_refuses_changed_data(tiny, tmp_path):
     with pytest.raises(UserError, match="differs from the data .*step-2 was trained on"):
         train(_config(tiny, tmp_path / "run", **{"data.dirs": [data], "training.max_steps": 2}), "tiny",
               resume=True, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ device and precision
+def test_placement_resolves_auto_and_refuses_a_missing_gpu():
+    from training.device import resolve_placement
+
+    cpu = resolve_placement("auto", "auto", cuda_available=False)
+    assert cpu.device == torch.device("cpu") and cpu.autocast_dtype is None and cpu.target_dtype == torch.float32
+    assert "fp32" in cpu.describe()
+    gpu = resolve_placement("auto", "auto", tf32=False, cuda_available=True, local_rank=3)
+    assert gpu.device == torch.device("cuda", 3) and gpu.autocast_dtype == torch.bfloat16
+    assert gpu.target_dtype == torch.bfloat16 and "bfloat16 autocast" in gpu.describe()
+    assert resolve_placement("cuda", "fp32", tf32=False, cuda_available=True, local_rank=0).autocast_dtype is None
+    cpu_bf16 = resolve_placement("cpu", "bf16", cuda_available=True)
+    assert cpu_bf16.device.type == "cpu" and cpu_bf16.autocast_dtype == torch.bfloat16
+    with pytest.raises(UserError, match=r"^training\.device=cuda: no CUDA device is visible"):
+        resolve_placement("cuda", "auto", cuda_available=False)
+
+
+def test_cuda_on_a_machine_without_one_fails_before_loading_anything(tiny, tmp_path, monkeypatch):
+    import training.target
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(training.target, "TargetModel", None)  # loading the target would raise a TypeError
+    with pytest.raises(UserError, match=r"training\.device=cuda"):
+        train(_config(tiny, tmp_path / "run", **{"training.device": "cuda"}), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_autocast_on_cpu_trains_and_logs_its_placement(tiny, tmp_path, capfd):
+    # The GPU code path's precision handling (autocast around the drafter and the loss, fp32 master weights),
+    # run on the CPU: it trains, the weights stay fp32, and the run log says where and how it ran.
+    summary = train(_config(tiny, tmp_path / "run", **{"training.device": "cpu", "training.precision": "bf16",
+                                                        "training.max_steps": 3}), progress=False)
+    assert summary["final"]["expected_acceptance_length"] > 1.0
+    assert all(tensor.dtype == torch.float32 for tensor in _weights(tmp_path / "run").values()
+               if tensor.is_floating_point())
+    assert "device cpu, bfloat16 autocast; 1 rank(s)" in capfd.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ --dry-run
+@pytest.mark.parametrize("architecture,options", [("eagle3", {"model.draft_vocab_size": 64}), ("medusa", {}),
+                                                  ("mlp_speculator", {}), ("draft_model", {})])
+def test_dry_run_counts_the_real_drafters_parameters(tiny, tmp_path, architecture, options):
+    from lk_vllm.drafters import create_drafter
+    from training.memory import estimate_memory
+    from training.target import TargetModel
+    from training.train import drafter_options
+
+    config = _config(tiny, tmp_path / "run", **{"model.architecture": architecture, **options})
+    estimate = estimate_memory(config, tiny[0], "cpu")
+    target = TargetModel(tiny[0])
+    vocab = {"draft_to_target": torch.arange(64)} if options else {}  # the tiny target has no tokenizer to count
+    real = create_drafter(architecture, target, **drafter_options(config, target), **vocab)
+    assert estimate.trainable_parameters == sum(p.numel() for p in real.trainable_parameters())
+    assert estimate.tokens_per_micro_batch == 4 * 64
+    longer = estimate_memory(_config(tiny, tmp_path / "run", **{"model.architecture": architecture, **options,
+                                                                 "data.max_length": 128}), tiny[0], "cpu")
+    fixed = ("drafter weights + grads + AdamW (fp32)", "target weights (fp32)")
+    for name, size in estimate.parts.items():  # everything per token doubles; the weights do not change
+        assert longer.parts[name] == size if name in fixed else longer.parts[name] >= 2 * size, name
+
+
+def test_dry_run_sizes_an_8b_recipe_from_its_config_alone(tmp_path, capsys, monkeypatch):
+    import json
+
+    from lk_vllm.cli import main
+
+    target = tmp_path / "llama-3.1-8b"  # config.json only: no weights, nothing downloaded
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "tie_word_embeddings": False}))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert main(["train", "--recipe", "llama31-8b-eagle3", "--target", str(target), "--dry-run",
+                 "--set", "training.device=cpu", "--set", "training.precision=bf16"]) == 0
+    out = capsys.readouterr().out
+    trainable = float(out.split(" drafter, ")[1].split("M trainable")[0])
+    # fc 3H x H, one layer over 2H inputs (q, k, v, o, MLP) and a 32,000-row head: ~0.45B parameters.
+    assert 400 < trainable < 500, out
+    assert "8 rank(s), 16384 tokens per micro-batch" in out  # 64 sequences / 8 GPUs / 4 micro-batches
+    total = float(out.splitlines()[-1].split()[1])
+    assert 40 < total < 80, out  # 16 GB of bf16 target weights, 7 GB of drafter state, the rest per token: an 80 GB GPU
+
+
+def test_a_run_that_cannot_fit_the_gpu_is_refused_in_one_line(tiny, tmp_path, monkeypatch):
+    import types
+
+    from training.memory import check_fits, estimate_memory
+
+    config = _config(tiny, tmp_path / "run")
+    estimate = estimate_memory(config, tiny[0], "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=1000))
+    with pytest.raises(UserError, match=r"^training\.batch_size=4 x data\.max_length=64 needs about .* GB per GPU"):
+        check_fits(estimate, config, torch.device("cuda", 0))
+    check_fits(estimate, config, torch.device("cpu"))  # the CPU is not checked

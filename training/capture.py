@@ -41,6 +41,9 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def to(self, device) -> Batch:
+        return Batch(self.indices, self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device))
+
 
 def collate(samples, indices: list[int]) -> Batch:
     """Right-pad ``samples[i] for i in indices`` to the longest one."""
@@ -64,7 +67,12 @@ class OnlineCapture:
         self.target = target
         self.aux_layer_ids = tuple(aux_layer_ids) if aux_layer_ids else None
 
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
     def states(self, batch: Batch) -> TargetStates:
+        batch = batch.to(self.device)
         return self.target(batch.input_ids, batch.attention_mask, aux_layer_ids=self.aux_layer_ids)
 
 
@@ -110,13 +118,13 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
         aux_rows: dict[int, torch.Tensor] = {}
         by_length = sorted(members, key=lambda i: len(samples[i].input_ids))  # less padding
         for start in range(0, len(by_length), batch_size):
-            batch = collate(samples, by_length[start:start + batch_size])
+            batch = collate(samples, by_length[start:start + batch_size]).to(target.device)
             states = target(batch.input_ids, batch.attention_mask, aux_layer_ids=aux_layer_ids)
             for row, index in enumerate(batch.indices):
                 n = len(samples[index].input_ids)
-                final_rows[index] = states.final_hidden[row, :n].to(torch_dtype)
+                final_rows[index] = states.final_hidden[row, :n].to("cpu", torch_dtype)
                 if states.aux_hidden is not None:
-                    aux_rows[index] = states.aux_hidden[row, :n].to(torch_dtype)
+                    aux_rows[index] = states.aux_hidden[row, :n].to("cpu", torch_dtype)
             tokens = batch.num_tokens
             captured += tokens
             bar.update(tokens)
@@ -160,22 +168,31 @@ class OfflineCapture:
             self._files[shard] = handle
             self._offsets[shard] = handle.get_tensor("offsets").tolist()
 
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
     def _rows(self, index: int, name: str) -> torch.Tensor:
         shard, local = divmod(index, self.shard_size)
         start, end = self._offsets[shard][local], self._offsets[shard][local + 1]
         return self._files[shard].get_slice(name)[start:end]
 
     def states(self, batch: Batch) -> TargetStates:
+        """The batch's cached states, in the target's dtype, on its device (assembled on the host, one copy)."""
+        batch = batch.to(self.device)
         b, t = batch.input_ids.shape
         hidden = self.target.hidden_size
-        final = torch.zeros(b, t, hidden)
-        aux = torch.zeros(b, t, hidden * len(self.aux_layer_ids)) if self.aux_layer_ids else None
+        dtype = self.target.lm_head_weight.dtype
+        final = torch.zeros(b, t, hidden, dtype=dtype)
+        aux = torch.zeros(b, t, hidden * len(self.aux_layer_ids), dtype=dtype) if self.aux_layer_ids else None
         for row, index in enumerate(batch.indices):
             rows = self._rows(index, "final")
-            final[row, : rows.shape[0]] = rows.float()
+            final[row, : rows.shape[0]] = rows
             if aux is not None:
                 aux_rows = self._rows(index, "aux")
-                aux[row, : aux_rows.shape[0]] = aux_rows.float()
+                aux[row, : aux_rows.shape[0]] = aux_rows
+        final = final.to(self.device, non_blocking=True)
+        aux = None if aux is None else aux.to(self.device, non_blocking=True)
         return TargetStates(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,

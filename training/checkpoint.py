@@ -12,7 +12,6 @@ function of ``s`` and the seed), the best evaluation so far, and the config the 
 from __future__ import annotations
 
 import errno
-import os
 import random
 import re
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lk_vllm.atomic import replace_dir
 from lk_vllm.errors import UserError
 
 STATE_FILE = "state.pt"
@@ -71,9 +71,7 @@ def save_checkpoint(checkpoints_dir: Path, step: int, state: dict[str, Any], kee
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=checkpoints_dir))
     try:
         _save_state(state, tmp / STATE_FILE)
-        if final.exists():  # re-saving the same step (e.g. after a resume): swap it out whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) swaps the directory whole
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(checkpoints_dir)

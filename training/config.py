@@ -54,6 +54,8 @@ class LossSection(_Section):
     eta: float = Field(default=3.0, gt=0)
     gamma: float = Field(default=0.8, gt=0, le=1)
     num_steps: int = Field(default=6, ge=1)  # K draft positions / TTT unroll steps
+    # Rows per chunk of the fused loss; None: ~2M vocabulary elements on CPU, sized from free memory on GPU.
+    chunk_size: int | None = Field(default=None, ge=1)
 
 
 class OptimizerSection(_Section):
@@ -79,6 +81,12 @@ class TrainingSection(_Section):
     seed: int = 0
     capture: Literal["online", "offline"] = "online"
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"  # offline hidden-state cache
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when a GPU is visible (training/device.py)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    tf32: bool = True  # TF32 matmuls for what stays fp32 on GPU
+    # How long a rank waits in a collective while rank 0 works alone (data preparation, evaluation, checkpoints)
+    # before the process group gives up; NCCL's own default (10 minutes) is shorter than a data preparation.
+    collective_timeout_minutes: float = Field(default=180.0, gt=0)
     eval_batch_size: int = Field(default=8, ge=1)
 
 
@@ -105,7 +113,8 @@ FINAL_EXPORT = "final"
 # Fields that may change between a run and its --resume: they do not change the weights.
 RESUMABLE_CHANGES = {"output", "training.log_every", "training.eval_every", "training.checkpoint_every",
                      "training.keep_checkpoints", "training.eval_batch_size", "training.capture",
-                     "training.cache_dtype"}
+                     "training.cache_dtype", "training.device", "training.tf32",
+                     "training.collective_timeout_minutes"}
 
 
 def recipe_names() -> list[str]:

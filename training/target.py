@@ -49,7 +49,7 @@ class TargetStates:
         state so [B, T, V] is never held."""
         if self.cached_logits is not None:
             return self.cached_logits[batch_index, positions]
-        hidden = self.final_hidden[batch_index, positions]
+        hidden = self.final_hidden[batch_index, positions].to(self.lm_head_weight.dtype)
         if hidden.shape[0] <= chunk_size:
             return hidden @ self.lm_head_weight.T
         return torch.cat([h @ self.lm_head_weight.T for h in hidden.split(chunk_size)])
@@ -58,7 +58,7 @@ class TargetStates:
         """Target logits [B, T, V] (for short sequences and tests)."""
         if self.cached_logits is not None:
             return self.cached_logits
-        return self.final_hidden @ self.lm_head_weight.T
+        return self.final_hidden.to(self.lm_head_weight.dtype) @ self.lm_head_weight.T
 
     def cache_all_logits(self) -> TargetStates:
         """Compute [B, T, V] once, for states reused over many steps (small data sets, tests)."""
@@ -67,9 +67,10 @@ class TargetStates:
 
 
 class TargetModel:
-    """A frozen HF causal LM (fp32, eval mode, no grad) that exposes vLLM-equivalent hidden states."""
+    """A frozen HF causal LM (eval mode, no grad; fp32 unless told) that exposes vLLM-equivalent hidden states,
+    on ``device`` (default: the CPU)."""
 
-    def __init__(self, path: str, dtype: torch.dtype = torch.float32, model=None):
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32, model=None, device=None):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.path = str(path)
@@ -80,6 +81,9 @@ class TargetModel:
                 raise UserError(f"target {self.path}: cannot read its config.json ({exc})") from exc
             model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype)
         self.model = model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.device = next(self.model.parameters()).device
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.config = self.model.config

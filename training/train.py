@@ -24,8 +24,15 @@ The whole loop, in order:
 Logs: ``RUN/log.jsonl`` (one JSON object per logged step or evaluation) and TensorBoard event files in
 ``RUN/tensorboard`` when the ``tensorboard`` package is installed.
 
+Device and precision: ``training.device`` (``auto``: the GPU when one is visible), ``training.precision``
+(``auto``: bf16 autocast with fp32 master weights on GPU, fp32 on CPU) and ``training.tf32``
+(``training/device.py``); the target, the drafter, every batch and every collective live on that device.
+
 Memory: ``training.grad_accumulation`` splits each step's batch into micro-batches (each micro-batch's
-loss is a mean; the step averages them).
+loss is a mean; the step averages them). A step's memory is linear in the sequence length (EAGLE-3's
+training-time-test attention runs in blocks; the K draft positions read one shared table of target logits),
+``lk-vllm train --dry-run`` prints the estimate per device (``training/memory.py``), and on a GPU a run that
+would not fit is refused before anything is loaded.
 
 Distributed: ``torchrun --nproc_per_node N -m lk_vllm.cli train ...`` (or ``torchrun --nproc_per_node N
 $(which lk-vllm) train ...``) runs DistributedDataParallel (gloo on CPU, NCCL on GPU). Each rank takes every N-th sequence of the global batch. ``lk_vllm.losses`` normalises each
@@ -38,6 +45,7 @@ fits on one device (the largest, an 8B-target EAGLE-3 layer, is ~0.4B parameters
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -53,6 +61,7 @@ from lk_vllm.atomic import write_atomic
 from lk_vllm.errors import UserError
 from training.capture import collate
 from training.config import BEST_EXPORT, FINAL_EXPORT, Config, differing_fields, load_config, parse_override
+from training.device import resolve_placement
 
 
 def _log(message: str) -> None:
@@ -74,16 +83,16 @@ class Dist:
             torch.distributed.barrier()
 
 
-def init_distributed() -> Dist:
-    """torchrun sets WORLD_SIZE/RANK; then join the process group (gloo on CPU, NCCL on GPU)."""
+def init_distributed(device: torch.device, timeout_minutes: float = 180.0) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK; then join the process group (NCCL when training on GPU, else gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend=backend)
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size())
 
 
@@ -167,16 +176,24 @@ class BatchOrder:
 
 
 # ------------------------------------------------------------------------------------------ model
-def make_drafter(config: Config, target, samples, train_indices):
+def drafter_options(config: Config, target) -> dict:
+    """The architecture's construction options from the config (the draft vocabulary aside)."""
     import inspect
 
-    from lk_vllm.drafters import create_drafter, drafter_class
+    from lk_vllm.drafters import drafter_class
 
     options = dict(config.model.options)
     accepts = inspect.signature(drafter_class(config.model.architecture).from_target).parameters
     for count in ("num_heads", "n_predict"):  # Medusa heads, MLP speculator stages: one per draft position
         if count in accepts and count not in options:
             options[count] = config.loss.num_steps
+    return options
+
+
+def make_drafter(config: Config, target, samples, train_indices):
+    from lk_vllm.drafters import create_drafter
+
+    options = drafter_options(config, target)
     if config.model.draft_vocab_size is not None and config.model.draft_vocab_size < target.vocab_size:
         from lk_vllm.vocab import build_draft_vocab
 
@@ -195,8 +212,8 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 class SharedTargetLogits:
-    """Wraps TargetStates so the target logits of a position are computed once per batch and reused by all
-    K unrolled steps (step k at anchor t reads position t+k+1: the K steps read nearly the same rows)."""
+    """Wraps TargetStates so the target logits of a position are computed once per batch and read by index by
+    all K unrolled steps (step k at anchor t reads position t+k+1: the K steps read nearly the same rows)."""
 
     def __init__(self, states, loss_mask: torch.Tensor):
         self.states = states
@@ -211,9 +228,14 @@ class SharedTargetLogits:
     def __getattr__(self, name):
         return getattr(self.states, name)
 
-    def logits_at(self, batch_index, positions, chunk_size: int = 1024):
+    def rows_at(self, batch_index, positions) -> torch.Tensor | None:
+        """The table rows of these positions (what ``multi_step_loss`` reads), or None if one is not there."""
         rows = self.lookup[batch_index, positions]
-        if bool((rows < 0).any()):
+        return None if bool((rows < 0).any()) else rows
+
+    def logits_at(self, batch_index, positions, chunk_size: int = 1024):
+        rows = self.rows_at(batch_index, positions)
+        if rows is None:
             return self.states.logits_at(batch_index, positions, chunk_size)
         return self.table[rows]
 
@@ -228,7 +250,7 @@ def evaluate(drafter, capture, samples, indices: list[int], num_steps: int, batc
     d2t = drafter.draft_to_target
     alpha_sum, kl_sum, top1, count = {}, {}, {}, {}
     for start in range(0, len(indices), batch_size):
-        batch = collate(samples, indices[start:start + batch_size])
+        batch = collate(samples, indices[start:start + batch_size]).to(capture.device)
         states = capture.states(batch)
         for k, step in enumerate(drafter.training_steps(states, num_steps)):
             draft, target = step.pairs(states, batch.loss_mask)
@@ -320,10 +342,10 @@ class _Unroll(torch.nn.Module):
         return self.drafter.training_steps(states, num_steps)
 
 
-def _all_reduce_sum(values: list[float], dist: Dist) -> list[float]:
+def _all_reduce_sum(values: list[float], dist: Dist, device: torch.device) -> list[float]:
     if dist.world == 1:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)  # NCCL reduces device tensors only
     torch.distributed.all_reduce(tensor)
     return tensor.tolist()
 
@@ -338,8 +360,9 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     from training.capture import OfflineCapture, OnlineCapture, build_cache, cache_key
     from training.target import TargetModel
 
-    dist = init_distributed()
     t = config.training
+    placement = resolve_placement(t.device, t.precision, t.tf32)  # a bad device fails here, before any loading
+    dist = init_distributed(placement.device, t.collective_timeout_minutes)
     if t.batch_size % (dist.world * t.grad_accumulation):
         raise UserError(f"training.batch_size={t.batch_size} must be a multiple of the {dist.world} rank(s) times "
                         f"training.grad_accumulation={t.grad_accumulation}")
@@ -359,6 +382,10 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     random.seed(t.seed)
     torch.manual_seed(t.seed)
     target_path = resolve_target(config.model.target)
+    if placement.device.type == "cuda":
+        from training.memory import check_fits, estimate_memory
+
+        check_fits(estimate_memory(config, target_path, "cuda", dist.world), config, placement.device)
     fingerprint = target_fingerprint(target_path)
     data_dirs = ensure_data(config, target_path, fingerprint, dist, progress)
     samples, truncated, dropped = load_run_samples(data_dirs, fingerprint, config.data.max_length)
@@ -367,8 +394,8 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     if state is not None and state.get("data_key") != data_key:
         raise UserError(f"--resume: the data in {', '.join(data_dirs)} differs from the data {latest} was "
                         "trained on (its manifest changed); resume with the original data or start a new run")
-    target = TargetModel(target_path)
-    drafter = make_drafter(config, target, samples, train_indices)
+    target = TargetModel(target_path, dtype=placement.target_dtype, device=placement.device)
+    drafter = make_drafter(config, target, samples, train_indices).to(placement.device)
     aux_layer_ids = drafter.aux_layer_ids_needed()
     num_params = sum(p.numel() for p in drafter.trainable_parameters())
     if dist.main:
@@ -377,7 +404,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
              f"{len(train_indices)} training / {len(heldout_indices)} held-out samples "
              f"({truncated} truncated to {config.data.max_length} tokens, {dropped} without response tokens); "
              f"loss {config.loss.kind}" + (f" eta={config.loss.eta}" if config.loss.kind == "lambda" else "")
-             + f"; {dist.world} rank(s); run directory {run_dir}")
+             + f"; {placement.describe()}; {dist.world} rank(s); run directory {run_dir}")
 
     if t.capture == "offline":
         cache_dir = lk_home() / "capture" / cache_key(fingerprint, data_dirs, aux_layer_ids,
@@ -410,7 +437,8 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
         _log(f"--resume: no checkpoint in {checkpoints_dir}; starting from step 0")
     model = _Unroll(drafter)
     if dist.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        device_ids = [placement.device] if placement.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     if dist.main:
         write_atomic(run_dir / "config.json", json.dumps(config.model_dump(mode="json"), indent=1))
     logger = Logger(run_dir, dist.main, start_step if state is not None else None)
@@ -451,12 +479,13 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
         chunk = t.batch_size // t.grad_accumulation
         loss_value, micro_alphas, micro_lams = 0.0, [], []
         for first in range(0, t.batch_size, chunk):  # micro-batches: each a mean, averaged over the step
-            batch = collate(samples, global_indices[first:first + chunk][dist.rank::dist.world])
+            batch = collate(samples, global_indices[first:first + chunk][dist.rank::dist.world]).to(placement.device)
             states = SharedTargetLogits(capture.states(batch), batch.loss_mask)
-            steps = model(states, config.loss.num_steps)
-            out = multi_step_loss(steps, states, kind=config.loss.kind, eta=config.loss.eta,
-                                  draft_to_target=drafter.draft_to_target, loss_mask=batch.loss_mask,
-                                  gamma=config.loss.gamma)
+            with placement.autocast():
+                steps = model(states, config.loss.num_steps)
+                out = multi_step_loss(steps, states, kind=config.loss.kind, eta=config.loss.eta,
+                                      draft_to_target=drafter.draft_to_target, loss_mask=batch.loss_mask,
+                                      gamma=config.loss.gamma, chunk_size=config.loss.chunk_size)
             (out["loss"] / t.grad_accumulation).backward()
             loss_value += float(out["loss"].detach()) / t.grad_accumulation / dist.world
             micro_alphas.append(out["alpha"])
@@ -465,7 +494,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
         alphas = [sum(column) / len(column) for column in zip(*micro_alphas, strict=True)]
         lams = [sum(column) / len(column) for column in zip(*micro_lams, strict=True)]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(drafter.trainable_parameters(), o.grad_clip))
-        loss_value, = _all_reduce_sum([loss_value], dist)
+        loss_value, = _all_reduce_sum([loss_value], dist, placement.device)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             previous = ckpt.latest_checkpoint(checkpoints_dir)
             kept = f"the last good checkpoint is {previous}" if previous else "no checkpoint was written yet"
@@ -527,6 +556,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", help="run directory (default $LK_VLLM_HOME/runs/<recipe>)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --output")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the estimated memory per device (params, optimizer, activations, logits) and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -548,6 +579,20 @@ def run(args) -> int:
         import yaml
 
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    if args.dry_run:
+        from lk_vllm.assets import resolve_target
+        from training.device import resolve_placement
+        from training.memory import estimate_memory
+
+        t = config.training
+        placement = resolve_placement(t.device, t.precision, t.tf32)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        estimate = estimate_memory(config, resolve_target(config.model.target), placement.device.type, world)
+        print(f"{name}: {config.model.architecture} drafter, {estimate.trainable_parameters / 1e6:.1f}M trainable "
+              f"parameters; {placement.describe()}, {world} rank(s), {estimate.tokens_per_micro_batch} tokens per "
+              "micro-batch; estimated memory per device:")
+        print("\n".join(estimate.lines()))
         return 0
     summary = train(config, name, resume=args.resume, progress=not args.no_progress)
     if "final" in summary:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lk_vllm.atomic import replace_dir
 from lk_vllm.errors import UserError
 
 # Head sizes vLLM's CPU attention backend (CPU_ATTN) supports; a drafter with attention must use one.
@@ -322,6 +323,7 @@ def write_checkpoint_dir(directory: Path, config: dict, state: dict[str, torch.T
 
     directory = directory.expanduser().resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}  # from any device
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         os.chmod(tmp, 0o755)
@@ -329,13 +331,7 @@ def write_checkpoint_dir(directory: Path, config: dict, state: dict[str, torch.T
         os.chmod(tmp / WEIGHTS_FILE, 0o644)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
         (tmp / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

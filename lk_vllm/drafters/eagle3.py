@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lk_vllm.drafters.base import (
     Drafter,
@@ -57,6 +58,8 @@ from lk_vllm.vocab import from_d2t, to_d2t, to_t2d
 
 PLAIN_ARCHITECTURE = "LlamaForCausalLMEagle3"
 SPECULATORS_ARCHITECTURE = "Eagle3Speculator"
+# Query rows per block in the later unrolled steps' attention: bounds its scores at ATTENTION_BLOCK x T per head.
+ATTENTION_BLOCK = 512
 _LAYER_KEYS = (
     "hidden_size",
     "intermediate_size",
@@ -108,22 +111,43 @@ class Eagle3Attention(nn.Module):
             v = v.repeat_interleave(repeat, dim=1)
         return q, k, v
 
-    def attend(self, q, context_k, context_v, context_mask, own_k: list, own_v: list) -> torch.Tensor:
-        """Softmax attention of q [B, nh, T, d] over the first step's keys (masked [B, T, T]) and, per query
-        row, its own keys of later steps (lists of [B, nh, T, d], one per step)."""
-        scale = 1.0 / math.sqrt(self.head_dim)
-        scores = (q @ context_k.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~context_mask[:, None], float("-inf"))
-        if own_k:
-            diagonal = torch.stack([(q * k).sum(-1) for k in own_k], dim=-1) * scale  # [B, nh, T, S]
-            scores = torch.cat([scores, diagonal], dim=-1)
-        probs = torch.softmax(scores, dim=-1)
-        t = context_k.shape[2]
-        out = probs[..., :t] @ context_v
-        for s, v in enumerate(own_v):
-            out = out + probs[..., t + s, None] * v
+    def attend(self, q, context_k, context_v, own_k: list, own_v: list) -> torch.Tensor:
+        """Softmax attention of q [B, nh, T, d] over the first step's keys, causally, and per query row over
+        its own keys of later steps (lists of [B, nh, T, d], one per step). Batches are right-padded, so a real
+        query only ever sees real keys. Memory is linear in T: the first step is one causal SDPA call (flash
+        kernels); later steps run ATTENTION_BLOCK query rows at a time, each block recomputed in backward, so
+        no [T, T] score matrix exists for the whole sequence."""
+        if not own_k:
+            out = F.scaled_dot_product_attention(q, context_k, context_v, is_causal=True)
+        else:
+            t = q.shape[2]
+            recompute = torch.is_grad_enabled() and t > ATTENTION_BLOCK
+            blocks = []
+            for start in range(0, t, ATTENTION_BLOCK):
+                stop = min(t, start + ATTENTION_BLOCK)
+                args = (q[:, :, start:stop], context_k[:, :, :stop], context_v[:, :, :stop],
+                        *(k[:, :, start:stop] for k in own_k), *(v[:, :, start:stop] for v in own_v))
+                blocks.append(checkpoint(_attend_block, start, *args, use_reentrant=False) if recompute
+                              else _attend_block(start, *args))
+            out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
         b, nh, tq, d = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, tq, nh * d))
+
+
+def _attend_block(start: int, q, context_k, context_v, *own) -> torch.Tensor:
+    """Query rows ``start ..`` of a later step: scores over the context keys up to each row's position, plus
+    one score per own key tensor (the row's own entry), softmaxed together."""
+    rows, span, steps = q.shape[2], context_k.shape[2], len(own) // 2
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = (q @ context_k.transpose(-1, -2)) * scale
+    causal = torch.arange(span, device=q.device)[None, :] <= torch.arange(start, start + rows, device=q.device)[:, None]
+    scores = scores.masked_fill(~causal, float("-inf"))
+    diagonal = torch.stack([(q * k).sum(-1) for k in own[:steps]], dim=-1) * scale  # [B, nh, rows, steps]
+    probs = torch.softmax(torch.cat([scores, diagonal], dim=-1), dim=-1)
+    out = probs[..., :span] @ context_v
+    for s, v in enumerate(own[steps:]):
+        out = out + probs[..., span + s, None] * v
+    return out
 
 
 class Eagle3Layer(nn.Module):
@@ -276,7 +300,10 @@ class Eagle3Drafter(Drafter):
     def _embed_ids(self, target_ids: torch.Tensor) -> torch.Tensor:
         if self._embed is None:
             raise RuntimeError("EAGLE-3 drafter has no token embeddings: call attach_target(target) first")
-        return F.embedding(target_ids, self._embed.to(device=self.fc.weight.device, dtype=self.fc.weight.dtype))
+        if self._embed.device != target_ids.device:  # once, when the drafter moved (a plain tensor does not follow)
+            self._embed = self._embed.to(target_ids.device)
+        # Gather the rows first: converting the whole [V, H] table on every call would copy it each step.
+        return F.embedding(target_ids, self._embed).to(self.fc.weight.dtype)
 
     def combine_hidden_states(self, aux: torch.Tensor) -> torch.Tensor:
         """fc over the target's concatenated aux states (with the optional norms vLLM applies)."""
@@ -287,10 +314,9 @@ class Eagle3Drafter(Drafter):
             aux = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, chunks, strict=True)], dim=-1)
         return self.fc(aux)
 
-    def _layer(self, token_ids, hidden_in, positions, context, own_k, own_v, context_mask):
-        """One pass of the decoder layer. ``context`` is None for the first step (its own keys, under
-        ``context_mask``, become the context) or the first step's (k, v). Returns (normed out, next hidden,
-        k, v, context)."""
+    def _layer(self, token_ids, hidden_in, positions, context, own_k, own_v):
+        """One pass of the decoder layer. ``context`` is None for the first step (its own keys become the
+        context) or the first step's (k, v). Returns (normed out, next hidden, k, v, context)."""
         layer = self.layers[0]
         embeds = layer.input_layernorm(self._embed_ids(token_ids))
         if layer.norm_before_residual:
@@ -303,9 +329,9 @@ class Eagle3Drafter(Drafter):
         q, k, v = layer.self_attn.project(torch.cat([embeds, hidden], dim=-1), cos, sin)
         if context is None:
             context = (k, v)
-            attn = layer.self_attn.attend(q, k, v, context_mask, [], [])
+            attn = layer.self_attn.attend(q, k, v, [], [])
         else:
-            attn = layer.self_attn.attend(q, context[0], context[1], context_mask, own_k + [k], own_v + [v])
+            attn = layer.self_attn.attend(q, context[0], context[1], own_k + [k], own_v + [v])
         residual = attn + residual
         hidden = layer.mlp(layer.post_attention_layernorm(residual))
         prenorm = hidden + residual
@@ -320,18 +346,14 @@ class Eagle3Drafter(Drafter):
                 f"target states carry aux layers {states.aux_layer_ids}, the drafter needs {self.aux_layer_ids}"
             )
         input_ids, attention_mask = states.input_ids, states.attention_mask.bool()
-        length = input_ids.shape[1]
-        index = torch.arange(length, device=input_ids.device)
-        causal = index[None, :] <= index[:, None]
-        # A query row always sees its own key, so rows at padding never softmax over nothing.
-        own_key = torch.eye(length, dtype=torch.bool, device=input_ids.device)
-        context_mask = causal[None] & (attention_mask[:, None, :] | own_key[None])
+        if bool((attention_mask[:, 1:] & ~attention_mask[:, :-1]).any()):
+            raise ValueError("EAGLE-3 training states must be right-padded (a real token after padding)")
         hidden = self.combine_hidden_states(states.aux_hidden.to(self.fc.weight.dtype))
         tokens = shift_left(input_ids, 1)
         context, own_k, own_v = None, [], []
         for step in range(num_steps):
             out, hidden, k, v, context = self._layer(
-                tokens, hidden, states.position_ids + step, context, own_k, own_v, context_mask
+                tokens, hidden, states.position_ids + step, context, own_k, own_v
             )
             if step > 0:
                 own_k.append(k)
