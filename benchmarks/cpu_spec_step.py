@@ -53,6 +53,60 @@ PHASES = {  # (module, class, method) -> label; wrapped after the engine starts 
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "propose_draft_token_ids"): "proposer",
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_bookkeeping_sync"): "runner: bookkeeping",
 }
+# Layer types inside those phases (mostly "target forward" and EAGLE-3's "proposer"), recorded per phase. The
+# blocks nest: an attention block holds its linear layers and the attention kernel.
+LAYERS = {
+    ("vllm.model_executor.layers.vocab_parallel_embedding", "VocabParallelEmbedding", "forward"): "embedding",
+    ("vllm.model_executor.models.llama", "LlamaAttention", "forward"): "attention block",
+    ("vllm.model_executor.layers.attention.attention", "Attention", "forward"): "attention kernel",
+    ("vllm.model_executor.models.llama", "LlamaMLP", "forward"): "MLP block",
+    ("vllm.model_executor.layers.linear", "ColumnParallelLinear", "forward"): "linear layers",
+    ("vllm.model_executor.layers.linear", "RowParallelLinear", "forward"): "linear layers",
+    ("vllm.model_executor.layers.layernorm", "RMSNorm", "forward"): "RMSNorm",
+}
+
+
+# Engine settings tried against lk-vllm's defaults (the in-process rows of the same run), for no speculation and
+# n-gram. Allocators are preloaded from the system's library directory where installed.
+SWEEP_ENGINES = ("none", "ngram")
+ALLOCATORS = {"tcmalloc": "libtcmalloc*.so*", "jemalloc": "libjemalloc.so*"}
+
+
+def _system_library(pattern: str) -> str | None:
+    import glob
+
+    found = sorted(glob.glob(f"/usr/lib/x86_64-linux-gnu/{pattern}") + glob.glob(f"/usr/lib/{pattern}"))
+    return found[0] if found else None
+
+
+def sweep_variants() -> dict[str, tuple[dict[str, str], str | None]]:
+    """The settings this machine can run, name -> (extra environment, dtype); sweep_skipped says the others."""
+    from lk_vllm.engine import cpu_has_native_bf16
+
+    variants: dict[str, tuple[dict[str, str], str | None]] = {}
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"  # what vLLM's CPU worker asks for in its start-up warning
+    if iomp.is_file():
+        variants["libiomp5 (Intel OpenMP)"] = ({"LD_PRELOAD": str(iomp)}, None)
+    for name, pattern in ALLOCATORS.items():
+        library = _system_library(pattern)
+        if library:
+            variants[name] = ({"LD_PRELOAD": library}, None)
+    if cpu_has_native_bf16():
+        variants["bfloat16"] = ({}, "bfloat16")
+    variants["1 OpenMP thread"] = ({"OMP_NUM_THREADS": "1"}, None)
+    return variants
+
+
+def sweep_skipped() -> list[str]:
+    """The settings not tried here, and why."""
+    from lk_vllm.engine import cpu_has_native_bf16
+
+    skipped = [f"{name}: not installed on this machine" for name, pattern in ALLOCATORS.items()
+               if not _system_library(pattern)]
+    if not cpu_has_native_bf16():
+        skipped.append("bfloat16: this CPU has no native bf16 math (no avx512_bf16 / amx_bf16), so lk-vllm "
+                       "refuses it (vLLM would emulate it)")
+    return skipped
 
 
 def fresh_eagle3(target: str) -> str:
@@ -85,22 +139,36 @@ def speculative_config(engine: str, eagle3: str | None) -> dict | None:
 
 
 def install_phase_timers(totals: dict, counts: collections.Counter) -> None:
+    """Wrap PHASES and LAYERS; a layer's time goes to "<enclosing phase> / <layer>"."""
     import importlib
 
-    for (module, cls_name, method), label in PHASES.items():
+    active: list[str] = []  # the phases being run, innermost last
+
+    def wrap(key: tuple, label: str, is_phase: bool) -> None:
+        module, cls_name, method = key
         cls = getattr(importlib.import_module(module), cls_name)
         original = getattr(cls, method)
 
         @functools.wraps(original)
-        def timed(*args, _original=original, _label=label, **kwargs):
+        def timed(*args, **kwargs):
+            name = label if is_phase else f"{active[-1] if active else 'outside phases'} / {label}"
+            if is_phase:
+                active.append(label)
             start = time.perf_counter()
             try:
-                return _original(*args, **kwargs)
+                return original(*args, **kwargs)
             finally:
-                totals[_label] += time.perf_counter() - start
-                counts[_label] += 1
+                totals[name] += time.perf_counter() - start
+                counts[name] += 1
+                if is_phase:
+                    active.pop()
 
         setattr(cls, method, timed)
+
+    for key, label in PHASES.items():
+        wrap(key, label, is_phase=True)
+    for key, label in LAYERS.items():
+        wrap(key, label, is_phase=False)
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -111,7 +179,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from lk_vllm.engine import EngineSettings, make_llm, read_spec_decode_counters, shutdown_llm
 
     spec = speculative_config(args.one_engine, args.eagle3)
-    llm = make_llm(EngineSettings(model=args.target, max_num_seqs=1, speculative_config=spec))
+    llm = make_llm(EngineSettings(model=args.target, max_num_seqs=1, speculative_config=spec, dtype=args.dtype))
     totals: dict = collections.defaultdict(float)
     counts: collections.Counter = collections.Counter()
     if args.phases:
@@ -164,23 +232,47 @@ def run_one(args: argparse.Namespace) -> dict:
     return result
 
 
-def spawn(args: argparse.Namespace, layout: str, engine: str, phases: bool = False) -> dict:
+def spawn(args: argparse.Namespace, layout: str, engine: str, phases: bool = False, variant: str | None = None,
+          ) -> dict:
     argv = [sys.executable, __file__, "--one", layout, engine, "--limit", str(args.limit),
             "--max-tokens", str(args.max_tokens), "--target", args.target]
     if args.eagle3:
         argv += ["--eagle3", args.eagle3]
     if phases:
         argv.append("--phases")
-    env = {**os.environ, **LAYOUTS[layout]}
-    print(f"[cpu-spec-step] {layout} / {engine}{' (phases)' if phases else ''}", file=sys.stderr, flush=True)
+    extra_env, dtype = sweep_variants()[variant] if variant else ({}, None)
+    if dtype:
+        argv += ["--dtype", dtype]
+    env = {**os.environ, **LAYOUTS[layout], **extra_env}
+    key = json.dumps([layout, engine, phases, variant])
+    done_runs = _partial(args)
+    if key in done_runs:
+        return done_runs[key]
+    print(f"[cpu-spec-step] {layout} / {engine}{' (phases)' if phases else ''}{f' ({variant})' if variant else ''}",
+          file=sys.stderr, flush=True)
     done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     if done.returncode != 0:
         raise SystemExit(f"cpu_spec_step: {layout}/{engine} failed (exit {done.returncode}); rerun it alone: "
                          + " ".join(argv))
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["variant"] = variant
+    with open(_partial_path(args), "a") as partial:  # a killed run resumes from here
+        partial.write(json.dumps({"key": key, "result": result}) + "\n")
+    return result
 
 
-def summarise(runs: list[dict], phase_runs: list[dict]) -> dict:
+def _partial_path(args: argparse.Namespace) -> Path:
+    return Path(args.output).with_suffix(".partial.jsonl")
+
+
+def _partial(args: argparse.Namespace) -> dict:
+    path = _partial_path(args)
+    if not path.is_file():
+        return {}
+    return {entry["key"]: entry["result"] for entry in map(json.loads, path.read_text().splitlines())}
+
+
+def summarise(runs: list[dict], phase_runs: list[dict], sweep_runs: list[dict]) -> dict:
     by = {(r["layout"], r["engine"]): r for r in runs}
     vllm_plain = by[("worker-process", "none")]["tokens_per_second"]
     rows = []
@@ -196,7 +288,14 @@ def summarise(runs: list[dict], phase_runs: list[dict]) -> dict:
         rows.append(row)
     phases = [{"engine": r["engine"], "step_ms_mean": r["step_ms_mean"],
                "phases_ms_per_step": r["phases_ms_per_step"]} for r in phase_runs]
-    return {"rows": rows, "phases": phases}
+    sweep = []
+    for run in [by[("in-process", e)] | {"variant": "lk-vllm defaults"} for e in SWEEP_ENGINES] + sweep_runs:
+        default = by[("in-process", run["engine"])]
+        sweep.append({"variant": run["variant"], "engine": run["engine"], "tokens_per_second": run["tokens_per_second"],
+                      "vs_defaults": run["tokens_per_second"] / default["tokens_per_second"],
+                      "plain_step_ms": run["plain_step_ms"], "verify_step_ms": run["verify_step_ms"],
+                      "same_tokens_as_defaults": run["token_ids"] == default["token_ids"]})
+    return {"rows": rows, "phases": phases, "sweep": sweep}
 
 
 def num(value, digits: int = 2) -> str:
@@ -230,11 +329,24 @@ def write_page(document: dict, out: Path) -> None:
         lines += ["", "## Per-phase profile (single-process layout, ms per engine step, mean)", "",
                   "| phase | " + " | ".join(p["engine"] for p in document["phases"]) + " |",
                   "|---|" + "---|" * len(document["phases"])]
-        for label in labels:
-            lines.append(f"| {label} | " + " | ".join(num(p["phases_ms_per_step"].get(label))
-                                                     for p in document["phases"]) + " |")
+        phases = [label for label in labels if " / " not in label]
+        for phase in phases + ["outside phases"]:
+            layers = [label for label in labels if label.startswith(phase + " / ")]
+            for label in ([phase] if phase in phases else []) + layers:
+                name = label if label == phase else "&nbsp;&nbsp;" + label.split(" / ", 1)[1]
+                lines.append(f"| {name} | " + " | ".join(num(p["phases_ms_per_step"].get(label))
+                                                        for p in document["phases"]) + " |")
         lines.append("| whole step (caller) | " + " | ".join(num(p["step_ms_mean"]) for p in document["phases"])
                      + " |")
+    if document.get("sweep"):
+        lines += ["", "## Engine settings against lk-vllm's defaults (in-process layout, same run)", "",
+                  "| setting | engine | tokens/s | vs defaults | plain step ms | verify step ms | same tokens |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in document["sweep"]:
+            lines.append(f"| {r['variant']} | {r['engine']} | {num(r['tokens_per_second'], 1)} | "
+                         f"{num(r['vs_defaults'])}x | {num(r['plain_step_ms'], 1)} | {num(r['verify_step_ms'], 1)} | "
+                         f"{'yes' if r['same_tokens_as_defaults'] else 'NO'} |")
+        lines += [""] + [f"- not tried: {reason}" for reason in document.get("sweep_skipped", [])]
     lines += ["", document.get("commentary", ""), ""]
     write_atomic(out.with_suffix(".md"), "\n".join(lines))
     write_atomic(out.with_suffix(".json"), json.dumps(document, indent=1) + "\n")
@@ -276,6 +388,7 @@ def main() -> int:
     parser.add_argument("--commentary", default=None, metavar="FILE", help="markdown to put under the tables")
     parser.add_argument("--one", nargs=2, metavar=("LAYOUT", "ENGINE"), help=argparse.SUPPRESS)
     parser.add_argument("--phases", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.render:
         document = json.loads(Path(args.output).with_suffix(".json").read_text())
@@ -297,13 +410,16 @@ def main() -> int:
     layouts = args.layout or list(LAYOUTS)
     runs = [spawn(args, layout, engine) for layout in layouts for engine in ENGINES]
     phase_runs = [spawn(args, "single-process", engine, phases=True) for engine in ENGINES]
+    sweep_runs = [spawn(args, "in-process", engine, variant=variant) for variant in sweep_variants()
+                  for engine in SWEEP_ENGINES] if "in-process" in layouts else []
     command = "python benchmarks/cpu_spec_step.py " + " ".join(sys.argv[1:])
     document = {"name": "cpu-spec-step", "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "command": command.strip(), "hardware": hardware_id(), "vllm_version": vllm_version(),
                 "settings": {"limit": args.limit, "max_tokens": args.max_tokens, "target": args.target,
                              "eagle3": args.eagle3, "layouts": layouts},
-                **summarise(runs, phase_runs)}
+                "sweep_skipped": sweep_skipped(), **summarise(runs, phase_runs, sweep_runs)}
     write_page(document, Path(args.output))
+    _partial_path(args).unlink(missing_ok=True)
     print(f"[cpu-spec-step] wrote {args.output}.md", file=sys.stderr)
     return 0
 
