@@ -80,12 +80,11 @@ def one_length(length: int, num_steps: int, limit_gb: float) -> dict:
 def estimated_step_bytes(length: int, num_steps: int) -> int | None:
     """What ``lk-vllm train --dry-run`` predicts for this step, weights and optimizer state left out (the step
     measured here holds neither); None on code that predates the estimate."""
-    try:
-        from training.config import load_config
-        from training.memory import estimate_memory
-    except ImportError:
+    if not (ROOT / "training" / "memory.py").is_file():
         return None
     from lk_vllm.assets import resolve_target
+    from training.config import load_config
+    from training.memory import estimate_memory
 
     config = load_config(overrides={"model.architecture": "eagle3", "model.draft_vocab_size": DRAFT_VOCAB,
                                     "data.max_length": length, "training.batch_size": 1,
