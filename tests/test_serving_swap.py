@@ -166,6 +166,8 @@ def test_swap_to_another_architecture_restarts_the_engine_without_breaking_strea
     greedy_before = complete(url, model, messages=PROMPT, max_tokens=32).text
     live_before = request_json(url, "/v1/speculative/stats")["live_drafter"]
     stop = threading.Event()
+    fresh = threading.Event()  # a request that started after the swap returned has finished
+    swap_returned: list[float] = []
     spans: list[tuple[float, float]] = []
 
     def client(index: int) -> int:
@@ -176,16 +178,21 @@ def test_swap_to_another_architecture_restarts_the_engine_without_breaking_strea
                               seed=index, timeout=600)
             assert 0 < result.completion_tokens <= 24 and result.spec_metrics is not None
             spans.append((started, time.monotonic()))
+            if swap_returned and started > swap_returned[0]:
+                fresh.set()
             count += 1
         return count
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(client, i) for i in range(6)]
-        time.sleep(4)
+        time.sleep(4)  # the clients are in their loops: requests are in flight from now on
         swap_started = time.monotonic()
         response = swap(server, "medusa")
         swap_finished = time.monotonic()
-        time.sleep(4)
+        swap_returned.append(swap_finished)
+        # Wait for new traffic served by the restarted engine (an event, not a fixed sleep: a slow machine's
+        # held requests can take longer than any sleep to drain).
+        fresh.wait(timeout=600)
         stop.set()
         done = [f.result() for f in futures]  # re-raises any client failure
     restart = response["restart"]

@@ -221,8 +221,8 @@ class SharedTargetLogits:
         wanted = torch.zeros_like(loss_mask)
         wanted[:, :-1] = loss_mask[:, 1:]
         batch_index, position = wanted.nonzero(as_tuple=True)
-        self.lookup = torch.full(loss_mask.shape, -1, dtype=torch.long)
-        self.lookup[batch_index, position] = torch.arange(batch_index.numel())
+        self.lookup = torch.full(loss_mask.shape, -1, dtype=torch.long, device=loss_mask.device)
+        self.lookup[batch_index, position] = torch.arange(batch_index.numel(), device=loss_mask.device)
         self.table = states.logits_at(batch_index, position)
 
     def __getattr__(self, name):
