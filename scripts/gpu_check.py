@@ -103,26 +103,25 @@ def build_target(device: torch.device, dtype: torch.dtype):
 
 
 def training_step(drafter, model, target, placement, batch: int, seq_len: int, num_steps: int, gen):
-    from lk_vllm.drafters import multi_step_loss
-    from training.train import SharedTargetLogits
+    """The trainer's micro-batch step (training.train.micro_batch_loss, LK^lambda) on random tokens, backward."""
+    from training.config import LossSection
+    from training.train import micro_batch_loss
 
     ids = torch.randint(0, target.vocab_size, (batch, seq_len), generator=gen).to(placement.device)
     mask = torch.ones_like(ids, dtype=torch.bool)
     loss_mask = mask.clone()
     loss_mask[:, : seq_len // 4] = False
-    states = SharedTargetLogits(target(ids, mask, aux_layer_ids=drafter.aux_layer_ids_needed()), loss_mask)
-    with placement.autocast():
-        out = multi_step_loss(model(states, num_steps), states, kind="lambda", eta=3.0, gamma=0.8,
-                              draft_to_target=drafter.draft_to_target, loss_mask=loss_mask)
+    states = target(ids, mask, aux_layer_ids=drafter.aux_layer_ids_needed())
+    out = micro_batch_loss(model, drafter, states, loss_mask, LossSection(kind="lambda", num_steps=num_steps),
+                           placement)
     out["loss"].backward()
     return float(out["loss"].detach())
 
 
-def check_train(args, placement) -> None:
+def check_train(args, placement, target, which: str) -> None:
     from lk_vllm.drafters import create_drafter
     from training.train import _Unroll
 
-    target, which = build_target(placement.device, placement.target_dtype)
     drafter = create_drafter("eagle3", target, draft_to_target=torch.arange(16384)).to(placement.device)
     model = _Unroll(drafter)
     optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=1e-3, betas=(0.9, 0.95))
@@ -153,14 +152,13 @@ def check_train(args, placement) -> None:
                                      f"{peak_memory(placement.device)}")
 
 
-def check_parallel(kind: str, placement) -> None:
+def check_parallel(kind: str, placement, target) -> None:
     """One rank of DDP or FSDP2 against a plain step on the same batch: the same gradients."""
     import torch.distributed as dist
 
     from lk_vllm.drafters import create_drafter
     from training.train import _Unroll
 
-    target, _ = build_target(placement.device, placement.target_dtype)
     reference = create_drafter("eagle3", target, draft_to_target=torch.arange(16384)).to(placement.device)
     wrapped_drafter = create_drafter("eagle3", target, draft_to_target=torch.arange(16384)).to(placement.device)
     wrapped_drafter.load_state_dict(reference.state_dict())
@@ -215,11 +213,12 @@ def main() -> int:
           flush=True)
     with stage("loss"):
         check_loss(placement.device)
+    target, which = build_target(placement.device, placement.target_dtype)  # once: every stage trains on it
     with stage("train"):
-        check_train(args, placement)
+        check_train(args, placement, target, which)
     for kind in ("ddp", "fsdp2"):
         with stage(kind):
-            check_parallel(kind, placement)
+            check_parallel(kind, placement, target)
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -92,7 +92,7 @@ def _measure(settings: EngineSettings, batch_sizes: list[int], output_tokens: in
 
     from lk_vllm.assets import lk_home
     from lk_vllm.plugin import plugins_env_value
-    from serving.launcher import VLLM_SERVER_MODULE, ServerHandle, free_port, wait_healthy
+    from serving.launcher import ServerHandle, free_port, vllm_server_argv, wait_healthy
 
     settings = dataclasses.replace(settings, max_num_seqs=max(settings.max_num_seqs or 0, max(batch_sizes)))
     port = free_port()
@@ -100,8 +100,7 @@ def _measure(settings: EngineSettings, batch_sizes: list[int], output_tokens: in
     env["VLLM_PLUGINS"] = plugins_env_value(env.get("VLLM_PLUGINS"))
     log_path = lk_home() / "calibration" / "server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", VLLM_SERVER_MODULE, *settings.server_args(), "--host", "127.0.0.1",
-            "--port", str(port)]
+    argv = vllm_server_argv(settings, ["--host", "127.0.0.1", "--port", str(port)])
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = ServerHandle(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)

@@ -51,6 +51,11 @@ from lk_vllm.errors import UserError
 
 DEFAULT_NUM_SPECULATIVE_TOKENS = 3
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+
+
+def vllm_server_argv(settings: EngineSettings, listen: list[str], extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """vLLM's OpenAI server with these engine settings, listening where ``listen`` says."""
+    return [sys.executable, "-m", VLLM_SERVER_MODULE, *settings.server_args(), *listen, *extra]
 # Speculative methods whose drafter has a distribution to sample from (see serving.drafter_info).
 PROBABILISTIC_METHODS = ("eagle", "eagle3", "draft_model", "mlp_speculator")  # MLP: lk_vllm.plugin.mlp_proposer
 
@@ -217,7 +222,7 @@ class ServerCommand:
         """vLLM's server with another speculative config, listening where ``listen`` says (the supervisor's
         engine restarts)."""
         settings = dataclasses.replace(self.settings, speculative_config=speculative_config)
-        return [sys.executable, "-m", VLLM_SERVER_MODULE, *settings.server_args(), *listen, *self.vllm_flags]
+        return vllm_server_argv(settings, listen, self.vllm_flags)
 
 
 def build_server_command(args: argparse.Namespace) -> ServerCommand:
@@ -237,8 +242,7 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
     if not getattr(args, "no_supervisor", True) and any(flag.startswith(("--ssl", "--uds")) for flag in vllm_flags):
         raise UserError("TLS and --uds flags apply to vLLM's own listener: pass --no-supervisor with them "
                         "(or terminate TLS in front of lk-vllm serve)")
-    argv = [sys.executable, "-m", VLLM_SERVER_MODULE, *settings.server_args(), "--host", args.host,
-            "--port", str(args.port), *vllm_flags]
+    argv = vllm_server_argv(settings, ["--host", args.host, "--port", str(args.port)], vllm_flags)
 
     env = dict(os.environ)
     env["VLLM_PLUGINS"] = plugins_env_value(env.get("VLLM_PLUGINS"))

@@ -72,7 +72,7 @@ class OnlineCapture:
         return self.target.device
 
     def states(self, batch: Batch) -> TargetStates:
-        batch = batch.to(self.device)
+        """The target's states for ``batch`` (already on ``device``)."""
         return self.target(batch.input_ids, batch.attention_mask, aux_layer_ids=self.aux_layer_ids)
 
 
@@ -178,8 +178,8 @@ class OfflineCapture:
         return self._files[shard].get_slice(name)[start:end]
 
     def states(self, batch: Batch) -> TargetStates:
-        """The batch's cached states, in the target's dtype, on its device (assembled on the host, one copy)."""
-        batch = batch.to(self.device)
+        """The cached states of ``batch`` (already on ``device``), in the target's dtype, on its device
+        (assembled on the host, one copy)."""
         b, t = batch.input_ids.shape
         hidden = self.target.hidden_size
         dtype = self.target.lm_head_weight.dtype

@@ -342,6 +342,19 @@ class _Unroll(torch.nn.Module):
         return self.drafter.training_steps(states, num_steps)
 
 
+def micro_batch_loss(model, drafter, states, loss_mask: torch.Tensor, loss, placement) -> dict:
+    """One micro-batch's K-step loss, as the trainer computes it: ``model`` (the drafter, or its DDP/FSDP
+    wrapper) unrolls ``loss.num_steps`` steps under the placement's autocast, and the K steps read one shared
+    table of target logits. Returns ``multi_step_loss``'s dict."""
+    from lk_vllm.drafters import multi_step_loss
+
+    shared = SharedTargetLogits(states, loss_mask)
+    with placement.autocast():
+        return multi_step_loss(model(shared, loss.num_steps), shared, kind=loss.kind, eta=loss.eta,
+                               draft_to_target=drafter.draft_to_target, loss_mask=loss_mask, gamma=loss.gamma,
+                               chunk_size=loss.chunk_size)
+
+
 def _all_reduce_sum(values: list[float], dist: Dist, device: torch.device) -> list[float]:
     if dist.world == 1:
         return values
@@ -355,7 +368,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     from tqdm import tqdm
 
     from lk_vllm.assets import lk_home, resolve_target, target_fingerprint
-    from lk_vllm.drafters import multi_step_loss, target_info
+    from lk_vllm.drafters import target_info
     from training import checkpoint as ckpt
     from training.capture import OfflineCapture, OnlineCapture, build_cache, cache_key
     from training.target import TargetModel
@@ -480,17 +493,12 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
         loss_value, micro_alphas, micro_lams = 0.0, [], []
         for first in range(0, t.batch_size, chunk):  # micro-batches: each a mean, averaged over the step
             batch = collate(samples, global_indices[first:first + chunk][dist.rank::dist.world]).to(placement.device)
-            states = SharedTargetLogits(capture.states(batch), batch.loss_mask)
-            with placement.autocast():
-                steps = model(states, config.loss.num_steps)
-                out = multi_step_loss(steps, states, kind=config.loss.kind, eta=config.loss.eta,
-                                      draft_to_target=drafter.draft_to_target, loss_mask=batch.loss_mask,
-                                      gamma=config.loss.gamma, chunk_size=config.loss.chunk_size)
+            out = micro_batch_loss(model, drafter, capture.states(batch), batch.loss_mask, config.loss, placement)
             (out["loss"] / t.grad_accumulation).backward()
             loss_value += float(out["loss"].detach()) / t.grad_accumulation / dist.world
             micro_alphas.append(out["alpha"])
             micro_lams.append(out["lam"])
-            del states, steps, out
+            del out
         alphas = [sum(column) / len(column) for column in zip(*micro_alphas, strict=True)]
         lams = [sum(column) / len(column) for column in zip(*micro_lams, strict=True)]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(drafter.trainable_parameters(), o.grad_clip))
