@@ -1,7 +1,8 @@
 """EAGLE-3 drafters (written by lk_vllm.drafters for the default target) served by `lk-vllm serve` (vLLM's own
 server with the lk plugins, behind the restart supervisor): live in-place drafter swap under streaming load,
 refused swaps, per-drafter statistics, faithful sampling at T > 0 (the CPU rejection-sampler fix in
-lk_vllm.plugin.patches), and last, a swap to a Medusa drafter that restarts the engine under streaming load.
+lk_vllm.plugin.patches), a swap to a Medusa drafter that restarts the engine under streaming load, and last,
+in-place swaps between Medusa drafters and between MLP speculators (issue 21).
 (Plain vLLM with the plugins refuses restart swaps with 409: tests/test_plugin.py.)
 """
 
@@ -27,8 +28,9 @@ PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse ke
 
 
 def _write_drafters(target_dir, root):
-    """Two random EAGLE-3 drafters of the same shape (different weights), one with a wider MLP, a Medusa drafter
-    with K heads (another architecture: swapping to it restarts the engine) and one with too few heads."""
+    """Two random EAGLE-3 drafters of the same shape (different weights), one with a wider MLP, two Medusa
+    drafters with K heads (another architecture: swapping to it restarts the engine; then one swaps in place for
+    the other), one with too few heads, and two MLP speculators with K stages."""
     from lk_vllm.drafters import create_drafter, target_info
     from training.target import TargetModel
 
@@ -43,9 +45,15 @@ def _write_drafters(target_dir, root):
             for parameter in drafter.trainable_parameters():
                 parameter.add_(torch.randn_like(parameter) * 0.01)
         paths[name] = drafter.save_pretrained(root / name, target=info, training={"loss": "lambda", "seed": seed})
-    for name, heads in (("medusa", K), ("medusa_one_head", 1)):
-        torch.manual_seed(4)
-        drafter = create_drafter("medusa", target, num_heads=heads)
+    for name, architecture, size, seed in (("medusa", "medusa", K, 4), ("medusa_one_head", "medusa", 1, 4),
+                                           ("medusa_b", "medusa", K, 5), ("mlp", "mlp_speculator", K, 6),
+                                           ("mlp_b", "mlp_speculator", K, 7)):
+        torch.manual_seed(seed)
+        size_argument = {"num_heads": size} if architecture == "medusa" else {"n_predict": size}
+        drafter = create_drafter(architecture, target, **size_argument)
+        with torch.no_grad():  # a fresh Medusa is seed-independent (zero blocks, the target's lm_head)
+            for parameter in drafter.trainable_parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.01)
         paths[name] = drafter.save_pretrained(root / name, target=info, training={"loss": "kl"})
     return paths
 
@@ -212,3 +220,57 @@ def test_swap_to_another_architecture_restarts_the_engine_without_breaking_strea
         per_drafter = request_json(url, f"/v1/speculative/stats?drafter={paths[name]}&window=3600")
         assert per_drafter["num_drafts"] > 0 and per_drafter["since_start"]["num_drafts"] > 0, name
     assert complete(url, model, messages=PROMPT, max_tokens=32).text == greedy_before  # still the target's output
+
+
+def _swap_under_streaming_load(server, path, clients=2):
+    """Swap to ``path`` while ``clients`` streaming clients run; returns the swap's answer once a request that
+    started after the swap finished (events, no fixed sleeps). A failed or broken stream raises."""
+    url, model = server["url"], server["model"]
+    stop, served, fresh = threading.Event(), threading.Event(), threading.Event()
+    swapped: list[float] = []
+
+    def client(index: int) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            result = complete(url, model, messages=PROMPT, max_tokens=16, stream=True, temperature=0.5 * index,
+                              seed=index, timeout=600)
+            assert 0 < result.completion_tokens <= 16 and result.spec_metrics is not None
+            served.set()
+            if swapped and started > swapped[0]:
+                fresh.set()
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client, i) for i in range(clients)]
+        try:
+            assert served.wait(timeout=600), "no request was served before the swap"
+            response = swap(server, path)
+            swapped.append(time.monotonic())
+            assert fresh.wait(timeout=600), "no request was served after the swap"
+        finally:
+            stop.set()
+            for future in futures:
+                future.result()  # re-raises any client failure
+    return response
+
+
+@pytest.mark.parametrize("first, second", [("medusa", "medusa_b"), ("mlp", "mlp_b")])
+def test_medusa_and_mlp_speculator_swap_in_place(server, first, second):
+    """Two drafters of one non-EAGLE architecture and shape swap in place under streaming load: the workers
+    reload the weights (vLLM's MedusaProposer keeps its config as ``spec_config``, lk-vllm's MLP proposer as
+    ``speculative_config``; both are found), and swapping back restores the first drafter's weights exactly.
+    The first of the pair is reached by an engine-restart swap from whatever serves before."""
+    url, model, paths = server["url"], server["model"], server["paths"]
+    if request_json(url, "/v1/speculative/stats")["live_drafter"] != str(paths[first]):
+        assert swap(server, first)["mode"] == "engine restart"
+    greedy_before = complete(url, model, messages=PROMPT, max_tokens=32).text
+    response = _swap_under_streaming_load(server, second)
+    assert response["status"] == "swapped" and response["mode"] == "in-place weight reload", response
+    assert response["previous"] == str(paths[first]) and response["drafter"]["path"] == str(paths[second])
+    worker = response["workers"][0]
+    assert worker["modules"] > 0 and worker["checksum"] != worker["checksum_before"]  # the weights really changed
+    per_drafter = request_json(url, f"/v1/speculative/stats?drafter={paths[second]}&window=600")
+    assert per_drafter["num_drafts"] > 0  # the new drafter drafts
+    assert complete(url, model, messages=PROMPT, max_tokens=32).text == greedy_before  # still the target's output
+    back = swap(server, first)
+    assert back["mode"] == "in-place weight reload"
+    assert back["workers"][0]["checksum"] == pytest.approx(worker["checksum_before"], rel=1e-9)

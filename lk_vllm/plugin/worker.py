@@ -16,12 +16,53 @@ DRAFTER_PARAMETERS = "lk_drafter_parameters"
 _MARK = "_lk_vllm_method"
 
 
+def _proposer(worker):
+    """The live drafter's proposer. vLLM 0.32's V1 model runner (CPU, and GPU with
+    ``VLLM_USE_V2_MODEL_RUNNER=0``) keeps it as ``model_runner.drafter``; the V2 GPU runner
+    (``vllm/v1/worker/gpu/model_runner.py``) as ``model_runner.speculator``."""
+    runner = getattr(worker, "model_runner", None)
+    for name in ("drafter", "speculator"):
+        proposer = getattr(runner, name, None)
+        if proposer is not None:
+            return proposer
+    return None
+
+
 def _drafter_model(worker):
-    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
-    model = getattr(drafter, "model", None)
+    model = getattr(_proposer(worker), "model", None)
     if model is None or not hasattr(model, "load_weights"):
         raise RuntimeError("this engine's drafter has no weights to reload (method without a draft model)")
     return model
+
+
+def _draft_configs(proposer):
+    """(vllm_config, draft model config) the live drafter was built with, for each proposer layout of vLLM 0.32.
+
+    * V1 EAGLE / draft-model proposers and lk-vllm's MLP proposer: ``_create_draft_vllm_config()`` and
+      ``speculative_config``.
+    * V1 ``MedusaProposer``: its own ``vllm_config`` and ``spec_config`` (it has neither name above).
+    * V2 speculators (``DraftModelSpeculator``): ``vllm_config`` and ``speculative_config``, with the draft's
+      kernel overrides applied as ``load_eagle_model`` does.
+
+    The load config is the one vLLM reads drafters with (``get_draft_load_config``)."""
+    from dataclasses import replace
+
+    from vllm.model_executor.model_loader.utils import get_draft_load_config
+
+    speculative_config = getattr(proposer, "speculative_config", None) or getattr(proposer, "spec_config", None)
+    if speculative_config is None or getattr(speculative_config, "draft_model_config", None) is None:
+        raise RuntimeError(f"{type(proposer).__name__} has no speculative config with a draft model to reload")
+    if hasattr(proposer, "_create_draft_vllm_config"):
+        vllm_config = proposer._create_draft_vllm_config()
+    else:
+        vllm_config = proposer.vllm_config
+        overrides = getattr(speculative_config, "apply_draft_overrides", None)
+        if overrides is not None:
+            vllm_config = overrides(vllm_config)
+    load_config = get_draft_load_config(vllm_config)
+    if load_config is not vllm_config.load_config:
+        vllm_config = replace(vllm_config, load_config=load_config)
+    return vllm_config, speculative_config.draft_model_config
 
 
 def lk_drafter_parameters(self) -> dict[str, list[int]]:
@@ -30,7 +71,8 @@ def lk_drafter_parameters(self) -> dict[str, list[int]]:
 
 
 def lk_reload_drafter(self, drafter_dir: str) -> dict[str, Any]:
-    """Replace the live drafter's weights with those of the checkpoint in ``drafter_dir``, in place.
+    """Replace the live drafter's weights with those of the checkpoint in ``drafter_dir``, in place (EAGLE-3,
+    Medusa, MLP speculator, draft model; V1 and V2 model runners, see ``_draft_configs``).
 
     vLLM post-processes weights after loading (on CPU every linear layer is repacked for oneDNN and its original
     weight freed), so new tensors cannot simply be copied into the old parameters. Instead a fresh drafter is
@@ -49,13 +91,12 @@ def lk_reload_drafter(self, drafter_dir: str) -> dict[str, Any]:
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
     from vllm.model_executor.model_loader import get_model
 
-    proposer = self.model_runner.drafter
     live = _drafter_model(self)
     shared = {id(m) for m in self.model_runner.model.modules()}
     before = _checksum(live)
 
-    draft_vllm_config = proposer._create_draft_vllm_config()
-    model_config = copy.copy(proposer.speculative_config.draft_model_config)
+    draft_vllm_config, draft_model_config = _draft_configs(_proposer(self))
+    model_config = copy.copy(draft_model_config)
     model_config.model = drafter_dir
     with set_current_vllm_config(draft_vllm_config):
         context = draft_vllm_config.compilation_config.static_forward_context
