@@ -71,6 +71,8 @@ _DEFAULT_CHUNK_ELEMENTS = 1 << 21
 # exactly in float64 log space. In real training they are rare, so they cost nothing on average.
 _ALPHA_EXACT_BELOW = 1e-25
 _COVERAGE_EXACT_BELOW = 1e-20
+# A given target logsumexp below the draft ids' own (coverage above 1, beyond rounding) is not the full vocabulary's.
+_COVERAGE_ABOVE = 1.0 + 1e-3
 
 # Layout of the per-call statistics vector that is all-reduced across ranks (float64).
 _S_ALPHA, _S_KL, _S_NLA, _S_COUNT, _S_BAD_DRAFT, _S_BAD_TARGET, _S_BAD_COVERAGE = range(7)
@@ -138,6 +140,8 @@ class _Prepared:
     d2t: torch.Tensor | None  # [Vd] int64 on the logits' device, or None for the identity
     rows: torch.Tensor | None  # int64 indices of valid rows, or None when every row is valid
     target_index: torch.Tensor | None  # the target row of each valid row (None: the same as ``rows``)
+    target_lse: torch.Tensor | None  # [M] full-vocabulary logsumexp of each target row; then ``target`` holds
+    # only the draft ids' columns [M, Vd] (already gathered, ``d2t`` is None)
     num_local: int
     compute_dtype: torch.dtype
     lead_shape: tuple[int, ...]
@@ -160,7 +164,7 @@ def _check_chunk_size(chunk_size: Any) -> None:
 
 
 def _prepare(draft_logits: Any, target_logits: Any, draft_to_target: Any, mask: Any,
-             target_rows: Any = None) -> _Prepared:
+             target_rows: Any = None, target_logsumexp: Any = None) -> _Prepared:
     for name, value in (("draft_logits", draft_logits), ("target_logits", target_logits)):
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor; found {type(value).__name__}")
@@ -196,8 +200,10 @@ def _prepare(draft_logits: Any, target_logits: Any, draft_to_target: Any, mask: 
             "the draft vocabulary must be a subset of the target's"
         )
     device = draft_logits.device
-    d2t = None
-    if draft_to_target is None:
+    d2t, lse = None, None
+    if target_logsumexp is not None:  # target_logits holds the draft ids' columns already
+        lse = _check_target_logsumexp(target_logsumexp, target_logits, vocab_draft, draft_to_target)
+    elif draft_to_target is None:
         if vocab_target != vocab_draft:
             raise ValueError(
                 f"draft_to_target is None (identity) but draft_logits has {vocab_draft} ids and target_logits "
@@ -238,17 +244,40 @@ def _prepare(draft_logits: Any, target_logits: Any, draft_to_target: Any, mask: 
         draft = draft.contiguous()
     if not target.is_contiguous():
         target = target.contiguous()
-    use_fp64 = torch.float64 in (draft_logits.dtype, target_logits.dtype)
+    use_fp64 = torch.float64 in (draft_logits.dtype, target_logits.dtype, getattr(lse, "dtype", None))
     return _Prepared(
         draft=draft,
         target=target,
         d2t=d2t,
         rows=rows,
         target_index=target_index,
+        target_lse=lse,
         num_local=num_local,
         compute_dtype=torch.float64 if use_fp64 else torch.float32,
         lead_shape=lead_shape,
     )
+
+
+def _check_target_logsumexp(target_logsumexp: Any, target_logits: torch.Tensor, vocab_draft: int,
+                            draft_to_target: Any) -> torch.Tensor:
+    """The flattened ``[M]`` logsumexp (fp32 or fp64, no grad) after checking it fits ``target_logits``."""
+    if not isinstance(target_logsumexp, torch.Tensor) or not target_logsumexp.is_floating_point():
+        found = target_logsumexp.dtype if isinstance(target_logsumexp, torch.Tensor) else type(target_logsumexp).__name__
+        raise ValueError(f"target_logsumexp must be a floating-point tensor; found {found}")
+    if tuple(target_logsumexp.shape) != tuple(target_logits.shape[:-1]):
+        raise ValueError(f"target_logsumexp must have shape {tuple(target_logits.shape[:-1])} (one value per row of "
+                         f"target_logits); found {tuple(target_logsumexp.shape)}")
+    if target_logsumexp.device != target_logits.device:
+        raise ValueError(f"target_logsumexp is on {target_logsumexp.device} but target_logits is on "
+                         f"{target_logits.device}; put both on the same device")
+    if draft_to_target is not None:
+        raise ValueError("target_logsumexp is given, so target_logits must already hold the draft ids' columns "
+                         "(column d = target id draft_to_target[d]); pass draft_to_target=None")
+    if target_logits.shape[-1] != vocab_draft:
+        raise ValueError(f"with target_logsumexp, target_logits holds the target's logits at the {vocab_draft} draft "
+                         f"ids; found {target_logits.shape[-1]} columns")
+    dtype = torch.float64 if target_logsumexp.dtype == torch.float64 else torch.float32
+    return target_logsumexp.detach().reshape(-1).to(dtype)
 
 
 def _check_target_rows(target_rows: Any, lead_shape: tuple[int, ...], target_logits: torch.Tensor) -> None:
@@ -299,10 +328,20 @@ def _check_draft_to_target(draft_to_target: Any, vocab_draft: int, vocab_target:
     return d2t
 
 
-def _describe_bad_rows(name: str, tensor: torch.Tensor, rows: torch.Tensor, d2t: torch.Tensor | None) -> str:
+def _describe_bad_rows(name: str, tensor: torch.Tensor, rows: torch.Tensor, d2t: torch.Tensor | None,
+                       lse: torch.Tensor | None = None) -> str:
     """Exact account of what is wrong in the given rows (only called on the error path)."""
     values = tensor.index_select(0, rows)
     parts = []
+    if lse is not None:
+        lse = lse.index_select(0, rows).double()
+        bad_lse = ~torch.isfinite(lse)
+        if bool(bad_lse.any()):
+            parts.append(f"non-finite target_logsumexp in {int(bad_lse.sum())} rows")
+        below = torch.isfinite(lse) & (torch.logsumexp(values.double(), dim=1) - lse > math.log(_COVERAGE_ABOVE))
+        if bool(below.any()):
+            parts.append(f"target_logsumexp below the logsumexp of the draft ids' logits in {int(below.sum())} rows "
+                         "(it must be taken over the full target vocabulary)")
     nan_rows = torch.isnan(values).any(1)
     if bool(nan_rows.any()):
         parts.append(f"NaN in {int(nan_rows.sum())} rows")
@@ -378,12 +417,14 @@ def _probabilities(draft, target_g, norms: dict[str, torch.Tensor], cd: torch.dt
     return log_q, log_p_tilde, q, p_tilde, p_g
 
 
-def _chunk_statistics(draft: torch.Tensor, target: torch.Tensor, target_g: torch.Tensor | None, cd: torch.dtype):
+def _chunk_statistics(draft: torch.Tensor, target: torch.Tensor, target_g: torch.Tensor | None, cd: torch.dtype,
+                      target_lse: torch.Tensor | None = None):
     """Per-row statistics of one chunk: the normalisers (``m_d, s_d, m_g, s_g`` and, with a draft vocabulary,
     ``coverage = sum_d p_g[d]``), ``draft_min`` (a -inf draft logit makes the row unusable), ``alpha``,
     ``mass = M = sum_d q[d] a[d]`` and ``kl = KL(p~ || q)``, each ``[rows]``.
 
-    ``target_g`` is the target gathered to the draft ids, or None for a full draft vocabulary. Written as plain
+    ``target_g`` is the target gathered to the draft ids, or None for a full draft vocabulary. ``target_lse``,
+    when given, is the full vocabulary's logsumexp (then ``target`` is not read). Written as plain
     tensor expressions so that torch.compile fuses everything into a few row loops with no ``[rows, V]`` or
     ``[rows, Vd]`` temporary (see :class:`_Compiled`). ``coverage`` is 0 where the target has finite logits
     but none at the draft ids (the caller rejects such rows), NaN where the target row is unusable.
@@ -395,7 +436,7 @@ def _chunk_statistics(draft: torch.Tensor, target: torch.Tensor, target_g: torch
         norms["m_g"], norms["s_g"] = _log_normaliser(target.to(cd))
         target_g = target
     else:
-        m_t, s_t = _log_normaliser(target.to(cd))
+        m_t, s_t = _log_normaliser(target.to(cd)) if target_lse is None else (target_lse.to(cd), 0.0)
         m_g, s_g = _log_normaliser(target_g.to(cd))
         coverage = ((m_g - m_t) + (s_g - s_t)).exp()
         no_draft_mass = (m_g == -math.inf) & torch.isfinite(m_t + s_t)
@@ -408,16 +449,17 @@ def _chunk_statistics(draft: torch.Tensor, target: torch.Tensor, target_g: torch
     return norms, z_d.amin(dim=1), alpha, mass, kl
 
 
-def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | None):
+def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | None, lse: torch.Tensor | None):
     """Float64 log-space statistics for rows where linear-space sums underflow (or a -inf target made 0 * inf).
 
     Returns ``(log_coverage, kl, log_alpha)`` (as :func:`_chunk_statistics`, but in log space);
     ``log_alpha = logsumexp(min(log q, log p_g))`` is exact even when alpha is far below the smallest float.
     ``log_coverage`` is ``lse_g - lse_t``: -inf exactly when the target has no finite logit among the draft ids.
+    ``lse`` is the full vocabulary's logsumexp when ``target`` holds only the draft ids' columns.
     """
     target64 = target.double()
     draft64 = draft.double()
-    lse_t = torch.logsumexp(target64, dim=1)
+    lse_t = torch.logsumexp(target64, dim=1) if lse is None else lse.double()
     target_g = _gather_cols(target64, d2t)
     lse_g = torch.logsumexp(target_g, dim=1)
     lse_d = torch.logsumexp(draft64, dim=1)
@@ -527,6 +569,7 @@ def _exact_backward_rows(
     draft: torch.Tensor,
     target: torch.Tensor,
     d2t: torch.Tensor | None,
+    lse: torch.Tensor | None,
     kind: str,
     kl_weight: torch.Tensor | None,
     tv_weight: torch.Tensor,
@@ -534,7 +577,7 @@ def _exact_backward_rows(
     """Float64 gradient for the rows handled by :func:`_exact_rows` (same formulas, log-space where needed)."""
     target64 = target.double()
     draft64 = draft.double()
-    lse_t = torch.logsumexp(target64, dim=1, keepdim=True)
+    lse_t = torch.logsumexp(target64, dim=1, keepdim=True) if lse is None else lse.double().unsqueeze(1)
     log_q = torch.log_softmax(draft64, dim=1)
     target_g = _gather_cols(target64, d2t)
     log_p_g = target_g - lse_t
@@ -569,18 +612,19 @@ class _LKLossFunction(torch.autograd.Function):
     def forward(ctx, draft, target, prepared: _Prepared, kind, eta, chunk_rows, group, world_size, info):
         cd = prepared.compute_dtype
         rows, target_index = prepared.rows, prepared.target_index
-        d2t = prepared.d2t
+        d2t, lse = prepared.d2t, prepared.target_lse
         n_local = prepared.num_local
         device = draft.device
-        names = ["m_d", "s_d", "m_g", "s_g"] + ([] if d2t is None else ["coverage"])
+        gathered = d2t is not None or lse is not None  # the draft vocabulary is a subset: coverage matters
+        names = ["m_d", "s_d", "m_g", "s_g"] + (["coverage"] if gathered else [])
         norms = {name: torch.empty(n_local, dtype=cd, device=device) for name in names}
         draft_min, alpha, mass, kl = (torch.empty(n_local, dtype=cd, device=device) for _ in range(4))
         for start in range(0, n_local, chunk_rows):
             stop = min(start + chunk_rows, n_local)
             target_c = _take_rows(target, target_index, start, stop)
-            chunk_norms, *values = _statistics_kernel(
-                _take_rows(draft, rows, start, stop), target_c, None if d2t is None else _gather_cols(target_c, d2t), cd
-            )
+            target_g = _gather_cols(target_c, d2t) if gathered else None
+            lse_c = None if lse is None else _take_rows(lse, target_index, start, stop)
+            chunk_norms, *values = _statistics_kernel(_take_rows(draft, rows, start, stop), target_c, target_g, cd, lse_c)
             for name in names:
                 norms[name][start:stop] = chunk_norms[name]
             for buffer, value in zip((draft_min, alpha, mass, kl), values, strict=True):
@@ -595,6 +639,9 @@ class _LKLossFunction(torch.autograd.Function):
         else:
             bad_target = ~torch.isfinite(coverage)
             underflow |= coverage < _COVERAGE_EXACT_BELOW
+        if lse is not None:  # a given logsumexp must be finite and cover the draft ids' mass
+            lse_rows = lse if target_index is None else lse.index_select(0, target_index)
+            bad_target |= ~torch.isfinite(lse_rows) | (coverage > _COVERAGE_ABOVE)
         exact = ~bad_draft & ~bad_target & underflow
         exact_rows = exact.nonzero().squeeze(1)
         alpha.clamp_(max=1.0)  # sum_d min(q, p_g) <= sum_d q = 1; rounding can exceed it by an ulp
@@ -602,7 +649,8 @@ class _LKLossFunction(torch.autograd.Function):
         if exact_rows.numel():
             source = exact_rows if rows is None else rows.index_select(0, exact_rows)
             target_source = exact_rows if target_index is None else target_index.index_select(0, exact_rows)
-            values = _exact_rows(draft.index_select(0, source), target.index_select(0, target_source), d2t)
+            values = _exact_rows(draft.index_select(0, source), target.index_select(0, target_source), d2t,
+                                 None if lse is None else lse.index_select(0, target_source))
             log_coverage, exact_kl, exact_log_alpha = values
             kl[exact_rows] = exact_kl.to(cd)
             log_alpha[exact_rows] = exact_log_alpha.clamp(max=0.0).to(cd)
@@ -712,9 +760,10 @@ class _LKLossFunction(torch.autograd.Function):
             source = exact_rows if rows is None else rows.index_select(0, exact_rows)
             target_source = exact_rows if target_index is None else target_index.index_select(0, exact_rows)
             kl_weight = weights[0] if kind in ("kl", "lambda") else None
+            lse = prepared.target_lse
             exact_grad = _exact_backward_rows(
-                draft.index_select(0, source), target.index_select(0, target_source), d2t, kind, kl_weight,
-                weights[1],
+                draft.index_select(0, source), target.index_select(0, target_source), d2t,
+                None if lse is None else lse.index_select(0, target_source), kind, kl_weight, weights[1],
             )
             grad.index_copy_(0, source, exact_grad.to(grad.dtype))
         return grad, None, None, None, None, None, None, None, None
@@ -740,9 +789,10 @@ def _raise_for_bad_rows(stats, local, prepared: _Prepared, bad_draft, bad_target
             index = prepared.rows if draft_side else prepared.target_index
             source = local_rows if index is None else index.index_select(0, local_rows)
             tensor = prepared.draft if draft_side else prepared.target
+            lse = None if draft_side else prepared.target_lse
             table = not draft_side and prepared.target_index is not prepared.rows  # read through target_rows
             detail = (
-                f" (on this rank: {_describe_bad_rows(name, tensor, source, prepared.d2t)}; first bad row "
+                f" (on this rank: {_describe_bad_rows(name, tensor, source, prepared.d2t, lse)}; first bad row "
                 f"{int(source[0])} of the {'target table' if table else 'flattened positions'})"
             )
         problems.append(f"{name} is unusable in {where}{detail}")
@@ -781,6 +831,7 @@ def lk_loss(
     distributed: bool | None = None,
     process_group=None,
     target_rows: torch.Tensor | None = None,
+    target_logsumexp: torch.Tensor | None = None,
 ) -> LKLossResult:
     """KL, TV, LK^alpha or LK^lambda loss of one draft position (see the module docstring for the formulas).
 
@@ -804,6 +855,11 @@ def lk_loss(
         target_rows: integer ``[...]`` (draft_logits' leading shape): position ``i`` is compared with row
             ``target_rows[i]`` of ``target_logits``, then a ``[M, V]`` table that several calls can share (the K
             draft positions of an unroll read overlapping rows) and that is never copied per call.
+        target_logsumexp: ``target_logits``' leading shape: the logsumexp of each target row over the FULL
+            target vocabulary. When given, ``target_logits`` holds only the target's logits at the draft ids
+            (``[..., Vd]``, column ``d`` = target id ``draft_to_target[d]``; pass ``draft_to_target=None``), so a
+            caller that knows the normaliser (e.g. cached with the hidden states) never builds ``[N, V]``. Same
+            result as passing the full row. A value below the draft columns' own logsumexp is rejected.
 
     ``-log alpha`` is taken per position, then averaged (the paper's one-hot limit: it equals the NLL). There is
     no clamp: a row whose fp32 ``alpha`` falls below 1e-25 is recomputed in float64 log space
@@ -820,7 +876,7 @@ def lk_loss(
     """
     _check_kind(kind, eta)
     _check_chunk_size(chunk_size)
-    prepared = _prepare(draft_logits, target_logits, draft_to_target, mask, target_rows)
+    prepared = _prepare(draft_logits, target_logits, draft_to_target, mask, target_rows, target_logsumexp)
     group, world_size = _resolve_group(distributed, process_group)
     info: dict[str, Any] = {}
     chunk_rows = _chunk_rows(prepared.target.shape[1], chunk_size, prepared.draft.device)
@@ -851,6 +907,7 @@ def lk_loss_multi(
     distributed: bool | None = None,
     process_group=None,
     target_rows: Sequence[torch.Tensor] | None = None,
+    target_logsumexp: Sequence[torch.Tensor] | None = None,
 ) -> LKMultiLossResult:
     """LK loss of a K-position draft unroll: ``sum_k gamma**k * L_k`` (the paper's weights, gamma = 0.8).
 
@@ -858,7 +915,8 @@ def lk_loss_multi(
     so LK^lambda gets its own ``lam_k = exp(-eta * mean alpha_k)`` from its own (global) batch-mean alpha.
     ``masks`` is None, one mask shared by every position, or a sequence with one mask (or None) per position.
     ``target_rows`` (one index tensor per position) reads each position's targets from its ``target_logits``
-    table (see :func:`lk_loss`); pass the same table for every position to hold it once.
+    table (see :func:`lk_loss`); pass the same table for every position to hold it once. ``target_logsumexp``
+    (one per position, matching ``target_logits``) makes those the draft ids' columns (see :func:`lk_loss`).
     """
     if isinstance(draft_logits, torch.Tensor) or isinstance(target_logits, torch.Tensor):
         raise ValueError(
@@ -873,8 +931,9 @@ def lk_loss_multi(
         )
     if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not (0.0 < gamma <= 1.0):
         raise ValueError(f"gamma must be in (0, 1] (the paper uses 0.8); found {gamma!r}")
-    if target_rows is not None and len(target_rows) != num_positions:
-        raise ValueError(f"target_rows has {len(target_rows)} entries but there are {num_positions} draft positions")
+    for name, value in (("target_rows", target_rows), ("target_logsumexp", target_logsumexp)):
+        if value is not None and len(value) != num_positions:
+            raise ValueError(f"{name} has {len(value)} entries but there are {num_positions} draft positions")
     if masks is None or isinstance(masks, torch.Tensor):
         masks = [masks] * num_positions
     elif len(masks) != num_positions:
@@ -894,6 +953,7 @@ def lk_loss_multi(
             distributed=distributed,
             process_group=process_group,
             target_rows=None if target_rows is None else target_rows[k],
+            target_logsumexp=None if target_logsumexp is None else target_logsumexp[k],
         )
         weight = float(gamma) ** k
         term = result.loss * weight

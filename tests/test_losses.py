@@ -648,6 +648,65 @@ def test_bad_target_rows_are_refused():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Targets given as the draft ids' columns plus the full-vocabulary logsumexp
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("masked", [0.0, 0.4], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("table", [False, True], ids=["rows", "table"])
+def test_columns_and_logsumexp_equal_the_full_rows(kind, masked, table):
+    """The draft ids' columns with the full row's logsumexp are all the loss needs: same loss, statistics and
+    gradient as the full rows, against the float64 reference, also read through target_rows."""
+    draft, target, d2t, mask = make_batch(23, 40, 17, seed=12, masked=masked)
+    kwargs = dict(kind=kind, eta=3.0, mask=mask, chunk_size=4)
+    rows = torch.randint(0, 23, (23,), generator=torch.Generator().manual_seed(4)) if table else None
+    reference_target = target[rows] if table else target
+    lse = torch.logsumexp(target, dim=1)
+    result, grad = loss_and_grad(lk_loss, draft, target[:, d2t], target_logsumexp=lse, target_rows=rows, **kwargs)
+    full, full_grad = loss_and_grad(lk_loss, draft, reference_target, draft_to_target=d2t, **kwargs)
+    loss, alpha, kl, _ = numpy_reference(draft, reference_target, d2t, mask, kind)
+    assert float(result.loss.detach()) == pytest.approx(loss, rel=1e-12, abs=1e-14)
+    assert (result.alpha, result.kl) == (pytest.approx(alpha, rel=1e-12), pytest.approx(kl, rel=1e-12))
+    torch.testing.assert_close(grad, full_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_columns_and_logsumexp_in_fp32_multi_position_and_exact_rows():
+    gen = torch.Generator().manual_seed(1)
+    target = torch.randn(6, 60, generator=gen) * 2
+    d2t = torch.randperm(60, generator=gen)[:20]
+    draft = torch.randn(6, 20, generator=gen)
+    draft[2, 0] += 300.0  # row 2: sure of a token the target gives ~e^-300: the float64 exact path
+    lse = torch.logsumexp(target, dim=1)
+    for kind in ("alpha", "lambda"):
+        result, grad = loss_and_grad(lk_loss, draft, target[:, d2t], target_logsumexp=lse, kind=kind)
+        ref, ref_grad = loss_and_grad(lk_loss_eager, draft.double(), target.double(), draft_to_target=d2t, kind=kind)
+        assert result.neg_log_alpha == pytest.approx(ref.neg_log_alpha, rel=1e-5)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    columns = target[:, d2t]
+    multi = lk_loss_multi([draft, draft[:4]], [columns, columns], target_rows=[torch.arange(6), torch.arange(4)],
+                          target_logsumexp=[lse, lse], kind="lambda")
+    full = lk_loss_multi([draft, draft[:4]], [target, target[:4]], draft_to_target=d2t, kind="lambda")
+    assert float(multi.loss) == pytest.approx(float(full.loss), rel=1e-5)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"target_logsumexp": torch.zeros(5)}, r"target_logsumexp must have shape \(6,\)"),
+    ({"target_logsumexp": torch.zeros(6, dtype=torch.long)}, "must be a floating-point tensor"),
+    ({"draft_to_target": torch.arange(8)}, "pass draft_to_target=None"),
+    ({"target_logits": torch.zeros(6, 9)}, "logits at the 8 draft ids; found 9 columns"),
+    ({"target_logsumexp": torch.full((6,), math.nan)}, "non-finite target_logsumexp in 6 rows"),
+    ({"target_logsumexp": torch.full((6,), -5.0)}, "below the logsumexp of the draft ids' logits in 6 rows"),
+])
+def test_bad_logsumexp_is_refused(change, message):
+    kwargs = {"target_logits": torch.zeros(6, 8), "target_logsumexp": torch.full((6,), math.log(100.0)), **change}
+    with pytest.raises(ValueError, match=message):
+        lk_loss(torch.zeros(6, 8), kind="kl", **kwargs)
+    with pytest.raises(ValueError, match="target_logsumexp has 1 entries"):
+        lk_loss_multi([torch.zeros(6, 8)] * 2, [torch.zeros(6, 8)] * 2, target_logsumexp=[torch.zeros(6)], kind="kl")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Chunking and compilation policy
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -294,15 +294,17 @@ def test_offline_capture_gives_the_online_results(tiny, tmp_path, monkeypatch):
     import json
 
     monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
-    online = train(_config(tiny, tmp_path / "online"), "tiny", progress=False)
-    exact = train(_config(tiny, tmp_path / "offline32", **{"training.capture": "offline",
-                                                           "training.cache_dtype": "float32"}),
+    # A draft vocabulary: offline, the loss reads the target's draft columns and the cached normaliser.
+    vocab = {"model.draft_vocab_size": 128}
+    online = train(_config(tiny, tmp_path / "online", **vocab), "tiny", progress=False)
+    exact = train(_config(tiny, tmp_path / "offline32", **vocab, **{"training.capture": "offline",
+                                                                    "training.cache_dtype": "float32"}),
                   "tiny", progress=False)
     _assert_same_weights(_weights(tmp_path / "online"), _weights(tmp_path / "offline32"), atol=1e-5)
     assert exact["final"]["expected_acceptance_length"] == pytest.approx(
         online["final"]["expected_acceptance_length"], abs=1e-5)
-    half = train(_config(tiny, tmp_path / "offline16", **{"training.capture": "offline",
-                                                          "training.cache_dtype": "bfloat16"}),
+    half = train(_config(tiny, tmp_path / "offline16", **vocab, **{"training.capture": "offline",
+                                                                   "training.cache_dtype": "bfloat16"}),
                  "tiny", progress=False)
     assert half["final"]["expected_acceptance_length"] == pytest.approx(
         online["final"]["expected_acceptance_length"], abs=2e-3)
@@ -312,8 +314,8 @@ def test_offline_capture_gives_the_online_results(tiny, tmp_path, monkeypatch):
         manifest = json.loads((cache / "manifest.json").read_text())
         assert manifest["bytes"] == sum(p.stat().st_size for p in cache.glob("shard-*.safetensors")) > 0
         assert manifest["num_samples"] == 24
-        # aux (3 layers) + final hidden state, hidden size 64: no logits stored.
-        width = 4 * 64 * (4 if manifest["dtype"] == "float32" else 2)
+        # aux (3 layers) + final hidden state, hidden size 64, + one fp32 normaliser: no logits stored.
+        width = 4 * 64 * (4 if manifest["dtype"] == "float32" else 2) + 4
         assert manifest["bytes"] < manifest["tokens"] * width * 1.1
 
 
@@ -369,6 +371,39 @@ def test_shared_target_logits_equal_the_direct_ones(tiny):
     inside = wanted.nonzero(as_tuple=True)
     torch.testing.assert_close(shared.logits_at(*inside), states.logits_at(*inside))
     assert shared.aux_layer_ids == states.aux_layer_ids and shared.final_hidden is states.final_hidden
+
+
+def test_cached_logsumexp_gives_the_full_rows_loss(tiny, tmp_path):
+    """Offline, a drafter with its own vocabulary reads only the draft ids' columns of the target and the
+    cached normaliser: the same table values, normaliser and K-step loss as the full rows."""
+    from lk_vllm.drafters import create_drafter, multi_step_loss
+    from training.capture import OfflineCapture, build_cache, collate
+    from training.data import load_samples
+    from training.target import TargetModel
+    from training.train import SharedTargetLogits
+
+    target = TargetModel(tiny[0])
+    samples = load_samples(Path(tiny[1]))
+    d2t = torch.randperm(target.vocab_size, generator=torch.Generator().manual_seed(0))[:100]
+    drafter = create_drafter("eagle3", target, draft_to_target=d2t)
+    aux = drafter.aux_layer_ids_needed()
+    build_cache(target, samples, aux, tmp_path / "cache", dtype="float32", progress=False)
+    batch = collate(samples, [0, 1, 2])
+    states = OfflineCapture(target, tmp_path / "cache", aux).states(batch)
+    full = states.all_logits()
+    real = batch.attention_mask
+    torch.testing.assert_close(states.final_logsumexp[real], torch.logsumexp(full, -1)[real], rtol=1e-6, atol=1e-5)
+    shared = SharedTargetLogits(states, batch.loss_mask, drafter.draft_to_target)
+    inside = batch.loss_mask[:, 1:].nonzero(as_tuple=True)
+    rows = shared.rows_at(*inside)
+    torch.testing.assert_close(shared.table[rows], full[inside][:, d2t])
+    torch.testing.assert_close(shared.logits_at(*inside), full[inside])  # logits_at still gives full rows
+    steps = drafter.training_steps(states, 2)
+    kwargs = dict(kind="lambda", draft_to_target=drafter.draft_to_target, loss_mask=batch.loss_mask, gamma=0.8)
+    columns = multi_step_loss(steps, shared, **kwargs)
+    rows_loss = multi_step_loss(steps, SharedTargetLogits(states, batch.loss_mask), **kwargs)
+    assert float(columns["loss"].detach()) == pytest.approx(float(rows_loss["loss"].detach()), rel=1e-5)
+    assert columns["alpha"] == pytest.approx(rows_loss["alpha"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -2,10 +2,13 @@
 
 * **online**: the HF target runs under ``no_grad`` on every training batch (``OnlineCapture``).
 * **offline**: one pass of the target over the whole data set writes the auxiliary hidden states (what an
-  EAGLE-3 drafter reads) and the final hidden state (after the final norm) to fp16/bf16 safetensors shards
-  (``build_cache``); training then reads them (``OfflineCapture``). Target logits are never stored: they are
-  recomputed at train time from the cached final hidden state with the target's ``lm_head``
-  (``TargetStates.logits_at``), which is what the online path does too. The cache is keyed by the target's
+  EAGLE-3 drafter reads), the final hidden state (after the final norm) to fp16/bf16 safetensors shards and,
+  per token, the fp32 logsumexp of the target logits over the full vocabulary (``build_cache``); training then
+  reads them (``OfflineCapture``). Target logits are never stored: they are recomputed at train time from the
+  cached final hidden state with the target's ``lm_head`` (``TargetStates.logits_at``), which is what the
+  online path does too, and with the cached normaliser a drafter with its own vocabulary needs only those
+  columns (``TargetStates.draft_logits_at``). The normaliser is taken from the cached (rounded) hidden state,
+  so it matches the logits recomputed from it. The cache is keyed by the target's
   fingerprint, the data manifests, the aux layer ids, the sequence length and the dtype, so it cannot be
   reused for anything it does not match.
 
@@ -26,7 +29,7 @@ import torch
 from lk_vllm.atomic import atomic_path, write_atomic
 from training.target import TargetStates, position_ids_from_mask
 
-CACHE_FORMAT = "lk-vllm-hidden-cache-v1"
+CACHE_FORMAT = "lk-vllm-hidden-cache-v2"  # v2: + "lse", the full-vocabulary logsumexp per token
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -115,6 +118,7 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
             bar.update(sum(len(samples[i].input_ids) for i in members))
             continue
         final_rows: dict[int, torch.Tensor] = {}
+        lse_rows: dict[int, torch.Tensor] = {}
         aux_rows: dict[int, torch.Tensor] = {}
         by_length = sorted(members, key=lambda i: len(samples[i].input_ids))  # less padding
         for start in range(0, len(by_length), batch_size):
@@ -122,7 +126,9 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
             states = target(batch.input_ids, batch.attention_mask, aux_layer_ids=aux_layer_ids)
             for row, index in enumerate(batch.indices):
                 n = len(samples[index].input_ids)
-                final_rows[index] = states.final_hidden[row, :n].to("cpu", torch_dtype)
+                final = states.final_hidden[row, :n].to(torch_dtype)
+                final_rows[index] = final.cpu()
+                lse_rows[index] = logsumexp_of_logits(final, target.lm_head_weight).cpu()
                 if states.aux_hidden is not None:
                     aux_rows[index] = states.aux_hidden[row, :n].to("cpu", torch_dtype)
             tokens = batch.num_tokens
@@ -131,6 +137,7 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
             bar.set_postfix(tok_s=f"{captured / max(time.time() - started, 1e-9):.0f}")
         lengths = [len(samples[i].input_ids) for i in members]
         tensors = {"final": torch.cat([final_rows[i] for i in members]),
+                   "lse": torch.cat([lse_rows[i] for i in members]),
                    "offsets": torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)}
         if aux_rows:
             tensors["aux"] = torch.cat([aux_rows[i] for i in members])
@@ -144,6 +151,13 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
                 "capture_tokens_per_s": round(captured / elapsed, 1) if captured else None}
     write_atomic(manifest_path, json.dumps(manifest, indent=1))
     return manifest
+
+
+def logsumexp_of_logits(hidden: torch.Tensor, lm_head_weight: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """fp32 logsumexp over the vocabulary of ``hidden @ lm_head_weight.T``, chunk by chunk (never [T, V] at
+    once), computed as ``TargetStates.logits_at`` computes the logits."""
+    hidden = hidden.to(lm_head_weight.dtype)
+    return torch.cat([torch.logsumexp((h @ lm_head_weight.T).float(), dim=1) for h in hidden.split(chunk_size)])
 
 
 class OfflineCapture:
@@ -184,14 +198,17 @@ class OfflineCapture:
         hidden = self.target.hidden_size
         dtype = self.target.lm_head_weight.dtype
         final = torch.zeros(b, t, hidden, dtype=dtype)
+        lse = torch.zeros(b, t)
         aux = torch.zeros(b, t, hidden * len(self.aux_layer_ids), dtype=dtype) if self.aux_layer_ids else None
         for row, index in enumerate(batch.indices):
             rows = self._rows(index, "final")
             final[row, : rows.shape[0]] = rows
+            lse[row, : rows.shape[0]] = self._rows(index, "lse")
             if aux is not None:
                 aux_rows = self._rows(index, "aux")
                 aux[row, : aux_rows.shape[0]] = aux_rows
         final = final.to(self.device, non_blocking=True)
+        lse = lse.to(self.device, non_blocking=True)
         aux = None if aux is None else aux.to(self.device, non_blocking=True)
         return TargetStates(
             input_ids=batch.input_ids,
@@ -202,4 +219,5 @@ class OfflineCapture:
             aux_layer_ids=self.aux_layer_ids,
             lm_head_weight=self.target.lm_head_weight,
             embed_weight=self.target.embed_weight,
+            final_logsumexp=lse,
         )

@@ -7,7 +7,7 @@ grad_accumulation`` sequences of ``data.max_length`` tokens (an upper bound: sho
 * drafter weights, gradients and AdamW moments: 16 bytes per trainable parameter (fp32 master weights);
 * the frozen target: its parameters in the training dtype (bf16 on GPU, fp32 on CPU);
 * the batch's target states (final hidden state and the auxiliary layers) and its target-logit table
-  (one row per position, shared by the K draft positions);
+  (one row per position, shared by the K draft positions; offline, only the draft vocabulary's columns);
 * per draft position, the draft logits the loss keeps for backward (plus one gradient at a time);
 * activations kept for backward: per token and unrolled step, about ``16 H + 6 heads * head_dim + 4 I``
   values for an EAGLE-3 layer (the inputs of its norms, projections and MLP), K steps (one per head for Medusa,
@@ -100,7 +100,9 @@ def estimate_memory(config, target_path: str, device_type: str, world: int = 1) 
         "drafter weights + grads + AdamW (fp32)": 16 * trainable,
         f"target weights ({'bf16' if low else 'fp32'})": target_params * (2 if low else 4),
         "target states of a micro-batch": tokens * hidden * (1 + aux) * act,
-        "target logits table": tokens * vocab * act,
+        # Offline, a drafter with its own vocabulary needs the draft ids' columns only (the cache holds the
+        # normaliser); online the full rows are computed for it.
+        "target logits table": tokens * (draft_vocab if t.capture == "offline" else vocab) * act,
         "draft logits kept for backward": tokens * draft_vocab * (steps * act + 4),
         "activations kept for backward": tokens * per_token * act,
     }

@@ -39,6 +39,9 @@ class TargetStates:
     lm_head_weight: torch.Tensor  # [V, H] the target's output projection (frozen)
     embed_weight: torch.Tensor  # [V, H] the target's input embeddings (frozen)
     cached_logits: torch.Tensor | None = None  # [B, T, V] once cache_all_logits() ran
+    # [B, T] fp32 logsumexp of the target logits over the full vocabulary (the offline cache stores it), so the
+    # loss needs the target's logits only at the draft ids.
+    final_logsumexp: torch.Tensor | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -53,6 +56,19 @@ class TargetStates:
         if hidden.shape[0] <= chunk_size:
             return hidden @ self.lm_head_weight.T
         return torch.cat([h @ self.lm_head_weight.T for h in hidden.split(chunk_size)])
+
+    def draft_logits_at(self, batch_index: torch.Tensor, positions: torch.Tensor, draft_to_target: torch.Tensor,
+                        chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [N, Vd] at the draft ids, fp32 logsumexp [N] over the full vocabulary)`` at these
+        positions: all the loss needs of the target when the drafter has its own vocabulary. With
+        ``final_logsumexp`` only the ``Vd`` rows of the lm_head are multiplied; without it the full logits are
+        computed for their logsumexp."""
+        if self.final_logsumexp is None or self.cached_logits is not None:
+            logits = self.logits_at(batch_index, positions, chunk_size)
+            return logits.index_select(1, draft_to_target), torch.logsumexp(logits.float(), dim=1)
+        hidden = self.final_hidden[batch_index, positions].to(self.lm_head_weight.dtype)
+        weight = self.lm_head_weight.index_select(0, draft_to_target)
+        return hidden @ weight.T, self.final_logsumexp[batch_index, positions].float()
 
     def all_logits(self) -> torch.Tensor:
         """Target logits [B, T, V] (for short sequences and tests)."""

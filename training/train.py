@@ -213,9 +213,12 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 class SharedTargetLogits:
     """Wraps TargetStates so the target logits of a position are computed once per batch and read by index by
-    all K unrolled steps (step k at anchor t reads position t+k+1: the K steps read nearly the same rows)."""
+    all K unrolled steps (step k at anchor t reads position t+k+1: the K steps read nearly the same rows).
 
-    def __init__(self, states, loss_mask: torch.Tensor):
+    With a draft vocabulary (``draft_to_target``) the table holds only the draft ids' columns and
+    ``table_logsumexp`` the full vocabulary's normaliser of each row: all the loss reads of the target."""
+
+    def __init__(self, states, loss_mask: torch.Tensor, draft_to_target: torch.Tensor | None = None):
         self.states = states
         # Positions whose logits predict a response token: every step's target rows lie among them.
         wanted = torch.zeros_like(loss_mask)
@@ -223,7 +226,11 @@ class SharedTargetLogits:
         batch_index, position = wanted.nonzero(as_tuple=True)
         self.lookup = torch.full(loss_mask.shape, -1, dtype=torch.long, device=loss_mask.device)
         self.lookup[batch_index, position] = torch.arange(batch_index.numel(), device=loss_mask.device)
-        self.table = states.logits_at(batch_index, position)
+        self.table_logsumexp = None
+        if draft_to_target is None:
+            self.table = states.logits_at(batch_index, position)
+        else:
+            self.table, self.table_logsumexp = states.draft_logits_at(batch_index, position, draft_to_target)
 
     def __getattr__(self, name):
         return getattr(self.states, name)
@@ -235,7 +242,7 @@ class SharedTargetLogits:
 
     def logits_at(self, batch_index, positions, chunk_size: int = 1024):
         rows = self.rows_at(batch_index, positions)
-        if rows is None:
+        if rows is None or self.table_logsumexp is not None:  # not in the table, or the table is not full rows
             return self.states.logits_at(batch_index, positions, chunk_size)
         return self.table[rows]
 
@@ -348,7 +355,7 @@ def micro_batch_loss(model, drafter, states, loss_mask: torch.Tensor, loss, plac
     table of target logits. Returns ``multi_step_loss``'s dict."""
     from lk_vllm.drafters import multi_step_loss
 
-    shared = SharedTargetLogits(states, loss_mask)
+    shared = SharedTargetLogits(states, loss_mask, drafter.draft_to_target)
     with placement.autocast():
         return multi_step_loss(model(shared, loss.num_steps), shared, kind=loss.kind, eta=loss.eta,
                                draft_to_target=drafter.draft_to_target, loss_mask=loss_mask, gamma=loss.gamma,

@@ -201,19 +201,22 @@ def multi_step_loss(steps, states, *, kind: str = "kl", eta: float = 3.0, draft_
     positions = [step.valid_positions(loss_mask) for step in steps]
     drafts = [step.head(step.hidden[batch, anchor]) for step, (batch, anchor) in zip(steps, positions, strict=True)]
     # States holding the batch's target logits once (``table`` and ``rows_at``, e.g. the trainer's
-    # SharedTargetLogits) are read by index: the K steps never copy the [N, V] rows they share.
-    rows = None
+    # SharedTargetLogits) are read by index: the K steps never copy the rows they share. A table with
+    # ``table_logsumexp`` holds only the draft ids' columns (the loss then needs no draft_to_target).
+    rows, lse = None, None
     if hasattr(states, "rows_at"):
         rows = [states.rows_at(batch, anchor + step.target_shift)
                 for step, (batch, anchor) in zip(steps, positions, strict=True)]
     if rows is not None and all(r is not None for r in rows):
         targets = [states.table] * len(steps)
+        if states.table_logsumexp is not None:
+            lse, draft_to_target = [states.table_logsumexp] * len(steps), None
     else:
         rows = None
         targets = [states.logits_at(batch, anchor + step.target_shift)
                    for step, (batch, anchor) in zip(steps, positions, strict=True)]
     out = lk_loss_multi(drafts, targets, kind=kind, eta=eta, gamma=gamma, draft_to_target=draft_to_target,
-                        chunk_size=chunk_size, target_rows=rows, **loss_options)
+                        chunk_size=chunk_size, target_rows=rows, target_logsumexp=lse, **loss_options)
     results = list(out.positions)
     return {
         "loss": out.loss,
