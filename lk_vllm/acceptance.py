@@ -14,6 +14,12 @@ Two views of the same quantity meet here:
   :func:`cumulative_acceptance` of the predicted ``alpha_k``; the mean acceptance length is
   ``1 + num_accepted_tokens / num_drafts``.
 
+Two aggregations of measured acceptance length over many requests are in use, and they differ whenever
+requests differ in length (:data:`AGGREGATIONS`): **pooled**, ``1 + sum accepted / sum drafts`` over every
+draft-verify step (what vLLM reports; a long request weighs more), and the **mean of per-request means**
+(what SpecForge's benchmark reports; every request weighs the same). :class:`RequestAcceptance` holds the sums
+that give both, and the per-request histogram.
+
 With no drafts there is nothing measured: the functions return ``None`` rather than a number that would look
 like a measurement (for example 1.0).
 
@@ -28,12 +34,18 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = [
+    "AGGREGATIONS",
+    "REQUEST_ACCEPTANCE_BUCKETS",
+    "RequestAcceptance",
+    "SAMPLING_MODES",
     "SpecDecodeCounts",
     "conditional_acceptance",
     "cumulative_acceptance",
     "draft_acceptance_rate",
     "expected_acceptance_length",
+    "heldout_rates",
     "mean_acceptance_length",
+    "sampling_mode",
     "per_position_acceptance",
 ]
 
@@ -267,3 +279,85 @@ class SpecDecodeCounts:
             "acceptance_length": self.acceptance_length,
             "per_position_acceptance": self.per_position_acceptance,
         }
+
+
+# ---------------------------------------------------------------------------------------------- aggregations
+AGGREGATIONS = {
+    "pooled": "1 + sum of accepted tokens / sum of drafts over every draft-verify step (vLLM's statistic; "
+              "a long request weighs more)",
+    "mean_of_request_means": "mean over finished requests of each request's 1 + accepted tokens / drafts "
+                             "(SpecForge's benchmark statistic; every request weighs the same)",
+}
+# How a request samples: the target's argmax (drafts accepted when they match it) or sampled at T > 0
+# (standard rejection sampling). Acceptance differs between the two, so every number says which it covers.
+SAMPLING_MODES = ("temperature_0", "sampled")
+# Upper bounds of the per-request acceptance-length histogram (tokens per step, bonus included; +Inf last).
+# Fixed rather than derived from K so that the Prometheus series stay the same across drafter swaps.
+REQUEST_ACCEPTANCE_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
+
+
+def sampling_mode(temperature: float | None) -> str:
+    """``temperature_0`` (greedy; vLLM treats a missing temperature as greedy too) or ``sampled``."""
+    return "sampled" if temperature else "temperature_0"
+
+
+@dataclass(frozen=True)
+class RequestAcceptance:
+    """Sums over finished requests of their own speculative-decoding counters (vLLM's per-request
+    ``RequestSpecDecodeMetrics``): both aggregations and the histogram of per-request acceptance lengths.
+
+    Only requests with at least one draft count (a request without a draft has no acceptance length).
+    ``histogram[i]`` counts the requests whose length is <= ``REQUEST_ACCEPTANCE_BUCKETS[i]`` and above the
+    previous bound; the last entry counts those above every bound.
+    """
+
+    requests: int = 0
+    num_drafts: int = 0
+    num_accepted_tokens: int = 0
+    sum_of_request_lengths: float = 0.0
+    histogram: tuple[int, ...] = (0,) * (len(REQUEST_ACCEPTANCE_BUCKETS) + 1)
+
+    @classmethod
+    def of_request(cls, num_drafts: int, num_accepted_tokens: int) -> RequestAcceptance:
+        """One request's counters (an empty sum when it never drafted)."""
+        length = mean_acceptance_length(num_accepted_tokens, num_drafts)
+        if length is None:
+            return cls()
+        bucket = next((i for i, bound in enumerate(REQUEST_ACCEPTANCE_BUCKETS) if length <= bound),
+                      len(REQUEST_ACCEPTANCE_BUCKETS))
+        histogram = tuple(int(i == bucket) for i in range(len(REQUEST_ACCEPTANCE_BUCKETS) + 1))
+        return cls(1, int(num_drafts), int(num_accepted_tokens), length, histogram)
+
+    def __add__(self, other: RequestAcceptance) -> RequestAcceptance:
+        if not isinstance(other, RequestAcceptance):
+            return NotImplemented
+        return RequestAcceptance(
+            self.requests + other.requests, self.num_drafts + other.num_drafts,
+            self.num_accepted_tokens + other.num_accepted_tokens,
+            self.sum_of_request_lengths + other.sum_of_request_lengths,
+            tuple(a + b for a, b in zip(self.histogram, other.histogram, strict=True)),
+        )
+
+    @property
+    def pooled_acceptance_length(self) -> float | None:
+        """``1 + sum accepted / sum drafts`` over these requests; ``None`` with no request."""
+        return mean_acceptance_length(self.num_accepted_tokens, self.num_drafts)
+
+    @property
+    def mean_of_request_means(self) -> float | None:
+        """Mean of the requests' own acceptance lengths; ``None`` with no request."""
+        return self.sum_of_request_lengths / self.requests if self.requests else None
+
+
+def heldout_rates(training: Mapping[str, Any], temperature: float, num_speculative_tokens: int) -> list[float] | None:
+    """The conditional per-position acceptance rates a trainer measured on held-out data
+    (``lk_training.json`` ``training.heldout``) for this temperature, or None: the top-1 agreement at T=0
+    (greedy drafts are accepted when they are the target's argmax) and alpha = sum min(p, q) at T=1 (drafts
+    sampled from q, standard rejection sampling; the trainer measures alpha untempered). Other temperatures,
+    or K beyond the positions measured, have no prediction."""
+    heldout = training.get("heldout") if isinstance(training.get("heldout"), Mapping) else {}
+    key = {0.0: "top1_agreement", 1.0: "per_position_alpha"}.get(float(temperature))
+    rates = heldout.get(key) if key else None
+    if not isinstance(rates, list) or len(rates) < num_speculative_tokens:
+        return None
+    return [float(rate) for rate in rates[:num_speculative_tokens]]

@@ -73,6 +73,7 @@ def stats_payload(store: LiveStatsStore, window: float, drafter: str | None) -> 
         "sampling": selected.sampling if selected else {},
         "window_seconds": window,
         **window_summary,
+        "per_request": {"source": store.per_request_source, "missing": store.per_request_missing},
         "baseline": baseline.describe() if baseline else {"kind": "none", "reason": store.baseline_error},
         "since_start": store.since_start(drafter),
         "drafters": {name: {**seen.as_json(), **store.since_start(name)} for name, seen in store.drafters_seen.items()},
@@ -209,7 +210,7 @@ class LkCollector:
         self.window = window
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
         if self.store.drafter is None:
             return
@@ -217,9 +218,34 @@ class LkCollector:
         nan = float("nan")
         yield GaugeMetricFamily(
             "lk_acceptance_length",
-            f"Mean tokens per draft-verify step (bonus included) over the last {self.window:g} s",
+            f"Mean tokens per draft-verify step (bonus included) over the last {self.window:g} s, pooled over "
+            "every step of all traffic (vLLM's aggregation)",
             value=summary["acceptance_length"] if summary["acceptance_length"] is not None else nan,
         )
+        labelled = GaugeMetricFamily(
+            "lk_acceptance_length_aggregated",
+            f"Acceptance length over the last {self.window:g} s by aggregation (pooled: 1 + sum accepted / sum "
+            "drafts; mean_of_request_means: mean of each finished request's own) and sampling mode "
+            "(all, temperature_0, sampled)",
+            labels=["aggregation", "sampling"],
+        )
+        for entry in summary["acceptance_lengths"]:
+            labelled.add_metric([entry["aggregation"], entry["sampling"]],
+                                entry["value"] if entry["value"] is not None else nan)
+        yield labelled
+        histogram = self.store.since_start()["request_acceptance_histogram"]
+        per_request = HistogramMetricFamily(
+            "lk_request_acceptance_length",
+            "Acceptance length of each finished request (1 + its accepted tokens / its drafts) since start",
+            labels=["sampling"],
+        )
+        for mode, counts in histogram["counts"].items():
+            cumulative, running = [], 0
+            for bound, count in zip(histogram["upper_bounds"], counts, strict=True):
+                running += count
+                cumulative.append((str(float(bound)) if bound != "+Inf" else "+Inf", running))
+            per_request.add_metric([mode], cumulative, sum_value=histogram["sums"][mode])
+        yield per_request
         yield GaugeMetricFamily(
             "lk_speedup",
             f"Measured decode speed-up over the no-speculation baseline, last {self.window:g} s",

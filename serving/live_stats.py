@@ -10,6 +10,14 @@ output tokens, the batch size (requests in the step) and, for pure decode steps,
 (the time since the previous step's output arrived: the engine runs steps back to back while it has work).
 Steps that complete a prefill are not timed, since their cost is the prompt's, not decoding's.
 
+A step also carries the own counters (drafts, accepted tokens) and sampling mode of every request that finished
+in it: vLLM gives a stat logger no per-request speculative counters, so lk-vllm's patch of the output processor
+(``lk_vllm.plugin.patches.patch_finished_request_spec_metrics``) hands it the ``RequestSpecDecodeMetrics`` the
+scheduler sends with a finished request (only with ``--per-request-spec-decode-metrics summary`` or
+``detailed``; ``lk-vllm serve`` sets ``summary``). From them come the second aggregation (the mean of
+per-request means, next to vLLM's pooled one) and the per-request histogram; see ``lk_vllm.acceptance``.
+A request is counted, whole, for the drafter live when it finished.
+
 All rates come from ``lk_vllm.acceptance``; speed-up from ``serving.speedup``.
 """
 
@@ -44,6 +52,18 @@ class Step:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: tuple[int, ...] = ()
+    # (drafts, accepted tokens, sampling mode) of each request that finished in this step
+    requests: tuple[tuple[int, int, str], ...] = ()
+
+
+def _step_from_row(row: list) -> Step:
+    """A Step from ``dataclasses.astuple`` output read back from JSON (lists where tuples were)."""
+    values = list(row)
+    if len(values) > 8:
+        values[8] = tuple(values[8])
+    if len(values) > 9:
+        values[9] = tuple(tuple(request) for request in values[9])
+    return Step(*values)
 
 
 @dataclasses.dataclass
@@ -69,6 +89,8 @@ class Counters:
         self.steps = 0
         self.output_tokens = 0
         self.counts = acceptance.SpecDecodeCounts()
+        # finished requests' own counters, per sampling mode
+        self.requests = {mode: acceptance.RequestAcceptance() for mode in acceptance.SAMPLING_MODES}
 
     def add(self, step: Step) -> None:
         self.steps += 1
@@ -79,16 +101,52 @@ class Counters:
             num_accepted_tokens=step.num_accepted_tokens,
             accepted_per_position=step.accepted_per_position,
         )
+        for num_drafts, num_accepted, mode in step.requests:
+            self.requests[mode] = self.requests[mode] + acceptance.RequestAcceptance.of_request(num_drafts, num_accepted)
 
     def merge(self, other: Counters) -> None:
         self.steps += other.steps
         self.output_tokens += other.output_tokens
         self.counts = self.counts + other.counts
+        for mode in acceptance.SAMPLING_MODES:
+            self.requests[mode] = self.requests[mode] + other.requests[mode]
+
+    def all_requests(self) -> acceptance.RequestAcceptance:
+        return sum(self.requests.values(), acceptance.RequestAcceptance())
+
+    def acceptance_lengths(self) -> list[dict[str, Any]]:
+        """Every acceptance length of these steps, each labelled with its aggregation (``AGGREGATIONS``) and the
+        sampling mode of the traffic it covers (``all``: temperature 0 and sampled requests together)."""
+        out = [{"aggregation": "pooled", "sampling": "all", "value": self.counts.acceptance_length,
+                "source": "engine steps (every draft, requests still running included)",
+                "num_drafts": self.counts.num_drafts}]
+        for mode, requests in (("all", self.all_requests()), *self.requests.items()):
+            for aggregation, value in (("pooled", requests.pooled_acceptance_length),
+                                       ("mean_of_request_means", requests.mean_of_request_means)):
+                if mode == "all" and aggregation == "pooled":
+                    continue  # the engine steps' pooled value above covers these and more
+                out.append({"aggregation": aggregation, "sampling": mode, "value": value, "source": "finished requests",
+                            "requests": requests.requests, "num_drafts": requests.num_drafts})
+        return out
+
+    def request_histogram(self) -> dict[str, Any]:
+        """Per-request acceptance lengths of the finished requests, counted per bucket (not cumulative)."""
+        modes = {"all": self.all_requests(), **self.requests}
+        return {"upper_bounds": [*acceptance.REQUEST_ACCEPTANCE_BUCKETS, "+Inf"],
+                "counts": {mode: list(requests.histogram) for mode, requests in modes.items()},
+                "sums": {mode: requests.sum_of_request_lengths for mode, requests in modes.items()}}
 
     def as_json(self) -> dict[str, Any]:
         counts = self.counts
+        requests = self.all_requests()
         return {
             "acceptance_length": counts.acceptance_length,
+            "acceptance_length_aggregation": "pooled",
+            "acceptance_length_mean_of_request_means": requests.mean_of_request_means,
+            "acceptance_lengths": self.acceptance_lengths(),
+            "aggregations": acceptance.AGGREGATIONS,
+            "requests_finished": requests.requests,
+            "request_acceptance_histogram": self.request_histogram(),
             "per_position_acceptance": counts.per_position_acceptance,
             "draft_acceptance_rate": counts.draft_acceptance_rate,
             "num_drafts": counts.num_drafts,
@@ -122,12 +180,19 @@ class LiveStatsStore:
             self._baseline_mtime: float | None = None
             self._baseline_checked = 0.0
             self._last_record: float | None = None
+            # where per-request counters come from (None: not available, and why)
+            self.per_request_source: str | None = None
+            self.per_request_missing: str | None = "no engine has reported yet"
 
     # -- writing -------------------------------------------------------------------------------------------
     def set_drafter(self, info: DrafterInfo) -> None:
         with self._lock:
             self.drafter = info
             self.drafters_seen[info.name] = info
+
+    def set_per_request_source(self, source: str | None, missing: str | None = None) -> None:
+        with self._lock:
+            self.per_request_source, self.per_request_missing = source, missing
 
     def set_baseline(self, profile: BaselineProfile | None, error: str | None = None) -> None:
         with self._lock:
@@ -169,9 +234,11 @@ class LiveStatsStore:
         num_draft_tokens: int = 0,
         num_accepted_tokens: int = 0,
         accepted_per_position: list[int] | tuple[int, ...] = (),
+        requests: list[tuple[int, int, str]] | tuple[tuple[int, int, str], ...] = (),
         now: float | None = None,
     ) -> Step:
-        """Record one engine step. ``timed`` says whether it was a pure decode step (no prefill finished)."""
+        """Record one engine step. ``timed`` says whether it was a pure decode step (no prefill finished);
+        ``requests`` holds (drafts, accepted tokens, sampling mode) of each request that finished in it."""
         now = time.monotonic() if now is None else now
         with self._lock:
             previous, self._last_record = self._last_record, now
@@ -186,6 +253,7 @@ class LiveStatsStore:
                 num_draft_tokens=num_draft_tokens,
                 num_accepted_tokens=num_accepted_tokens,
                 accepted_per_position=tuple(accepted_per_position),
+                requests=tuple((int(d), int(a), str(m)) for d, a, m in requests),
             )
             self._steps.append(step)
             self._since_start.setdefault(step.drafter, Counters()).add(step)
@@ -243,6 +311,7 @@ class LiveStatsStore:
                 "steps": [dataclasses.astuple(step) for step in self._steps],
                 "timed": [dataclasses.astuple(step) for step in self._timed_since_start],
                 "since_start": {name: {"steps": c.steps, "output_tokens": c.output_tokens,
+                                       "requests": {m: dataclasses.asdict(r) for m, r in c.requests.items()},
                                        **dataclasses.asdict(c.counts)} for name, c in self._since_start.items()},
                 "drafters_seen": {name: dataclasses.asdict(info) for name, info in self.drafters_seen.items()},
             }
@@ -251,7 +320,7 @@ class LiveStatsStore:
         """Add an earlier snapshot (of the engine this one replaced) in front of what is recorded here. The live
         drafter stays the one set here; drafters only the snapshot knows become queryable again."""
         def steps(rows):
-            return [Step(*row[:-1], tuple(row[-1])) for row in rows]
+            return [_step_from_row(row) for row in rows]
 
         with self._lock:
             self._steps = collections.deque(steps(data["steps"]) + list(self._steps), maxlen=MAX_STEPS)
@@ -260,6 +329,8 @@ class LiveStatsStore:
                 saved = dict(saved)
                 counters = Counters()
                 counters.steps, counters.output_tokens = saved.pop("steps"), saved.pop("output_tokens")
+                for mode, sums in saved.pop("requests", {}).items():
+                    counters.requests[mode] = acceptance.RequestAcceptance(**{**sums, "histogram": tuple(sums["histogram"])})
                 counters.counts = acceptance.SpecDecodeCounts(**saved)
                 counters.merge(self._since_start.get(name, Counters()))
                 self._since_start[name] = counters
@@ -285,6 +356,7 @@ class LiveStatsStore:
                 {
                     "t": self.started_wall + (part[-1].time - self.started),  # wall-clock seconds
                     "acceptance_length": summary["acceptance_length"],
+                    "acceptance_length_mean_of_request_means": summary["acceptance_length_mean_of_request_means"],
                     "per_position_acceptance": summary["per_position_acceptance"],
                     "speedup": summary["speedup"],
                     "tokens_per_s": summary["tokens_per_s"],

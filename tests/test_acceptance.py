@@ -194,3 +194,20 @@ def test_fp32_rounding_above_one_is_clamped_not_rejected():
     assert expected_acceptance_length([1.0000000029802323, 1.0]) == 3.0
     with pytest.raises(ValueError):
         expected_acceptance_length([1.001])
+
+
+def test_pooled_and_mean_of_request_means_differ_when_requests_differ_in_length():
+    from lk_vllm.acceptance import REQUEST_ACCEPTANCE_BUCKETS, RequestAcceptance
+
+    long_request = RequestAcceptance.of_request(num_drafts=10, num_accepted_tokens=10)  # 2.0 tokens per step
+    short_request = RequestAcceptance.of_request(num_drafts=2, num_accepted_tokens=4)  # 3.0 tokens per step
+    both = long_request + short_request
+    assert both.requests == 2
+    assert both.pooled_acceptance_length == pytest.approx(1 + 14 / 12)  # the long request weighs more
+    assert both.mean_of_request_means == pytest.approx(2.5)  # each request weighs the same
+    assert both.histogram[REQUEST_ACCEPTANCE_BUCKETS.index(2.0)] == 1
+    assert both.histogram[REQUEST_ACCEPTANCE_BUCKETS.index(3.0)] == 1 and sum(both.histogram) == 2
+    beyond = RequestAcceptance.of_request(num_drafts=1, num_accepted_tokens=20)  # above every bound: +Inf
+    assert beyond.histogram[-1] == 1
+    assert RequestAcceptance.of_request(0, 0) == RequestAcceptance()  # never drafted: not a request here
+    assert RequestAcceptance().mean_of_request_means is None and RequestAcceptance().pooled_acceptance_length is None

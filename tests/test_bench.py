@@ -14,9 +14,9 @@ import struct
 
 import pytest
 
-from lk_vllm.acceptance import SpecDecodeCounts
+from lk_vllm.acceptance import SpecDecodeCounts, heldout_rates
 from lk_vllm.bench.contenders import BASELINE, Contender, drafter_labels
-from lk_vllm.bench.metrics import build_records, record, training_rates
+from lk_vllm.bench.metrics import build_records, record
 from lk_vllm.bench.runner import Cell, Measurement, Plan
 from lk_vllm.bench.workloads import Workload
 from lk_vllm.cli import COMMANDS, main
@@ -75,7 +75,7 @@ def test_baseline_record_has_no_acceptance_and_speedup_one():
 
 @pytest.mark.parametrize("temperature, heldout", [(0.5, HELDOUT), (1.0, {"per_position_alpha": [0.6]}), (1.0, {})])
 def test_no_training_expectation_without_a_matching_prediction(temperature, heldout):
-    assert training_rates({"heldout": heldout}, temperature, K) is None
+    assert heldout_rates({"heldout": heldout}, temperature, K) is None
 
 
 def test_overall_pools_tokens_seconds_and_counters():
@@ -99,6 +99,35 @@ def test_overall_pools_tokens_seconds_and_counters():
     assert mine[0]["per_position_acceptance"] == pytest.approx([7 / 8, 4 / 8])
     assert per_dataset[3]["speedup"] == pytest.approx(15 / 7.5)
 
+
+
+def test_records_carry_both_aggregations_stamped_with_the_sampling_mode():
+    from types import SimpleNamespace
+
+    from lk_vllm.acceptance import RequestAcceptance
+    from lk_vllm.bench.runner import request_counts
+
+    def completion(histogram):  # vLLM's per-request metrics: draft-verify steps counted by accepted tokens j
+        return SimpleNamespace(spec_decode_metrics=SimpleNamespace(histogram=histogram))
+
+    long_request = request_counts(completion([0, 10, 0]))  # 10 steps, 1 accepted each: 2.0
+    short_request = request_counts(completion([0, 0, 2]))  # 2 steps, 2 accepted each: 3.0
+    assert request_counts(SimpleNamespace(spec_decode_metrics=None)) == RequestAcceptance()
+    counts = SpecDecodeCounts(num_drafts=12, num_draft_tokens=24, num_accepted_tokens=14, accepted_per_position=(9, 5))
+    plan = _plan(concurrencies=(1,), temperatures=(0.0, 1.0))
+    cells = [cell for cell, _ in plan.cells()]
+    for cell in cells[:2]:
+        r = record(_drafter(), cell, Measurement(2, 30, 2.0, counts, long_request + short_request), plan, None)
+        assert r["acceptance_length"] == pytest.approx(1 + 14 / 12) and r["acceptance_length_aggregation"] == "pooled"
+        assert r["acceptance_length_mean_of_request_means"] == pytest.approx(2.5)
+        mode = "sampled" if cell.temperature > 0 else "temperature_0"
+        assert r["sampling"] == mode and {e["sampling"] for e in r["acceptance_lengths"]} == {mode}
+        assert [e["aggregation"] for e in r["acceptance_lengths"]] == ["pooled", "mean_of_request_means"]
+        assert sum(r["request_acceptance_histogram"]["counts"]) == 2
+    results = {"e3-lambda": {cell: Measurement(1, 10, 1.0, counts, long_request if i % 2 else short_request)
+                             for i, cell in enumerate(cells)}}
+    _, overall = build_records(plan, [_drafter()], results)  # pooled over datasets: the requests add up
+    assert [r["acceptance_length_mean_of_request_means"] for r in overall] == pytest.approx([3.0, 2.0])
 
 def test_drafter_labels_are_short_and_unique(tmp_path):
     assert drafter_labels(["runs/kl/best", "runs/lk/best", "other/final"]) == ["kl/best", "lk/best", "other/final"]
@@ -176,9 +205,9 @@ def test_results_page_json_markdown_png(tmp_path):
     md = paths["md"].read_text()
     assert "`lk-vllm bench --name unit`" in md and "![per-position acceptance and speedup](unit.png)" in md
     # e3-lambda over all datasets at T=1: AL 2.20, training-time 1.90, gap +15.8 %, 25 tokens/s, speedup 2.50
-    assert "| e3-lambda | eagle3 | lambda | 1 | 1 | 2.20 | 1.90 | +15.8 | 25.0 | 2.50 |" in md
-    assert "| baseline | none | - | 0 | 1 | - | - | - | 10.0 | 1.00 |" in md
-    assert "| e3-lambda | mtbench | 0 | 1 | 2.20 | 0.70 / 0.50 |" in md
+    assert "| e3-lambda | eagle3 | lambda | 1 | 1 | 2.20 | - | 1.90 | +15.8 | 25.0 | 2.50 |" in md
+    assert "| baseline | none | - | 0 | 1 | - | - | - | - | 10.0 | 1.00 |" in md
+    assert "| e3-lambda | mtbench | 0 | 1 | 2.20 | - | 0.70 / 0.50 |" in md
     # LK against KL: 2.2 / 2.0 = +10 %, with the paper's range beside it
     assert "| eagle3 | e3-lambda | lambda | e3-kl | 1 | 1 | 2.20 / 2.00 | +10.0 | +3.5 to +8.2 % |" in md
     png = paths["png"].read_bytes()
@@ -402,6 +431,10 @@ def test_real_bench_matches_vllm_counters_and_measured_speed(real_run):
         assert r["per_position_acceptance"] == pytest.approx([count / drafts for count in per_position])
         # The drafter is the target: every draft is accepted, at T=0 and at T=1.
         assert r["acceptance_length"] == pytest.approx(K + 1, abs=0.1)
+        # ... and so in every request: vLLM's per-request counters reached the record (2 prompts per cell).
+        assert r["acceptance_length_mean_of_request_means"] == pytest.approx(K + 1, abs=0.1)
+        assert r["acceptance_lengths"][1]["requests"] == 2
+        assert r["sampling"] == ("temperature_0" if r["temperature"] == 0 else "sampled")
         reference = base[(r["dataset"], r["temperature"], r["concurrency"])]
         assert r["tokens_per_s"] == pytest.approx(r["output_tokens"] / r["seconds"])
         assert reference["tokens_per_s"] == pytest.approx(reference["output_tokens"] / reference["seconds"])

@@ -99,6 +99,7 @@ def test_worker_method_install_refuses_to_replace_a_vllm_method(monkeypatch):
         install_worker_methods()
 
 
+
 # ------------------------------------------------------------------------------------------------ in-place reload
 class _TinyDrafter(torch.nn.Module):
     """Stands in for a vLLM drafter module: one linear layer, loaded from a safetensors file."""
@@ -333,6 +334,76 @@ def test_stat_logger_is_inert_without_speculation(monkeypatch):
     assert store.steps() == [] and store.drafter is None
 
 
+
+def _finished_request(temperature, accepted_per_step, num_spec_tokens=2):
+    """One request finished through vLLM's output processor (lk's patch on), with vLLM's own per-request
+    counters: ``accepted_per_step[i]`` draft tokens of K were accepted at step i."""
+    from vllm.v1.engine.output_processor import OutputProcessor
+    from vllm.v1.metrics.stats import IterationStats, RequestSpecDecodeMetrics, RequestStateStats
+
+    from lk_vllm.plugin.patches import patch_finished_request_spec_metrics
+
+    assert patch_finished_request_spec_metrics() and patch_finished_request_spec_metrics()  # idempotent
+    metrics = RequestSpecDecodeMetrics.new(num_spec_tokens)
+    for accepted in accepted_per_step:
+        metrics.observe(num_draft_tokens=num_spec_tokens, num_accepted=accepted)
+    req_state = SimpleNamespace(external_req_id="r", request_id="r", prompt_len=4, max_tokens_param=16,
+                                stats=RequestStateStats(arrival_time=0.0), num_cached_tokens=0, lora_name=None,
+                                parent_req=None, spec_decode_metrics=metrics, temperature=temperature)
+    processor = SimpleNamespace(lora_states=SimpleNamespace(request_finished=lambda *args: None))
+    iteration = IterationStats()
+    OutputProcessor._update_stats_from_finished(processor, req_state, "stop", iteration)
+    return iteration.finished_requests[0]
+
+
+def test_stat_logger_records_each_finished_requests_own_acceptance(monkeypatch):
+    """Two requests, one long at T=0 (2 tokens per step), one short sampled (3 per step): the two aggregations
+    differ, and each number says which aggregation and sampling mode it is."""
+    from lk_vllm.plugin import stat_logger
+    from serving import live_stats
+
+    store = LiveStatsStore()
+    monkeypatch.setattr(live_stats, "STORE", store)
+    spec = SimpleNamespace(method="ngram", model=None, num_speculative_tokens=2, draft_sample_method="greedy",
+                           rejection_sample_method="standard")
+    config = _vllm_config(spec)
+    config.observability_config = SimpleNamespace(per_request_spec_decode_metrics="summary")
+    logger = stat_logger.LkStatLogger(config)
+    scheduler, iteration = _stats(running=0, drafts=12, draft_tokens=24, accepted=14, per_pos=(9, 5), tokens=26)
+    iteration.finished_requests = [_finished_request(0.0, [1] * 10), _finished_request(0.8, [2, 2])]
+    assert stat_logger.finished_request_counts(iteration) == [(10, 10, "temperature_0"), (2, 4, "sampled")]
+    logger.record(scheduler, iteration)
+    summary = store.summary(store.steps())
+    assert summary["acceptance_length"] == pytest.approx(1 + 14 / 12) and summary["acceptance_length_aggregation"] == "pooled"
+    assert summary["acceptance_length_mean_of_request_means"] == pytest.approx(2.5)
+    labelled = {(e["aggregation"], e["sampling"]): e["value"] for e in summary["acceptance_lengths"]}
+    assert labelled == pytest.approx({("pooled", "all"): 1 + 14 / 12, ("mean_of_request_means", "all"): 2.5,
+                                      ("pooled", "temperature_0"): 2.0, ("mean_of_request_means", "temperature_0"): 2.0,
+                                      ("pooled", "sampled"): 3.0, ("mean_of_request_means", "sampled"): 3.0})
+    assert set(summary["aggregations"]) == {"pooled", "mean_of_request_means"}
+    histogram = summary["request_acceptance_histogram"]
+    assert sum(histogram["counts"]["all"]) == 2 and histogram["counts"]["sampled"][histogram["upper_bounds"].index(3.0)] == 1
+    assert store.per_request_source and store.per_request_missing is None
+
+    copy = LiveStatsStore()  # the statistics carried over an engine restart keep the per-request sums
+    copy.merge_snapshot(json.loads(json.dumps(store.snapshot())))
+    assert copy.summary(copy.steps())["acceptance_length_mean_of_request_means"] == pytest.approx(2.5)
+    assert copy.since_start()["acceptance_length_mean_of_request_means"] == pytest.approx(2.5)
+
+
+def test_without_per_request_metrics_the_store_says_why(monkeypatch):
+    from lk_vllm.plugin import stat_logger
+    from serving import live_stats
+
+    store = LiveStatsStore()
+    monkeypatch.setattr(live_stats, "STORE", store)
+    spec = SimpleNamespace(method="ngram", model=None, num_speculative_tokens=2, draft_sample_method="greedy",
+                           rejection_sample_method="standard")
+    config = _vllm_config(spec)
+    config.observability_config = SimpleNamespace(per_request_spec_decode_metrics="none")
+    stat_logger.LkStatLogger(config)
+    assert store.per_request_source is None and "--per-request-spec-decode-metrics" in store.per_request_missing
+
 # ------------------------------------------------------------------------------------------------ store and speed-up
 def _profile(points):
     return speedup.BaselineProfile(key={}, points=[{"batch_size": b, "seconds_per_token": s} for b, s in points])
@@ -564,6 +635,7 @@ def test_metrics_collector_reports_the_window(app_with_routes):
     registry.register(LkCollector(routes.store))
     text = generate_latest(registry).decode()
     assert "lk_acceptance_length 2.5" in text
+    assert 'lk_acceptance_length_aggregated{aggregation="pooled",sampling="all"} 2.5' in text
     assert 'lk_per_position_acceptance{position="0"} 1.0' in text
     assert 'lk_per_position_acceptance{position="1"} 0.5' in text
     assert "lk_speedup NaN" in text  # no baseline: not a number rather than a made-up one
@@ -732,3 +804,26 @@ def test_serve_drafter_dir_becomes_an_eagle3_config_with_probabilistic_drafts(tm
     with pytest.raises(UserError, match="no config.json"):
         (tmp_path / "bare").mkdir()
         launcher.build_server_command(_serve_args(str(target), "--drafter", str(tmp_path / "bare")))
+
+
+def test_metrics_collector_labels_both_aggregations_and_the_request_histogram(app_with_routes):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from serving.api import LkCollector
+
+    client, routes, _ = app_with_routes
+    routes.store.record_step(batch_size=2, output_tokens=26, timed=False, num_drafts=12, num_draft_tokens=24,
+                             num_accepted_tokens=14, accepted_per_position=[9, 5],
+                             requests=[(10, 10, "temperature_0"), (2, 4, "sampled")])
+    registry = CollectorRegistry()
+    registry.register(LkCollector(routes.store))
+    text = generate_latest(registry).decode()
+    assert 'lk_acceptance_length_aggregated{aggregation="mean_of_request_means",sampling="all"} 2.5' in text
+    assert 'lk_acceptance_length_aggregated{aggregation="pooled",sampling="sampled"} 3.0' in text
+    assert 'lk_request_acceptance_length_bucket{le="1.75",sampling="all"} 0.0' in text
+    assert 'lk_request_acceptance_length_bucket{le="2.0",sampling="all"} 1.0' in text
+    assert 'lk_request_acceptance_length_bucket{le="+Inf",sampling="all"} 2.0' in text
+    assert 'lk_request_acceptance_length_sum{sampling="all"} 5.0' in text
+    body = client.get("/v1/speculative/stats").json()
+    assert body["acceptance_length_mean_of_request_means"] == pytest.approx(2.5)
+    assert {"aggregation", "sampling", "value", "source"} <= set(body["acceptance_lengths"][0])

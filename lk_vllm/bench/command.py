@@ -29,7 +29,9 @@ METHOD = {
     "sampling": "prompts tokenized with the target's chat template; at T>0 request i samples with seed + i, the "
                 "same for every engine",
     "acceptance": "acceptance length = 1 + accepted / drafts and per-position acceptance = accepted at position k "
-                  "/ drafts, from vLLM's speculative-decoding counters of the cell",
+                  "/ drafts, from vLLM's speculative-decoding counters of the cell (pooled over its steps); "
+                  "'per-request mean' = the mean over the cell's requests of each one's own 1 + accepted / drafts "
+                  "(vLLM's per-request metrics; SpecForge's statistic); T=0 is temperature_0, T>0 sampled",
     "throughput": "tokens/s = output tokens / wall time from the first request's submission to the last one's "
                   "completion (after a warm-up; prefix cache emptied before each cell); speedup = tokens/s / the "
                   "baseline's tokens/s for the same dataset, temperature and concurrency in the same run",
@@ -230,8 +232,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         for r in document["overall"]:
             al = "-" if r["acceptance_length"] is None else f"{r['acceptance_length']:.2f}"
+            means = r.get("acceptance_length_mean_of_request_means")
+            per_request = "-" if means is None else f"{means:.2f}"
             speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-            print(f"{r['drafter']:<24} T={r['temperature']:<4g} c={r['concurrency']:<3d} acceptance length {al:>5}  "
+            print(f"{r['drafter']:<24} T={r['temperature']:<4g} c={r['concurrency']:<3d} acceptance length pooled "
+                  f"{al:>5} per-request mean {per_request:>5} ({r.get('sampling', '-')})  "
                   f"{r['tokens_per_s']:7.1f} tokens/s  speedup {speedup}")
         print(f"results: {paths['md']}")
     return 0

@@ -2,7 +2,11 @@
 
 * ``acceptance_length`` and ``per_position_acceptance`` come from vLLM's counters of the cell, through
   ``lk_vllm.acceptance`` (mean tokens per draft-verify step, bonus token included; unconditional rate of each
-  draft position). ``None`` for the baseline: nothing is drafted there.
+  draft position). ``None`` for the baseline: nothing is drafted there. That length is *pooled* over the cell's
+  steps (``acceptance_length_aggregation``); ``acceptance_length_mean_of_request_means`` is the other
+  aggregation (SpecForge's), from each request's own counters, with ``request_acceptance_histogram``.
+  ``acceptance_lengths`` lists both, each with its aggregation and sampling mode (``temperature_0`` or
+  ``sampled``, also in ``sampling``).
 * ``tokens_per_s`` = output tokens / wall seconds of the cell; ``speedup`` = a contender's ``tokens_per_s``
   divided by the baseline's for the same dataset, temperature and concurrency, measured in the same run.
 * ``training_expected_acceptance_length``: what the trainer predicted on held-out data (``lk_training.json``,
@@ -17,19 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 from lk_vllm import acceptance
-from lk_vllm.acceptance import SpecDecodeCounts
+from lk_vllm.acceptance import RequestAcceptance, SpecDecodeCounts
 from lk_vllm.bench.contenders import Contender
 from lk_vllm.bench.runner import Cell, Measurement, Plan
-
-
-def training_rates(training: dict[str, Any], temperature: float, num_speculative_tokens: int) -> list[float] | None:
-    """The conditional per-position acceptance rates the trainer measured for this temperature, or None."""
-    heldout = training.get("heldout") if isinstance(training.get("heldout"), dict) else {}
-    key = {0.0: "top1_agreement", 1.0: "per_position_alpha"}.get(float(temperature))
-    rates = heldout.get(key) if key else None
-    if not isinstance(rates, list) or len(rates) < num_speculative_tokens:
-        return None
-    return [float(rate) for rate in rates[:num_speculative_tokens]]
 
 
 def _rate(numerator: float, denominator: float) -> float | None:
@@ -73,8 +67,20 @@ def record(contender: Contender, cell: Cell | tuple[str, float, int], measuremen
         return out
     per_position = list(counts.accepted_per_position)[:k]
     per_position += [0] * (k - len(per_position))
+    requests, mode = measurement.requests, acceptance.sampling_mode(temperature)
     out.update(
         acceptance_length=counts.acceptance_length,
+        acceptance_length_aggregation="pooled",
+        acceptance_length_mean_of_request_means=requests.mean_of_request_means,
+        sampling=mode,
+        acceptance_lengths=[
+            {"aggregation": "pooled", "sampling": mode, "value": counts.acceptance_length,
+             "num_drafts": counts.num_drafts},
+            {"aggregation": "mean_of_request_means", "sampling": mode, "value": requests.mean_of_request_means,
+             "requests": requests.requests},
+        ],
+        request_acceptance_histogram={"upper_bounds": [*acceptance.REQUEST_ACCEPTANCE_BUCKETS, "+Inf"],
+                                      "counts": list(requests.histogram)},
         per_position_acceptance=acceptance.per_position_acceptance(per_position, counts.num_drafts),
         num_drafts=counts.num_drafts,
         num_draft_tokens=counts.num_draft_tokens,
@@ -84,7 +90,7 @@ def record(contender: Contender, cell: Cell | tuple[str, float, int], measuremen
         draft_sample_method=(contender.speculative_config.get("draft_sample_method", "greedy")
                              if temperature > 0 else "greedy"),
     )
-    rates = training_rates(contender.training, temperature, k)
+    rates = acceptance.heldout_rates(contender.training, temperature, k)
     if rates is not None:
         expected = acceptance.expected_acceptance_length(rates)
         out["training_expected_acceptance_length"] = expected
@@ -96,11 +102,11 @@ def record(contender: Contender, cell: Cell | tuple[str, float, int], measuremen
 
 def pooled(measurements: list[Measurement]) -> Measurement:
     """Several cells' measurements as one (counters, tokens and seconds summed)."""
-    counts = SpecDecodeCounts()
+    counts, requests = SpecDecodeCounts(), RequestAcceptance()
     for m in measurements:
-        counts = counts + m.counts
+        counts, requests = counts + m.counts, requests + m.requests
     return Measurement(sum(m.num_requests for m in measurements), sum(m.output_tokens for m in measurements),
-                       sum(m.seconds for m in measurements), counts)
+                       sum(m.seconds for m in measurements), counts, requests)
 
 
 def build_records(plan: Plan, contenders: list[Contender],

@@ -87,18 +87,21 @@ def render_markdown(document: dict[str, Any], png_name: str | None = None) -> st
     overall = document.get("overall", [])
     lines += ["## All datasets", ""]
     lines += _table(
-        ["drafter", "architecture", "loss", "T", "concurrency", "acceptance length", "training-time expected",
-         "gap %", "tokens/s", "speedup"],
+        ["drafter", "architecture", "loss", "T", "concurrency", "acceptance length (pooled)",
+         "acceptance length (per-request mean)", "training-time expected", "gap %", "tokens/s", "speedup"],
         [[r["drafter"], r["architecture"], r["loss"] or "-", _temperature(r["temperature"]), str(r["concurrency"]),
-          _num(r["acceptance_length"]), _num(r["training_expected_acceptance_length"]),
+          _num(r["acceptance_length"]), _num(r.get("acceptance_length_mean_of_request_means")),
+          _num(r["training_expected_acceptance_length"]),
           _signed(r["acceptance_length_gap_percent"]), _num(r["tokens_per_s"], 1), _num(r["speedup"])]
          for r in overall])
     lines += ["", "## Per dataset", ""]
     lines += _table(
-        ["drafter", "dataset", "T", "concurrency", "acceptance length", "per-position acceptance",
-         "training-time expected", "gap %", "output tokens", "seconds", "tokens/s", "speedup"],
+        ["drafter", "dataset", "T", "concurrency", "acceptance length (pooled)", "acceptance length (per-request mean)",
+         "per-position acceptance", "training-time expected", "gap %", "output tokens", "seconds", "tokens/s",
+         "speedup"],
         [[r["drafter"], r["dataset"], _temperature(r["temperature"]), str(r["concurrency"]),
-          _num(r["acceptance_length"]), _rates(r["per_position_acceptance"]),
+          _num(r["acceptance_length"]), _num(r.get("acceptance_length_mean_of_request_means")),
+          _rates(r["per_position_acceptance"]),
           _num(r["training_expected_acceptance_length"]), _signed(r["acceptance_length_gap_percent"]),
           str(r["output_tokens"]), _num(r["seconds"], 1), _num(r["tokens_per_s"], 1), _num(r["speedup"])]
          for r in document.get("records", [])])

@@ -12,7 +12,10 @@ Each cell (dataset, temperature, concurrency) measures, on the same engine:
 * wall time from the first request's submission to the last one's completion, and the output tokens of all
   requests (prefills included: they are the same work with and without a drafter);
 * the engine's speculative-decoding counters before and after (``read_spec_decode_counters``); the difference
-  belongs to the cell (``lk_vllm.acceptance.SpecDecodeCounts``).
+  belongs to the cell (``lk_vllm.acceptance.SpecDecodeCounts``): the pooled acceptance length;
+* each finished request's own counters (vLLM's per-request speculative-decoding metrics, which the engine
+  reports with ``per_request_spec_decode_metrics="summary"``), summed in ``lk_vllm.acceptance.RequestAcceptance``:
+  the mean of per-request means and the per-request histogram.
 
 Before the first cell a short warm-up (not measured) runs at every temperature, and the prefix cache is
 emptied before each cell so a cell never reuses the prompts' KV cache from an earlier one. At T>0 request
@@ -27,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from lk_vllm.acceptance import SpecDecodeCounts
+from lk_vllm.acceptance import RequestAcceptance, SpecDecodeCounts
 from lk_vllm.bench.contenders import Contender
 from lk_vllm.bench.workloads import Workload
 from lk_vllm.engine import (
@@ -80,13 +83,17 @@ class Measurement:
     output_tokens: int
     seconds: float
     counts: SpecDecodeCounts
+    requests: RequestAcceptance = RequestAcceptance()
 
 
 def engine_settings(base: EngineSettings, plan: Plan, contender: Contender) -> EngineSettings:
     """``base`` with the contender's speculative config; everything else identical for every contender.
     Whole-prompt prefills because requests sample with their own seed (see ``whole_prompt_prefills``)."""
+    extra = dict(base.extra)
+    if contender.speculative_config:  # each request's own counters (acceptance per request)
+        extra.setdefault("per_request_spec_decode_metrics", "summary")
     settings = dataclasses.replace(base, speculative_config=contender.speculative_config,
-                                   max_num_seqs=max(plan.concurrencies))
+                                   max_num_seqs=max(plan.concurrencies), extra=extra)
     return whole_prompt_prefills(settings)
 
 
@@ -98,9 +105,21 @@ def sampling_params(temperature: float, max_tokens: int, seeds: Sequence[int]) -
                            output_kind=RequestOutputKind.FINAL_ONLY) for seed in seeds]
 
 
+def request_counts(completion) -> RequestAcceptance:
+    """One finished sequence's own speculative counters (nothing when vLLM reported none)."""
+    metrics = getattr(completion, "spec_decode_metrics", None)
+    if metrics is None:
+        return RequestAcceptance()
+    # vLLM's histogram counts the sequence's draft-verify steps by accepted draft tokens j.
+    return RequestAcceptance.of_request(sum(metrics.histogram),
+                                        sum(j * count for j, count in enumerate(metrics.histogram)))
+
+
 def drive(engine, prompt_ids: Sequence[Sequence[int]], params: Sequence, concurrency: int,
-          on_finished: Callable[[], None] | None = None) -> tuple[int, float]:
-    """Run the prompts with ``concurrency`` requests in flight; return (output tokens, wall seconds)."""
+          on_finished: Callable[[], None] | None = None, requests: list[RequestAcceptance] | None = None
+          ) -> tuple[int, float]:
+    """Run the prompts with ``concurrency`` requests in flight; return (output tokens, wall seconds). Each
+    finished sequence's own speculative counters are appended to ``requests`` when given."""
     from vllm.inputs import TokensPrompt
 
     prefix = uuid.uuid4().hex[:8]
@@ -123,6 +142,8 @@ def drive(engine, prompt_ids: Sequence[Sequence[int]], params: Sequence, concurr
                 continue
             in_flight.discard(output.request_id)
             output_tokens += sum(len(completion.token_ids) for completion in output.outputs)
+            if requests is not None:
+                requests += [request_counts(completion) for completion in output.outputs]
             if on_finished is not None:
                 on_finished()
             if waiting:
@@ -153,9 +174,11 @@ def measure(settings: EngineSettings, plan: Plan, on_finished: Callable[[Cell], 
             seeds = [plan.seed + index for index in range(len(workload.prompt_ids))]
             params = sampling_params(cell.temperature, plan.max_tokens, seeds)
             before = _counters(llm, num_positions)
+            requests: list[RequestAcceptance] = []
             tokens, seconds = drive(engine, workload.prompt_ids, params, cell.concurrency,
-                                    None if on_finished is None else lambda cell=cell: on_finished(cell))
-            results[cell] = Measurement(len(workload.prompt_ids), tokens, seconds, _counters(llm, num_positions) - before)
+                                    None if on_finished is None else lambda cell=cell: on_finished(cell), requests)
+            results[cell] = Measurement(len(workload.prompt_ids), tokens, seconds, _counters(llm, num_positions) - before,
+                                        sum(requests, RequestAcceptance()))
         return results
     finally:
         shutdown_llm(llm)

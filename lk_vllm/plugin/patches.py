@@ -21,6 +21,13 @@
    cpu-spec-step.md). With ``LK_VLLM_CPU_INPROCESS_WORKER=1`` (set by ``lk_vllm.engine`` on CPU) the wrapper
    below puts ``uni`` back for a one-worker engine, so the model runs inside the EngineCore process; tensor or
    pipeline parallel engines keep vLLM's ``mp``.
+4. **Stat loggers get no per-request speculative counters.** The scheduler sends each finished request's
+   ``RequestSpecDecodeMetrics`` (with ``--per-request-spec-decode-metrics summary|detailed``) to the front end,
+   where the output processor puts it on the response only; the ``FinishedRequestStats`` a stat logger receives
+   carry none. The wrapper below copies it, and the request's temperature, onto that request's
+   ``FinishedRequestStats`` (attributes ``lk_spec_decode_metrics`` and ``lk_temperature``), which the lk stat
+   logger reads for per-request acceptance (``serving.live_stats``). A request stopped by a stop string in the
+   front end, before the engine finished it, has no metrics there (vLLM's response has none either).
 """
 
 from __future__ import annotations
@@ -105,7 +112,35 @@ def patch_cpu_inprocess_worker() -> bool:
     return True
 
 
+FINISHED_SPEC_METRICS = "lk_spec_decode_metrics"
+FINISHED_TEMPERATURE = "lk_temperature"
+
+
+def patch_finished_request_spec_metrics() -> bool:
+    """Put a finished request's own speculative counters and temperature on its ``FinishedRequestStats``;
+    True when the patch is in place."""
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    original = OutputProcessor._update_stats_from_finished
+    if getattr(original, _MARK, False):
+        return True
+
+    @functools.wraps(original)
+    def _update_stats_from_finished(self, req_state, finish_reason, iteration_stats):
+        count = len(iteration_stats.finished_requests) if iteration_stats is not None else 0
+        original(self, req_state, finish_reason, iteration_stats)
+        if iteration_stats is not None and len(iteration_stats.finished_requests) == count + 1:
+            finished = iteration_stats.finished_requests[-1]
+            setattr(finished, FINISHED_SPEC_METRICS, req_state.spec_decode_metrics)
+            setattr(finished, FINISHED_TEMPERATURE, req_state.temperature)
+
+    setattr(_update_stats_from_finished, _MARK, True)
+    OutputProcessor._update_stats_from_finished = _update_stats_from_finished
+    return True
+
+
 def apply_patches() -> None:
     patch_cpu_expand_kernel()
     patch_medusa_token_map()
     patch_cpu_inprocess_worker()
+    patch_finished_request_spec_metrics()

@@ -3,6 +3,9 @@
 vLLM's ``AsyncLLM`` (the OpenAI server's engine client) builds one logger per engine and calls ``record`` after
 each engine step's outputs were processed, in the API-server process; ``serving.live_stats.STORE`` lives in the
 same process and is read by the HTTP routes. The logger is inert when speculative decoding is off.
+
+Per-request counters come from the ``FinishedRequestStats`` of the requests that finished in the step, where
+lk-vllm's patch of the output processor put them (``lk_vllm.plugin.patches``, point 4).
 """
 
 from __future__ import annotations
@@ -12,6 +15,24 @@ import logging
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 logger = logging.getLogger("lk_vllm.plugin")
+
+
+def finished_request_counts(iteration_stats) -> list[tuple[int, int, str]]:
+    """(drafts, accepted tokens, sampling mode) of every request that finished in this step and drafted."""
+    from lk_vllm.acceptance import sampling_mode
+    from lk_vllm.plugin.patches import FINISHED_SPEC_METRICS, FINISHED_TEMPERATURE
+
+    out = []
+    for finished in getattr(iteration_stats, "finished_requests", None) or ():
+        metrics = getattr(finished, FINISHED_SPEC_METRICS, None)
+        if metrics is None:
+            continue
+        # vLLM's histogram counts the request's draft-verify steps by accepted draft tokens j.
+        num_drafts = sum(metrics.histogram)
+        if num_drafts:
+            num_accepted = sum(j * count for j, count in enumerate(metrics.histogram))
+            out.append((num_drafts, num_accepted, sampling_mode(getattr(finished, FINISHED_TEMPERATURE, None))))
+    return out
 
 
 class LkStatLogger(StatLoggerBase):
@@ -28,6 +49,12 @@ class LkStatLogger(StatLoggerBase):
 
             self.store.set_drafter(describe_speculative_config(spec))
             load_baseline_for(self.store, vllm_config)
+            level = getattr(getattr(vllm_config, "observability_config", None), "per_request_spec_decode_metrics",
+                            "none")
+            self.store.set_per_request_source(
+                None if level == "none" else f"vLLM's per-request speculative-decoding metrics ({level})",
+                "vLLM was started without --per-request-spec-decode-metrics (summary or detailed): no per-request "
+                "acceptance, so no mean of per-request means and no histogram" if level == "none" else None)
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
         if not self.active or (scheduler_stats is None and iteration_stats is None):
@@ -46,6 +73,7 @@ class LkStatLogger(StatLoggerBase):
             num_draft_tokens=spec.num_draft_tokens if spec else 0,
             num_accepted_tokens=spec.num_accepted_tokens if spec else 0,
             accepted_per_position=list(spec.num_accepted_tokens_per_pos) if spec else [],
+            requests=finished_request_counts(iteration_stats),
         )
 
     def log_engine_initialized(self):

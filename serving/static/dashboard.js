@@ -96,6 +96,35 @@ function barChart(svg, values) {
   });
 }
 
+// histogram: {upper_bounds: [..., "+Inf"], counts: {all: [...]}}, counts per bucket (not cumulative).
+function histogramChart(svg, histogram, missing) {
+  const counts = histogram ? histogram.counts.all : [];
+  const total = counts.reduce((a, b) => a + b, 0);
+  if (total === 0) { noData(svg, missing || "no finished requests in the last 60 s"); return; }
+  clear(svg);
+  // Only the buckets from the first to the last non-empty one: K bounds what a request can reach.
+  const first = counts.findIndex(c => c > 0), last = counts.length - 1 - [...counts].reverse().findIndex(c => c > 0);
+  const shown = counts.slice(first, last + 1), bounds = histogram.upper_bounds.slice(first, last + 1);
+  const top = niceMax(Math.max(...shown));
+  const slot = (W - PAD.left - PAD.right) / shown.length;
+  const y = v => H - PAD.bottom - v / top * (H - PAD.top - PAD.bottom);
+  for (let i = 0; i <= 4; i++) {
+    el("line", { x1: PAD.left, x2: W - PAD.right, y1: y(top * i / 4), y2: y(top * i / 4), class: i ? "grid" : "axis" }, svg);
+    el("text", { x: PAD.left - 6, y: y(top * i / 4) + 4, "text-anchor": "end" }, svg).textContent = String(Math.round(top * i / 4));
+  }
+  shown.forEach((c, k) => {
+    const x0 = PAD.left + k * slot + slot * 0.1;
+    el("rect", { x: x0, y: y(c), width: slot * 0.8, height: Math.max(0, y(0) - y(c)), fill: COLORS[0], class: "bar" }, svg);
+    el("text", { x: x0 + slot * 0.4, y: H - 8, "text-anchor": "middle" }, svg).textContent = "≤" + bounds[k];
+  });
+}
+
+function byMode(entries, aggregation) {
+  const part = m => { const e = entries.find(x => x.aggregation === aggregation && x.sampling === m);
+    return e && e.value !== null ? m.replace("_", " ") + " " + fmt(e.value, 2) + " (" + e.requests + " req)" : null; };
+  return ["temperature_0", "sampled"].map(part).filter(Boolean).join(" · ") || "no finished requests";
+}
+
 function fmt(value, digits, suffix) {
   return value === null || value === undefined || !Number.isFinite(value) ? "–" : value.toFixed(digits) + (suffix || "");
 }
@@ -109,14 +138,20 @@ async function refresh() {
       " · method " + stats.method + " · K=" + stats.num_speculative_tokens +
       " · sampling: draft " + (stats.sampling.draft_sample_method || "?") + ", rejection " + (stats.sampling.rejection_sample_method || "?");
     document.getElementById("al").textContent = fmt(stats.acceptance_length, 2);
+    document.getElementById("al-modes").textContent = byMode(stats.acceptance_lengths, "pooled");
+    document.getElementById("al-requests").textContent = fmt(stats.acceptance_length_mean_of_request_means, 2);
+    document.getElementById("al-requests-modes").textContent = stats.per_request.source ?
+      byMode(stats.acceptance_lengths, "mean_of_request_means") : stats.per_request.missing;
     document.getElementById("speedup").textContent = stats.baseline && stats.baseline.kind === "none" ? "no baseline" : fmt(stats.speedup, 2, "×");
     document.getElementById("tps").textContent = fmt(stats.tokens_per_s, 1);
     const s = stats.since_start;
     document.getElementById("since").textContent = s.output_tokens + " tokens, " + s.num_drafts + " drafts, AL " +
       fmt(s.acceptance_length, 2) + ", speed-up " + fmt(s.speedup, 2, "×");
     const points = history.points;
-    lineChart(document.getElementById("chart-al"), [{ name: "AL", color: COLORS[0],
-      points: points.map(p => [p.t, p.acceptance_length]) }], { yMin: 1, yMax: niceMax(Math.max(2, ...points.map(p => p.acceptance_length || 0)) * 1.05) });
+    lineChart(document.getElementById("chart-al"), [
+      { name: "pooled", color: COLORS[0], points: points.map(p => [p.t, p.acceptance_length]) },
+      { name: "req. means", color: COLORS[2], points: points.map(p => [p.t, p.acceptance_length_mean_of_request_means]) }],
+      { yMin: 1, yMax: niceMax(Math.max(2, ...points.map(p => Math.max(p.acceptance_length || 0, p.acceptance_length_mean_of_request_means || 0))) * 1.05) });
     lineChart(document.getElementById("chart-speedup"), [{ name: "speed-up", color: COLORS[1],
       points: points.map(p => [p.t, p.speedup]) }], { reference: 1, empty: history.baseline ? "no timed decode steps yet" : "no baseline profile (run lk-vllm calibrate)" });
     const K = history.num_speculative_tokens;
@@ -124,6 +159,8 @@ async function refresh() {
       name: "pos " + (k + 1), color: COLORS[k % COLORS.length],
       points: points.map(p => [p.t, p.per_position_acceptance ? p.per_position_acceptance[k] : null]) })), { yMin: 0, yMax: 1 });
     barChart(document.getElementById("chart-bars"), stats.per_position_acceptance);
+    histogramChart(document.getElementById("chart-requests"), stats.request_acceptance_histogram,
+      stats.per_request.source ? null : stats.per_request.missing);
     document.getElementById("status").textContent = "updated " + new Date().toLocaleTimeString() + " · " + points.length + " intervals";
     document.body.dataset.points = String(points.length);
   } catch (error) {
