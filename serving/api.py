@@ -1,6 +1,7 @@
 """HTTP routes lk-vllm adds to vLLM's OpenAI server, and the ``lk_*`` Prometheus gauges.
 
-* ``GET /v1/speculative/stats?window=60&drafter=NAME``: live statistics (DESIGN.md, "Server").
+* ``GET /v1/speculative/stats?window=60&drafter=NAME``: live statistics (DESIGN.md, "Server"), with the live
+  drafter's acceptance drift check (``serving.drift``).
 * ``GET /v1/speculative/history?seconds=600&resolution=5``: the same over time (for the dashboard).
 * ``POST /v1/speculative/drafter {"path": ..., "num_speculative_tokens": K}``: swap the drafter (admin key;
   K optional, default the live one; see ``serving.swap``).
@@ -29,6 +30,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from lk_vllm.atomic import write_atomic
+from serving.drift import DriftMonitor, DriftSettings
 from serving.live_stats import STORE, LiveStatsStore
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -60,7 +62,8 @@ def check_admin(request: Request, admin_key: str | None) -> JSONResponse | None:
     return None if same else _error(403, "wrong admin key")
 
 
-def stats_payload(store: LiveStatsStore, window: float, drafter: str | None) -> dict[str, Any]:
+def stats_payload(store: LiveStatsStore, window: float, drafter: str | None,
+                  drift: DriftMonitor | None = None) -> dict[str, Any]:
     info = store.drafter
     selected = store.drafters_seen.get(drafter) if drafter else info
     window_summary = store.summary(store.steps(window, drafter))
@@ -78,6 +81,8 @@ def stats_payload(store: LiveStatsStore, window: float, drafter: str | None) -> 
         "since_start": store.since_start(drafter),
         "drafters": {name: {**seen.as_json(), **store.since_start(name)} for name, seen in store.drafters_seen.items()},
     }
+    if drift is not None and (drafter is None or drafter == (info.name if info else None)):
+        payload["drift"] = drift.check(store)  # about the live drafter only
     return payload
 
 
@@ -116,6 +121,7 @@ class LkRoutes:
         self.drafters_dir = os.environ.get(DRAFTERS_DIR_ENV) or None
         self.target: str | None = None
         self.swap_lock = asyncio.Lock()
+        self.drift = DriftMonitor(DriftSettings.from_env())
         if os.environ.get(STATS_STATE_ENV):
             carry_statistics_over(self.store, Path(os.environ[STATS_STATE_ENV]))
 
@@ -139,7 +145,7 @@ class LkRoutes:
                 return seconds
             if drafter is not None and drafter not in self.store.drafters_seen:
                 return _error(404, f"drafter {drafter!r} never served here; known: {sorted(self.store.drafters_seen)}")
-            return stats_payload(self.store, seconds, drafter)
+            return stats_payload(self.store, seconds, drafter, self.drift)
 
         @router.get("/v1/speculative/history")
         async def speculative_history(
@@ -205,9 +211,11 @@ class LkRoutes:
 class LkCollector:
     """Prometheus collector: the ``lk_*`` gauges, computed from the live store at scrape time."""
 
-    def __init__(self, store: LiveStatsStore = STORE, window: float = DEFAULT_WINDOW_SECONDS) -> None:
+    def __init__(self, store: LiveStatsStore = STORE, window: float = DEFAULT_WINDOW_SECONDS,
+                 drift: DriftMonitor | None = None) -> None:
         self.store = store
         self.window = window
+        self.drift = drift or DriftMonitor()
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -260,22 +268,47 @@ class LkCollector:
         for position, rate in enumerate(rates):
             per_position.add_metric([str(position)], rate)
         yield per_position
+        yield from self.drift_metrics()
+
+    def drift_metrics(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        drift = self.drift.check(self.store)
+        nan = float("nan")
+        window = f"the last {drift['window_seconds']:g} s"
+        yield GaugeMetricFamily(
+            "lk_acceptance_drift",
+            f"1 when the live drafter's acceptance length over {window} is below {drift['threshold']:g} x its "
+            "expected one (lk_training.json or its first minutes of traffic), 0 when not, NaN when not judged yet",
+            value=nan if drift["drifting"] is None else float(drift["drifting"]),
+        )
+        ratio = GaugeMetricFamily("lk_acceptance_drift_ratio",
+                                  f"Observed / expected acceptance length over {window}, per sampling mode",
+                                  labels=["sampling"])
+        expected = GaugeMetricFamily("lk_expected_acceptance_length",
+                                     "The live drafter's expected acceptance length, per sampling mode",
+                                     labels=["sampling"])
+        for check in drift["checks"]:
+            ratio.add_metric([check["sampling"]], nan if check["ratio"] is None else check["ratio"])
+            expected.add_metric([check["sampling"]], check["expected"])
+        yield ratio
+        yield expected
 
 
 _COLLECTOR: LkCollector | None = None
 
 
-def register_collector(store: LiveStatsStore = STORE) -> LkCollector:
+def register_collector(store: LiveStatsStore = STORE, drift: DriftMonitor | None = None) -> LkCollector:
     """Add the lk gauges to the registry vLLM's /metrics serves (once per process)."""
     global _COLLECTOR
     if _COLLECTOR is None:
         from prometheus_client import REGISTRY
 
-        _COLLECTOR = LkCollector(store)
+        _COLLECTOR = LkCollector(store, drift=drift)
         REGISTRY.register(_COLLECTOR)
     return _COLLECTOR
 
 
 def attach(app: FastAPI, routes: LkRoutes) -> None:
     app.include_router(routes.router())
-    register_collector(routes.store)
+    register_collector(routes.store, routes.drift)

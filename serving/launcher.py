@@ -85,6 +85,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-request-spec-decode-metrics", choices=("none", "summary", "detailed"), default="summary",
                         help="acceptance metrics in every response (default summary)")
     parser.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
+    drift = parser.add_argument_group("acceptance drift alarm (lk_acceptance_drift, the dashboard banner)")
+    drift.add_argument("--drift-threshold", type=float, default=0.75, metavar="FRACTION",
+                       help="alarm when the windowed acceptance length falls below this fraction, in (0, 1], of the "
+                            "drafter's expected one (default 0.75)")
+    drift.add_argument("--drift-window", type=float, default=300.0, metavar="SECONDS",
+                       help="window the acceptance length is measured over (default 300)")
+    drift.add_argument("--drift-reference-minutes", type=float, default=5.0, metavar="MINUTES",
+                       help="for a drafter without held-out numbers in lk_training.json, the expected acceptance "
+                            "is its first MINUTES of traffic (default 5)")
     restart = parser.add_argument_group("engine restarts (drafter swaps to another architecture or shape)")
     restart.add_argument("--restart-wait", type=float, default=300.0, metavar="SECONDS",
                          help="while the engine restarts, new requests wait this long, then get 503 with Retry-After "
@@ -230,6 +239,7 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
     from lk_vllm.assets import resolve_target
     from lk_vllm.plugin import plugins_env_value
     from serving.api import ADMIN_KEY_ENV, DRAFTERS_DIR_ENV
+    from serving.drift import DRIFT_ENV, DriftSettings
 
     target = resolve_target(args.target)
     spec = speculative_config_from_args(args, target)
@@ -255,6 +265,9 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
         if not drafters_dir.is_dir():
             raise UserError(f"--drafters-dir {args.drafters_dir}: directory not found")
         env[DRAFTERS_DIR_ENV] = str(drafters_dir.resolve())
+    drift = DriftSettings(threshold=args.drift_threshold, window_seconds=args.drift_window,
+                          reference_seconds=60.0 * args.drift_reference_minutes)  # UserError on bad values
+    env[DRIFT_ENV] = json.dumps(dataclasses.asdict(drift))
     if args.baseline_profile:
         from serving.speedup import BaselineProfile
 

@@ -356,9 +356,8 @@ def _finished_request(temperature, accepted_per_step, num_spec_tokens=2):
     return iteration.finished_requests[0]
 
 
-def test_stat_logger_records_each_finished_requests_own_acceptance(monkeypatch):
-    """Two requests, one long at T=0 (2 tokens per step), one short sampled (3 per step): the two aggregations
-    differ, and each number says which aggregation and sampling mode it is."""
+def _ngram_logger(monkeypatch, per_request_level: str):
+    """A fresh store and the lk stat logger of an ngram engine with vLLM's per-request metrics at this level."""
     from lk_vllm.plugin import stat_logger
     from serving import live_stats
 
@@ -367,8 +366,16 @@ def test_stat_logger_records_each_finished_requests_own_acceptance(monkeypatch):
     spec = SimpleNamespace(method="ngram", model=None, num_speculative_tokens=2, draft_sample_method="greedy",
                            rejection_sample_method="standard")
     config = _vllm_config(spec)
-    config.observability_config = SimpleNamespace(per_request_spec_decode_metrics="summary")
-    logger = stat_logger.LkStatLogger(config)
+    config.observability_config = SimpleNamespace(per_request_spec_decode_metrics=per_request_level)
+    return store, stat_logger.LkStatLogger(config)
+
+
+def test_stat_logger_records_each_finished_requests_own_acceptance(monkeypatch):
+    """Two requests, one long at T=0 (2 tokens per step), one short sampled (3 per step): the two aggregations
+    differ, and each number says which aggregation and sampling mode it is."""
+    from lk_vllm.plugin import stat_logger
+
+    store, logger = _ngram_logger(monkeypatch, "summary")
     scheduler, iteration = _stats(running=0, drafts=12, draft_tokens=24, accepted=14, per_pos=(9, 5), tokens=26)
     iteration.finished_requests = [_finished_request(0.0, [1] * 10), _finished_request(0.8, [2, 2])]
     assert stat_logger.finished_request_counts(iteration) == [(10, 10, "temperature_0"), (2, 4, "sampled")]
@@ -392,16 +399,7 @@ def test_stat_logger_records_each_finished_requests_own_acceptance(monkeypatch):
 
 
 def test_without_per_request_metrics_the_store_says_why(monkeypatch):
-    from lk_vllm.plugin import stat_logger
-    from serving import live_stats
-
-    store = LiveStatsStore()
-    monkeypatch.setattr(live_stats, "STORE", store)
-    spec = SimpleNamespace(method="ngram", model=None, num_speculative_tokens=2, draft_sample_method="greedy",
-                           rejection_sample_method="standard")
-    config = _vllm_config(spec)
-    config.observability_config = SimpleNamespace(per_request_spec_decode_metrics="none")
-    stat_logger.LkStatLogger(config)
+    store, _ = _ngram_logger(monkeypatch, "none")
     assert store.per_request_source is None and "--per-request-spec-decode-metrics" in store.per_request_missing
 
 # ------------------------------------------------------------------------------------------------ store and speed-up
@@ -623,17 +621,22 @@ def test_swap_refuses_a_drafter_trained_for_another_target(app_with_routes, tmp_
     assert response.status_code == 409 and "trained for target 0000000000000000" in response.json()["error"]
 
 
-def test_metrics_collector_reports_the_window(app_with_routes):
+def _scrape(store) -> str:
+    """What /metrics shows of the lk collector for this store."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     from serving.api import LkCollector
 
+    registry = CollectorRegistry()
+    registry.register(LkCollector(store))
+    return generate_latest(registry).decode()
+
+
+def test_metrics_collector_reports_the_window(app_with_routes):
     _, routes, _ = app_with_routes
     routes.store.record_step(batch_size=1, output_tokens=3, timed=False, num_drafts=2, num_draft_tokens=4,
                              num_accepted_tokens=3, accepted_per_position=[2, 1])
-    registry = CollectorRegistry()
-    registry.register(LkCollector(routes.store))
-    text = generate_latest(registry).decode()
+    text = _scrape(routes.store)
     assert "lk_acceptance_length 2.5" in text
     assert 'lk_acceptance_length_aggregated{aggregation="pooled",sampling="all"} 2.5' in text
     assert 'lk_per_position_acceptance{position="0"} 1.0' in text
@@ -807,17 +810,11 @@ def test_serve_drafter_dir_becomes_an_eagle3_config_with_probabilistic_drafts(tm
 
 
 def test_metrics_collector_labels_both_aggregations_and_the_request_histogram(app_with_routes):
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from serving.api import LkCollector
-
     client, routes, _ = app_with_routes
     routes.store.record_step(batch_size=2, output_tokens=26, timed=False, num_drafts=12, num_draft_tokens=24,
                              num_accepted_tokens=14, accepted_per_position=[9, 5],
                              requests=[(10, 10, "temperature_0"), (2, 4, "sampled")])
-    registry = CollectorRegistry()
-    registry.register(LkCollector(routes.store))
-    text = generate_latest(registry).decode()
+    text = _scrape(routes.store)
     assert 'lk_acceptance_length_aggregated{aggregation="mean_of_request_means",sampling="all"} 2.5' in text
     assert 'lk_acceptance_length_aggregated{aggregation="pooled",sampling="sampled"} 3.0' in text
     assert 'lk_request_acceptance_length_bucket{le="1.75",sampling="all"} 0.0' in text

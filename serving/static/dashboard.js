@@ -125,6 +125,17 @@ function byMode(entries, aggregation) {
   return ["temperature_0", "sampled"].map(part).filter(Boolean).join(" · ") || "no finished requests";
 }
 
+function driftBanner(drift) {
+  const banner = document.getElementById("drift");
+  if (!drift || !drift.drifting) { banner.hidden = true; document.body.dataset.drift = "no"; return; }
+  banner.hidden = false;
+  document.body.dataset.drift = "yes";
+  banner.textContent = "Acceptance drift: " + drift.checks.filter(c => c.drifting).map(c =>
+    c.sampling.replace("_", " ") + " acceptance length " + fmt(c.observed, 2) + " over the last " + drift.window_seconds +
+    " s (" + c.num_drafts + " drafts) is " + fmt(100 * c.ratio, 0, "%") + " of the expected " + fmt(c.expected, 2) +
+    " (" + c.expected_source + "; alarm below " + fmt(100 * drift.threshold, 0, "%") + ")").join("; ");
+}
+
 function fmt(value, digits, suffix) {
   return value === null || value === undefined || !Number.isFinite(value) ? "–" : value.toFixed(digits) + (suffix || "");
 }
@@ -142,6 +153,7 @@ async function refresh() {
     document.getElementById("al-requests").textContent = fmt(stats.acceptance_length_mean_of_request_means, 2);
     document.getElementById("al-requests-modes").textContent = stats.per_request.source ?
       byMode(stats.acceptance_lengths, "mean_of_request_means") : stats.per_request.missing;
+    driftBanner(stats.drift);
     document.getElementById("speedup").textContent = stats.baseline && stats.baseline.kind === "none" ? "no baseline" : fmt(stats.speedup, 2, "×");
     document.getElementById("tps").textContent = fmt(stats.tokens_per_s, 1);
     const s = stats.since_start;
