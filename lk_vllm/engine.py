@@ -37,6 +37,7 @@ SUPPORTED_VLLM_VERSION = "0.32.0"
 
 _BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 INPROCESS_WORKER_ENV = "LK_VLLM_CPU_INPROCESS_WORKER"  # read by lk_vllm.plugin.patches in vLLM's processes
+_KV_BLOCK = 128  # tokens per KV-cache block that the capacity estimate rounds a request up to
 
 # Environment vLLM reads at import or engine start. Set only when the user has not set them.
 _CPU_ENV = {
@@ -245,6 +246,36 @@ def whole_prompt_prefills(settings: EngineSettings) -> EngineSettings:
     extra = {"enable_chunked_prefill": False,
              "max_num_batched_tokens": max(settings.max_model_len, 4096), **settings.extra}
     return dataclasses.replace(settings, extra=extra)
+
+
+def cpu_kv_cache_tokens(model: str, dtype: str = "float32") -> int | None:
+    """Tokens the CPU KV cache holds for ``model`` (``VLLM_CPU_KVCACHE_SPACE`` GiB over the bytes a token's
+    keys and values take in every layer), or None when the model's config does not say."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+        config = config.get("text_config", config)
+        layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", _CPU_ENV["VLLM_CPU_KVCACHE_SPACE"]))
+    item = 4 if dtype in ("float32", "float") else 2
+    return int(gib * 2**30) // (2 * layers * kv_heads * head_dim * item)
+
+
+def without_preemption(settings: EngineSettings, tokens_per_request: int) -> EngineSettings:
+    """The same settings, with ``max_num_seqs`` capped (CPU only) at the requests of ``tokens_per_request``
+    tokens the KV cache holds at once. Past that vLLM preempts running requests and recomputes them later:
+    generating a data set on 2 cores then ran at a fraction of its speed with the cache 100% full."""
+    if on_gpu() or settings.max_num_seqs is not None or "max_num_seqs" in settings.extra:
+        return settings
+    resolved = settings.resolved()
+    capacity = cpu_kv_cache_tokens(settings.model, resolved.dtype)
+    if capacity is None:
+        return settings
+    per_request = -(-tokens_per_request // _KV_BLOCK) * _KV_BLOCK  # requests hold whole blocks
+    return dataclasses.replace(settings, max_num_seqs=max(1, capacity // per_request))
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -85,6 +85,28 @@ def test_engine_arguments_round_trip_through_our_own_flags(monkeypatch):
     assert rebuilt.llm_kwargs() == settings.llm_kwargs()
 
 
+def test_without_preemption_caps_requests_at_the_kv_cache(monkeypatch, tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "num_attention_heads": 9,
+                                                      "num_key_value_heads": 3, "hidden_size": 576}))
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    # 2 (k, v) * 30 layers * 3 heads * 64 dims * 4 bytes = 46,080 bytes a token: 23,301 tokens in 1 GiB.
+    assert engine.cpu_kv_cache_tokens(str(tmp_path)) == 2**30 // 46080
+    settings = engine.EngineSettings(model=str(tmp_path))
+    assert engine.without_preemption(settings, 512).max_num_seqs == 45
+    assert engine.without_preemption(settings, 500).max_num_seqs == 45  # requests hold whole 128-token blocks
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    assert engine.without_preemption(settings, 512).max_num_seqs == 182
+    chosen = engine.EngineSettings(model=str(tmp_path), max_num_seqs=7)
+    assert engine.without_preemption(chosen, 512) is chosen  # the user's choice stands
+    unknown = engine.EngineSettings(model=str(tmp_path / "missing"))
+    assert engine.without_preemption(unknown, 512) is unknown
+    monkeypatch.setattr(engine, "on_gpu", lambda: True)
+    assert engine.without_preemption(settings, 512) is settings
+
+
 def test_whole_prompt_prefills_only_on_cpu(monkeypatch):
     settings = engine.EngineSettings(model="/m", max_model_len=8192, extra={"block_size": 128})
     monkeypatch.setattr(engine, "on_gpu", lambda: False)

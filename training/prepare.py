@@ -145,7 +145,8 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
             if name in done:
                 continue
             if llm is None:
-                llm = engine.make_llm(engine.whole_prompt_prefills(engine_settings))
+                llm = engine.make_llm(engine.without_preemption(engine.whole_prompt_prefills(engine_settings),
+                                                                  settings.max_length))
             from vllm import SamplingParams
             from vllm.inputs import TokensPrompt
 
