@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("training.prepare", "regenerate training responses with the target (on-policy data)"),
     "train": ("training.train", "train a drafter with an LK (or KL) loss"),
     "eval": ("training.evaluate", "measure a drafter's acceptance length (torch simulation or vLLM)"),
+    "validate": ("lk_vllm.validate", "check a drafter before serving it: vLLM's format, target fit, a served probe"),
     "serve": ("serving.launcher", "start vLLM's OpenAI server with a drafter and the lk-vllm plugin"),
     "calibrate": ("serving.calibrate", "measure the no-speculation baseline used for live speedup"),
     "bench": ("lk_vllm.bench", "benchmark drafters against no speculation through vLLM"),

@@ -58,6 +58,8 @@ def vllm_server_argv(settings: EngineSettings, listen: list[str], extra: list[st
     return [sys.executable, "-m", VLLM_SERVER_MODULE, *settings.server_args(), *listen, *extra]
 # Speculative methods whose drafter has a distribution to sample from (see serving.drafter_info).
 PROBABILISTIC_METHODS = ("eagle", "eagle3", "draft_model", "mlp_speculator")  # MLP: lk_vllm.plugin.mlp_proposer
+# Methods whose drafters ``lk-vllm validate`` knows (lk_vllm.drafters); others (ngram, EAGLE-1, ...) go to vLLM unchecked.
+VALIDATED_METHODS = ("eagle3", "medusa", "mlp_speculator", "draft_model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +179,10 @@ def check_drafter_for_target(drafter: Path, target: str) -> None:
 
 
 def speculative_config_from_args(args: argparse.Namespace, target: str) -> dict[str, Any] | None:
-    """The speculative config to serve, with faithful sampling settings filled in, or None (no speculation)."""
+    """The speculative config to serve, with faithful sampling settings filled in, or None (no speculation).
+    A drafter must pass ``lk-vllm validate``'s static checks (the first error refuses, before any engine starts)."""
+    from lk_vllm.validate import require_valid
+
     if args.num_speculative_tokens is not None and args.num_speculative_tokens < 1:
         raise UserError(f"--num-speculative-tokens: expected an integer >= 1, got {args.num_speculative_tokens}")
     if args.drafter:
@@ -190,6 +195,7 @@ def speculative_config_from_args(args: argparse.Namespace, target: str) -> dict[
         from lk_vllm.drafters import speculative_config_for
 
         config = speculative_config_for(drafter, args.num_speculative_tokens or DEFAULT_NUM_SPECULATIVE_TOKENS)
+        require_valid(drafter, target, config["num_speculative_tokens"], "--drafter")
     elif args.speculative_config:
         config = parse_speculative_config(args.speculative_config)
         if args.num_speculative_tokens is not None:
@@ -198,6 +204,8 @@ def speculative_config_from_args(args: argparse.Namespace, target: str) -> dict[
             drafter = Path(str(config["model"])).expanduser().resolve()
             check_drafter_for_target(drafter, target)
             config["model"] = str(drafter)  # always with a '/', never taken for a class path
+            if config.get("method") in VALIDATED_METHODS and "num_speculative_tokens" in config:
+                require_valid(drafter, target, int(config["num_speculative_tokens"]), "--speculative-config model")
         if "num_speculative_tokens" not in config:
             raise UserError("--speculative-config: expected num_speculative_tokens (or pass --num-speculative-tokens)")
     else:

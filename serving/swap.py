@@ -18,9 +18,7 @@ live drafter serving.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -72,19 +70,13 @@ def resolve_inside(drafters_dir: str | None, requested: str) -> Path:
 
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensor name -> (dtype, shape) from a safetensors file header, without reading the weights."""
+    from lk_vllm.drafters.base import read_safetensors_header
+    from lk_vllm.errors import UserError
+
     try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100 * 1024 * 1024:
-                raise ValueError("header too large")
-            header = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error) as exc:
-        raise SwapError(400, f"{path.name} is not a readable safetensors file: {exc}") from None
-    return {
-        name: (meta["dtype"], tuple(meta["shape"]))
-        for name, meta in header.items()
-        if name != "__metadata__" and isinstance(meta, dict)
-    }
+        return read_safetensors_header(path)
+    except UserError as exc:
+        raise SwapError(400, f"{path.name}: {exc}") from None
 
 
 def check_target(drafter_dir: Path, target: str | None) -> None:

@@ -230,6 +230,7 @@ def test_eagle3_round_trip(tmp_path, target, batch, export_format):
     if export_format == "eagle3":
         assert config["architectures"] == ["LlamaForCausalLMEagle3"]
         assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+        assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]  # where vLLM's V2 runner reads them
     else:
         assert config["speculators_model_type"] == "eagle3"
         assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
@@ -280,7 +281,7 @@ def test_third_party_speculators_checkpoint_loads(tmp_path, target, batch):
 def test_eagle3_without_aux_ids_uses_vllm_default(tmp_path, target):
     out = _eagle3(target).save_pretrained(tmp_path / "d", target=target_info(target))
     config = json.loads((out / "config.json").read_text())
-    del config["eagle_config"]
+    del config["eagle_config"], config["eagle_aux_hidden_state_layer_ids"]
     (out / "config.json").write_text(json.dumps(config))
     loaded = load_drafter(out)
     assert loaded.aux_layer_ids is None

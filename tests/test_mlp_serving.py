@@ -32,14 +32,24 @@ MLP_CONFIG = {"architectures": ["MLPSpeculatorPreTrainedModel"], "model_type": "
 
 
 def _dirs(tmp_path: Path, **drafter_changes) -> tuple[Path, Path]:
-    """A target directory (hidden size 8, vocabulary 32) and an MLP-speculator directory (config only)."""
+    """A target directory (config only: hidden size 8, vocabulary 32) and an MLP-speculator directory (config and
+    random weights, so that it passes `lk-vllm validate`'s static checks, which serve runs)."""
+    from safetensors.torch import save_file
+
+    from lk_vllm.drafters.mlp_speculator import MLPSpeculatorDrafter
+
     target = tmp_path / "target"
     target.mkdir()
-    (target / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
-                                                     "vocab_size": 32}))
+    (target / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                     "hidden_size": 8, "num_attention_heads": 1,
+                                                     "num_hidden_layers": 1, "vocab_size": 32}))
     drafter = tmp_path / "mlp"
     drafter.mkdir()
-    (drafter / "config.json").write_text(json.dumps({**MLP_CONFIG, **drafter_changes}))
+    config = {**MLP_CONFIG, **drafter_changes}
+    (drafter / "config.json").write_text(json.dumps(config))
+    weights = MLPSpeculatorDrafter(vocab_size=config["vocab_size"], emb_dim=config["emb_dim"],
+                                   inner_dim=config["inner_dim"], n_predict=config["n_predict"]).export_state_dict()
+    save_file(weights, str(drafter / "model.safetensors"))
     return target, drafter
 
 

@@ -668,17 +668,28 @@ def _serve_args(*argv):
     return parser.parse_args(list(argv))
 
 
-def test_serve_command_is_vllms_server_with_faithful_sampling(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def servable(tmp_path_factory):
+    """A tiny target and an EAGLE-3 drafter for it that pass `lk-vllm validate`'s static checks (serve runs them)."""
+    from train_helpers import make_tiny_target
+
+    from lk_vllm.drafters import create_drafter, target_info
+    from training.target import TargetModel
+
+    root = tmp_path_factory.mktemp("servable")
+    target = TargetModel(make_tiny_target(root / "target"))
+    drafter = create_drafter("eagle3", target).save_pretrained(root / "d", target=target_info(target))
+    return Path(target.path), drafter
+
+
+def test_serve_command_is_vllms_server_with_faithful_sampling(tmp_path, monkeypatch, servable):
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from serving import launcher
 
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
-    target = tmp_path / "target"
-    target.mkdir()
-    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
-    drafter = _drafter_dir(tmp_path, "d", seed=5)
+    target, drafter = servable
     args = _serve_args(str(target), "--speculative-config", json.dumps({"method": "eagle3", "model": str(drafter),
                        "num_speculative_tokens": 2}), "--api-key", "k", "--admin-key", "a", "--drafters-dir",
                        str(tmp_path), "--port", "9", "--", "--max-num-batched-tokens", "512")
@@ -793,13 +804,10 @@ def test_serve_calibrates_once_on_first_start_unless_told_not_to(tmp_path, monke
     assert len(runs) == 1
 
 
-def test_serve_drafter_dir_becomes_an_eagle3_config_with_probabilistic_drafts(tmp_path):
+def test_serve_drafter_dir_becomes_an_eagle3_config_with_probabilistic_drafts(tmp_path, servable):
     from serving import launcher
 
-    target = tmp_path / "target"
-    target.mkdir()
-    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
-    drafter = _drafter_dir(tmp_path, "drafter")
+    target, drafter = servable
     command = launcher.build_server_command(_serve_args(str(target), "--drafter", str(drafter)))
     spec = json.loads(command.argv[command.argv.index("--speculative-config") + 1])
     assert spec == {"method": "eagle3", "model": str(drafter.resolve()), "num_speculative_tokens": 3,

@@ -611,6 +611,9 @@ def run(args) -> int:
         return 0
     summary = train(config, name, resume=args.resume, progress=not args.no_progress)
     if "final" in summary:
+        from lk_vllm.validate import check_exports
+
+        check_exports(Path(summary["run_dir"]), config.loss.num_steps)  # lk-vllm validate's static checks
         final = summary["final"]
         print(f"trained {summary['steps']} steps: drafter in {summary['run_dir']}/final"
               + (f", held-out expected acceptance length {final['expected_acceptance_length']:.4f}" if final else ""))

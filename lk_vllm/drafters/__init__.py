@@ -41,9 +41,9 @@ drafter starts from, vLLM's convention):
 
 Checkpoints (``save_pretrained``: validated first, written to a temporary sibling directory, then renamed):
 
-* EAGLE-3: a plain EAGLE-3 config (``architectures: ["LlamaForCausalLMEagle3"]``, ``eagle_config`` with the
-  aux layer ids) by default, or ``export_format="speculators"``. Both load into vLLM's built-in
-  ``Eagle3LlamaForCausalLM``; the plain one is the default because a speculators checkpoint served on its
+* EAGLE-3: a plain EAGLE-3 config (``architectures: ["LlamaForCausalLMEagle3"]``, the aux layer ids both
+  top-level and in ``eagle_config``: vLLM's V2 model runner reads only the former) by default, or
+  ``export_format="speculators"``. Both load into vLLM's built-in ``Eagle3LlamaForCausalLM``; the plain one is the default because a speculators checkpoint served on its
   own makes vLLM take the TARGET from ``verifier.name_or_path`` (a training-time path). Third-party
   speculators-format EAGLE-3 heads load with ``load_drafter`` too. Embeddings are not written (vLLM shares
   the target's); ``d2t`` is vLLM's offset form (target id = draft id + d2t[draft id]), ``t2d`` a bool mask.

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -198,6 +199,8 @@ class Drafter(nn.Module):
             "vllm_method": self.vllm_method,
             "export_format": export_format or self.default_export_format(),
             "target": target,
+            # The target layers it was trained on: `lk-vllm validate` checks config.json still names these.
+            "aux_layer_ids": list(self.aux_layer_ids_needed() or []) or None,
             "training": dict(training or {}),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
@@ -376,6 +379,27 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"drafter {path}: corrupt safetensors file ({str(exc).splitlines()[0]})") from exc
     return state
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (dtype, shape) from a safetensors file's header, without reading the weights; a one-line
+    UserError for a file that is not one, or is shorter than its header says (a truncated copy)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 1024 * 1024:
+                raise ValueError(f"header length {length} is implausible")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        end = max((meta["data_offsets"][1] for name, meta in header.items() if name != "__metadata__"), default=0)
+        if 8 + length + end > size:
+            raise ValueError(f"it holds {size} bytes, its header describes {8 + length + end} (truncated?)")
+        return {name: (meta["dtype"], tuple(meta["shape"])) for name, meta in header.items()
+                if name != "__metadata__"}
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as exc:
+        raise UserError(f"drafter {path}: not a readable safetensors file ({exc})") from None
 
 
 def require(config: dict, keys: list[str], where: str) -> None:

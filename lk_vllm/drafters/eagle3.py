@@ -408,6 +408,9 @@ class Eagle3Drafter(Drafter):
                 "architectures": [PLAIN_ARCHITECTURE],
                 **self._layer_config(),
                 **extras,
+                # Both places: vLLM 0.32's V1 model runner reads either, its V2 runner (the GPU default for
+                # EAGLE-3) only the top-level key, and silently guesses (2, L/2, L-3) without it.
+                "eagle_aux_hidden_state_layer_ids": aux,
                 "eagle_config": {"eagle_aux_hidden_state_layer_ids": aux, "use_aux_hidden_state": True},
                 "torch_dtype": "float32",
             }
