@@ -135,10 +135,13 @@ def check_drafter(directory: str | Path, target: str | None, num_speculative_tok
         try:
             shape = TargetShape.read(target)
             check_drafter_matches_target(path, drafter, shape)
-            fingerprinted = (record.get("target") or {}).get("fingerprint")
-            report.add("target", OK, f"vocabulary {shape.vocab_size}, hidden size {shape.hidden_size}"
-                       + (", fingerprint matches" if fingerprinted else
-                          "; no target fingerprint recorded (not made by lk-vllm), so sizes only"))
+            if not (record.get("target") or {}).get("fingerprint"):
+                fingerprint = "; no target fingerprint recorded (not made by lk-vllm), so sizes only"
+            elif not Path(target).is_dir():
+                fingerprint = "; an HF id has no fingerprint to compare, so sizes only"
+            else:
+                fingerprint = ", fingerprint matches"
+            report.add("target", OK, f"vocabulary {shape.vocab_size}, hidden size {shape.hidden_size}{fingerprint}")
         except UserError as exc:
             report.add("target", ERROR, str(exc))
     if report.architecture == "eagle3":
