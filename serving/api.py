@@ -5,6 +5,8 @@
 * ``GET /v1/speculative/history?seconds=600&resolution=5``: the same over time (for the dashboard).
 * ``POST /v1/speculative/drafter {"path": ..., "num_speculative_tokens": K}``: swap the drafter (admin key;
   K optional, default the live one; see ``serving.swap``).
+* ``GET /v1/speculative/capture`` and ``POST /v1/speculative/capture {"enabled": true|false}``: the traffic
+  capture's counters, and turning it on or off (admin key; see ``serving.capture``).
 * ``GET /dashboard``: the live page (static files in ``serving/static``, no external resources).
 
 Routes under ``/v1`` are guarded by vLLM's own API-key middleware when an API key is set. Admin routes
@@ -30,6 +32,8 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from lk_vllm.atomic import write_atomic
+from lk_vllm.errors import UserError
+from serving.capture import CaptureMiddleware, CaptureSettings, TrafficCapture
 from serving.drift import DriftMonitor, DriftSettings
 from serving.live_stats import STORE, LiveStatsStore
 
@@ -122,6 +126,7 @@ class LkRoutes:
         self.target: str | None = None
         self.swap_lock = asyncio.Lock()
         self.drift = DriftMonitor(DriftSettings.from_env())
+        self.capture = TrafficCapture(CaptureSettings.from_env(), self.store)
         if os.environ.get(STATS_STATE_ENV):
             carry_statistics_over(self.store, Path(os.environ[STATS_STATE_ENV]))
 
@@ -193,6 +198,28 @@ class LkRoutes:
             if result["status"] == "restart-required":  # for lk-vllm serve's supervisor (serving.supervisor)
                 return JSONResponse(result, headers={RESTART_HEADER: "required"})
             return result
+
+        @router.get("/v1/speculative/capture")
+        async def capture_status(request: Request):
+            if (denied := check_admin(request, self.admin_key)) is not None:
+                return denied
+            return self.capture.status()
+
+        @router.post("/v1/speculative/capture")
+        async def capture_switch(request: Request):
+            if (denied := check_admin(request, self.admin_key)) is not None:
+                return denied
+            try:
+                body = await request.json()
+            except Exception:
+                body = None
+            if not isinstance(body, dict) or not isinstance(body.get("enabled"), bool):
+                return _error(400, 'expected a JSON body {"enabled": true} or {"enabled": false}')
+            try:
+                self.capture.set_enabled(body["enabled"])
+            except UserError as exc:
+                return _error(409, str(exc))
+            return self.capture.status()
 
         @router.get("/dashboard", include_in_schema=False)
         async def dashboard():
@@ -311,4 +338,6 @@ def register_collector(store: LiveStatsStore = STORE, drift: DriftMonitor | None
 
 def attach(app: FastAPI, routes: LkRoutes) -> None:
     app.include_router(routes.router())
+    if routes.capture.settings.directory is not None:  # opt-in: without the flag no request is ever looked at
+        app.add_middleware(CaptureMiddleware, capture=routes.capture)
     register_collector(routes.store, routes.drift)

@@ -9,7 +9,8 @@ with vLLM alone. What lk-vllm adds comes in through the plugins (``lk_vllm.plugi
 names, with their settings in environment variables:
 
 * ``LK_VLLM_ADMIN_KEY`` (``--admin-key``), ``LK_VLLM_DRAFTERS_DIR`` (``--drafters-dir``),
-  ``LK_VLLM_BASELINE_PROFILE`` (``--baseline-profile`` or the cached calibration);
+  ``LK_VLLM_BASELINE_PROFILE`` (``--baseline-profile`` or the cached calibration), ``LK_VLLM_DRIFT`` (the drift
+  alarm's flags), ``LK_VLLM_CAPTURE`` (``--capture-low-acceptance`` and its flags, ``serving.capture``);
 * ``VLLM_API_KEY`` (``--api-key``): vLLM's own API-key check, kept out of the process list.
 
 Speculative sampling at temperature > 0 is configured to be faithful: drafters that are models sample their
@@ -96,6 +97,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     drift.add_argument("--drift-reference-minutes", type=float, default=5.0, metavar="MINUTES",
                        help="for a drafter without held-out numbers in lk_training.json, the expected acceptance "
                             "is its first MINUTES of traffic (default 5)")
+    capture = parser.add_argument_group("traffic capture for retraining (opt-in; see serving/README.md for privacy)")
+    capture.add_argument("--capture-low-acceptance", metavar="DIR", default=None,
+                         help="write the prompts (messages only: never headers or API keys) of requests whose own "
+                              "acceptance length is in the lowest --capture-quantile to rotating JSONL files in DIR, "
+                              "readable by `lk-vllm prepare --dataset FILE` (default off)")
+    capture.add_argument("--capture-quantile", type=float, default=0.2, metavar="FRACTION",
+                         help="capture requests at or below this quantile, in (0, 1), of recent per-request "
+                              "acceptance lengths of the same sampling mode (default 0.2)")
+    capture.add_argument("--capture-max-mb", type=float, default=1024.0, metavar="MIB",
+                         help="stop capturing after writing this many MiB (default 1024)")
     restart = parser.add_argument_group("engine restarts (drafter swaps to another architecture or shape)")
     restart.add_argument("--restart-wait", type=float, default=300.0, metavar="SECONDS",
                          help="while the engine restarts, new requests wait this long, then get 503 with Retry-After "
@@ -247,6 +258,7 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
     from lk_vllm.assets import resolve_target
     from lk_vllm.plugin import plugins_env_value
     from serving.api import ADMIN_KEY_ENV, DRAFTERS_DIR_ENV
+    from serving.capture import CAPTURE_ENV, CaptureSettings
     from serving.drift import DRIFT_ENV, DriftSettings
 
     target = resolve_target(args.target)
@@ -276,6 +288,14 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
     drift = DriftSettings(threshold=args.drift_threshold, window_seconds=args.drift_window,
                           reference_seconds=60.0 * args.drift_reference_minutes)  # UserError on bad values
     env[DRIFT_ENV] = json.dumps(dataclasses.asdict(drift))
+    capture_dir = getattr(args, "capture_low_acceptance", None)
+    capture = CaptureSettings(directory=str(Path(capture_dir).expanduser().resolve()) if capture_dir else None,
+                              quantile=args.capture_quantile, max_megabytes=args.capture_max_mb)  # UserError if bad
+    env[CAPTURE_ENV] = json.dumps(dataclasses.asdict(capture))
+    if capture.directory and (spec is None or args.per_request_spec_decode_metrics == "none"):
+        raise UserError("--capture-low-acceptance: needs speculative decoding (--drafter or --speculative-config) "
+                        "with --per-request-spec-decode-metrics summary or detailed; without them no request has "
+                        "its own acceptance length")
     if args.baseline_profile:
         from serving.speedup import BaselineProfile
 
