@@ -298,3 +298,20 @@ def test_the_probe_refuses_an_untrained_drafter_in_a_real_engine(tmp_path, defau
     assert report.probe["num_drafts"] > 0 and report.findings[-1].check == "probe"
     assert not report.ok, report.lines()
     assert "position-0 acceptance" in report.reason
+
+
+def test_lk_vllm_train_runs_the_static_checks_on_its_exports(tmp_path, monkeypatch, capsys):
+    from train_helpers import make_tiny_data
+
+    from lk_vllm.cli import main
+
+    monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
+    target = make_tiny_target(tmp_path / "target", vocab=VOCAB, layers=LAYERS)
+    data = make_tiny_data(tmp_path / "data", target, num_samples=12, vocab=VOCAB)
+    settings = {"data.heldout": 2, "data.max_length": 64, "training.batch_size": 2, "training.max_steps": 2,
+                "training.eval_every": 2, "training.eval_batch_size": 2, "loss.num_steps": 2}
+    argv = ["train", "--target", target, "--data", data, "--output", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv + [f"--set={key}={value}" for key, value in settings.items()]) == 0
+    err = capsys.readouterr().err
+    assert f"validated {tmp_path / 'run' / 'final'}: static checks passed" in err
+    assert f"validated {tmp_path / 'run' / 'best'}: static checks passed" in err
