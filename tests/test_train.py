@@ -295,6 +295,7 @@ def test_offline_capture_gives_the_online_results(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
     # A draft vocabulary: offline, the loss reads the target's draft columns and the cached normaliser.
+    _no_tokenizer(monkeypatch)
     vocab = {"model.draft_vocab_size": 128}
     online = train(_config(tiny, tmp_path / "online", **vocab), "tiny", progress=False)
     exact = train(_config(tiny, tmp_path / "offline32", **vocab, **{"training.capture": "offline",
@@ -371,6 +372,32 @@ def test_shared_target_logits_equal_the_direct_ones(tiny):
     inside = wanted.nonzero(as_tuple=True)
     torch.testing.assert_close(shared.logits_at(*inside), states.logits_at(*inside))
     assert shared.aux_layer_ids == states.aux_layer_ids and shared.final_hidden is states.final_hidden
+
+
+def _no_tokenizer(monkeypatch):
+    """The tiny target has no tokenizer files: a draft vocabulary then needs no special tokens."""
+    from training.target import TargetModel
+
+    monkeypatch.setattr(TargetModel, "tokenizer", property(lambda self: None))
+
+
+def test_init_from_starts_at_the_exported_drafter(tiny, tmp_path, monkeypatch):
+    """--init-from: the run starts from an exported drafter's weights and draft vocabulary (with a learning
+    rate of ~0 its export is the same weights), and refuses a drafter of another architecture."""
+    _no_tokenizer(monkeypatch)
+    vocab = {"model.draft_vocab_size": 128, "training.max_steps": 2, "training.eval_every": 2}
+    first = train(_config(tiny, tmp_path / "a", **vocab), "tiny", progress=False)
+    warm = {"model.init_from": str(tmp_path / "a" / "final"), "training.max_steps": 1, "training.eval_every": 1,
+            "optimizer.lr": 1e-12, "optimizer.warmup_steps": 1, "model.draft_vocab_size": 200}
+    summary = train(_config(tiny, tmp_path / "b", **warm), "tiny", progress=False)
+    _assert_same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert summary["final"]["expected_acceptance_length"] == pytest.approx(
+        first["final"]["expected_acceptance_length"], abs=1e-5)  # same drafter, same held-out samples
+    with pytest.raises(UserError, match=r"is a eagle3 drafter but model.architecture is medusa"):
+        train(_config(tiny, tmp_path / "d", **{**warm, "model.architecture": "medusa"}), "tiny", progress=False)
+    with pytest.raises(UserError, match="is not a directory"):
+        train(_config(tiny, tmp_path / "e", **{**warm, "model.init_from": str(tmp_path / "none")}), "tiny",
+              progress=False)
 
 
 def test_cached_logsumexp_gives_the_full_rows_loss(tiny, tmp_path):

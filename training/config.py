@@ -34,6 +34,9 @@ class ModelSection(_Section):
     draft_vocab_size: int | None = Field(default=None, ge=1)
     # Architecture-specific keyword arguments of lk_vllm.drafters.create_drafter (e.g. aux_layer_ids).
     options: dict[str, Any] = Field(default_factory=dict)
+    # An exported drafter directory to start from (warm start / fine-tune): its weights, shape and draft
+    # vocabulary replace a fresh drafter's, so draft_vocab_size and options do not apply.
+    init_from: str | None = None
 
 
 class DataSection(_Section):

@@ -191,8 +191,17 @@ def drafter_options(config: Config, target) -> dict:
 
 
 def make_drafter(config: Config, target, samples, train_indices):
-    from lk_vllm.drafters import create_drafter
+    from lk_vllm.drafters import create_drafter, load_drafter
 
+    if config.model.init_from:
+        path = Path(config.model.init_from).expanduser()
+        drafter = load_drafter(path, target)  # checks it was made for this target
+        if drafter.architecture != config.model.architecture:
+            raise UserError(f"model.init_from: {path} is a {drafter.architecture} drafter but model.architecture is "
+                            f"{config.model.architecture}; set --set model.architecture={drafter.architecture}")
+        for parameter in drafter.trainable_parameters():
+            parameter.requires_grad_(True)
+        return drafter.float()  # fp32 master weights, as a fresh drafter's (an export may be bf16)
     options = drafter_options(config, target)
     if config.model.draft_vocab_size is not None and config.model.draft_vocab_size < target.vocab_size:
         from lk_vllm.vocab import build_draft_vocab
@@ -424,6 +433,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
              f"{len(train_indices)} training / {len(heldout_indices)} held-out samples "
              f"({truncated} truncated to {config.data.max_length} tokens, {dropped} without response tokens); "
              f"loss {config.loss.kind}" + (f" eta={config.loss.eta}" if config.loss.kind == "lambda" else "")
+             + (f"; starting from {config.model.init_from}" if config.model.init_from else "")
              + f"; {placement.describe()}; {dist.world} rank(s); run directory {run_dir}")
 
     if t.capture == "offline":
@@ -568,6 +578,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eta", type=float, help="LK^lambda decay eta (loss.eta)")
     parser.add_argument("--target", help="target model directory or cached HF id (model.target)")
     parser.add_argument("--data", action="append", help="a finished `lk-vllm prepare` directory (data.dirs; repeatable)")
+    parser.add_argument("--init-from", help="an exported drafter to start from, e.g. to fine-tune it on new data "
+                                            "(model.init_from; keeps its architecture and draft vocabulary)")
     parser.add_argument("--output", help="run directory (default $LK_VLLM_HOME/runs/<recipe>)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --output")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -579,7 +591,7 @@ def add_arguments(parser) -> None:
 def config_from_args(args) -> tuple[Config, str]:
     overrides = {}
     for flag, key in (("loss", "loss.kind"), ("eta", "loss.eta"), ("target", "model.target"),
-                      ("data", "data.dirs"), ("output", "output")):
+                      ("data", "data.dirs"), ("init_from", "model.init_from"), ("output", "output")):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
     for text in args.set:
