@@ -395,7 +395,7 @@ def test_init_from_starts_at_the_exported_drafter(tiny, tmp_path, monkeypatch):
         first["final"]["expected_acceptance_length"], abs=1e-5)  # same drafter, same held-out samples
     with pytest.raises(UserError, match=r"is a eagle3 drafter but model.architecture is medusa"):
         train(_config(tiny, tmp_path / "d", **{**warm, "model.architecture": "medusa"}), "tiny", progress=False)
-    with pytest.raises(UserError, match="is not a directory"):
+    with pytest.raises(UserError, match="is not an exported drafter directory"):
         train(_config(tiny, tmp_path / "e", **{**warm, "model.init_from": str(tmp_path / "none")}), "tiny",
               progress=False)
 

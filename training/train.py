@@ -408,6 +408,9 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
         if differences:
             raise UserError(f"--resume: {latest} was trained with a different config: {'; '.join(differences)}")
 
+    init_from = config.model.init_from
+    if init_from and not (Path(init_from).expanduser() / "config.json").is_file():  # before minutes of data work
+        raise UserError(f"model.init_from: {init_from} is not an exported drafter directory (no config.json)")
     random.seed(t.seed)
     torch.manual_seed(t.seed)
     target_path = resolve_target(config.model.target)
