@@ -9,7 +9,8 @@ The whole loop, in order:
    ``data.max_length`` are truncated; ``data.heldout`` samples (chosen by a hash of the prompt id) are kept
    for evaluation;
 3. the drafter (``lk_vllm.drafters.create_drafter``; EAGLE-3 with ``model.draft_vocab_size`` gets the most
-   frequent tokens of the training responses as its draft vocabulary);
+   frequent tokens of the training responses as its draft vocabulary), or an exported one loaded from
+   ``model.init_from`` (``--init-from``) with its own vocabulary;
 4. each step: the global batch of ``training.batch_size`` sequences (a pure function of the step and the
    seed: epoch-wise seeded permutations), split over ranks -> target hidden states (online: the target runs
    under no_grad; offline: read from the cache, ``training/capture.py``) -> ``drafter.training_steps`` (K
