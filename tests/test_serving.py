@@ -228,7 +228,8 @@ def test_dashboard_renders_charts_with_data_in_headless_chromium(servers):
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
     assert "live drafter: ngram" in dom
     assert dom.count('class="series"') >= 1 + 1 + 4  # AL, speed-up, 4 positions
-    assert dom.count('class="bar"') == 4
+    assert dom.count('class="bar"') == 4  # one per draft position
+    assert dom.count('class="histogram-bar"') >= 1  # per-request acceptance lengths of finished requests
     assert "no data yet" not in dom and "error:" not in dom
     from PIL import Image
 

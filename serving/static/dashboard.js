@@ -114,7 +114,7 @@ function histogramChart(svg, histogram, missing) {
   }
   shown.forEach((c, k) => {
     const x0 = PAD.left + k * slot + slot * 0.1;
-    el("rect", { x: x0, y: y(c), width: slot * 0.8, height: Math.max(0, y(0) - y(c)), fill: COLORS[0], class: "bar" }, svg);
+    el("rect", { x: x0, y: y(c), width: slot * 0.8, height: Math.max(0, y(0) - y(c)), fill: COLORS[0], class: "histogram-bar" }, svg);
     el("text", { x: x0 + slot * 0.4, y: H - 8, "text-anchor": "middle" }, svg).textContent = "≤" + bounds[k];
   });
 }
