@@ -57,6 +57,7 @@ class Report:
     architecture: str | None = None
     findings: list[Finding] = dataclasses.field(default_factory=list)
     probe: dict[str, Any] | None = None
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)  # the drafter's lk_training.json
 
     def add(self, check: str, status: str, message: str) -> None:
         self.findings.append(Finding(check, status, message))
@@ -123,7 +124,7 @@ def check_drafter(directory: str | Path, target: str | None, num_speculative_tok
         config = read_config(path)
         report.architecture = detect_architecture(config, f"drafter {path}")
         drafter = drafter_class(report.architecture).from_pretrained(path)
-        record = read_training_record(path)
+        record = report.record = read_training_record(path)
         header = _weights_header(path)
         speculative_config_for(path, num_speculative_tokens)  # servable, and with this many tokens
     except (UserError, ValueError, TypeError, KeyError) as exc:  # a config vLLM could not read either
@@ -380,14 +381,12 @@ def run_probe(directory: Path, target: str, num_speculative_tokens: int, setting
 def validate(directory: str | Path, target: str | None, num_speculative_tokens: int = 3,
              probe: ProbeSettings | None = None) -> Report:
     """The static checks, then (with ``probe``, and only if they pass) the served probe."""
-    from lk_vllm.drafters.base import read_training_record
-
     report = check_drafter(directory, target, num_speculative_tokens)
     if probe is not None and report.ok and target is not None:
         summary = run_probe(Path(report.drafter), target, num_speculative_tokens, probe)
         report.probe = {"dataset": probe.dataset, "prompts": probe.prompts, "max_tokens": probe.max_tokens,
                         "temperature": 0.0, **summary}
-        report.findings.append(judge_probe(summary, read_training_record(Path(report.drafter)), probe))
+        report.findings.append(judge_probe(summary, report.record, probe))
     return report
 
 
