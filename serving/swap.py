@@ -12,12 +12,15 @@
   supervisor drains, restarts and answers the client. Under plain vLLM nothing can restart the engine: 409.
 
 Every path is resolved (symlinks included) and must lie inside ``--drafters-dir``; nothing outside it is ever
-opened. A drafter whose ``lk_training.json`` names another target is refused (409). Every refusal leaves the
-live drafter serving.
+opened. A drafter whose ``lk_training.json`` names another target is refused (409); one that fails a static
+check of ``lk-vllm validate`` (NaN weights, EAGLE-3 auxiliary layers vLLM would guess or that differ from the
+trained ones, a draft vocabulary out of range, ...) is refused with validate's reason (400). Every refusal
+leaves the live drafter serving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -91,6 +94,15 @@ def check_target(drafter_dir: Path, target: str | None) -> None:
         raise SwapError(409, f"drafter {drafter_dir.name} was trained for target {recorded}, this server runs {live}")
 
 
+async def validate_static(new_dir: Path, requested: str, target: str | None, num_speculative_tokens: int) -> None:
+    """``lk-vllm validate``'s static checks (off the event loop: they read every weight), as a 400."""
+    from lk_vllm.validate import check_drafter
+
+    report = await asyncio.to_thread(check_drafter, new_dir, target, num_speculative_tokens)
+    if not report.ok:
+        raise SwapError(400, f"drafter {requested!r} fails validation: {report.reason}")
+
+
 def shape_difference(current_dir: Path, new_dir: Path) -> str | None:
     """Why the new drafter cannot be loaded into the live one's parameters, or None if it can."""
     current, new = read_drafter_dir(current_dir)["config"], read_drafter_dir(new_dir)["config"]
@@ -156,6 +168,7 @@ async def swap_drafter(routes, requested: str, num_speculative_tokens: int | Non
     k = num_speculative_tokens or (live.num_speculative_tokens if live else 0)
     if new_dir == live_dir and k == live.num_speculative_tokens:
         raise SwapError(409, f"{requested!r} is already the live drafter")
+    await validate_static(new_dir, requested, routes.target, k)
     if live_dir is None:
         reason = f"the live drafter ({live.method if live else 'none'}) has no weights to swap"
     elif k != live.num_speculative_tokens:

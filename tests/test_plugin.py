@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lk_vllm import plugin
 from lk_vllm.errors import UserError
@@ -494,15 +494,39 @@ class FakeEngineClient:
         return [{"tensors": 1, "checksum": 0.0}]
 
 
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    from train_helpers import make_tiny_target
+
+    from training.target import TargetModel
+
+    return TargetModel(make_tiny_target(tmp_path_factory.mktemp("tiny-target")))
+
+
+def _real_drafter_dir(root: Path, name: str, target, seed: int = 0, architecture: str = "eagle3",
+                      **options) -> Path:
+    """A drafter that passes lk-vllm validate's static checks (the swap route runs them)."""
+    from lk_vllm.drafters import create_drafter, target_info
+
+    torch.manual_seed(seed)
+    if architecture == "eagle3":
+        options.setdefault("draft_to_target", torch.arange(0, 256, 2))
+    drafter = create_drafter(architecture, target, **options)
+    with torch.no_grad():
+        for parameter in drafter.trainable_parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.01)
+    return drafter.save_pretrained(root / name, target=target_info(target))
+
+
 @pytest.fixture
-def app_with_routes(tmp_path, monkeypatch):
+def app_with_routes(tmp_path, monkeypatch, tiny_target):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
     from serving import api
 
     drafters = tmp_path / "drafters"
-    live = _drafter_dir(drafters, "live", seed=1)
+    live = _real_drafter_dir(drafters, "live", tiny_target, seed=1)
     monkeypatch.setenv(api.ADMIN_KEY_ENV, "admin-secret")
     monkeypatch.setenv(api.DRAFTERS_DIR_ENV, str(drafters))
     store = LiveStatsStore()
@@ -512,14 +536,14 @@ def app_with_routes(tmp_path, monkeypatch):
     app.include_router(routes.router())
     store.set_drafter(DrafterInfo(name=str(live), method="eagle3", architecture="LlamaForCausalLMEagle3",
                                   num_speculative_tokens=2, sampling={"draft_sample_method": "probabilistic"}))
-    return TestClient(app), routes, drafters
+    return TestClient(app), routes, drafters, tiny_target
 
 
 ADMIN = {"X-Admin-Key": "admin-secret"}
 
 
 def test_stats_route_fields_and_window_validation(app_with_routes):
-    client, routes, _ = app_with_routes
+    client, routes, *_ = app_with_routes
     routes.store.record_step(batch_size=1, output_tokens=3, timed=False, num_drafts=1, num_draft_tokens=2,
                              num_accepted_tokens=2, accepted_per_position=[1, 1])
     body = client.get("/v1/speculative/stats").json()
@@ -549,7 +573,7 @@ def test_stats_route_answers_404_when_speculation_is_off():
 
 
 def test_admin_route_needs_the_admin_key(app_with_routes):
-    client, routes, _ = app_with_routes
+    client, routes, *_ = app_with_routes
     assert client.post("/v1/speculative/drafter", json={"path": "x"}).status_code == 401
     assert client.post("/v1/speculative/drafter", json={"path": "x"}, headers={"X-Admin-Key": "no"}).status_code == 403
     wrong_bearer = client.post("/v1/speculative/drafter", json={"path": "x"}, headers={"Authorization": "Bearer no"})
@@ -561,7 +585,7 @@ def test_admin_route_needs_the_admin_key(app_with_routes):
 
 @pytest.mark.parametrize("path", ["../outside", "/etc", "live/../../outside", "link"])
 def test_swap_paths_must_resolve_inside_the_drafters_dir(app_with_routes, tmp_path, path):
-    client, routes, drafters = app_with_routes
+    client, routes, drafters, target = app_with_routes
     _drafter_dir(tmp_path, "outside", seed=2)
     (drafters / "link").symlink_to(tmp_path / "outside")
     response = client.post("/v1/speculative/drafter", json={"path": path}, headers=ADMIN)
@@ -571,8 +595,8 @@ def test_swap_paths_must_resolve_inside_the_drafters_dir(app_with_routes, tmp_pa
 
 
 def test_swap_same_shape_reloads_in_place_and_keeps_stats_per_drafter(app_with_routes):
-    client, routes, drafters = app_with_routes
-    new = _drafter_dir(drafters, "new", seed=3)
+    client, routes, drafters, target = app_with_routes
+    new = _real_drafter_dir(drafters, "new", target, seed=3)
     old_name = routes.store.drafter.name
     routes.store.record_step(batch_size=1, output_tokens=2, timed=False, num_drafts=1, num_draft_tokens=2,
                              num_accepted_tokens=1, accepted_per_position=[1, 0])
@@ -588,14 +612,19 @@ def test_swap_same_shape_reloads_in_place_and_keeps_stats_per_drafter(app_with_r
 
 
 def test_bad_swaps_are_4xx_and_the_old_drafter_keeps_serving(app_with_routes):
-    client, routes, drafters = app_with_routes
-    _drafter_dir(drafters, "wider", hidden=16)
-    _drafter_dir(drafters, "other_arch", extra={"architectures": ["MedusaModel"]})
+    client, routes, drafters, target = app_with_routes
+    _real_drafter_dir(drafters, "wider", target, intermediate_size=256)
+    _real_drafter_dir(drafters, "other_arch", target, architecture="medusa", num_heads=2)
+    nan = _real_drafter_dir(drafters, "nan", target, seed=2)
+    weights = load_file(str(nan / "model.safetensors"))
+    weights["fc.weight"][0, 0] = float("nan")  # same tensors and shapes: only validate's checks see it
+    save_file(weights, str(nan / "model.safetensors"))
     (drafters / "empty").mkdir()
     live = routes.store.drafter.name
     cases = {
-        "wider": (409, "hidden_size"),
+        "wider": (409, "intermediate_size"),
         "other_arch": (409, "architectures"),
+        "nan": (400, "fails validation: drafter"),
         "empty": (400, "no config.json"),
         "missing": (404, "not found"),
         "live": (409, "already the live drafter"),
@@ -610,12 +639,12 @@ def test_bad_swaps_are_4xx_and_the_old_drafter_keeps_serving(app_with_routes):
 
 
 def test_swap_refuses_a_drafter_trained_for_another_target(app_with_routes, tmp_path):
-    client, routes, drafters = app_with_routes
-    target = tmp_path / "target"
-    target.mkdir()
-    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
-    routes.target = str(target)
-    other = _drafter_dir(drafters, "other_target", seed=4)
+    client, routes, drafters, target = app_with_routes
+    served = tmp_path / "target"
+    served.mkdir()
+    (served / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    routes.target = str(served)
+    other = _real_drafter_dir(drafters, "other_target", target, seed=4)
     (other / "lk_training.json").write_text(json.dumps({"target": {"fingerprint": "0000000000000000"}}))
     response = client.post("/v1/speculative/drafter", json={"path": "other_target"}, headers=ADMIN)
     assert response.status_code == 409 and "trained for target 0000000000000000" in response.json()["error"]
@@ -633,7 +662,7 @@ def _scrape(store) -> str:
 
 
 def test_metrics_collector_reports_the_window(app_with_routes):
-    _, routes, _ = app_with_routes
+    _, routes, *_ = app_with_routes
     routes.store.record_step(batch_size=1, output_tokens=3, timed=False, num_drafts=2, num_draft_tokens=4,
                              num_accepted_tokens=3, accepted_per_position=[2, 1])
     text = _scrape(routes.store)
@@ -645,7 +674,7 @@ def test_metrics_collector_reports_the_window(app_with_routes):
 
 
 def test_dashboard_uses_only_local_files(app_with_routes):
-    client, _, _ = app_with_routes
+    client, *_ = app_with_routes
     page = client.get("/dashboard")
     assert page.status_code == 200 and "<svg" in page.text
     for name in ("dashboard.js", "dashboard.css"):
@@ -818,7 +847,7 @@ def test_serve_drafter_dir_becomes_an_eagle3_config_with_probabilistic_drafts(tm
 
 
 def test_metrics_collector_labels_both_aggregations_and_the_request_histogram(app_with_routes):
-    client, routes, _ = app_with_routes
+    client, routes, *_ = app_with_routes
     routes.store.record_step(batch_size=2, output_tokens=26, timed=False, num_drafts=12, num_draft_tokens=24,
                              num_accepted_tokens=14, accepted_per_position=[9, 5],
                              requests=[(10, 10, "temperature_0"), (2, 4, "sampled")])

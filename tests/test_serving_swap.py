@@ -55,6 +55,21 @@ def _write_drafters(target_dir, root):
             for parameter in drafter.trainable_parameters():
                 parameter.add_(torch.randn_like(parameter) * 0.01)
         paths[name] = drafter.save_pretrained(root / name, target=info, training={"loss": "kl"})
+    # Copies of "a" that only lk-vllm validate's checks refuse: a NaN weight (same shapes, so it would reload in
+    # place) and auxiliary layers other than the trained ones (vLLM would serve it with collapsed acceptance).
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    paths["nan"] = shutil.copytree(paths["a"], root / "nan")
+    weights = load_file(str(paths["nan"] / "model.safetensors"))
+    weights["fc.weight"][0, 0] = float("nan")
+    save_file(weights, str(paths["nan"] / "model.safetensors"))
+    paths["wrong_aux"] = shutil.copytree(paths["a"], root / "wrong_aux")
+    config = json.loads((paths["wrong_aux"] / "config.json").read_text())
+    wrong = [i + 1 for i in config["eagle_aux_hidden_state_layer_ids"]]
+    config["eagle_aux_hidden_state_layer_ids"] = config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = wrong
+    (paths["wrong_aux"] / "config.json").write_text(json.dumps(config))
     return paths
 
 
@@ -148,7 +163,8 @@ def test_swap_in_place_under_streaming_load_without_failures(server):
 def test_refused_swaps_leave_the_live_drafter_serving(server):
     live = request_json(server["url"], "/v1/speculative/stats")["live_drafter"]
     cases = [("medusa_one_head", 400, "Medusa has 1 heads"), ("../swap", 403, "outside --drafters-dir"),
-             ("nothing", 404, "not found")]
+             ("nothing", 404, "not found"), ("nan", 400, "fc.weight has NaN"),
+             ("wrong_aux", 400, "but the trainer used")]
     for path, status, reason in cases:
         with pytest.raises(HTTPError) as error:
             swap(server, path)
