@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("lk_vllm.validate", "check a drafter before serving it: vLLM's format, target fit, a served probe"),
     "serve": ("serving.launcher", "start vLLM's OpenAI server with a drafter and the lk-vllm plugin"),
     "calibrate": ("serving.calibrate", "measure the no-speculation baseline used for live speedup"),
+    "send": ("serving.traffic", "replay dataset prompts against a running server; report per-request acceptance"),
     "bench": ("lk_vllm.bench", "benchmark drafters against no speculation through vLLM"),
     "demo": ("lk_vllm.demo", "the whole workflow on the embedded default target, explained step by step"),
 }

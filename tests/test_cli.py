@@ -12,7 +12,7 @@ def _cli(*args, env=None):
 def test_help_lists_every_command():
     out = _cli("--help")
     assert out.returncode == 0
-    for command in ("models", "prepare", "train", "eval", "serve", "calibrate", "bench", "demo"):
+    for command in ("models", "prepare", "train", "eval", "serve", "calibrate", "send", "bench", "demo"):
         assert command in out.stdout
 
 
