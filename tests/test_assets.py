@@ -116,3 +116,58 @@ def test_killed_build_is_detected_and_rebuilt_and_corruption_is_repaired(monkeyp
     assert "sha256" in assets.check_model_dir(path)
     assert Path(assets.resolve_target(None)) == path
     assert assets.check_model_dir(path) is None
+
+
+# ------------------------------------------------------------------------------------------ default drafter
+@pytest.fixture
+def packaged_drafter(tmp_path):
+    """A tiny EAGLE-3 drafter for a tiny target, laid out as lk_vllm/default_drafter."""
+    import torch
+    from train_helpers import make_tiny_target
+
+    from lk_vllm.drafters import create_drafter, target_info
+    from training.target import TargetModel
+
+    target_dir = make_tiny_target(tmp_path / "target")
+    target = TargetModel(target_dir)
+    drafter = create_drafter("eagle3", target, draft_to_target=torch.arange(0, 256, 2))
+    source = drafter.save_pretrained(tmp_path / "packaged", target=target_info(target), training={"loss": "lambda"})
+    return source, target_dir
+
+
+def test_default_drafter_installs_verified_and_is_replaced_without_losing_the_old_copy(packaged_drafter, tmp_path,
+                                                                                      monkeypatch):
+    source, target = packaged_drafter
+    monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
+    installed = assets.install_default_drafter(source, target)
+    assert installed == assets.default_drafter_dir()
+    assert assets.check_model_dir(installed) is None  # manifest with every file's sha256
+    for name in assets.DRAFTER_FILES:
+        assert (installed / name).read_bytes() == (source / name).read_bytes()
+    stamp = (installed / assets.MANIFEST).stat().st_mtime_ns
+    assert assets.install_default_drafter(source, target) == installed  # up to date: left alone
+    assert (installed / assets.MANIFEST).stat().st_mtime_ns == stamp
+
+    # A newer packaged drafter replaces the installed one.
+    record = json.loads((source / "lk_training.json").read_text())
+    (source / "lk_training.json").write_text(json.dumps({**record, "note": "newer"}))
+    assets.install_default_drafter(source, target)
+    assert "newer" in (installed / "lk_training.json").read_text()
+
+    # One that fails validate's checks is refused, and the installed copy stays as it was.
+    config = json.loads((source / "config.json").read_text())
+    config.pop("eagle_aux_hidden_state_layer_ids")
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="packaged default drafter does not fit target .*V2 model runner"):
+        assets.install_default_drafter(source, target)
+    assert assets.check_model_dir(installed) is None and "newer" in (installed / "lk_training.json").read_text()
+    assert [p.name for p in installed.parent.iterdir() if p.name.startswith(".") and p.is_dir()] == []
+
+
+def test_no_packaged_drafter_installs_nothing_and_a_partial_one_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
+    assert assets.install_default_drafter(tmp_path / "none", "unused") is None
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="lacks config.json, lk_training.json; reinstall lk-vllm"):
+        assets.install_default_drafter(tmp_path / "partial", "unused")

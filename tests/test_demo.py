@@ -85,5 +85,5 @@ def test_demo_help_and_bad_input_are_one_line_errors(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "lk_vllm.cli", "demo", "--drafter", str(tmp_path / "nope")],
                              capture_output=True, text=True)
     assert missing.returncode == 1
-    assert missing.stderr.strip().splitlines() == [f"lk-vllm demo: error: --drafter {tmp_path / 'nope'}: directory "
-                                                   "not found"]
+    assert missing.stderr.strip().splitlines() == [f"lk-vllm demo: error: --drafter {tmp_path / 'nope'}: expected a "
+                                                   "drafter directory, `default` or `ngram`, found no such directory"]

@@ -539,3 +539,26 @@ def test_a_run_that_cannot_fit_the_gpu_is_refused_in_one_line(tiny, tmp_path, mo
     with pytest.raises(UserError, match=r"^training\.batch_size=4 x data\.max_length=64 needs about .* GB per GPU"):
         check_fits(estimate, config, torch.device("cuda", 0))
     check_fits(estimate, config, torch.device("cpu"))  # the CPU is not checked
+
+
+def test_each_dataset_is_prepared_into_its_own_cached_directory(tmp_path, monkeypatch):
+    """Adding a dataset to a recipe regenerates only that dataset: one prepare output per dataset, each named
+    by its own settings' hash, and a finished one is reused."""
+    from training import prepare as prepare_module
+    from training.train import Dist, ensure_data
+
+    monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path))
+    calls = []
+
+    def fake_prepare(settings, output, engine_settings, progress):
+        calls.append(settings.datasets)
+        output.mkdir(parents=True)
+        (output / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(prepare_module, "prepare", fake_prepare)
+    config, _ = load_config(overrides={"data.datasets": ["sharegpt", "gsm8k"], "data.limit": 8})
+    first = ensure_data(config, "/models/t", "0123456789abcdef", Dist(), progress=False)
+    assert calls == [["sharegpt"], ["gsm8k"]] and len(set(first)) == 2
+    config, _ = load_config(overrides={"data.datasets": ["gsm8k"], "data.limit": 8})
+    assert ensure_data(config, "/models/t", "0123456789abcdef", Dist(), progress=False) == first[1:]
+    assert len(calls) == 2  # gsm8k's finished directory was reused

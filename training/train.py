@@ -99,7 +99,8 @@ def init_distributed(device: torch.device, timeout_minutes: float = 180.0) -> Di
 
 # ------------------------------------------------------------------------------------------ data
 def ensure_data(config: Config, target_path: str, fingerprint: str, dist: Dist, progress: bool) -> list[str]:
-    """The prepared data directories; regenerates ``data.datasets`` with the target first if needed."""
+    """The prepared data directories; the target regenerates each of ``data.datasets`` first if needed, one
+    directory per dataset (cached by its settings' hash, so adding a dataset to a recipe regenerates only it)."""
     if config.data.dirs:
         return [str(Path(d).expanduser()) for d in config.data.dirs]
     if not config.data.datasets:
@@ -107,18 +108,21 @@ def ensure_data(config: Config, target_path: str, fingerprint: str, dist: Dist, 
     from training.prepare import PrepareSettings, default_output_dir, prepare
 
     d = config.data
-    settings = PrepareSettings(target=target_path, target_fingerprint=fingerprint, datasets=list(d.datasets),
-                               limit=d.limit, seed=d.seed, temperature=d.temperature, top_p=d.top_p,
-                               max_tokens=d.max_tokens, max_length=d.max_length)
-    output = default_output_dir(settings)
-    if dist.main and not (output / "manifest.json").is_file():
-        from lk_vllm import engine
+    outputs = []
+    for name in d.datasets:
+        settings = PrepareSettings(target=target_path, target_fingerprint=fingerprint, datasets=[name],
+                                   limit=d.limit, seed=d.seed, temperature=d.temperature, top_p=d.top_p,
+                                   max_tokens=d.max_tokens, max_length=d.max_length)
+        output = default_output_dir(settings)
+        if dist.main and not (output / "manifest.json").is_file():
+            from lk_vllm import engine
 
-        _log(f"preparing data: the target regenerates {', '.join(d.datasets)} into {output}")
-        prepare(settings, output, engine.EngineSettings(model=target_path, max_model_len=max(d.max_length, 256)),
-                progress=progress)
+            _log(f"preparing data: the target regenerates {name} into {output}")
+            prepare(settings, output, engine.EngineSettings(model=target_path, max_model_len=max(d.max_length, 256)),
+                    progress=progress)
+        outputs.append(str(output))
     dist.barrier()
-    return [str(output)]
+    return outputs
 
 
 def load_run_samples(dirs: list[str], fingerprint: str, max_length: int):
