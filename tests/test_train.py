@@ -562,3 +562,26 @@ def test_each_dataset_is_prepared_into_its_own_cached_directory(tmp_path, monkey
     config, _ = load_config(overrides={"data.datasets": ["gsm8k"], "data.limit": 8})
     assert ensure_data(config, "/models/t", "0123456789abcdef", Dist(), progress=False) == first[1:]
     assert len(calls) == 2  # gsm8k's finished directory was reused
+
+
+def test_export_dtype_writes_bf16_weights_from_fp32_master_weights(tiny, tmp_path):
+    """training.export_dtype=bfloat16 (the committed default drafter's 20 MB budget): both exports hold bf16
+    float weights equal to the fp32 ones rounded, index tensors untouched; the export loads back."""
+    from lk_vllm.drafters import load_drafter
+
+    fp32 = _config(tiny, tmp_path / "fp32", **{"training.max_steps": 2, "training.eval_every": 2})
+    bf16 = _config(tiny, tmp_path / "bf16", **{"training.max_steps": 2, "training.eval_every": 2,
+                                                 "training.export_dtype": "bfloat16"})
+    train(fp32, "fp32", progress=False)
+    train(bf16, "bf16", progress=False)
+    full, half = _weights(tmp_path / "fp32"), _weights(tmp_path / "bf16")
+    assert set(full) == set(half)
+    for name, tensor in full.items():
+        if tensor.is_floating_point():
+            assert half[name].dtype == torch.bfloat16, name
+            assert torch.equal(half[name], tensor.to(torch.bfloat16)), name
+        else:
+            assert torch.equal(half[name], tensor), name
+    best = load_file(str(tmp_path / "bf16" / "best" / "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in best.values() if t.is_floating_point())
+    load_drafter(tmp_path / "bf16" / "final")

@@ -84,6 +84,8 @@ class TrainingSection(_Section):
     seed: int = 0
     capture: Literal["online", "offline"] = "online"
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"  # offline hidden-state cache
+    # dtype of the exported drafter's weights (training keeps fp32 master weights; vLLM casts to its dtype)
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when a GPU is visible (training/device.py)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     tf32: bool = True  # TF32 matmuls for what stays fp32 on GPU
@@ -116,7 +118,7 @@ FINAL_EXPORT = "final"
 # Fields that may change between a run and its --resume: they do not change the weights.
 RESUMABLE_CHANGES = {"output", "training.log_every", "training.eval_every", "training.checkpoint_every",
                      "training.keep_checkpoints", "training.eval_batch_size", "training.capture",
-                     "training.cache_dtype", "training.device", "training.tf32",
+                     "training.cache_dtype", "training.export_dtype", "training.device", "training.tf32",
                      "training.collective_timeout_minutes"}
 
 

@@ -395,6 +395,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     from training.target import TargetModel
 
     t = config.training
+    export_dtype = getattr(torch, t.export_dtype)
     placement = resolve_placement(t.device, t.precision, t.tf32)  # a bad device fails here, before any loading
     dist = init_distributed(placement.device, t.collective_timeout_minutes)
     if t.batch_size % (dist.world * t.grad_accumulation):
@@ -496,7 +497,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
             if metrics["expected_acceptance_length"] > best["expected_acceptance_length"]:
                 best.update(step=step, expected_acceptance_length=metrics["expected_acceptance_length"])
                 drafter.save_pretrained(run_dir / BEST_EXPORT, target=target_info(target),
-                                        training=training_record(step, metrics))
+                                        training=training_record(step, metrics), dtype=export_dtype)
         return metrics
 
     def save(step: int) -> None:
@@ -562,7 +563,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
         if not metrics:  # resumed at the end, or nothing to evaluate
             metrics = run_eval(t.max_steps) if heldout_indices else {}
         drafter.save_pretrained(run_dir / FINAL_EXPORT, target=target_info(target),
-                                training=training_record(t.max_steps, metrics))
+                                training=training_record(t.max_steps, metrics), dtype=export_dtype)
         summary.update(final=metrics, tokens_per_s=round(tokens_seen / max(time.time() - clock, 1e-9), 1))
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
         logger.close()
