@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lk_vllm.errors import UserError
+from lk_vllm.errors import UserError, require_at_least
 
 OK, WARNING, ERROR = "ok", "warning", "error"
 AUX_KEY = "eagle_aux_hidden_state_layer_ids"
@@ -429,8 +429,7 @@ def _default_target(directory: Path) -> str:
 def run(args) -> int:
     from lk_vllm.assets import resolve_target
 
-    if args.num_speculative_tokens < 1:
-        raise UserError(f"--num-speculative-tokens: expected an integer >= 1, found {args.num_speculative_tokens}")
+    require_at_least("--num-speculative-tokens", args.num_speculative_tokens)
     probe = ProbeSettings(args.probe_prompts, args.probe_max_tokens, args.probe_dataset, args.min_acceptance,
                           args.min_fraction_of_prediction) if args.probe else None
     directory = Path(args.drafter).expanduser()

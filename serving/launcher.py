@@ -48,7 +48,7 @@ from lk_vllm.engine import (
     engine_arguments,
     settings_from_args,
 )
-from lk_vllm.errors import UserError
+from lk_vllm.errors import UserError, require_at_least
 
 DEFAULT_NUM_SPECULATIVE_TOKENS = 3
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
@@ -194,8 +194,8 @@ def speculative_config_from_args(args: argparse.Namespace, target: str) -> dict[
     A drafter must pass ``lk-vllm validate``'s static checks (the first error refuses, before any engine starts)."""
     from lk_vllm.validate import require_valid
 
-    if args.num_speculative_tokens is not None and args.num_speculative_tokens < 1:
-        raise UserError(f"--num-speculative-tokens: expected an integer >= 1, got {args.num_speculative_tokens}")
+    if args.num_speculative_tokens is not None:
+        require_at_least("--num-speculative-tokens", args.num_speculative_tokens)
     if args.drafter:
         drafter = Path(args.drafter).expanduser()
         if not drafter.is_dir():

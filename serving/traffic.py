@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from lk_vllm.errors import UserError
+from lk_vllm.errors import UserError, require_at_least
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args) -> None:
     for flag, value, least in (("--concurrency", args.concurrency, 1), ("--max-tokens", args.max_tokens, 1),
                                ("--offset", args.offset, 0), ("--limit", args.limit, 1)):
-        if value is not None and value < least:
-            raise UserError(f"{flag}: expected an integer >= {least}, found {value}")
+        if value is not None:
+            require_at_least(flag, value, least)
     if args.temperature < 0:
         raise UserError(f"--temperature: expected a value >= 0, found {args.temperature}")
     for flag, value in (("--duration", args.duration), ("--timeout", args.timeout)):

@@ -275,11 +275,11 @@ def _error(capsys, *argv) -> str:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--num-speculative-tokens", "0"], "--num-speculative-tokens must be at least 1"),
-    (["--concurrency", "0"], "--concurrency must be at least 1"),
+    (["--num-speculative-tokens", "0"], "--num-speculative-tokens: expected an integer >= 1, found 0"),
+    (["--concurrency", "0"], "--concurrency: expected an integer >= 1, found 0"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--limit", "0"], "--limit must be at least 1"),
-    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--limit", "0"], "--limit: expected an integer >= 1, found 0"),
+    (["--max-tokens", "0"], "--max-tokens: expected an integer >= 1, found 0"),
     (["--no-baseline"], "nothing to benchmark"),
     (["--name", "a/b"], "--name must be a plain file name"),
     (["--drafter", "/no/such/drafter"], "--drafter /no/such/drafter: directory not found"),
@@ -287,7 +287,7 @@ def _error(capsys, *argv) -> str:
     (["--speculative-config", "{nope"], "expected [LABEL=]JSON object, found invalid JSON"),
     (["--speculative-config", "[1]"], 'expected a JSON object with a "method"'),
     (["--speculative-config", '{"method": "eagle3", "model": "/x"}'], "is a drafter; pass its directory with --drafter"),
-    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 0}'], "must be an integer >= 1, found 0"),
+    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 0}'], "num_speculative_tokens: expected an integer >= 1, found 0"),
     (["--speculative-config", 'baseline={"method": "ngram"}'], "label 'baseline' is taken"),
     (["--speculative-config", '{"method": "ngram"}', "--speculative-config", '{"method": "ngram"}'],
      "label 'ngram-k3' is taken"),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lk_vllm.engine import EngineSettings, add_engine_arguments, settings_from_args
-from lk_vllm.errors import UserError
+from lk_vllm.errors import UserError, require_at_least
 
 DEFAULT_TEMPERATURES = (0.0, 1.0)
 DEFAULT_CONCURRENCIES = (1, 8)
@@ -75,18 +75,15 @@ def _unique(values):
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    if args.num_speculative_tokens < 1:
-        raise UserError(f"--num-speculative-tokens must be at least 1, got {args.num_speculative_tokens}")
-    if args.max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    require_at_least("--num-speculative-tokens", args.num_speculative_tokens)
+    require_at_least("--max-tokens", args.max_tokens)
+    if args.limit is not None:
+        require_at_least("--limit", args.limit)
     for t in args.temperature or ():
         if not t >= 0:
             raise UserError(f"--temperature must be >= 0, got {t}")
     for c in args.concurrency or ():
-        if c < 1:
-            raise UserError(f"--concurrency must be at least 1, got {c}")
+        require_at_least("--concurrency", c)
     if args.no_baseline and not args.drafter and not args.speculative_config:
         raise UserError("nothing to benchmark: --no-baseline and no --drafter or --speculative-config")
     if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):

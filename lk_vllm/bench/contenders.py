@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from lk_vllm.errors import UserError
+from lk_vllm.errors import UserError, require_at_least
 from training.config import BEST_EXPORT, FINAL_EXPORT
 
 
@@ -104,8 +104,7 @@ def config_contender(value: str, num_speculative_tokens: int, taken: list[str]) 
         raise UserError(f"{where}: a config with a \"model\" is a drafter; pass its directory with --drafter")
     config.setdefault("num_speculative_tokens", num_speculative_tokens)
     k = config["num_speculative_tokens"]
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise UserError(f"{where}: num_speculative_tokens must be an integer >= 1, found {k!r}")
+    require_at_least(f"{where}: num_speculative_tokens", k)
     label = label or f"{config['method']}-k{k}"
     if not label or label == BASELINE.label or label in taken:
         raise UserError(f"{where}: label {label!r} is {'taken' if label else 'empty'}; name it with LABEL=JSON")

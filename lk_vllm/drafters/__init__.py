@@ -69,7 +69,7 @@ from lk_vllm.drafters.base import (
     read_config,
     target_info,
 )
-from lk_vllm.errors import UserError
+from lk_vllm.errors import UserError, require_at_least
 
 ARCHITECTURES = ("eagle3", "medusa", "mlp_speculator", "draft_model")
 SUPPORTED_FORMATS = (
@@ -171,8 +171,7 @@ def speculative_config_for(directory: str | os.PathLike, num_speculative_tokens:
     cls = drafter_class(architecture)
     if not cls.servable:
         raise UserError(f"drafter {path}: vLLM 0.32 cannot serve the {architecture} architecture")
-    if num_speculative_tokens < 1:
-        raise UserError(f"num_speculative_tokens must be at least 1, got {num_speculative_tokens}")
+    require_at_least("num_speculative_tokens", num_speculative_tokens)
     if architecture == "medusa":
         from lk_vllm.drafters.medusa import check_medusa_tokens
 
