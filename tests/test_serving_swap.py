@@ -13,6 +13,7 @@ import json
 import math
 import threading
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -70,6 +71,12 @@ def _write_drafters(target_dir, root):
     wrong = [i + 1 for i in config["eagle_aux_hidden_state_layer_ids"]]
     config["eagle_aux_hidden_state_layer_ids"] = config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = wrong
     (paths["wrong_aux"] / "config.json").write_text(json.dumps(config))
+    # A copy of "b" whose training record promises far more than a random drafter delivers: swapping it in
+    # must raise the drift alarm.
+    paths["promised"] = shutil.copytree(paths["b"], root / "promised")
+    record = json.loads((paths["promised"] / "lk_training.json").read_text())
+    record["training"]["heldout"] = {"top1_agreement": [0.9, 0.8], "per_position_alpha": [0.9, 0.8]}
+    (paths["promised"] / "lk_training.json").write_text(json.dumps(record))
     return paths
 
 
@@ -174,6 +181,42 @@ def test_refused_swaps_leave_the_live_drafter_serving(server):
     assert unauthorised.value.status == 403
     assert request_json(server["url"], "/v1/speculative/stats")["live_drafter"] == live
     assert complete(server["url"], server["model"], messages=PROMPT, max_tokens=8).completion_tokens == 8
+
+
+def test_swapping_in_a_drafter_that_misses_its_promise_raises_the_drift_alarm(server):
+    """The swapped-in drafter's lk_training.json expects 1 + 0.9 + 0.9 * 0.8 = 2.62 tokens per step at T=0; it
+    is random and accepts almost nothing. Under greedy streaming traffic the alarm goes up once the window
+    holds enough drafts: the gauge, the stats' drift object, and the window's numbers."""
+    url, model, paths = server["url"], server["model"], server["paths"]
+    stop, judged = threading.Event(), threading.Event()
+
+    def client(index: int) -> None:
+        while not stop.is_set():
+            result = complete(url, model, messages=PROMPT, max_tokens=24, stream=True, seed=index, timeout=120)
+            assert result.completion_tokens > 0
+
+    drift = None
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert swap(server, "promised")["status"] == "swapped"
+        futures = [pool.submit(client, i) for i in range(4)]
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not judged.is_set():
+            drift = request_json(url, "/v1/speculative/stats")["drift"]
+            if drift["drifting"] is not None:
+                judged.set()
+            else:
+                time.sleep(1)
+        stop.set()
+        for future in futures:
+            future.result()
+    assert judged.is_set(), drift
+    assert drift["drifting"] is True and drift["drafter"] == str(paths["promised"])
+    check = next(c for c in drift["checks"] if c["sampling"] == "temperature_0")
+    assert check["expected"] == pytest.approx(1 + 0.9 + 0.9 * 0.8) and check["expected_source"]
+    assert check["num_drafts"] >= 50 and check["observed"] < 0.75 * check["expected"] and check["drifting"]
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        assert "lk_acceptance_drift 1.0" in response.read().decode()
+    swap(server, "a")  # the next tests start from drafter a
 
 
 def test_lk_training_record_is_reported(server):
