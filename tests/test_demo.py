@@ -1,6 +1,7 @@
 """`lk-vllm demo` end to end, as a new user runs it (`make demo` runs the same command without --keep-serving):
-it serves the default target with the n-gram drafter through `lk-vllm serve`, sends traffic, prints the live
-statistics and the dashboard URL, keeps serving until Ctrl-C and then shuts the server down cleanly."""
+it serves the default target with the default LK drafter (lk_vllm/default_drafter, installed beside the target)
+through `lk-vllm serve`, sends traffic, prints the live statistics and the dashboard URL, keeps serving until
+Ctrl-C and then shuts the server down cleanly."""
 
 import re
 import signal
@@ -42,17 +43,21 @@ def test_demo_serves_sends_traffic_prints_live_stats_and_stops_on_ctrl_c(default
         out = read_until(process, "until Ctrl-C", timeout=1500)
         for step in ("[1]", "[2]", "[3]", "[4]", "[5]", "[6]"):
             assert step in out
-        assert "n-gram" in out and "no training" in out  # which drafter, said plainly
+        from lk_vllm.assets import default_drafter_dir
+
+        assert f"the default LK drafter {default_drafter_dir()}" in out  # which drafter, said plainly
         assert "INFO" not in out  # plain-language output; the engine's logs go to the server log
         assert re.search(r"\(\d+ tokens, acceptance length [0-9.]+\)", out)  # each answer's own metrics
 
         length = float(re.search(r"acceptance length: ([0-9.]+)", out).group(1))
         rates = [float(x) for x in re.search(r"per-position acceptance: \[([^\]]*)\]", out).group(1).split(",")]
         draft_tokens, accepted = map(int, re.search(r"draft tokens: (\d+), accepted: (\d+)", out).groups())
-        assert len(rates) == 4 and all(0.0 <= r <= 1.0 for r in rates)
+        live = request_json(url, "/v1/speculative/stats")
+        assert live["method"] == "eagle3" and live["drafter"]["path"] == str(default_drafter_dir())
+        assert len(rates) == live["num_speculative_tokens"] and all(0.0 <= r <= 1.0 for r in rates)
         assert rates == sorted(rates, reverse=True)  # a later position is accepted only after the earlier ones
         assert length == pytest.approx(1 + sum(rates), abs=0.02)  # the same counters, two views
-        assert length > 1.0  # the n-gram drafter copies the repeated text
+        assert length > 1.0  # the trained drafter gets tokens accepted
         speedup = re.search(r"measured speed-up: ([0-9.]+)x", out)
         assert speedup is not None and float(speedup.group(1)) > 0, out  # measured against the calibrated baseline
 
@@ -87,3 +92,27 @@ def test_demo_help_and_bad_input_are_one_line_errors(tmp_path):
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [f"lk-vllm demo: error: --drafter {tmp_path / 'nope'}: expected a "
                                                    "drafter directory, `default` or `ngram`, found no such directory"]
+
+
+def test_demo_serves_the_default_drafter_ngram_or_a_directory(tmp_path, monkeypatch):
+    """Which `lk-vllm serve` arguments each --drafter value gives (no engine)."""
+    import argparse
+
+    from lk_vllm import assets, demo
+
+    def args(drafter):
+        parser = argparse.ArgumentParser()
+        demo.add_arguments(parser)
+        return parser.parse_args([] if drafter is None else ["--drafter", drafter])
+
+    installed = tmp_path / "installed"
+    monkeypatch.setattr(assets, "install_default_drafter", lambda target=None: installed)
+    flags, description = demo._serve_arguments(args(None), "T")
+    assert flags == ["T", "--drafter", str(installed)] and "default LK drafter" in description
+    flags, description = demo._serve_arguments(args("ngram"), "T")
+    assert flags[:2] == ["T", "--speculative-config"] and '"ngram"' in flags[2] and "n-gram" in description
+    flags, _ = demo._serve_arguments(args(str(tmp_path)), "T")
+    assert flags == ["T", "--drafter", str(tmp_path.resolve())]
+    monkeypatch.setattr(assets, "install_default_drafter", lambda target=None: None)  # none shipped: n-gram
+    flags, _ = demo._serve_arguments(args(None), "T")
+    assert flags[1] == "--speculative-config"
