@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from train_helpers import make_tiny_target, make_valid_drafter
 
 from lk_vllm import plugin
 from lk_vllm.errors import UserError
@@ -496,26 +497,9 @@ class FakeEngineClient:
 
 @pytest.fixture(scope="module")
 def tiny_target(tmp_path_factory):
-    from train_helpers import make_tiny_target
-
     from training.target import TargetModel
 
     return TargetModel(make_tiny_target(tmp_path_factory.mktemp("tiny-target")))
-
-
-def _real_drafter_dir(root: Path, name: str, target, seed: int = 0, architecture: str = "eagle3",
-                      **options) -> Path:
-    """A drafter that passes lk-vllm validate's static checks (the swap route runs them)."""
-    from lk_vllm.drafters import create_drafter, target_info
-
-    torch.manual_seed(seed)
-    if architecture == "eagle3":
-        options.setdefault("draft_to_target", torch.arange(0, 256, 2))
-    drafter = create_drafter(architecture, target, **options)
-    with torch.no_grad():
-        for parameter in drafter.trainable_parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.01)
-    return drafter.save_pretrained(root / name, target=target_info(target))
 
 
 @pytest.fixture
@@ -526,7 +510,7 @@ def app_with_routes(tmp_path, monkeypatch, tiny_target):
     from serving import api
 
     drafters = tmp_path / "drafters"
-    live = _real_drafter_dir(drafters, "live", tiny_target, seed=1)
+    live = make_valid_drafter(drafters, "live", tiny_target, seed=1)
     monkeypatch.setenv(api.ADMIN_KEY_ENV, "admin-secret")
     monkeypatch.setenv(api.DRAFTERS_DIR_ENV, str(drafters))
     store = LiveStatsStore()
@@ -596,7 +580,7 @@ def test_swap_paths_must_resolve_inside_the_drafters_dir(app_with_routes, tmp_pa
 
 def test_swap_same_shape_reloads_in_place_and_keeps_stats_per_drafter(app_with_routes):
     client, routes, drafters, target = app_with_routes
-    new = _real_drafter_dir(drafters, "new", target, seed=3)
+    new = make_valid_drafter(drafters, "new", target, seed=3)
     old_name = routes.store.drafter.name
     routes.store.record_step(batch_size=1, output_tokens=2, timed=False, num_drafts=1, num_draft_tokens=2,
                              num_accepted_tokens=1, accepted_per_position=[1, 0])
@@ -613,9 +597,9 @@ def test_swap_same_shape_reloads_in_place_and_keeps_stats_per_drafter(app_with_r
 
 def test_bad_swaps_are_4xx_and_the_old_drafter_keeps_serving(app_with_routes):
     client, routes, drafters, target = app_with_routes
-    _real_drafter_dir(drafters, "wider", target, intermediate_size=256)
-    _real_drafter_dir(drafters, "other_arch", target, architecture="medusa", num_heads=2)
-    nan = _real_drafter_dir(drafters, "nan", target, seed=2)
+    make_valid_drafter(drafters, "wider", target, intermediate_size=256)
+    make_valid_drafter(drafters, "other_arch", target, architecture="medusa", num_heads=2)
+    nan = make_valid_drafter(drafters, "nan", target, seed=2)
     weights = load_file(str(nan / "model.safetensors"))
     weights["fc.weight"][0, 0] = float("nan")  # same tensors and shapes: only validate's checks see it
     save_file(weights, str(nan / "model.safetensors"))
@@ -644,7 +628,7 @@ def test_swap_refuses_a_drafter_trained_for_another_target(app_with_routes, tmp_
     served.mkdir()
     (served / "config.json").write_text(json.dumps({"vocab_size": 32}))
     routes.target = str(served)
-    other = _real_drafter_dir(drafters, "other_target", target, seed=4)
+    other = make_valid_drafter(drafters, "other_target", target, seed=4)
     (other / "lk_training.json").write_text(json.dumps({"target": {"fingerprint": "0000000000000000"}}))
     response = client.post("/v1/speculative/drafter", json={"path": "other_target"}, headers=ADMIN)
     assert response.status_code == 409 and "trained for target 0000000000000000" in response.json()["error"]

@@ -16,7 +16,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 from serving.client import HTTPError, request_json
 from serving.launcher import ServerHandle, free_port, wait_healthy
@@ -250,18 +249,16 @@ def test_swap_route_asks_the_supervisor_for_a_restart_only_when_supervised(tmp_p
     supervisor the same request is 409, and the live drafter never changes."""
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
-    from safetensors.torch import save_file
+    from train_helpers import make_tiny_target, make_valid_drafter
 
     from serving import api, swap
     from serving.live_stats import DrafterInfo, LiveStatsStore
+    from training.target import TargetModel
 
     drafters = tmp_path / "drafters"
+    target = TargetModel(make_tiny_target(tmp_path / "target", layers=2))
     for name, heads in (("medusa", 2), ("one_head", 1)):
-        (drafters / name).mkdir(parents=True)
-        config = {"architectures": ["MedusaModel"], "model_type": "medusa", "num_heads": heads, "num_hidden_layers": 1,
-                  "hidden_size": 8, "vocab_size": 32}
-        (drafters / name / "config.json").write_text(json.dumps(config))
-        save_file({"blocks.0.layers.0.weight": torch.zeros(8, 8)}, str(drafters / name / "model.safetensors"))
+        make_valid_drafter(drafters, name, target, architecture="medusa", num_heads=heads)
     monkeypatch.setenv(api.ADMIN_KEY_ENV, "admin")
     monkeypatch.setenv(api.DRAFTERS_DIR_ENV, str(drafters))
     store = LiveStatsStore()

@@ -23,6 +23,22 @@ def make_tiny_target(directory: Path, vocab: int = 256, layers: int = 8, seed: i
     return str(directory)
 
 
+def make_valid_drafter(root: Path, name: str, target, seed: int = 0, architecture: str = "eagle3",
+                       **options) -> Path:
+    """A drafter for ``target`` (a TargetModel) that passes lk-vllm validate's static checks: fresh drafters are
+    refused as untrained, so every trainable weight gets a little noise."""
+    from lk_vllm.drafters import create_drafter, target_info
+
+    torch.manual_seed(seed)
+    if architecture == "eagle3":
+        options.setdefault("draft_to_target", torch.arange(0, 256, 2))
+    drafter = create_drafter(architecture, target, **options)
+    with torch.no_grad():
+        for parameter in drafter.trainable_parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.01)
+    return drafter.save_pretrained(root / name, target=target_info(target))
+
+
 def make_tiny_data(directory: Path, target: str, num_samples: int = 24, vocab: int = 256, seed: int = 0,
                    lengths: tuple[int, int] = (16, 40), masked: bool = False, prompt_length: int | None = None) -> str:
     """A prepared data set of random token sequences (prompt + 'generated' part) in prepare's format."""
