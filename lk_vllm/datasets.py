@@ -254,6 +254,63 @@ _LOADERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
 }
 
 
+# Built-in prompt formats for targets without a chat template of their own (--chat-template NAME).
+CHAT_TEMPLATES = {
+    # ChatML turns, the format many base models are fine-tuned into.
+    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    # Plain text: the turns' contents separated by blank lines after the BOS token, no role markers; for base
+    # models continuing {"prompt": ...} text.
+    "plain": ("{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}{{ m['content'] }}"
+              "{% if not loop.last %}{{ '\\n\\n' }}{% endif %}{% endfor %}"),
+}
+
+
+def chat_template_text(chat_template: str, where: str = "--chat-template") -> str:
+    """The Jinja text of a built-in template name or a template file."""
+    if chat_template in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[chat_template]
+    path = Path(chat_template).expanduser()
+    if not path.is_file():
+        raise UserError(f"{where}: expected a Jinja template file or one of {', '.join(CHAT_TEMPLATES)}, "
+                        f"found {chat_template!r}")
+    text = path.read_text()
+    if "messages" not in text:
+        raise UserError(f"{where}: {path} does not look like a chat template (it never reads `messages`)")
+    return text
+
+
+def add_chat_template_argument(parser) -> None:
+    parser.add_argument("--chat-template", default=None, metavar="FILE|NAME",
+                        help="prompt format in place of the target's chat template: a Jinja file, "
+                             f"{' or '.join(repr(n) for n in CHAT_TEMPLATES)} (plain: prompt text as is, for base models)")
+
+
+def load_tokenizer(target: str, chat_template: str | None = None):
+    """The target's tokenizer, with ``chat_template`` (a name or file) in place of its own when given."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"target {target}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+    if chat_template:
+        tokenizer.chat_template = chat_template_text(chat_template)
+    return tokenizer
+
+
+def tokenizer_key(target: str, tokenizer) -> str:
+    """A hash of what turns prompts into ids: the tokenizer files and the chat template in use, so data
+    tokenised with another template or tokenizer is never reused."""
+    digest = hashlib.sha256((getattr(tokenizer, "chat_template", None) or "").encode())
+    directory = Path(target)
+    if directory.is_dir():
+        for name in sorted(p.name for p in directory.iterdir()
+                           if p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template"))):
+            digest.update(name.encode() + (directory / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a chat prompt with the generation prompt appended: the ids vLLM is given, so the torch
     evaluator, ``eval --engine vllm`` and ``bench`` all measure the same prompts."""

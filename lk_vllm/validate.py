@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from lk_vllm.errors import UserError, require_at_least
+from lk_vllm.targets import TargetShape, serving_problem
 
 OK, WARNING, ERROR = "ok", "warning", "error"
 AUX_KEY = "eagle_aux_hidden_state_layer_ids"
@@ -84,30 +85,6 @@ class Report:
         return out
 
 
-@dataclasses.dataclass(frozen=True)
-class TargetShape:
-    """What the checks need of a target, from its config alone (its weights are never loaded here)."""
-
-    path: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    dtype: str | None
-
-    @classmethod
-    def read(cls, target: str) -> TargetShape:
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(target).get_text_config()
-        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a config it cannot read
-            raise UserError(f"target {target}: expected a model config transformers reads, found "
-                            f"{str(exc).splitlines()[0]}") from None
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        return cls(target, int(config.vocab_size), int(config.hidden_size), int(config.num_hidden_layers),
-                   str(dtype).removeprefix("torch.") if dtype else None)
-
-
 # ------------------------------------------------------------------------------------------------ static checks
 def check_drafter(directory: str | Path, target: str | None, num_speculative_tokens: int = 3) -> Report:
     """Every static check on a drafter directory, against ``target`` (a resolved target path or HF id; None:
@@ -136,6 +113,9 @@ def check_drafter(directory: str | Path, target: str | None, num_speculative_tok
         try:
             shape = TargetShape.read(target)
             check_drafter_matches_target(path, drafter, shape)
+            problem = serving_problem(shape, report.architecture)
+            if problem:
+                raise UserError(problem)
             if not (record.get("target") or {}).get("fingerprint"):
                 fingerprint = "; no target fingerprint recorded (not made by lk-vllm), so sizes only"
             elif not Path(target).is_dir():
@@ -205,6 +185,11 @@ def recorded_aux_layer_ids(record: dict) -> list[int] | None:
 def _check_eagle3(report: Report, path: Path, config: dict, header: dict, record: dict,
                   target: TargetShape | None) -> None:
     view = vllm_eagle3_config(config)
+    rope = view.get("rope_parameters")
+    if isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values()):
+        report.add("format", ERROR, f"drafter {path}: rope_parameters is nested per layer type "
+                   f"({', '.join(sorted(rope))}); vLLM's Llama layer reads one flat set (rope_type, rope_theta, ...)")
+        return
     by_runner = aux_layer_ids_by_runner(view)
     trained = recorded_aux_layer_ids(record)
     layers = target.num_layers if target else None

@@ -257,12 +257,14 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
     """Everything needed to exec vLLM's server, from the parsed flags (raises UserError on bad input)."""
     from lk_vllm.assets import resolve_target
     from lk_vllm.plugin import plugins_env_value
+    from lk_vllm.targets import check_target
     from serving.api import ADMIN_KEY_ENV, DRAFTERS_DIR_ENV
     from serving.capture import CAPTURE_ENV, CaptureSettings
     from serving.drift import DRIFT_ENV, DriftSettings
 
     target = resolve_target(args.target)
     spec = speculative_config_from_args(args, target)
+    check_target(target, spec.get("method") if spec else None)
     settings = settings_from_args(args, target, speculative_config=spec, max_num_seqs=args.max_num_seqs)
     check_cpu_settings(settings)
     vllm_flags = []

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import shutil
 import signal
 import socket
@@ -48,6 +49,21 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriz
                "trailer", "transfer-encoding", "upgrade", "host", "content-length"}
 _WEBSOCKET_HANDSHAKE = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                         "sec-websocket-protocol", "sec-websocket-accept"}
+
+
+# An exception line of a Python traceback or log ("TypeError: unhashable type: 'dict'").
+_EXCEPTION_LINE = re.compile(r"\b((?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)): (.+)")
+# vLLM's API server reports a dead engine with its own exception after the engine's traceback.
+_WRAPPER_MESSAGES = ("root cause above", "Engine core initialization failed")
+_LOG_TAIL_CHARS = 1 << 16
+
+
+def root_cause(log: str) -> str | None:
+    """The exception that stopped vLLM, from the tail of its output: the last exception line that is not
+    vLLM's own "see root cause above" wrapper (the engine's traceback precedes the API server's)."""
+    causes = [f"{m.group(1)}: {m.group(2).strip()}" for m in map(_EXCEPTION_LINE.search, log.splitlines()) if m]
+    causes = [c for c in causes if not any(w in c for w in _WRAPPER_MESSAGES)]
+    return causes[-1][:400] if causes else None
 
 
 class ChildFailed(Exception):
@@ -147,6 +163,8 @@ class Supervisor:
         self.waited = 0  # requests that arrived while the engine was restarting
         self.rejected = 0  # ... and got 503 after --restart-wait
         self.url: str | None = None
+        self.log_tail = ""  # the last output of the current vLLM server
+        self.forwarding: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------------------------------------- running
     def bind(self) -> socket.socket:
@@ -219,8 +237,13 @@ class Supervisor:
         what = f"{spec.get('method')} {spec.get('model') or ''}".strip() if spec else "no speculation"
         _say(f"starting vLLM's server ({what})")
         started = time.monotonic()
-        child = await asyncio.create_subprocess_exec(*argv, env=env, preexec_fn=_die_with_parent)
-        asyncio.get_running_loop().create_task(self.watch(child))
+        child = await asyncio.create_subprocess_exec(*argv, env=env, preexec_fn=_die_with_parent,
+                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        loop = asyncio.get_running_loop()
+        self.log_tail = ""
+        self.forwarding = [loop.create_task(self.pass_output(child.stdout, sys.stdout)),
+                           loop.create_task(self.pass_output(child.stderr, sys.stderr))]
+        loop.create_task(self.watch(child))
         session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=str(path), limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
@@ -239,7 +262,11 @@ class Supervisor:
     async def wait_healthy(self, child, session: aiohttp.ClientSession, started: float) -> None:
         while True:
             if child.returncode is not None:
-                raise ChildFailed(f"vLLM's server exited with code {child.returncode} while starting (its log is above)")
+                with contextlib.suppress(TimeoutError):  # the rest of its output, for the cause
+                    await asyncio.wait_for(asyncio.gather(*self.forwarding), 10)
+                cause = root_cause(self.log_tail)
+                raise ChildFailed(f"vLLM's server exited with code {child.returncode} while starting"
+                                  + (f": {cause} (its log is above)" if cause else " (its log is above)"))
             if self.stop.is_set():
                 raise Stopping
             if time.monotonic() - started > self.start_timeout:
@@ -249,6 +276,17 @@ class Supervisor:
                     if response.status == 200:
                         return
             await asyncio.sleep(0.5)
+
+    async def pass_output(self, stream: asyncio.StreamReader, out) -> None:
+        """Pass vLLM's output through unchanged, keeping its tail for ``root_cause``."""
+        while chunk := await stream.read(1 << 16):
+            text = chunk.decode(errors="replace")
+            if hasattr(out, "buffer"):
+                out.buffer.write(chunk)
+            else:  # a replaced sys.stdout (pytest's capture)
+                out.write(text)
+            out.flush()
+            self.log_tail = (self.log_tail + text)[-_LOG_TAIL_CHARS:]
 
     async def watch(self, child) -> None:
         """vLLM's server exiting on its own (engine death) ends the supervisor with its exit code, as without it."""

@@ -18,7 +18,11 @@ from aiohttp import web
 
 
 def child(uds: str, spec: dict) -> None:
-    if spec.get("fail"):
+    if spec.get("fail"):  # as vLLM dies: the engine's traceback, then the API server's wrapper
+        print("(EngineCore pid=1) ERROR Traceback (most recent call last):\n"
+              "(EngineCore pid=1) ERROR TypeError: unhashable type: 'dict'", file=sys.stderr, flush=True)
+        print("RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
+              file=sys.stderr, flush=True)
         sys.exit(3)
     time.sleep(spec.get("start_delay", 0))  # an engine that takes a while to start
 

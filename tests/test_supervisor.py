@@ -164,6 +164,7 @@ def test_a_new_server_that_does_not_start_is_rolled_back(supervisor):
     with pytest.raises(HTTPError) as failed:
         swap(server.url, "restart:fail")
     assert failed.value.status == 422 and "previous drafter serves again" in failed.value.body
+    assert "TypeError: unhashable type: 'dict'" in failed.value.body  # the engine's cause, not vLLM's wrapper
     again = request_json(server.url, "/whoami")
     assert again["spec"]["model"] == "first" and again["pid"] != first["pid"]
 
@@ -301,3 +302,16 @@ def test_a_taken_port_is_a_one_line_error_before_anything_starts():
         with pytest.raises(UserError, match="cannot listen there"):
             supervisor.run()
     assert not supervisor.workdir.exists() and supervisor.child is None
+
+
+def test_root_cause_is_the_engines_exception_not_vllms_wrapper():
+    from serving.supervisor import root_cause
+
+    log = ("INFO starting\n(EngineCore pid=7) ERROR   File \"x.py\", line 3, in get_rope\n"
+           "(EngineCore pid=7) ERROR TypeError: unhashable type: 'dict'\n"
+           "Traceback (most recent call last):\n"
+           "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    assert root_cause(log) == "TypeError: unhashable type: 'dict'"
+    assert root_cause("pydantic_core._pydantic_core.ValidationError: 1 validation error") == (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error")
+    assert root_cause("INFO all fine\nWARNING no errors here\n") is None

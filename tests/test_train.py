@@ -4,6 +4,7 @@ offline capture. The default target is exercised by test_train_smoke.py."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -543,10 +544,15 @@ def test_a_run_that_cannot_fit_the_gpu_is_refused_in_one_line(tiny, tmp_path, mo
 
 def test_each_dataset_is_prepared_into_its_own_cached_directory(tmp_path, monkeypatch):
     """Adding a dataset to a recipe regenerates only that dataset: one prepare output per dataset, each named
-    by its own settings' hash, and a finished one is reused."""
+    by its own settings' hash, and a finished one is reused. Another chat template (given, or edited into the
+    target's tokenizer files) is other data."""
+    import shutil
+
+    from lk_vllm.assets import resolve_target
     from training import prepare as prepare_module
     from training.train import Dist, ensure_data
 
+    target = resolve_target(None)
     monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path))
     calls = []
 
@@ -557,11 +563,24 @@ def test_each_dataset_is_prepared_into_its_own_cached_directory(tmp_path, monkey
 
     monkeypatch.setattr(prepare_module, "prepare", fake_prepare)
     config, _ = load_config(overrides={"data.datasets": ["sharegpt", "gsm8k"], "data.limit": 8})
-    first = ensure_data(config, "/models/t", "0123456789abcdef", Dist(), progress=False)
+    first = ensure_data(config, target, Dist(), progress=False)
     assert calls == [["sharegpt"], ["gsm8k"]] and len(set(first)) == 2
     config, _ = load_config(overrides={"data.datasets": ["gsm8k"], "data.limit": 8})
-    assert ensure_data(config, "/models/t", "0123456789abcdef", Dist(), progress=False) == first[1:]
+    assert ensure_data(config, target, Dist(), progress=False) == first[1:]
     assert len(calls) == 2  # gsm8k's finished directory was reused
+
+    config, _ = load_config(overrides={"data.datasets": ["gsm8k"], "data.limit": 8, "data.chat_template": "chatml"})
+    assert ensure_data(config, target, Dist(), progress=False) != first[1:] and len(calls) == 3
+    edited = tmp_path / "edited-target"
+    shutil.copytree(target, edited)
+    tokenizer_config = json.loads((edited / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (edited / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (edited / "chat_template.jinja").unlink(missing_ok=True)
+    config, _ = load_config(overrides={"data.datasets": ["gsm8k"], "data.limit": 8})
+    moved = ensure_data(config, str(edited), Dist(), progress=False)
+    assert moved != first[1:] and len(calls) == 4
+    assert Path(moved[0]).name.split("-")[1] == Path(first[1]).name.split("-")[1]  # same weights' fingerprint
 
 
 def test_export_dtype_writes_bf16_weights_from_fp32_master_weights(tiny, tmp_path):

@@ -49,6 +49,8 @@ class DataSection(_Section):
     max_tokens: int = Field(default=512, ge=1)  # generated tokens per response
     max_length: int = Field(default=1024, ge=8)  # training sequence length (longer samples are truncated)
     seed: int = 0
+    # A Jinja file, 'chatml' or 'plain' in place of the target's chat template (base models have none).
+    chat_template: str | None = None
     heldout: int = Field(default=64, ge=0)  # samples held out for evaluation (chosen by prompt-id hash)
 
 

@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -226,11 +227,13 @@ def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dic
 # ------------------------------------------------------------------------------------------ driver
 def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limit: int | None, engine: str,
              num_tokens: int, max_tokens: int, temperature: float, seed: int = 0,
-             settings_overrides: dict | None = None) -> dict:
+             settings_overrides: dict | None = None, chat_template: str | None = None) -> dict:
     """Evaluate a drafter directory; the returned dict is what ``--json`` prints."""
     from lk_vllm.assets import resolve_target
     from lk_vllm.datasets import load_prompts
-    from lk_vllm.drafters import load_drafter
+    from lk_vllm.drafters import detect_architecture, load_drafter
+    from lk_vllm.drafters.base import read_config
+    from lk_vllm.targets import check_target
     from training.target import TargetModel
 
     if num_tokens < 1:
@@ -242,11 +245,13 @@ def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limi
     if engine not in ("torch", "vllm"):
         raise UserError(f"--engine must be torch or vllm, got {engine!r}")
     target_path = resolve_target(target or _recorded_target(drafter_dir))
+    architecture = detect_architecture(read_config(Path(drafter_dir)), f"--drafter {drafter_dir}")
+    check_target(target_path, architecture, needs_chat_template=not chat_template)
     prompts = [p for name in datasets for p in load_prompts(name, split="eval", limit=limit)]
     if not prompts:
         raise UserError(f"--dataset {', '.join(datasets)}: no prompts")
     started = time.time()
-    target_model = TargetModel(target_path)
+    target_model = TargetModel(target_path, chat_template=chat_template)
     drafter = load_drafter(drafter_dir, target_model)  # every drafter/target mismatch fails here, before vLLM
     _log(f"{drafter.architecture} drafter {drafter_dir} on {target_path}: {len(prompts)} prompts, engine {engine}")
     if engine == "torch":
@@ -288,6 +293,8 @@ def _recorded_target(drafter_dir: str) -> str | None:
 
 
 def add_arguments(parser) -> None:
+    from lk_vllm.datasets import add_chat_template_argument
+
     parser.add_argument("--drafter", required=True, help="drafter checkpoint directory")
     parser.add_argument("--target", default=None,
                         help="target model directory or HF id (default: the one recorded with the drafter, else the default target)")
@@ -295,6 +302,7 @@ def add_arguments(parser) -> None:
                         help="torch: simulate with the HF target; vllm: serve the drafter in vLLM (default torch)")
     parser.add_argument("--dataset", action="append", default=None, help="eval dataset name or .jsonl (repeatable; default mtbench)")
     parser.add_argument("--limit", type=int, default=20, help="first N prompts of each dataset (default 20)")
+    add_chat_template_argument(parser)
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
     parser.add_argument("--num-speculative-tokens", type=int, default=3, help="draft tokens per step, K (default 3)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
@@ -313,6 +321,7 @@ def run(args) -> int:
         args.max_tokens,
         args.temperature,
         args.seed,
+        chat_template=args.chat_template,
     )
     if args.json:
         print(json.dumps(result))

@@ -45,6 +45,18 @@ class PrepareSettings:
     max_length: int = 1024  # prompt + response tokens per sample
     shard_size: int = 256  # prompts per shard
     extra: dict = field(default_factory=dict)
+    chat_template: str | None = None  # a template file or built-in name in place of the target's own
+    tokenizer_key: str = ""  # datasets.tokenizer_key: tokenizer files + the template in use
+
+    @classmethod
+    def for_target(cls, target: str, datasets: list[str], chat_template: str | None = None, **fields):
+        """Settings for ``target``, its fingerprint and tokenizer key filled in."""
+        from lk_vllm.assets import target_fingerprint
+        from lk_vllm.datasets import load_tokenizer, tokenizer_key
+
+        key = tokenizer_key(target, load_tokenizer(target, chat_template))
+        return cls(target=target, target_fingerprint=target_fingerprint(target), datasets=datasets,
+                   chat_template=chat_template, tokenizer_key=key, **fields)
 
     def key(self) -> str:
         blob = json.dumps({k: v for k, v in asdict(self).items() if k != "target"}, sort_keys=True)
@@ -61,24 +73,21 @@ def default_output_dir(settings: PrepareSettings) -> Path:
 def tokenize_prompts(tokenizer, prompts, max_prompt_tokens: int) -> tuple[list[list[int]], int]:
     """Chat-template token ids of each prompt; prompts too long keep the END of their last user turn (the
     question usually sits there) so they fit. Returns the ids and how many prompts were truncated."""
+    from lk_vllm.datasets import chat_prompt_ids
+
     all_ids, truncated = [], 0
     for prompt in prompts:
-        ids = _template_ids(tokenizer, prompt.messages)
+        ids = chat_prompt_ids(tokenizer, prompt.messages)
         if len(ids) > max_prompt_tokens:
             truncated += 1
             messages = [dict(m) for m in prompt.messages[-1:]]  # drop earlier context first
             content_ids = tokenizer.encode(messages[0]["content"], add_special_tokens=False)
-            overhead = len(_template_ids(tokenizer, [{"role": "user", "content": ""}]))
+            overhead = len(chat_prompt_ids(tokenizer, [{"role": "user", "content": ""}]))
             keep = max(1, max_prompt_tokens - overhead - 1)
             messages[0]["content"] = tokenizer.decode(content_ids[-keep:])
-            ids = _template_ids(tokenizer, messages)[-max_prompt_tokens:]
+            ids = chat_prompt_ids(tokenizer, messages)[-max_prompt_tokens:]
         all_ids.append(ids)
     return all_ids, truncated
-
-
-def _template_ids(tokenizer, messages) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
 def save_shard(path: Path, samples: list[tuple[list[int], list[int]]], prompt_ids: list[str]) -> int:
@@ -107,10 +116,9 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
     ``llm``: an already started ``vllm.LLM`` to reuse (else one is started from ``engine_settings`` when there
     is work left, and stopped before returning)."""
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
     from lk_vllm import engine
-    from lk_vllm.datasets import load_prompts
+    from lk_vllm.datasets import load_prompts, load_tokenizer
 
     output.mkdir(parents=True, exist_ok=True)
     progress_path = output / "progress.json"
@@ -130,7 +138,7 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
         prompts += load_prompts(name, settings.split, limit=settings.limit, seed=settings.seed)
     if not prompts:
         raise UserError(f"no prompts in --dataset {', '.join(settings.datasets)}")
-    tokenizer = AutoTokenizer.from_pretrained(settings.target)
+    tokenizer = load_tokenizer(settings.target, settings.chat_template)
     max_prompt_tokens = settings.max_length - min(settings.max_tokens, settings.max_length // 2)
     shards = [prompts[i:i + settings.shard_size] for i in range(0, len(prompts), settings.shard_size)]
     done = {s["file"] for s in state["shards"] if (output / s["file"]).is_file()}
@@ -186,6 +194,7 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
 
 # ---------------------------------------------------------------- command line
 def add_arguments(parser) -> None:
+    from lk_vllm.datasets import add_chat_template_argument
     from lk_vllm.engine import add_engine_arguments
 
     parser.add_argument("--target", default=None, help="HF model directory or cached HF id (default: SmolLM2-135M)")
@@ -203,6 +212,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-seed", type=int, default=0, help="seed of generated datasets and sampling")
     parser.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="any other vLLM engine argument, e.g. --vllm-arg max_num_seqs=128 (JSON values allowed)")
+    add_chat_template_argument(parser)
     add_engine_arguments(parser)
 
 
@@ -220,19 +230,21 @@ def parse_vllm_args(pairs: list[str]) -> dict:
 
 
 def run(args) -> int:
-    from lk_vllm.assets import resolve_target, target_fingerprint
+    from lk_vllm.assets import resolve_target
     from lk_vllm.engine import settings_from_args
+    from lk_vllm.targets import check_target
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, found {args.limit}")
     if args.max_tokens < 1 or args.max_length <= args.max_tokens // 2:
         raise UserError(f"--max-length ({args.max_length}) must exceed half of --max-tokens ({args.max_tokens})")
     target = resolve_target(args.target)
+    check_target(target, needs_chat_template=not args.chat_template)
     extra = parse_vllm_args(args.vllm_arg)
-    settings = PrepareSettings(target=target, target_fingerprint=target_fingerprint(target), datasets=args.dataset,
-                               split=args.split, limit=args.limit, seed=args.data_seed, temperature=args.temperature,
-                               top_p=args.top_p, max_tokens=args.max_tokens, max_length=args.max_length,
-                               shard_size=args.shard_size, extra=extra)
+    settings = PrepareSettings.for_target(target, args.dataset, args.chat_template, split=args.split,
+                                          limit=args.limit, seed=args.data_seed, temperature=args.temperature,
+                                          top_p=args.top_p, max_tokens=args.max_tokens, max_length=args.max_length,
+                                          shard_size=args.shard_size, extra=extra)
     output = args.output or default_output_dir(settings)
     engine_settings = settings_from_args(args, target, max_model_len=max(args.max_model_len, args.max_length),
                                          extra=extra)

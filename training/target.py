@@ -86,10 +86,12 @@ class TargetModel:
     """A frozen HF causal LM (eval mode, no grad; fp32 unless told) that exposes vLLM-equivalent hidden states,
     on ``device`` (default: the CPU)."""
 
-    def __init__(self, path: str, dtype: torch.dtype = torch.float32, model=None, device=None):
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32, model=None, device=None,
+                 chat_template: str | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.path = str(path)
+        self.chat_template = chat_template  # a file or built-in name in place of the tokenizer's own
         if model is None:
             try:
                 AutoConfig.from_pretrained(self.path)
@@ -125,9 +127,9 @@ class TargetModel:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            from lk_vllm.datasets import load_tokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self._tokenizer = load_tokenizer(self.path, self.chat_template)
         return self._tokenizer
 
     def default_aux_layer_ids(self) -> tuple[int, int, int]:

@@ -98,7 +98,7 @@ def init_distributed(device: torch.device, timeout_minutes: float = 180.0) -> Di
 
 
 # ------------------------------------------------------------------------------------------ data
-def ensure_data(config: Config, target_path: str, fingerprint: str, dist: Dist, progress: bool) -> list[str]:
+def ensure_data(config: Config, target_path: str, dist: Dist, progress: bool) -> list[str]:
     """The prepared data directories; the target regenerates each of ``data.datasets`` first if needed, one
     directory per dataset (cached by its settings' hash, so adding a dataset to a recipe regenerates only it)."""
     if config.data.dirs:
@@ -110,9 +110,9 @@ def ensure_data(config: Config, target_path: str, fingerprint: str, dist: Dist, 
     d = config.data
     outputs = []
     for name in d.datasets:
-        settings = PrepareSettings(target=target_path, target_fingerprint=fingerprint, datasets=[name],
-                                   limit=d.limit, seed=d.seed, temperature=d.temperature, top_p=d.top_p,
-                                   max_tokens=d.max_tokens, max_length=d.max_length)
+        settings = PrepareSettings.for_target(target_path, [name], d.chat_template, limit=d.limit, seed=d.seed,
+                                              temperature=d.temperature, top_p=d.top_p, max_tokens=d.max_tokens,
+                                              max_length=d.max_length)
         output = default_output_dir(settings)
         if dist.main and not (output / "manifest.json").is_file():
             from lk_vllm import engine
@@ -390,6 +390,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
 
     from lk_vllm.assets import lk_home, resolve_target, target_fingerprint
     from lk_vllm.drafters import target_info
+    from lk_vllm.targets import check_target
     from training import checkpoint as ckpt
     from training.capture import OfflineCapture, OnlineCapture, build_cache, cache_key
     from training.target import TargetModel
@@ -420,19 +421,22 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     random.seed(t.seed)
     torch.manual_seed(t.seed)
     target_path = resolve_target(config.model.target)
+    check_target(target_path, config.model.architecture, where="model.target",
+                 needs_chat_template=not (config.data.dirs or config.data.chat_template))
     if placement.device.type == "cuda":
         from training.memory import check_fits, estimate_memory
 
         check_fits(estimate_memory(config, target_path, "cuda", dist.world), config, placement.device)
     fingerprint = target_fingerprint(target_path)
-    data_dirs = ensure_data(config, target_path, fingerprint, dist, progress)
+    data_dirs = ensure_data(config, target_path, dist, progress)
     samples, truncated, dropped = load_run_samples(data_dirs, fingerprint, config.data.max_length)
     train_indices, heldout_indices = split_heldout(samples, config.data.heldout)
     data_key = cache_key(fingerprint, data_dirs, (), config.data.max_length, "samples")
     if state is not None and state.get("data_key") != data_key:
         raise UserError(f"--resume: the data in {', '.join(data_dirs)} differs from the data {latest} was "
                         "trained on (its manifest changed); resume with the original data or start a new run")
-    target = TargetModel(target_path, dtype=placement.target_dtype, device=placement.device)
+    target = TargetModel(target_path, dtype=placement.target_dtype, device=placement.device,
+                         chat_template=config.data.chat_template)
     drafter = make_drafter(config, target, samples, train_indices).to(placement.device)
     aux_layer_ids = drafter.aux_layer_ids_needed()
     num_params = sum(p.numel() for p in drafter.trainable_parameters())
@@ -572,6 +576,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
 
 # ------------------------------------------------------------------------------------------ command line
 def add_arguments(parser) -> None:
+    from lk_vllm.datasets import add_chat_template_argument
     from training.config import recipe_names
 
     source = parser.add_mutually_exclusive_group()
@@ -589,6 +594,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", action="append", help="a finished `lk-vllm prepare` directory (data.dirs; repeatable)")
     parser.add_argument("--init-from", help="an exported drafter to start from, e.g. to fine-tune it on new data "
                                             "(model.init_from; keeps its architecture and draft vocabulary)")
+    add_chat_template_argument(parser)
     parser.add_argument("--output", help="run directory (default $LK_VLLM_HOME/runs/<recipe>)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --output")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -600,7 +606,8 @@ def add_arguments(parser) -> None:
 def config_from_args(args) -> tuple[Config, str]:
     overrides = {}
     for flag, key in (("loss", "loss.kind"), ("eta", "loss.eta"), ("target", "model.target"),
-                      ("data", "data.dirs"), ("init_from", "model.init_from"), ("output", "output")):
+                      ("data", "data.dirs"), ("init_from", "model.init_from"), ("chat_template", "data.chat_template"),
+                      ("output", "output")):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
     for text in args.set:

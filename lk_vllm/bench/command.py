@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lk_vllm.datasets import add_chat_template_argument
 from lk_vllm.engine import EngineSettings, add_engine_arguments, settings_from_args
 from lk_vllm.errors import UserError, require_at_least
 
@@ -52,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", action="append", default=None,
                         help="eval dataset: mtbench, humaneval, gsm8k, ... or a .jsonl file (repeatable; default mtbench)")
     parser.add_argument("--limit", type=int, default=20, help="first N prompts of each dataset (default 20)")
+    add_chat_template_argument(parser)
     parser.add_argument("--temperature", action="append", type=float, default=None,
                         help="sampling temperature (repeatable; default 0 and 1)")
     parser.add_argument("--num-speculative-tokens", type=int, default=3, help="draft tokens per step, K (default 3)")
@@ -98,23 +100,29 @@ def prepare(args: argparse.Namespace):
         config_contender,
         drafter_contender,
         drafter_labels,
-        target_shape,
     )
     from lk_vllm.bench.runner import Plan
-    from lk_vllm.bench.workloads import load_tokenizer, load_workloads
+    from lk_vllm.bench.workloads import load_workloads
+    from lk_vllm.datasets import load_tokenizer
     from lk_vllm.engine import apply_engine_env
+    from lk_vllm.targets import check_target, serving_problem
 
     _check_flags(args)
     apply_engine_env()  # offline hub access for the tokenizer and config reads below
     target = resolve_target(args.target)
-    shape = target_shape(target)
+    shape = check_target(target, needs_chat_template=not args.chat_template)
     k = args.num_speculative_tokens
     labels = drafter_labels(args.drafter)
     contenders = [] if args.no_baseline else [BASELINE]
     for value in args.speculative_config:
         contenders.append(config_contender(value, k, [c.label for c in contenders] + labels))
     contenders += [drafter_contender(d, label, shape, k) for d, label in zip(args.drafter, labels, strict=True)]
-    workloads = load_workloads(list(_unique(args.dataset or ["mtbench"])), args.limit, load_tokenizer(target))
+    for contender in contenders:
+        problem = serving_problem(shape, contender.architecture)
+        if problem:
+            raise UserError(f"{contender.label}: {problem}")
+    workloads = load_workloads(list(_unique(args.dataset or ["mtbench"])), args.limit,
+                               load_tokenizer(target, args.chat_template))
     plan = Plan(workloads=tuple(workloads),
                 temperatures=_unique(float(t) for t in (args.temperature or DEFAULT_TEMPERATURES)),
                 concurrencies=_unique(args.concurrency or DEFAULT_CONCURRENCIES),
@@ -203,6 +211,8 @@ def command_line(args: argparse.Namespace, plan, settings: EngineSettings, name:
     for workload in plan.workloads:
         argv += ["--dataset", workload.dataset]
     argv += ["--limit", str(args.limit)]
+    if args.chat_template:
+        argv += ["--chat-template", args.chat_template]
     for temperature in plan.temperatures:
         argv += ["--temperature", f"{temperature:g}"]
     for concurrency in plan.concurrencies:

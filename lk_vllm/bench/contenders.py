@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from lk_vllm.errors import UserError, require_at_least
@@ -52,20 +51,9 @@ class Contender:
 BASELINE = Contender(label="baseline", architecture="none")
 
 
-def target_shape(target: str) -> SimpleNamespace:
-    """What the drafter checks need from the target (its config.json only; no weights are loaded)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(target).get_text_config()
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--target {target}: cannot read its config ({str(exc).splitlines()[0]})") from None
-    return SimpleNamespace(path=target, vocab_size=int(config.vocab_size), hidden_size=int(config.hidden_size))
-
-
 def drafter_contender(directory: str, label: str, target, num_speculative_tokens: int) -> Contender:
     """Check a drafter directory (format, weights, made for ``target``, servable with K tokens) and describe it.
-    ``target`` is ``target_shape(...)``."""
+    ``target`` is a ``lk_vllm.targets.TargetShape``."""
     from lk_vllm.drafters import load_drafter, speculative_config_for
     from lk_vllm.drafters.base import check_drafter_matches_target, read_training_record
     from serving.drafter_info import recorded_loss

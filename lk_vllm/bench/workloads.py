@@ -25,15 +25,6 @@ class Workload:
         return max(len(ids) for ids in self.prompt_ids)
 
 
-def load_tokenizer(target: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(target)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--target {target}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
-
-
 def load_workloads(datasets: list[str], limit: int | None, tokenizer) -> list[Workload]:
     """The first ``limit`` evaluation prompts of each dataset, tokenized (one-line UserError on bad input)."""
     from lk_vllm.datasets import chat_prompt_ids, load_prompts

@@ -76,6 +76,20 @@ _LAYER_KEYS = (
 )
 
 
+def drafter_rope_parameters(target_config) -> dict[str, Any]:
+    """The RoPE settings of the drafter's one full-attention layer, flat as Llama configs (and vLLM) read them.
+
+    Targets with several attention kinds nest them per layer type (Gemma-3: ``{"full_attention": {...},
+    "sliding_attention": {...}}``); the drafter attends over the whole context, so it takes the full-attention
+    entry."""
+    rope = dict(getattr(target_config, "rope_parameters", None) or {})
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        rope = dict(rope.get("full_attention") or next(iter(rope.values())))
+    if not rope:
+        rope = {"rope_type": "default", "rope_theta": float(getattr(target_config, "rope_theta", None) or 10000.0)}
+    return rope
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -253,7 +267,7 @@ class Eagle3Drafter(Drafter):
             "rms_norm_eps": tc.rms_norm_eps,
             "hidden_act": getattr(tc, "hidden_act", "silu"),
             "max_position_embeddings": tc.max_position_embeddings,
-            "rope_parameters": dict(getattr(tc, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(tc, "rope_theta", 10000.0)}),
+            "rope_parameters": drafter_rope_parameters(tc),
             "vocab_size": tc.vocab_size,
         }
         ids = target.check_aux_layer_ids(aux_layer_ids or target.default_aux_layer_ids(), "EAGLE-3 drafter")

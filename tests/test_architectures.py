@@ -1,0 +1,173 @@
+"""Targets other than Llama: tiny random Qwen2 and Gemma-3 models built here (no download), each with a drafter
+trained briefly, exported and served by vLLM, with the acceptance vLLM measures equal to the trainer's
+simulation; and the one pair vLLM 0.32 cannot serve (EAGLE-3 on Gemma-3) refused in one line before any work.
+
+Gemma-3 is the hard case: sliding-window layers, a 262,144-token vocabulary, tied embeddings scaled by
+sqrt(hidden), RoPE settings nested per layer type. The tokenizer is the default target's (its ids fit both
+vocabularies), so prompts are real chat prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lk_vllm.drafters import create_drafter, multi_step_loss, target_info
+from lk_vllm.errors import UserError
+
+K = 3
+MAX_TOKENS = 24
+NUM_PROMPTS = 3
+
+
+def make_target(kind: str, directory: Path, default_target: str) -> str:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 512, "tie_word_embeddings": True}
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=49152, **common))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            vocab_size=262144, sliding_window=16, final_logit_softcapping=None,
+            layer_types=["sliding_attention"] * 3 + ["full_attention"], **common))
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (Path(default_target) / name).is_file():
+            shutil.copy(Path(default_target) / name, directory / name)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory, default_target):
+    return make_target("gemma3", tmp_path_factory.mktemp("gemma3"), default_target)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory, default_target):
+    return make_target("qwen2", tmp_path_factory.mktemp("qwen2"), default_target)
+
+
+def test_eagle3_on_gemma3_is_refused_in_one_line_by_every_command(gemma3, tmp_path):
+    from lk_vllm.targets import check_target
+    from training.config import load_config
+    from training.train import train
+
+    with pytest.raises(UserError, match=r"cannot serve EAGLE-3 for Gemma3ForCausalLM.*model.architecture=medusa"):
+        check_target(gemma3, "eagle3")
+    assert check_target(gemma3, "medusa").vocab_size == 262144
+    # train refuses before any data work: the data directory named here does not even exist
+    config, _ = load_config(overrides={"model.target": gemma3, "model.architecture": "eagle3",
+                                       "data.dirs": [str(tmp_path / "missing")], "output": str(tmp_path / "run")})
+    with pytest.raises(UserError, match="model.target: vLLM .* cannot serve EAGLE-3"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_eagle3_exporter_writes_flat_rope_settings_for_gemma3(gemma3, tmp_path):
+    from lk_vllm.drafters.eagle3 import drafter_rope_parameters
+    from training.target import TargetModel
+
+    target = TargetModel(gemma3)
+    assert drafter_rope_parameters(target.config) == {"rope_theta": 1000000.0, "rope_type": "default"}
+    drafter = create_drafter("eagle3", target, draft_to_target=torch.arange(0, 262144, 64), aux_layer_ids=(0, 1, 2))
+    config = json.loads((drafter.save_pretrained(tmp_path / "e3", target=target_info(target)) / "config.json").read_text())
+    assert config["rope_parameters"] == {"rope_theta": 1000000.0, "rope_type": "default"}
+
+
+def test_a_base_model_without_chat_template_is_refused_unless_a_template_is_given(qwen2, tmp_path):
+    from lk_vllm.datasets import chat_prompt_ids, load_tokenizer
+    from lk_vllm.targets import check_target
+
+    base = tmp_path / "base"
+    shutil.copytree(qwen2, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    with pytest.raises(UserError, match="has no chat template.*--chat-template"):
+        check_target(str(base), "eagle3", needs_chat_template=True)
+    tokenizer = load_tokenizer(str(base), "plain")
+    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": "def add(a, b):"}])
+    assert tokenizer.decode(ids) == (tokenizer.bos_token or "") + "def add(a, b):"
+    chatml = load_tokenizer(str(base), "chatml")
+    assert chatml.decode(chat_prompt_ids(chatml, [{"role": "user", "content": "Hi"}])) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(UserError, match="--chat-template: expected a Jinja template file or one of chatml, plain"):
+        load_tokenizer(str(base), "no-such-template")
+
+
+# ------------------------------------------------------------------------------- served by vLLM (slow)
+def _setup(target_path: str):
+    from lk_vllm.datasets import load_prompts
+    from training.target import TargetModel
+
+    target = TargetModel(target_path)
+    prompts = load_prompts("mtbench", split="eval", limit=NUM_PROMPTS)
+    continuations, sequences, starts = {}, [], []
+    length = MAX_TOKENS + K + 1
+    for prompt in prompts:
+        prompt_ids = target.chat_prompt_ids(prompt.messages)
+        continuation = target.generate_greedy(prompt_ids, length)
+        continuations[(tuple(prompt_ids), length)] = continuation
+        sequences.append(prompt_ids + continuation)
+        starts.append(len(prompt_ids))
+    width = max(map(len, sequences))
+    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
+    loss_mask = torch.zeros_like(mask)
+    for row, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = True
+        loss_mask[row, start:] = mask[row, start:]
+    return target, prompts, continuations, sequences, (input_ids, mask, loss_mask)
+
+
+def _train_and_compare(target_path: str, architecture: str, directory: Path, **options):
+    """Train on the target's own greedy continuations (so acceptance is far above 1), export, and measure the
+    same prompts in the torch simulation and in vLLM."""
+    from lk_vllm.drafters import load_drafter
+    from training.evaluate import evaluate_torch, evaluate_vllm
+
+    target, prompts, continuations, sequences, (input_ids, mask, loss_mask) = _setup(target_path)
+    if architecture == "eagle3":
+        from lk_vllm.vocab import build_draft_vocab
+
+        options["draft_to_target"] = build_draft_vocab(sequences, target.vocab_size, 1024, target.tokenizer)
+    torch.manual_seed(0)
+    drafter = create_drafter(architecture, target, **options)
+    states = target(input_ids, mask, aux_layer_ids=drafter.aux_layer_ids_needed())
+    states.cache_all_logits()
+    optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=5e-3, weight_decay=0.0)
+    drafter.train()
+    for _ in range(60):
+        out = multi_step_loss(drafter.training_steps(states, K), states, kind="kl",
+                              draft_to_target=drafter.draft_to_target, loss_mask=loss_mask)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    drafter.eval()
+    drafter.save_pretrained(directory, target=target_info(target), training={"loss": "kl", "steps": 60})
+    reloaded = load_drafter(directory, target)
+    torch_summary = evaluate_torch(reloaded, target, prompts, K, MAX_TOKENS, 0.0,
+                                   continuations=continuations)["mtbench"].summary()
+    prompt_ids = {"mtbench": [target.chat_prompt_ids(p.messages) for p in prompts]}
+    vllm_summary = evaluate_vllm(str(directory), target_path, prompt_ids, K, MAX_TOKENS, 0.0)["mtbench"].summary()
+    print(f"{architecture} on {target.config.architectures[0]}: torch {torch_summary}\nvllm {vllm_summary}")
+    assert torch_summary["acceptance_length"] > 1.5, "the drafter did not learn: the comparison means nothing"
+    assert vllm_summary["acceptance_length"] == pytest.approx(torch_summary["acceptance_length"], rel=0.03)
+
+
+@pytest.mark.slow
+def test_eagle3_on_qwen2_serves_as_the_trainer_predicts(qwen2, tmp_path):
+    _train_and_compare(qwen2, "eagle3", tmp_path / "eagle3", aux_layer_ids=(0, 1, 2))
+
+
+@pytest.mark.slow
+def test_medusa_on_gemma3_serves_as_the_trainer_predicts(gemma3, tmp_path):
+    _train_and_compare(gemma3, "medusa", tmp_path / "medusa", num_heads=K)
