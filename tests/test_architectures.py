@@ -29,9 +29,10 @@ def make_target(kind: str, directory: Path, default_target: str) -> str:
 
     torch.manual_seed(0)
     common = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 512, "tie_word_embeddings": True}
+              "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 4096, "tie_word_embeddings": True}
     if kind == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=49152, **common))
+        # Wide initial weights: at the usual 0.02 a random Qwen2 repeats one token, which any drafter predicts.
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=49152, initializer_range=0.3, **common))
     else:
         model = Gemma3ForCausalLM(Gemma3TextConfig(
             vocab_size=262144, sliding_window=16, final_logit_softcapping=None,
@@ -67,6 +68,22 @@ def test_eagle3_on_gemma3_is_refused_in_one_line_by_every_command(gemma3, tmp_pa
     with pytest.raises(UserError, match="model.target: vLLM .* cannot serve EAGLE-3"):
         train(config, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_serve_and_eval_refuse_an_eagle3_drafter_for_gemma3(gemma3, tmp_path):
+    from test_plugin import _serve_args
+
+    from serving import launcher
+    from training.evaluate import run_eval
+    from training.target import TargetModel
+
+    target = TargetModel(gemma3)
+    drafter = create_drafter("eagle3", target, draft_to_target=torch.arange(0, 262144, 64), aux_layer_ids=(0, 1, 2))
+    directory = drafter.save_pretrained(tmp_path / "e3", target=target_info(target))
+    with pytest.raises(UserError, match="--drafter .*: vLLM .* cannot serve EAGLE-3 for Gemma3ForCausalLM"):
+        launcher.build_server_command(_serve_args(gemma3, "--drafter", str(directory)))
+    with pytest.raises(UserError, match="cannot serve EAGLE-3 for Gemma3ForCausalLM"):
+        run_eval(str(directory), gemma3, ["mtbench"], 1, "torch", 3, 8, 0.0)
 
 
 def test_the_eagle3_exporter_writes_flat_rope_settings_for_gemma3(gemma3, tmp_path):
@@ -114,6 +131,7 @@ def _setup(target_path: str):
     for prompt in prompts:
         prompt_ids = target.chat_prompt_ids(prompt.messages)
         continuation = target.generate_greedy(prompt_ids, length)
+        assert len(set(continuation)) > length // 4, "a target repeating itself makes any drafter look right"
         continuations[(tuple(prompt_ids), length)] = continuation
         sequences.append(prompt_ids + continuation)
         starts.append(len(prompt_ids))
