@@ -264,7 +264,6 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
 
     target = resolve_target(args.target)
     spec = speculative_config_from_args(args, target)
-    check_target(target, spec.get("method") if spec else None)
     settings = settings_from_args(args, target, speculative_config=spec, max_num_seqs=args.max_num_seqs)
     check_cpu_settings(settings)
     vllm_flags = []
@@ -303,6 +302,7 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
 
         BaselineProfile.load(args.baseline_profile)  # fail now, in one line, not inside the server
         env["LK_VLLM_BASELINE_PROFILE"] = str(Path(args.baseline_profile).resolve())
+    check_target(target, spec.get("method") if spec else None)  # after the flags: their errors come first
     return ServerCommand(argv=argv, env=env, target=target, speculative_config=spec, settings=settings,
                          vllm_flags=vllm_flags)
 

@@ -189,3 +189,30 @@ def test_eagle3_on_qwen2_serves_as_the_trainer_predicts(qwen2, tmp_path):
 @pytest.mark.slow
 def test_medusa_on_gemma3_serves_as_the_trainer_predicts(gemma3, tmp_path):
     _train_and_compare(gemma3, "medusa", tmp_path / "medusa", num_heads=K)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, architecture", [("qwen2", "eagle3"), ("gemma3", "medusa")])
+def test_prepare_train_export_and_serve_through_the_commands(kind, architecture, request, tmp_path, monkeypatch):
+    """The user's path: `train` regenerates data with the target in vLLM (prepare), trains, exports the final
+    drafter, and vLLM serves it (acceptance measured on prompts it never saw)."""
+    from training.config import load_config
+    from training.evaluate import run_eval
+    from training.train import train
+
+    target = request.getfixturevalue(kind)
+    monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
+    options = {"model.options": {"aux_layer_ids": [0, 1, 2]}} if architecture == "eagle3" else {}
+    config, _ = load_config(overrides={
+        "model.target": target, "model.architecture": architecture, "data.datasets": ["gsm8k"], "data.limit": 8,
+        "data.max_tokens": 16, "data.max_length": 192, "data.heldout": 2, "loss.num_steps": 2,
+        "training.max_steps": 3, "training.batch_size": 2, "training.eval_every": 3, "training.log_every": 1,
+        "output": str(tmp_path / "run"), **options})
+    summary = train(config, progress=False)
+    final = tmp_path / "run" / "final"
+    record = json.loads((final / "lk_training.json").read_text())
+    assert record["target"]["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[kind]]
+    assert summary["final"]["expected_acceptance_length"] >= 1.0
+    result = run_eval(str(final), target, ["mtbench"], 2, "vllm", 2, 16, 0.0)
+    assert result["num_prompts"] == 2 and result["acceptance_length"] >= 1.0
+    assert result["datasets"]["mtbench"]["num_drafts"] > 0  # vLLM drafted with it

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from train_helpers import FAKE_TARGET_CONFIG
 
 from lk_vllm.errors import UserError
 from serving import capture as capture_module
@@ -227,7 +228,7 @@ def test_serve_flags(tmp_path):
 
     target = tmp_path / "target"
     target.mkdir()
-    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    (target / "config.json").write_text(json.dumps(FAKE_TARGET_CONFIG))
     ngram = ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}', "--no-calibrate"]
     command = launcher.build_server_command(_serve_args(str(target), *ngram, "--capture-low-acceptance",
                                                         str(tmp_path / "cap"), "--capture-quantile", "0.1"))

@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+from train_helpers import FAKE_TARGET_CONFIG
 
 from lk_vllm.errors import UserError
 from serving.drift import MIN_DRAFTS, DriftMonitor, DriftSettings
@@ -132,7 +133,7 @@ def test_a_threshold_outside_zero_one_is_a_one_line_error(value, tmp_path):
 
     target = tmp_path / "target"
     target.mkdir()
-    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    (target / "config.json").write_text(json.dumps(FAKE_TARGET_CONFIG))
     parser = argparse.ArgumentParser()
     launcher.add_arguments(parser)
     args = parser.parse_args([str(target), "--drift-threshold", str(value)])
@@ -150,7 +151,7 @@ def test_serve_hands_the_drift_settings_to_the_server(tmp_path, monkeypatch):
 
     target = tmp_path / "target"
     target.mkdir()
-    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    (target / "config.json").write_text(json.dumps(FAKE_TARGET_CONFIG))
     parser = argparse.ArgumentParser()
     launcher.add_arguments(parser)
     args = parser.parse_args([str(target), "--drift-threshold", "0.6", "--drift-window", "120",

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from train_helpers import make_tiny_target, make_valid_drafter
+from train_helpers import FAKE_TARGET_CONFIG, make_tiny_target, make_valid_drafter
 
 from lk_vllm import plugin
 from lk_vllm.errors import UserError
@@ -743,7 +743,7 @@ def test_bad_serve_input_is_one_line_user_error(tmp_path, argv, message):
 
     target = tmp_path / "target"
     target.mkdir()
-    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    (target / "config.json").write_text(json.dumps(FAKE_TARGET_CONFIG))
     argv = [str(_drafter_dir(tmp_path, "dd")) if a == "DRAFTER" else a for a in argv]
     with pytest.raises(UserError) as error:
         launcher.build_server_command(_serve_args(str(target), *argv))
@@ -755,7 +755,7 @@ def test_drafter_for_another_target_is_refused(tmp_path):
 
     target = tmp_path / "target"
     target.mkdir()
-    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    (target / "config.json").write_text(json.dumps(FAKE_TARGET_CONFIG))
     other_vocab = _drafter_dir(tmp_path, "other_vocab", extra={"vocab_size": 64})
     with pytest.raises(UserError, match="vocabulary of 64 tokens, but the target .* has 32"):
         launcher.check_drafter_for_target(other_vocab, str(target))
@@ -790,7 +790,7 @@ def test_serve_calibrates_once_on_first_start_unless_told_not_to(tmp_path, monke
     monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
     target = tmp_path / "target"
     target.mkdir()
-    (target / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    (target / "config.json").write_text(json.dumps(FAKE_TARGET_CONFIG))
     ngram = ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}']
     runs = []
     real_run = subprocess.run

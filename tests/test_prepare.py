@@ -5,6 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from lk_vllm.datasets import chat_prompt_ids
 from lk_vllm.errors import UserError
 from training import prepare as prep
 from training.data import load_samples
@@ -26,7 +27,7 @@ def test_long_prompts_are_truncated_and_counted(default_target):
     ids, truncated = prep.tokenize_prompts(tokenizer, [long, short], max_prompt_tokens=64)
     assert truncated == 1
     assert len(ids[0]) <= 64 and "What is 2+2?" in tokenizer.decode(ids[0])
-    assert ids[1] == prep._template_ids(tokenizer, short.messages)
+    assert ids[1] == chat_prompt_ids(tokenizer, short.messages)
 
 
 def test_vllm_args_pass_through():
@@ -80,7 +81,7 @@ def test_prepare_regenerates_with_the_target_and_resumes_after_a_crash(llm, defa
 
     prompts = load_prompts("gsm8k", "train", limit=6)
     for sample, prompt in zip(samples, prompts, strict=True):
-        prompt_ids = prep._template_ids(tokenizer, prompt.messages)
+        prompt_ids = chat_prompt_ids(tokenizer, prompt.messages)
         n = len(prompt_ids)
         assert sample.input_ids[:n].tolist() == prompt_ids  # the exact prompt tokens the target saw
         assert not sample.loss_mask[:n].any() and sample.loss_mask[n:].all()

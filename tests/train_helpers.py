@@ -9,6 +9,9 @@ import torch
 
 from training.prepare import SHARD_FORMAT, save_shard
 
+# The smallest target config.json transformers and vLLM's model registry accept (no weights): for flag tests.
+FAKE_TARGET_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32}
+
 
 def make_tiny_target(directory: Path, vocab: int = 256, layers: int = 8, seed: int = 0) -> str:
     """A random LlamaForCausalLM (hidden 64, 2 heads of 32) saved as an HF directory."""

@@ -422,7 +422,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     torch.manual_seed(t.seed)
     target_path = resolve_target(config.model.target)
     check_target(target_path, config.model.architecture, where="model.target",
-                 needs_chat_template=not (config.data.dirs or config.data.chat_template))
+                 needs_chat_template=bool(config.data.datasets) and not (config.data.dirs or config.data.chat_template))
     if placement.device.type == "cuda":
         from training.memory import check_fits, estimate_memory
 

@@ -105,18 +105,19 @@ def prepare(args: argparse.Namespace):
     from lk_vllm.bench.workloads import load_workloads
     from lk_vllm.datasets import load_tokenizer
     from lk_vllm.engine import apply_engine_env
-    from lk_vllm.targets import check_target, serving_problem
+    from lk_vllm.targets import TargetShape, check_target, serving_problem
 
     _check_flags(args)
     apply_engine_env()  # offline hub access for the tokenizer and config reads below
     target = resolve_target(args.target)
-    shape = check_target(target, needs_chat_template=not args.chat_template)
+    shape = TargetShape.read(target)
     k = args.num_speculative_tokens
     labels = drafter_labels(args.drafter)
     contenders = [] if args.no_baseline else [BASELINE]
     for value in args.speculative_config:
         contenders.append(config_contender(value, k, [c.label for c in contenders] + labels))
     contenders += [drafter_contender(d, label, shape, k) for d, label in zip(args.drafter, labels, strict=True)]
+    check_target(target, needs_chat_template=not args.chat_template)
     for contender in contenders:
         problem = serving_problem(shape, contender.architecture)
         if problem:
