@@ -75,6 +75,27 @@ def select_draft_vocab(counts: torch.Tensor, draft_vocab_size: int, required_ids
     return torch.sort(order[:draft_vocab_size]).values
 
 
+# model.draft_vocab_size=auto: targets up to AUTO_FULL_UP_TO ids keep their whole vocabulary; larger ones (Gemma's
+# 262,144, Llama-3's 128,256) take the smallest of AUTO_SIZES whose most frequent ids cover AUTO_COVERAGE of the
+# training responses' tokens. On the default target 32,768 ids cover 98.7% of held-out greedy tokens
+# (benchmarks/results/draft-vocab.md); a head over the whole of a 262k vocabulary costs 8x that for ~1%.
+AUTO_FULL_UP_TO = 65536
+AUTO_SIZES = (8192, 16384, 32768, 65536)
+AUTO_COVERAGE = 0.98
+
+
+def auto_draft_vocab_size(counts: torch.Tensor) -> tuple[int | None, float]:
+    """(draft vocabulary size, share of the counted tokens its most frequent ids cover); None: the full one."""
+    vocab_size, total = counts.numel(), float(counts.sum())
+    if vocab_size <= AUTO_FULL_UP_TO or total == 0:
+        return None, 1.0
+    covered = torch.sort(counts.double(), descending=True).values.cumsum(0) / total
+    for size in AUTO_SIZES:
+        if covered[size - 1] >= AUTO_COVERAGE:
+            return size, float(covered[size - 1])
+    return AUTO_SIZES[-1], float(covered[AUTO_SIZES[-1] - 1])
+
+
 def build_draft_vocab(sequences: Iterable, vocab_size: int, draft_vocab_size: int, tokenizer=None) -> torch.Tensor:
     """Count, add the tokenizer's required tokens, select: ``draft_to_target`` [Vd]."""
     required = required_token_ids(tokenizer) if tokenizer is not None else []

@@ -196,6 +196,7 @@ def test_medusa_on_gemma3_serves_as_the_trainer_predicts(gemma3, tmp_path):
 def test_prepare_train_export_and_serve_through_the_commands(kind, architecture, request, tmp_path, monkeypatch):
     """The user's path: `train` regenerates data with the target in vLLM (prepare), trains, exports the final
     drafter, and vLLM serves it (acceptance measured on prompts it never saw)."""
+    from lk_vllm.drafters import load_drafter
     from training.config import load_config
     from training.evaluate import run_eval
     from training.train import train
@@ -213,6 +214,10 @@ def test_prepare_train_export_and_serve_through_the_commands(kind, architecture,
     record = json.loads((final / "lk_training.json").read_text())
     assert record["target"]["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[kind]]
     assert summary["final"]["expected_acceptance_length"] >= 1.0
+
+    # model.draft_vocab_size=auto: Qwen2's 49,152 ids stay whole; of Gemma-3's 262,144 the smallest size that
+    # covers the responses' tokens (a few hundred distinct ones here) is 8192.
+    assert load_drafter(final).draft_vocab_size == {"qwen2": 49152, "gemma3": 8192}[kind]
     result = run_eval(str(final), target, ["mtbench"], 2, "vllm", 2, 16, 0.0)
     assert result["num_prompts"] == 2 and result["acceptance_length"] >= 1.0
     assert result["datasets"]["mtbench"]["num_drafts"] > 0  # vLLM drafted with it

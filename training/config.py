@@ -13,7 +13,7 @@ betas (0.9, 0.95), lr 4e-4 with a cosine schedule after 100 warm-up steps, gradi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -30,8 +30,10 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     architecture: Literal["eagle3", "medusa", "mlp_speculator", "draft_model"] = "eagle3"
     target: str | None = None  # HF directory or cached id; None = the embedded SmolLM2-135M-Instruct
-    # Truncated draft vocabulary (the most frequent tokens of the training data); None = the target's vocabulary.
-    draft_vocab_size: int | None = Field(default=None, ge=1)
+    # Truncated draft vocabulary (the most frequent tokens of the training data); None = the target's vocabulary;
+    # "auto" = the whole vocabulary up to 65,536 ids, else the smallest of 8k/16k/32k/64k ids that covers 98% of
+    # the training responses' tokens (lk_vllm.vocab.auto_draft_vocab_size).
+    draft_vocab_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = "auto"
     # Architecture-specific keyword arguments of lk_vllm.drafters.create_drafter (e.g. aux_layer_ids).
     options: dict[str, Any] = Field(default_factory=dict)
     # An exported drafter directory to start from (warm start / fine-tune): its weights, shape and draft
@@ -107,7 +109,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        if self.model.architecture == "draft_model" and self.model.draft_vocab_size is not None:
+        if self.model.architecture == "draft_model" and isinstance(self.model.draft_vocab_size, int):
             raise ValueError("model.draft_vocab_size: a draft_model shares the target's vocabulary; leave it unset")
         return self
 

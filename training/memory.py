@@ -58,6 +58,13 @@ def _meta_drafter(config, target_path: str):
     except (OSError, ValueError) as exc:
         raise UserError(f"target {target_path}: cannot read its config.json ({exc})") from None
     draft_vocab = config.model.draft_vocab_size
+    if draft_vocab == "auto" and config.model.architecture not in ("eagle3", "medusa"):
+        draft_vocab = None
+    if draft_vocab == "auto":  # the largest size auto may choose: an upper bound
+        from lk_vllm.vocab import AUTO_FULL_UP_TO, AUTO_SIZES
+
+        vocab = int(target_config.get_text_config().vocab_size)
+        draft_vocab = min(vocab, AUTO_SIZES[-1]) if vocab > AUTO_FULL_UP_TO else None
     with torch.device("meta"):
         target = TargetModel(target_path, model=AutoModelForCausalLM.from_config(target_config))
     options = drafter_options(config, target)
