@@ -43,6 +43,7 @@ LAYOUTS = {
 }
 ENGINES = ("none", "ngram", "eagle3")
 EAGLE3_DRAFT_VOCAB = 16384
+PYSPY_RATE = 200  # samples per second per process
 PHASES = {  # (module, class, method) -> label; wrapped after the engine starts (single-process layout only)
     ("vllm.v1.core.sched.scheduler", "Scheduler", "schedule"): "scheduler: schedule",
     ("vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"): "scheduler: update from output",
@@ -171,6 +172,28 @@ def install_phase_timers(totals: dict, counts: collections.Counter) -> None:
         wrap(key, label, is_phase=False)
 
 
+def start_sampler(raw_path: str) -> subprocess.Popen:
+    """py-spy sampling this process and its children (the EngineCore) without pausing them, into ``raw_path``
+    (collapsed stacks); waits until it has attached."""
+    import shutil
+
+    binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    sampler = subprocess.Popen([binary, "record", "--pid", str(os.getpid()), "--subprocesses", "--nonblocking",
+                                "--format", "raw", "--rate", str(PYSPY_RATE), "--output", raw_path],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # py-spy attaches to every process of the tree
+    if sampler.poll() is not None:
+        raise SystemExit(f"py-spy did not start: {sampler.stderr.read().strip()}")
+    return sampler
+
+
+def stop_sampler(sampler: subprocess.Popen) -> None:
+    import signal
+
+    sampler.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+    sampler.wait(timeout=120)
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """One engine in this process: time every step of every request (the --one mode)."""
     from vllm import SamplingParams
@@ -191,6 +214,7 @@ def run_one(args: argparse.Namespace) -> dict:
     llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)  # warm-up, not measured
     totals.clear()
     counts.clear()
+    sampler = start_sampler(args.pyspy) if args.pyspy else None
     plain, verify, prefill, tokens, outputs = [], [], [], 0, []
     wall = 0.0
     for number, ids in enumerate(prompts):
@@ -210,6 +234,8 @@ def run_one(args: argparse.Namespace) -> dict:
                 if output.finished:
                     tokens += len(output.outputs[0].token_ids)
                     outputs.append(list(output.outputs[0].token_ids))
+    if sampler is not None:
+        stop_sampler(sampler)
     counters = read_spec_decode_counters(llm)
     shutdown_llm(llm)
     decode_steps = len(plain) + len(verify)
@@ -389,6 +415,7 @@ def main() -> int:
     parser.add_argument("--one", nargs=2, metavar=("LAYOUT", "ENGINE"), help=argparse.SUPPRESS)
     parser.add_argument("--phases", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pyspy", default=None, metavar="RAW", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.render:
         document = json.loads(Path(args.output).with_suffix(".json").read_text())
