@@ -192,7 +192,7 @@ def test_medusa_on_gemma3_serves_as_the_trainer_predicts(gemma3, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, architecture", [("qwen2", "eagle3"), ("gemma3", "medusa")])
+@pytest.mark.parametrize("kind, architecture", [("qwen2", "eagle3"), ("qwen2", "medusa"), ("gemma3", "medusa")])
 def test_prepare_train_export_and_serve_through_the_commands(kind, architecture, request, tmp_path, monkeypatch):
     """The user's path: `train` regenerates data with the target in vLLM (prepare), trains, exports the final
     drafter, and vLLM serves it (acceptance measured on prompts it never saw)."""
