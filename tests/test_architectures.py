@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import greedy_batch
 
 from lk_vllm.drafters import create_drafter, multi_step_loss, target_info
 from lk_vllm.errors import UserError
@@ -126,24 +127,10 @@ def _setup(target_path: str):
 
     target = TargetModel(target_path)
     prompts = load_prompts("mtbench", split="eval", limit=NUM_PROMPTS)
-    continuations, sequences, starts = {}, [], []
-    length = MAX_TOKENS + K + 1
-    for prompt in prompts:
-        prompt_ids = target.chat_prompt_ids(prompt.messages)
-        continuation = target.generate_greedy(prompt_ids, length)
-        assert len(set(continuation)) > length // 4, "a target repeating itself makes any drafter look right"
-        continuations[(tuple(prompt_ids), length)] = continuation
-        sequences.append(prompt_ids + continuation)
-        starts.append(len(prompt_ids))
-    width = max(map(len, sequences))
-    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
-    loss_mask = torch.zeros_like(mask)
-    for row, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        mask[row, : len(sequence)] = True
-        loss_mask[row, start:] = mask[row, start:]
-    return target, prompts, continuations, sequences, (input_ids, mask, loss_mask)
+    batch = greedy_batch(target, prompts, MAX_TOKENS + K + 1)
+    for continuation in batch["continuations"].values():
+        assert len(set(continuation)) > len(continuation) // 4, "a target repeating itself makes any drafter look right"
+    return target, prompts, batch
 
 
 def _train_and_compare(target_path: str, architecture: str, directory: Path, **options):
@@ -152,7 +139,9 @@ def _train_and_compare(target_path: str, architecture: str, directory: Path, **o
     from lk_vllm.drafters import load_drafter
     from training.evaluate import evaluate_torch, evaluate_vllm
 
-    target, prompts, continuations, sequences, (input_ids, mask, loss_mask) = _setup(target_path)
+    target, prompts, batch = _setup(target_path)
+    continuations, sequences = batch["continuations"], batch["sequences"]
+    input_ids, mask, loss_mask = batch["input_ids"], batch["mask"], batch["loss_mask"]
     if architecture == "eagle3":
         from lk_vllm.vocab import build_draft_vocab
 

@@ -9,6 +9,7 @@ meaningful (a random drafter agrees with anything at acceptance length 1).
 
 import pytest
 import torch
+from train_helpers import greedy_batch
 
 from lk_vllm.drafters import create_drafter, load_drafter, multi_step_loss, target_info
 
@@ -28,25 +29,7 @@ def setup(default_target):
     torch.manual_seed(0)
     target = TargetModel(default_target)
     prompts = load_prompts("mtbench", split="eval", limit=NUM_PROMPTS)
-    continuations: dict = {}
-    length = MAX_TOKENS + K + 1
-    sequences, starts = [], []
-    for prompt in prompts:
-        prompt_ids = target.chat_prompt_ids(prompt.messages)
-        continuation = target.generate_greedy(prompt_ids, length)
-        continuations[(tuple(prompt_ids), length)] = continuation  # evaluate_torch reuses them
-        sequences.append(prompt_ids + continuation)
-        starts.append(len(prompt_ids))
-    width = max(len(s) for s in sequences)
-    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
-    loss_mask = torch.zeros_like(mask)
-    for row, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        mask[row, : len(sequence)] = True
-        loss_mask[row, start : len(sequence)] = True
-    return {"target": target, "prompts": prompts, "continuations": continuations, "sequences": sequences,
-            "input_ids": input_ids, "mask": mask, "loss_mask": loss_mask}
+    return {"target": target, "prompts": prompts, **greedy_batch(target, prompts, MAX_TOKENS + K + 1)}
 
 
 def _train(drafter, setup, steps: int, lr: float) -> None:

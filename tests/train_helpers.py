@@ -42,6 +42,28 @@ def make_valid_drafter(root: Path, name: str, target, seed: int = 0, architectur
     return drafter.save_pretrained(root / name, target=target_info(target))
 
 
+def greedy_batch(target, prompts, length: int) -> dict:
+    """The target's own greedy continuations of ``prompts`` (``length`` tokens each) as a right-padded batch with
+    a loss mask on the continuations: what a drafter learns exactly, so acceptance lies far above 1."""
+    continuations, sequences, starts = {}, [], []
+    for prompt in prompts:
+        prompt_ids = target.chat_prompt_ids(prompt.messages)
+        continuation = target.generate_greedy(prompt_ids, length)
+        continuations[(tuple(prompt_ids), length)] = continuation  # evaluate_torch reuses them
+        sequences.append(prompt_ids + continuation)
+        starts.append(len(prompt_ids))
+    width = max(map(len, sequences))
+    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
+    loss_mask = torch.zeros_like(mask)
+    for row, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = True
+        loss_mask[row, start : len(sequence)] = True
+    return {"continuations": continuations, "sequences": sequences, "input_ids": input_ids, "mask": mask,
+            "loss_mask": loss_mask}
+
+
 def make_tiny_data(directory: Path, target: str, num_samples: int = 24, vocab: int = 256, seed: int = 0,
                    lengths: tuple[int, int] = (16, 40), masked: bool = False, prompt_length: int | None = None) -> str:
     """A prepared data set of random token sequences (prompt + 'generated' part) in prepare's format."""
