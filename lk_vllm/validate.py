@@ -296,7 +296,7 @@ def require_valid(directory: str | Path, target: str | None, num_speculative_tok
 def check_exports(run_dir: Path, num_speculative_tokens: int) -> None:
     """After ``lk-vllm train``: the static checks on each export of the run (against the target it records),
     one line each; the first error is a one-line UserError."""
-    from training.config import BEST_EXPORT, FINAL_EXPORT
+    from lk_vllm.drafters.base import BEST_EXPORT, FINAL_EXPORT
 
     for directory in (run_dir / FINAL_EXPORT, run_dir / BEST_EXPORT):
         if directory.is_dir():

@@ -114,11 +114,6 @@ class Config(_Section):
         return self
 
 
-# The drafters a run exports into its `output` directory: the step with the best held-out expected acceptance
-# length, and the last step.
-BEST_EXPORT = "best"
-FINAL_EXPORT = "final"
-
 # Fields that may change between a run and its --resume: they do not change the weights.
 RESUMABLE_CHANGES = {"output", "training.log_every", "training.eval_every", "training.checkpoint_every",
                      "training.keep_checkpoints", "training.eval_batch_size", "training.capture",

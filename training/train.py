@@ -59,9 +59,10 @@ from pathlib import Path
 import torch
 
 from lk_vllm.atomic import write_atomic
+from lk_vllm.drafters.base import BEST_EXPORT, FINAL_EXPORT
 from lk_vllm.errors import UserError
 from training.capture import collate
-from training.config import BEST_EXPORT, FINAL_EXPORT, Config, differing_fields, load_config, parse_override
+from training.config import Config, differing_fields, load_config, parse_override
 from training.device import resolve_placement
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lk_vllm.drafters.base import BEST_EXPORT, FINAL_EXPORT
 from lk_vllm.errors import UserError, require_at_least
-from training.config import BEST_EXPORT, FINAL_EXPORT
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,10 @@ TRAINING_FILE = "lk_training.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
+# The drafters a training run exports into its output directory: the step with the best held-out expected
+# acceptance length, and the last step (validate and bench find a run's drafters by these names).
+BEST_EXPORT = "best"
+FINAL_EXPORT = "final"
 
 
 @dataclasses.dataclass
