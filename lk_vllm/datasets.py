@@ -286,8 +286,10 @@ def add_chat_template_argument(parser) -> None:
                              f"{' or '.join(repr(n) for n in CHAT_TEMPLATES)} (plain: prompt text as is, for base models)")
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(target: str, chat_template: str | None = None):
-    """The target's tokenizer, with ``chat_template`` (a name or file) in place of its own when given."""
+    """The target's tokenizer, with ``chat_template`` (a name or file) in place of its own when given. Cached:
+    a command checks the template, keys its data and tokenises with the same one (treat it as read-only)."""
     from transformers import AutoTokenizer
 
     try:

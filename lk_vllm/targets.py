@@ -12,10 +12,6 @@ from functools import lru_cache
 
 from lk_vllm.errors import UserError
 
-# vLLM serves these drafter kinds on top of any target architecture it has a model class for; EAGLE-3 also
-# needs the target's model to implement vLLM's SupportsEagle3 interface (its auxiliary hidden states).
-NEEDS_EAGLE3_INTERFACE = ("eagle3",)
-
 
 @dataclasses.dataclass(frozen=True)
 class TargetShape:
@@ -63,7 +59,9 @@ def serving_problem(shape: TargetShape, drafter_architecture: str | None) -> str
     known, eagle3 = vllm_support(name)
     if not known:
         return f"vLLM {vllm.__version__} has no model class for {name} (target {shape.path})"
-    if drafter_architecture in NEEDS_EAGLE3_INTERFACE and not eagle3:
+    # Medusa, MLP speculators and draft models run on any target vLLM has a model class for; EAGLE-3 also needs
+    # the target's model to implement SupportsEagle3 (its auxiliary hidden states).
+    if drafter_architecture == "eagle3" and not eagle3:
         return (f"vLLM {vllm.__version__} cannot serve EAGLE-3 for {name} (its model does not provide auxiliary "
                 f"hidden states): train a medusa, mlp_speculator or draft_model drafter for target {shape.path} "
                 "(--set model.architecture=medusa)")
@@ -85,7 +83,7 @@ def check_target(target: str, drafter_architecture: str | None = None, needs_cha
         raise UserError(f"{where}: {problem}")
     if needs_chat_template and not has_chat_template(target):
         raise UserError(f"{where}: target {target} has no chat template (a base model?): pass --chat-template "
-                        "FILE|chatml, or --prompt-format plain to use prompts as plain text")
+                        "FILE|chatml, or --chat-template plain to use prompts as plain text")
     return shape
 
 

@@ -27,6 +27,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# The architectures whose draft head can cover a subset of the target's vocabulary (model.draft_vocab_size).
+DRAFT_VOCAB_ARCHITECTURES = ("eagle3", "medusa")
+
+
 class ModelSection(_Section):
     architecture: Literal["eagle3", "medusa", "mlp_speculator", "draft_model"] = "eagle3"
     target: str | None = None  # HF directory or cached id; None = the embedded SmolLM2-135M-Instruct
@@ -111,6 +115,8 @@ class Config(_Section):
     def _consistent(self) -> Config:
         if self.model.architecture == "draft_model" and isinstance(self.model.draft_vocab_size, int):
             raise ValueError("model.draft_vocab_size: a draft_model shares the target's vocabulary; leave it unset")
+        if self.model.draft_vocab_size == "auto" and self.model.architecture not in DRAFT_VOCAB_ARCHITECTURES:
+            self.model.draft_vocab_size = None  # the others have no draft vocabulary to choose
         return self
 
 

@@ -58,8 +58,6 @@ def _meta_drafter(config, target_path: str):
     except (OSError, ValueError) as exc:
         raise UserError(f"target {target_path}: cannot read its config.json ({exc})") from None
     draft_vocab = config.model.draft_vocab_size
-    if draft_vocab == "auto" and config.model.architecture not in ("eagle3", "medusa"):
-        draft_vocab = None
     if draft_vocab == "auto":  # the largest size auto may choose: an upper bound
         from lk_vllm.vocab import AUTO_FULL_UP_TO, AUTO_SIZES
 

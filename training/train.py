@@ -210,20 +210,17 @@ def make_drafter(config: Config, target, samples, train_indices):
         return drafter.float()  # fp32 master weights, as a fresh drafter's (an export may be bf16)
     options = drafter_options(config, target)
     size = config.model.draft_vocab_size
-    if size == "auto" and config.model.architecture not in ("eagle3", "medusa"):  # the others have no draft vocabulary
-        size = None
-    responses = [samples[i].input_ids[samples[i].loss_mask] for i in train_indices]
-    if size == "auto":
-        from lk_vllm.vocab import auto_draft_vocab_size, count_tokens
+    if size is not None and size != target.vocab_size:
+        from lk_vllm.vocab import auto_draft_vocab_size, count_tokens, required_token_ids, select_draft_vocab
 
-        size, covered = auto_draft_vocab_size(count_tokens(responses, target.vocab_size))
-        if size is not None:
-            _log(f"draft vocabulary: the {size} most frequent of {target.vocab_size} ids, {covered:.1%} of the "
-                 "training responses' tokens (model.draft_vocab_size=auto)")
-    if size is not None and size < target.vocab_size:
-        from lk_vllm.vocab import build_draft_vocab
-
-        options["draft_to_target"] = build_draft_vocab(responses, target.vocab_size, size, target.tokenizer)
+        counts = count_tokens((samples[i].input_ids[samples[i].loss_mask] for i in train_indices), target.vocab_size)
+        if size == "auto":
+            size, covered = auto_draft_vocab_size(counts)
+            if size is not None:
+                _log(f"draft vocabulary: the {size} most frequent of {target.vocab_size} ids, {covered:.1%} of the "
+                     "training responses' tokens (model.draft_vocab_size=auto)")
+        if size is not None and size < target.vocab_size:
+            options["draft_to_target"] = select_draft_vocab(counts, size, required_token_ids(target.tokenizer))
     return create_drafter(config.model.architecture, target, **options)
 
 
