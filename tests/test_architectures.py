@@ -55,6 +55,18 @@ def qwen2(tmp_path_factory, default_target):
     return make_target("qwen2", tmp_path_factory.mktemp("qwen2"), default_target)
 
 
+@pytest.fixture(scope="module")
+def qwen2_base(qwen2, tmp_path_factory):
+    """The Qwen2 target as a base model: no chat template anywhere in its tokenizer files."""
+    base = tmp_path_factory.mktemp("qwen2-base") / "model"
+    shutil.copytree(qwen2, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return str(base)
+
+
 def test_eagle3_on_gemma3_is_refused_in_one_line_by_every_command(gemma3, tmp_path):
     from lk_vllm.targets import check_target
     from training.config import load_config
@@ -98,16 +110,11 @@ def test_the_eagle3_exporter_writes_flat_rope_settings_for_gemma3(gemma3, tmp_pa
     assert config["rope_parameters"] == {"rope_theta": 1000000.0, "rope_type": "default"}
 
 
-def test_a_base_model_without_chat_template_is_refused_unless_a_template_is_given(qwen2, tmp_path):
+def test_a_base_model_without_chat_template_is_refused_unless_a_template_is_given(qwen2_base):
     from lk_vllm.datasets import chat_prompt_ids, load_tokenizer
     from lk_vllm.targets import check_target
 
-    base = tmp_path / "base"
-    shutil.copytree(qwen2, base)
-    (base / "chat_template.jinja").unlink(missing_ok=True)
-    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
-    tokenizer_config.pop("chat_template", None)
-    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    base = Path(qwen2_base)
     with pytest.raises(UserError, match="has no chat template.*--chat-template"):
         check_target(str(base), "eagle3", needs_chat_template=True)
     tokenizer = load_tokenizer(str(base), "plain")
@@ -181,10 +188,12 @@ def test_medusa_on_gemma3_serves_as_the_trainer_predicts(gemma3, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, architecture", [("qwen2", "eagle3"), ("qwen2", "medusa"), ("gemma3", "medusa")])
+@pytest.mark.parametrize("kind, architecture", [("qwen2", "eagle3"), ("qwen2", "medusa"), ("gemma3", "medusa"),
+                                                ("qwen2_base", "medusa")])
 def test_prepare_train_export_and_serve_through_the_commands(kind, architecture, request, tmp_path, monkeypatch):
     """The user's path: `train` regenerates data with the target in vLLM (prepare), trains, exports the final
-    drafter, and vLLM serves it (acceptance measured on prompts it never saw)."""
+    drafter, and vLLM serves it (acceptance measured on prompts it never saw). The base model (no chat template)
+    goes the same way with --chat-template plain."""
     from lk_vllm.drafters import load_drafter
     from training.config import load_config
     from training.evaluate import run_eval
@@ -193,20 +202,21 @@ def test_prepare_train_export_and_serve_through_the_commands(kind, architecture,
     target = request.getfixturevalue(kind)
     monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
     options = {"model.options": {"aux_layer_ids": [0, 1, 2]}} if architecture == "eagle3" else {}
+    template = "plain" if kind == "qwen2_base" else None
     config, _ = load_config(overrides={
         "model.target": target, "model.architecture": architecture, "data.datasets": ["gsm8k"], "data.limit": 8,
         "data.max_tokens": 16, "data.max_length": 192, "data.heldout": 2, "loss.num_steps": 2,
         "training.max_steps": 3, "training.batch_size": 2, "training.eval_every": 3, "training.log_every": 1,
-        "output": str(tmp_path / "run"), **options})
+        "data.chat_template": template, "output": str(tmp_path / "run"), **options})
     summary = train(config, progress=False)
     final = tmp_path / "run" / "final"
     record = json.loads((final / "lk_training.json").read_text())
-    assert record["target"]["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[kind]]
+    assert record["target"]["architectures"] == [{"gemma3": "Gemma3ForCausalLM"}.get(kind, "Qwen2ForCausalLM")]
     assert summary["final"]["expected_acceptance_length"] >= 1.0
 
     # model.draft_vocab_size=auto: Qwen2's 49,152 ids stay whole; of Gemma-3's 262,144 the smallest size that
     # covers the responses' tokens (a few hundred distinct ones here) is 8192.
-    assert load_drafter(final).draft_vocab_size == {"qwen2": 49152, "gemma3": 8192}[kind]
-    result = run_eval(str(final), target, ["mtbench"], 2, "vllm", 2, 16, 0.0)
+    assert load_drafter(final).draft_vocab_size == {"gemma3": 8192}.get(kind, 49152)
+    result = run_eval(str(final), target, ["mtbench"], 2, "vllm", 2, 16, 0.0, chat_template=template)
     assert result["num_prompts"] == 2 and result["acceptance_length"] >= 1.0
     assert result["datasets"]["mtbench"]["num_drafts"] > 0  # vLLM drafted with it
