@@ -78,11 +78,18 @@ if (( ${#captured[@]} == 0 )); then
     exit 1
 fi
 lk-vllm prepare "${captured[@]}" --max-tokens 256 --max-length 512 --output "$WORK/data"
+# A fifth of the captured samples (at least one) is held out to score B during training; the rest trains it.
+samples=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['samples'])" "$WORK/data/manifest.json")
+if (( samples < 2 )); then
+    echo "retrain example: $samples captured sample(s) prepared; need 2 or more: send more traffic (TRAFFIC)" >&2
+    exit 1
+fi
+TRAIN_HELDOUT=$(( samples / 5 > 0 ? samples / 5 : 1 ))
 
 say "6. fine-tune A into B for $STEPS steps, then validate B (static checks, a served probe on code prompts)"
 lk-vllm train --recipe smollm2-eagle3 --init-from "$WORK/drafters/A" --data "$WORK/data" --output "$WORK/run-B" \
     --set training.max_steps="$STEPS" --set training.eval_every="$STEPS" --set training.checkpoint_every="$STEPS" \
-    --set data.heldout=4 --set optimizer.lr=3e-4 --set optimizer.warmup_steps=5 --no-progress
+    --set data.heldout="$TRAIN_HELDOUT" --set optimizer.lr=3e-4 --set optimizer.warmup_steps=5 --no-progress
 cp -r "$WORK/run-B/final" "$WORK/drafters/B"
 lk-vllm validate "$WORK/drafters/B" --num-speculative-tokens "$K" --probe-dataset "$WORK/heldout.jsonl"
 
