@@ -157,7 +157,7 @@ def check_parallel(kind: str, placement, target) -> None:
     import torch.distributed as dist
 
     from lk_vllm.drafters import create_drafter
-    from training.train import _Unroll
+    from training.train import _Unroll, parallelize
 
     reference = create_drafter("eagle3", target, draft_to_target=torch.arange(16384)).to(placement.device)
     wrapped_drafter = create_drafter("eagle3", target, draft_to_target=torch.arange(16384)).to(placement.device)
@@ -168,17 +168,7 @@ def check_parallel(kind: str, placement, target) -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=0, world_size=1,
                                 device_id=placement.device if placement.device.type == "cuda" else None)
-    if kind == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(
-            _Unroll(wrapped_drafter), device_ids=[placement.device] if placement.device.type == "cuda" else None,
-            broadcast_buffers=False)
-    else:
-        from torch.distributed.fsdp import fully_shard
-
-        # The root only (the unroll calls the layer's parts, not a layer forward that FSDP could hook), kept
-        # gathered after the forward: the draft heads run on its outputs in the loss.
-        model = _Unroll(wrapped_drafter)
-        fully_shard(model, reshard_after_forward=False)
+    model = parallelize(wrapped_drafter, "fsdp" if kind == "fsdp2" else "ddp", placement)  # the trainer's wrappers
     training_step(reference, _Unroll(reference), target, placement, 2, 128, 3, torch.Generator().manual_seed(5))
     training_step(wrapped_drafter, model, target, placement, 2, 128, 3, torch.Generator().manual_seed(5))
     worst = 0.0

@@ -272,21 +272,75 @@ def test_data_of_another_target_is_refused(tiny, tmp_path):
         train(_config(tiny, tmp_path / "run", **{"data.dirs": [data]}), "tiny", progress=False)
 
 
-# ------------------------------------------------------------------------------------------ DDP
+# ------------------------------------------------------------------------------------------ DDP and FSDP2
+def _torchrun(config_path: Path, output: Path, *extra, env) -> subprocess.CompletedProcess:
+    from serving.launcher import free_port
+
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), "-m", "lk_vllm.cli", "train", "--config",
+                           str(config_path), "--no-progress", "--output", str(output), *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _copy_checkpoint(source_run: Path, step: int, run: Path) -> None:
+    import shutil
+
+    shutil.copytree(source_run / "checkpoints" / f"step-{step}", run / "checkpoints" / f"step-{step}")
+
+
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(tiny, tmp_path):
-    path = _config_file(tiny, tmp_path, **{"training.max_steps": 4, "training.eval_every": 4,
-                                           "training.checkpoint_every": 4})
+def test_ddp_and_fsdp_on_two_gloo_ranks_match_one_process(tiny, tmp_path):
+    path = _config_file(tiny, tmp_path, **{"training.max_steps": 4, "training.eval_every": 2,
+                                           "training.checkpoint_every": 2})
     env = {**os.environ, "LK_VLLM_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     single = _run_cli(path, "--output", str(tmp_path / "single"), env=env)
     assert single.wait() == 0, single.stdout.read()
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", "-m", "lk_vllm.cli", "train", "--config", str(path),
-                          "--no-progress", "--output", str(tmp_path / "ddp")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
-    assert "2 rank(s)" in ddp.stderr
-    _assert_same_weights(_weights(tmp_path / "single"), _weights(tmp_path / "ddp"), atol=1e-5)
+    expected = json.loads((tmp_path / "single" / "summary.json").read_text())
+    # DDP also reads an offline cache the two ranks built together (float32: the online states exactly).
+    offline = ["--set", "training.capture=offline", "--set", "training.cache_dtype=float32"]
+    for parallel, extra in (("ddp", offline), ("fsdp", [])):
+        result = _torchrun(path, tmp_path / parallel, "--set", f"training.parallel={parallel}", *extra, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"2 rank(s), {parallel}" in result.stderr
+        assert ("hidden-state cache" in result.stderr) == bool(extra)
+        _assert_same_weights(_weights(tmp_path / "single"), _weights(tmp_path / parallel), atol=1e-5)
+        # The held-out evaluation, each rank scoring half of the samples, is one process's.
+        summary = json.loads((tmp_path / parallel / "summary.json").read_text())
+        assert summary["best"]["step"] == expected["best"]["step"]
+        assert summary["final"]["positions"] == expected["final"]["positions"]
+        assert summary["final"]["per_position_alpha"] == pytest.approx(expected["final"]["per_position_alpha"],
+                                                                        abs=1e-5)
+    # Checkpoints hold whole tensors by name: one process's resumes under FSDP2 on two ranks, FSDP2's in one.
+    _copy_checkpoint(tmp_path / "single", 2, tmp_path / "to-fsdp")
+    result = _torchrun(path, tmp_path / "to-fsdp", "--resume", "--set", "training.parallel=fsdp", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming" in result.stderr and "step 2" in result.stderr
+    _assert_same_weights(_weights(tmp_path / "single"), _weights(tmp_path / "to-fsdp"), atol=1e-5)
+    _copy_checkpoint(tmp_path / "fsdp", 2, tmp_path / "from-fsdp")
+    resumed = _run_cli(path, "--output", str(tmp_path / "from-fsdp"), "--resume", env=env)
+    assert resumed.wait() == 0, resumed.stdout.read()
+    _assert_same_weights(_weights(tmp_path / "single"), _weights(tmp_path / "from-fsdp"), atol=1e-5)
+
+
+def test_fsdp_without_torchrun_fails_before_loading_anything(tiny, tmp_path, monkeypatch):
+    import training.target
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(training.target, "TargetModel", None)  # loading a model would fail differently
+    with pytest.raises(UserError, match=r"training.parallel=fsdp needs torchrun"):
+        train(_config(tiny, tmp_path / "run", **{"training.parallel": "fsdp", "data.dirs": [str(tmp_path / "x")]}),
+              "tiny", progress=False)
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(tiny, tmp_path):
+    config = _config(tiny, tmp_path / "run", **{"training.max_steps": 2, "training.checkpoint_every": 2})
+    train(config, "tiny", progress=False)
+    step = tmp_path / "run" / "checkpoints" / "step-2"
+    state = ckpt.load_checkpoint(step)
+    del state["format"]
+    torch.save(state, step / ckpt.STATE_FILE)
+    with pytest.raises(UserError, match="written by an older lk-vllm"):
+        train(config, "tiny", resume=True, progress=False)
 
 
 # ------------------------------------------------------------------------------------------ offline capture
@@ -527,6 +581,16 @@ def test_dry_run_sizes_an_8b_recipe_from_its_config_alone(tmp_path, capsys, monk
     assert "8 rank(s), 16384 tokens per micro-batch" in out  # 64 sequences / 8 GPUs / 4 micro-batches
     total = float(out.splitlines()[-1].split()[1])
     assert 40 < total < 80, out  # 16 GB of bf16 target weights, 7 GB of drafter state, the rest per token: an 80 GB GPU
+    # FSDP2 on 8 ranks: whole weights and grads in a step (8 bytes a parameter) + 1/8 of 16 bytes, not 16.
+    assert main(["train", "--recipe", "llama31-8b-eagle3", "--target", str(target), "--dry-run",
+                 "--set", "training.device=cpu", "--set", "training.precision=bf16",
+                 "--set", "training.parallel=fsdp"]) == 0
+    sharded = capsys.readouterr().out
+
+    def drafter_gb(text):
+        return float(next(line for line in text.splitlines() if "drafter" in line and "GB" in line).split()[-2])
+
+    assert drafter_gb(sharded) == pytest.approx(drafter_gb(out) * 10 / 16, abs=0.02), sharded
 
 
 def test_a_run_that_cannot_fit_the_gpu_is_refused_in_one_line(tiny, tmp_path, monkeypatch):

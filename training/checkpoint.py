@@ -4,7 +4,9 @@ A checkpoint is written into a temporary sibling directory and renamed into plac
 disk) never leaves a half-written ``step-N``: either the whole checkpoint exists or the previous ones are
 all there is. The newest complete ``step-N`` is what ``--resume`` continues from.
 
-Contents of ``state.pt``: the drafter's ``state_dict``, the optimizer's and the scheduler's, the RNG states
+Contents of ``state.pt``: the drafter's and the optimizer's state as whole tensors keyed by parameter name
+(``torch.distributed.checkpoint.state_dict``, so a run saved under DDP, FSDP2 or one process resumes under
+any of them, on any number of ranks), the scheduler's, the RNG states
 (python, torch CPU, CUDA), the step (which is also the data position: the batch of step ``s`` is a pure
 function of ``s`` and the seed), the best evaluation so far, and the config the run was started with.
 """
@@ -25,6 +27,7 @@ from lk_vllm.atomic import replace_dir
 from lk_vllm.errors import UserError
 
 STATE_FILE = "state.pt"
+FORMAT = 2  # 2: model and optimizer state as whole tensors keyed by parameter name (any parallel layout)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

@@ -100,6 +100,9 @@ class TrainingSection(_Section):
     # How long a rank waits in a collective while rank 0 works alone (data preparation, evaluation, checkpoints)
     # before the process group gives up; NCCL's own default (10 minutes) is shorter than a data preparation.
     collective_timeout_minutes: float = Field(default=180.0, gt=0)
+    # Under torchrun: ddp replicates the drafter and its optimizer state on every rank; fsdp (FSDP2) shards both
+    # over the ranks between steps (for drafters whose AdamW state does not fit one device next to the target).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     eval_batch_size: int = Field(default=8, ge=1)
 
 
@@ -124,7 +127,7 @@ class Config(_Section):
 RESUMABLE_CHANGES = {"output", "training.log_every", "training.eval_every", "training.checkpoint_every",
                      "training.keep_checkpoints", "training.eval_batch_size", "training.capture",
                      "training.cache_dtype", "training.export_dtype", "training.device", "training.tf32",
-                     "training.collective_timeout_minutes"}
+                     "training.collective_timeout_minutes", "training.parallel"}
 
 
 def recipe_names() -> list[str]:

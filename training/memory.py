@@ -4,7 +4,8 @@ The drafter is built on PyTorch's meta device from the target's config.json alon
 parameter count is exact. The rest is arithmetic over one micro-batch of ``batch_size / ranks /
 grad_accumulation`` sequences of ``data.max_length`` tokens (an upper bound: shorter samples need less):
 
-* drafter weights, gradients and AdamW moments: 16 bytes per trainable parameter (fp32 master weights);
+* drafter weights, gradients and AdamW moments: 16 bytes per trainable parameter (fp32 master weights); under
+  ``training.parallel: fsdp`` 16/N of them stay sharded and a step holds whole weights and gradients (8 bytes);
 * the frozen target: its parameters in the training dtype (bf16 on GPU, fp32 on CPU);
 * the batch's target states (final hidden state and the auxiliary layers) and its target-logit table
   (one row per position, shared by the K draft positions; offline, only the draft vocabulary's columns);
@@ -101,8 +102,13 @@ def estimate_memory(config, target_path: str, device_type: str, world: int = 1) 
         per_token = steps * (16 * hidden + 6 * heads * head_dim + 4 * intermediate)
     else:  # Medusa heads / MLP speculator stages: a few hidden-sized tensors per head
         per_token = steps * 8 * hidden
+    if t.parallel == "fsdp":  # 1/N of the fp32 weights, grads and moments, plus whole weights and grads in a step
+        drafter_part = {f"drafter: whole weights + grads in a step, 1/{world} of weights + grads + AdamW":
+                        int((8 + 16 / max(1, world)) * trainable)}
+    else:
+        drafter_part = {"drafter weights + grads + AdamW (fp32)": 16 * trainable}
     parts = {
-        "drafter weights + grads + AdamW (fp32)": 16 * trainable,
+        **drafter_part,
         f"target weights ({'bf16' if low else 'fp32'})": target_params * (2 if low else 4),
         "target states of a micro-batch": tokens * hidden * (1 + aux) * act,
         # Offline, a drafter with its own vocabulary needs the draft ids' columns only (the cache holds the

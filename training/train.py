@@ -22,6 +22,10 @@ The whole loop, in order:
 6. every ``checkpoint_every`` steps: ``RUN/checkpoints/step-N`` (``training/checkpoint.py``); ``--resume``
    continues from the newest one and ends with the same weights as an uninterrupted run.
 
+The code follows that order: ``build_run`` (config, data, target, drafter, parallel wrapper, optimizer, resume)
+builds a ``Run`` once; ``train_step`` is one optimizer step; ``evaluate_run``, ``export`` and ``save_checkpoint``
+act on the run; ``train`` is the loop over them.
+
 Logs: ``RUN/log.jsonl`` (one JSON object per logged step or evaluation) and TensorBoard event files in
 ``RUN/tensorboard`` when the ``tensorboard`` package is installed.
 
@@ -36,16 +40,19 @@ training-time-test attention runs in blocks; the K draft positions read one shar
 would not fit is refused before anything is loaded.
 
 Distributed: ``torchrun --nproc_per_node N -m lk_vllm.cli train ...`` (or ``torchrun --nproc_per_node N
-$(which lk-vllm) train ...``) runs DistributedDataParallel (gloo on CPU, NCCL on GPU). Each rank takes every N-th sequence of the global batch. ``lk_vllm.losses`` normalises each
-rank's loss by the GLOBAL number of valid positions (times N), so DDP's gradient averaging gives exactly the
-single-process gradient of the same global batch, and LK^lambda's lambda uses the global mean alpha. Rank 0
-prepares data, evaluates, logs and writes checkpoints and exports. FSDP is not wired in: every drafter here
-fits on one device (the largest, an 8B-target EAGLE-3 layer, is ~0.4B parameters; see
-``training/recipes/llama31-8b-eagle3.yaml`` for the multi-GPU DDP command).
+$(which lk-vllm) train ...``) runs DistributedDataParallel (``training.parallel: ddp``, the default) or FSDP2
+(``fsdp``: ``torch.distributed.fsdp.fully_shard``, weights and AdamW moments sharded between steps), gloo on
+CPU, NCCL on GPU. Each rank takes every N-th sequence of the global batch. ``lk_vllm.losses`` normalises each
+rank's loss by the GLOBAL number of valid positions (times N), so the wrappers' gradient averaging gives
+exactly the single-process gradient of the same global batch, and LK^lambda's lambda uses the global mean
+alpha. Every rank evaluates its share of the held-out samples (the sums are all-reduced) and hands its shard
+to each checkpoint; rank 0 prepares data, logs and writes checkpoints and exports. Checkpoints hold whole
+tensors keyed by name, so any layout resumes any other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -53,7 +60,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,7 +70,7 @@ from lk_vllm.drafters.base import BEST_EXPORT, FINAL_EXPORT
 from lk_vllm.errors import UserError
 from training.capture import collate
 from training.config import Config, differing_fields, load_config, parse_override
-from training.device import resolve_placement
+from training.device import Placement, resolve_placement
 
 
 def _log(message: str) -> None:
@@ -85,10 +92,11 @@ class Dist:
             torch.distributed.barrier()
 
 
-def init_distributed(device: torch.device, timeout_minutes: float = 180.0) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK; then join the process group (NCCL when training on GPU, else gloo)."""
+def init_distributed(device: torch.device, timeout_minutes: float = 180.0, always: bool = False) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK; then join the process group (NCCL when training on GPU, else gloo).
+    ``always``: join it with one rank too (FSDP2 builds its device mesh on the group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not always:
         return Dist()
     if not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -270,15 +278,19 @@ class SharedTargetLogits:
 
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def evaluate(drafter, capture, samples, indices: list[int], num_steps: int, batch_size: int) -> dict:
-    """Held-out per-position alpha (teacher-forced), expected acceptance length, top-1 agreement, KL."""
+def evaluate(drafter, capture, samples, indices: list[int], num_steps: int, batch_size: int,
+             dist: Dist | None = None) -> dict:
+    """Held-out per-position alpha (teacher-forced), expected acceptance length, top-1 agreement, KL. With
+    ``dist`` each rank evaluates every N-th sample and the sums are all-reduced: every rank returns the same."""
     from lk_vllm.acceptance import expected_acceptance_length
     from lk_vllm.losses import lk_loss
 
+    dist = dist or Dist()
     d2t = drafter.draft_to_target
-    alpha_sum, kl_sum, top1, count = {}, {}, {}, {}
-    for start in range(0, len(indices), batch_size):
-        batch = collate(samples, indices[start:start + batch_size]).to(capture.device)
+    alpha_sum, kl_sum, top1, count = ([0.0] * num_steps for _ in range(4))
+    mine = indices[dist.rank::dist.world]
+    for start in range(0, len(mine), batch_size):
+        batch = collate(samples, mine[start:start + batch_size]).to(capture.device)
         states = capture.states(batch)
         for k, step in enumerate(drafter.training_steps(states, num_steps)):
             draft, target = step.pairs(states, batch.loss_mask)
@@ -288,10 +300,13 @@ def evaluate(drafter, capture, samples, indices: list[int], num_steps: int, batc
             guess = draft.argmax(-1)
             guess = guess if d2t is None else d2t[guess]
             n = draft.shape[0]
-            alpha_sum[k] = alpha_sum.get(k, 0.0) + result.alpha * n
-            kl_sum[k] = kl_sum.get(k, 0.0) + result.kl * n
-            top1[k] = top1.get(k, 0) + int((guess == target.argmax(-1)).sum())
-            count[k] = count.get(k, 0) + n
+            alpha_sum[k] += result.alpha * n
+            kl_sum[k] += result.kl * n
+            top1[k] += int((guess == target.argmax(-1)).sum())
+            count[k] += n
+    sums = _all_reduce_sum(alpha_sum + kl_sum + top1 + count, dist, capture.device)
+    alpha_sum, kl_sum, top1, count = (sums[i * num_steps:(i + 1) * num_steps] for i in range(4))
+    count = {k: int(c) for k, c in enumerate(count) if c}
     if not count:
         return {}
     steps = sorted(count)
@@ -358,9 +373,10 @@ def _scalars(record: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-# ------------------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------------------ the run
 class _Unroll(torch.nn.Module):
-    """What DDP wraps: its forward is the drafter's K-step unroll."""
+    """What DDP / FSDP2 wrap: its forward is the drafter's K-step unroll (the drafters' ``forward`` is not what
+    training calls, so the wrappers' hooks need this one)."""
 
     def __init__(self, drafter):
         super().__init__()
@@ -370,48 +386,105 @@ class _Unroll(torch.nn.Module):
         return self.drafter.training_steps(states, num_steps)
 
 
-def micro_batch_loss(model, drafter, states, loss_mask: torch.Tensor, loss, placement) -> dict:
-    """One micro-batch's K-step loss, as the trainer computes it: ``model`` (the drafter, or its DDP/FSDP
-    wrapper) unrolls ``loss.num_steps`` steps under the placement's autocast, and the K steps read one shared
-    table of target logits. Returns ``multi_step_loss``'s dict."""
-    from lk_vllm.drafters import multi_step_loss
+def parallelize(drafter, parallel: str, placement) -> torch.nn.Module:
+    """The module a step calls: the unroll, under DDP when a process group is up (``training.parallel: ddp``),
+    or sharded by FSDP2 (``fsdp``: weights, gradients and AdamW moments split over the ranks between steps).
 
-    shared = SharedTargetLogits(states, loss_mask, drafter.draft_to_target)
-    with placement.autocast():
-        return multi_step_loss(model(shared, loss.num_steps), shared, kind=loss.kind, eta=loss.eta,
-                               draft_to_target=drafter.draft_to_target, loss_mask=loss_mask, gamma=loss.gamma,
-                               chunk_size=loss.chunk_size)
+    FSDP2 shards the unroll as one unit: the EAGLE-3 unroll calls its layer's parts rather than a layer
+    ``forward`` that FSDP could hook, so every rank holds the whole drafter during a step's forward and
+    backward and 1/N of it (and of its optimizer state) the rest of the time. The weights stay gathered after
+    the forward because the loss runs the draft heads on its outputs."""
+    model = _Unroll(drafter)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
 
-
-def _all_reduce_sum(values: list[float], dist: Dist, device: torch.device) -> list[float]:
-    if dist.world == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)  # NCCL reduces device tensors only
-    torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
+        fully_shard(model, reshard_after_forward=False)
+    elif torch.distributed.is_initialized():
+        device_ids = [placement.device] if placement.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return model
 
 
-def train(config: Config, name: str = "run", resume: bool = False, progress: bool = True) -> dict:
-    """Run (or continue) a training run; returns a summary. Raises UserError for anything the user can fix."""
-    from tqdm import tqdm
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module):
+    """The drafter's parameters as whole tensors on every rank inside the block (a collective under FSDP2,
+    which keeps them sharded between steps; nothing to do otherwise)."""
+    from torch.distributed.fsdp import FSDPModule
 
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def _state_dict_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Whole tensors keyed by parameter name: a checkpoint of any parallel layout resumes in any other.
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+@dataclass
+class Run:
+    """Everything a run holds, built once by ``build_run``; ``train_step``, ``evaluate_run``, ``export`` and
+    ``save_checkpoint`` act on it."""
+
+    config: Config
+    name: str
+    placement: Placement
+    dist: Dist
+    run_dir: Path
+    target: object  # training.target.TargetModel
+    fingerprint: str
+    data_dirs: list[str]
+    samples: list
+    train_indices: list[int]
+    heldout_indices: list[int]
+    data_key: str
+    drafter: torch.nn.Module
+    model: torch.nn.Module  # what a step calls: the unroll, under DDP or FSDP2 when distributed
+    capture: object  # OnlineCapture | OfflineCapture
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    order: BatchOrder
+    logger: Logger
+    start_step: int = 0
+    best: dict = field(default_factory=lambda: {"step": None, "expected_acceptance_length": -1.0})
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def _check_parallel(parallel: str) -> None:
+    if parallel == "fsdp" and "WORLD_SIZE" not in os.environ:
+        raise UserError("training.parallel=fsdp needs torchrun (e.g. torchrun --nproc_per_node N -m lk_vllm.cli "
+                        "train ...); without it there is one process and nothing to shard: use training.parallel=ddp")
+
+
+def build_run(config: Config, name: str = "run", resume: bool = False, progress: bool = True) -> Run:
+    """Check the config, join the process group, load data, target and drafter, wrap the drafter for the
+    parallel layout, and restore a checkpoint when resuming. Raises UserError for anything the user can fix,
+    before the slow parts where it can."""
     from lk_vllm.assets import lk_home, resolve_target, target_fingerprint
-    from lk_vllm.drafters import target_info
     from lk_vllm.targets import check_target
     from training import checkpoint as ckpt
     from training.capture import OfflineCapture, OnlineCapture, build_cache, cache_key
     from training.target import TargetModel
 
     t = config.training
-    export_dtype = getattr(torch, t.export_dtype)
     placement = resolve_placement(t.device, t.precision, t.tf32)  # a bad device fails here, before any loading
-    dist = init_distributed(placement.device, t.collective_timeout_minutes)
+    _check_parallel(t.parallel)
+    dist = init_distributed(placement.device, t.collective_timeout_minutes, always=t.parallel == "fsdp")
     if t.batch_size % (dist.world * t.grad_accumulation):
         raise UserError(f"training.batch_size={t.batch_size} must be a multiple of the {dist.world} rank(s) times "
                         f"training.grad_accumulation={t.grad_accumulation}")
     run_dir = Path(config.output or lk_home() / "runs" / name).expanduser().resolve()
-    checkpoints_dir = run_dir / "checkpoints"
-    latest = ckpt.latest_checkpoint(checkpoints_dir)
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if latest is not None and not resume:
         raise UserError(f"{run_dir} already holds checkpoints ({latest.name}); pass --resume to continue it "
                         "or choose another --output")
@@ -454,130 +527,206 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
              f"({truncated} truncated to {config.data.max_length} tokens, {dropped} without response tokens); "
              f"loss {config.loss.kind}" + (f" eta={config.loss.eta}" if config.loss.kind == "lambda" else "")
              + (f"; starting from {config.model.init_from}" if config.model.init_from else "")
-             + f"; {placement.describe()}; {dist.world} rank(s); run directory {run_dir}")
+             + f"; {placement.describe()}; {dist.world} rank(s)"
+             + (f", {t.parallel}" if dist.world > 1 or t.parallel == "fsdp" else "") + f"; run directory {run_dir}")
 
     if t.capture == "offline":
         cache_dir = lk_home() / "capture" / cache_key(fingerprint, data_dirs, aux_layer_ids,
                                                       config.data.max_length, t.cache_dtype)
+        # Every rank captures its share of the shards (the directory must be shared by the ranks).
+        manifest = build_cache(target, samples, aux_layer_ids, cache_dir, t.cache_dtype,
+                               batch_size=t.eval_batch_size, progress=progress and dist.main,
+                               rank=dist.rank, world=dist.world, barrier=dist.barrier)
         if dist.main:
-            manifest = build_cache(target, samples, aux_layer_ids, cache_dir, t.cache_dtype,
-                                   batch_size=t.eval_batch_size, progress=progress)
             _log(f"hidden-state cache {cache_dir}: {manifest['bytes'] / 1e6:.1f} MB for {manifest['tokens']} tokens")
-        dist.barrier()
         capture = OfflineCapture(target, cache_dir, aux_layer_ids)
     else:
         capture = OnlineCapture(target, aux_layer_ids)
 
-    optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=config.optimizer.lr,
-                                  betas=config.optimizer.betas, eps=config.optimizer.eps,
-                                  weight_decay=config.optimizer.weight_decay)
+    model = parallelize(drafter, t.parallel, placement)  # FSDP2 replaces the parameters: optimizer after it
     o = config.optimizer
+    optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                  weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, o.warmup_steps, t.max_steps, o.min_lr_ratio))
     start_step, best = 0, {"step": None, "expected_acceptance_length": -1.0}
     if state is not None:
-        drafter.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        if "format" not in state:
+            raise UserError(f"--resume: {latest} was written by an older lk-vllm (parameters not keyed by name); "
+                            "start a new run")
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=_state_dict_options())
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         start_step, best = state["step"], state["best"]
         if dist.main:
             _log(f"resuming {latest} at step {start_step}")
     elif resume and dist.main:
-        _log(f"--resume: no checkpoint in {checkpoints_dir}; starting from step 0")
-    model = _Unroll(drafter)
-    if dist.world > 1:
-        device_ids = [placement.device] if placement.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        _log(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
     if dist.main:
         write_atomic(run_dir / "config.json", json.dumps(config.model_dump(mode="json"), indent=1))
-    logger = Logger(run_dir, dist.main, start_step if state is not None else None)
+    return Run(config=config, name=name, placement=placement, dist=dist, run_dir=run_dir, target=target,
+               fingerprint=fingerprint, data_dirs=data_dirs, samples=samples, train_indices=train_indices,
+               heldout_indices=heldout_indices, data_key=data_key, drafter=drafter, model=model, capture=capture,
+               optimizer=optimizer, scheduler=scheduler, order=BatchOrder(train_indices, t.batch_size, t.seed),
+               logger=Logger(run_dir, dist.main, start_step if state is not None else None),
+               start_step=start_step, best=best)
 
-    def training_record(step: int, metrics: dict) -> dict:
-        return {"loss": config.loss.kind, "eta": config.loss.eta, "gamma": config.loss.gamma,
-                "num_steps": config.loss.num_steps, "steps": step, "batch_size": t.batch_size,
-                "optimizer": config.optimizer.model_dump(mode="json"), "recipe": name,
-                "data": {"dirs": data_dirs, "train_samples": len(train_indices),
-                         "heldout_samples": len(heldout_indices)},
-                "target_fingerprint": fingerprint, "heldout": metrics, "config": config.model_dump(mode="json")}
 
-    def run_eval(step: int) -> dict:
-        metrics = evaluate(drafter, capture, samples, heldout_indices, config.loss.num_steps, t.eval_batch_size)
-        if metrics:
-            logger.write({"step": step, "eval": metrics})
-            if metrics["expected_acceptance_length"] > best["expected_acceptance_length"]:
-                best.update(step=step, expected_acceptance_length=metrics["expected_acceptance_length"])
-                drafter.save_pretrained(run_dir / BEST_EXPORT, target=target_info(target),
-                                        training=training_record(step, metrics), dtype=export_dtype)
-        return metrics
+# ------------------------------------------------------------------------------------------ one step
+def micro_batch_loss(model, drafter, states, loss_mask: torch.Tensor, loss, placement) -> dict:
+    """One micro-batch's K-step loss, as the trainer computes it: ``model`` (the drafter, or its DDP/FSDP
+    wrapper) unrolls ``loss.num_steps`` steps under the placement's autocast, and the K steps read one shared
+    table of target logits. Returns ``multi_step_loss``'s dict."""
+    from lk_vllm.drafters import multi_step_loss
 
-    def save(step: int) -> None:
-        ckpt.save_checkpoint(checkpoints_dir, step, {
-            "model": drafter.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(), "step": step, "best": best,
-            "config": config.model_dump(mode="json"), "data_key": data_key}, keep=t.keep_checkpoints)
+    shared = SharedTargetLogits(states, loss_mask, drafter.draft_to_target)
+    with placement.autocast():
+        return multi_step_loss(model(shared, loss.num_steps), shared, kind=loss.kind, eta=loss.eta,
+                               draft_to_target=drafter.draft_to_target, loss_mask=loss_mask, gamma=loss.gamma,
+                               chunk_size=loss.chunk_size)
 
-    order = BatchOrder(train_indices, t.batch_size, t.seed)
-    bar = tqdm(total=t.max_steps, initial=start_step, desc="training", unit="step",
+
+def _all_reduce_sum(values: list[float], dist: Dist, device: torch.device) -> list[float]:
+    if dist.world == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)  # NCCL reduces device tensors only
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step on the global batch of ``step`` (this rank's share of each micro-batch); returns the
+    step's loss (mean over ranks), per-position alpha and lambda, gradient norm and token count."""
+    from training import checkpoint as ckpt
+
+    t, dist = run.config.training, run.dist
+    global_indices = run.order.global_batch(step)
+    run.drafter.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    chunk = t.batch_size // t.grad_accumulation
+    loss_value, micro_alphas, micro_lams = 0.0, [], []
+    for first in range(0, t.batch_size, chunk):  # micro-batches: each a mean, averaged over the step
+        batch = collate(run.samples, global_indices[first:first + chunk][dist.rank::dist.world])
+        batch = batch.to(run.placement.device)
+        out = micro_batch_loss(run.model, run.drafter, run.capture.states(batch), batch.loss_mask, run.config.loss,
+                               run.placement)
+        (out["loss"] / t.grad_accumulation).backward()
+        loss_value += float(out["loss"].detach()) / t.grad_accumulation / dist.world
+        micro_alphas.append(out["alpha"])
+        micro_lams.append(out["lam"])
+        del out
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.drafter.trainable_parameters(), run.config.optimizer.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP2: a DTensor
+    loss_value, = _all_reduce_sum([loss_value], dist, run.placement.device)
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        previous = ckpt.latest_checkpoint(run.checkpoints_dir)
+        kept = f"the last good checkpoint is {previous}" if previous else "no checkpoint was written yet"
+        raise UserError(f"the loss is not finite at step {step + 1} (loss {loss_value}, gradient norm "
+                        f"{grad_norm}); training stopped, {kept}")
+    run.optimizer.step()
+    run.scheduler.step()
+    return {"loss": loss_value, "alpha": [sum(c) / len(c) for c in zip(*micro_alphas, strict=True)],
+            "lam": [sum(c) / len(c) for c in zip(*micro_lams, strict=True)], "grad_norm": grad_norm,
+            "tokens": sum(len(run.samples[i].input_ids) for i in global_indices)}
+
+
+# ------------------------------------------------------------------------------------------ evaluate, export, save
+def evaluate_run(run: Run, step: int) -> dict:
+    """Held-out metrics at ``step`` on every rank (each evaluates its share); a new best is exported."""
+    with full_weights(run.model):
+        metrics = evaluate(run.drafter, run.capture, run.samples, run.heldout_indices, run.config.loss.num_steps,
+                           run.config.training.eval_batch_size, run.dist)
+    if metrics:
+        run.logger.write({"step": step, "eval": metrics})
+        if metrics["expected_acceptance_length"] > run.best["expected_acceptance_length"]:  # alike on every rank
+            run.best.update(step=step, expected_acceptance_length=metrics["expected_acceptance_length"])
+            export(run, BEST_EXPORT, step, metrics)
+    return metrics
+
+
+def export(run: Run, directory: str, step: int, metrics: dict) -> None:
+    """Write ``RUN/<directory>`` (vLLM's format) from rank 0. Every rank calls it: under FSDP2 the ranks first
+    gather the whole weights (a collective)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    from lk_vllm.drafters import target_info
+
+    weights = None
+    if isinstance(run.model, FSDPModule):
+        gathered = get_model_state_dict(run.model, options=_state_dict_options(cpu_offload=True))
+        weights = {name.removeprefix("drafter."): tensor for name, tensor in gathered.items()}
+    if not run.dist.main:
+        return
+    config, t = run.config, run.config.training
+    record = {"loss": config.loss.kind, "eta": config.loss.eta, "gamma": config.loss.gamma,
+              "num_steps": config.loss.num_steps, "steps": step, "batch_size": t.batch_size,
+              "optimizer": config.optimizer.model_dump(mode="json"), "recipe": run.name,
+              "data": {"dirs": run.data_dirs, "train_samples": len(run.train_indices),
+                       "heldout_samples": len(run.heldout_indices)},
+              "target_fingerprint": run.fingerprint, "heldout": metrics, "config": config.model_dump(mode="json")}
+    run.drafter.save_pretrained(run.run_dir / directory, target=target_info(run.target), training=record,
+                                dtype=getattr(torch, t.export_dtype), state_dict=weights)
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """``RUN/checkpoints/step-N``: every rank hands in its shard (a collective), rank 0 writes whole tensors."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from training import checkpoint as ckpt
+
+    model_state, optimizer_state = get_state_dict(run.model, run.optimizer, options=_state_dict_options(
+        cpu_offload=True))
+    if run.dist.main:
+        ckpt.save_checkpoint(run.checkpoints_dir, step, {
+            "format": ckpt.FORMAT, "model": model_state, "optimizer": optimizer_state,
+            "scheduler": run.scheduler.state_dict(), "rng": ckpt.rng_state(), "step": step, "best": run.best,
+            "config": run.config.model_dump(mode="json"), "data_key": run.data_key},
+            keep=run.config.training.keep_checkpoints)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def train(config: Config, name: str = "run", resume: bool = False, progress: bool = True) -> dict:
+    """Run (or continue) a training run; returns a summary. Raises UserError for anything the user can fix."""
+    from tqdm import tqdm
+
+    run = build_run(config, name, resume, progress)
+    t, dist = config.training, run.dist
+    bar = tqdm(total=t.max_steps, initial=run.start_step, desc="training", unit="step",
                disable=not (progress and dist.main))
     tokens_seen, clock, metrics = 0, time.time(), {}
-    step = start_step
-    for step in range(start_step, t.max_steps):
-        global_indices = order.global_batch(step)
-        drafter.train()
-        optimizer.zero_grad(set_to_none=True)
-        chunk = t.batch_size // t.grad_accumulation
-        loss_value, micro_alphas, micro_lams = 0.0, [], []
-        for first in range(0, t.batch_size, chunk):  # micro-batches: each a mean, averaged over the step
-            batch = collate(samples, global_indices[first:first + chunk][dist.rank::dist.world]).to(placement.device)
-            out = micro_batch_loss(model, drafter, capture.states(batch), batch.loss_mask, config.loss, placement)
-            (out["loss"] / t.grad_accumulation).backward()
-            loss_value += float(out["loss"].detach()) / t.grad_accumulation / dist.world
-            micro_alphas.append(out["alpha"])
-            micro_lams.append(out["lam"])
-            del out
-        alphas = [sum(column) / len(column) for column in zip(*micro_alphas, strict=True)]
-        lams = [sum(column) / len(column) for column in zip(*micro_lams, strict=True)]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(drafter.trainable_parameters(), o.grad_clip))
-        loss_value, = _all_reduce_sum([loss_value], dist, placement.device)
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            previous = ckpt.latest_checkpoint(checkpoints_dir)
-            kept = f"the last good checkpoint is {previous}" if previous else "no checkpoint was written yet"
-            raise UserError(f"the loss is not finite at step {step + 1} (loss {loss_value}, gradient norm "
-                            f"{grad_norm}); training stopped, {kept}")
-        optimizer.step()
-        scheduler.step()
-        step_tokens = sum(len(samples[i].input_ids) for i in global_indices)
-        tokens_seen += step_tokens
+    for step in range(run.start_step, t.max_steps):
+        result = train_step(run, step)
         done = step + 1
+        tokens_seen += result["tokens"]
         tokens_per_s = tokens_seen / max(time.time() - clock, 1e-9)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", alpha=f"{alphas[0]:.3f}", tok_s=f"{tokens_per_s:.0f}")
+        bar.set_postfix(loss=f"{result['loss']:.4f}", alpha=f"{result['alpha'][0]:.3f}", tok_s=f"{tokens_per_s:.0f}")
         if done % t.log_every == 0 or done == t.max_steps:
-            logger.write({"step": done, "loss": loss_value, "alpha": alphas, "lam": lams,
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": step_tokens,
-                          "tokens_per_s": round(tokens_per_s, 1), "time": round(time.time(), 3)})
-        if dist.main and (done % t.eval_every == 0 or done == t.max_steps):
-            metrics = run_eval(done)
-            if metrics:
+            run.logger.write({"step": done, **result, "lr": run.scheduler.get_last_lr()[0],
+                              "tokens_per_s": round(tokens_per_s, 1), "time": round(time.time(), 3)})
+        if done % t.eval_every == 0 or done == t.max_steps:
+            metrics = evaluate_run(run, done)
+            if metrics and dist.main:
                 bar.write(f"step {done}: held-out expected acceptance length "
                           f"{metrics['expected_acceptance_length']:.4f}, alpha {metrics['per_position_alpha']}")
-        if dist.main and (done % t.checkpoint_every == 0 or done == t.max_steps):
-            save(done)
-        if done % t.eval_every == 0 or done % t.checkpoint_every == 0:
-            dist.barrier()  # the other ranks wait for rank 0's evaluation / checkpoint
+        if done % t.checkpoint_every == 0 or done == t.max_steps:
+            save_checkpoint(run, done)
     bar.close()
 
-    summary = {"run_dir": str(run_dir), "steps": t.max_steps, "best": best,
-               "capture_cache": str(capture.directory) if t.capture == "offline" else None}
+    if not metrics and run.heldout_indices:  # resumed at the end: nothing was evaluated in this process
+        metrics = evaluate_run(run, t.max_steps)
+    export(run, FINAL_EXPORT, t.max_steps, metrics)
+    summary = {"run_dir": str(run.run_dir), "steps": t.max_steps, "best": run.best,
+               "capture_cache": str(run.capture.directory) if t.capture == "offline" else None}
     if dist.main:
-        if not metrics:  # resumed at the end, or nothing to evaluate
-            metrics = run_eval(t.max_steps) if heldout_indices else {}
-        drafter.save_pretrained(run_dir / FINAL_EXPORT, target=target_info(target),
-                                training=training_record(t.max_steps, metrics), dtype=export_dtype)
         summary.update(final=metrics, tokens_per_s=round(tokens_seen / max(time.time() - clock, 1e-9), 1))
-        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
-        logger.close()
+        write_atomic(run.run_dir / "summary.json", json.dumps(summary, indent=1))
+        run.logger.close()
+    dist.barrier()  # every rank leaves with the exports written
     return summary
 
 
@@ -632,7 +781,6 @@ def run(args) -> int:
         return 0
     if args.dry_run:
         from lk_vllm.assets import resolve_target
-        from training.device import resolve_placement
         from training.memory import estimate_memory
 
         t = config.training

@@ -166,8 +166,8 @@ class Drafter(nn.Module):
         """The config.json vLLM reads."""
         raise NotImplementedError
 
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors to write to model.safetensors, with vLLM's names."""
+    def export_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Tensors to write to model.safetensors, with vLLM's names, from ``state`` (default: ``state_dict()``)."""
         raise NotImplementedError
 
     def validate(self, target_info: dict[str, Any], state: dict[str, torch.Tensor], config: dict) -> None:
@@ -181,17 +181,21 @@ class Drafter(nn.Module):
         training: dict[str, Any] | None = None,
         export_format: str | None = None,
         dtype: torch.dtype = torch.float32,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Validate, then atomically write ``config.json``, ``model.safetensors`` and ``lk_training.json``.
 
         ``target``: ``target_info(...)`` of the target this drafter was trained for. ``training``: what the
         trainer wants recorded (loss kind, eta, steps, data, expected acceptance length per position, ...).
+        ``state_dict``: the weights to write when the module does not hold them whole (FSDP2 shards them; the
+        trainer gathers them first); default: the module's own.
         """
         d2t = self.draft_to_target
         if d2t is not None:  # first: building the export tensors indexes with it
             validate_draft_to_target(d2t, self.draft_vocab_size, int(target.get("vocab_size", -1)), "export")
         config = self.config_dict(export_format, target)
-        state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in self.export_state_dict().items()}
+        state = self.export_state_dict(state_dict)
+        state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
         state = {
             name: (tensor.to(dtype) if tensor.is_floating_point() else tensor) for name, tensor in state.items()
         }

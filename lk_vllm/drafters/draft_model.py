@@ -116,8 +116,12 @@ class DraftLM(Drafter):
         config["torch_dtype"] = "float32"
         return config
 
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        state = dict(self.model.state_dict())
+    def export_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        if state is None:
+            state = self.model.state_dict()
+        else:  # the drafter's names: the HF model sits under "model."
+            state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        state = dict(state)
         if getattr(self.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied: vLLM (and HF) take it from the embeddings
         return state

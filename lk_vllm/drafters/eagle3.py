@@ -433,8 +433,9 @@ class Eagle3Drafter(Drafter):
             return speculators_config(self._layer_config(), extras, aux, target_path=target.get("path", ""))
         raise UserError(f"EAGLE-3 export format {export_format!r} is unknown; use 'eagle3' or 'speculators'")
 
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        state = {k: v for k, v in self.state_dict().items() if not k.startswith("rotary.") and k != "draft_ids"}
+    def export_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        state = self.state_dict() if state is None else state
+        state = {k: v for k, v in state.items() if not k.startswith("rotary.") and k != "draft_ids"}
         if self.draft_ids is not None:
             state["d2t"] = to_d2t(self.draft_ids)  # vLLM's offset form: target = draft + d2t[draft]
             state["t2d"] = to_t2d(self.draft_ids, self.vocab_size)

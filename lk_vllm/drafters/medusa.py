@@ -160,8 +160,9 @@ class MedusaDrafter(Drafter):
             "logit_scale": self.logit_scale,
         }
 
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        state = {k: v for k, v in self.state_dict().items() if k != "token_map"}
+    def export_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        state = self.state_dict() if state is None else state
+        state = {k: v for k, v in state.items() if k != "token_map"}
         if self.token_map is not None:
             state["token_map"] = self.token_map
         return state

@@ -156,9 +156,10 @@ class MLPSpeculatorDrafter(Drafter):
             "scale_input": self.scale_input,
         }
 
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
+    def export_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        state = self.state_dict() if state is None else state
         # Tied modules appear under every stage's name; safetensors needs separate storage for each.
-        return {name: tensor.clone() for name, tensor in self.state_dict(keep_vars=False).items()}
+        return {name: tensor.clone() for name, tensor in state.items()}
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, target=None) -> MLPSpeculatorDrafter:
