@@ -43,13 +43,15 @@ def test_required_recipes_exist():
         "llama31-8b-eagle3",
         "llama31-8b-medusa",
         "llama31-8b-mlp",
+        "llama33-70b-eagle3",
     }
     assert required <= set(recipe_names())
 
 
 @pytest.mark.parametrize("name,architecture,eta", [("llama31-8b-eagle3", "eagle3", 3.0),
                                                     ("llama31-8b-medusa", "medusa", 10.0),
-                                                    ("llama31-8b-mlp", "mlp_speculator", 3.0)])
+                                                    ("llama31-8b-mlp", "mlp_speculator", 3.0),
+                                                    ("llama33-70b-eagle3", "eagle3", 3.0)])
 def test_llama_recipes_have_the_paper_hyper_parameters(name, architecture, eta):
     config, _ = load_config(recipe=name)
     assert (config.model.architecture, config.loss.kind, config.loss.eta, config.loss.num_steps,

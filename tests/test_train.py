@@ -322,6 +322,34 @@ def test_ddp_and_fsdp_on_two_gloo_ranks_match_one_process(tiny, tmp_path):
     _assert_same_weights(_weights(tmp_path / "single"), _weights(tmp_path / "from-fsdp"), atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_target_sharded_over_two_ranks_trains_like_one_process(tiny, tmp_path):
+    # 5 held-out samples one at a time: rank 1 has one evaluation batch fewer and must idle through it.
+    path = _config_file(tiny, tmp_path, **{"training.max_steps": 3, "training.eval_every": 3,
+                                           "training.checkpoint_every": 3, "data.heldout": 5,
+                                           "training.eval_batch_size": 1})
+    env = {**os.environ, "LK_VLLM_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    single = _run_cli(path, "--output", str(tmp_path / "single"), env=env)
+    assert single.wait() == 0, single.stdout.read()
+    expected = json.loads((tmp_path / "single" / "summary.json").read_text())["final"]
+    sharded = ["--set", "training.parallel=fsdp", "--set", "training.shard_target=true"]
+    # Offline, the whole data set is one cache shard: rank 1 has nothing to capture and idles through rank 0's.
+    offline = ["--set", "training.capture=offline", "--set", "training.cache_dtype=float32"]
+    for name, extra in (("online", []), ("offline", offline)):
+        result = _torchrun(path, tmp_path / name, *sharded, *extra, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "2 rank(s), fsdp; target layers sharded" in result.stderr
+        _assert_same_weights(_weights(tmp_path / "single"), _weights(tmp_path / name), atol=1e-5)
+        final = json.loads((tmp_path / name / "summary.json").read_text())["final"]
+        assert final["positions"] == expected["positions"]
+        assert final["per_position_alpha"] == pytest.approx(expected["per_position_alpha"], abs=1e-5)
+
+
+def test_shard_target_needs_fsdp(tiny, tmp_path):
+    with pytest.raises(UserError, match="training.shard_target .* needs training.parallel=fsdp"):
+        _config(tiny, tmp_path / "run", **{"training.shard_target": True})
+
+
 def test_fsdp_without_torchrun_fails_before_loading_anything(tiny, tmp_path, monkeypatch):
     import training.target
 
@@ -591,6 +619,29 @@ def test_dry_run_sizes_an_8b_recipe_from_its_config_alone(tmp_path, capsys, monk
         return float(next(line for line in text.splitlines() if "drafter" in line and "GB" in line).split()[-2])
 
     assert drafter_gb(sharded) == pytest.approx(drafter_gb(out) * 10 / 16, abs=0.02), sharded
+
+
+def test_dry_run_fits_the_70b_recipe_on_80_gb_gpus(tmp_path, capsys, monkeypatch):
+    import json
+
+    from lk_vllm.cli import main
+
+    target = tmp_path / "llama-3.3-70b"  # config.json only
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "tie_word_embeddings": False}))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert main(["train", "--recipe", "llama33-70b-eagle3", "--target", str(target), "--dry-run",
+                 "--set", "training.device=cpu", "--set", "training.precision=bf16"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("  ")[1].strip(): float(line.split()[-2]) for line in out.splitlines()[1:]}
+    # 70.6B bf16 parameters: 80 layers of 0.856B sharded 8 ways plus one whole, embeddings and lm_head whole.
+    target_gb = next(size for name, size in lines.items() if name.startswith("target weights"))
+    assert 20 < target_gb < 26, out
+    assert 60 < lines["total"] < 80, out  # an 80 GB GPU, as the recipe says
 
 
 def test_a_run_that_cannot_fit_the_gpu_is_refused_in_one_line(tiny, tmp_path, monkeypatch):

@@ -93,6 +93,10 @@ class OnlineCapture:
         """The target's states for ``batch`` (already on ``device``)."""
         return self.target(batch.input_ids, batch.attention_mask, aux_layer_ids=self.aux_layer_ids)
 
+    def idle(self) -> None:
+        """Keep step with the other ranks' ``states`` calls when this one has no batch (a sharded target)."""
+        self.target.idle()
+
 
 def cache_key(target_fingerprint: str, data_dirs: list[str], aux_layer_ids, max_length: int, dtype: str) -> str:
     manifests = []
@@ -254,6 +258,7 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
     bar = tqdm(total=sum(sum(lengths[shard]) for shard in mine), unit="tok", desc="capturing hidden states",
                disable=not (progress and rank == 0))
     started, captured = time.time(), 0
+    todo = []
     for shard in mine:
         path = shard_path(directory, shard)
         if path.is_file():
@@ -262,6 +267,12 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
                 bar.update(sum(lengths[shard]))
                 continue
             _log(f"hidden-state cache {path}: {reason}; capturing it again")
+        todo.append(shard)
+    forwards = sum(-(-len(shards[shard]) // batch_size) for shard in todo)
+    # A target sharded over the ranks runs only when every rank runs it: the ranks with fewer batches idle.
+    idle = _most_over_ranks(forwards) - forwards if getattr(target, "sharded", False) else 0
+    for shard in todo:
+        path = shard_path(directory, shard)
         for tokens in _write_shard(target, samples, shards[shard], aux_layer_ids, path, dtype, batch_size):
             captured += tokens
             bar.update(tokens)
@@ -271,6 +282,8 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
             overflow = "non-finite" in reason and dtype == "float16"
             hint = "; float16 overflows where the target's bfloat16 does not: training.cache_dtype=bfloat16" if overflow else ""
             raise UserError(f"hidden-state cache {path}: the shard just written fails its check: {reason}{hint}")
+    for _ in range(idle):
+        target.idle()
     bar.close()
     wait()
 
@@ -301,6 +314,18 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
     if manifest is None:
         raise UserError(f"hidden-state cache {directory}: rank 0 found the cache incomplete (its error says why)")
     return manifest
+
+
+def _most_over_ranks(value: int) -> int:
+    """The largest ``value`` over the process group's ranks (a collective)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
+    tensor = torch.tensor([value], dtype=torch.int64, device=backend_device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def _write_shard(target, samples, members: list[int], aux_layer_ids, path: Path, dtype: str, batch_size: int):
@@ -372,6 +397,9 @@ class OfflineCapture:
     @property
     def device(self) -> torch.device:
         return self.target.device
+
+    def idle(self) -> None:
+        """Nothing to keep step with: reading the cache involves no other rank."""
 
     def _rows(self, index: int, name: str) -> torch.Tensor:
         shard, local = divmod(index, self.shard_size)

@@ -103,6 +103,9 @@ class TrainingSection(_Section):
     # Under torchrun: ddp replicates the drafter and its optimizer state on every rank; fsdp (FSDP2) shards both
     # over the ranks between steps (for drafters whose AdamW state does not fit one device next to the target).
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp only: shard the target's decoder layers over the ranks too (a target that does not fit one device);
+    # every rank still runs the whole target on its own batch, gathering one layer at a time.
+    shard_target: bool = False
     eval_batch_size: int = Field(default=8, ge=1)
 
 
@@ -118,6 +121,8 @@ class Config(_Section):
     def _consistent(self) -> Config:
         if self.model.architecture == "draft_model" and isinstance(self.model.draft_vocab_size, int):
             raise ValueError("model.draft_vocab_size: a draft_model shares the target's vocabulary; leave it unset")
+        if self.training.shard_target and self.training.parallel != "fsdp":
+            raise ValueError("training.shard_target shards the target with FSDP2: it needs training.parallel=fsdp")
         if self.model.draft_vocab_size == "auto" and self.model.architecture not in DRAFT_VOCAB_ARCHITECTURES:
             self.model.draft_vocab_size = None  # the others have no draft vocabulary to choose
         return self
@@ -127,7 +132,8 @@ class Config(_Section):
 RESUMABLE_CHANGES = {"output", "training.log_every", "training.eval_every", "training.checkpoint_every",
                      "training.keep_checkpoints", "training.eval_batch_size", "training.capture",
                      "training.cache_dtype", "training.export_dtype", "training.device", "training.tf32",
-                     "training.collective_timeout_minutes", "training.parallel"}
+                     "training.collective_timeout_minutes", "training.parallel",
+                     "training.shard_target"}
 
 
 def recipe_names() -> list[str]:

@@ -6,7 +6,8 @@ grad_accumulation`` sequences of ``data.max_length`` tokens (an upper bound: sho
 
 * drafter weights, gradients and AdamW moments: 16 bytes per trainable parameter (fp32 master weights); under
   ``training.parallel: fsdp`` 16/N of them stay sharded and a step holds whole weights and gradients (8 bytes);
-* the frozen target: its parameters in the training dtype (bf16 on GPU, fp32 on CPU);
+* the frozen target: its parameters in the training dtype (bf16 on GPU, fp32 on CPU); with
+  ``training.shard_target`` 1/N of its decoder layers plus one whole layer (the one a forward has gathered);
 * the batch's target states (final hidden state and the auxiliary layers) and its target-logit table
   (one row per position, shared by the K draft positions; offline, only the draft vocabulary's columns);
 * per draft position, the draft logits the loss keeps for backward (plus one gradient at a time);
@@ -107,9 +108,17 @@ def estimate_memory(config, target_path: str, device_type: str, world: int = 1) 
                         int((8 + 16 / max(1, world)) * trainable)}
     else:
         drafter_part = {"drafter weights + grads + AdamW (fp32)": 16 * trainable}
+    target_bytes = 2 if low else 4
+    if t.shard_target:  # 1/N of the decoder layers, one layer gathered in a forward, the rest whole
+        layer_params = sum(p.numel() for p in target.model.get_decoder().layers.parameters())
+        target_part = {f"target weights ({'bf16' if low else 'fp32'}; layers 1/{world} + one whole)": int(
+            (target_params - layer_params + layer_params / max(1, world) + layer_params / int(tc.num_hidden_layers))
+            * target_bytes)}
+    else:
+        target_part = {f"target weights ({'bf16' if low else 'fp32'})": target_params * target_bytes}
     parts = {
         **drafter_part,
-        f"target weights ({'bf16' if low else 'fp32'})": target_params * (2 if low else 4),
+        **target_part,
         "target states of a micro-batch": tokens * hidden * (1 + aux) * act,
         # Offline, a drafter with its own vocabulary needs the draft ids' columns only (the cache holds the
         # normaliser); online the full rows are computed for it.

@@ -87,7 +87,7 @@ class TargetModel:
     on ``device`` (default: the CPU)."""
 
     def __init__(self, path: str, dtype: torch.dtype = torch.float32, model=None, device=None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, shard_layers: bool = False):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.path = str(path)
@@ -99,9 +99,6 @@ class TargetModel:
                 raise UserError(f"target {self.path}: cannot read its config.json ({exc})") from exc
             model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype)
         self.model = model.eval()
-        if device is not None:
-            self.model.to(device)
-        self.device = next(self.model.parameters()).device
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.config = self.model.config
@@ -110,6 +107,41 @@ class TargetModel:
         self.vocab_size = int(self.config.vocab_size)
         self._decoder = self.model.get_decoder()
         self._tokenizer = None
+        self.sharded = shard_layers
+        if shard_layers:
+            self._shard_layers(device)
+        elif device is not None:
+            self.model.to(device)
+        self.device = self.embed_weight.device
+
+    def _shard_layers(self, device) -> None:
+        """FSDP2 over the process group: every rank keeps 1/N of each decoder layer and a forward gathers one
+        layer at a time, so a target larger than one device runs on N of them. Everything else (embeddings,
+        final norm, lm_head: what the loss reads outside a forward) stays whole on every rank. Every rank
+        must then run the same number of forwards (``idle``)."""
+        from torch.distributed.fsdp import fully_shard
+
+        whole = [child for name, child in self._decoder.named_children() if name != "layers"]
+        whole.append(self.model.get_output_embeddings())
+        for module in whole:
+            if device is not None:
+                module.to(device)
+        for layer in self._decoder.layers:
+            fully_shard(layer, reshard_after_forward=True)  # moves it to the mesh's device, then shards it
+        # The root orders the layers' gathers; its own parameters are the whole ones.
+        fully_shard(self._decoder, ignored_params={p for module in whole for p in module.parameters()})
+
+    def layers_sharded(self) -> bool:
+        """Whether the decoder layers' weights are FSDP2 shards (what the run log reports)."""
+        from torch.distributed.tensor import DTensor
+
+        return isinstance(next(self._decoder.layers.parameters()), DTensor)
+
+    def idle(self) -> None:
+        """A forward that is thrown away: a rank with no batch left keeps step with the ranks that have one
+        (the sharded layers' gathers are collectives). Nothing to do when the layers are not sharded."""
+        if self.sharded:
+            self.forward(torch.zeros(1, 1, dtype=torch.long, device=self.device))
 
     # -------------------------------------------------------------------------------- properties
     @property

@@ -289,7 +289,11 @@ def evaluate(drafter, capture, samples, indices: list[int], num_steps: int, batc
     d2t = drafter.draft_to_target
     alpha_sum, kl_sum, top1, count = ([0.0] * num_steps for _ in range(4))
     mine = indices[dist.rank::dist.world]
-    for start in range(0, len(mine), batch_size):
+    most = -(-len(indices) // dist.world)  # rank 0's share: the most any rank has
+    for start in range(0, most, batch_size):
+        if start >= len(mine):  # nothing left here; a sharded target still needs this rank's forward
+            capture.idle()
+            continue
         batch = collate(samples, mine[start:start + batch_size]).to(capture.device)
         states = capture.states(batch)
         for k, step in enumerate(drafter.training_steps(states, num_steps)):
@@ -516,7 +520,7 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
         raise UserError(f"--resume: the data in {', '.join(data_dirs)} differs from the data {latest} was "
                         "trained on (its manifest changed); resume with the original data or start a new run")
     target = TargetModel(target_path, dtype=placement.target_dtype, device=placement.device,
-                         chat_template=config.data.chat_template)
+                         chat_template=config.data.chat_template, shard_layers=t.shard_target)
     drafter = make_drafter(config, target, samples, train_indices).to(placement.device)
     aux_layer_ids = drafter.aux_layer_ids_needed()
     num_params = sum(p.numel() for p in drafter.trainable_parameters())
@@ -528,7 +532,8 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
              f"loss {config.loss.kind}" + (f" eta={config.loss.eta}" if config.loss.kind == "lambda" else "")
              + (f"; starting from {config.model.init_from}" if config.model.init_from else "")
              + f"; {placement.describe()}; {dist.world} rank(s)"
-             + (f", {t.parallel}" if dist.world > 1 or t.parallel == "fsdp" else "") + f"; run directory {run_dir}")
+             + (f", {t.parallel}" if dist.world > 1 or t.parallel == "fsdp" else "")
+             + ("; target layers sharded" if target.layers_sharded() else "") + f"; run directory {run_dir}")
 
     if t.capture == "offline":
         cache_dir = lk_home() / "capture" / cache_key(fingerprint, data_dirs, aux_layer_ids,
