@@ -587,22 +587,29 @@ def test_dry_run_counts_the_real_drafters_parameters(tiny, tmp_path, architectur
         assert longer.parts[name] == size if name in fixed else longer.parts[name] >= 2 * size, name
 
 
-def test_dry_run_sizes_an_8b_recipe_from_its_config_alone(tmp_path, capsys, monkeypatch):
-    import json
+def _llama_config_only(directory: Path, hidden: int, intermediate: int, layers: int, heads: int) -> str:
+    """A Llama target directory with config.json only: no weights, nothing downloaded."""
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "tie_word_embeddings": False}))
+    return str(directory)
 
+
+def _dry_run(capsys, recipe: str, target: str, *extra) -> str:
     from lk_vllm.cli import main
 
-    target = tmp_path / "llama-3.1-8b"  # config.json only: no weights, nothing downloaded
-    target.mkdir()
-    (target / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "tie_word_embeddings": False}))
+    assert main(["train", "--recipe", recipe, "--target", target, "--dry-run", "--set", "training.device=cpu",
+                 "--set", "training.precision=bf16", *extra]) == 0
+    return capsys.readouterr().out
+
+
+def test_dry_run_sizes_an_8b_recipe_from_its_config_alone(tmp_path, capsys, monkeypatch):
+    target = _llama_config_only(tmp_path / "llama-3.1-8b", 4096, 14336, 32, 32)
     monkeypatch.setenv("WORLD_SIZE", "8")
-    assert main(["train", "--recipe", "llama31-8b-eagle3", "--target", str(target), "--dry-run",
-                 "--set", "training.device=cpu", "--set", "training.precision=bf16"]) == 0
-    out = capsys.readouterr().out
+    out = _dry_run(capsys, "llama31-8b-eagle3", target)
     trainable = float(out.split(" drafter, ")[1].split("M trainable")[0])
     # fc 3H x H, one layer over 2H inputs (q, k, v, o, MLP) and a 32,000-row head: ~0.45B parameters.
     assert 400 < trainable < 500, out
@@ -610,10 +617,7 @@ def test_dry_run_sizes_an_8b_recipe_from_its_config_alone(tmp_path, capsys, monk
     total = float(out.splitlines()[-1].split()[1])
     assert 40 < total < 80, out  # 16 GB of bf16 target weights, 7 GB of drafter state, the rest per token: an 80 GB GPU
     # FSDP2 on 8 ranks: whole weights and grads in a step (8 bytes a parameter) + 1/8 of 16 bytes, not 16.
-    assert main(["train", "--recipe", "llama31-8b-eagle3", "--target", str(target), "--dry-run",
-                 "--set", "training.device=cpu", "--set", "training.precision=bf16",
-                 "--set", "training.parallel=fsdp"]) == 0
-    sharded = capsys.readouterr().out
+    sharded = _dry_run(capsys, "llama31-8b-eagle3", target, "--set", "training.parallel=fsdp")
 
     def drafter_gb(text):
         return float(next(line for line in text.splitlines() if "drafter" in line and "GB" in line).split()[-2])
@@ -622,21 +626,9 @@ def test_dry_run_sizes_an_8b_recipe_from_its_config_alone(tmp_path, capsys, monk
 
 
 def test_dry_run_fits_the_70b_recipe_on_80_gb_gpus(tmp_path, capsys, monkeypatch):
-    import json
-
-    from lk_vllm.cli import main
-
-    target = tmp_path / "llama-3.3-70b"  # config.json only
-    target.mkdir()
-    (target / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
-        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
-        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "tie_word_embeddings": False}))
+    target = _llama_config_only(tmp_path / "llama-3.3-70b", 8192, 28672, 80, 64)
     monkeypatch.setenv("WORLD_SIZE", "8")
-    assert main(["train", "--recipe", "llama33-70b-eagle3", "--target", str(target), "--dry-run",
-                 "--set", "training.device=cpu", "--set", "training.precision=bf16"]) == 0
-    out = capsys.readouterr().out
+    out = _dry_run(capsys, "llama33-70b-eagle3", target)
     lines = {line.split("  ")[1].strip(): float(line.split()[-2]) for line in out.splitlines()[1:]}
     # 70.6B bf16 parameters: 80 layers of 0.856B sharded 8 ways plus one whole, embeddings and lm_head whole.
     target_gb = next(size for name, size in lines.items() if name.startswith("target weights"))
