@@ -37,7 +37,7 @@ def one_length(length: int, num_steps: int, limit_gb: float) -> dict:
     from benchmarks.bench_losses import _measure_allocated_peak
     from lk_vllm.assets import resolve_target
     from lk_vllm.drafters import create_drafter, multi_step_loss
-    from training.target import TargetModel, TargetStates
+    from lk_vllm.target_model import TargetModel, TargetStates
     from training.train import SharedTargetLogits
 
     target = TargetModel(resolve_target(None))
@@ -155,7 +155,7 @@ def main() -> int:
     if args.render:
         write_page(document)
         return 0
-    from serving.speedup import hardware_id
+    from lk_vllm.plugin.server.speedup import hardware_id
 
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:

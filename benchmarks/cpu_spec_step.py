@@ -118,7 +118,7 @@ def fresh_eagle3(target: str) -> str:
     from lk_vllm.assets import lk_home
     from lk_vllm.drafters import create_drafter
     from lk_vllm.drafters.base import target_info
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
 
     directory = lk_home() / "cache" / f"cpu-spec-step-eagle3-v{EAGLE3_DRAFT_VOCAB}"
     if not (directory / "config.json").is_file():
@@ -129,8 +129,8 @@ def fresh_eagle3(target: str) -> str:
 
 
 def speculative_config(engine: str, eagle3: str | None) -> dict | None:
-    from lk_vllm.demo import NGRAM_CONFIG
     from lk_vllm.drafters import speculative_config_for
+    from serving.demo import NGRAM_CONFIG
 
     if engine == "ngram":
         return dict(NGRAM_CONFIG)
@@ -431,7 +431,7 @@ def main() -> int:
         print(json.dumps(run_one(args)))
         return 0
     from lk_vllm.engine import vllm_version
-    from serving.speedup import hardware_id
+    from lk_vllm.plugin.server.speedup import hardware_id
 
     args.eagle3 = args.eagle3 or fresh_eagle3(args.target)
     layouts = args.layout or list(LAYOUTS)

@@ -157,7 +157,7 @@ def main() -> int:
         return 0
     from lk_vllm.assets import default_drafter_dir
     from lk_vllm.engine import vllm_version
-    from serving.speedup import hardware_id
+    from lk_vllm.plugin.server.speedup import hardware_id
 
     args.eagle3 = args.eagle3 or str(default_drafter_dir())
     with tempfile.TemporaryDirectory(prefix="pyspy-") as workdir:

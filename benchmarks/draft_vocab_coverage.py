@@ -36,10 +36,10 @@ def main() -> int:
     import torch
 
     from lk_vllm.assets import resolve_target, target_fingerprint
+    from lk_vllm.target_model import TargetModel
     from lk_vllm.vocab import build_draft_vocab
     from training.capture import collate
     from training.config import load_config
-    from training.target import TargetModel
     from training.train import Dist, ensure_data, load_run_samples, split_heldout
 
     config, _ = load_config(recipe=args.recipe, overrides={})

@@ -59,7 +59,7 @@ def main() -> int:
     if args.one:
         print(json.dumps(measure(args.one, args.tokens)))
         return 0
-    from serving.speedup import hardware_id
+    from lk_vllm.plugin.server.speedup import hardware_id
 
     rows = []
     for vocab_size in args.vocab or DEFAULT_VOCABS:

@@ -60,9 +60,9 @@ def main() -> int:
     from lk_vllm.assets import resolve_target
     from lk_vllm.atomic import write_atomic
     from lk_vllm.datasets import load_prompts
-    from lk_vllm.demo import NGRAM_CONFIG
     from lk_vllm.engine import vllm_version
-    from serving.speedup import hardware_id
+    from lk_vllm.plugin.server.speedup import hardware_id
+    from serving.demo import NGRAM_CONFIG
 
     target = resolve_target(None)
     prompts = [p.messages for p in load_prompts("mtbench", limit=args.limit)]

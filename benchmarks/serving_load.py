@@ -39,9 +39,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from lk_vllm.assets import resolve_target
+    from lk_vllm.plugin.server.speedup import hardware_id, installed_vllm_version
     from serving.client import complete, request_json
     from serving.launcher import start_server
-    from serving.speedup import hardware_id, installed_vllm_version
 
     target = resolve_target(args.target)
     # A fresh baseline covering the batch sizes this load reaches (the server reads the cached profile).

@@ -38,7 +38,7 @@ PHASES = ("target_table", "layer_forward", "head_forward", "loss_forward", "loss
 def synthetic_states(target, batch_size: int, seq_len: int, response_fraction: float, aux_layer_ids, seed: int):
     import torch
 
-    from training.target import TargetStates, position_ids_from_mask
+    from lk_vllm.target_model import TargetStates, position_ids_from_mask
 
     generator = torch.Generator().manual_seed(seed)
     hidden = target.hidden_size
@@ -179,9 +179,9 @@ def main() -> int:
     import torch
 
     from lk_vllm.assets import resolve_target
+    from lk_vllm.target_model import TargetModel
     from training.config import load_config
     from training.device import resolve_placement
-    from training.target import TargetModel
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -361,3 +361,49 @@ def heldout_rates(training: Mapping[str, Any], temperature: float, num_speculati
     if not isinstance(rates, list) or len(rates) < num_speculative_tokens:
         return None
     return [float(rate) for rate in rates[:num_speculative_tokens]]
+
+
+@dataclass
+class Counts:
+    """An evaluation's counters: vLLM's speculative-decoding counters (served, or the torch engine's greedy
+    replay), or at T>0 in torch the summed alpha per position; ``summary()`` is what ``lk-vllm eval`` reports."""
+
+    num_speculative_tokens: int
+    num_drafts: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    # For T>0 in torch: summed alpha and number of positions, per step.
+    alpha_sum: list[float] = field(default_factory=list)
+    alpha_count: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        k = self.num_speculative_tokens
+        self.accepted_per_position = list(self.accepted_per_position) or [0] * k
+        self.alpha_sum = list(self.alpha_sum) or [0.0] * k
+        self.alpha_count = list(self.alpha_count) or [0] * k
+
+    def add(self, other: Counts) -> None:
+        self.num_drafts += other.num_drafts
+        for k in range(self.num_speculative_tokens):
+            self.accepted_per_position[k] += other.accepted_per_position[k]
+            self.alpha_sum[k] += other.alpha_sum[k]
+            self.alpha_count[k] += other.alpha_count[k]
+
+    def summary(self) -> dict:
+        if any(self.alpha_count):
+            # Clamped: summing alpha * n and dividing can overshoot 1 by rounding.
+            alphas = [min(1.0, s / c) if c else 0.0 for s, c in zip(self.alpha_sum, self.alpha_count, strict=True)]
+            return {
+                "acceptance_length": expected_acceptance_length(alphas),
+                "per_position_alpha": alphas,
+                "per_position_acceptance": cumulative_acceptance(alphas),
+                "positions": int(self.alpha_count[0]),
+            }
+        accepted = int(sum(self.accepted_per_position))
+        return {
+            # None when nothing was drafted (e.g. every answer ended after one token).
+            "acceptance_length": mean_acceptance_length(accepted, self.num_drafts),
+            "per_position_acceptance": per_position_acceptance(self.accepted_per_position, self.num_drafts),
+            "num_drafts": self.num_drafts,
+            "num_draft_tokens": self.num_drafts * self.num_speculative_tokens,
+            "num_accepted_tokens": accepted,
+        }

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from lk_vllm.atomic import write_atomic
+from lk_vllm.env import HOME_ENV
 from lk_vllm.errors import UserError
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
@@ -54,7 +55,7 @@ class AssetError(UserError):
 
 def lk_home() -> Path:
     """The lk-vllm cache root: ``$LK_VLLM_HOME`` or ``~/.cache/lk-vllm``."""
-    return Path(os.environ.get("LK_VLLM_HOME") or Path.home() / ".cache" / "lk-vllm").expanduser()
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "lk-vllm").expanduser()
 
 
 def models_dir() -> Path:

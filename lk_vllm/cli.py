@@ -1,7 +1,8 @@
 """The ``lk-vllm`` command line: one program, one subcommand per step of the workflow.
 
-Each subcommand lives in the module that does the work; that module defines ``add_arguments(parser)`` and
-``run(args) -> int``. Modules are imported only when their command runs, so ``lk-vllm --help`` stays fast
+Each subcommand lives in the module that does the work (the applications ``training`` and ``serving``, or the
+library); that module defines ``add_arguments(parser)`` and ``run(args) -> int``. This table is the one place
+the library names the applications, by module path: nothing in ``lk_vllm`` imports them. Modules are imported only when their command runs, so ``lk-vllm --help`` stays fast
 (importing vLLM alone takes seconds).
 """
 
@@ -25,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("serving.calibrate", "measure the no-speculation baseline used for live speedup"),
     "send": ("serving.traffic", "replay dataset prompts against a running server; report per-request acceptance"),
     "bench": ("lk_vllm.bench", "benchmark drafters against no speculation through vLLM"),
-    "demo": ("lk_vllm.demo", "the whole workflow on the embedded default target, explained step by step"),
+    "demo": ("serving.demo", "the whole workflow on the embedded default target, explained step by step"),
 }
 
 

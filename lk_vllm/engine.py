@@ -31,12 +31,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lk_vllm.env import INPROCESS_WORKER_ENV
 from lk_vllm.errors import UserError
 
 SUPPORTED_VLLM_VERSION = "0.32.0"
 
 _BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
-INPROCESS_WORKER_ENV = "LK_VLLM_CPU_INPROCESS_WORKER"  # read by lk_vllm.plugin.patches in vLLM's processes
 _KV_BLOCK = 128  # tokens per KV-cache block that the capacity estimate rounds a request up to
 
 # Environment vLLM reads at import or engine start. Set only when the user has not set them.

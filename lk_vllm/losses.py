@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from lk_vllm.acceptance import expected_acceptance_length
+from lk_vllm.env import COMPILE_LOSS_ENV
 
 __all__ = [
     "KINDS",
@@ -525,7 +526,7 @@ class _Compiled:
 
     @staticmethod
     def enabled() -> bool:
-        return not _Compiled.failed and os.environ.get("LK_VLLM_COMPILE_LOSS", "1") != "0"
+        return not _Compiled.failed and os.environ.get(COMPILE_LOSS_ENV, "1") != "0"
 
     def __call__(self, *args):
         if self.enabled():

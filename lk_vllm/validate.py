@@ -21,7 +21,7 @@ exports, and refuses on an error):
 * ``dtype``: one float dtype vLLM can cast to the serving dtype, no NaN or infinite weight.
 
 The probe (``--probe``, on by default in this command): the drafter is served in vLLM on a few prompts at
-temperature 0 (``training.evaluate.evaluate_vllm``) and refused when its position-0 acceptance is below
+temperature 0 (``lk_vllm.bench.runner.evaluate_vllm``) and refused when its position-0 acceptance is below
 ``--min-acceptance`` or below ``--min-fraction-of-prediction`` of the trainer's own held-out prediction (the
 top-1 agreement at position 0 in ``lk_training.json``). The static checks cannot see a drafter trained on
 other layers than it claims, or on nothing at all; the probe can.
@@ -353,8 +353,8 @@ def run_probe(directory: Path, target: str, num_speculative_tokens: int, setting
     """Serve the drafter in vLLM on the first prompts of a dataset; its counters (``Counts.summary()``)."""
     from transformers import AutoTokenizer
 
+    from lk_vllm.bench.runner import evaluate_vllm
     from lk_vllm.datasets import chat_prompt_ids, load_prompts
-    from training.evaluate import evaluate_vllm
 
     prompts = load_prompts(settings.dataset, split="eval", limit=settings.prompts)
     tokenizer = AutoTokenizer.from_pretrained(target)

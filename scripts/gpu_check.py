@@ -91,7 +91,7 @@ def build_target(device: torch.device, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lk_vllm.assets import default_target_dir
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
 
     built = default_target_dir()
     if (built / "config.json").is_file():

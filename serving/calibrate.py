@@ -118,7 +118,7 @@ def _measure(settings: EngineSettings, batch_sizes: list[int], output_tokens: in
 
 def calibrate(settings: EngineSettings, batch_sizes: list[int], output_tokens: int):
     """Measure and cache a profile for ``settings`` (speculation is switched off here)."""
-    from serving.speedup import BaselineProfile, profile_key_for_settings, profile_path
+    from lk_vllm.plugin.server.speedup import BaselineProfile, profile_key_for_settings, profile_path
 
     settings = dataclasses.replace(settings, speculative_config=None)
     key = profile_key_for_settings(settings)
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     apply_engine_env()
     from lk_vllm.assets import resolve_target
     from lk_vllm.engine import check_cpu_settings, check_vllm_version
-    from serving.speedup import load_cached_profile, profile_key_for_settings, profile_path
+    from lk_vllm.plugin.server.speedup import load_cached_profile, profile_key_for_settings, profile_path
 
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     if args.output_tokens < 8:

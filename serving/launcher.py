@@ -10,7 +10,7 @@ names, with their settings in environment variables:
 
 * ``LK_VLLM_ADMIN_KEY`` (``--admin-key``), ``LK_VLLM_DRAFTERS_DIR`` (``--drafters-dir``),
   ``LK_VLLM_BASELINE_PROFILE`` (``--baseline-profile`` or the cached calibration), ``LK_VLLM_DRIFT`` (the drift
-  alarm's flags), ``LK_VLLM_CAPTURE`` (``--capture-low-acceptance`` and its flags, ``serving.capture``);
+  alarm's flags), ``LK_VLLM_CAPTURE`` (``--capture-low-acceptance`` and its flags, ``lk_vllm.plugin.server.capture``);
 * ``VLLM_API_KEY`` (``--api-key``): vLLM's own API-key check, kept out of the process list.
 
 Speculative sampling at temperature > 0 is configured to be faithful: drafters that are models sample their
@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lk_vllm.drafters import check_drafter_for_target, speculative_config_for, with_faithful_sampling
 from lk_vllm.engine import (
     EngineSettings,
     add_engine_arguments,
@@ -48,6 +49,7 @@ from lk_vllm.engine import (
     engine_arguments,
     settings_from_args,
 )
+from lk_vllm.env import ADMIN_KEY_ENV, BASELINE_PROFILE_ENV, CAPTURE_ENV, DRAFTERS_DIR_ENV, DRIFT_ENV
 from lk_vllm.errors import UserError, require_at_least
 
 DEFAULT_NUM_SPECULATIVE_TOKENS = 3
@@ -57,8 +59,6 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 def vllm_server_argv(settings: EngineSettings, listen: list[str], extra: list[str] | tuple[str, ...] = ()) -> list[str]:
     """vLLM's OpenAI server with these engine settings, listening where ``listen`` says."""
     return [sys.executable, "-m", VLLM_SERVER_MODULE, *settings.server_args(), *listen, *extra]
-# Speculative methods whose drafter has a distribution to sample from (see serving.drafter_info).
-PROBABILISTIC_METHODS = ("eagle", "eagle3", "draft_model", "mlp_speculator")  # MLP: lk_vllm.plugin.mlp_proposer
 # Methods whose drafters ``lk-vllm validate`` knows (lk_vllm.drafters); others (ngram, EAGLE-1, ...) go to vLLM unchecked.
 VALIDATED_METHODS = ("eagle3", "medusa", "mlp_speculator", "draft_model")
 
@@ -153,42 +153,6 @@ def parse_speculative_config(text: str) -> dict[str, Any]:
     return config
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def check_drafter_for_target(drafter: Path, target: str) -> None:
-    """One-line error if the drafter directory records (or implies) another target."""
-    from lk_vllm.drafters.base import target_mismatch
-
-    record = _read_json(drafter / "lk_training.json")
-    target_dir = Path(target)
-    target_config = _read_json(target_dir / "config.json") if target_dir.is_dir() else {}
-    drafter_config = _read_json(drafter / "config.json")
-    if drafter_config.get("model_type") == "mlp_speculator":  # before the fingerprint: names the mismatch
-        from lk_vllm.plugin.mlp_proposer import mlp_speculator_mismatches
-
-        problems = mlp_speculator_mismatches(drafter_config, target_config.get("hidden_size"),
-                                             target_config.get("vocab_size"))
-        if problems:
-            raise UserError(f"--drafter {drafter}: this MLP speculator does not fit the target {target}: "
-                            + "; ".join(problems))
-    mismatch = target_mismatch(record, target)
-    if mismatch:
-        recorded, actual = mismatch
-        where = (record.get("target") or {}).get("path", "?")
-        raise UserError(f"--drafter {drafter}: trained for target fingerprint {recorded} ({where}), "
-                        f"but the target {target} has {actual}")
-    vocab = target_config.get("vocab_size")
-    drafter_vocab = drafter_config.get("vocab_size") or (drafter_config.get("transformer_layer_config") or {}).get("vocab_size")
-    if vocab and drafter_vocab and vocab != drafter_vocab:
-        raise UserError(f"--drafter {drafter}: made for a vocabulary of {drafter_vocab} tokens, "
-                        f"but the target {target} has {vocab}")
-
-
 def speculative_config_from_args(args: argparse.Namespace, target: str) -> dict[str, Any] | None:
     """The speculative config to serve, with faithful sampling settings filled in, or None (no speculation).
     A drafter must pass ``lk-vllm validate``'s static checks (the first error refuses, before any engine starts)."""
@@ -203,7 +167,6 @@ def speculative_config_from_args(args: argparse.Namespace, target: str) -> dict[
         if not (drafter / "config.json").is_file():
             raise UserError(f"--drafter {args.drafter}: no config.json (expected a drafter checkpoint directory)")
         check_drafter_for_target(drafter, target)
-        from lk_vllm.drafters import speculative_config_for
 
         config = speculative_config_for(drafter, args.num_speculative_tokens or DEFAULT_NUM_SPECULATIVE_TOKENS)
         require_valid(drafter, target, config["num_speculative_tokens"], "--drafter")
@@ -222,18 +185,6 @@ def speculative_config_from_args(args: argparse.Namespace, target: str) -> dict[
     else:
         return None
     return with_faithful_sampling(config)
-
-
-def with_faithful_sampling(config: dict[str, Any]) -> dict[str, Any]:
-    """Standard rejection sampling always; probabilistic drafts for drafters that are models (user keys win)."""
-    config = dict(config)
-    config.setdefault("rejection_sample_method", "standard")
-    if config.get("method") in PROBABILISTIC_METHODS:
-        config.setdefault("draft_sample_method", "probabilistic")
-    if config["rejection_sample_method"] == "synthetic":
-        raise UserError("--speculative-config: rejection_sample_method 'synthetic' does not preserve the target's "
-                        "distribution; lk-vllm serve uses 'standard'")
-    return config
 
 
 # ------------------------------------------------------------------------------------------------- the command
@@ -257,10 +208,9 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
     """Everything needed to exec vLLM's server, from the parsed flags (raises UserError on bad input)."""
     from lk_vllm.assets import resolve_target
     from lk_vllm.plugin import plugins_env_value
+    from lk_vllm.plugin.server.capture import CaptureSettings
+    from lk_vllm.plugin.server.drift import DriftSettings
     from lk_vllm.targets import check_target
-    from serving.api import ADMIN_KEY_ENV, DRAFTERS_DIR_ENV
-    from serving.capture import CAPTURE_ENV, CaptureSettings
-    from serving.drift import DRIFT_ENV, DriftSettings
 
     target = resolve_target(args.target)
     spec = speculative_config_from_args(args, target)
@@ -298,10 +248,10 @@ def build_server_command(args: argparse.Namespace) -> ServerCommand:
                         "with --per-request-spec-decode-metrics summary or detailed; without them no request has "
                         "its own acceptance length")
     if args.baseline_profile:
-        from serving.speedup import BaselineProfile
+        from lk_vllm.plugin.server.speedup import BaselineProfile
 
         BaselineProfile.load(args.baseline_profile)  # fail now, in one line, not inside the server
-        env["LK_VLLM_BASELINE_PROFILE"] = str(Path(args.baseline_profile).resolve())
+        env[BASELINE_PROFILE_ENV] = str(Path(args.baseline_profile).resolve())
     check_target(target, spec.get("method") if spec else None)  # after the flags: their errors come first
     return ServerCommand(argv=argv, env=env, target=target, speculative_config=spec, settings=settings,
                          vllm_flags=vllm_flags)
@@ -311,11 +261,11 @@ def ensure_calibrated(command: ServerCommand, args: argparse.Namespace) -> None:
     """Measure the no-speculation baseline once (cached) unless a profile was given or calibration is off."""
     if command.speculative_config is None or args.baseline_profile or args.no_calibrate:
         return
-    from serving.speedup import load_cached_profile, profile_key_for_settings, profile_path
+    from lk_vllm.plugin.server.speedup import load_cached_profile, profile_key_for_settings, profile_path
 
     key = profile_key_for_settings(command.settings)
     path = profile_path(key)
-    command.env["LK_VLLM_BASELINE_PROFILE"] = str(path)
+    command.env[BASELINE_PROFILE_ENV] = str(path)
     if load_cached_profile(key) is not None:
         return
     print(f"lk-vllm serve: no baseline for this target/dtype/hardware yet; measuring it once "

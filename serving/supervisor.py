@@ -6,12 +6,12 @@ engine client). So ``lk-vllm serve`` listens on the public address itself and ru
 server (``vllm.entrypoints.launchers.api_server.entry``) on a private Unix socket. Every request, every vLLM
 route (streaming and WebSockets included), passes through byte for byte. When a swap needs a restart:
 
-1. the swap route in vLLM (``serving.swap``) validates the new drafter and answers with the speculative config to
+1. the swap route in vLLM (``lk_vllm.plugin.server.swap``) validates the new drafter and answers with the speculative config to
    restart with (header ``X-LK-Restart``; the client never sees that answer);
 2. new requests are held here (they wait; after ``--restart-wait`` seconds they get 503 with ``Retry-After``);
    ``/health`` answers 200 ``restarting`` at once, so load balancers keep sending traffic, which waits;
 3. requests in flight finish (drain; if they do not within ``--drain-timeout`` the swap is called off, 503);
-4. the old server stops (its live statistics are written to a file, ``serving.api.carry_statistics_over``), the
+4. the old server stops (its live statistics are written to a file, ``lk_vllm.plugin.server.routes.carry_statistics_over``), the
    new one starts with the new speculative config and reads them back: statistics stay per drafter;
 5. held requests go to the new engine; the swap answers 200 with the restart's timings and counts. If the new
    engine does not start, the previous config is started again and the swap answers 422.
@@ -39,9 +39,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from lk_vllm.env import STATS_STATE_ENV, SUPERVISED_ENV
 from lk_vllm.errors import UserError
-from serving.api import STATS_STATE_ENV
-from serving.swap import RESTART_HEADER, SUPERVISED_ENV
+from lk_vllm.plugin.server.swap import RESTART_HEADER
 
 SWAP_ROUTE = "/v1/speculative/drafter"
 # Headers that belong to one connection, not to the request or response (RFC 9110 §7.6.1), plus those recomputed.

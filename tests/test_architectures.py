@@ -86,9 +86,9 @@ def test_eagle3_on_gemma3_is_refused_in_one_line_by_every_command(gemma3, tmp_pa
 def test_serve_and_eval_refuse_an_eagle3_drafter_for_gemma3(gemma3, tmp_path):
     from test_plugin import _serve_args
 
+    from lk_vllm.target_model import TargetModel
     from serving import launcher
     from training.evaluate import run_eval
-    from training.target import TargetModel
 
     target = TargetModel(gemma3)
     drafter = create_drafter("eagle3", target, draft_to_target=torch.arange(0, 262144, 64), aux_layer_ids=(0, 1, 2))
@@ -101,7 +101,7 @@ def test_serve_and_eval_refuse_an_eagle3_drafter_for_gemma3(gemma3, tmp_path):
 
 def test_the_eagle3_exporter_writes_flat_rope_settings_for_gemma3(gemma3, tmp_path):
     from lk_vllm.drafters.eagle3 import drafter_rope_parameters
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
 
     target = TargetModel(gemma3)
     assert drafter_rope_parameters(target.config) == {"rope_theta": 1000000.0, "rope_type": "default"}
@@ -130,7 +130,7 @@ def test_a_base_model_without_chat_template_is_refused_unless_a_template_is_give
 # ------------------------------------------------------------------------------- served by vLLM (slow)
 def _setup(target_path: str):
     from lk_vllm.datasets import load_prompts
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
 
     target = TargetModel(target_path)
     prompts = load_prompts("mtbench", split="eval", limit=NUM_PROMPTS)
@@ -143,8 +143,9 @@ def _setup(target_path: str):
 def _train_and_compare(target_path: str, architecture: str, directory: Path, **options):
     """Train on the target's own greedy continuations (so acceptance is far above 1), export, and measure the
     same prompts in the torch simulation and in vLLM."""
+    from lk_vllm.bench.runner import evaluate_vllm
     from lk_vllm.drafters import load_drafter
-    from training.evaluate import evaluate_torch, evaluate_vllm
+    from training.evaluate import evaluate_torch
 
     target, prompts, batch = _setup(target_path)
     continuations, sequences = batch["continuations"], batch["sequences"]

@@ -126,7 +126,7 @@ def packaged_drafter(tmp_path):
     from train_helpers import make_tiny_target
 
     from lk_vllm.drafters import create_drafter, target_info
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
 
     target_dir = make_tiny_target(tmp_path / "target")
     target = TargetModel(target_dir)

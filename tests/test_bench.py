@@ -307,7 +307,7 @@ def test_a_drafter_for_another_target_is_refused(no_engine, capsys, tmp_path):
     from train_helpers import make_tiny_target
 
     from lk_vllm.drafters import create_drafter, target_info
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
 
     tiny = TargetModel(make_tiny_target(tmp_path / "tiny", seed=0))
     drafter = create_drafter("medusa", tiny, num_heads=K).save_pretrained(tmp_path / "medusa", target=target_info(tiny))
@@ -376,7 +376,7 @@ def real_run(default_target, tmp_path_factory):
     """baseline + a draft LM equal to the target, 2 mtbench prompts, T in {0, 1}, concurrency {1, 2}."""
     import lk_vllm.bench.runner as runner
     from lk_vllm.drafters import create_drafter, target_info
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
 
     root = tmp_path_factory.mktemp("bench")
     target = TargetModel(default_target)

@@ -1,4 +1,4 @@
-"""Traffic capture for retraining (serving.capture): the decision against the live store's per-request acceptance,
+"""Traffic capture for retraining (lk_vllm.plugin.server.capture): the decision against the live store's per-request acceptance,
 the files (read back by `lk-vllm prepare`'s dataset loader), rotation, a directory that cannot be written or
 fills up, the limit, the ASGI middleware on plain and streamed responses, the admin route and the serve flags.
 Fast: no engine (the store is fed as the stat logger feeds it)."""
@@ -10,9 +10,15 @@ import pytest
 from train_helpers import FAKE_TARGET_CONFIG
 
 from lk_vllm.errors import UserError
-from serving import capture as capture_module
-from serving.capture import CaptureMiddleware, CaptureSettings, TrafficCapture, prompt_record, quantile
-from serving.live_stats import DrafterInfo, LiveStatsStore
+from lk_vllm.plugin.server import capture as capture_module
+from lk_vllm.plugin.server.capture import (
+    CaptureMiddleware,
+    CaptureSettings,
+    TrafficCapture,
+    prompt_record,
+    quantile,
+)
+from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
 
 CHAT = "/v1/chat/completions"
 
@@ -197,7 +203,7 @@ def test_the_capture_route_is_admin_only(tmp_path, monkeypatch):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from serving import api
+    from lk_vllm.plugin.server import routes as api
 
     monkeypatch.setenv(api.ADMIN_KEY_ENV, "admin-secret")
     monkeypatch.setenv(capture_module.CAPTURE_ENV, json.dumps({"directory": str(tmp_path / "c"), "quantile": 0.3}))

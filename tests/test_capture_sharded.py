@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from train_helpers import make_tiny_data, make_tiny_target
 
 from lk_vllm.errors import UserError
+from lk_vllm.target_model import TargetModel
 from training import capture
 from training.capture import (
     CACHE_FORMAT,
@@ -29,7 +30,6 @@ from training.capture import (
     validate_shard,
 )
 from training.data import load_samples
-from training.target import TargetModel
 
 SHARD_SIZE = 2  # 7 samples: 4 shards, the last one partial
 DTYPE = "bfloat16"

@@ -98,7 +98,8 @@ def test_demo_serves_the_default_drafter_ngram_or_a_directory(tmp_path, monkeypa
     """Which `lk-vllm serve` arguments each --drafter value gives (no engine)."""
     import argparse
 
-    from lk_vllm import assets, demo
+    from lk_vllm import assets
+    from serving import demo
 
     def args(drafter):
         parser = argparse.ArgumentParser()

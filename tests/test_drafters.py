@@ -14,7 +14,7 @@ from lk_vllm.drafters import (
     target_info,
 )
 from lk_vllm.errors import UserError
-from training.target import TargetModel
+from lk_vllm.target_model import TargetModel
 
 LAYERS = 4
 HIDDEN = 64

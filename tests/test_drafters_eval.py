@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
+from lk_vllm.acceptance import Counts
 from lk_vllm.drafters import create_drafter, target_info
-from training.evaluate import Counts, expected_alpha, simulate_greedy
-from training.target import TargetModel
+from lk_vllm.target_model import TargetModel
+from training.evaluate import expected_alpha, simulate_greedy
 
 K = 3
 MAX_TOKENS = 20

@@ -1,4 +1,4 @@
-"""The acceptance drift alarm (serving.drift) at unit level: the store is fed engine steps as the stat logger
+"""The acceptance drift alarm (lk_vllm.plugin.server.drift) at unit level: the store is fed engine steps as the stat logger
 records them, a worse drafter is swapped in, and the stats JSON and the Prometheus gauges must say so with the
 window's numbers; the reference learned from a drafter's first minutes; the --drift-threshold checks."""
 
@@ -11,8 +11,8 @@ import pytest
 from train_helpers import FAKE_TARGET_CONFIG
 
 from lk_vllm.errors import UserError
-from serving.drift import MIN_DRAFTS, DriftMonitor, DriftSettings
-from serving.live_stats import DrafterInfo, LiveStatsStore
+from lk_vllm.plugin.server.drift import MIN_DRAFTS, DriftMonitor, DriftSettings
+from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
 
 K = 2
 # Expected acceptance length 1 + 0.8 + 0.8 * 0.5 = 2.2 at T=0, 1 + 0.6 + 0.6 * 0.5 = 1.9 sampled.
@@ -49,7 +49,7 @@ def store():
 def test_swapping_in_a_worse_drafter_raises_the_alarm_with_the_windows_numbers(tmp_path, store):
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from serving.api import LkCollector, stats_payload
+    from lk_vllm.plugin.server.routes import LkCollector, stats_payload
 
     monitor = DriftMonitor(DriftSettings(threshold=0.75, window_seconds=60))
     registry = CollectorRegistry()
@@ -146,8 +146,8 @@ def test_a_threshold_outside_zero_one_is_a_one_line_error(value, tmp_path):
 def test_serve_hands_the_drift_settings_to_the_server(tmp_path, monkeypatch):
     import argparse
 
+    from lk_vllm.env import DRIFT_ENV
     from serving import launcher
-    from serving.drift import DRIFT_ENV
 
     target = tmp_path / "target"
     target.mkdir()

@@ -24,7 +24,7 @@ TOLERANCE = 0.03
 @pytest.fixture(scope="module")
 def setup(default_target):
     from lk_vllm.datasets import load_prompts
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
 
     torch.manual_seed(0)
     target = TargetModel(default_target)
@@ -49,7 +49,8 @@ def _train(drafter, setup, steps: int, lr: float) -> None:
 
 
 def _both_engines(directory, setup):
-    from training.evaluate import evaluate_torch, evaluate_vllm
+    from lk_vllm.bench.runner import evaluate_vllm
+    from training.evaluate import evaluate_torch
 
     target = setup["target"]
     drafter = load_drafter(directory, target)

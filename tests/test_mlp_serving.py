@@ -1,4 +1,4 @@
-"""MLP speculator in vLLM 0.32's V1 engine through lk-vllm's plugin (lk_vllm.plugin.mlp_proposer).
+"""MLP speculator in vLLM 0.32's V1 engine through lk-vllm's plugin (lk_vllm.plugin.engine.mlp_proposer).
 
 Fast: mismatched checkpoints are refused before any engine starts, ``lk-vllm serve --drafter`` builds the
 ``mlp_speculator`` config, the row selection for batches, the patches' idempotency and version check.
@@ -96,7 +96,7 @@ def test_lk_vllm_serve_builds_the_mlp_speculator_config(tmp_path):
 
 
 def test_last_accepted_rows_pick_the_position_that_sampled_the_last_token():
-    from lk_vllm.plugin.mlp_proposer import last_accepted_rows
+    from lk_vllm.plugin.engine.mlp_proposer import last_accepted_rows
 
     # Prefill step: one row per request.
     assert last_accepted_rows([[5], [7]], None) == ([0, 1], [5, 7])
@@ -113,7 +113,7 @@ def test_install_is_idempotent_and_checks_what_it_patches(monkeypatch):
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from lk_vllm import engine, plugin
-    from lk_vllm.plugin import mlp_proposer
+    from lk_vllm.plugin.engine import mlp_proposer
 
     plugin.register()
     init, propose = GPUModelRunner.__init__, GPUModelRunner.propose_draft_token_ids
@@ -243,8 +243,8 @@ def _spec_counters(url: str) -> tuple[int, list[int]]:
 
 @pytest.mark.slow
 def test_plain_vllm_serves_the_mlp_speculator_with_torch_parity(torch_summary, plain_server, setup):  # noqa: F811
+    from lk_vllm.acceptance import Counts
     from serving.client import request_json
-    from training.evaluate import Counts
 
     target = setup["target"]
     prompt_ids = [target.chat_prompt_ids(p.messages) for p in setup["prompts"]]

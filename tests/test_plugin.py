@@ -18,8 +18,8 @@ from train_helpers import FAKE_TARGET_CONFIG, make_tiny_target, make_valid_draft
 
 from lk_vllm import plugin
 from lk_vllm.errors import UserError
-from serving import speedup
-from serving.live_stats import DrafterInfo, LiveStatsStore
+from lk_vllm.plugin.server import speedup
+from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,14 +31,14 @@ def test_entry_points_name_the_three_plugins():
         for group in ("vllm.general_plugins", "vllm.stat_logger_plugins", "vllm.endpoint_plugins")
     }
     assert found["vllm.general_plugins"]["lk_general"] == "lk_vllm.plugin:register"
-    assert found["vllm.stat_logger_plugins"]["lk_stats"] == "lk_vllm.plugin.stat_logger:LkStatLogger"
-    assert found["vllm.endpoint_plugins"]["lk_endpoints"] == "lk_vllm.plugin.endpoints:make_endpoint_plugin"
+    assert found["vllm.stat_logger_plugins"]["lk_stats"] == "lk_vllm.plugin.server.stat_logger:LkStatLogger"
+    assert found["vllm.endpoint_plugins"]["lk_endpoints"] == "lk_vllm.plugin.server.endpoints:make_endpoint_plugin"
     # what vLLM's loader requires of each
     from vllm.plugins.endpoint_plugins.interface import EndpointPlugin
     from vllm.v1.metrics.loggers import StatLoggerBase
 
-    from lk_vllm.plugin.endpoints import make_endpoint_plugin
-    from lk_vllm.plugin.stat_logger import LkStatLogger
+    from lk_vllm.plugin.server.endpoints import make_endpoint_plugin
+    from lk_vllm.plugin.server.stat_logger import LkStatLogger
 
     assert issubclass(LkStatLogger, StatLoggerBase)
     assert isinstance(make_endpoint_plugin(), EndpointPlugin)
@@ -79,7 +79,8 @@ def test_register_refuses_another_vllm_version(monkeypatch, capsys):
 def test_register_is_idempotent():
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from lk_vllm.plugin import patches, worker
+    from lk_vllm.plugin import patches
+    from lk_vllm.plugin.engine import worker
 
     plugin.register()
     plugin.register()
@@ -93,7 +94,7 @@ def test_register_is_idempotent():
 def test_worker_method_install_refuses_to_replace_a_vllm_method(monkeypatch):
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from lk_vllm.plugin.worker import install_worker_methods
+    from lk_vllm.plugin.engine.worker import install_worker_methods
 
     monkeypatch.setattr(WorkerBase, "lk_reload_drafter", lambda self: None, raising=False)
     with pytest.raises(RuntimeError, match="already defines lk_reload_drafter"):
@@ -141,7 +142,7 @@ def _proposer_layouts(live):
         "v1-medusa": ("drafter", SimpleNamespace(vllm_config=_fake_vllm_config("medusa"), model=live,
                                                  spec_config=SimpleNamespace(draft_model_config=draft_model_config)),
                       "medusa"),
-        # vllm/v1/spec_decode/llm_base_proposer.py (EAGLE, draft model) and lk_vllm.plugin.mlp_proposer
+        # vllm/v1/spec_decode/llm_base_proposer.py (EAGLE, draft model) and lk_vllm.plugin.engine.mlp_proposer
         "v1-eagle": ("drafter", SimpleNamespace(_create_draft_vllm_config=lambda: _fake_vllm_config("eagle-draft"),
                                                 speculative_config=SimpleNamespace(draft_model_config=draft_model_config),
                                                 vllm_config=_fake_vllm_config("eagle-engine"), model=live),
@@ -160,7 +161,7 @@ def test_in_place_reload_finds_the_drafter_in_every_runner_layout(layout, tmp_pa
     import vllm.model_executor.model_loader as model_loader
     from safetensors.torch import load_file
 
-    from lk_vllm.plugin.worker import lk_drafter_parameters, lk_reload_drafter
+    from lk_vllm.plugin.engine.worker import lk_drafter_parameters, lk_reload_drafter
 
     built = []
 
@@ -185,7 +186,7 @@ def test_in_place_reload_finds_the_drafter_in_every_runner_layout(layout, tmp_pa
 
 
 def test_in_place_reload_refuses_a_drafter_without_weights():
-    from lk_vllm.plugin.worker import lk_reload_drafter
+    from lk_vllm.plugin.engine.worker import lk_reload_drafter
 
     for runner in (SimpleNamespace(model=None), SimpleNamespace(model=None, speculator=SimpleNamespace())):
         with pytest.raises(RuntimeError, match="no weights to reload"):
@@ -302,8 +303,7 @@ def _stats(running, drafts=0, draft_tokens=0, accepted=0, per_pos=(), tokens=1, 
 
 
 def test_stat_logger_records_counts_batch_and_decode_timing(monkeypatch):
-    from lk_vllm.plugin import stat_logger
-    from serving import live_stats
+    from lk_vllm.plugin.server import live_stats, stat_logger
 
     store = LiveStatsStore()
     monkeypatch.setattr(live_stats, "STORE", store)
@@ -325,8 +325,7 @@ def test_stat_logger_records_counts_batch_and_decode_timing(monkeypatch):
 
 
 def test_stat_logger_is_inert_without_speculation(monkeypatch):
-    from lk_vllm.plugin import stat_logger
-    from serving import live_stats
+    from lk_vllm.plugin.server import live_stats, stat_logger
 
     store = LiveStatsStore()
     monkeypatch.setattr(live_stats, "STORE", store)
@@ -359,8 +358,7 @@ def _finished_request(temperature, accepted_per_step, num_spec_tokens=2):
 
 def _ngram_logger(monkeypatch, per_request_level: str):
     """A fresh store and the lk stat logger of an ngram engine with vLLM's per-request metrics at this level."""
-    from lk_vllm.plugin import stat_logger
-    from serving import live_stats
+    from lk_vllm.plugin.server import live_stats, stat_logger
 
     store = LiveStatsStore()
     monkeypatch.setattr(live_stats, "STORE", store)
@@ -374,7 +372,7 @@ def _ngram_logger(monkeypatch, per_request_level: str):
 def test_stat_logger_records_each_finished_requests_own_acceptance(monkeypatch):
     """Two requests, one long at T=0 (2 tokens per step), one short sampled (3 per step): the two aggregations
     differ, and each number says which aggregation and sampling mode it is."""
-    from lk_vllm.plugin import stat_logger
+    from lk_vllm.plugin.server import stat_logger
 
     store, logger = _ngram_logger(monkeypatch, "summary")
     scheduler, iteration = _stats(running=0, drafts=12, draft_tokens=24, accepted=14, per_pos=(9, 5), tokens=26)
@@ -497,7 +495,7 @@ class FakeEngineClient:
 
 @pytest.fixture(scope="module")
 def tiny_target(tmp_path_factory):
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
 
     return TargetModel(make_tiny_target(tmp_path_factory.mktemp("tiny-target")))
 
@@ -507,7 +505,7 @@ def app_with_routes(tmp_path, monkeypatch, tiny_target):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from serving import api
+    from lk_vllm.plugin.server import routes as api
 
     drafters = tmp_path / "drafters"
     live = make_valid_drafter(drafters, "live", tiny_target, seed=1)
@@ -548,7 +546,7 @@ def test_stats_route_answers_404_when_speculation_is_off():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from serving import api
+    from lk_vllm.plugin.server import routes as api
 
     app = FastAPI()
     app.include_router(api.LkRoutes(LiveStatsStore()).router())
@@ -638,7 +636,7 @@ def _scrape(store) -> str:
     """What /metrics shows of the lk collector for this store."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from serving.api import LkCollector
+    from lk_vllm.plugin.server.routes import LkCollector
 
     registry = CollectorRegistry()
     registry.register(LkCollector(store))
@@ -664,8 +662,8 @@ def test_dashboard_uses_only_local_files(app_with_routes):
     for name in ("dashboard.js", "dashboard.css"):
         response = client.get(f"/dashboard/static/{name}")
         assert response.status_code == 200
-    assert client.get("/dashboard/static/..%2Fapi.py").status_code == 404
-    for path in (ROOT / "serving" / "static").iterdir():
+    assert client.get("/dashboard/static/..%2Froutes.py").status_code == 404
+    for path in (ROOT / "lk_vllm" / "plugin" / "server" / "static").iterdir():
         urls = re.findall(r"https?://[^\s\"')]+", path.read_text())
         assert urls in ([], ["http://www.w3.org/2000/svg"]), (path.name, urls)
 
@@ -687,7 +685,7 @@ def servable(tmp_path_factory):
     from train_helpers import make_tiny_target
 
     from lk_vllm.drafters import create_drafter, target_info
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
 
     root = tmp_path_factory.mktemp("servable")
     target = TargetModel(make_tiny_target(root / "target"))
@@ -751,19 +749,19 @@ def test_bad_serve_input_is_one_line_user_error(tmp_path, argv, message):
 
 
 def test_drafter_for_another_target_is_refused(tmp_path):
-    from serving import launcher
+    from lk_vllm.drafters import check_drafter_for_target
 
     target = tmp_path / "target"
     target.mkdir()
     (target / "config.json").write_text(json.dumps(FAKE_TARGET_CONFIG))
     other_vocab = _drafter_dir(tmp_path, "other_vocab", extra={"vocab_size": 64})
     with pytest.raises(UserError, match="vocabulary of 64 tokens, but the target .* has 32"):
-        launcher.check_drafter_for_target(other_vocab, str(target))
+        check_drafter_for_target(other_vocab, str(target))
     fingerprinted = _drafter_dir(tmp_path, "fp")
     (fingerprinted / "lk_training.json").write_text(json.dumps({"target": {"fingerprint": "feedfeedfeedfeed",
                                                                            "path": "/elsewhere"}}))
     with pytest.raises(UserError, match="trained for target fingerprint feedfeedfeedfeed"):
-        launcher.check_drafter_for_target(fingerprinted, str(target))
+        check_drafter_for_target(fingerprinted, str(target))
 
 
 def test_serve_cli_prints_one_line_without_traceback(tmp_path):
@@ -785,7 +783,8 @@ def test_calibrate_batch_sizes_input():
 
 
 def test_serve_calibrates_once_on_first_start_unless_told_not_to(tmp_path, monkeypatch):
-    from serving import launcher, speedup
+    from lk_vllm.plugin.server import speedup
+    from serving import launcher
 
     monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
     target = tmp_path / "target"

@@ -48,7 +48,8 @@ def servers(tmp_path_factory, default_target):
     in between (the plain engine idles meanwhile), so the client-measured plain speed and the calibrated baseline
     are taken at the same time: this machine is shared and its speed drifts by 20% within minutes. Then the
     speculative lk-vllm server starts alone, finds that cached baseline, and runs the same workload first."""
-    from lk_vllm.engine import INPROCESS_WORKER_ENV, EngineSettings
+    from lk_vllm.engine import EngineSettings
+    from lk_vllm.env import INPROCESS_WORKER_ENV
 
     work = tmp_path_factory.mktemp("serving")
     home = work / "home"

@@ -33,7 +33,7 @@ def _write_drafters(target_dir, root):
     drafters with K heads (another architecture: swapping to it restarts the engine; then one swaps in place for
     the other), one with too few heads, and two MLP speculators with K stages."""
     from lk_vllm.drafters import create_drafter, target_info
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
 
     target = TargetModel(target_dir)
     info = target_info(target)

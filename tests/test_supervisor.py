@@ -213,8 +213,8 @@ def test_ctrl_c_stops_the_server_and_a_dying_server_ends_the_supervisor(supervis
 def test_statistics_survive_a_restart_per_drafter(tmp_path, monkeypatch):
     """The old server's store, written at its exit, is merged into the new server's: totals, windows and the
     per-drafter split are those of one store that saw every step."""
-    from serving import api
-    from serving.live_stats import DrafterInfo, LiveStatsStore
+    from lk_vllm.plugin.server import routes as api
+    from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
 
     def step(store, accepted):
         store.record_step(batch_size=2, output_tokens=1 + sum(accepted), timed=True, num_drafts=1,
@@ -245,16 +245,17 @@ def test_statistics_survive_a_restart_per_drafter(tmp_path, monkeypatch):
 
 
 def test_swap_route_asks_the_supervisor_for_a_restart_only_when_supervised(tmp_path, monkeypatch):
-    """vLLM's side of a restart swap (serving.swap): under the supervisor a drafter of another architecture is
+    """vLLM's side of a restart swap (lk_vllm.plugin.server.swap): under the supervisor a drafter of another architecture is
     checked and answered with the speculative config to restart with; unusable ones are 4xx; without the
     supervisor the same request is 409, and the live drafter never changes."""
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
     from train_helpers import make_tiny_target, make_valid_drafter
 
-    from serving import api, swap
-    from serving.live_stats import DrafterInfo, LiveStatsStore
-    from training.target import TargetModel
+    from lk_vllm.plugin.server import routes as api
+    from lk_vllm.plugin.server import swap
+    from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
+    from lk_vllm.target_model import TargetModel
 
     drafters = tmp_path / "drafters"
     target = TargetModel(make_tiny_target(tmp_path / "target", layers=2))

@@ -88,9 +88,9 @@ def test_evaluation_matches_an_independent_computation(tiny):
     """alpha = mean of sum_x min(p, q) over response positions, top-1 = argmax agreement, computed here
     directly from softmaxes of the full logits."""
     from lk_vllm.drafters import create_drafter
+    from lk_vllm.target_model import TargetModel
     from training.capture import OnlineCapture, collate
     from training.data import load_samples
-    from training.target import TargetModel
 
     target = TargetModel(tiny[0])
     samples = load_samples(Path(tiny[1]))
@@ -351,10 +351,10 @@ def test_shard_target_needs_fsdp(tiny, tmp_path):
 
 
 def test_fsdp_without_torchrun_fails_before_loading_anything(tiny, tmp_path, monkeypatch):
-    import training.target
+    import lk_vllm.target_model
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(training.target, "TargetModel", None)  # loading a model would fail differently
+    monkeypatch.setattr(lk_vllm.target_model, "TargetModel", None)  # loading a model would fail differently
     with pytest.raises(UserError, match=r"training.parallel=fsdp needs torchrun"):
         train(_config(tiny, tmp_path / "run", **{"training.parallel": "fsdp", "data.dirs": [str(tmp_path / "x")]}),
               "tiny", progress=False)
@@ -437,9 +437,9 @@ def test_gradient_accumulation_equals_the_whole_batch_when_micro_batches_are_ali
 
 
 def test_shared_target_logits_equal_the_direct_ones(tiny):
+    from lk_vllm.target_model import TargetModel
     from training.capture import OnlineCapture, collate
     from training.data import load_samples
-    from training.target import TargetModel
     from training.train import SharedTargetLogits
 
     target = TargetModel(tiny[0])
@@ -459,7 +459,7 @@ def test_shared_target_logits_equal_the_direct_ones(tiny):
 
 def _no_tokenizer(monkeypatch):
     """The tiny target has no tokenizer files: a draft vocabulary then needs no special tokens."""
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
 
     monkeypatch.setattr(TargetModel, "tokenizer", property(lambda self: None))
 
@@ -487,9 +487,9 @@ def test_cached_logsumexp_gives_the_full_rows_loss(tiny, tmp_path):
     """Offline, a drafter with its own vocabulary reads only the draft ids' columns of the target and the
     cached normaliser: the same table values, normaliser and K-step loss as the full rows."""
     from lk_vllm.drafters import create_drafter, multi_step_loss
+    from lk_vllm.target_model import TargetModel
     from training.capture import OfflineCapture, build_cache, collate
     from training.data import load_samples
-    from training.target import TargetModel
     from training.train import SharedTargetLogits
 
     target = TargetModel(tiny[0])
@@ -544,10 +544,10 @@ def test_placement_resolves_auto_and_refuses_a_missing_gpu():
 
 
 def test_cuda_on_a_machine_without_one_fails_before_loading_anything(tiny, tmp_path, monkeypatch):
-    import training.target
+    import lk_vllm.target_model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(training.target, "TargetModel", None)  # loading the target would raise a TypeError
+    monkeypatch.setattr(lk_vllm.target_model, "TargetModel", None)  # loading the target would raise a TypeError
     with pytest.raises(UserError, match=r"training\.device=cuda"):
         train(_config(tiny, tmp_path / "run", **{"training.device": "cuda"}), progress=False)
     assert not (tmp_path / "run").exists()
@@ -569,8 +569,8 @@ def test_bf16_autocast_on_cpu_trains_and_logs_its_placement(tiny, tmp_path, capf
                                                   ("mlp_speculator", {}), ("draft_model", {})])
 def test_dry_run_counts_the_real_drafters_parameters(tiny, tmp_path, architecture, options):
     from lk_vllm.drafters import create_drafter
+    from lk_vllm.target_model import TargetModel
     from training.memory import estimate_memory
-    from training.target import TargetModel
     from training.train import drafter_options
 
     config = _config(tiny, tmp_path / "run", **{"model.architecture": architecture, **options})

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_smoke_recipe_prepares_trains_and_exports(default_target, tmp_path):
     from lk_vllm.assets import lk_home, target_fingerprint
     from lk_vllm.drafters import load_drafter, speculative_config_for
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
 
     home = tmp_path / "home"
     home.mkdir()

@@ -11,8 +11,8 @@ from train_helpers import make_tiny_target
 
 from lk_vllm.drafters import create_drafter, target_info
 from lk_vllm.errors import UserError
+from lk_vllm.target_model import TargetModel
 from lk_vllm.validate import ERROR, OK, ProbeSettings, check_drafter, judge_probe, require_valid
-from training.target import TargetModel
 
 LAYERS = 8
 VOCAB = 256

@@ -21,7 +21,7 @@
   only then writes ``manifest.json``, which marks the cache complete; ``OfflineCapture`` refuses a cache whose
   shards do not match its manifest.
 
-Both captures return ``training.target.TargetStates`` for a ``Batch`` (right-padded; causal attention makes
+Both captures return ``lk_vllm.target_model.TargetStates`` for a ``Batch`` (right-padded; causal attention makes
 the states of real tokens independent of the padding).
 """
 
@@ -42,7 +42,7 @@ import torch
 
 from lk_vllm.atomic import atomic_path, write_atomic
 from lk_vllm.errors import UserError
-from training.target import TargetStates, position_ids_from_mask
+from lk_vllm.target_model import TargetStates, position_ids_from_mask
 
 CACHE_FORMAT = "lk-vllm-hidden-cache-v2"  # v2: + "lse", the full-vocabulary logsumexp per token
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

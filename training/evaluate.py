@@ -23,63 +23,16 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from lk_vllm.acceptance import Counts
 from lk_vllm.errors import UserError
 
 
 def _log(message: str) -> None:
     print(f"[lk-vllm eval] {message}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class Counts:
-    """Speculative-decoding counters, as vLLM keeps them."""
-
-    num_speculative_tokens: int
-    num_drafts: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)
-    # For T>0 in torch: summed alpha and number of positions, per step.
-    alpha_sum: list[float] = field(default_factory=list)
-    alpha_count: list[int] = field(default_factory=list)
-
-    def __post_init__(self):
-        k = self.num_speculative_tokens
-        self.accepted_per_position = list(self.accepted_per_position) or [0] * k
-        self.alpha_sum = list(self.alpha_sum) or [0.0] * k
-        self.alpha_count = list(self.alpha_count) or [0] * k
-
-    def add(self, other: Counts) -> None:
-        self.num_drafts += other.num_drafts
-        for k in range(self.num_speculative_tokens):
-            self.accepted_per_position[k] += other.accepted_per_position[k]
-            self.alpha_sum[k] += other.alpha_sum[k]
-            self.alpha_count[k] += other.alpha_count[k]
-
-    def summary(self) -> dict:
-        from lk_vllm import acceptance
-
-        if any(self.alpha_count):
-            # Clamped: summing alpha * n and dividing can overshoot 1 by rounding.
-            alphas = [min(1.0, s / c) if c else 0.0 for s, c in zip(self.alpha_sum, self.alpha_count, strict=True)]
-            return {
-                "acceptance_length": acceptance.expected_acceptance_length(alphas),
-                "per_position_alpha": alphas,
-                "per_position_acceptance": acceptance.cumulative_acceptance(alphas),
-                "positions": int(self.alpha_count[0]),
-            }
-        accepted = int(sum(self.accepted_per_position))
-        return {
-            # None when nothing was drafted (e.g. every answer ended after one token).
-            "acceptance_length": acceptance.mean_acceptance_length(accepted, self.num_drafts),
-            "per_position_acceptance": acceptance.per_position_acceptance(self.accepted_per_position, self.num_drafts),
-            "num_drafts": self.num_drafts,
-            "num_draft_tokens": self.num_drafts * self.num_speculative_tokens,
-            "num_accepted_tokens": accepted,
-        }
 
 
 # ------------------------------------------------------------------------------------------ torch engine
@@ -182,48 +135,6 @@ def evaluate_torch(drafter, target, prompts, num_tokens: int, max_tokens: int, t
 
 
 # ------------------------------------------------------------------------------------------ vLLM engine
-def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dict[str, list[list[int]]],
-                  num_tokens: int, max_tokens: int, temperature: float, settings_overrides: dict | None = None,
-                  seed: int = 0) -> dict[str, Counts]:
-    """Serve the drafter in vLLM and read its counters per dataset (deltas of the cumulative counters)."""
-    from lk_vllm.acceptance import SpecDecodeCounts
-    from lk_vllm.drafters import speculative_config_for
-    from lk_vllm.engine import EngineSettings, make_llm, read_spec_decode_counters, shutdown_llm
-
-    longest = max(len(ids) for batch in prompt_ids_by_dataset.values() for ids in batch)
-    settings = EngineSettings(
-        model=target_path,
-        max_model_len=max(2048, longest + max_tokens + num_tokens + 8),
-        # At T>0 drafts are sampled from the draft distribution, so vLLM's acceptance rate is the alpha
-        # (sum of min(p, q)) the torch engine and the LK losses use; vLLM's default drafts greedily.
-        speculative_config=speculative_config_for(
-            drafter_dir, num_tokens, **({"draft_sample_method": "probabilistic"} if temperature > 0 else {})
-        ),
-        seed=seed,
-    )
-    for key, value in (settings_overrides or {}).items():
-        setattr(settings, key, value)
-    _log(f"starting vLLM with {settings.speculative_config}")
-    llm = make_llm(settings)
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
-    per_dataset: dict[str, Counts] = {}
-    try:
-        before = SpecDecodeCounts.from_mapping(read_spec_decode_counters(llm, num_tokens))
-        for name, batch in prompt_ids_by_dataset.items():
-            llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in batch], params, use_tqdm=False)
-            after = SpecDecodeCounts.from_mapping(read_spec_decode_counters(llm, num_tokens))
-            delta = after - before
-            per_dataset[name] = Counts(num_tokens, num_drafts=delta.num_drafts,
-                                       accepted_per_position=list(delta.accepted_per_position))
-            before = after
-    finally:
-        shutdown_llm(llm)
-    return per_dataset
-
-
 # ------------------------------------------------------------------------------------------ driver
 def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limit: int | None, engine: str,
              num_tokens: int, max_tokens: int, temperature: float, seed: int = 0,
@@ -233,8 +144,8 @@ def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limi
     from lk_vllm.datasets import load_prompts
     from lk_vllm.drafters import detect_architecture, load_drafter
     from lk_vllm.drafters.base import read_config
+    from lk_vllm.target_model import TargetModel
     from lk_vllm.targets import check_target
-    from training.target import TargetModel
 
     if num_tokens < 1:
         raise UserError(f"--num-speculative-tokens must be at least 1, got {num_tokens}")
@@ -263,6 +174,8 @@ def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limi
         for prompt in prompts:
             by_dataset.setdefault(prompt.dataset, []).append(target_model.chat_prompt_ids(prompt.messages))
         del target_model, drafter
+        from lk_vllm.bench.runner import evaluate_vllm
+
         per_dataset = evaluate_vllm(drafter_dir, target_path, by_dataset, num_tokens, max_tokens, temperature,
                                     settings_overrides, seed)
     total = Counts(num_tokens)

@@ -52,7 +52,7 @@ def _meta_drafter(config, target_path: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lk_vllm.drafters import create_drafter
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
     from training.train import drafter_options
 
     try:

@@ -442,7 +442,7 @@ class Run:
     placement: Placement
     dist: Dist
     run_dir: Path
-    target: object  # training.target.TargetModel
+    target: object  # lk_vllm.target_model.TargetModel
     fingerprint: str
     data_dirs: list[str]
     samples: list
@@ -475,10 +475,10 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
     parallel layout, and restore a checkpoint when resuming. Raises UserError for anything the user can fix,
     before the slow parts where it can."""
     from lk_vllm.assets import lk_home, resolve_target, target_fingerprint
+    from lk_vllm.target_model import TargetModel
     from lk_vllm.targets import check_target
     from training import checkpoint as ckpt
     from training.capture import OfflineCapture, OnlineCapture, build_cache, cache_key
-    from training.target import TargetModel
 
     t = config.training
     placement = resolve_placement(t.device, t.precision, t.tf32)  # a bad device fails here, before any loading

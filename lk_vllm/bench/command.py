@@ -168,7 +168,7 @@ def build_document(plan, contenders, settings: EngineSettings, results, name: st
     from lk_vllm.bench.metrics import build_records
     from lk_vllm.bench.runner import engine_settings
     from lk_vllm.engine import vllm_version
-    from serving.speedup import hardware_id
+    from lk_vllm.plugin.server.speedup import hardware_id
 
     records, overall = build_records(plan, contenders, results)
     engine = engine_settings(settings, plan, BASELINE).llm_kwargs()

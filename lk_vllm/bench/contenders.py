@@ -2,7 +2,7 @@
 
 Every contender runs on the same target with the same engine settings; only ``speculative_config`` differs.
 A drafter's config is exactly the one ``lk-vllm serve --drafter DIR`` serves (``speculative_config_for`` and
-``serving.launcher.with_faithful_sampling``): standard rejection sampling, and drafts sampled from the
+``lk_vllm.drafters.with_faithful_sampling``): standard rejection sampling, and drafts sampled from the
 drafter's distribution for drafters that have one. At T=0 vLLM still drafts greedily (it does so whenever a
 batch is all greedy), so one engine per drafter serves both temperatures. vLLM's Medusa proposer always
 drafts its heads' argmax.
@@ -54,10 +54,9 @@ BASELINE = Contender(label="baseline", architecture="none")
 def drafter_contender(directory: str, label: str, target, num_speculative_tokens: int) -> Contender:
     """Check a drafter directory (format, weights, made for ``target``, servable with K tokens) and describe it.
     ``target`` is a ``lk_vllm.targets.TargetShape``."""
-    from lk_vllm.drafters import load_drafter, speculative_config_for
+    from lk_vllm.drafters import load_drafter, speculative_config_for, with_faithful_sampling
     from lk_vllm.drafters.base import check_drafter_matches_target, read_training_record
-    from serving.drafter_info import recorded_loss
-    from serving.launcher import with_faithful_sampling
+    from lk_vllm.plugin.server.drafter_info import recorded_loss
 
     path = Path(directory).expanduser().resolve()
     if not path.is_dir():

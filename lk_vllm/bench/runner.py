@@ -25,12 +25,13 @@ emptied before each cell so a cell never reuses the prompts' KV cache from an ea
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from lk_vllm.acceptance import RequestAcceptance, SpecDecodeCounts
+from lk_vllm.acceptance import Counts, RequestAcceptance, SpecDecodeCounts
 from lk_vllm.bench.contenders import Contender
 from lk_vllm.bench.workloads import Workload
 from lk_vllm.engine import (
@@ -182,3 +183,43 @@ def measure(settings: EngineSettings, plan: Plan, on_finished: Callable[[Cell], 
         return results
     finally:
         shutdown_llm(llm)
+
+
+def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dict[str, list[list[int]]],
+                  num_tokens: int, max_tokens: int, temperature: float, settings_overrides: dict | None = None,
+                  seed: int = 0) -> dict[str, Counts]:
+    """Serve the drafter in vLLM and read its counters per dataset (deltas of the cumulative counters)."""
+    from lk_vllm.drafters import speculative_config_for
+
+    longest = max(len(ids) for batch in prompt_ids_by_dataset.values() for ids in batch)
+    settings = EngineSettings(
+        model=target_path,
+        max_model_len=max(2048, longest + max_tokens + num_tokens + 8),
+        # At T>0 drafts are sampled from the draft distribution, so vLLM's acceptance rate is the alpha
+        # (sum of min(p, q)) the torch engine and the LK losses use; vLLM's default drafts greedily.
+        speculative_config=speculative_config_for(
+            drafter_dir, num_tokens, **({"draft_sample_method": "probabilistic"} if temperature > 0 else {})
+        ),
+        seed=seed,
+    )
+    for key, value in (settings_overrides or {}).items():
+        setattr(settings, key, value)
+    print(f"[lk-vllm eval] starting vLLM with {settings.speculative_config}", file=sys.stderr, flush=True)
+    llm = make_llm(settings)
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    per_dataset: dict[str, Counts] = {}
+    try:
+        before = SpecDecodeCounts.from_mapping(read_spec_decode_counters(llm, num_tokens))
+        for name, batch in prompt_ids_by_dataset.items():
+            llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in batch], params, use_tqdm=False)
+            after = SpecDecodeCounts.from_mapping(read_spec_decode_counters(llm, num_tokens))
+            delta = after - before
+            per_dataset[name] = Counts(num_tokens, num_drafts=delta.num_drafts,
+                                       accepted_per_position=list(delta.accepted_per_position))
+            before = after
+    finally:
+        shutdown_llm(llm)
+    return per_dataset

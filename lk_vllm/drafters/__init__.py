@@ -11,7 +11,7 @@ Architectures (registry name -> class, vLLM ``method``):
 
 API for the trainer (training/train.py) and the evaluator::
 
-    from training.target import TargetModel
+    from lk_vllm.target_model import TargetModel
     from lk_vllm.drafters import create_drafter, load_drafter, target_info, speculative_config_for, multi_step_loss
 
     target = TargetModel(path)                                   # fp32, frozen
@@ -67,7 +67,9 @@ from lk_vllm.drafters.base import (
     StepOutput,
     check_drafter_matches_target,
     read_config,
+    read_drafter_dir,
     target_info,
+    target_mismatch,
 )
 from lk_vllm.errors import UserError, require_at_least
 
@@ -116,7 +118,7 @@ def drafter_class(architecture: str) -> type[Drafter]:
 
 
 def create_drafter(architecture: str, target, **options) -> Drafter:
-    """A fresh drafter for ``target`` (a ``training.target.TargetModel``), initialised from it where that helps."""
+    """A fresh drafter for ``target`` (a ``lk_vllm.target_model.TargetModel``), initialised from it where that helps."""
     return drafter_class(architecture).from_target(target, **options)
 
 
@@ -176,14 +178,57 @@ def speculative_config_for(directory: str | os.PathLike, num_speculative_tokens:
         from lk_vllm.drafters.medusa import check_medusa_tokens
 
         check_medusa_tokens(num_speculative_tokens, int(config.get("num_heads") or 0), str(path))
-    if architecture == "mlp_speculator":  # served through lk-vllm's plugin (lk_vllm.plugin.mlp_proposer)
-        from lk_vllm.plugin.mlp_proposer import mlp_speculator_mismatches
+    if architecture == "mlp_speculator":  # served through lk-vllm's plugin (lk_vllm.plugin.engine.mlp_proposer)
+        from lk_vllm.plugin.engine.mlp_proposer import mlp_speculator_mismatches
 
         problems = mlp_speculator_mismatches(config, None, None, num_speculative_tokens)
         if problems:
             raise UserError(f"drafter {path}: {'; '.join(problems)}")
     return {"method": cls.vllm_method, "model": str(path), "num_speculative_tokens": int(num_speculative_tokens),
             **options}
+
+
+# Speculative methods whose drafter has a distribution to sample from (see lk_vllm.plugin.server.drafter_info).
+PROBABILISTIC_METHODS = ("eagle", "eagle3", "draft_model", "mlp_speculator")  # MLP: lk_vllm.plugin.engine.mlp_proposer
+
+
+def with_faithful_sampling(config: dict[str, Any]) -> dict[str, Any]:
+    """Standard rejection sampling always; probabilistic drafts for drafters that are models (user keys win)."""
+    config = dict(config)
+    config.setdefault("rejection_sample_method", "standard")
+    if config.get("method") in PROBABILISTIC_METHODS:
+        config.setdefault("draft_sample_method", "probabilistic")
+    if config["rejection_sample_method"] == "synthetic":
+        raise UserError("--speculative-config: rejection_sample_method 'synthetic' does not preserve the target's "
+                        "distribution; lk-vllm serve uses 'standard'")
+    return config
+
+
+def check_drafter_for_target(drafter: Path, target: str) -> None:
+    """One-line error if the drafter directory records (or implies) another target."""
+    files = read_drafter_dir(drafter)
+    record, drafter_config = files["training"], files["config"]
+    target_dir = Path(target)
+    target_config = read_drafter_dir(target_dir)["config"] if target_dir.is_dir() else {}
+    if drafter_config.get("model_type") == "mlp_speculator":  # before the fingerprint: names the mismatch
+        from lk_vllm.plugin.engine.mlp_proposer import mlp_speculator_mismatches
+
+        problems = mlp_speculator_mismatches(drafter_config, target_config.get("hidden_size"),
+                                             target_config.get("vocab_size"))
+        if problems:
+            raise UserError(f"--drafter {drafter}: this MLP speculator does not fit the target {target}: "
+                            + "; ".join(problems))
+    mismatch = target_mismatch(record, target)
+    if mismatch:
+        recorded, actual = mismatch
+        where = (record.get("target") or {}).get("path", "?")
+        raise UserError(f"--drafter {drafter}: trained for target fingerprint {recorded} ({where}), "
+                        f"but the target {target} has {actual}")
+    vocab = target_config.get("vocab_size")
+    drafter_vocab = drafter_config.get("vocab_size") or (drafter_config.get("transformer_layer_config") or {}).get("vocab_size")
+    if vocab and drafter_vocab and vocab != drafter_vocab:
+        raise UserError(f"--drafter {drafter}: made for a vocabulary of {drafter_vocab} tokens, "
+                        f"but the target {target} has {vocab}")
 
 
 def multi_step_loss(steps, states, *, kind: str = "kl", eta: float = 3.0, draft_to_target=None, loss_mask=None,

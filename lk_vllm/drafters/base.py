@@ -123,7 +123,7 @@ class Drafter(nn.Module):
 
     @classmethod
     def from_target(cls, target, **options) -> Drafter:
-        """A fresh drafter for ``target`` (a training.target.TargetModel)."""
+        """A fresh drafter for ``target`` (a lk_vllm.target_model.TargetModel)."""
         raise NotImplementedError
 
     @classmethod
@@ -226,7 +226,7 @@ class Drafter(nn.Module):
 
 # --------------------------------------------------------------------------- target description and checks
 def target_info(target) -> dict[str, Any]:
-    """What a drafter records about its target (``target`` is a ``training.target.TargetModel``)."""
+    """What a drafter records about its target (``target`` is a ``lk_vllm.target_model.TargetModel``)."""
     from lk_vllm.assets import target_fingerprint
 
     return {
@@ -328,6 +328,18 @@ def validate_draft_to_target(draft_to_target: torch.Tensor, draft_vocab: int, ta
 
 
 # --------------------------------------------------------------------------- files
+def read_drafter_dir(path: str | Path) -> dict[str, Any]:
+    """config.json and lk_training.json of a drafter directory (empty dicts when absent)."""
+    path = Path(path)
+    out: dict[str, Any] = {"config": {}, "training": {}}
+    for key, name in (("config", "config.json"), ("training", "lk_training.json")):
+        try:
+            out[key] = json.loads((path / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    return out
+
+
 def write_checkpoint_dir(directory: Path, config: dict, state: dict[str, torch.Tensor], record: dict) -> Path:
     """Write the three files into a temporary sibling directory, then swap it into place."""
     from safetensors.torch import save_file

@@ -13,7 +13,7 @@ Format: ``model_type: mlp_speculator``; weights ``emb.{i}.weight`` [V, inner], `
 ([inner, emb_dim] for i = 0, else [inner, inner]), ``head.{i}.weight`` [V, inner], ``ln.{i}.weight|bias``.
 With ``tie_weights`` the embeddings, the projections after the first and the norms are shared (written once
 per stage, as vLLM loads them). vLLM 0.32's V1 engine serves it through lk-vllm's plugin
-(``lk_vllm.plugin.mlp_proposer``), with ``"method": "mlp_speculator"``.
+(``lk_vllm.plugin.engine.mlp_proposer``), with ``"method": "mlp_speculator"``.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@
    where the output processor puts it on the response only; the ``FinishedRequestStats`` a stat logger receives
    carry none. The wrapper below copies it, and the request's temperature, onto that request's
    ``FinishedRequestStats`` (attributes ``lk_spec_decode_metrics`` and ``lk_temperature``), which the lk stat
-   logger reads for per-request acceptance (``serving.live_stats``). A request stopped by a stop string in the
+   logger reads for per-request acceptance (``lk_vllm.plugin.server.live_stats``). A request stopped by a stop string in the
    front end, before the engine finished it, has no metrics there (vLLM's response has none either).
 """
 
@@ -88,7 +88,7 @@ def patch_medusa_token_map() -> bool:
 def patch_cpu_inprocess_worker() -> bool:
     """Keep a one-worker CPU engine's ``uni`` executor when ``LK_VLLM_CPU_INPROCESS_WORKER=1``; True when the
     patch is in place."""
-    from lk_vllm.engine import INPROCESS_WORKER_ENV
+    from lk_vllm.env import INPROCESS_WORKER_ENV
 
     try:
         from vllm.platforms.cpu import CpuPlatform

@@ -2,7 +2,7 @@
 
 * **Same architecture and shapes** (the new checkpoint holds exactly the tensors, shapes and dtypes of the live
   drafter's checkpoint, and its config.json has the same architecture and sizes): the weights are reloaded in
-  place in every worker through ``engine_client.collective_rpc`` (``lk_vllm.plugin.worker``). The engine core
+  place in every worker through ``engine_client.collective_rpc`` (``lk_vllm.plugin.engine.worker``). The engine core
   runs the RPC between two steps, so requests in flight keep streaming; their next drafts come from the new
   weights. No restart, no failed request.
 * **Different architecture or shapes** (or a server speculating without weights, such as n-gram, or another
@@ -25,13 +25,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from serving.drafter_info import (
+from lk_vllm.drafters.base import read_drafter_dir
+from lk_vllm.env import SUPERVISED_ENV
+from lk_vllm.plugin.server.drafter_info import (
     describe_speculative_config,
     drafter_architecture,
-    read_drafter_dir,
     recorded_loss,
 )
-from serving.live_stats import DrafterInfo
+from lk_vllm.plugin.server.live_stats import DrafterInfo
 
 WEIGHTS_FILE = "model.safetensors"
 # config.json keys that may differ between two drafters that share a shape (everything else must match).
@@ -39,7 +40,6 @@ _CONFIG_KEYS_FREE = {"_name_or_path", "transformers_version", "torch_dtype", "dt
 
 
 # Set by lk-vllm serve's supervisor in the environment of the vLLM server it runs (it can restart the engine).
-SUPERVISED_ENV = "LK_VLLM_SUPERVISED"
 # Response header by which this route tells the supervisor to restart the engine (never reaches a client).
 RESTART_HEADER = "X-LK-Restart"
 
@@ -126,9 +126,8 @@ def shape_difference(current_dir: Path, new_dir: Path) -> str | None:
 
 def restart_config(new_dir: Path, num_speculative_tokens: int, target: str | None) -> dict[str, Any]:
     """The speculative config ``lk-vllm serve --drafter NEW`` would start with (4xx if it would refuse it)."""
-    from lk_vllm.drafters import speculative_config_for
+    from lk_vllm.drafters import check_drafter_for_target, speculative_config_for, with_faithful_sampling
     from lk_vllm.errors import UserError
-    from serving.launcher import check_drafter_for_target, with_faithful_sampling
 
     try:
         if target:
@@ -158,7 +157,7 @@ async def swap_drafter(routes, requested: str, num_speculative_tokens: int | Non
 
     Returns the result, or (under the supervisor, when the engine must restart) ``{"status": "restart-required",
     "speculative_config": ...}`` for the supervisor to act on."""
-    from lk_vllm.plugin.worker import RELOAD_DRAFTER
+    from lk_vllm.plugin.engine.worker import RELOAD_DRAFTER
 
     store = routes.store
     live: DrafterInfo | None = store.drafter
@@ -193,4 +192,4 @@ async def swap_drafter(routes, requested: str, num_speculative_tokens: int | Non
             "workers": results}
 
 
-__all__ = ["RESTART_HEADER", "SUPERVISED_ENV", "SwapError", "describe_speculative_config", "resolve_inside", "swap_drafter"]
+__all__ = ["RESTART_HEADER", "SwapError", "describe_speculative_config", "resolve_inside", "swap_drafter"]

@@ -1,13 +1,13 @@
 """HTTP routes lk-vllm adds to vLLM's OpenAI server, and the ``lk_*`` Prometheus gauges.
 
 * ``GET /v1/speculative/stats?window=60&drafter=NAME``: live statistics (DESIGN.md, "Server"), with the live
-  drafter's acceptance drift check (``serving.drift``).
+  drafter's acceptance drift check (``lk_vllm.plugin.server.drift``).
 * ``GET /v1/speculative/history?seconds=600&resolution=5``: the same over time (for the dashboard).
 * ``POST /v1/speculative/drafter {"path": ..., "num_speculative_tokens": K}``: swap the drafter (admin key;
-  K optional, default the live one; see ``serving.swap``).
+  K optional, default the live one; see ``lk_vllm.plugin.server.swap``).
 * ``GET /v1/speculative/capture`` and ``POST /v1/speculative/capture {"enabled": true|false}``: the traffic
-  capture's counters, and turning it on or off (admin key; see ``serving.capture``).
-* ``GET /dashboard``: the live page (static files in ``serving/static``, no external resources).
+  capture's counters, and turning it on or off (admin key; see ``lk_vllm.plugin.server.capture``).
+* ``GET /dashboard``: the live page (static files in ``lk_vllm/plugin/server/static``, no external resources).
 
 Routes under ``/v1`` are guarded by vLLM's own API-key middleware when an API key is set. Admin routes
 additionally need the admin key (``Authorization: Bearer <admin key>`` or ``X-Admin-Key``): 401 without
@@ -32,17 +32,15 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from lk_vllm.atomic import write_atomic
+from lk_vllm.env import ADMIN_KEY_ENV, DRAFTERS_DIR_ENV, STATS_STATE_ENV
 from lk_vllm.errors import UserError
-from serving.capture import CaptureMiddleware, CaptureSettings, TrafficCapture
-from serving.drift import DriftMonitor, DriftSettings
-from serving.live_stats import STORE, LiveStatsStore
+from lk_vllm.plugin.server.capture import CaptureMiddleware, CaptureSettings, TrafficCapture
+from lk_vllm.plugin.server.drift import DriftMonitor, DriftSettings
+from lk_vllm.plugin.server.live_stats import STORE, LiveStatsStore
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_WINDOW_SECONDS = 60.0
-ADMIN_KEY_ENV = "LK_VLLM_ADMIN_KEY"
-DRAFTERS_DIR_ENV = "LK_VLLM_DRAFTERS_DIR"
 # Where the statistics are kept over engine restarts (set by lk-vllm serve's supervisor; see serving.supervisor).
-STATS_STATE_ENV = "LK_VLLM_STATS_STATE"
 
 logger = logging.getLogger("lk_vllm.serving")
 
@@ -179,7 +177,7 @@ class LkRoutes:
                 return denied
             if (off := self.speculation_off()) is not None:
                 return off
-            from serving.swap import RESTART_HEADER, SwapError, swap_drafter
+            from lk_vllm.plugin.server.swap import RESTART_HEADER, SwapError, swap_drafter
 
             try:
                 body = await request.json()
@@ -228,7 +226,7 @@ class LkRoutes:
         @router.get("/dashboard/static/{name}", include_in_schema=False)
         async def dashboard_static(name: str):
             files = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()}
-            if name not in files:  # only the files shipped in serving/static, by exact name
+            if name not in files:  # only the files shipped in lk_vllm/plugin/server/static, by exact name
                 return _error(404, "not found")
             return FileResponse(files[name])
 

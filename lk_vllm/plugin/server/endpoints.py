@@ -1,4 +1,4 @@
-"""``vllm.endpoint_plugins`` entry point: lk-vllm's routes on vLLM's OpenAI server (see ``serving.api``).
+"""``vllm.endpoint_plugins`` entry point: lk-vllm's routes on vLLM's OpenAI server (see ``lk_vllm.plugin.server.routes``).
 
 vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them (``lk_endpoints``); ``lk-vllm serve`` sets it.
 """
@@ -11,12 +11,12 @@ class LkEndpointPlugin:
     required_tasks = ("generate",)
 
     def __init__(self) -> None:
-        from serving.api import LkRoutes
+        from lk_vllm.plugin.server.routes import LkRoutes
 
         self.routes = LkRoutes()
 
     def attach_router(self, app) -> None:
-        from serving.api import attach
+        from lk_vllm.plugin.server.routes import attach
 
         attach(app, self.routes)
 

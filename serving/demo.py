@@ -137,9 +137,9 @@ def _print_stats(stats: dict) -> None:
 def run(args) -> int:
     from lk_vllm.assets import resolve_target
     from lk_vllm.engine import EngineSettings, apply_engine_env
+    from lk_vllm.plugin.server.speedup import load_cached_profile, profile_key_for_settings
     from serving.client import request_json
     from serving.launcher import free_port, start_server
-    from serving.speedup import load_cached_profile, profile_key_for_settings
 
     _check(args)
     apply_engine_env()

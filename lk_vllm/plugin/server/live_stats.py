@@ -1,8 +1,8 @@
 """Live speculative-decoding statistics of a running server, kept in one process-wide store.
 
-vLLM's front-end process calls the lk stat logger (``lk_vllm.plugin.stat_logger``) once per engine step; the
+vLLM's front-end process calls the lk stat logger (``lk_vllm.plugin.server.stat_logger``) once per engine step; the
 logger turns the step's scheduler and iteration stats into a :class:`Step` and appends it here. The HTTP
-routes (``serving.api``), the Prometheus gauges and the dashboard read the same store: they all live in the
+routes (``lk_vllm.plugin.server.routes``), the Prometheus gauges and the dashboard read the same store: they all live in the
 API-server process, so a module-level singleton is shared without any IPC.
 
 A step records the speculative-decoding counters (drafts, draft tokens, accepted tokens per position), the
@@ -18,7 +18,7 @@ scheduler sends with a finished request (only with ``--per-request-spec-decode-m
 per-request means, next to vLLM's pooled one) and the per-request histogram; see ``lk_vllm.acceptance``.
 A request is counted, whole, for the drafter live when it finished.
 
-All rates come from ``lk_vllm.acceptance``; speed-up from ``serving.speedup``.
+All rates come from ``lk_vllm.acceptance``; speed-up from ``lk_vllm.plugin.server.speedup``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 from lk_vllm import acceptance
 from lk_vllm.errors import UserError
-from serving.speedup import BaselineProfile, speedup_of_steps
+from lk_vllm.plugin.server.speedup import BaselineProfile, speedup_of_steps
 
 # Steps older than this are dropped (bounded memory; the longest window and the dashboard history).
 MAX_HISTORY_SECONDS = 3600.0

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from lk_vllm import acceptance
+from lk_vllm.env import DRIFT_ENV
 from lk_vllm.errors import UserError
 
-DRIFT_ENV = "LK_VLLM_DRIFT"
 MIN_DRAFTS = 50  # below this many drafts in the window a check is not judged
 
 
@@ -62,7 +62,7 @@ def check_threshold(value: Any) -> float:
 
 def training_expectation(drafter_path: str, num_speculative_tokens: int) -> dict[str, float]:
     """Expected acceptance length per sampling mode from the drafter's ``lk_training.json`` (empty if none)."""
-    from serving.drafter_info import read_drafter_dir
+    from lk_vllm.drafters.base import read_drafter_dir
 
     if not Path(drafter_path).is_dir():
         return {}

@@ -1,7 +1,7 @@
 """``vllm.stat_logger_plugins`` entry point: every engine step into the live store.
 
 vLLM's ``AsyncLLM`` (the OpenAI server's engine client) builds one logger per engine and calls ``record`` after
-each engine step's outputs were processed, in the API-server process; ``serving.live_stats.STORE`` lives in the
+each engine step's outputs were processed, in the API-server process; ``lk_vllm.plugin.server.live_stats.STORE`` lives in the
 same process and is read by the HTTP routes. The logger is inert when speculative decoding is off.
 
 Per-request counters come from the ``FinishedRequestStats`` of the requests that finished in the step, where
@@ -37,15 +37,15 @@ def finished_request_counts(iteration_stats) -> list[tuple[int, int, str]]:
 
 class LkStatLogger(StatLoggerBase):
     def __init__(self, vllm_config, engine_index: int = 0):
-        from serving.live_stats import STORE
+        from lk_vllm.plugin.server.live_stats import STORE
 
         self.engine_index = engine_index
         self.store = STORE
         spec = vllm_config.speculative_config
         self.active = spec is not None
         if spec is not None and engine_index == 0:
-            from serving.drafter_info import describe_speculative_config
-            from serving.speedup import load_baseline_for
+            from lk_vllm.plugin.server.drafter_info import describe_speculative_config
+            from lk_vllm.plugin.server.speedup import load_baseline_for
 
             self.store.set_drafter(describe_speculative_config(spec))
             load_baseline_for(self.store, vllm_config)

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from lk_vllm import acceptance
+from lk_vllm.env import CAPTURE_ENV
 from lk_vllm.errors import UserError
 
-CAPTURE_ENV = "LK_VLLM_CAPTURE"
 CAPTURED_PATHS = ("/v1/chat/completions", "/v1/completions")
 ROTATE_BYTES = 16 * 2**20
 QUANTILE_WINDOW_SECONDS = 600.0

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from serving.live_stats import DrafterInfo
+from lk_vllm.drafters.base import read_drafter_dir
+from lk_vllm.plugin.server.live_stats import DrafterInfo
 
 # Methods whose drafter is a model with its own output distribution: lk-vllm samples their drafts
 # probabilistically at T > 0 (LK_PAPER.md §3). Others (ngram, suffix) propose deterministic tokens.
@@ -34,18 +34,6 @@ def sampling_modes(method: str, draft_sample_method: str, rejection_sample_metho
         "rejection": rejection,
         "temperature_zero": "greedy: the target's argmax, drafts accepted when they match it",
     }
-
-
-def read_drafter_dir(path: str | Path) -> dict[str, Any]:
-    """config.json and lk_training.json of a drafter directory (empty dicts when absent)."""
-    path = Path(path)
-    out: dict[str, Any] = {"config": {}, "training": {}}
-    for key, name in (("config", "config.json"), ("training", "lk_training.json")):
-        try:
-            out[key] = json.loads((path / name).read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
-    return out
 
 
 def recorded_loss(training_record: dict[str, Any]) -> str | None:

@@ -8,7 +8,7 @@ things, in every vLLM process, through the general plugin (serving/README.md, "M
 and one check:
 
 1. **Model registration** (a supported extension point): ``MLPSpeculatorPreTrainedModel`` ->
-   ``lk_vllm.plugin.mlp_model:MLPSpeculatorModel``, vLLM's own ``MLPSpeculator`` layers and weight loader plus
+   ``lk_vllm.plugin.engine.mlp_model:MLPSpeculatorModel``, vLLM's own ``MLPSpeculator`` layers and weight loader plus
    the proposal loop.
 2. **Runner construction** (a patch of ``GPUModelRunner.__init__``, which the CPU runner inherits): for
    ``mlp_speculator`` the runner is built as for ``medusa`` (the method with the same runner needs: no draft
@@ -35,7 +35,7 @@ from typing import Any
 
 METHOD = "mlp_speculator"
 ARCHITECTURE = "MLPSpeculatorPreTrainedModel"
-MODEL_CLASS = "lk_vllm.plugin.mlp_model:MLPSpeculatorModel"
+MODEL_CLASS = "lk_vllm.plugin.engine.mlp_model:MLPSpeculatorModel"
 # The parameters of GPUModelRunner.propose_draft_token_ids in vLLM 0.32.0 (checked before patching).
 PROPOSE_PARAMETERS = ("self", "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
                       "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata", "common_attn_metadata",

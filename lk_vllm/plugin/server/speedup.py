@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lk_vllm.atomic import write_atomic
+from lk_vllm.env import BASELINE_PROFILE_ENV
 from lk_vllm.errors import UserError
 
 # Batch-size buckets reported separately: (label, smallest, largest).
@@ -234,7 +235,7 @@ def load_baseline_for(store, vllm_config) -> None:
     target, dtype, hardware and vLLM. The file is re-read when it changes."""
     import os
 
-    explicit = os.environ.get("LK_VLLM_BASELINE_PROFILE")
+    explicit = os.environ.get(BASELINE_PROFILE_ENV)
     if explicit:
         store.watch_baseline(explicit, f"baseline profile {explicit} not found")
         return
