@@ -65,11 +65,13 @@ def test_a_users_binding_keeps_vllms_worker_process_and_says_so(monkeypatch, cap
 def test_the_in_process_patch_is_idempotent():
     from vllm.platforms.cpu import CpuPlatform
 
+    from lk_vllm.plugin import patching
+
     plugin.register()
     first = CpuPlatform.check_and_update_config.__func__
     plugin.register()
     assert CpuPlatform.check_and_update_config.__func__ is first
-    assert not getattr(first.__wrapped__, "_lk_vllm_patched", False)  # vLLM's own method, wrapped once
+    assert not patching.is_patched(first.__wrapped__)  # vLLM's own method, wrapped once
 
 
 def _run(default_target, spec, inprocess: str):

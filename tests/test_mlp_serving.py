@@ -113,6 +113,7 @@ def test_install_is_idempotent_and_checks_what_it_patches(monkeypatch):
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from lk_vllm import engine, plugin
+    from lk_vllm.plugin import patching
     from lk_vllm.plugin.engine import mlp_proposer
 
     plugin.register()
@@ -127,8 +128,10 @@ def test_install_is_idempotent_and_checks_what_it_patches(monkeypatch):
         def propose_draft_token_ids(self, scheduler_output, sampled_token_ids):
             pass
 
-    with pytest.raises(RuntimeError, match="written for vLLM 0.32.0's GPUModelRunner.propose_draft_token_ids"):
-        mlp_proposer._check_patch_targets(Changed)
+    # The proposer's wrappers were written for vLLM 0.32.0's parameters: another runner's are refused.
+    propose = next(point for point in mlp_proposer._patch_points() if point[1] == "propose_draft_token_ids")
+    with pytest.raises(RuntimeError, match=r"Changed.propose_draft_token_ids was written for parameters"):
+        patching.wrap(Changed, "propose_draft_token_ids", propose[2], parameters=propose[3], why="test")
     monkeypatch.setattr(engine, "vllm_version", lambda: "0.33.0")
     with pytest.raises(RuntimeError, match="built for vLLM 0.32.0 but vLLM 0.33.0"):
         mlp_proposer.install()

@@ -97,7 +97,7 @@ def test_worker_method_install_refuses_to_replace_a_vllm_method(monkeypatch):
     from lk_vllm.plugin.engine.worker import install_worker_methods
 
     monkeypatch.setattr(WorkerBase, "lk_reload_drafter", lambda self: None, raising=False)
-    with pytest.raises(RuntimeError, match="already defines lk_reload_drafter"):
+    with pytest.raises(RuntimeError, match="WorkerBase.lk_reload_drafter already exists"):
         install_worker_methods()
 
 
@@ -206,10 +206,11 @@ def test_vllms_cpu_expand_kernel_loses_float_values_and_the_patch_keeps_them():
     import vllm._custom_ops  # noqa: F401 - loads the C++ ops
     from vllm.utils import cpu_triton_utils
 
+    from lk_vllm.plugin import patching
     from lk_vllm.plugin.patches import expand_kernel_any_dtype
 
     original = cpu_triton_utils._expand_kernel_impl
-    if getattr(original, "_lk_vllm_patched", False):  # patched by an earlier test: find vLLM's own
+    if patching.is_patched(original):  # patched by an earlier test: find vLLM's own
         import importlib
 
         original = importlib.reload(cpu_triton_utils)._expand_kernel_impl

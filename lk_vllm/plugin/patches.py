@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import os
 
-_MARK = "_lk_vllm_patched"
+from lk_vllm.plugin import patching
 
 
 def expand_kernel_any_dtype(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):
@@ -48,18 +48,16 @@ def expand_kernel_any_dtype(output, input_val, cu_num_tokens, replace_from, repl
     output[: expanded.numel()].copy_(expanded.to(output.dtype))
 
 
-setattr(expand_kernel_any_dtype, _MARK, True)
-
-
 def patch_cpu_expand_kernel() -> bool:
     """Install the fixed expand kernel on CPU builds; returns True when it is (or already was) in place."""
     try:
         from vllm.utils import cpu_triton_utils
     except ImportError:  # a GPU build: nothing to fix
         return False
-    if getattr(cpu_triton_utils._expand_kernel_impl, _MARK, False):
-        return True
-    cpu_triton_utils._expand_kernel_impl = expand_kernel_any_dtype
+    patching.replace(cpu_triton_utils, "_expand_kernel_impl", expand_kernel_any_dtype,
+                     parameters=("output", "input_val", "cu_num_tokens", "replace_from", "replace_to",
+                                 "MAX_NUM_TOKENS"),
+                     why="CPU expand kernel that keeps the output dtype (temperatures at T > 0)")
     return True
 
 
@@ -69,19 +67,19 @@ def patch_medusa_token_map() -> bool:
         from vllm.model_executor.models.medusa import Medusa
     except ImportError:
         return False
-    original = Medusa.load_weights
-    if getattr(original, _MARK, False):
-        return True
 
-    @functools.wraps(original)  # keeps vLLM's method reachable as __wrapped__
-    def load_weights(self, weights):
-        loaded = original(self, weights)
-        if getattr(self, "token_map", None) is not None:
-            loaded.add("token_map")
-        return loaded
+    def make(original):
+        @functools.wraps(original)  # keeps vLLM's method reachable as __wrapped__
+        def load_weights(self, weights):
+            loaded = original(self, weights)
+            if getattr(self, "token_map", None) is not None:
+                loaded.add("token_map")
+            return loaded
 
-    setattr(load_weights, _MARK, True)
-    Medusa.load_weights = load_weights
+        return load_weights
+
+    patching.wrap(Medusa, "load_weights", make, parameters=("self", "weights"),
+                  why="a Medusa checkpoint's token_map counts as loaded")
     return True
 
 
@@ -94,21 +92,21 @@ def patch_cpu_inprocess_worker() -> bool:
         from vllm.platforms.cpu import CpuPlatform
     except ImportError:
         return False
-    original = CpuPlatform.check_and_update_config.__func__
-    if getattr(original, _MARK, False):
-        return True
 
-    @functools.wraps(original)
-    def check_and_update_config(cls, vllm_config):
-        parallel = vllm_config.parallel_config
-        requested = parallel.distributed_executor_backend
-        original(cls, vllm_config)
-        wanted = os.environ.get(INPROCESS_WORKER_ENV, "0") == "1"
-        if wanted and requested == "uni" and parallel.world_size == 1:
-            parallel.distributed_executor_backend = "uni"
+    def make(original):
+        @functools.wraps(original)
+        def check_and_update_config(cls, vllm_config):
+            parallel = vllm_config.parallel_config
+            requested = parallel.distributed_executor_backend
+            original(cls, vllm_config)
+            wanted = os.environ.get(INPROCESS_WORKER_ENV, "0") == "1"
+            if wanted and requested == "uni" and parallel.world_size == 1:
+                parallel.distributed_executor_backend = "uni"
 
-    setattr(check_and_update_config, _MARK, True)
-    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+        return check_and_update_config
+
+    patching.wrap(CpuPlatform, "check_and_update_config", make, parameters=("cls", "vllm_config"),
+                  why="a one-worker CPU engine keeps its worker in EngineCore's process")
     return True
 
 
@@ -121,21 +119,21 @@ def patch_finished_request_spec_metrics() -> bool:
     True when the patch is in place."""
     from vllm.v1.engine.output_processor import OutputProcessor
 
-    original = OutputProcessor._update_stats_from_finished
-    if getattr(original, _MARK, False):
-        return True
+    def make(original):
+        @functools.wraps(original)
+        def _update_stats_from_finished(self, req_state, finish_reason, iteration_stats):
+            count = len(iteration_stats.finished_requests) if iteration_stats is not None else 0
+            original(self, req_state, finish_reason, iteration_stats)
+            if iteration_stats is not None and len(iteration_stats.finished_requests) == count + 1:
+                finished = iteration_stats.finished_requests[-1]
+                setattr(finished, FINISHED_SPEC_METRICS, req_state.spec_decode_metrics)
+                setattr(finished, FINISHED_TEMPERATURE, req_state.temperature)
 
-    @functools.wraps(original)
-    def _update_stats_from_finished(self, req_state, finish_reason, iteration_stats):
-        count = len(iteration_stats.finished_requests) if iteration_stats is not None else 0
-        original(self, req_state, finish_reason, iteration_stats)
-        if iteration_stats is not None and len(iteration_stats.finished_requests) == count + 1:
-            finished = iteration_stats.finished_requests[-1]
-            setattr(finished, FINISHED_SPEC_METRICS, req_state.spec_decode_metrics)
-            setattr(finished, FINISHED_TEMPERATURE, req_state.temperature)
+        return _update_stats_from_finished
 
-    setattr(_update_stats_from_finished, _MARK, True)
-    OutputProcessor._update_stats_from_finished = _update_stats_from_finished
+    patching.wrap(OutputProcessor, "_update_stats_from_finished", make,
+                  parameters=("self", "req_state", "finish_reason", "iteration_stats"),
+                  why="a finished request's own speculative counters and temperature reach the stat logger")
     return True
 
 

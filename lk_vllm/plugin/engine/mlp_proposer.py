@@ -40,7 +40,6 @@ MODEL_CLASS = "lk_vllm.plugin.engine.mlp_model:MLPSpeculatorModel"
 PROPOSE_PARAMETERS = ("self", "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
                       "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata", "common_attn_metadata",
                       "slot_mappings")
-_MARK = "_lk_vllm_patched"
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -173,7 +172,6 @@ def _construct_runner(original):
         if hasattr(self, "drafter"):  # only the last pipeline-parallel rank drafts
             self.drafter = MLPSpeculatorProposer(vllm_config, self.device)
 
-    setattr(__init__, _MARK, True)
     return __init__
 
 
@@ -194,7 +192,6 @@ def _propose_draft_token_ids(original):
         self._draft_prob_req_ids = None if probs is None else self.input_batch.req_ids.copy()
         return drafts
 
-    setattr(propose_draft_token_ids, _MARK, True)
     return propose_draft_token_ids
 
 
@@ -205,48 +202,34 @@ def _verify_draft_fits_target(original):
         if self.method == METHOD and self.target_model_config is not None and self.draft_model_config is not None:
             check_fits_target(self, self.target_model_config)
 
-    setattr(verify_equal_vocab_size_if_draft_model, _MARK, True)
     return verify_equal_vocab_size_if_draft_model
 
 
-def _check_patch_targets(runner_cls) -> None:
-    """Refuse to patch a runner whose methods are not the ones these patches were written against."""
-    parameters = tuple(inspect.signature(runner_cls.propose_draft_token_ids).parameters)
-    if parameters != PROPOSE_PARAMETERS:
-        raise RuntimeError(f"lk-vllm's MLP-speculator support was written for vLLM 0.32.0's "
-                           f"GPUModelRunner.propose_draft_token_ids{PROPOSE_PARAMETERS}, found {parameters}")
-
-
 def _patch_points():
-    """(class, method name, wrapper factory) for every vLLM method this module wraps."""
+    """(class, method name, wrapper factory, the parameters it was written for) for every method wrapped."""
     from vllm.config import SpeculativeConfig
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    return ((SpeculativeConfig, "verify_equal_vocab_size_if_draft_model", _verify_draft_fits_target),
-            (GPUModelRunner, "__init__", _construct_runner),
-            (GPUModelRunner, "propose_draft_token_ids", _propose_draft_token_ids))
+    return ((SpeculativeConfig, "verify_equal_vocab_size_if_draft_model", _verify_draft_fits_target, ("self",)),
+            (GPUModelRunner, "__init__", _construct_runner, ("self", "vllm_config", "device")),
+            (GPUModelRunner, "propose_draft_token_ids", _propose_draft_token_ids, PROPOSE_PARAMETERS))
 
 
 def install() -> None:
     """Register the model and wrap the methods above (idempotent). Raises RuntimeError on another vLLM."""
     from vllm.model_executor.models import ModelRegistry
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from lk_vllm.engine import check_vllm_version
+    from lk_vllm.plugin import patching
 
     check_vllm_version()
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-    if installed():
-        return
-    _check_patch_targets(GPUModelRunner)
-    for cls, name, wrap in _patch_points():
-        if not callable(getattr(cls, name, None)):
-            raise RuntimeError(f"lk-vllm's MLP-speculator support wraps vLLM 0.32.0's {cls.__name__}.{name}, "
-                               f"which this vLLM does not have")
-        if not getattr(getattr(cls, name), _MARK, False):
-            setattr(cls, name, wrap(getattr(cls, name)))
+    for cls, name, make, parameters in _patch_points():
+        patching.wrap(cls, name, make, parameters=parameters, why="vLLM V1 serves mlp_speculator drafters")
 
 
 def installed() -> bool:
     """True when this process's vLLM carries every wrapper."""
-    return all(getattr(getattr(cls, name), _MARK, False) for cls, name, _ in _patch_points())
+    from lk_vllm.plugin.patching import is_patched
+
+    return all(is_patched(inspect.getattr_static(cls, name)) for cls, name, _, _ in _patch_points())

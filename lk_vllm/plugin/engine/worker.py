@@ -13,7 +13,6 @@ from typing import Any
 
 RELOAD_DRAFTER = "lk_reload_drafter"
 DRAFTER_PARAMETERS = "lk_drafter_parameters"
-_MARK = "_lk_vllm_method"
 
 
 def _proposer(worker):
@@ -156,9 +155,7 @@ def install_worker_methods() -> None:
     """Add the lk methods to vLLM's WorkerBase (idempotent)."""
     from vllm.v1.worker.worker_base import WorkerBase
 
-    for name, function in ((RELOAD_DRAFTER, lk_reload_drafter), (DRAFTER_PARAMETERS, lk_drafter_parameters)):
-        existing = getattr(WorkerBase, name, None)
-        if existing is not None and not getattr(existing, _MARK, False):
-            raise RuntimeError(f"vLLM's WorkerBase already defines {name}; lk-vllm will not replace it")
-        setattr(function, _MARK, True)
-        setattr(WorkerBase, name, function)
+    from lk_vllm.plugin import patching
+
+    patching.add(WorkerBase, RELOAD_DRAFTER, lk_reload_drafter, why="drafter swap: reload its weights in place")
+    patching.add(WorkerBase, DRAFTER_PARAMETERS, lk_drafter_parameters, why="drafter swap: checksum the weights")
