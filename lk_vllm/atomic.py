@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,23 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` (text as UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty directory beside ``path`` (mode 0755, like any cache directory); when the block exits
+    cleanly it replaces ``path`` whole (``replace_dir``), and if the block raises it is removed. The one way
+    lk-vllm writes a directory: models, drafters, checkpoints."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        yield tmp
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(new: str | os.PathLike, path: str | os.PathLike) -> None:

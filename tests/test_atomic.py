@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lk_vllm.atomic import atomic_path, write_atomic
+from lk_vllm.atomic import atomic_dir, atomic_path, write_atomic
 
 
 def test_write_atomic_text_and_bytes(tmp_path):
@@ -66,3 +66,20 @@ def test_replace_dir_never_deletes_the_old_copy_first(tmp_path, monkeypatch, exc
     fresh.mkdir()
     atomic.replace_dir(fresh, tmp_path / "other")  # nothing there yet: a plain rename
     assert (tmp_path / "other").is_dir() and not fresh.exists()
+
+
+def test_atomic_dir_replaces_whole_or_leaves_the_old_copy(tmp_path):
+    final = tmp_path / "drafter"
+    with atomic_dir(final) as tmp:
+        assert tmp.parent == tmp_path and tmp != final and not final.exists()
+        (tmp / "config.json").write_text("first")
+    assert (final / "config.json").read_text() == "first" and oct(final.stat().st_mode & 0o777) == "0o755"
+    with pytest.raises(RuntimeError, match="crash"):
+        with atomic_dir(final) as tmp:
+            (tmp / "config.json").write_text("half")
+            raise RuntimeError("crash")
+    assert (final / "config.json").read_text() == "first"
+    with atomic_dir(final) as tmp:
+        (tmp / "model.safetensors").write_text("second")
+    assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"]  # the new copy whole, nothing mixed
+    assert [p.name for p in tmp_path.iterdir()] == ["drafter"]

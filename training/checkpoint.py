@@ -17,13 +17,12 @@ import errno
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lk_vllm.atomic import replace_dir
+from lk_vllm.atomic import atomic_dir
 from lk_vllm.errors import UserError
 
 STATE_FILE = "state.pt"
@@ -69,21 +68,15 @@ def _save_state(state: dict[str, Any], path: Path) -> None:
 
 def save_checkpoint(checkpoints_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Atomically write ``step-<step>``; then delete all but the newest ``keep`` checkpoints."""
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=checkpoints_dir))
     try:
-        _save_state(state, tmp / STATE_FILE)
-        replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) swaps the directory whole
+        with atomic_dir(final) as tmp:  # re-saving a step (e.g. after a resume) swaps the directory whole
+            _save_state(state, tmp / STATE_FILE)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(checkpoints_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
         raise UserError(f"cannot write checkpoint {final}: {reason}; {kept}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for _, old in list_checkpoints(checkpoints_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -13,9 +13,7 @@ import datetime
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lk_vllm.atomic import replace_dir
+from lk_vllm.atomic import atomic_dir
 from lk_vllm.errors import UserError
 
 # Head sizes vLLM's CPU attention backend (CPU_ATTN) supports; a drafter with attention must use one.
@@ -345,19 +343,12 @@ def write_checkpoint_dir(directory: Path, config: dict, state: dict[str, torch.T
     from safetensors.torch import save_file
 
     directory = directory.expanduser().resolve()
-    directory.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}  # from any device
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with atomic_dir(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         os.chmod(tmp / WEIGHTS_FILE, 0o644)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
         (tmp / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
