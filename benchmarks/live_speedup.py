@@ -29,7 +29,7 @@ def serve_and_send(target: str, prompts: list[list[dict]], max_tokens: int, spec
     from serving.client import complete, request_json
     from serving.launcher import start_server
 
-    args = [target, "--max-model-len", "2048"]
+    args = ["--target", target, "--max-model-len", "2048"]
     if spec is not None:
         args += ["--speculative-config", json.dumps(spec)]
     log = Path(tempfile.mkdtemp(prefix="lk-live-")) / "server.log"

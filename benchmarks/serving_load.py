@@ -47,9 +47,9 @@ def main() -> int:
     # A fresh baseline covering the batch sizes this load reaches (the server reads the cached profile).
     import subprocess
 
-    subprocess.run([sys.executable, "-m", "lk_vllm.cli", "calibrate", target, "--force", "--max-model-len", "1024",
+    subprocess.run([sys.executable, "-m", "lk_vllm.cli", "calibrate", "--target", target, "--force", "--max-model-len", "1024",
                     "--batch-sizes", f"1,4,8,16,{args.clients}", "--output-tokens", "32"], check=True)
-    serve_args = [target, "--speculative-config", json.dumps(NGRAM), "--max-model-len", "1024", "--max-num-seqs",
+    serve_args = ["--target", target, "--speculative-config", json.dumps(NGRAM), "--max-model-len", "1024", "--max-num-seqs",
                   str(args.clients)]
     import tempfile
 

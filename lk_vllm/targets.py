@@ -7,7 +7,9 @@ not expose auxiliary hidden states, and chat-formatted data for a tokenizer with
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
 from functools import lru_cache
 
 from lk_vllm.errors import UserError
@@ -88,3 +90,27 @@ def check_target(target: str, drafter_architecture: str | None = None, needs_cha
 
 
 __all__ = ["TargetShape", "check_target", "has_chat_template", "serving_problem", "vllm_support"]
+
+
+# ------------------------------------------------------------------------------------------ the --target flag
+class _DeprecatedPositionalTarget(argparse.Action):
+    """``lk-vllm serve TARGET`` / ``calibrate TARGET``: the old spelling of ``--target``, still accepted."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            return
+        if namespace.target is not None and namespace.target != values:
+            parser.error(f"the target is given twice ({values} and --target {namespace.target}); give --target once")
+        print(f"lk-vllm: a positional TARGET is deprecated; use --target {values}", file=sys.stderr)
+        namespace.target = values
+
+
+def add_target_argument(parser: argparse.ArgumentParser, default: str = "the embedded default target",
+                        positional: bool = False) -> None:
+    """Every command's ``--target`` (``args.target``, None when not given). ``default`` says what the command
+    takes then; ``positional`` also accepts the deprecated ``TARGET`` of ``serve`` and ``calibrate``."""
+    parser.add_argument("--target", default=None,
+                        help=f"target model directory or cached HF id (default: {default})")
+    if positional:
+        parser.add_argument("target_positional", nargs="?", default=None, metavar="TARGET",
+                            action=_DeprecatedPositionalTarget, help=argparse.SUPPRESS)

@@ -377,11 +377,12 @@ def validate(directory: str | Path, target: str | None, num_speculative_tokens: 
 
 # ------------------------------------------------------------------------------------------------ command line
 def add_arguments(parser) -> None:
+    from lk_vllm.targets import add_target_argument
+
     defaults = ProbeSettings()
     parser.add_argument("drafter", metavar="DRAFTER", help="drafter checkpoint directory")
-    parser.add_argument("--target", default=None,
-                        help="target model directory or HF id (default: the one recorded with the drafter if it "
-                             "is here, else the embedded default target)")
+    add_target_argument(parser, "the one recorded with the drafter if it is here, else the embedded default "
+                                "target")
     parser.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K",
                         help="draft tokens per step to check and probe with (default 3)")
     parser.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,

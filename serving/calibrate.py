@@ -32,7 +32,9 @@ _PROMPT_TOPICS = ("rivers", "bridges", "volcanoes", "libraries", "glaciers", "ma
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", nargs="?", default=None, help="target model (default: the embedded default)")
+    from lk_vllm.targets import add_target_argument
+
+    add_target_argument(parser, positional=True)
     parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
                         help="comma-separated batch sizes to measure (default 1,2,4,8,16)")
     parser.add_argument("--output-tokens", type=int, default=64, help="tokens generated per request (default 64)")

@@ -87,11 +87,11 @@ def _serve_arguments(args, target: str) -> tuple[list[str], str]:
         flags = ["--drafter", str(drafter)]
         if args.num_speculative_tokens:
             flags += ["--num-speculative-tokens", str(args.num_speculative_tokens)]
-        return [target, *flags], description
+        return ["--target", target, *flags], description
     config = dict(NGRAM_CONFIG, num_speculative_tokens=args.num_speculative_tokens or NGRAM_K)
     description = (f"vLLM's built-in n-gram drafter (prompt lookup, {config['num_speculative_tokens']} draft tokens "
                    "per step): no training needed")
-    return [target, "--speculative-config", json.dumps(config)], description
+    return ["--target", target, "--speculative-config", json.dumps(config)], description
 
 
 def _send_traffic(url: str, model: str, args) -> list:

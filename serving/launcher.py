@@ -64,8 +64,9 @@ VALIDATED_METHODS = ("eagle3", "medusa", "mlp_speculator", "draft_model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", nargs="?", default=None,
-                        help="target model directory or HF id (default: the embedded SmolLM2-135M-Instruct)")
+    from lk_vllm.targets import add_target_argument
+
+    add_target_argument(parser, "the embedded SmolLM2-135M-Instruct", positional=True)
     spec = parser.add_mutually_exclusive_group()
     spec.add_argument("--drafter", metavar="DIR", help="drafter checkpoint directory (written by lk-vllm train)")
     spec.add_argument("--speculative-config", metavar="JSON",
@@ -270,7 +271,7 @@ def ensure_calibrated(command: ServerCommand, args: argparse.Namespace) -> None:
         return
     print(f"lk-vllm serve: no baseline for this target/dtype/hardware yet; measuring it once "
           f"(cached at {path})", file=sys.stderr, flush=True)
-    calibrate = [sys.executable, "-m", "lk_vllm.cli", "calibrate", command.target,
+    calibrate = [sys.executable, "-m", "lk_vllm.cli", "calibrate", "--target", command.target,
                  *engine_arguments(command.settings)]
     result = subprocess.run(calibrate, env=command.env)
     if result.returncode != 0:
@@ -356,7 +357,7 @@ def start_server(
 ) -> ServerHandle:
     """Start ``lk-vllm serve <serve_args>`` in a subprocess (own process group) and wait until it is healthy.
 
-    ``serve_args`` are the command's arguments (target, --drafter, ..., and ``--`` vLLM flags); host and port
+    ``serve_args`` are the command's arguments (--target, --drafter, ..., and ``--`` vLLM flags); host and port
     are added here. Output goes to ``log_path`` (default: inherited). Raises if the server dies or times out.
     """
     port = port or free_port(host)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import greedy_batch
+from train_helpers import greedy_batch, serve_args
 
 from lk_vllm.drafters import create_drafter, multi_step_loss, target_info
 from lk_vllm.errors import UserError
@@ -84,7 +84,6 @@ def test_eagle3_on_gemma3_is_refused_in_one_line_by_every_command(gemma3, tmp_pa
 
 
 def test_serve_and_eval_refuse_an_eagle3_drafter_for_gemma3(gemma3, tmp_path):
-    from test_plugin import _serve_args
 
     from lk_vllm.target_model import TargetModel
     from serving import launcher
@@ -94,7 +93,7 @@ def test_serve_and_eval_refuse_an_eagle3_drafter_for_gemma3(gemma3, tmp_path):
     drafter = create_drafter("eagle3", target, draft_to_target=torch.arange(0, 262144, 64), aux_layer_ids=(0, 1, 2))
     directory = drafter.save_pretrained(tmp_path / "e3", target=target_info(target))
     with pytest.raises(UserError, match="--drafter .*: vLLM .* cannot serve EAGLE-3 for Gemma3ForCausalLM"):
-        launcher.build_server_command(_serve_args(gemma3, "--drafter", str(directory)))
+        launcher.build_server_command(serve_args(gemma3, "--drafter", str(directory)))
     with pytest.raises(UserError, match="cannot serve EAGLE-3 for Gemma3ForCausalLM"):
         run_eval(str(directory), gemma3, ["mtbench"], 1, "torch", 3, 8, 0.0)
 

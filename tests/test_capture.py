@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from train_helpers import FAKE_TARGET_CONFIG
+from train_helpers import FAKE_TARGET_CONFIG, serve_args
 
 from lk_vllm.errors import UserError
 from lk_vllm.plugin.server import capture as capture_module
@@ -228,7 +228,6 @@ def test_the_capture_route_is_admin_only(tmp_path, monkeypatch):
 
 
 def test_serve_flags(tmp_path):
-    from test_plugin import _serve_args
 
     from serving import launcher
 
@@ -236,13 +235,13 @@ def test_serve_flags(tmp_path):
     target.mkdir()
     (target / "config.json").write_text(json.dumps(FAKE_TARGET_CONFIG))
     ngram = ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}', "--no-calibrate"]
-    command = launcher.build_server_command(_serve_args(str(target), *ngram, "--capture-low-acceptance",
+    command = launcher.build_server_command(serve_args(target, *ngram, "--capture-low-acceptance",
                                                         str(tmp_path / "cap"), "--capture-quantile", "0.1"))
     settings = json.loads(command.env[capture_module.CAPTURE_ENV])
     assert settings == {"directory": str(tmp_path / "cap"), "quantile": 0.1, "max_megabytes": 1024.0}
-    assert json.loads(launcher.build_server_command(_serve_args(str(target), *ngram)).env[
+    assert json.loads(launcher.build_server_command(serve_args(target, *ngram)).env[
         capture_module.CAPTURE_ENV])["directory"] is None  # off by default
     with pytest.raises(UserError, match="--capture-quantile"):
-        launcher.build_server_command(_serve_args(str(target), *ngram, "--capture-quantile", "0"))
+        launcher.build_server_command(serve_args(target, *ngram, "--capture-quantile", "0"))
     with pytest.raises(UserError, match="^--capture-low-acceptance: needs speculative decoding"):
-        launcher.build_server_command(_serve_args(str(target), "--capture-low-acceptance", str(tmp_path / "c")))
+        launcher.build_server_command(serve_args(target, "--capture-low-acceptance", str(tmp_path / "c")))

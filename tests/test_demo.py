@@ -109,11 +109,11 @@ def test_demo_serves_the_default_drafter_ngram_or_a_directory(tmp_path, monkeypa
     installed = tmp_path / "installed"
     monkeypatch.setattr(assets, "install_default_drafter", lambda target=None: installed)
     flags, description = demo._serve_arguments(args(None), "T")
-    assert flags == ["T", "--drafter", str(installed)] and "default LK drafter" in description
+    assert flags == ["--target", "T", "--drafter", str(installed)] and "default LK drafter" in description
     flags, description = demo._serve_arguments(args("ngram"), "T")
-    assert flags[:2] == ["T", "--speculative-config"] and '"ngram"' in flags[2] and "n-gram" in description
+    assert flags[:3] == ["--target", "T", "--speculative-config"] and '"ngram"' in flags[3] and "n-gram" in description
     flags, _ = demo._serve_arguments(args(str(tmp_path)), "T")
-    assert flags == ["T", "--drafter", str(tmp_path.resolve())]
+    assert flags == ["--target", "T", "--drafter", str(tmp_path.resolve())]
     monkeypatch.setattr(assets, "install_default_drafter", lambda target=None: None)  # none shipped: n-gram
     flags, _ = demo._serve_arguments(args(None), "T")
-    assert flags[1] == "--speculative-config"
+    assert flags[2] == "--speculative-config"

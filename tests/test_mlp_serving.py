@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from test_eval_parity import MAX_TOKENS, K, _assert_parity, _train, setup  # noqa: F401 (setup is a fixture)
+from train_helpers import serve_args
 
 from lk_vllm.errors import UserError
 
@@ -53,16 +54,6 @@ def _dirs(tmp_path: Path, **drafter_changes) -> tuple[Path, Path]:
     return target, drafter
 
 
-def _serve_args(*argv):
-    import argparse
-
-    from serving import launcher
-
-    parser = argparse.ArgumentParser()
-    launcher.add_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
 # ------------------------------------------------------------------------------------------ fast
 @pytest.mark.parametrize("change, named", [
     ({"emb_dim": 16}, "target hidden states of size 16 (emb_dim), but the target's hidden size is 8"),
@@ -76,7 +67,7 @@ def test_mismatched_mlp_speculator_is_refused_before_the_engine_starts(tmp_path,
     value = str(drafter) if flag == "--drafter" else json.dumps(
         {"method": "mlp_speculator", "model": str(drafter), "num_speculative_tokens": 3})
     with pytest.raises(UserError) as error:
-        launcher.build_server_command(_serve_args(str(target), flag, value, "--no-calibrate"))
+        launcher.build_server_command(serve_args(target, flag, value, "--no-calibrate"))
     message = str(error.value)
     assert named in message and "MLP speculator" in message and "\n" not in message
 
@@ -85,13 +76,13 @@ def test_lk_vllm_serve_builds_the_mlp_speculator_config(tmp_path):
     from serving import launcher
 
     target, drafter = _dirs(tmp_path)
-    command = launcher.build_server_command(_serve_args(str(target), "--drafter", str(drafter), "--no-calibrate"))
+    command = launcher.build_server_command(serve_args(target, "--drafter", str(drafter), "--no-calibrate"))
     spec = json.loads(command.argv[command.argv.index("--speculative-config") + 1])
     # Drafts sampled from the stages' distributions at T > 0, standard verification (faithful sampling).
     assert spec == {"method": "mlp_speculator", "model": str(drafter.resolve()), "num_speculative_tokens": 3,
                     "rejection_sample_method": "standard", "draft_sample_method": "probabilistic"}
     with pytest.raises(UserError, match="it has 3 stages \\(n_predict\\), fewer than num_speculative_tokens 4"):
-        launcher.build_server_command(_serve_args(str(target), "--drafter", str(drafter),
+        launcher.build_server_command(serve_args(target, "--drafter", str(drafter),
                                                   "--num-speculative-tokens", "4", "--no-calibrate"))
 
 

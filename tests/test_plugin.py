@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from train_helpers import FAKE_TARGET_CONFIG, make_tiny_target, make_valid_drafter
+from train_helpers import FAKE_TARGET_CONFIG, make_tiny_target, make_valid_drafter, serve_args
 
 from lk_vllm import plugin
 from lk_vllm.errors import UserError
@@ -670,16 +670,6 @@ def test_dashboard_uses_only_local_files(app_with_routes):
 
 
 # ------------------------------------------------------------------------------------------------ launcher input
-def _serve_args(*argv):
-    import argparse
-
-    from serving import launcher
-
-    parser = argparse.ArgumentParser()
-    launcher.add_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
 @pytest.fixture(scope="module")
 def servable(tmp_path_factory):
     """A tiny target and an EAGLE-3 drafter for it that pass `lk-vllm validate`'s static checks (serve runs them)."""
@@ -702,7 +692,7 @@ def test_serve_command_is_vllms_server_with_faithful_sampling(tmp_path, monkeypa
 
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     target, drafter = servable
-    args = _serve_args(str(target), "--speculative-config", json.dumps({"method": "eagle3", "model": str(drafter),
+    args = serve_args(target, "--speculative-config", json.dumps({"method": "eagle3", "model": str(drafter),
                        "num_speculative_tokens": 2}), "--api-key", "k", "--admin-key", "a", "--drafters-dir",
                        str(tmp_path), "--port", "9", "--", "--max-num-batched-tokens", "512")
     command = launcher.build_server_command(args)
@@ -715,7 +705,7 @@ def test_serve_command_is_vllms_server_with_faithful_sampling(tmp_path, monkeypa
     assert "k" not in command.argv and "a" not in command.argv  # secrets go through the environment
     assert command.env["VLLM_API_KEY"] == "k" and command.env["LK_VLLM_ADMIN_KEY"] == "a"
     assert command.env["VLLM_PLUGINS"] == "lk_general,lk_stats,lk_endpoints"
-    ngram = launcher.build_server_command(_serve_args(str(target), "--speculative-config",
+    ngram = launcher.build_server_command(serve_args(target, "--speculative-config",
                                                       '{"method": "ngram", "num_speculative_tokens": 3}'))
     spec = json.loads(ngram.argv[ngram.argv.index("--speculative-config") + 1])
     assert spec == {"method": "ngram", "num_speculative_tokens": 3, "rejection_sample_method": "standard"}
@@ -745,7 +735,7 @@ def test_bad_serve_input_is_one_line_user_error(tmp_path, argv, message):
     (target / "config.json").write_text(json.dumps(FAKE_TARGET_CONFIG))
     argv = [str(_drafter_dir(tmp_path, "dd")) if a == "DRAFTER" else a for a in argv]
     with pytest.raises(UserError) as error:
-        launcher.build_server_command(_serve_args(str(target), *argv))
+        launcher.build_server_command(serve_args(target, *argv))
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -766,12 +756,30 @@ def test_drafter_for_another_target_is_refused(tmp_path):
 
 
 def test_serve_cli_prints_one_line_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lk_vllm.cli", "serve", str(tmp_path), "--speculative-config",
+    result = subprocess.run([sys.executable, "-m", "lk_vllm.cli", "serve", "--target", str(tmp_path), "--speculative-config",
                              "{oops"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "lk-vllm serve: error:" in lines[0]
+
+
+def test_a_positional_target_still_works_but_says_it_is_deprecated(capsys):
+    import argparse
+
+    from serving import calibrate, launcher
+
+    for module in (launcher, calibrate):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        assert parser.parse_args(["/models/t"]).target == "/models/t"
+        assert "positional TARGET is deprecated; use --target /models/t" in capsys.readouterr().err
+        assert parser.parse_args(["--target", "/models/t"]).target == "/models/t"
+        assert parser.parse_args([]).target is None
+        assert capsys.readouterr().err == ""
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--target", "/models/a", "/models/b"])
+        assert "the target is given twice" in capsys.readouterr().err
 
 
 def test_calibrate_batch_sizes_input():
@@ -804,15 +812,15 @@ def test_serve_calibrates_once_on_first_start_unless_told_not_to(tmp_path, monke
         return SimpleNamespace(returncode=0)
 
     monkeypatch.setattr(launcher.subprocess, "run", fake_run)
-    args = _serve_args(str(target), *ngram)
+    args = serve_args(target, *ngram)
     command = launcher.build_server_command(args)
     launcher.ensure_calibrated(command, args)
-    assert len(runs) == 1 and runs[0][2:5] == ["lk_vllm.cli", "calibrate", str(target)]
+    assert len(runs) == 1 and runs[0][2:6] == ["lk_vllm.cli", "calibrate", "--target", str(target)]
     assert command.env["LK_VLLM_BASELINE_PROFILE"].startswith(str(tmp_path / "home" / "calibration"))
     again = launcher.build_server_command(args)
     launcher.ensure_calibrated(again, args)  # cached now
     for flags in (["--no-calibrate"], []):
-        skipped = _serve_args(str(target), *(ngram if flags else []), *flags)
+        skipped = serve_args(target, *(ngram if flags else []), *flags)
         launcher.ensure_calibrated(launcher.build_server_command(skipped), skipped)  # no speculation: no baseline
     assert len(runs) == 1
 
@@ -821,13 +829,13 @@ def test_serve_drafter_dir_becomes_an_eagle3_config_with_probabilistic_drafts(tm
     from serving import launcher
 
     target, drafter = servable
-    command = launcher.build_server_command(_serve_args(str(target), "--drafter", str(drafter)))
+    command = launcher.build_server_command(serve_args(target, "--drafter", str(drafter)))
     spec = json.loads(command.argv[command.argv.index("--speculative-config") + 1])
     assert spec == {"method": "eagle3", "model": str(drafter.resolve()), "num_speculative_tokens": 3,
                     "rejection_sample_method": "standard", "draft_sample_method": "probabilistic"}
     with pytest.raises(UserError, match="no config.json"):
         (tmp_path / "bare").mkdir()
-        launcher.build_server_command(_serve_args(str(target), "--drafter", str(tmp_path / "bare")))
+        launcher.build_server_command(serve_args(target, "--drafter", str(tmp_path / "bare")))
 
 
 def test_metrics_collector_labels_both_aggregations_and_the_request_histogram(app_with_routes):

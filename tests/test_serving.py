@@ -76,7 +76,7 @@ def servers(tmp_path_factory, default_target):
         complete(handle.url, default_target, messages=REPEAT, max_tokens=16)  # warm-up
         first = decode_time(handle.url, default_target, rounds=2)
         calibrate = subprocess.run(
-            [sys.executable, "-m", "lk_vllm.cli", "calibrate", default_target, "--batch-sizes", "1,2",
+            [sys.executable, "-m", "lk_vllm.cli", "calibrate", "--target", default_target, "--batch-sizes", "1,2",
              "--output-tokens", "96", "--max-model-len", "1024"],
             env={**os.environ, "LK_VLLM_HOME": str(home)}, capture_output=True, text=True, timeout=900,
         )
@@ -99,7 +99,7 @@ def servers(tmp_path_factory, default_target):
     spec = None
     try:
         spec = start_server(
-            [default_target, "--speculative-config", json.dumps(NGRAM), "--api-key", API_KEY,
+            ["--target", default_target, "--speculative-config", json.dumps(NGRAM), "--api-key", API_KEY,
              "--admin-key", ADMIN_KEY, "--drafters-dir", str(drafters), *ENGINE_FLAGS],
             env={"LK_VLLM_HOME": str(home)}, log_path=work / "spec.log", timeout=900,
         )

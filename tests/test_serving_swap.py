@@ -86,7 +86,7 @@ def server(tmp_path_factory, default_target):
     drafters = work / "drafters"
     paths = _write_drafters(default_target, drafters)
     handle = start_server(
-        [default_target, "--drafter", str(paths["a"]), "--num-speculative-tokens", str(K), "--admin-key", ADMIN_KEY,
+        ["--target", default_target, "--drafter", str(paths["a"]), "--num-speculative-tokens", str(K), "--admin-key", ADMIN_KEY,
          "--drafters-dir", str(drafters), "--no-calibrate", "--max-model-len", "1024", "--max-num-seqs", "16"],
         log_path=work / "server.log", timeout=900,
     )

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from train_helpers import make_tiny_target
+from train_helpers import make_tiny_target, serve_args
 
 from lk_vllm.drafters import create_drafter, target_info
 from lk_vllm.errors import UserError
@@ -220,18 +220,17 @@ def test_the_command_exits_1_with_json_and_0_when_ok(good, target_dir, capsys):
 
 
 def test_serve_refuses_a_drafter_that_fails(good, target_dir):
-    from test_plugin import _serve_args
 
     from serving import launcher
 
-    command = launcher.build_server_command(_serve_args(target_dir, "--drafter", str(good), "--no-calibrate"))
+    command = launcher.build_server_command(serve_args(target_dir, "--drafter", str(good), "--no-calibrate"))
     assert command.speculative_config["method"] == "eagle3"
     _edit_config(good, lambda config: config.pop("eagle_aux_hidden_state_layer_ids"))
     with pytest.raises(UserError, match=r"^--drafter .*: drafter .*V2 model runner.*lk-vllm validate"):
-        launcher.build_server_command(_serve_args(target_dir, "--drafter", str(good), "--no-calibrate"))
+        launcher.build_server_command(serve_args(target_dir, "--drafter", str(good), "--no-calibrate"))
     spec = json.dumps({"method": "eagle3", "model": str(good), "num_speculative_tokens": 2})
     with pytest.raises(UserError, match="^--speculative-config model"):
-        launcher.build_server_command(_serve_args(target_dir, "--speculative-config", spec, "--no-calibrate"))
+        launcher.build_server_command(serve_args(target_dir, "--speculative-config", spec, "--no-calibrate"))
 
 
 def test_train_checks_its_exports(tmp_path, target):

@@ -87,3 +87,15 @@ def make_tiny_data(directory: Path, target: str, num_samples: int = 24, vocab: i
                 "samples": num_samples, "response_tokens": response_tokens}
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return str(directory)
+
+
+def serve_args(target, *argv):
+    """``lk-vllm serve --target TARGET ARGV...`` parsed as the command parses it (nothing is started)."""
+    import argparse
+
+    from serving import launcher
+
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    return parser.parse_args(["--target", str(target), *argv])
+

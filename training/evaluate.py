@@ -207,10 +207,10 @@ def _recorded_target(drafter_dir: str) -> str | None:
 
 def add_arguments(parser) -> None:
     from lk_vllm.datasets import add_chat_template_argument
+    from lk_vllm.targets import add_target_argument
 
     parser.add_argument("--drafter", required=True, help="drafter checkpoint directory")
-    parser.add_argument("--target", default=None,
-                        help="target model directory or HF id (default: the one recorded with the drafter, else the default target)")
+    add_target_argument(parser, "the one recorded with the drafter, else the embedded default target")
     parser.add_argument("--engine", choices=("torch", "vllm"), default="torch",
                         help="torch: simulate with the HF target; vllm: serve the drafter in vLLM (default torch)")
     parser.add_argument("--dataset", action="append", default=None, help="eval dataset name or .jsonl (repeatable; default mtbench)")

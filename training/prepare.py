@@ -196,8 +196,9 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
 def add_arguments(parser) -> None:
     from lk_vllm.datasets import add_chat_template_argument
     from lk_vllm.engine import add_engine_arguments
+    from lk_vllm.targets import add_target_argument
 
-    parser.add_argument("--target", default=None, help="HF model directory or cached HF id (default: SmolLM2-135M)")
+    add_target_argument(parser)
     parser.add_argument("--dataset", action="append", required=True,
                         help="dataset name (sharegpt, gsm8k, ...) or a .jsonl file; repeatable")
     parser.add_argument("--split", default="train", choices=["train", "eval"], help="dataset split (default train)")

@@ -738,6 +738,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
 # ------------------------------------------------------------------------------------------ command line
 def add_arguments(parser) -> None:
     from lk_vllm.datasets import add_chat_template_argument
+    from lk_vllm.targets import add_target_argument
     from training.config import recipe_names
 
     source = parser.add_mutually_exclusive_group()
@@ -751,7 +752,7 @@ def add_arguments(parser) -> None:
                              f"(repeatable). Fields (defaults): {fields}")
     parser.add_argument("--loss", choices=["kl", "tv", "alpha", "lambda"], help="loss kind (loss.kind)")
     parser.add_argument("--eta", type=float, help="LK^lambda decay eta (loss.eta)")
-    parser.add_argument("--target", help="target model directory or cached HF id (model.target)")
+    add_target_argument(parser, "the recipe's model.target")
     parser.add_argument("--data", action="append", help="a finished `lk-vllm prepare` directory (data.dirs; repeatable)")
     parser.add_argument("--init-from", help="an exported drafter to start from, e.g. to fine-tune it on new data "
                                             "(model.init_from; keeps its architecture and draft vocabulary)")

@@ -42,14 +42,15 @@ METHOD = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lk_vllm.targets import add_target_argument
+
     parser.add_argument("--drafter", action="append", default=[], metavar="DIR",
                         help="drafter checkpoint directory to benchmark (repeatable)")
     parser.add_argument("--speculative-config", action="append", default=[], metavar="[LABEL=]JSON",
                         help="a vLLM speculative config that needs no drafter, e.g. "
                              "'{\"method\": \"ngram\", \"prompt_lookup_max\": 3}' (repeatable; K defaults to "
                              "--num-speculative-tokens, the label to METHOD-kK)")
-    parser.add_argument("--target", default=None,
-                        help="target model directory or cached HF id (default: the embedded default target)")
+    add_target_argument(parser)
     parser.add_argument("--dataset", action="append", default=None,
                         help="eval dataset: mtbench, humaneval, gsm8k, ... or a .jsonl file (repeatable; default mtbench)")
     parser.add_argument("--limit", type=int, default=20, help="first N prompts of each dataset (default 20)")
