@@ -28,7 +28,7 @@ from pathlib import Path
 
 from lk_vllm.assets import SETUP_HINT, lk_home, package_dir
 from lk_vllm.atomic import write_atomic
-from lk_vllm.errors import UserError
+from lk_vllm.errors import UserError, require_at_least
 
 
 @dataclass(frozen=True)
@@ -334,8 +334,8 @@ def load_prompts(name: str, split: str = "eval", limit: int | None = None, seed:
     """
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1, found {limit}")
+    if limit is not None:
+        require_at_least("--limit", limit)
     if name not in _LOADERS:
         path = Path(name).expanduser()
         if path.suffix == ".jsonl" or path.exists():

@@ -98,5 +98,5 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
 def test_missing_jsonl_and_bad_limit(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_prompts(str(tmp_path / "none.jsonl"))
-    with pytest.raises(UserError, match="--limit must be at least 1"):
+    with pytest.raises(UserError, match="--limit: expected an integer >= 1"):
         load_prompts("mtbench", limit=0)

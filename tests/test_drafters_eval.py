@@ -8,6 +8,7 @@ import torch
 
 from lk_vllm.acceptance import Counts
 from lk_vllm.drafters import create_drafter, target_info
+from lk_vllm.errors import UserError
 from lk_vllm.target_model import TargetModel
 from training.evaluate import expected_alpha, simulate_greedy
 
@@ -107,3 +108,11 @@ def test_eval_command_rejects_a_drafter_for_another_target(default_target, targe
     assert "vocabulary size 128" in errors[0] and "49152" in errors[0]
     rc = main(["eval", "--drafter", str(directory), "--num-speculative-tokens", "0"])
     assert rc == 1 and "--num-speculative-tokens" in capsys.readouterr().err
+
+
+def test_eval_refuses_bad_counts_before_loading_anything(tmp_path):
+    from training.evaluate import run_eval
+
+    for flag, num_tokens, max_tokens in (("--num-speculative-tokens", 0, 8), ("--max-tokens", 3, 0)):
+        with pytest.raises(UserError, match=f"^{flag}: expected an integer >= 1, found 0$"):
+            run_eval(str(tmp_path / "no-drafter"), None, ["mtbench"], 2, "torch", num_tokens, max_tokens, 0.0)

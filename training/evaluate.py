@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lk_vllm.acceptance import Counts
-from lk_vllm.errors import UserError
+from lk_vllm.errors import UserError, require_at_least
 
 
 def _log(message: str) -> None:
@@ -147,10 +147,8 @@ def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limi
     from lk_vllm.target_model import TargetModel
     from lk_vllm.targets import check_target
 
-    if num_tokens < 1:
-        raise UserError(f"--num-speculative-tokens must be at least 1, got {num_tokens}")
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
+    require_at_least("--num-speculative-tokens", num_tokens)
+    require_at_least("--max-tokens", max_tokens)
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     if engine not in ("torch", "vllm"):

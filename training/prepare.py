@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lk_vllm.atomic import atomic_path, write_atomic
-from lk_vllm.errors import UserError
+from lk_vllm.errors import UserError, require_at_least
 
 SHARD_FORMAT = "lk-vllm-prepared-v1"
 
@@ -235,8 +235,8 @@ def run(args) -> int:
     from lk_vllm.engine import settings_from_args
     from lk_vllm.targets import check_target
 
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1, found {args.limit}")
+    if args.limit is not None:
+        require_at_least("--limit", args.limit)
     if args.max_tokens < 1 or args.max_length <= args.max_tokens // 2:
         raise UserError(f"--max-length ({args.max_length}) must exceed half of --max-tokens ({args.max_tokens})")
     target = resolve_target(args.target)
