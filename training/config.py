@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lk_vllm.errors import UserError
+from lk_vllm.losses import KINDS as LOSS_KINDS
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -61,7 +62,7 @@ class DataSection(_Section):
 
 
 class LossSection(_Section):
-    kind: Literal["kl", "tv", "alpha", "lambda"] = "lambda"
+    kind: Literal[LOSS_KINDS] = "lambda"
     eta: float = Field(default=3.0, gt=0)
     gamma: float = Field(default=0.8, gt=0, le=1)
     num_steps: int = Field(default=6, ge=1)  # K draft positions / TTT unroll steps

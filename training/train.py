@@ -739,7 +739,7 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
 def add_arguments(parser) -> None:
     from lk_vllm.datasets import add_chat_template_argument
     from lk_vllm.targets import add_target_argument
-    from training.config import recipe_names
+    from training.config import LOSS_KINDS, recipe_names
 
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--recipe", help=f"a built-in recipe: {', '.join(recipe_names())}")
@@ -750,7 +750,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config field, value in YAML syntax, e.g. --set optimizer.lr=1e-3 "
                              f"(repeatable). Fields (defaults): {fields}")
-    parser.add_argument("--loss", choices=["kl", "tv", "alpha", "lambda"], help="loss kind (loss.kind)")
+    parser.add_argument("--loss", choices=LOSS_KINDS, help="loss kind (loss.kind)")
     parser.add_argument("--eta", type=float, help="LK^lambda decay eta (loss.eta)")
     add_target_argument(parser, "the recipe's model.target")
     parser.add_argument("--data", action="append", help="a finished `lk-vllm prepare` directory (data.dirs; repeatable)")

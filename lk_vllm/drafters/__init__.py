@@ -188,8 +188,12 @@ def speculative_config_for(directory: str | os.PathLike, num_speculative_tokens:
             **options}
 
 
-# Speculative methods whose drafter has a distribution to sample from (see lk_vllm.plugin.server.drafter_info).
-PROBABILISTIC_METHODS = ("eagle", "eagle3", "draft_model", "mlp_speculator")  # MLP: lk_vllm.plugin.engine.mlp_proposer
+# Speculative methods whose drafter is a model with its own distribution q (the others, ngram and suffix,
+# propose tokens).
+MODEL_METHODS = ("eagle", "eagle3", "draft_model", "medusa", "mtp", "dflash", "mlp_speculator")
+# Those lk-vllm drafts by sampling from q (serving/README.md, "Faithful sampling"); the other model methods keep
+# vLLM's greedy drafting. MLP: lk_vllm.plugin.engine.mlp_proposer.
+PROBABILISTIC_METHODS = ("eagle", "eagle3", "draft_model", "mlp_speculator")
 
 
 def with_faithful_sampling(config: dict[str, Any]) -> dict[str, Any]:

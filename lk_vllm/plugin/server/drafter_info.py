@@ -5,17 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lk_vllm.drafters import MODEL_METHODS
 from lk_vllm.drafters.base import read_drafter_dir
 from lk_vllm.plugin.server.live_stats import DrafterInfo
-
-# Methods whose drafter is a model with its own output distribution: lk-vllm samples their drafts
-# probabilistically at T > 0 (LK_PAPER.md §3). Others (ngram, suffix) propose deterministic tokens.
-MODEL_DRAFTER_METHODS = ("eagle", "eagle3", "draft_model", "medusa", "mtp", "dflash", "mlp_speculator")
 
 
 def sampling_modes(method: str, draft_sample_method: str, rejection_sample_method: str) -> dict[str, str]:
     """The draft and rejection sampling modes in force, with what they mean at T > 0."""
-    if method not in MODEL_DRAFTER_METHODS:
+    if method not in MODEL_METHODS:
         draft = "deterministic (token proposals, treated as one-hot draft probabilities)"
     elif draft_sample_method == "probabilistic":
         draft = "probabilistic (drafts sampled from the drafter's distribution q)"
