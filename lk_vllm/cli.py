@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     command_parser = argparse.ArgumentParser(prog=f"lk-vllm {name}", description=help_text)
     module.add_arguments(command_parser)
     args = command_parser.parse_args(rest)
+    from lk_vllm.log import set_command
+
+    set_command(name)
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lk-vllm {name}: error: {exc}", file=sys.stderr)
             return 1
         raise
+    finally:
+        set_command(None)  # main() called in-process (tests, scripts) leaves no command named
 
 
 if __name__ == "__main__":

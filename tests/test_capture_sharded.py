@@ -171,7 +171,7 @@ def test_bad_shards_are_captured_again(tiny, tmp_path, capsys):
     log = capsys.readouterr().err
     for shard, reason in ((0, "cannot be read"), (1, "non-finite"), (3, "offsets do not match")):
         [line] = [line for line in log.splitlines() if shard_path(directory, shard).name in line]
-        assert line.startswith("[lk-vllm train] hidden-state cache ") and reason in line
+        assert line.startswith("[lk-vllm] hidden-state cache ") and reason in line
         assert line.endswith("capturing it again")
 
 
@@ -239,7 +239,7 @@ def test_a_disk_too_small_is_refused_before_the_target_runs(tiny, tmp_path, monk
     assert "training.cache_dtype" in message and "--set training.capture=online" in message and "\n" not in message
     assert asked == [tmp_path] and not directory.exists()
     [line] = [line for line in capsys.readouterr().err.splitlines() if "bytes/token" in line]
-    found = re.fullmatch(r"\[lk-vllm train\] hidden-state cache (.+): (\d+) tokens x (\d+) bytes/token = "
+    found = re.fullmatch(r"\[lk-vllm\] hidden-state cache (.+): (\d+) tokens x (\d+) bytes/token = "
                          r"([\d.]+) GB to write \(([\d.]+) GB already there\), ([\d.]+) GB free", line)
     assert found is not None, line
     assert found.group(1) == str(directory)

@@ -32,7 +32,6 @@ import itertools
 import json
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import torch
 
 from lk_vllm.atomic import atomic_path, write_atomic
 from lk_vllm.errors import UserError
+from lk_vllm.log import log
 from lk_vllm.target_model import TargetStates, position_ids_from_mask
 
 CACHE_FORMAT = "lk-vllm-hidden-cache-v2"  # v2: + "lse", the full-vocabulary logsumexp per token
@@ -129,13 +129,6 @@ def _shards_present(directory: Path) -> dict[int, Path]:
         if match:
             present[int(match.group(1))] = path
     return present
-
-
-def _log(message: str) -> None:
-    # tqdm.write keeps a running progress bar intact; the prefix is the trainer's.
-    from tqdm import tqdm
-
-    tqdm.write(f"[lk-vllm train] {message}", file=sys.stderr)
 
 
 def _gb(num_bytes: int) -> str:
@@ -241,8 +234,8 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
     free = shutil.disk_usage(_nearest_existing(directory)).free
     # Every rank budgets the whole cache (one shared directory) and so refuses alike; rank 0 prints it.
     if rank == 0:
-        _log(f"hidden-state cache {directory}: {to_capture} tokens x {per_token} bytes/token = "
-             f"{_gb(to_capture * per_token)} to write ({_gb(there)} already there), {_gb(free)} free")
+        log(f"hidden-state cache {directory}: {to_capture} tokens x {per_token} bytes/token = "
+            f"{_gb(to_capture * per_token)} to write ({_gb(there)} already there), {_gb(free)} free")
     if to_capture * per_token > free:
         raise UserError(f"hidden-state cache {directory}: {_gb(to_capture * per_token)} to write, {_gb(free)} free "
                         f"on its disk; free space, set LK_VLLM_HOME to a larger disk, use a smaller "
@@ -266,7 +259,7 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
             if reason is None:
                 bar.update(sum(lengths[shard]))
                 continue
-            _log(f"hidden-state cache {path}: {reason}; capturing it again")
+            log(f"hidden-state cache {path}: {reason}; capturing it again")
         todo.append(shard)
     forwards = sum(-(-len(shards[shard]) // batch_size) for shard in todo)
     # A target sharded over the ranks runs only when every rank runs it: the ranks with fewer batches idle.

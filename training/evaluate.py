@@ -29,10 +29,7 @@ import torch
 
 from lk_vllm.acceptance import Counts
 from lk_vllm.errors import UserError, require_at_least
-
-
-def _log(message: str) -> None:
-    print(f"[lk-vllm eval] {message}", file=sys.stderr, flush=True)
+from lk_vllm.log import log
 
 
 # ------------------------------------------------------------------------------------------ torch engine
@@ -162,7 +159,7 @@ def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limi
     started = time.time()
     target_model = TargetModel(target_path, chat_template=chat_template)
     drafter = load_drafter(drafter_dir, target_model)  # every drafter/target mismatch fails here, before vLLM
-    _log(f"{drafter.architecture} drafter {drafter_dir} on {target_path}: {len(prompts)} prompts, engine {engine}")
+    log(f"{drafter.architecture} drafter {drafter_dir} on {target_path}: {len(prompts)} prompts, engine {engine}")
     if engine == "torch":
         per_dataset = evaluate_torch(drafter, target_model, prompts, num_tokens, max_tokens, temperature, seed)
     else:

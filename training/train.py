@@ -58,7 +58,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,13 +67,10 @@ import torch
 from lk_vllm.atomic import write_atomic
 from lk_vllm.drafters.base import BEST_EXPORT, FINAL_EXPORT
 from lk_vllm.errors import UserError
+from lk_vllm.log import log
 from training.capture import collate
 from training.config import Config, differing_fields, load_config, parse_override
 from training.device import Placement, resolve_placement
-
-
-def _log(message: str) -> None:
-    print(f"[lk-vllm train] {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ distributed
@@ -126,7 +122,7 @@ def ensure_data(config: Config, target_path: str, dist: Dist, progress: bool) ->
         if dist.main and not (output / "manifest.json").is_file():
             from lk_vllm import engine
 
-            _log(f"preparing data: the target regenerates {name} into {output}")
+            log(f"preparing data: the target regenerates {name} into {output}")
             prepare(settings, output, engine.EngineSettings(model=target_path, max_model_len=max(d.max_length, 256)),
                     progress=progress)
         outputs.append(str(output))
@@ -225,8 +221,8 @@ def make_drafter(config: Config, target, samples, train_indices):
         if size == "auto":
             size, covered = auto_draft_vocab_size(counts)
             if size is not None:
-                _log(f"draft vocabulary: the {size} most frequent of {target.vocab_size} ids, {covered:.1%} of the "
-                     "training responses' tokens (model.draft_vocab_size=auto)")
+                log(f"draft vocabulary: the {size} most frequent of {target.vocab_size} ids, {covered:.1%} of the "
+                    "training responses' tokens (model.draft_vocab_size=auto)")
         if size is not None and size < target.vocab_size:
             options["draft_to_target"] = select_draft_vocab(counts, size, required_token_ids(target.tokenizer))
     return create_drafter(config.model.architecture, target, **options)
@@ -526,14 +522,14 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
     num_params = sum(p.numel() for p in drafter.trainable_parameters())
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _log(f"{config.model.architecture} drafter, {num_params / 1e6:.1f}M trainable parameters; "
-             f"{len(train_indices)} training / {len(heldout_indices)} held-out samples "
-             f"({truncated} truncated to {config.data.max_length} tokens, {dropped} without response tokens); "
-             f"loss {config.loss.kind}" + (f" eta={config.loss.eta}" if config.loss.kind == "lambda" else "")
-             + (f"; starting from {config.model.init_from}" if config.model.init_from else "")
-             + f"; {placement.describe()}; {dist.world} rank(s)"
-             + (f", {t.parallel}" if dist.world > 1 or t.parallel == "fsdp" else "")
-             + ("; target layers sharded" if target.layers_sharded() else "") + f"; run directory {run_dir}")
+        log(f"{config.model.architecture} drafter, {num_params / 1e6:.1f}M trainable parameters; "
+            f"{len(train_indices)} training / {len(heldout_indices)} held-out samples "
+            f"({truncated} truncated to {config.data.max_length} tokens, {dropped} without response tokens); "
+            f"loss {config.loss.kind}" + (f" eta={config.loss.eta}" if config.loss.kind == "lambda" else "")
+            + (f"; starting from {config.model.init_from}" if config.model.init_from else "")
+            + f"; {placement.describe()}; {dist.world} rank(s)"
+            + (f", {t.parallel}" if dist.world > 1 or t.parallel == "fsdp" else "")
+            + ("; target layers sharded" if target.layers_sharded() else "") + f"; run directory {run_dir}")
 
     if t.capture == "offline":
         cache_dir = lk_home() / "capture" / cache_key(fingerprint, data_dirs, aux_layer_ids,
@@ -543,7 +539,7 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
                                batch_size=t.eval_batch_size, progress=progress and dist.main,
                                rank=dist.rank, world=dist.world, barrier=dist.barrier)
         if dist.main:
-            _log(f"hidden-state cache {cache_dir}: {manifest['bytes'] / 1e6:.1f} MB for {manifest['tokens']} tokens")
+            log(f"hidden-state cache {cache_dir}: {manifest['bytes'] / 1e6:.1f} MB for {manifest['tokens']} tokens")
         capture = OfflineCapture(target, cache_dir, aux_layer_ids)
     else:
         capture = OnlineCapture(target, aux_layer_ids)
@@ -567,9 +563,9 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
         ckpt.set_rng_state(state["rng"])
         start_step, best = state["step"], state["best"]
         if dist.main:
-            _log(f"resuming {latest} at step {start_step}")
+            log(f"resuming {latest} at step {start_step}")
     elif resume and dist.main:
-        _log(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        log(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
     if dist.main:
         write_atomic(run_dir / "config.json", json.dumps(config.model_dump(mode="json"), indent=1))
     return Run(config=config, name=name, placement=placement, dist=dist, run_dir=run_dir, target=target,

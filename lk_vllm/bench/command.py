@@ -15,6 +15,7 @@ from typing import Any
 from lk_vllm.datasets import add_chat_template_argument
 from lk_vllm.engine import EngineSettings, add_engine_arguments, settings_from_args
 from lk_vllm.errors import UserError, require_at_least
+from lk_vllm.log import log
 
 DEFAULT_TEMPERATURES = (0.0, 1.0)
 DEFAULT_CONCURRENCIES = (1, 8)
@@ -67,10 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the no-speculation run (then there is no speedup)")
     parser.add_argument("--json", action="store_true", help="print the results document as one JSON object on stdout")
     add_engine_arguments(parser)  # its --seed also seeds the requests at T>0
-
-
-def _log(message: str) -> None:
-    print(f"[lk-vllm bench] {message}", file=sys.stderr, flush=True)
 
 
 def _unique(values):
@@ -131,7 +128,7 @@ def prepare(args: argparse.Namespace):
                 num_speculative_tokens=k, max_tokens=args.max_tokens, seed=args.seed)
     settings = settings_from_args(args, target)
     if plan.max_model_len() > settings.max_model_len:
-        _log(f"--max-model-len raised to {plan.max_model_len()} (longest prompt + --max-tokens + K + 1)")
+        log(f"--max-model-len raised to {plan.max_model_len()} (longest prompt + --max-tokens + K + 1)")
         settings.max_model_len = plan.max_model_len()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,12 +227,12 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     plan, contenders, settings = prepare(args)
     name = args.name or f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
-    _log(f"{len(contenders)} engine(s) x {plan.num_requests()} requests on {settings.model}")
+    log(f"{len(contenders)} engine(s) x {plan.num_requests()} requests on {settings.model}")
     results = execute(plan, contenders, settings)
     command = command_line(args, plan, settings, name)
     document = build_document(plan, contenders, settings, results, name, command)
     paths = write_results(document, args.out_dir, name)
-    _log(f"done in {time.time() - started:.0f} s: {', '.join(str(p) for p in paths.values())}")
+    log(f"done in {time.time() - started:.0f} s: {', '.join(str(p) for p in paths.values())}")
     if args.json:
         print(json.dumps(document))
     else:

@@ -25,7 +25,6 @@ emptied before each cell so a cell never reuses the prompts' KV cache from an ea
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +40,7 @@ from lk_vllm.engine import (
     shutdown_llm,
     whole_prompt_prefills,
 )
+from lk_vllm.log import log
 
 WARM_UP_TOKENS = 8
 
@@ -204,7 +204,7 @@ def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dic
     )
     for key, value in (settings_overrides or {}).items():
         setattr(settings, key, value)
-    print(f"[lk-vllm eval] starting vLLM with {settings.speculative_config}", file=sys.stderr, flush=True)
+    log(f"starting vLLM with {settings.speculative_config}")
     llm = make_llm(settings)
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
