@@ -189,17 +189,16 @@ def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dic
                   num_tokens: int, max_tokens: int, temperature: float, settings_overrides: dict | None = None,
                   seed: int = 0) -> dict[str, Counts]:
     """Serve the drafter in vLLM and read its counters per dataset (deltas of the cumulative counters)."""
-    from lk_vllm.drafters import speculative_config_for
+    from lk_vllm.drafters import speculative_config_for, with_faithful_sampling
 
     longest = max(len(ids) for batch in prompt_ids_by_dataset.values() for ids in batch)
     settings = EngineSettings(
         model=target_path,
         max_model_len=max(2048, longest + max_tokens + num_tokens + 8),
-        # At T>0 drafts are sampled from the draft distribution, so vLLM's acceptance rate is the alpha
-        # (sum of min(p, q)) the torch engine and the LK losses use; vLLM's default drafts greedily.
-        speculative_config=speculative_config_for(
-            drafter_dir, num_tokens, **({"draft_sample_method": "probabilistic"} if temperature > 0 else {})
-        ),
+        # As lk-vllm serve runs it: at T>0 drafts are sampled from the draft distribution, so vLLM's acceptance
+        # rate is the alpha (sum of min(p, q)) the torch engine and the LK losses use (vLLM's default drafts
+        # greedily); at T=0 both are the argmax.
+        speculative_config=with_faithful_sampling(speculative_config_for(drafter_dir, num_tokens)),
         seed=seed,
     )
     for key, value in (settings_overrides or {}).items():
