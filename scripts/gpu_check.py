@@ -77,7 +77,7 @@ def check_loss(device: torch.device) -> None:
         loss_error = abs(got - want) / max(abs(want), 1e-12)
         grad_error = float((leaf.grad.double().cpu() - ref_leaf.grad).abs().max() / ref_leaf.grad.abs().max())
         worst_loss, worst_grad = max(worst_loss, loss_error), max(worst_grad, grad_error)
-    from lk_vllm.losses import _Compiled
+    from lk_vllm.losses.kernels import _Compiled
 
     compiled = "compiled" if not _Compiled.failed else "EAGER (torch.compile failed)"
     # fp32 sums over 49,152 logits against float64: ~1e-6 on the loss; a gradient entry is compared with the

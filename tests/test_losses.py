@@ -122,7 +122,7 @@ def test_lambda_gradient_is_the_fixed_mixture_of_kl_and_tv():
 def test_compiled_and_eager_backward_agree(kind, vocab_draft, monkeypatch):
     # The chunk kernels run torch.compile'd by default and fall back to the same functions run eagerly; both give the
     # same gradient.
-    from lk_vllm import losses
+    from lk_vllm.losses import kernels
 
     draft, target, d2t, mask = make_batch(13, 20, vocab_draft, seed=7, dtype=torch.float32)
     kwargs = dict(kind=kind, draft_to_target=d2t, mask=mask, chunk_size=5)
@@ -130,7 +130,7 @@ def test_compiled_and_eager_backward_agree(kind, vocab_draft, monkeypatch):
     for setting in ("1", "0"):
         monkeypatch.setenv("LK_VLLM_COMPILE_LOSS", setting)
         _, grads[setting] = loss_and_grad(lk_loss, draft, target, **kwargs)
-    if losses._Compiled.failed or losses._gradient_kernel.compiled is None:
+    if kernels._Compiled.failed or kernels._gradient_kernel.compiled is None:
         pytest.skip("torch.compile is not available here; only the eager backward ran")
     torch.testing.assert_close(grads["1"], grads["0"], rtol=1e-5, atol=1e-7)
 
@@ -727,22 +727,22 @@ def test_only_compile_errors_switch_compilation_off(monkeypatch, runtime):
     compile error falls back to eager PyTorch for the process, with a warning."""
     from torch._dynamo import exc as dynamo_exc
 
-    from lk_vllm import losses
+    from lk_vllm.losses import kernels
 
     def broken(*args):
         if runtime:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
         raise dynamo_exc.Unsupported("no lowering for this op")
 
-    kernel = losses._Compiled(lambda x: x + 1)
+    kernel = kernels._Compiled(lambda x: x + 1)
     kernel.compiled = broken
-    monkeypatch.setattr(losses._Compiled, "failed", False)
+    monkeypatch.setattr(kernels._Compiled, "failed", False)
     monkeypatch.setenv("LK_VLLM_COMPILE_LOSS", "1")
     if runtime:
         with pytest.raises(torch.OutOfMemoryError):
             kernel(torch.zeros(2))
-        assert not losses._Compiled.failed
+        assert not kernels._Compiled.failed
     else:
         with pytest.warns(UserWarning, match="torch.compile failed.*Unsupported"):
             assert kernel(torch.zeros(2)).tolist() == [1.0, 1.0]
-        assert losses._Compiled.failed
+        assert kernels._Compiled.failed
