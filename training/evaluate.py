@@ -201,28 +201,26 @@ def _recorded_target(drafter_dir: str) -> str | None:
 
 
 def add_arguments(parser) -> None:
-    from lk_vllm.datasets import add_chat_template_argument
+    from lk_vllm.bench.workloads import add_workload_arguments
     from lk_vllm.targets import add_target_argument
 
     parser.add_argument("--drafter", required=True, help="drafter checkpoint directory")
     add_target_argument(parser, "the one recorded with the drafter, else the embedded default target")
     parser.add_argument("--engine", choices=("torch", "vllm"), default="torch",
                         help="torch: simulate with the HF target; vllm: serve the drafter in vLLM (default torch)")
-    parser.add_argument("--dataset", action="append", default=None, help="eval dataset name or .jsonl (repeatable; default mtbench)")
-    parser.add_argument("--limit", type=int, default=20, help="first N prompts of each dataset (default 20)")
-    add_chat_template_argument(parser)
+    add_workload_arguments(parser)
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
-    parser.add_argument("--num-speculative-tokens", type=int, default=3, help="draft tokens per step, K (default 3)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def run(args) -> int:
+    from lk_vllm.bench.workloads import DEFAULT_DATASETS
+
     result = run_eval(
         args.drafter,
         args.target,
-        args.dataset or ["mtbench"],
+        args.dataset or DEFAULT_DATASETS,
         args.limit,
         args.engine,
         args.num_speculative_tokens,

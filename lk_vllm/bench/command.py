@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lk_vllm.datasets import add_chat_template_argument
+from lk_vllm.bench.workloads import DEFAULT_DATASETS, add_workload_arguments
 from lk_vllm.engine import EngineSettings, add_engine_arguments, settings_from_args
 from lk_vllm.errors import UserError, require_at_least
 from lk_vllm.log import log
@@ -52,16 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'{\"method\": \"ngram\", \"prompt_lookup_max\": 3}' (repeatable; K defaults to "
                              "--num-speculative-tokens, the label to METHOD-kK)")
     add_target_argument(parser)
-    parser.add_argument("--dataset", action="append", default=None,
-                        help="eval dataset: mtbench, humaneval, gsm8k, ... or a .jsonl file (repeatable; default mtbench)")
-    parser.add_argument("--limit", type=int, default=20, help="first N prompts of each dataset (default 20)")
-    add_chat_template_argument(parser)
+    add_workload_arguments(parser)
     parser.add_argument("--temperature", action="append", type=float, default=None,
                         help="sampling temperature (repeatable; default 0 and 1)")
-    parser.add_argument("--num-speculative-tokens", type=int, default=3, help="draft tokens per step, K (default 3)")
     parser.add_argument("--concurrency", action="append", type=int, default=None,
                         help="requests in flight (repeatable; default 1 and 8; 1 = batch 1)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="output tokens per request at most (default 128)")
     parser.add_argument("--name", default=None, help="results file name (default bench-<date>-<time>)")
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"results directory (default {DEFAULT_OUT_DIR})")
     parser.add_argument("--no-baseline", action="store_true",
@@ -120,7 +115,7 @@ def prepare(args: argparse.Namespace):
         problem = serving_problem(shape, contender.architecture)
         if problem:
             raise UserError(f"{contender.label}: {problem}")
-    workloads = load_workloads(list(_unique(args.dataset or ["mtbench"])), args.limit,
+    workloads = load_workloads(list(_unique(args.dataset or DEFAULT_DATASETS)), args.limit,
                                load_tokenizer(target, args.chat_template))
     plan = Plan(workloads=tuple(workloads),
                 temperatures=_unique(float(t) for t in (args.temperature or DEFAULT_TEMPERATURES)),

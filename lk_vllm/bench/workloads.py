@@ -12,6 +12,23 @@ from dataclasses import dataclass
 
 from lk_vllm.errors import UserError
 
+DEFAULT_DATASETS = ["mtbench"]
+
+
+def add_workload_arguments(parser) -> None:
+    """The workload flags ``lk-vllm eval`` and ``lk-vllm bench`` share: what is sent (datasets, how many prompts,
+    prompt format) and how it is generated (K, tokens per request). ``--temperature`` each command defines
+    itself: eval takes one, bench several."""
+    from lk_vllm.datasets import add_chat_template_argument
+
+    parser.add_argument("--dataset", action="append", default=None,
+                        help="eval dataset: mtbench, humaneval, gsm8k, ... or a .jsonl file (repeatable; default "
+                             f"{', '.join(DEFAULT_DATASETS)})")
+    parser.add_argument("--limit", type=int, default=20, help="first N prompts of each dataset (default 20)")
+    add_chat_template_argument(parser)
+    parser.add_argument("--num-speculative-tokens", type=int, default=3, help="draft tokens per step, K (default 3)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="output tokens per request at most (default 128)")
+
 
 @dataclass(frozen=True)
 class Workload:
