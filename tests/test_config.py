@@ -156,3 +156,28 @@ def test_print_config(capsys):
     assert run(_args("--recipe", "smoke-mlp", "--print-config")) == 0
     out = capsys.readouterr().out
     assert "architecture: mlp_speculator" in out
+
+
+def test_architecture_options_are_the_drafters_own_keyword_arguments():
+    import inspect
+
+    from lk_vllm.drafters import drafter_class
+    from training.config import ARCHITECTURE_OPTIONS
+
+    per_draft_position = {"num_heads", "n_predict"}  # None in the config: one per draft position (loss.num_steps)
+    for architecture, options in ARCHITECTURE_OPTIONS.items():
+        parameters = inspect.signature(drafter_class(architecture).from_target).parameters
+        accepted = {name: p.default for name, p in parameters.items()
+                    if p.kind is p.KEYWORD_ONLY and name != "draft_to_target"}
+        assert set(options.model_fields) == set(accepted), architecture
+        for name, field in options.model_fields.items():
+            if name not in per_draft_position:
+                assert field.default == accepted[name], (architecture, name)
+
+
+def test_unknown_or_bad_architecture_options_are_refused_in_one_line():
+    with pytest.raises(UserError, match=r"model.options for eagle3: aux_layer_idz: Extra inputs are not permitted "
+                                        r"\(it takes aux_layer_ids, intermediate_size, norm_before_residual\)"):
+        load_config(overrides={"model.options": {"aux_layer_idz": [1, 2, 3]}})
+    with pytest.raises(UserError, match="model.options for medusa: num_heads: Input should be greater than or equal"):
+        load_config(overrides={"model.architecture": "medusa", "model.options": {"num_heads": 0}})

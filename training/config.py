@@ -32,6 +32,41 @@ class _Section(BaseModel):
 DRAFT_VOCAB_ARCHITECTURES = ("eagle3", "medusa")
 
 
+# Each architecture's construction options (``model.options``), typed: the keyword arguments of its
+# ``from_target`` (lk_vllm/drafters), with the same defaults (a test compares them). None for Medusa's heads and
+# the MLP speculator's stages means one per draft position (loss.num_steps).
+class Eagle3Options(_Section):
+    aux_layer_ids: list[int] | None = None  # target layers the drafter reads; None: vLLM's (2, L/2, L-3)
+    intermediate_size: int | None = Field(default=None, ge=1)  # the layer's MLP width; None: the target's
+    norm_before_residual: bool = False
+
+
+class MedusaOptions(_Section):
+    num_heads: int | None = Field(default=None, ge=1)
+    num_layers: int = Field(default=1, ge=1)  # residual blocks per head
+    shared_lm_head: bool = True  # every head reads the target's lm_head (frozen unless train_lm_head)
+    train_lm_head: bool = False
+    fc_bias: bool = False
+
+
+class MLPSpeculatorOptions(_Section):
+    n_predict: int | None = Field(default=None, ge=1)
+    inner_dim: int = Field(default=0, ge=0)  # 0: the target's hidden size
+    tie_weights: bool = False  # one embedding, projection and head shared by every stage
+    scale_input: bool = True
+    init_heads_from_target: bool = True
+
+
+class DraftModelOptions(_Section):
+    num_layers: int = Field(default=2, ge=1)  # decoder layers of the draft LM
+    copy_layers: bool = True  # start from the target's first layers
+    train_embeddings: bool = False
+
+
+ARCHITECTURE_OPTIONS = {"eagle3": Eagle3Options, "medusa": MedusaOptions, "mlp_speculator": MLPSpeculatorOptions,
+                        "draft_model": DraftModelOptions}
+
+
 class ModelSection(_Section):
     architecture: Literal["eagle3", "medusa", "mlp_speculator", "draft_model"] = "eagle3"
     target: str | None = None  # HF directory or cached id; None = the embedded SmolLM2-135M-Instruct
@@ -39,7 +74,7 @@ class ModelSection(_Section):
     # "auto" = the whole vocabulary up to 65,536 ids, else the smallest of 8k/16k/32k/64k ids that covers 98% of
     # the training responses' tokens (lk_vllm.vocab.auto_draft_vocab_size).
     draft_vocab_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = "auto"
-    # Architecture-specific keyword arguments of lk_vllm.drafters.create_drafter (e.g. aux_layer_ids).
+    # The architecture's options (ARCHITECTURE_OPTIONS, e.g. aux_layer_ids for EAGLE-3), checked against it.
     options: dict[str, Any] = Field(default_factory=dict)
     # An exported drafter directory to start from (warm start / fine-tune): its weights, shape and draft
     # vocabulary replace a fresh drafter's, so draft_vocab_size and options do not apply.
@@ -122,6 +157,12 @@ class Config(_Section):
     def _consistent(self) -> Config:
         if self.model.architecture == "draft_model" and isinstance(self.model.draft_vocab_size, int):
             raise ValueError("model.draft_vocab_size: a draft_model shares the target's vocabulary; leave it unset")
+        try:
+            ARCHITECTURE_OPTIONS[self.model.architecture].model_validate(self.model.options)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"model.options for {self.model.architecture}: {problems} (it takes "
+                             f"{', '.join(ARCHITECTURE_OPTIONS[self.model.architecture].model_fields)})") from None
         if self.training.shard_target and self.training.parallel != "fsdp":
             raise ValueError("training.shard_target shards the target with FSDP2: it needs training.parallel=fsdp")
         if self.model.draft_vocab_size == "auto" and self.model.architecture not in DRAFT_VOCAB_ARCHITECTURES:

@@ -188,14 +188,11 @@ class BatchOrder:
 # ------------------------------------------------------------------------------------------ model
 def drafter_options(config: Config, target) -> dict:
     """The architecture's construction options from the config (the draft vocabulary aside)."""
-    import inspect
+    from training.config import ARCHITECTURE_OPTIONS
 
-    from lk_vllm.drafters import drafter_class
-
-    options = dict(config.model.options)
-    accepts = inspect.signature(drafter_class(config.model.architecture).from_target).parameters
+    options = ARCHITECTURE_OPTIONS[config.model.architecture].model_validate(config.model.options).model_dump()
     for count in ("num_heads", "n_predict"):  # Medusa heads, MLP speculator stages: one per draft position
-        if count in accepts and count not in options:
+        if count in options and options[count] is None:
             options[count] = config.loss.num_steps
     return options
 
