@@ -280,10 +280,12 @@ def chat_template_text(chat_template: str, where: str = "--chat-template") -> st
     return text
 
 
+CHAT_TEMPLATE_HELP = ("prompt format in place of the target's chat template: a Jinja file, "
+                      f"{' or '.join(repr(n) for n in CHAT_TEMPLATES)} (plain: prompt text as is, for base models)")
+
+
 def add_chat_template_argument(parser) -> None:
-    parser.add_argument("--chat-template", default=None, metavar="FILE|NAME",
-                        help="prompt format in place of the target's chat template: a Jinja file, "
-                             f"{' or '.join(repr(n) for n in CHAT_TEMPLATES)} (plain: prompt text as is, for base models)")
+    parser.add_argument("--chat-template", default=None, metavar="FILE|NAME", help=CHAT_TEMPLATE_HELP)
 
 
 @functools.lru_cache(maxsize=8)

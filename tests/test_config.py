@@ -181,3 +181,81 @@ def test_unknown_or_bad_architecture_options_are_refused_in_one_line():
         load_config(overrides={"model.options": {"aux_layer_idz": [1, 2, 3]}})
     with pytest.raises(UserError, match="model.options for medusa: num_heads: Input should be greater than or equal"):
         load_config(overrides={"model.architecture": "medusa", "model.options": {"num_heads": 0}})
+
+
+# ------------------------------------------------------------------------------ flags generated from the fields
+def _prepare_args(*argv):
+    from training import prepare
+
+    parser = argparse.ArgumentParser()
+    prepare.add_arguments(parser)
+    return parser, parser.parse_args(list(argv))
+
+
+def test_every_data_field_is_documented_and_prepare_has_a_flag_for_each_generated_one():
+    from training.config import DataSection
+    from training.prepare import PREPARE_FLAGS
+
+    assert all(info.description for info in DataSection.model_fields.values())
+    # dirs and heldout are the trainer's (what to read, what to hold out); every field that decides the
+    # prepared data is one of prepare's flags
+    assert set(PREPARE_FLAGS) == set(DataSection.model_fields) - {"dirs", "heldout"}
+
+
+def test_prepare_flags_parse_into_the_data_section_with_its_defaults():
+    from training.config import DataSection, section_from_flags
+    from training.prepare import PREPARE_FLAGS
+
+    _, args = _prepare_args("--dataset", "sharegpt", "--dataset", "gsm8k", "--top-p", "0.5", "--data-seed", "7")
+    data = section_from_flags(args, DataSection, PREPARE_FLAGS)
+    assert data.datasets == ["sharegpt", "gsm8k"]
+    assert (data.top_p, data.seed) == (0.5, 7)
+    default = DataSection()
+    assert (data.temperature, data.max_tokens, data.max_length, data.limit) == (
+        default.temperature, default.max_tokens, default.max_length, default.limit)
+
+
+def test_generated_help_carries_the_description_and_the_default():
+    from training.config import DataSection
+
+    parser, _ = _prepare_args("--dataset", "x")
+    text = " ".join(parser.format_help().split())
+    assert f"{DataSection.model_fields['temperature'].description} (default {DataSection().temperature!r})" in text
+    assert "(default ['sharegpt']; repeatable)" in text
+    train = argparse.ArgumentParser()
+    add_arguments(train)
+    text = " ".join(train.format_help().split())
+    assert "LK^lambda's decay eta (loss.eta)" in text  # train's flags override the recipe, so they name its field
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--top-p", "1.5"), "--top-p: Input should be less than or equal to 1 (found 1.5)"),
+    (("--limit", "0"), "--limit: Input should be greater than or equal to 1 (found 0)"),
+    (("--temperature", "-1"), "--temperature: Input should be greater than or equal to 0"),
+    (("--max-length", "4"), "--max-length: Input should be greater than or equal to 8"),
+])
+def test_a_bad_generated_flag_is_a_one_line_error_naming_it(argv, message):
+    from training.config import DataSection, section_from_flags
+    from training.prepare import PREPARE_FLAGS
+
+    _, args = _prepare_args("--dataset", "sharegpt", *argv)
+    with pytest.raises(UserError) as info:
+        section_from_flags(args, DataSection, PREPARE_FLAGS)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_a_flag_of_the_wrong_type_is_refused_by_argparse(capsys):
+    with pytest.raises(SystemExit):
+        _prepare_args("--dataset", "x", "--max-tokens", "many")
+    assert "--max-tokens: invalid int value: 'many'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _args("--loss", "js")
+    assert "--loss: invalid choice: 'js'" in capsys.readouterr().err
+
+
+def test_train_flags_override_the_recipe_and_absent_ones_keep_it():
+    config, _ = config_from_args(_args("--recipe", "smollm2-eagle3", "--eta", "5", "--data", "a", "--data", "b"))
+    recipe, _ = load_config(recipe="smollm2-eagle3")
+    assert (config.loss.eta, config.data.dirs) == (5.0, ["a", "b"])
+    assert (config.loss.kind, config.output, config.data.chat_template) == (
+        recipe.loss.kind, recipe.output, recipe.data.chat_template)

@@ -1,5 +1,8 @@
 """The typed training configuration. A YAML recipe in ``training/recipes/`` is exactly this structure.
 
+Each field's ``description`` is its documentation: ``--set``'s help lists the fields, and the flags of ``train``
+and ``prepare`` are generated from them (``add_field_flags``), so a default or a range is written once.
+
 Sources, later ones win: the recipe (``--recipe NAME``) or a YAML file (``--config FILE``), then the common
 flags (``--loss``, ``--eta``, ``--target``, ``--data``, ``--output``), then ``--set section.field=value``
 (values parsed as YAML, so ``--set optimizer.betas=[0.9,0.99]`` works). Unknown fields are errors, so a typo
@@ -12,12 +15,16 @@ betas (0.9, 0.95), lr 4e-4 with a cosine schedule after 100 warm-up steps, gradi
 
 from __future__ import annotations
 
+import argparse
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lk_vllm.datasets import CHAT_TEMPLATE_HELP
 from lk_vllm.errors import UserError
 from lk_vllm.losses import KINDS as LOSS_KINDS
 
@@ -68,37 +75,48 @@ ARCHITECTURE_OPTIONS = {"eagle3": Eagle3Options, "medusa": MedusaOptions, "mlp_s
 
 
 class ModelSection(_Section):
-    architecture: Literal["eagle3", "medusa", "mlp_speculator", "draft_model"] = "eagle3"
-    target: str | None = None  # HF directory or cached id; None = the embedded SmolLM2-135M-Instruct
-    # Truncated draft vocabulary (the most frequent tokens of the training data); None = the target's vocabulary;
-    # "auto" = the whole vocabulary up to 65,536 ids, else the smallest of 8k/16k/32k/64k ids that covers 98% of
-    # the training responses' tokens (lk_vllm.vocab.auto_draft_vocab_size).
-    draft_vocab_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = "auto"
-    # The architecture's options (ARCHITECTURE_OPTIONS, e.g. aux_layer_ids for EAGLE-3), checked against it.
-    options: dict[str, Any] = Field(default_factory=dict)
-    # An exported drafter directory to start from (warm start / fine-tune): its weights, shape and draft
-    # vocabulary replace a fresh drafter's, so draft_vocab_size and options do not apply.
-    init_from: str | None = None
+    architecture: Literal["eagle3", "medusa", "mlp_speculator", "draft_model"] = Field(
+        default="eagle3", description="the drafter's architecture")
+    target: str | None = Field(
+        default=None, description="target model directory or cached HF id; None: the embedded SmolLM2-135M-Instruct")
+    draft_vocab_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        default="auto",
+        description="truncated draft vocabulary (the training data's most frequent tokens); None: the target's "
+                    "vocabulary; auto: all of it up to 65,536 ids, else the smallest of 8k/16k/32k/64k ids covering "
+                    "98% of the training responses' tokens")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the architecture's options (ARCHITECTURE_OPTIONS, e.g. aux_layer_ids for EAGLE-3)")
+    init_from: str | None = Field(
+        default=None,
+        description="an exported drafter to start from, e.g. to fine-tune it on new data (keeps its architecture, "
+                    "shape and draft vocabulary; draft_vocab_size and options do not apply)")
 
 
 class DataSection(_Section):
-    # Finished `lk-vllm prepare` outputs. Empty: prepare `datasets` with the settings below (cached by hash).
-    dirs: list[str] = Field(default_factory=list)
-    datasets: list[str] = Field(default_factory=lambda: ["sharegpt"])
-    limit: int | None = Field(default=None, ge=1)  # prompts per dataset to prepare
-    temperature: float = Field(default=0.7, ge=0)
-    top_p: float = Field(default=0.95, gt=0, le=1)
-    max_tokens: int = Field(default=512, ge=1)  # generated tokens per response
-    max_length: int = Field(default=1024, ge=8)  # training sequence length (longer samples are truncated)
-    seed: int = 0
-    # A Jinja file, 'chatml' or 'plain' in place of the target's chat template (base models have none).
-    chat_template: str | None = None
-    heldout: int = Field(default=64, ge=0)  # samples held out for evaluation (chosen by prompt-id hash)
+    """What the target regenerates (``lk-vllm prepare`` takes its flags from here too) and what training reads."""
+
+    dirs: list[str] = Field(
+        default_factory=list,
+        description="finished `lk-vllm prepare` directories; empty: prepare `datasets` first (cached by settings)")
+    datasets: list[str] = Field(default_factory=lambda: ["sharegpt"],
+                                description="dataset names (sharegpt, gsm8k, ...) or .jsonl files")
+    limit: int | None = Field(default=None, ge=1, description="first N prompts of each dataset; None: all")
+    temperature: float = Field(default=0.7, ge=0, description="sampling temperature of the regenerated responses")
+    top_p: float = Field(default=0.95, gt=0, le=1, description="nucleus sampling of the regenerated responses")
+    max_tokens: int = Field(default=512, ge=1, description="generated tokens per response")
+    max_length: int = Field(default=1024, ge=8,
+                            description="prompt + response tokens per sample (longer samples are truncated)")
+    seed: int = Field(default=0, description="seed of generated datasets and of sampling")
+    chat_template: str | None = Field(default=None, description=CHAT_TEMPLATE_HELP,
+                                      json_schema_extra={"metavar": "FILE|NAME"})
+    heldout: int = Field(default=64, ge=0,
+                         description="samples held out for evaluation (chosen by prompt-id hash)")
 
 
 class LossSection(_Section):
-    kind: Literal[LOSS_KINDS] = "lambda"
-    eta: float = Field(default=3.0, gt=0)
+    kind: Literal[LOSS_KINDS] = Field(default="lambda", description="loss kind")
+    eta: float = Field(default=3.0, gt=0, description="LK^lambda's decay eta")
     gamma: float = Field(default=0.8, gt=0, le=1)
     num_steps: int = Field(default=6, ge=1)  # K draft positions / TTT unroll steps
     # Rows per chunk of the fused loss; None: ~2M vocabulary elements on CPU, sized from free memory on GPU.
@@ -151,7 +169,8 @@ class Config(_Section):
     loss: LossSection = Field(default_factory=LossSection)
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
-    output: str | None = None  # run directory; None = $LK_VLLM_HOME/runs/<recipe or config name>
+    output: str | None = Field(default=None,
+                               description="run directory; None: $LK_VLLM_HOME/runs/<recipe or config name>")
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -266,3 +285,65 @@ def differing_fields(saved: dict, current: Config) -> list[str]:
     return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
             for key in sorted(set(before) | set(after))
             if key not in RESUMABLE_CHANGES and before.get(key) != after.get(key)]
+
+
+# ------------------------------------------------------------------------------------------ command-line flags
+def _field_info(root: type[BaseModel], dotted: str):
+    model = root
+    *sections, leaf = dotted.split(".")
+    for name in sections:
+        model = model.model_fields[name].annotation
+    return model.model_fields[leaf]
+
+
+def _flag_kind(annotation) -> dict[str, Any]:
+    """argparse's type / choices / action for a field's annotation (``X | None`` as ``X``)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            annotation = members[0]
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return {"choices": list(typing.get_args(annotation))}
+    if origin is list:
+        return {"action": "append", "type": typing.get_args(annotation)[0]}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation in (int, float, str):
+        return {"type": annotation}
+    raise TypeError(f"no command-line flag for a field of type {annotation!r}")
+
+
+def flag_dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_field_flags(parser, root: type[BaseModel], flags: dict[str, str], *, required: tuple[str, ...] = (),
+                    over_recipe: bool = False) -> None:
+    """One flag per field (``flags``: dotted field -> flag) with the field's type, range, choices and description.
+    A flag not given is None, so the field's default (or the recipe's value, ``over_recipe``) applies; a list
+    field's flag is repeatable."""
+    for dotted, flag in flags.items():
+        info = _field_info(root, dotted)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        where = dotted if over_recipe else f"default {info.get_default(call_default_factory=True)!r}"
+        repeat = "; repeatable" if typing.get_origin(info.annotation) is list else ""
+        parser.add_argument(flag, default=None, required=dotted in required, metavar=extra.get("metavar"),
+                            help=f"{info.description} ({where}{repeat})", **_flag_kind(info.annotation))
+
+
+def field_values(args, flags: dict[str, str]) -> dict[str, Any]:
+    """{dotted field: value} of the flags given on the command line."""
+    given = {dotted: getattr(args, flag_dest(flag), None) for dotted, flag in flags.items()}
+    return {dotted: value for dotted, value in given.items() if value is not None}
+
+
+def section_from_flags(args, section: type[_Section], flags: dict[str, str]):
+    """``section`` built from its flags (field defaults for the rest); a bad value is a one-line error naming the
+    flag."""
+    try:
+        return section.model_validate(field_values(args, flags))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        flag = flags.get(str(first["loc"][0]), str(first["loc"][0])) if first["loc"] else "(flags)"
+        raise UserError(f"{flag}: {first['msg']} (found {first.get('input')!r})") from None

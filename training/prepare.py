@@ -25,8 +25,12 @@ from pathlib import Path
 
 from lk_vllm.atomic import atomic_path, write_atomic
 from lk_vllm.errors import UserError, require_at_least
+from training.config import DataSection, add_field_flags, section_from_flags
 
 SHARD_FORMAT = "lk-vllm-prepared-v1"
+
+
+_DATA = DataSection()  # the data fields' defaults, declared once in training.config
 
 
 @dataclass
@@ -37,26 +41,29 @@ class PrepareSettings:
     target_fingerprint: str
     datasets: list[str]
     split: str = "train"
-    limit: int | None = None  # prompts per dataset
-    seed: int = 0
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens: int = 512  # generated tokens per response
-    max_length: int = 1024  # prompt + response tokens per sample
+    limit: int | None = _DATA.limit  # prompts per dataset
+    seed: int = _DATA.seed
+    temperature: float = _DATA.temperature
+    top_p: float = _DATA.top_p
+    max_tokens: int = _DATA.max_tokens  # generated tokens per response
+    max_length: int = _DATA.max_length  # prompt + response tokens per sample
     shard_size: int = 256  # prompts per shard
     extra: dict = field(default_factory=dict)
-    chat_template: str | None = None  # a template file or built-in name in place of the target's own
+    chat_template: str | None = _DATA.chat_template  # a template file or built-in name in place of the target's own
     tokenizer_key: str = ""  # datasets.tokenizer_key: tokenizer files + the template in use
 
     @classmethod
-    def for_target(cls, target: str, datasets: list[str], chat_template: str | None = None, **fields):
-        """Settings for ``target``, its fingerprint and tokenizer key filled in."""
+    def for_target(cls, target: str, data: DataSection, datasets: list[str] | None = None, **fields):
+        """Settings for ``target`` from a data section (``datasets`` in place of its own), the target's fingerprint
+        and tokenizer key filled in."""
         from lk_vllm.assets import target_fingerprint
         from lk_vllm.datasets import load_tokenizer, tokenizer_key
 
-        key = tokenizer_key(target, load_tokenizer(target, chat_template))
-        return cls(target=target, target_fingerprint=target_fingerprint(target), datasets=datasets,
-                   chat_template=chat_template, tokenizer_key=key, **fields)
+        key = tokenizer_key(target, load_tokenizer(target, data.chat_template))
+        return cls(target=target, target_fingerprint=target_fingerprint(target),
+                   datasets=list(datasets or data.datasets), limit=data.limit, seed=data.seed,
+                   temperature=data.temperature, top_p=data.top_p, max_tokens=data.max_tokens,
+                   max_length=data.max_length, chat_template=data.chat_template, tokenizer_key=key, **fields)
 
     def key(self) -> str:
         blob = json.dumps({k: v for k, v in asdict(self).items() if k != "target"}, sort_keys=True)
@@ -193,27 +200,24 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
 
 
 # ---------------------------------------------------------------- command line
+# prepare's flags for the data fields it shares with train's data section (field -> flag).
+PREPARE_FLAGS = {"datasets": "--dataset", "limit": "--limit", "temperature": "--temperature", "top_p": "--top-p",
+                 "max_tokens": "--max-tokens", "max_length": "--max-length", "seed": "--data-seed",
+                 "chat_template": "--chat-template"}
+
+
 def add_arguments(parser) -> None:
-    from lk_vllm.datasets import add_chat_template_argument
     from lk_vllm.engine import add_engine_arguments
     from lk_vllm.targets import add_target_argument
 
     add_target_argument(parser)
-    parser.add_argument("--dataset", action="append", required=True,
-                        help="dataset name (sharegpt, gsm8k, ...) or a .jsonl file; repeatable")
+    add_field_flags(parser, DataSection, PREPARE_FLAGS, required=("datasets",))
     parser.add_argument("--split", default="train", choices=["train", "eval"], help="dataset split (default train)")
-    parser.add_argument("--limit", type=int, default=None, help="first N prompts of each dataset")
     parser.add_argument("--output", type=Path, default=None,
                         help="output directory (default: $LK_VLLM_HOME/data/<datasets>-<target>-<settings hash>)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="generated tokens per response (default 512)")
-    parser.add_argument("--max-length", type=int, default=1024, help="prompt + response tokens (default 1024)")
     parser.add_argument("--shard-size", type=int, default=256, help="prompts per shard / generation batch")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of generated datasets and sampling")
     parser.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="any other vLLM engine argument, e.g. --vllm-arg max_num_seqs=128 (JSON values allowed)")
-    add_chat_template_argument(parser)
     add_engine_arguments(parser)
 
 
@@ -235,19 +239,16 @@ def run(args) -> int:
     from lk_vllm.engine import settings_from_args
     from lk_vllm.targets import check_target
 
-    if args.limit is not None:
-        require_at_least("--limit", args.limit)
-    if args.max_tokens < 1 or args.max_length <= args.max_tokens // 2:
-        raise UserError(f"--max-length ({args.max_length}) must exceed half of --max-tokens ({args.max_tokens})")
+    data = section_from_flags(args, DataSection, PREPARE_FLAGS)
+    if data.max_length <= data.max_tokens // 2:
+        raise UserError(f"--max-length ({data.max_length}) must exceed half of --max-tokens ({data.max_tokens})")
+    require_at_least("--shard-size", args.shard_size)
     target = resolve_target(args.target)
-    check_target(target, needs_chat_template=not args.chat_template)
+    check_target(target, needs_chat_template=not data.chat_template)
     extra = parse_vllm_args(args.vllm_arg)
-    settings = PrepareSettings.for_target(target, args.dataset, args.chat_template, split=args.split,
-                                          limit=args.limit, seed=args.data_seed, temperature=args.temperature,
-                                          top_p=args.top_p, max_tokens=args.max_tokens, max_length=args.max_length,
-                                          shard_size=args.shard_size, extra=extra)
+    settings = PrepareSettings.for_target(target, data, split=args.split, shard_size=args.shard_size, extra=extra)
     output = args.output or default_output_dir(settings)
-    engine_settings = settings_from_args(args, target, max_model_len=max(args.max_model_len, args.max_length),
+    engine_settings = settings_from_args(args, target, max_model_len=max(args.max_model_len, data.max_length),
                                          extra=extra)
     manifest = prepare(settings, output, engine_settings)
     print(f"prepared {manifest['samples']} samples, {manifest['tokens']} tokens "

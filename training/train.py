@@ -69,7 +69,16 @@ from lk_vllm.drafters.base import BEST_EXPORT, FINAL_EXPORT
 from lk_vllm.errors import UserError
 from lk_vllm.log import log
 from training.capture import collate
-from training.config import Config, differing_fields, load_config, parse_override
+from training.config import (
+    Config,
+    add_field_flags,
+    differing_fields,
+    field_values,
+    flatten,
+    load_config,
+    parse_override,
+    recipe_names,
+)
 from training.device import Placement, resolve_placement
 
 
@@ -115,9 +124,7 @@ def ensure_data(config: Config, target_path: str, dist: Dist, progress: bool) ->
     d = config.data
     outputs = []
     for name in d.datasets:
-        settings = PrepareSettings.for_target(target_path, [name], d.chat_template, limit=d.limit, seed=d.seed,
-                                              temperature=d.temperature, top_p=d.top_p, max_tokens=d.max_tokens,
-                                              max_length=d.max_length)
+        settings = PrepareSettings.for_target(target_path, d, datasets=[name])
         output = default_output_dir(settings)
         if dist.main and not (output / "manifest.json").is_file():
             from lk_vllm import engine
@@ -729,28 +736,23 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
 
 
 # ------------------------------------------------------------------------------------------ command line
+# The train flags for common config fields (dotted field -> flag); any other field is --set SECTION.FIELD=VALUE.
+TRAIN_FLAGS = {"loss.kind": "--loss", "loss.eta": "--eta", "data.dirs": "--data", "model.init_from": "--init-from",
+               "data.chat_template": "--chat-template", "output": "--output"}
+
+
 def add_arguments(parser) -> None:
-    from lk_vllm.datasets import add_chat_template_argument
     from lk_vllm.targets import add_target_argument
-    from training.config import LOSS_KINDS, recipe_names
 
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--recipe", help=f"a built-in recipe: {', '.join(recipe_names())}")
     source.add_argument("--config", help="a YAML file with the same structure as the recipes")
-    from training.config import Config, flatten
-
     fields = ", ".join(f"{key} ({value})" for key, value in flatten(Config()).items())
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config field, value in YAML syntax, e.g. --set optimizer.lr=1e-3 "
                              f"(repeatable). Fields (defaults): {fields}")
-    parser.add_argument("--loss", choices=LOSS_KINDS, help="loss kind (loss.kind)")
-    parser.add_argument("--eta", type=float, help="LK^lambda decay eta (loss.eta)")
     add_target_argument(parser, "the recipe's model.target")
-    parser.add_argument("--data", action="append", help="a finished `lk-vllm prepare` directory (data.dirs; repeatable)")
-    parser.add_argument("--init-from", help="an exported drafter to start from, e.g. to fine-tune it on new data "
-                                            "(model.init_from; keeps its architecture and draft vocabulary)")
-    add_chat_template_argument(parser)
-    parser.add_argument("--output", help="run directory (default $LK_VLLM_HOME/runs/<recipe>)")
+    add_field_flags(parser, Config, TRAIN_FLAGS, over_recipe=True)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --output")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--dry-run", action="store_true",
@@ -759,12 +761,9 @@ def add_arguments(parser) -> None:
 
 
 def config_from_args(args) -> tuple[Config, str]:
-    overrides = {}
-    for flag, key in (("loss", "loss.kind"), ("eta", "loss.eta"), ("target", "model.target"),
-                      ("data", "data.dirs"), ("init_from", "model.init_from"), ("chat_template", "data.chat_template"),
-                      ("output", "output")):
-        if getattr(args, flag, None) is not None:
-            overrides[key] = getattr(args, flag)
+    overrides = field_values(args, TRAIN_FLAGS)
+    if args.target is not None:
+        overrides["model.target"] = args.target
     for text in args.set:
         key, value = parse_override(text)
         overrides[key] = value
