@@ -36,8 +36,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lk_vllm.acceptance import heldout_rates
+from lk_vllm.assets import resolve_target
+from lk_vllm.bench.runner import evaluate_vllm
+from lk_vllm.datasets import chat_prompt_ids, load_prompts
+from lk_vllm.drafters import detect_architecture, drafter_class, speculative_config_for
+from lk_vllm.drafters.base import (
+    BEST_EXPORT,
+    CONFIG_FILE,
+    FINAL_EXPORT,
+    TrainingRecord,
+    check_drafter_matches_target,
+    read_drafter_files,
+    read_safetensors_header,
+    validate_draft_to_target,
+)
 from lk_vllm.errors import UserError, require_at_least
-from lk_vllm.targets import TargetShape, serving_problem
+from lk_vllm.targets import TargetShape, add_target_argument, serving_problem
 
 OK, WARNING, ERROR = "ok", "warning", "error"
 AUX_KEY = "eagle_aux_hidden_state_layer_ids"
@@ -58,7 +73,7 @@ class Report:
     architecture: str | None = None
     findings: list[Finding] = dataclasses.field(default_factory=list)
     probe: dict[str, Any] | None = None
-    record: dict[str, Any] = dataclasses.field(default_factory=dict)  # the drafter's lk_training.json
+    record: TrainingRecord = dataclasses.field(default_factory=TrainingRecord)  # the drafter's lk_training.json
 
     def add(self, check: str, status: str, message: str) -> None:
         self.findings.append(Finding(check, status, message))
@@ -89,19 +104,17 @@ class Report:
 def check_drafter(directory: str | Path, target: str | None, num_speculative_tokens: int = 3) -> Report:
     """Every static check on a drafter directory, against ``target`` (a resolved target path or HF id; None:
     the checks that need no target only)."""
-    from lk_vllm.drafters import detect_architecture, drafter_class, speculative_config_for
-    from lk_vllm.drafters.base import check_drafter_matches_target, read_config, read_training_record
-
     path = Path(directory).expanduser()
     report = Report(str(path), target)
     try:
         if not path.is_dir():
             raise UserError(f"drafter {path}: expected a drafter checkpoint directory, found "
                             f"{'a file' if path.exists() else 'nothing'}")
-        config = read_config(path)
+        files = read_drafter_files(path)
+        config = files.config
         report.architecture = detect_architecture(config, f"drafter {path}")
         drafter = drafter_class(report.architecture).from_pretrained(path)
-        record = report.record = read_training_record(path)
+        record = report.record = files.record
         header = _weights_header(path)
         speculative_config_for(path, num_speculative_tokens)  # servable, and with this many tokens
     except (UserError, ValueError, TypeError, KeyError) as exc:  # a config vLLM could not read either
@@ -116,7 +129,7 @@ def check_drafter(directory: str | Path, target: str | None, num_speculative_tok
             problem = serving_problem(shape, report.architecture)
             if problem:
                 raise UserError(problem)
-            if not (record.get("target") or {}).get("fingerprint"):
+            if not record.target_fingerprint:
                 fingerprint = "; no target fingerprint recorded (not made by lk-vllm), so sizes only"
             elif not Path(target).is_dir():
                 fingerprint = "; an HF id has no fingerprint to compare, so sizes only"
@@ -133,7 +146,6 @@ def check_drafter(directory: str | Path, target: str | None, num_speculative_tok
 
 
 def _weights_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    from lk_vllm.drafters.base import read_safetensors_header
 
     header: dict[str, tuple[str, tuple[int, ...]]] = {}
     for weights in sorted(path.glob("*.safetensors")):
@@ -171,18 +183,7 @@ def aux_layer_ids_by_runner(view: dict) -> dict[str, list | None]:
     return {"V1": top or eagle_config.get(AUX_KEY) or None, "V2": top or eagle_config.get("layer_ids") or None}
 
 
-def recorded_aux_layer_ids(record: dict) -> list[int] | None:
-    """The aux layers the trainer used, from ``lk_training.json`` (exports since the doctor record them;
-    earlier ones only when the training config named them)."""
-    if record.get("aux_layer_ids"):
-        return [int(i) for i in record["aux_layer_ids"]]
-    config = (record.get("training") or {}).get("config") or {}
-    options = (config.get("model") or {}).get("options") or {}
-    ids = options.get("aux_layer_ids")
-    return [int(i) for i in ids] if ids else None
-
-
-def _check_eagle3(report: Report, path: Path, config: dict, header: dict, record: dict,
+def _check_eagle3(report: Report, path: Path, config: dict, header: dict, record: TrainingRecord,
                   target: TargetShape | None) -> None:
     view = vllm_eagle3_config(config)
     rope = view.get("rope_parameters")
@@ -191,7 +192,7 @@ def _check_eagle3(report: Report, path: Path, config: dict, header: dict, record
                    f"({', '.join(sorted(rope))}); vLLM's Llama layer reads one flat set (rope_type, rope_theta, ...)")
         return
     by_runner = aux_layer_ids_by_runner(view)
-    trained = recorded_aux_layer_ids(record)
+    trained = record.aux_layer_ids
     layers = target.num_layers if target else None
     guess = (2, layers // 2, layers - 3) if layers else "(2, L/2, L-3)"
     trained_note = f"; it was trained on {trained}" if trained else ""
@@ -250,7 +251,6 @@ def _check_fc_width(report: Report, path: Path, view: dict, header: dict, ids: l
 
 
 def _check_vocabulary(report: Report, path: Path, drafter, target: TargetShape | None) -> None:
-    from lk_vllm.drafters.base import validate_draft_to_target
 
     mapping = drafter.draft_to_target
     vocab = target.vocab_size if target else drafter.target_vocab_size()
@@ -296,8 +296,6 @@ def require_valid(directory: str | Path, target: str | None, num_speculative_tok
 def check_exports(run_dir: Path, num_speculative_tokens: int) -> None:
     """After ``lk-vllm train``: the static checks on each export of the run (against the target it records),
     one line each; the first error is a one-line UserError."""
-    from lk_vllm.drafters.base import BEST_EXPORT, FINAL_EXPORT
-
     for directory in (run_dir / FINAL_EXPORT, run_dir / BEST_EXPORT):
         if directory.is_dir():
             require_valid(directory, _default_target(directory), num_speculative_tokens, "exported drafter")
@@ -327,17 +325,15 @@ class ProbeSettings:
                             f"{self.min_fraction_of_prediction}")
 
 
-def judge_probe(summary: dict[str, Any], record: dict, settings: ProbeSettings) -> Finding:
+def judge_probe(summary: dict[str, Any], record: TrainingRecord, settings: ProbeSettings) -> Finding:
     """The probe's verdict from its counters (``Counts.summary()`` of ``evaluate_vllm``) and the drafter's
     training record."""
-    from lk_vllm.acceptance import heldout_rates
-
     rates = summary.get("per_position_acceptance")
     if not summary.get("num_drafts") or not rates:
         return Finding("probe", ERROR, f"the probe made no drafts on {settings.prompts} prompt(s) of "
                        f"{settings.max_tokens} tokens; raise --probe-max-tokens")
     observed = float(rates[0])
-    predicted = heldout_rates(record.get("training") or {}, 0.0, 1)
+    predicted = heldout_rates(record.training, 0.0, 1)
     predicted = predicted[0] if predicted else None
     said = f"position-0 acceptance {observed:.3f} over {summary['num_drafts']} drafts at T=0"
     expected = f", the trainer's held-out prediction is {predicted:.3f}" if predicted is not None else ""
@@ -353,8 +349,6 @@ def run_probe(directory: Path, target: str, num_speculative_tokens: int, setting
     """Serve the drafter in vLLM on the first prompts of a dataset; its counters (``Counts.summary()``)."""
     from transformers import AutoTokenizer
 
-    from lk_vllm.bench.runner import evaluate_vllm
-    from lk_vllm.datasets import chat_prompt_ids, load_prompts
 
     prompts = load_prompts(settings.dataset, split="eval", limit=settings.prompts)
     tokenizer = AutoTokenizer.from_pretrained(target)
@@ -377,7 +371,6 @@ def validate(directory: str | Path, target: str | None, num_speculative_tokens: 
 
 # ------------------------------------------------------------------------------------------------ command line
 def add_arguments(parser) -> None:
-    from lk_vllm.targets import add_target_argument
 
     defaults = ProbeSettings()
     parser.add_argument("drafter", metavar="DRAFTER", help="drafter checkpoint directory")
@@ -405,15 +398,11 @@ def add_arguments(parser) -> None:
 
 def _default_target(directory: Path) -> str:
     """The target recorded with the drafter when it is on this machine, else the embedded default."""
-    from lk_vllm.assets import resolve_target
-    from lk_vllm.drafters.base import read_training_record
-
-    recorded = (read_training_record(directory).get("target") or {}).get("path") if directory.is_dir() else None
+    recorded = read_drafter_files(directory).record.target_path if (directory / CONFIG_FILE).is_file() else None
     return resolve_target(recorded if recorded and Path(recorded).is_dir() else None)
 
 
 def run(args) -> int:
-    from lk_vllm.assets import resolve_target
 
     require_at_least("--num-speculative-tokens", args.num_speculative_tokens)
     probe = ProbeSettings(args.probe_prompts, args.probe_max_tokens, args.probe_dataset, args.min_acceptance,

@@ -13,6 +13,7 @@ from lk_vllm.drafters import (
     speculative_config_for,
     target_info,
 )
+from lk_vllm.drafters.base import TrainingRecord, read_drafter_files
 from lk_vllm.errors import UserError
 from lk_vllm.target_model import TargetModel
 
@@ -370,6 +371,40 @@ def test_corrupt_or_incomplete_checkpoints(tmp_path, target):
     (out / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         load_drafter(out)
+
+
+def test_drafter_files_reader_and_training_record(tmp_path, target):
+    out = _eagle3(target).save_pretrained(tmp_path / "d", target=target_info(target))
+    files = read_drafter_files(out)
+    assert files.config == json.loads((out / "config.json").read_text())
+    assert files.record.data == json.loads((out / "lk_training.json").read_text())
+    assert files.record.target_path == target.path and files.record.target_fingerprint
+    assert load_drafter(out).training_info == files.record
+
+    (out / "lk_training.json").unlink()  # a third-party drafter: an empty record, every accessor None / {}
+    empty = read_drafter_files(out).record
+    assert (empty.target_path, empty.target_fingerprint, empty.loss, empty.aux_layer_ids, empty.training) == (
+        None, None, None, None, {})
+    (out / "lk_training.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match=r"lk_training.json: expected a JSON object, found list$"):
+        read_drafter_files(out)
+    (out / "lk_training.json").write_text("{oops")
+    with pytest.raises(UserError, match=r"lk_training.json: not valid JSON"):
+        read_drafter_files(out)
+    (out / "config.json").unlink()
+    with pytest.raises(UserError, match=r"config.json is missing \(expected a drafter checkpoint directory\)"):
+        read_drafter_files(out)
+
+
+@pytest.mark.parametrize("data, loss, ids", [
+    ({"training": {"loss": "lk_alpha"}, "aux_layer_ids": [1, 2, 3]}, "lk_alpha", [1, 2, 3]),
+    ({"training": {"loss_kind": "kl", "config": {"model": {"options": {"aux_layer_ids": ["0", 2]}}}}}, "kl", [0, 2]),
+    ({"training": "not a section", "target": ["not", "a", "section"]}, None, None),
+])
+def test_training_record_accessors(data, loss, ids):
+    record = TrainingRecord(data)
+    assert (record.loss, record.aux_layer_ids) == (loss, ids)
+    assert record.target_path is None and isinstance(record.training, dict)
 
 
 def test_unknown_format_names_the_supported_ones(tmp_path):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from train_helpers import make_tiny_target, serve_args
 
 from lk_vllm.drafters import create_drafter, target_info
+from lk_vllm.drafters.base import TrainingRecord
 from lk_vllm.errors import UserError
 from lk_vllm.target_model import TargetModel
 from lk_vllm.validate import ERROR, OK, ProbeSettings, check_drafter, judge_probe, require_valid
@@ -255,15 +256,15 @@ def _summary(p0, drafts=40):
 
 
 def _record(top1):
-    return {"training": {"heldout": {"top1_agreement": [top1, 0.3, 0.2]}}}
+    return TrainingRecord({"training": {"heldout": {"top1_agreement": [top1, 0.3, 0.2]}}})
 
 
 @pytest.mark.parametrize("p0, record, verdict, words", [
     (0.55, _record(0.6), OK, "held-out prediction is 0.600"),
-    (0.05, {}, ERROR, "below the floor --min-acceptance 0.1"),
+    (0.05, TrainingRecord(), ERROR, "below the floor --min-acceptance 0.1"),
     (0.2, _record(0.6), ERROR, "far below the trainer's held-out prediction 0.600"),
     (0.35, _record(0.6), OK, "acceptance length"),
-    (0.3, {}, OK, "position-0 acceptance 0.300 over 40 drafts"),
+    (0.3, TrainingRecord(), OK, "position-0 acceptance 0.300 over 40 drafts"),
 ])
 def test_probe_verdict(p0, record, verdict, words):
     finding = judge_probe(_summary(p0), record, ProbeSettings())
@@ -271,7 +272,7 @@ def test_probe_verdict(p0, record, verdict, words):
 
 
 def test_probe_without_drafts_and_bad_flags():
-    assert "made no drafts" in judge_probe({"num_drafts": 0, "per_position_acceptance": None}, {}, ProbeSettings()).message
+    assert "made no drafts" in judge_probe({"num_drafts": 0, "per_position_acceptance": None}, TrainingRecord(), ProbeSettings()).message
     with pytest.raises(UserError, match=r"--min-acceptance: expected a rate in \[0, 1\], found 1.5"):
         ProbeSettings(min_acceptance=1.5)
     with pytest.raises(UserError, match=r"--min-fraction-of-prediction: expected a fraction in \(0, 1\], found 0"):

@@ -140,7 +140,7 @@ def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limi
     from lk_vllm.assets import resolve_target
     from lk_vllm.datasets import load_prompts
     from lk_vllm.drafters import detect_architecture, load_drafter
-    from lk_vllm.drafters.base import read_config
+    from lk_vllm.drafters.base import read_drafter_files
     from lk_vllm.target_model import TargetModel
     from lk_vllm.targets import check_target
 
@@ -151,7 +151,7 @@ def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limi
     if engine not in ("torch", "vllm"):
         raise UserError(f"--engine must be torch or vllm, got {engine!r}")
     target_path = resolve_target(target or _recorded_target(drafter_dir))
-    architecture = detect_architecture(read_config(Path(drafter_dir)), f"--drafter {drafter_dir}")
+    architecture = detect_architecture(read_drafter_files(drafter_dir).config, f"--drafter {drafter_dir}")
     check_target(target_path, architecture, needs_chat_template=not chat_template)
     prompts = [p for name in datasets for p in load_prompts(name, split="eval", limit=limit)]
     if not prompts:
@@ -192,11 +192,9 @@ def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limi
 
 
 def _recorded_target(drafter_dir: str) -> str | None:
-    from pathlib import Path
+    from lk_vllm.drafters.base import read_drafter_files
 
-    from lk_vllm.drafters.base import read_training_record
-
-    path = (read_training_record(Path(drafter_dir)).get("target") or {}).get("path")
+    path = read_drafter_files(drafter_dir).record.target_path
     return path if path and Path(path).is_dir() else None
 
 

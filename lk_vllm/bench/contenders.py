@@ -55,8 +55,7 @@ def drafter_contender(directory: str, label: str, target, num_speculative_tokens
     """Check a drafter directory (format, weights, made for ``target``, servable with K tokens) and describe it.
     ``target`` is a ``lk_vllm.targets.TargetShape``."""
     from lk_vllm.drafters import load_drafter, speculative_config_for, with_faithful_sampling
-    from lk_vllm.drafters.base import check_drafter_matches_target, read_training_record
-    from lk_vllm.plugin.server.drafter_info import recorded_loss
+    from lk_vllm.drafters.base import check_drafter_matches_target
 
     path = Path(directory).expanduser().resolve()
     if not path.is_dir():
@@ -64,10 +63,9 @@ def drafter_contender(directory: str, label: str, target, num_speculative_tokens
     drafter = load_drafter(path)  # config and weights readable, in a supported format
     check_drafter_matches_target(path, drafter, target)
     config = with_faithful_sampling(speculative_config_for(path, num_speculative_tokens))
-    record = read_training_record(path)
-    training = record.get("training") if isinstance(record.get("training"), dict) else {}
-    return Contender(label=label, architecture=drafter.architecture, loss=recorded_loss(record), path=str(path),
-                     speculative_config=config, training=training)
+    record = drafter.training_info
+    return Contender(label=label, architecture=drafter.architecture, loss=record.loss, path=str(path),
+                     speculative_config=config, training=record.training)
 
 
 def config_contender(value: str, num_speculative_tokens: int, taken: list[str]) -> Contender:

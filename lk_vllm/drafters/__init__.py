@@ -66,8 +66,8 @@ from lk_vllm.drafters.base import (
     Drafter,
     StepOutput,
     check_drafter_matches_target,
-    read_config,
-    read_drafter_dir,
+    read_drafter_files,
+    read_json_object,
     target_info,
     target_mismatch,
 )
@@ -154,7 +154,7 @@ def load_drafter(directory: str | os.PathLike, target=None) -> Drafter:
     path = Path(directory).expanduser()
     if not path.is_dir():
         raise UserError(f"drafter {path} is not a directory")
-    architecture = detect_architecture(read_config(path), f"drafter {path}")
+    architecture = detect_architecture(read_drafter_files(path).config, f"drafter {path}")
     drafter = drafter_class(architecture).from_pretrained(path, target=None)
     if target is not None:
         check_drafter_matches_target(path, drafter, target)
@@ -168,7 +168,7 @@ def speculative_config_for(directory: str | os.PathLike, num_speculative_tokens:
     """The ``speculative_config`` for ``lk_vllm.engine.EngineSettings`` that serves this drafter directory.
     ``options`` are further vLLM speculative-config keys (e.g. ``draft_sample_method="probabilistic"``)."""
     path = Path(directory).expanduser().resolve()
-    config = read_config(path)
+    config = read_drafter_files(path).config
     architecture = detect_architecture(config, f"drafter {path}")
     cls = drafter_class(architecture)
     if not cls.servable:
@@ -210,10 +210,9 @@ def with_faithful_sampling(config: dict[str, Any]) -> dict[str, Any]:
 
 def check_drafter_for_target(drafter: Path, target: str) -> None:
     """One-line error if the drafter directory records (or implies) another target."""
-    files = read_drafter_dir(drafter)
-    record, drafter_config = files["training"], files["config"]
-    target_dir = Path(target)
-    target_config = read_drafter_dir(target_dir)["config"] if target_dir.is_dir() else {}
+    files = read_drafter_files(drafter)
+    record, drafter_config = files.record, files.config
+    target_config = read_json_object(Path(target) / "config.json", "target") or {}  # an HF id has none here
     if drafter_config.get("model_type") == "mlp_speculator":  # before the fingerprint: names the mismatch
         from lk_vllm.plugin.engine.mlp_proposer import mlp_speculator_mismatches
 
@@ -225,7 +224,7 @@ def check_drafter_for_target(drafter: Path, target: str) -> None:
     mismatch = target_mismatch(record, target)
     if mismatch:
         recorded, actual = mismatch
-        where = (record.get("target") or {}).get("path", "?")
+        where = record.target_path or "?"
         raise UserError(f"--drafter {drafter}: trained for target fingerprint {recorded} ({where}), "
                         f"but the target {target} has {actual}")
     vocab = target_config.get("vocab_size")

@@ -106,7 +106,7 @@ class Drafter(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.training_info: dict[str, Any] = {}  # what lk_training.json said when loaded
+        self.training_info = TrainingRecord()  # what lk_training.json said when loaded
 
     # ----------------------------------------------------------------------- training contract
     @property
@@ -257,17 +257,16 @@ def check_drafter_matches_target(directory: str | os.PathLike, drafter: Drafter,
         recorded, actual = mismatch
         raise UserError(
             f"drafter {where} was trained for target fingerprint {recorded} "
-            f"({(drafter.training_info.get('target') or {}).get('path')}), but {target.path} has {actual}; "
+            f"({drafter.training_info.target_path}), but {target.path} has {actual}; "
             f"pass the target it was trained for"
         )
 
 
-def target_mismatch(training_record: dict, target_path: str) -> tuple[str, str] | None:
+def target_mismatch(record: TrainingRecord, target_path: str) -> tuple[str, str] | None:
     """``(recorded, actual)`` target fingerprints when a drafter's ``lk_training.json`` record names another target
     than the local model directory ``target_path``; None when they agree or there is nothing to compare (a
     third-party drafter records no target; an HF id is not fingerprinted)."""
-    recorded_target = training_record.get("target")
-    recorded = recorded_target.get("fingerprint") if isinstance(recorded_target, dict) else None
+    recorded = record.target_fingerprint
     if not recorded or not Path(target_path).is_dir():
         return None
     from lk_vllm.assets import target_fingerprint
@@ -326,18 +325,6 @@ def validate_draft_to_target(draft_to_target: torch.Tensor, draft_vocab: int, ta
 
 
 # --------------------------------------------------------------------------- files
-def read_drafter_dir(path: str | Path) -> dict[str, Any]:
-    """config.json and lk_training.json of a drafter directory (empty dicts when absent)."""
-    path = Path(path)
-    out: dict[str, Any] = {"config": {}, "training": {}}
-    for key, name in (("config", "config.json"), ("training", "lk_training.json")):
-        try:
-            out[key] = json.loads((path / name).read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
-    return out
-
-
 def write_checkpoint_dir(directory: Path, config: dict, state: dict[str, torch.Tensor], record: dict) -> Path:
     """Write the three files into a temporary sibling directory, then swap it into place."""
     from safetensors.torch import save_file
@@ -352,27 +339,77 @@ def write_checkpoint_dir(directory: Path, config: dict, state: dict[str, torch.T
     return directory
 
 
-def read_config(directory: Path) -> dict:
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise UserError(f"drafter {directory}: {CONFIG_FILE} is missing (expected a drafter checkpoint directory)")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise UserError(f"drafter {path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise UserError(f"drafter {path}: expected a JSON object")
-    return config
+@dataclasses.dataclass(frozen=True)
+class TrainingRecord:
+    """``lk_training.json``: how a drafter was trained and for which target. Empty for a drafter lk-vllm did not
+    make, so every accessor answers None / {} rather than failing."""
+
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def _dict(self, key: str) -> dict[str, Any]:
+        value = self.data.get(key)
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def target_path(self) -> str | None:
+        return self._dict("target").get("path")
+
+    @property
+    def target_fingerprint(self) -> str | None:
+        return self._dict("target").get("fingerprint")
+
+    @property
+    def training(self) -> dict[str, Any]:
+        """The trainer's own section: loss, held-out statistics, the resolved config."""
+        return self._dict("training")
+
+    @property
+    def loss(self) -> str | None:
+        training = self.training
+        loss = training.get("loss") or training.get("loss_kind") or training.get("kind")
+        return str(loss) if loss else None
+
+    @property
+    def aux_layer_ids(self) -> list[int] | None:
+        """The EAGLE-3 target layers the trainer used (exports record them; older ones only in the config)."""
+        ids = self.data.get("aux_layer_ids")
+        if not ids:
+            options = ((self.training.get("config") or {}).get("model") or {}).get("options") or {}
+            ids = options.get("aux_layer_ids")
+        return [int(i) for i in ids] if ids else None
 
 
-def read_training_record(directory: Path) -> dict:
-    path = directory / TRAINING_FILE
+@dataclasses.dataclass(frozen=True)
+class DrafterFiles:
+    """A drafter directory's ``config.json`` and training record (weights are read separately: they are large)."""
+
+    path: Path
+    config: dict[str, Any]
+    record: TrainingRecord
+
+
+def read_drafter_files(directory: str | os.PathLike) -> DrafterFiles:
+    """The one reader of a drafter directory: a missing or malformed ``config.json`` and a malformed
+    ``lk_training.json`` are one-line UserErrors; a missing ``lk_training.json`` is an empty record (third-party
+    drafters have none)."""
+    path = Path(directory).expanduser()
+    config = read_json_object(path / CONFIG_FILE)
+    if config is None:
+        raise UserError(f"drafter {path}: {CONFIG_FILE} is missing (expected a drafter checkpoint directory)")
+    return DrafterFiles(path, config, TrainingRecord(read_json_object(path / TRAINING_FILE) or {}))
+
+
+def read_json_object(path: Path, what: str = "drafter") -> dict | None:
+    """A JSON object file (``what`` names it in errors); None when absent."""
     if not path.is_file():
-        return {}  # third-party drafters have none
+        return None
     try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise UserError(f"drafter {path}: not valid JSON ({exc})") from exc
+        value = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{what} {path}: not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise UserError(f"{what} {path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:

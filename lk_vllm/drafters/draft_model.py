@@ -20,8 +20,7 @@ import torch
 from lk_vllm.drafters.base import (
     Drafter,
     StepOutput,
-    read_config,
-    read_training_record,
+    read_drafter_files,
     read_weights,
     require,
     shift_mask,
@@ -135,7 +134,8 @@ class DraftLM(Drafter):
 
         directory = Path(directory)
         where = str(directory)
-        config_dict = read_config(directory)
+        files = read_drafter_files(directory)
+        config_dict = files.config
         require(config_dict, ["model_type", "vocab_size", "hidden_size", "num_hidden_layers"], where)
         try:
             config = AutoConfig.from_pretrained(directory)
@@ -154,5 +154,5 @@ class DraftLM(Drafter):
         if tied:
             model.tie_weights()
         drafter = cls(model.eval())
-        drafter.training_info = read_training_record(directory)
+        drafter.training_info = files.record
         return drafter

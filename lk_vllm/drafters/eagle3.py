@@ -43,8 +43,7 @@ from lk_vllm.drafters.base import (
     Drafter,
     StepOutput,
     init_linear_,
-    read_config,
-    read_training_record,
+    read_drafter_files,
     read_weights,
     require,
     shift_left,
@@ -429,8 +428,8 @@ class Eagle3Drafter(Drafter):
                 "torch_dtype": "float32",
             }
         if export_format == "speculators":
-            target = target or self.training_info.get("target") or {}
-            return speculators_config(self._layer_config(), extras, aux, target_path=target.get("path", ""))
+            target_path = target.get("path", "") if target else self.training_info.target_path or ""
+            return speculators_config(self._layer_config(), extras, aux, target_path=target_path)
         raise UserError(f"EAGLE-3 export format {export_format!r} is unknown; use 'eagle3' or 'speculators'")
 
     def export_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -461,7 +460,8 @@ class Eagle3Drafter(Drafter):
     def from_pretrained(cls, directory: str | Path, target=None) -> Eagle3Drafter:
         """Load an EAGLE-3 checkpoint in the plain or the speculators format (ours or a third party's)."""
         directory = Path(directory)
-        config = read_config(directory)
+        files = read_drafter_files(directory)
+        config = files.config
         where = str(directory)
         if "speculators_config" in config or config.get("speculators_model_type"):
             if config.get("speculators_model_type") != "eagle3":
@@ -512,7 +512,7 @@ class Eagle3Drafter(Drafter):
         drafter.load_state_dict({**drafter.state_dict(), **{k: v.float() for k, v in weights.items()}})
         if "embed_tokens.weight" in state:
             drafter.set_embeddings(take(state, "embed_tokens.weight", (vocab, drafter.config.hidden_size), where), own=True)
-        drafter.training_info = read_training_record(directory)
+        drafter.training_info = files.record
         if target is not None:
             drafter.attach_target(target)
         return drafter

@@ -27,8 +27,7 @@ from torch import nn
 from lk_vllm.drafters.base import (
     Drafter,
     StepOutput,
-    read_config,
-    read_training_record,
+    read_drafter_files,
     read_weights,
     require,
     shift_mask,
@@ -171,7 +170,8 @@ class MedusaDrafter(Drafter):
     def from_pretrained(cls, directory: str | Path, target=None) -> MedusaDrafter:
         directory = Path(directory)
         where = str(directory)
-        config = read_config(directory)
+        files = read_drafter_files(directory)
+        config = files.config
         # vLLM's MedusaConfig accepts any key naming the head/layer counts (e.g. medusa_num_heads).
         for key in list(config):
             if "num" in key and "heads" in key and key != "num_heads":
@@ -203,7 +203,7 @@ class MedusaDrafter(Drafter):
         expected = {k: tuple(v.shape) for k, v in drafter.state_dict().items() if k != "token_map"}
         weights = {name: take(state, name, shape, where).float() for name, shape in expected.items()}
         drafter.load_state_dict({**drafter.state_dict(), **weights})
-        drafter.training_info = read_training_record(directory)
+        drafter.training_info = files.record
         return drafter
 
 

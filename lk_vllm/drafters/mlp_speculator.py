@@ -28,8 +28,7 @@ from torch import nn
 from lk_vllm.drafters.base import (
     Drafter,
     StepOutput,
-    read_config,
-    read_training_record,
+    read_drafter_files,
     read_weights,
     require,
     shift_left,
@@ -165,7 +164,8 @@ class MLPSpeculatorDrafter(Drafter):
     def from_pretrained(cls, directory: str | Path, target=None) -> MLPSpeculatorDrafter:
         directory = Path(directory)
         where = str(directory)
-        config = read_config(directory)
+        files = read_drafter_files(directory)
+        config = files.config
         require(config, ["vocab_size", "emb_dim", "n_predict"], where)
         drafter = cls(
             vocab_size=int(config["vocab_size"]),
@@ -181,5 +181,5 @@ class MLPSpeculatorDrafter(Drafter):
         expected = drafter.state_dict()
         weights = {name: take(state, name, tuple(t.shape), where).float() for name, t in expected.items()}
         drafter.load_state_dict(weights)
-        drafter.training_info = read_training_record(directory)
+        drafter.training_info = files.record
         return drafter

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lk_vllm.drafters import MODEL_METHODS
-from lk_vllm.drafters.base import read_drafter_dir
+from lk_vllm.drafters.base import CONFIG_FILE, read_drafter_files
 from lk_vllm.plugin.server.live_stats import DrafterInfo
 
 
@@ -33,15 +33,6 @@ def sampling_modes(method: str, draft_sample_method: str, rejection_sample_metho
     }
 
 
-def recorded_loss(training_record: dict[str, Any]) -> str | None:
-    """The loss kind an lk_training.json records (``{"training": {"loss": ...}}``)."""
-    training = training_record.get("training")
-    if not isinstance(training, dict):
-        return None
-    loss = training.get("loss") or training.get("loss_kind") or training.get("kind")
-    return str(loss) if loss else None
-
-
 def drafter_architecture(config: dict[str, Any], method: str) -> str:
     if "speculators_model_type" in config:
         return str(config["speculators_model_type"])
@@ -58,13 +49,12 @@ def describe_speculative_config(spec) -> DrafterInfo:
     method = str(getattr(spec, "method", None) or "unknown")
     model = getattr(spec, "model", None)
     name = str(model) if model and method not in ("ngram", "suffix") else method
-    details = read_drafter_dir(model) if model and Path(str(model)).is_dir() else {"config": {}, "training": {}}
-    training = details["training"]
+    files = read_drafter_files(model) if model and (Path(str(model)) / CONFIG_FILE).is_file() else None
     return DrafterInfo(
         name=name,
         method=method,
-        architecture=drafter_architecture(details["config"], method),
-        loss=recorded_loss(training),
+        architecture=drafter_architecture(files.config if files else {}, method),
+        loss=files.record.loss if files else None,
         num_speculative_tokens=int(getattr(spec, "num_speculative_tokens", 0) or 0),
         sampling=sampling_modes(
             method,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lk_vllm import acceptance
+from lk_vllm.drafters.base import CONFIG_FILE, read_drafter_files
 from lk_vllm.env import DRIFT_ENV
 from lk_vllm.errors import UserError
 
@@ -62,12 +63,10 @@ def check_threshold(value: Any) -> float:
 
 def training_expectation(drafter_path: str, num_speculative_tokens: int) -> dict[str, float]:
     """Expected acceptance length per sampling mode from the drafter's ``lk_training.json`` (empty if none)."""
-    from lk_vllm.drafters.base import read_drafter_dir
-
-    if not Path(drafter_path).is_dir():
+    if not (Path(drafter_path) / CONFIG_FILE).is_file():
         return {}
-    training = read_drafter_dir(drafter_path)["training"].get("training")
-    if not isinstance(training, dict):
+    training = read_drafter_files(drafter_path).record.training
+    if not training:
         return {}
     out = {}
     for mode, temperature in (("temperature_0", 0.0), ("sampled", 1.0)):

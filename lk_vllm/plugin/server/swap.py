@@ -25,12 +25,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lk_vllm.drafters.base import read_drafter_dir
+from lk_vllm.drafters.base import read_drafter_files, target_mismatch
 from lk_vllm.env import SUPERVISED_ENV
 from lk_vllm.plugin.server.drafter_info import (
     describe_speculative_config,
     drafter_architecture,
-    recorded_loss,
 )
 from lk_vllm.plugin.server.live_stats import DrafterInfo
 
@@ -86,9 +85,7 @@ def check_target(drafter_dir: Path, target: str | None) -> None:
     """Refuse a drafter trained for another target (when its lk_training.json says which)."""
     if not target:
         return
-    from lk_vllm.drafters.base import target_mismatch
-
-    mismatch = target_mismatch(read_drafter_dir(drafter_dir)["training"], target)
+    mismatch = target_mismatch(read_drafter_files(drafter_dir).record, target)
     if mismatch:
         recorded, live = mismatch
         raise SwapError(409, f"drafter {drafter_dir.name} was trained for target {recorded}, this server runs {live}")
@@ -105,7 +102,7 @@ async def validate_static(new_dir: Path, requested: str, target: str | None, num
 
 def shape_difference(current_dir: Path, new_dir: Path) -> str | None:
     """Why the new drafter cannot be loaded into the live one's parameters, or None if it can."""
-    current, new = read_drafter_dir(current_dir)["config"], read_drafter_dir(new_dir)["config"]
+    current, new = read_drafter_files(current_dir).config, read_drafter_files(new_dir).config
     old_architecture, new_architecture = drafter_architecture(current, "?"), drafter_architecture(new, "?")
     if old_architecture != new_architecture:
         return f"the new drafter's architectures differ ({old_architecture} -> {new_architecture})"
@@ -141,12 +138,12 @@ def restart_config(new_dir: Path, num_speculative_tokens: int, target: str | Non
 
 
 def _describe(new_dir: Path, method: str, live: DrafterInfo | None, num_speculative_tokens: int) -> DrafterInfo:
-    details = read_drafter_dir(new_dir)
+    files = read_drafter_files(new_dir)
     return DrafterInfo(
         name=str(new_dir),
         method=method,
-        architecture=drafter_architecture(details["config"], method),
-        loss=recorded_loss(details["training"]),
+        architecture=drafter_architecture(files.config, method),
+        loss=files.record.loss,
         num_speculative_tokens=num_speculative_tokens,
         sampling=live.sampling if live else {},
     )
