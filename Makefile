@@ -33,7 +33,7 @@ test: setup
 	bash scripts/run_tests.sh
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "unit and not slow" -q
 
 demo: setup
 	$(VENV)/bin/lk-vllm demo

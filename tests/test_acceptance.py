@@ -19,6 +19,8 @@ from lk_vllm.acceptance import (
     per_position_acceptance,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def test_expected_acceptance_length_values():
     assert expected_acceptance_length([]) == 1.0
@@ -142,6 +144,7 @@ def test_from_mapping_and_attributes():
     )
 
 
+@pytest.mark.vllm
 @pytest.mark.slow  # importing vLLM takes ~10 s on 2 cores
 def test_from_vllm_spec_decoding_stats():
     from vllm.v1.spec_decode.metrics import SpecDecodingStats

@@ -20,6 +20,8 @@ from train_helpers import greedy_batch, serve_args
 from lk_vllm.drafters import create_drafter, multi_step_loss, target_info
 from lk_vllm.errors import UserError
 
+pytestmark = pytest.mark.engine
+
 K = 3
 MAX_TOKENS = 24
 NUM_PROMPTS = 3
@@ -67,6 +69,7 @@ def qwen2_base(qwen2, tmp_path_factory):
     return str(base)
 
 
+@pytest.mark.vllm
 def test_eagle3_on_gemma3_is_refused_in_one_line_by_every_command(gemma3, tmp_path):
     from lk_vllm.targets import check_target
     from training.config import load_config
@@ -83,6 +86,7 @@ def test_eagle3_on_gemma3_is_refused_in_one_line_by_every_command(gemma3, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.vllm
 def test_serve_and_eval_refuse_an_eagle3_drafter_for_gemma3(gemma3, tmp_path):
 
     from lk_vllm.target_model import TargetModel
@@ -98,6 +102,7 @@ def test_serve_and_eval_refuse_an_eagle3_drafter_for_gemma3(gemma3, tmp_path):
         run_eval(str(directory), gemma3, ["mtbench"], 1, "torch", 3, 8, 0.0)
 
 
+@pytest.mark.unit
 def test_the_eagle3_exporter_writes_flat_rope_settings_for_gemma3(gemma3, tmp_path):
     from lk_vllm.drafters.eagle3 import drafter_rope_parameters
     from lk_vllm.target_model import TargetModel
@@ -109,6 +114,7 @@ def test_the_eagle3_exporter_writes_flat_rope_settings_for_gemma3(gemma3, tmp_pa
     assert config["rope_parameters"] == {"rope_theta": 1000000.0, "rope_type": "default"}
 
 
+@pytest.mark.vllm
 def test_a_base_model_without_chat_template_is_refused_unless_a_template_is_given(qwen2_base):
     from lk_vllm.datasets import chat_prompt_ids, load_tokenizer
     from lk_vllm.targets import check_target

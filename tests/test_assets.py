@@ -13,6 +13,8 @@ import pytest
 from lk_vllm import assets
 from lk_vllm.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 
 def _fake_build(directory: Path) -> None:
     directory.mkdir(parents=True)
@@ -89,6 +91,7 @@ def test_default_target_is_a_valid_llama(default_target):
     assert assets.check_model_dir(Path(default_target)) is None
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_killed_build_is_detected_and_rebuilt_and_corruption_is_repaired(monkeypatch, tmp_path):
     """A conversion killed with SIGKILL leaves nothing valid; the next use rebuilds; a corrupted cache is
@@ -135,6 +138,7 @@ def packaged_drafter(tmp_path):
     return source, target_dir
 
 
+@pytest.mark.vllm
 def test_default_drafter_installs_verified_and_is_replaced_without_losing_the_old_copy(packaged_drafter, tmp_path,
                                                                                       monkeypatch):
     source, target = packaged_drafter

@@ -6,6 +6,8 @@ import pytest
 
 from lk_vllm.atomic import atomic_dir, atomic_path, write_atomic
 
+pytestmark = pytest.mark.unit
+
 
 def test_write_atomic_text_and_bytes(tmp_path):
     path = tmp_path / "out.json"

@@ -21,6 +21,8 @@ from lk_vllm.bench.runner import Cell, Measurement, Plan
 from lk_vllm.bench.workloads import Workload
 from lk_vllm.cli import COMMANDS, main
 
+pytestmark = pytest.mark.unit
+
 K = 2
 HELDOUT = {"top1_agreement": [0.8, 0.5, 0.4], "per_position_alpha": [0.6, 0.5, 0.2]}
 
@@ -162,6 +164,7 @@ class _FakeEngine:
                                 outputs=[SimpleNamespace(token_ids=list(range(length)))])]
 
 
+@pytest.mark.vllm
 @pytest.mark.parametrize("concurrency", [1, 3, 8])
 def test_drive_keeps_exactly_c_requests_in_flight(concurrency):
     from lk_vllm.bench.runner import drive
@@ -283,7 +286,8 @@ def _error(capsys, *argv) -> str:
     (["--no-baseline"], "nothing to benchmark"),
     (["--name", "a/b"], "--name must be a plain file name"),
     (["--drafter", "/no/such/drafter"], "--drafter /no/such/drafter: directory not found"),
-    (["--dataset", "nosuchset"], "unknown dataset 'nosuchset'"),
+    # the dataset is looked up after the target is checked, which imports vLLM
+    pytest.param(["--dataset", "nosuchset"], "unknown dataset 'nosuchset'", marks=pytest.mark.vllm),
     (["--speculative-config", "{nope"], "expected [LABEL=]JSON object, found invalid JSON"),
     (["--speculative-config", "[1]"], 'expected a JSON object with a "method"'),
     (["--speculative-config", '{"method": "eagle3", "model": "/x"}'], "is a drafter; pass its directory with --drafter"),
@@ -296,6 +300,7 @@ def test_bad_flags_fail_in_one_line_before_any_engine(no_engine, capsys, tmp_pat
     assert message in _error(capsys, *argv, "--out-dir", str(tmp_path))
 
 
+@pytest.mark.vllm
 def test_bad_jsonl_fails_in_one_line(no_engine, capsys, tmp_path):
     bad = tmp_path / "mine.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"nope": 1}\n')
@@ -319,6 +324,7 @@ def test_a_drafter_for_another_target_is_refused(no_engine, capsys, tmp_path):
         capsys, "--drafter", str(drafter), "--target", other, "--out-dir", str(tmp_path))
 
 
+@pytest.mark.vllm
 def test_prepare_tokenizes_with_the_chat_template(default_target, tmp_path):
     """Without starting an engine: the plan holds the chat-template ids of the JSONL prompts, the engine
     context fits the longest prompt, and the recorded command line parses back to the same run."""
@@ -348,6 +354,7 @@ def test_prepare_tokenizes_with_the_chat_template(default_target, tmp_path):
         [data.stem], [0.0], 2000, settings.max_model_len)
 
 
+@pytest.mark.vllm
 def test_speculative_configs_are_labelled_contenders_and_round_trip(default_target, tmp_path):
     """--speculative-config adds a no-training contender with the bench's K unless it names its own, labelled
     METHOD-kK or LABEL=...; the recorded command line gives the same contenders back."""
@@ -407,6 +414,7 @@ def real_run(default_target, tmp_path_factory):
     return {"document": document, "snapshots": snapshots, "results": root / "results"}
 
 
+@pytest.mark.engine
 @pytest.mark.slow
 def test_real_bench_matches_vllm_counters_and_measured_speed(real_run):
     document, snapshots = real_run["document"], real_run["snapshots"]

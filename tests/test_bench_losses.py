@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.unit
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_losses.py"
 
 

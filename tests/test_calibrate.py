@@ -7,6 +7,8 @@ import pytest
 from serving.calibrate import decode_window
 from serving.client import Completion
 
+pytestmark = pytest.mark.unit
+
 
 def stream(first: float, step: float, tokens: int) -> Completion:
     times = [first + i * step for i in range(tokens)]

@@ -20,6 +20,8 @@ from lk_vllm.plugin.server.capture import (
 )
 from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
 
+pytestmark = pytest.mark.unit
+
 CHAT = "/v1/chat/completions"
 
 
@@ -227,6 +229,7 @@ def test_the_capture_route_is_admin_only(tmp_path, monkeypatch):
     assert reply.status_code == 409 and "--capture-low-acceptance" in reply.json()["error"]
 
 
+@pytest.mark.vllm
 def test_serve_flags(tmp_path):
 
     from serving import launcher

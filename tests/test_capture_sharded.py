@@ -31,6 +31,8 @@ from training.capture import (
 )
 from training.data import load_samples
 
+pytestmark = pytest.mark.unit
+
 SHARD_SIZE = 2  # 7 samples: 4 shards, the last one partial
 DTYPE = "bfloat16"
 

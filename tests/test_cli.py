@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.e2e
+
 
 def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "lk_vllm.cli", *args], capture_output=True, text=True,
@@ -44,6 +48,7 @@ def test_user_errors_are_one_line(tmp_path):
     assert out.stderr.strip() == "lk-vllm fake: error: --flag: expected X, found Y"
 
 
+@pytest.mark.unit
 def test_eval_and_bench_take_the_same_workload_flags():
     import argparse
 

@@ -10,6 +10,8 @@ from lk_vllm.errors import UserError
 from training.config import Config, differing_fields, load_config, recipe_names
 from training.train import add_arguments, config_from_args
 
+pytestmark = pytest.mark.unit
+
 
 def _args(*argv):
     parser = argparse.ArgumentParser()

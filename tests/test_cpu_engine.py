@@ -9,6 +9,8 @@ import pytest
 from lk_vllm import engine, plugin
 from lk_vllm.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 NO_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n"
 BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
 
@@ -62,6 +64,7 @@ def test_a_users_binding_keeps_vllms_worker_process_and_says_so(monkeypatch, cap
     assert os.environ[engine.INPROCESS_WORKER_ENV] == "1" and engine.cpu_worker_layout() == "in-process"
 
 
+@pytest.mark.vllm
 def test_the_in_process_patch_is_idempotent():
     from vllm.platforms.cpu import CpuPlatform
 
@@ -93,6 +96,7 @@ def _run(default_target, spec, inprocess: str):
         engine.shutdown_llm(llm)
 
 
+@pytest.mark.engine
 @pytest.mark.slow
 def test_in_process_worker_gives_vllms_own_tokens(default_target, monkeypatch):
     """vLLM's layout (worker process, "mp") and lk-vllm's (model in the EngineCore, "uni") generate the same

@@ -7,6 +7,8 @@ import pytest
 from lk_vllm.datasets import dataset_names, load_prompts
 from lk_vllm.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 
 def _assert_well_formed(prompts):
     assert len({p.id for p in prompts}) == len(prompts), "ids must be unique"

@@ -17,6 +17,8 @@ import pytest
 from serving.client import request_json
 from serving.launcher import free_port
 
+pytestmark = pytest.mark.e2e
+
 
 def read_until(process, marker: str, timeout: float) -> str:
     """stdout of ``process`` up to and including the first line containing ``marker``."""
@@ -94,6 +96,7 @@ def test_demo_help_and_bad_input_are_one_line_errors(tmp_path):
                                                    "drafter directory, `default` or `ngram`, found no such directory"]
 
 
+@pytest.mark.unit
 def test_demo_serves_the_default_drafter_ngram_or_a_directory(tmp_path, monkeypatch):
     """Which `lk-vllm serve` arguments each --drafter value gives (no engine)."""
     import argparse

@@ -17,6 +17,8 @@ from lk_vllm.drafters.base import TrainingRecord, read_drafter_files
 from lk_vllm.errors import UserError
 from lk_vllm.target_model import TargetModel
 
+pytestmark = pytest.mark.unit
+
 LAYERS = 4
 HIDDEN = 64
 VOCAB = 256

@@ -12,6 +12,8 @@ from lk_vllm.errors import UserError
 from lk_vllm.target_model import TargetModel
 from training.evaluate import expected_alpha, simulate_greedy
 
+pytestmark = pytest.mark.unit
+
 K = 3
 MAX_TOKENS = 20
 
@@ -82,6 +84,7 @@ def test_counts_add_per_dataset():
     assert Counts(2).summary()["acceptance_length"] is None  # nothing drafted: no number
 
 
+@pytest.mark.vllm
 def test_eval_command_json_on_the_default_target(default_target, tmp_path, capsys):
     from lk_vllm.cli import main
 
@@ -97,6 +100,7 @@ def test_eval_command_json_on_the_default_target(default_target, tmp_path, capsy
     assert result["datasets"]["mtbench"]["acceptance_length"] == result["acceptance_length"]
 
 
+@pytest.mark.vllm
 def test_eval_command_rejects_a_drafter_for_another_target(default_target, target, tmp_path, capsys):
     from lk_vllm.cli import main
 

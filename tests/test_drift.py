@@ -14,6 +14,8 @@ from lk_vllm.errors import UserError
 from lk_vllm.plugin.server.drift import MIN_DRAFTS, DriftMonitor, DriftSettings
 from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
 
+pytestmark = pytest.mark.unit
+
 K = 2
 # Expected acceptance length 1 + 0.8 + 0.8 * 0.5 = 2.2 at T=0, 1 + 0.6 + 0.6 * 0.5 = 1.9 sampled.
 HELDOUT = {"top1_agreement": [0.8, 0.5], "per_position_alpha": [0.6, 0.5]}
@@ -143,6 +145,7 @@ def test_a_threshold_outside_zero_one_is_a_one_line_error(value, tmp_path):
     assert "--drift-threshold" in message and str(value) in message and "\n" not in message
 
 
+@pytest.mark.vllm
 def test_serve_hands_the_drift_settings_to_the_server(tmp_path, monkeypatch):
     import argparse
 

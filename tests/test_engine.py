@@ -6,6 +6,8 @@ import pytest
 
 from lk_vllm import engine
 
+pytestmark = pytest.mark.unit
+
 
 def test_cpu_defaults_are_the_measured_working_settings(monkeypatch):
     monkeypatch.setattr(engine, "on_gpu", lambda: False)
@@ -46,6 +48,7 @@ def test_environment_respects_user_values(monkeypatch):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
+@pytest.mark.vllm
 def test_server_args_parse_back_with_vllms_own_parser(monkeypatch):
     """The flags we hand to vLLM's OpenAI server mean what the offline kwargs mean."""
     monkeypatch.setattr(engine, "on_gpu", lambda: False)

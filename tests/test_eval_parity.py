@@ -13,7 +13,7 @@ from train_helpers import greedy_batch
 
 from lk_vllm.drafters import create_drafter, load_drafter, multi_step_loss, target_info
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 K = 3  # speculative tokens
 MAX_TOKENS = 32

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from lk_vllm.acceptance import expected_acceptance_length
 from lk_vllm.losses import KINDS, lk_loss, lk_loss_eager, lk_loss_multi
 
+pytestmark = pytest.mark.unit
+
 F64 = torch.float64
 
 

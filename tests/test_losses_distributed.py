@@ -17,6 +17,8 @@ import torch.multiprocessing as mp
 
 from lk_vllm.losses import KINDS, lk_loss, lk_loss_multi
 
+pytestmark = pytest.mark.unit
+
 WORLD_SIZE = 2
 HIDDEN, VOCAB, VOCAB_DRAFT, POSITIONS = 8, 40, 16, 2
 # Uneven shards, with rank 1 holding rows whose mask is mostly False: per-rank means would differ from

@@ -28,6 +28,8 @@ from train_helpers import serve_args
 
 from lk_vllm.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 MLP_CONFIG = {"architectures": ["MLPSpeculatorPreTrainedModel"], "model_type": "mlp_speculator",
               "vocab_size": 32, "emb_dim": 8, "inner_dim": 8, "n_predict": 3, "top_k_tokens_per_head": [1, 1, 1]}
 
@@ -72,6 +74,7 @@ def test_mismatched_mlp_speculator_is_refused_before_the_engine_starts(tmp_path,
     assert named in message and "MLP speculator" in message and "\n" not in message
 
 
+@pytest.mark.vllm
 def test_lk_vllm_serve_builds_the_mlp_speculator_config(tmp_path):
     from serving import launcher
 
@@ -99,6 +102,7 @@ def test_last_accepted_rows_pick_the_position_that_sampled_the_last_token():
     assert tokens == [12, 24, 0, 41]
 
 
+@pytest.mark.vllm
 def test_install_is_idempotent_and_checks_what_it_patches(monkeypatch):
     from vllm.model_executor.models import ModelRegistry
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -128,6 +132,7 @@ def test_install_is_idempotent_and_checks_what_it_patches(monkeypatch):
         mlp_proposer.install()
 
 
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_engine_config_accepts_a_fitting_mlp_speculator_and_refuses_a_mismatched_one(default_target, tmp_path):
     """What ``vllm.LLM``, ``lk-vllm eval --engine vllm`` and plain ``vllm serve`` build in their own process,
@@ -235,6 +240,7 @@ def _spec_counters(url: str) -> tuple[int, list[int]]:
     return drafts, per_position
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_plain_vllm_serves_the_mlp_speculator_with_torch_parity(torch_summary, plain_server, setup):  # noqa: F811
     from lk_vllm.acceptance import Counts

@@ -9,6 +9,8 @@ import pytest
 
 from lk_vllm.plugin import patching
 
+pytestmark = pytest.mark.unit
+
 
 def _doubling(original):
     @functools.wraps(original)

@@ -21,10 +21,13 @@ from lk_vllm.errors import UserError
 from lk_vllm.plugin.server import speedup
 from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------ registration
+@pytest.mark.vllm
 def test_entry_points_name_the_three_plugins():
     found = {
         group: {e.name: e.value for e in entry_points(group=group)}
@@ -45,6 +48,7 @@ def test_entry_points_name_the_three_plugins():
     assert set(plugin.PLUGIN_NAMES) == {"lk_general", "lk_stats", "lk_endpoints"}
 
 
+@pytest.mark.vllm
 def test_vllm_loads_all_lk_plugins_when_vllm_plugins_names_them(monkeypatch):
     import vllm.envs
     from vllm.plugins import load_endpoint_plugins, load_plugins_by_group
@@ -76,6 +80,7 @@ def test_register_refuses_another_vllm_version(monkeypatch, capsys):
     assert "built for vLLM 0.32.0 but vLLM 0.31.9 is installed" in err
 
 
+@pytest.mark.vllm
 def test_register_is_idempotent():
     from vllm.v1.worker.worker_base import WorkerBase
 
@@ -91,6 +96,7 @@ def test_register_is_idempotent():
     assert cpu_triton_utils._expand_kernel_impl is patches.expand_kernel_any_dtype
 
 
+@pytest.mark.vllm
 def test_worker_method_install_refuses_to_replace_a_vllm_method(monkeypatch):
     from vllm.v1.worker.worker_base import WorkerBase
 
@@ -154,6 +160,7 @@ def _live_draft_model_config(proposer):
     return (getattr(proposer, "speculative_config", None) or proposer.spec_config).draft_model_config
 
 
+@pytest.mark.vllm
 @pytest.mark.parametrize("layout", ["v2-speculator", "v1-medusa", "v1-eagle"])
 def test_in_place_reload_finds_the_drafter_in_every_runner_layout(layout, tmp_path, monkeypatch):
     """``lk_reload_drafter`` on a fake worker with each proposer layout: the fresh drafter is built from the new
@@ -185,6 +192,7 @@ def test_in_place_reload_finds_the_drafter_in_every_runner_layout(layout, tmp_pa
     assert _live_draft_model_config(proposer).model == "/live/drafter"  # the live config is not changed by a reload
 
 
+@pytest.mark.vllm
 def test_in_place_reload_refuses_a_drafter_without_weights():
     from lk_vllm.plugin.engine.worker import lk_reload_drafter
 
@@ -201,6 +209,7 @@ def _expand_reference(values, cu, replace_from, replace_to):
     return out
 
 
+@pytest.mark.vllm
 def test_vllms_cpu_expand_kernel_loses_float_values_and_the_patch_keeps_them():
     """The bug behind word salad at T > 0 with speculation on this CPU build, and its fix."""
     import vllm._custom_ops  # noqa: F401 - loads the C++ ops
@@ -231,6 +240,7 @@ def test_vllms_cpu_expand_kernel_loses_float_values_and_the_patch_keeps_them():
     assert ints.tolist() == [5, 9, 9, 9]
 
 
+@pytest.mark.vllm
 def test_the_patch_reaches_vllms_rejection_sampler_through_the_platform_overrides():
     from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.sample import rejection_sampler
@@ -262,6 +272,7 @@ def _unloaded(model, loaded: set[str]) -> set[str]:
     return {name for name, _ in model.named_parameters()} - loaded
 
 
+@pytest.mark.vllm
 def test_vllms_medusa_rejects_its_own_token_map_and_the_patch_accepts_it():
     from vllm.model_executor.models.medusa import Medusa
 
@@ -303,6 +314,7 @@ def _stats(running, drafts=0, draft_tokens=0, accepted=0, per_pos=(), tokens=1, 
     return scheduler, iteration
 
 
+@pytest.mark.vllm
 def test_stat_logger_records_counts_batch_and_decode_timing(monkeypatch):
     from lk_vllm.plugin.server import live_stats, stat_logger
 
@@ -325,6 +337,7 @@ def test_stat_logger_records_counts_batch_and_decode_timing(monkeypatch):
     assert summary["output_tokens"] == 7
 
 
+@pytest.mark.vllm
 def test_stat_logger_is_inert_without_speculation(monkeypatch):
     from lk_vllm.plugin.server import live_stats, stat_logger
 
@@ -370,6 +383,7 @@ def _ngram_logger(monkeypatch, per_request_level: str):
     return store, stat_logger.LkStatLogger(config)
 
 
+@pytest.mark.vllm
 def test_stat_logger_records_each_finished_requests_own_acceptance(monkeypatch):
     """Two requests, one long at T=0 (2 tokens per step), one short sampled (3 per step): the two aggregations
     differ, and each number says which aggregation and sampling mode it is."""
@@ -398,6 +412,7 @@ def test_stat_logger_records_each_finished_requests_own_acceptance(monkeypatch):
     assert copy.since_start()["acceptance_length_mean_of_request_means"] == pytest.approx(2.5)
 
 
+@pytest.mark.vllm
 def test_without_per_request_metrics_the_store_says_why(monkeypatch):
     store, _ = _ngram_logger(monkeypatch, "none")
     assert store.per_request_source is None and "--per-request-spec-decode-metrics" in store.per_request_missing
@@ -684,6 +699,7 @@ def servable(tmp_path_factory):
     return Path(target.path), drafter
 
 
+@pytest.mark.vllm
 def test_serve_command_is_vllms_server_with_faithful_sampling(tmp_path, monkeypatch, servable):
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -755,6 +771,7 @@ def test_drafter_for_another_target_is_refused(tmp_path):
         check_drafter_for_target(fingerprinted, str(target))
 
 
+@pytest.mark.e2e
 def test_serve_cli_prints_one_line_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lk_vllm.cli", "serve", "--target", str(tmp_path), "--speculative-config",
                              "{oops"], capture_output=True, text=True, timeout=120)
@@ -791,6 +808,7 @@ def test_calibrate_batch_sizes_input():
             parse_batch_sizes(bad)
 
 
+@pytest.mark.vllm
 def test_serve_calibrates_once_on_first_start_unless_told_not_to(tmp_path, monkeypatch):
     from lk_vllm.plugin.server import speedup
     from serving import launcher
@@ -825,6 +843,7 @@ def test_serve_calibrates_once_on_first_start_unless_told_not_to(tmp_path, monke
     assert len(runs) == 1
 
 
+@pytest.mark.vllm
 def test_serve_drafter_dir_becomes_an_eagle3_config_with_probabilistic_drafts(tmp_path, servable):
     from serving import launcher
 

@@ -10,6 +10,8 @@ from lk_vllm.errors import UserError
 from training import prepare as prep
 from training.data import load_samples
 
+pytestmark = pytest.mark.unit
+
 
 def _settings(target, fingerprint, **kw):
     base = dict(target=target, target_fingerprint=fingerprint, datasets=["gsm8k"], limit=6, max_tokens=24,
@@ -46,6 +48,7 @@ def llm(default_target):
     shutdown_llm(engine)
 
 
+@pytest.mark.engine
 @pytest.mark.slow
 def test_prepare_regenerates_with_the_target_and_resumes_after_a_crash(llm, default_target, tmp_path, monkeypatch):
     from lk_vllm.assets import target_fingerprint

@@ -14,7 +14,7 @@ import pytest
 
 from serving.launcher import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -18,7 +18,7 @@ import pytest
 from serving.client import HTTPError, complete, request_json
 from serving.launcher import ServerHandle, free_port, start_server, wait_healthy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 API_KEY = "test-api-key"
 ADMIN_KEY = "test-admin-key"

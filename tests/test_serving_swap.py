@@ -21,7 +21,7 @@ import torch
 from serving.client import HTTPError, complete, request_json
 from serving.launcher import start_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 ADMIN_KEY = "swap-admin"
 K = 2

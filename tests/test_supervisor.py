@@ -20,6 +20,8 @@ import pytest
 from serving.client import HTTPError, request_json
 from serving.launcher import ServerHandle, free_port, wait_healthy
 
+pytestmark = pytest.mark.e2e
+
 FAKE = Path(__file__).with_name("fake_vllm.py")
 
 
@@ -210,6 +212,7 @@ def test_ctrl_c_stops_the_server_and_a_dying_server_ends_the_supervisor(supervis
     assert dying.process.wait(30) == 7
 
 
+@pytest.mark.unit
 def test_statistics_survive_a_restart_per_drafter(tmp_path, monkeypatch):
     """The old server's store, written at its exit, is merged into the new server's: totals, windows and the
     per-drafter split are those of one store that saw every step."""
@@ -244,6 +247,7 @@ def test_statistics_survive_a_restart_per_drafter(tmp_path, monkeypatch):
     assert new.since_start("/d/eagle")["accepted_tokens"] == 3
 
 
+@pytest.mark.unit
 def test_swap_route_asks_the_supervisor_for_a_restart_only_when_supervised(tmp_path, monkeypatch):
     """vLLM's side of a restart swap (lk_vllm.plugin.server.swap): under the supervisor a drafter of another architecture is
     checked and answered with the speculative config to restart with; unusable ones are 4xx; without the
@@ -288,6 +292,7 @@ def test_swap_route_asks_the_supervisor_for_a_restart_only_when_supervised(tmp_p
     assert store.drafter.name == "ngram"
 
 
+@pytest.mark.unit
 def test_a_taken_port_is_a_one_line_error_before_anything_starts():
     import socket
 
@@ -305,6 +310,7 @@ def test_a_taken_port_is_a_one_line_error_before_anything_starts():
     assert not supervisor.workdir.exists() and supervisor.child is None
 
 
+@pytest.mark.unit
 def test_root_cause_is_the_engines_exception_not_vllms_wrapper():
     from serving.supervisor import root_cause
 

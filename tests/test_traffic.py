@@ -13,6 +13,8 @@ import pytest
 from lk_vllm.errors import UserError
 from serving import traffic
 
+pytestmark = pytest.mark.unit
+
 
 class _Handler(BaseHTTPRequestHandler):
     # per prompt text: (completion tokens, spec steps, accepted draft tokens); "fail" answers HTTP 500

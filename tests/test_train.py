@@ -23,6 +23,8 @@ from training import checkpoint as ckpt
 from training.config import load_config
 from training.train import BatchOrder, evaluate, lr_factor, split_heldout, train
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -125,6 +127,7 @@ def test_evaluation_matches_an_independent_computation(tiny):
 
 
 # ------------------------------------------------------------------------------------------ the loop
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_training_learns_and_exports_best_and_final(tiny, tmp_path):
     import json
@@ -167,6 +170,7 @@ def _run_cli(config_path: Path, *extra, env=None) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path):
     path = _config_file(tiny, tmp_path, **{"training.max_steps": 12, "training.checkpoint_every": 3,
@@ -194,6 +198,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path):
     _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "killed"))
 
 
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_resume_refuses_another_config_and_reruns_need_resume(tiny, tmp_path):
     train(_config(tiny, tmp_path / "run"), "tiny", progress=False)
@@ -209,6 +214,7 @@ def test_resume_refuses_another_config_and_reruns_need_resume(tiny, tmp_path):
     assert summary["steps"] == 6
 
 
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
     import lk_vllm.drafters as drafters
@@ -231,6 +237,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tiny, tmp_path, mon
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
     real = ckpt._save_state
@@ -252,6 +259,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_p
     assert ckpt.load_checkpoint(checkpoints / "step-2")["step"] == 2
 
 
+@pytest.mark.vllm
 def test_empty_and_all_masked_data_are_clear_errors(tiny, tmp_path):
     masked = make_tiny_data(tmp_path / "masked", tiny[0], num_samples=6, masked=True)
     with pytest.raises(UserError, match="no generated tokens"):
@@ -265,6 +273,7 @@ def test_empty_and_all_masked_data_are_clear_errors(tiny, tmp_path):
         train(_config(tiny, tmp_path / "run", **{"data.heldout": 24}), "tiny", progress=False)
 
 
+@pytest.mark.vllm
 def test_data_of_another_target_is_refused(tiny, tmp_path):
     other = make_tiny_target(tmp_path / "other", seed=1)
     data = make_tiny_data(tmp_path / "data", other, num_samples=6)
@@ -288,6 +297,7 @@ def _copy_checkpoint(source_run: Path, step: int, run: Path) -> None:
     shutil.copytree(source_run / "checkpoints" / f"step-{step}", run / "checkpoints" / f"step-{step}")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_ddp_and_fsdp_on_two_gloo_ranks_match_one_process(tiny, tmp_path):
     path = _config_file(tiny, tmp_path, **{"training.max_steps": 4, "training.eval_every": 2,
@@ -322,6 +332,7 @@ def test_ddp_and_fsdp_on_two_gloo_ranks_match_one_process(tiny, tmp_path):
     _assert_same_weights(_weights(tmp_path / "single"), _weights(tmp_path / "from-fsdp"), atol=1e-5)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_target_sharded_over_two_ranks_trains_like_one_process(tiny, tmp_path):
     # 5 held-out samples one at a time: rank 1 has one evaluation batch fewer and must idle through it.
@@ -360,6 +371,7 @@ def test_fsdp_without_torchrun_fails_before_loading_anything(tiny, tmp_path, mon
               "tiny", progress=False)
 
 
+@pytest.mark.vllm
 def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(tiny, tmp_path):
     config = _config(tiny, tmp_path / "run", **{"training.max_steps": 2, "training.checkpoint_every": 2})
     train(config, "tiny", progress=False)
@@ -372,6 +384,7 @@ def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ offline capture
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_offline_capture_gives_the_online_results(tiny, tmp_path, monkeypatch):
     import json
@@ -403,6 +416,7 @@ def test_offline_capture_gives_the_online_results(tiny, tmp_path, monkeypatch):
         assert manifest["bytes"] < manifest["tokens"] * width * 1.1
 
 
+@pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["eagle3", "medusa", "mlp_speculator", "draft_model"])
 def test_every_architecture_trains_and_exports(tiny, tmp_path, architecture):
@@ -421,6 +435,7 @@ def test_every_architecture_trains_and_exports(tiny, tmp_path, architecture):
     assert load_drafter(tmp_path / "run" / "final").architecture == architecture
 
 
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_gradient_accumulation_equals_the_whole_batch_when_micro_batches_are_alike(tiny, tmp_path):
     """With equal-length samples every micro-batch has the same number of positions, so the mean of the
@@ -464,6 +479,7 @@ def _no_tokenizer(monkeypatch):
     monkeypatch.setattr(TargetModel, "tokenizer", property(lambda self: None))
 
 
+@pytest.mark.vllm
 def test_init_from_starts_at_the_exported_drafter(tiny, tmp_path, monkeypatch):
     """--init-from: the run starts from an exported drafter's weights and draft vocabulary (with a learning
     rate of ~0 its export is the same weights), and refuses a drafter of another architecture."""
@@ -516,6 +532,7 @@ def test_cached_logsumexp_gives_the_full_rows_loss(tiny, tmp_path):
     assert columns["alpha"] == pytest.approx(rows_loss["alpha"], rel=1e-5)
 
 
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_resume_refuses_changed_data(tiny, tmp_path):
     data = make_tiny_data(tmp_path / "data", tiny[0], num_samples=12, seed=1)
@@ -553,6 +570,7 @@ def test_cuda_on_a_machine_without_one_fails_before_loading_anything(tiny, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.vllm
 def test_bf16_autocast_on_cpu_trains_and_logs_its_placement(tiny, tmp_path, capfd):
     # The GPU code path's precision handling (autocast around the drafter and the loss, fp32 master weights),
     # run on the CPU: it trains, the weights stay fp32, and the run log says where and how it ran.
@@ -690,6 +708,7 @@ def test_each_dataset_is_prepared_into_its_own_cached_directory(tmp_path, monkey
     assert Path(moved[0]).name.split("-")[1] == Path(first[1]).name.split("-")[1]  # same weights' fingerprint
 
 
+@pytest.mark.vllm
 def test_export_dtype_writes_bf16_weights_from_fp32_master_weights(tiny, tmp_path):
     """training.export_dtype=bfloat16 (the committed default drafter's 20 MB budget): both exports hold bf16
     float weights equal to the fp32 ones rounded, index tensors untouched; the export loads back."""

@@ -15,6 +15,8 @@ from lk_vllm.errors import UserError
 from lk_vllm.target_model import TargetModel
 from lk_vllm.validate import ERROR, OK, ProbeSettings, check_drafter, judge_probe, require_valid
 
+pytestmark = pytest.mark.vllm
+
 LAYERS = 8
 VOCAB = 256
 HIDDEN = 64
@@ -113,6 +115,7 @@ def test_fc_width_is_computed_as_vllm_builds_it(good, target_dir):
     assert "builds fc for 256 inputs" in message and "[64, 192]" in message
 
 
+@pytest.mark.unit
 def test_wrong_vocabulary_and_another_targets_drafter(tmp_path, good):
     other_vocab = make_tiny_target(tmp_path / "vocab320", vocab=VOCAB + 64, layers=LAYERS)
     assert "vocabulary size 256" in _errors(check_drafter(good, other_vocab))["target"]
@@ -120,6 +123,7 @@ def test_wrong_vocabulary_and_another_targets_drafter(tmp_path, good):
     assert "fingerprint" in _errors(check_drafter(good, retrained))["target"]
 
 
+@pytest.mark.unit
 def test_draft_vocabulary_mapping_out_of_range(good, target_dir):
     weights = load_file(str(good / "model.safetensors"))
     weights["d2t"][5] = VOCAB  # draft id 5 -> target id 5 + 256
@@ -135,6 +139,7 @@ def test_nan_weights(good, target_dir):
     assert "fc.weight has NaN" in _errors(check_drafter(good, target_dir))["dtype"]
 
 
+@pytest.mark.unit
 def test_truncated_safetensors(good, target_dir):
     weights = good / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
@@ -143,6 +148,7 @@ def test_truncated_safetensors(good, target_dir):
     assert "model.safetensors" in report.reason and "corrupt" in report.reason
 
 
+@pytest.mark.unit
 def test_things_that_are_not_drafters(tmp_path, target_dir):
     a_file = tmp_path / "weights.bin"
     a_file.write_bytes(b"\0" * 16)
@@ -245,6 +251,7 @@ def test_train_checks_its_exports(tmp_path, target):
         check_exports(run_dir, 3)
 
 
+@pytest.mark.unit
 def test_require_valid_names_the_flag(tmp_path, target_dir):
     with pytest.raises(UserError, match=r"^--drafter .*missing: drafter .*found nothing"):
         require_valid(tmp_path / "missing", target_dir, 3, "--drafter")
@@ -259,6 +266,7 @@ def _record(top1):
     return TrainingRecord({"training": {"heldout": {"top1_agreement": [top1, 0.3, 0.2]}}})
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("p0, record, verdict, words", [
     (0.55, _record(0.6), OK, "held-out prediction is 0.600"),
     (0.05, TrainingRecord(), ERROR, "below the floor --min-acceptance 0.1"),
@@ -271,6 +279,7 @@ def test_probe_verdict(p0, record, verdict, words):
     assert finding.status == verdict and words in finding.message
 
 
+@pytest.mark.unit
 def test_probe_without_drafts_and_bad_flags():
     assert "made no drafts" in judge_probe({"num_drafts": 0, "per_position_acceptance": None}, TrainingRecord(), ProbeSettings()).message
     with pytest.raises(UserError, match=r"--min-acceptance: expected a rate in \[0, 1\], found 1.5"):
@@ -282,6 +291,7 @@ def test_probe_without_drafts_and_bad_flags():
 
 
 # ---------------------------------------------------------------------------------------------- the probe in vLLM
+@pytest.mark.engine
 @pytest.mark.slow
 def test_the_probe_refuses_an_untrained_drafter_in_a_real_engine(tmp_path, default_target):
     """Static checks pass (the checkpoint is well-formed), but the head was never trained: only serving shows it."""

@@ -14,6 +14,8 @@ from lk_vllm.vocab import (
     to_t2d,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def default_target_tokenizer(default_target):
