@@ -231,7 +231,7 @@ def install_default_drafter(source: Path | None = None, target: str | None = Non
         installed = json.loads((dest / MANIFEST).read_text())["files"]
         if all(installed.get(name) == info for name, info in packaged.items()):
             return dest
-    from lk_vllm.validate import check_drafter
+    from lk_vllm.validate import check_drafter  # validate resolves targets through this module
 
     target = target or str(build_default_target())
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,10 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
+from lk_vllm.datasets import chat_prompt_ids
 from lk_vllm.errors import UserError
 
 
@@ -119,8 +122,6 @@ class TargetModel:
         layer at a time, so a target larger than one device runs on N of them. Everything else (embeddings,
         final norm, lm_head: what the loss reads outside a forward) stays whole on every rank. Every rank
         must then run the same number of forwards (``idle``)."""
-        from torch.distributed.fsdp import fully_shard
-
         whole = [child for name, child in self._decoder.named_children() if name != "layers"]
         whole.append(self.model.get_output_embeddings())
         for module in whole:
@@ -133,8 +134,6 @@ class TargetModel:
 
     def layers_sharded(self) -> bool:
         """Whether the decoder layers' weights are FSDP2 shards (what the run log reports)."""
-        from torch.distributed.tensor import DTensor
-
         return isinstance(next(self._decoder.layers.parameters()), DTensor)
 
     def idle(self) -> None:
@@ -292,8 +291,6 @@ class TargetModel:
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of a chat prompt with the generation prompt appended (the same ids vLLM is given)."""
-        from lk_vllm.datasets import chat_prompt_ids
-
         return chat_prompt_ids(self.tokenizer, messages)
 
     def stop_token_ids(self) -> set[int]:

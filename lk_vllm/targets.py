@@ -12,6 +12,7 @@ import dataclasses
 import sys
 from functools import lru_cache
 
+from lk_vllm.datasets import load_tokenizer
 from lk_vllm.errors import UserError
 
 
@@ -71,8 +72,6 @@ def serving_problem(shape: TargetShape, drafter_architecture: str | None) -> str
 
 
 def has_chat_template(target: str) -> bool:
-    from lk_vllm.datasets import load_tokenizer
-
     return bool(getattr(load_tokenizer(target), "chat_template", None))
 
 

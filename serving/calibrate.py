@@ -21,9 +21,26 @@ import sys
 import time
 from pathlib import Path
 
-from lk_vllm.engine import EngineSettings, add_engine_arguments, apply_engine_env, settings_from_args
+from lk_vllm.assets import lk_home, resolve_target
+from lk_vllm.engine import (
+    EngineSettings,
+    add_engine_arguments,
+    apply_engine_env,
+    check_cpu_settings,
+    check_vllm_version,
+    settings_from_args,
+)
 from lk_vllm.errors import UserError
+from lk_vllm.plugin import plugins_env_value
+from lk_vllm.plugin.server.speedup import (
+    BaselineProfile,
+    load_cached_profile,
+    profile_key_for_settings,
+    profile_path,
+)
+from lk_vllm.targets import add_target_argument
 from serving.client import Completion, HTTPError, complete
+from serving.launcher import ServerHandle, free_port, vllm_server_argv, wait_healthy
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
 # Varied prompts of similar length so prefix caching and early stops do not change the batch.
@@ -32,8 +49,6 @@ _PROMPT_TOPICS = ("rivers", "bridges", "volcanoes", "libraries", "glaciers", "ma
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lk_vllm.targets import add_target_argument
-
     add_target_argument(parser, positional=True)
     parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
                         help="comma-separated batch sizes to measure (default 1,2,4,8,16)")
@@ -92,9 +107,6 @@ def _measure(settings: EngineSettings, batch_sizes: list[int], output_tokens: in
     speculative server's live figures do."""
     from tqdm import tqdm
 
-    from lk_vllm.assets import lk_home
-    from lk_vllm.plugin import plugins_env_value
-    from serving.launcher import ServerHandle, free_port, vllm_server_argv, wait_healthy
 
     settings = dataclasses.replace(settings, max_num_seqs=max(settings.max_num_seqs or 0, max(batch_sizes)))
     port = free_port()
@@ -120,8 +132,6 @@ def _measure(settings: EngineSettings, batch_sizes: list[int], output_tokens: in
 
 def calibrate(settings: EngineSettings, batch_sizes: list[int], output_tokens: int):
     """Measure and cache a profile for ``settings`` (speculation is switched off here)."""
-    from lk_vllm.plugin.server.speedup import BaselineProfile, profile_key_for_settings, profile_path
-
     settings = dataclasses.replace(settings, speculative_config=None)
     key = profile_key_for_settings(settings)
     started = time.time()
@@ -134,9 +144,6 @@ def calibrate(settings: EngineSettings, batch_sizes: list[int], output_tokens: i
 
 def run(args: argparse.Namespace) -> int:
     apply_engine_env()
-    from lk_vllm.assets import resolve_target
-    from lk_vllm.engine import check_cpu_settings, check_vllm_version
-    from lk_vllm.plugin.server.speedup import load_cached_profile, profile_key_for_settings, profile_path
 
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     if args.output_tokens < 8:

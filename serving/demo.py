@@ -13,11 +13,19 @@ Ctrl-C; otherwise it is shut down.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lk_vllm.assets import resolve_target
+from lk_vllm.engine import EngineSettings, apply_engine_env
+from lk_vllm.errors import UserError
+from lk_vllm.plugin.server.speedup import load_cached_profile, profile_key_for_settings
+from serving.client import complete, request_json
+from serving.launcher import free_port, start_server
 
 # Prompts whose answers repeat earlier text, where an n-gram drafter has something to copy.
 DEMO_PROMPTS = [
@@ -52,8 +60,6 @@ def add_arguments(parser) -> None:
 
 
 def _check(args) -> None:
-    from lk_vllm.errors import UserError
-
     for flag, value in (("--requests", args.requests), ("--concurrency", args.concurrency),
                         ("--max-tokens", args.max_tokens)):
         if value < 1:
@@ -68,8 +74,6 @@ _NAMED_DRAFTERS = ("default", "ngram")
 
 def _serve_arguments(args, target: str) -> tuple[list[str], str]:
     """``lk-vllm serve`` arguments and a description of the drafter."""
-    import json
-
     from lk_vllm.assets import install_default_drafter
 
     drafter, description = None, None
@@ -95,8 +99,6 @@ def _serve_arguments(args, target: str) -> tuple[list[str], str]:
 
 
 def _send_traffic(url: str, model: str, args) -> list:
-    from serving.client import complete
-
     def one(index: int):
         prompt = DEMO_PROMPTS[index % len(DEMO_PROMPTS)]
         return prompt, complete(url, model, messages=[{"role": "user", "content": prompt}],
@@ -135,12 +137,6 @@ def _print_stats(stats: dict) -> None:
 
 
 def run(args) -> int:
-    from lk_vllm.assets import resolve_target
-    from lk_vllm.engine import EngineSettings, apply_engine_env
-    from lk_vllm.plugin.server.speedup import load_cached_profile, profile_key_for_settings
-    from serving.client import request_json
-    from serving.launcher import free_port, start_server
-
     _check(args)
     apply_engine_env()
     print("lk-vllm demo: serve the default target with a drafter, send traffic, watch live acceptance and speed-up.")

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lk_vllm.assets import resolve_target
 from lk_vllm.drafters import check_drafter_for_target, speculative_config_for, with_faithful_sampling
 from lk_vllm.engine import (
     EngineSettings,
@@ -51,6 +52,13 @@ from lk_vllm.engine import (
 )
 from lk_vllm.env import ADMIN_KEY_ENV, BASELINE_PROFILE_ENV, CAPTURE_ENV, DRAFTERS_DIR_ENV, DRIFT_ENV
 from lk_vllm.errors import UserError, require_at_least
+from lk_vllm.plugin import plugins_env_value
+from lk_vllm.plugin.server.capture import CaptureSettings
+from lk_vllm.plugin.server.drift import DriftSettings
+from lk_vllm.plugin.server.speedup import load_cached_profile, profile_key_for_settings, profile_path
+from lk_vllm.targets import add_target_argument, check_target
+from lk_vllm.validate import require_valid
+from serving.supervisor import Supervisor
 
 DEFAULT_NUM_SPECULATIVE_TOKENS = 3
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
@@ -64,8 +72,6 @@ VALIDATED_METHODS = ("eagle3", "medusa", "mlp_speculator", "draft_model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lk_vllm.targets import add_target_argument
-
     add_target_argument(parser, "the embedded SmolLM2-135M-Instruct", positional=True)
     spec = parser.add_mutually_exclusive_group()
     spec.add_argument("--drafter", metavar="DIR", help="drafter checkpoint directory (written by lk-vllm train)")
@@ -157,8 +163,6 @@ def parse_speculative_config(text: str) -> dict[str, Any]:
 def speculative_config_from_args(args: argparse.Namespace, target: str) -> dict[str, Any] | None:
     """The speculative config to serve, with faithful sampling settings filled in, or None (no speculation).
     A drafter must pass ``lk-vllm validate``'s static checks (the first error refuses, before any engine starts)."""
-    from lk_vllm.validate import require_valid
-
     if args.num_speculative_tokens is not None:
         require_at_least("--num-speculative-tokens", args.num_speculative_tokens)
     if args.drafter:
@@ -207,12 +211,6 @@ class ServerCommand:
 
 def build_server_command(args: argparse.Namespace) -> ServerCommand:
     """Everything needed to exec vLLM's server, from the parsed flags (raises UserError on bad input)."""
-    from lk_vllm.assets import resolve_target
-    from lk_vllm.plugin import plugins_env_value
-    from lk_vllm.plugin.server.capture import CaptureSettings
-    from lk_vllm.plugin.server.drift import DriftSettings
-    from lk_vllm.targets import check_target
-
     target = resolve_target(args.target)
     spec = speculative_config_from_args(args, target)
     settings = settings_from_args(args, target, speculative_config=spec, max_num_seqs=args.max_num_seqs)
@@ -262,7 +260,6 @@ def ensure_calibrated(command: ServerCommand, args: argparse.Namespace) -> None:
     """Measure the no-speculation baseline once (cached) unless a profile was given or calibration is off."""
     if command.speculative_config is None or args.baseline_profile or args.no_calibrate:
         return
-    from lk_vllm.plugin.server.speedup import load_cached_profile, profile_key_for_settings, profile_path
 
     key = profile_key_for_settings(command.settings)
     path = profile_path(key)
@@ -289,7 +286,6 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(command.argv[0], command.argv, command.env)  # vLLM's server takes over this process
-    from serving.supervisor import Supervisor
 
     return Supervisor(command, host=args.host, port=args.port, restart_wait=args.restart_wait,
                       drain_timeout=args.drain_timeout).run()

@@ -20,7 +20,10 @@ import threading
 import time
 from typing import Any
 
+from lk_vllm.acceptance import mean_acceptance_length
+from lk_vllm.datasets import load_prompts
 from lk_vllm.errors import UserError, require_at_least
+from serving.client import HTTPError, complete, request_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +58,6 @@ def _check(args) -> None:
 
 
 def load_messages(datasets: list[str], split: str, offset: int, limit: int | None) -> list[list[dict]]:
-    from lk_vllm.datasets import load_prompts
-
     messages = []
     for name in datasets:
         prompts = load_prompts(name, split)[offset:]
@@ -67,8 +68,6 @@ def load_messages(datasets: list[str], split: str, offset: int, limit: int | Non
 
 
 def server_model(url: str, api_key: str | None) -> str:
-    from serving.client import HTTPError, request_json
-
     try:
         models = request_json(url, "/v1/models", api_key=api_key, timeout=30)
     except HTTPError as exc:
@@ -84,8 +83,6 @@ def server_model(url: str, api_key: str | None) -> str:
 def summarise(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """The report of finished requests: ``{"ok": bool, "error": str | None, "tokens": int, "steps": int,
     "accepted": int}`` each (steps = target steps that verified a draft, accepted = draft tokens accepted)."""
-    from lk_vllm.acceptance import mean_acceptance_length
-
     done = [r for r in results if r["ok"]]
     failures = [r["error"] for r in results if not r["ok"]]
     steps, accepted = sum(r["steps"] for r in done), sum(r["accepted"] for r in done)
@@ -105,8 +102,6 @@ def send(url: str, model: str, messages: list[list[dict]], *, concurrency: int, 
          temperature: float, duration: float | None, api_key: str | None, timeout: float,
          progress=None) -> dict[str, Any]:
     """Send the requests (each prompt once, or cycling for ``duration`` seconds) and summarise them."""
-    from serving.client import complete
-
     started = time.monotonic()
     lock = threading.Lock()
     results: list[dict[str, Any]] = []

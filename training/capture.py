@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from lk_vllm.atomic import atomic_path, write_atomic
 from lk_vllm.errors import UserError
@@ -311,8 +312,6 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
 
 def _most_over_ranks(value: int) -> int:
     """The largest ``value`` over the process group's ranks (a collective)."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return value
     backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only

@@ -28,8 +28,15 @@ from pathlib import Path
 import torch
 
 from lk_vllm.acceptance import Counts
+from lk_vllm.assets import resolve_target
+from lk_vllm.bench.workloads import DEFAULT_DATASETS, add_workload_arguments
+from lk_vllm.datasets import load_prompts
+from lk_vllm.drafters import detect_architecture, load_drafter
+from lk_vllm.drafters.base import StepOutput, read_drafter_files
 from lk_vllm.errors import UserError, require_at_least
 from lk_vllm.log import log
+from lk_vllm.losses import lk_loss
+from lk_vllm.targets import add_target_argument, check_target
 
 
 # ------------------------------------------------------------------------------------------ torch engine
@@ -75,8 +82,6 @@ def simulate_greedy(drafter, target, prompt_ids: Sequence[int], num_tokens: int,
 def expected_alpha(drafter, target, prompt_ids: Sequence[int], num_tokens: int, max_tokens: int,
                    temperature: float, generator: torch.Generator) -> Counts:
     """Per-step alpha on a continuation sampled at ``temperature`` (teacher-forced), over response positions."""
-    from lk_vllm.losses import lk_loss
-
     counts = Counts(num_tokens)
     continuation = target.generate(prompt_ids, max_tokens, temperature=temperature, generator=generator)
     stops = target.stop_token_ids()
@@ -106,8 +111,6 @@ def expected_alpha(drafter, target, prompt_ids: Sequence[int], num_tokens: int, 
 
 def _shifted(step, k: int):
     """The draft LM's step k: the same next-token distribution, at anchors k positions later."""
-    from lk_vllm.drafters.base import StepOutput
-
     hidden = torch.zeros_like(step.hidden)
     hidden[:, : hidden.shape[1] - k] = step.hidden[:, k:]
     mask = torch.zeros_like(step.mask)
@@ -137,12 +140,7 @@ def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limi
              num_tokens: int, max_tokens: int, temperature: float, seed: int = 0,
              settings_overrides: dict | None = None, chat_template: str | None = None) -> dict:
     """Evaluate a drafter directory; the returned dict is what ``--json`` prints."""
-    from lk_vllm.assets import resolve_target
-    from lk_vllm.datasets import load_prompts
-    from lk_vllm.drafters import detect_architecture, load_drafter
-    from lk_vllm.drafters.base import read_drafter_files
     from lk_vllm.target_model import TargetModel
-    from lk_vllm.targets import check_target
 
     require_at_least("--num-speculative-tokens", num_tokens)
     require_at_least("--max-tokens", max_tokens)
@@ -192,16 +190,11 @@ def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limi
 
 
 def _recorded_target(drafter_dir: str) -> str | None:
-    from lk_vllm.drafters.base import read_drafter_files
-
     path = read_drafter_files(drafter_dir).record.target_path
     return path if path and Path(path).is_dir() else None
 
 
 def add_arguments(parser) -> None:
-    from lk_vllm.bench.workloads import add_workload_arguments
-    from lk_vllm.targets import add_target_argument
-
     parser.add_argument("--drafter", required=True, help="drafter checkpoint directory")
     add_target_argument(parser, "the one recorded with the drafter, else the embedded default target")
     parser.add_argument("--engine", choices=("torch", "vllm"), default="torch",
@@ -213,8 +206,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from lk_vllm.bench.workloads import DEFAULT_DATASETS
-
     result = run_eval(
         args.drafter,
         args.target,

@@ -25,7 +25,9 @@ import dataclasses
 
 import torch
 
+from lk_vllm.drafters import create_drafter
 from lk_vllm.errors import UserError
+from training.train import drafter_options
 
 GB = 1e9
 
@@ -51,9 +53,7 @@ def _meta_drafter(config, target_path: str):
     """The run's drafter and its target, built on the meta device (shapes only; nothing is read but config.json)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lk_vllm.drafters import create_drafter
     from lk_vllm.target_model import TargetModel
-    from training.train import drafter_options
 
     try:
         target_config = AutoConfig.from_pretrained(target_path)

@@ -23,8 +23,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lk_vllm import engine
+from lk_vllm.assets import lk_home, resolve_target, target_fingerprint
 from lk_vllm.atomic import atomic_path, write_atomic
+from lk_vllm.datasets import chat_prompt_ids, load_prompts, load_tokenizer, tokenizer_key
+from lk_vllm.engine import add_engine_arguments, settings_from_args
 from lk_vllm.errors import UserError, require_at_least
+from lk_vllm.targets import add_target_argument, check_target
 from training.config import DataSection, add_field_flags, section_from_flags
 
 SHARD_FORMAT = "lk-vllm-prepared-v1"
@@ -56,9 +61,6 @@ class PrepareSettings:
     def for_target(cls, target: str, data: DataSection, datasets: list[str] | None = None, **fields):
         """Settings for ``target`` from a data section (``datasets`` in place of its own), the target's fingerprint
         and tokenizer key filled in."""
-        from lk_vllm.assets import target_fingerprint
-        from lk_vllm.datasets import load_tokenizer, tokenizer_key
-
         key = tokenizer_key(target, load_tokenizer(target, data.chat_template))
         return cls(target=target, target_fingerprint=target_fingerprint(target),
                    datasets=list(datasets or data.datasets), limit=data.limit, seed=data.seed,
@@ -71,8 +73,6 @@ class PrepareSettings:
 
 
 def default_output_dir(settings: PrepareSettings) -> Path:
-    from lk_vllm.assets import lk_home
-
     names = "+".join(Path(d).stem for d in settings.datasets)
     return lk_home() / "data" / f"{names}-{settings.target_fingerprint}-{settings.key()}"
 
@@ -80,8 +80,6 @@ def default_output_dir(settings: PrepareSettings) -> Path:
 def tokenize_prompts(tokenizer, prompts, max_prompt_tokens: int) -> tuple[list[list[int]], int]:
     """Chat-template token ids of each prompt; prompts too long keep the END of their last user turn (the
     question usually sits there) so they fit. Returns the ids and how many prompts were truncated."""
-    from lk_vllm.datasets import chat_prompt_ids
-
     all_ids, truncated = [], 0
     for prompt in prompts:
         ids = chat_prompt_ids(tokenizer, prompt.messages)
@@ -124,8 +122,6 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
     is work left, and stopped before returning)."""
     from tqdm import tqdm
 
-    from lk_vllm import engine
-    from lk_vllm.datasets import load_prompts, load_tokenizer
 
     output.mkdir(parents=True, exist_ok=True)
     progress_path = output / "progress.json"
@@ -207,9 +203,6 @@ PREPARE_FLAGS = {"datasets": "--dataset", "limit": "--limit", "temperature": "--
 
 
 def add_arguments(parser) -> None:
-    from lk_vllm.engine import add_engine_arguments
-    from lk_vllm.targets import add_target_argument
-
     add_target_argument(parser)
     add_field_flags(parser, DataSection, PREPARE_FLAGS, required=("datasets",))
     parser.add_argument("--split", default="train", choices=["train", "eval"], help="dataset split (default train)")
@@ -235,10 +228,6 @@ def parse_vllm_args(pairs: list[str]) -> dict:
 
 
 def run(args) -> int:
-    from lk_vllm.assets import resolve_target
-    from lk_vllm.engine import settings_from_args
-    from lk_vllm.targets import check_target
-
     data = section_from_flags(args, DataSection, PREPARE_FLAGS)
     if data.max_length <= data.max_tokens // 2:
         raise UserError(f"--max-length ({data.max_length}) must exceed half of --max-tokens ({data.max_tokens})")

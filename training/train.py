@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -63,13 +64,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+from torch.distributed.fsdp import FSDPModule
 
+from lk_vllm.acceptance import expected_acceptance_length
+from lk_vllm.assets import lk_home, resolve_target, target_fingerprint
 from lk_vllm.atomic import write_atomic
+from lk_vllm.drafters import create_drafter, load_drafter, target_info
 from lk_vllm.drafters.base import BEST_EXPORT, FINAL_EXPORT
 from lk_vllm.errors import UserError
 from lk_vllm.log import log
-from training.capture import collate
+from lk_vllm.losses import lk_loss
+from lk_vllm.targets import add_target_argument, check_target
+from training import checkpoint as ckpt
+from training.capture import OfflineCapture, OnlineCapture, build_cache, cache_key, collate
 from training.config import (
+    ARCHITECTURE_OPTIONS,
     Config,
     add_field_flags,
     differing_fields,
@@ -79,6 +89,7 @@ from training.config import (
     parse_override,
     recipe_names,
 )
+from training.data import load_samples
 from training.device import Placement, resolve_placement
 
 
@@ -139,8 +150,6 @@ def ensure_data(config: Config, target_path: str, dist: Dist, progress: bool) ->
 
 def load_run_samples(dirs: list[str], fingerprint: str, max_length: int):
     """All samples (truncated to ``max_length``), and how many were truncated / left with nothing to learn."""
-    from training.data import load_samples
-
     samples, truncated, empty = [], 0, 0
     for directory in dirs:
         for sample in load_samples(Path(directory), fingerprint):
@@ -159,8 +168,6 @@ def load_run_samples(dirs: list[str], fingerprint: str, max_length: int):
 def split_heldout(samples, heldout: int) -> tuple[list[int], list[int]]:
     """(train indices, held-out indices): the held-out ones are those with the smallest prompt-id hashes, so
     the split does not depend on shard order or on how many samples there are."""
-    import hashlib
-
     order = sorted(range(len(samples)),
                    key=lambda i: (hashlib.sha256(samples[i].prompt_id.encode()).hexdigest(), i))
     if heldout >= len(samples):
@@ -195,8 +202,6 @@ class BatchOrder:
 # ------------------------------------------------------------------------------------------ model
 def drafter_options(config: Config, target) -> dict:
     """The architecture's construction options from the config (the draft vocabulary aside)."""
-    from training.config import ARCHITECTURE_OPTIONS
-
     options = ARCHITECTURE_OPTIONS[config.model.architecture].model_validate(config.model.options).model_dump()
     for count in ("num_heads", "n_predict"):  # Medusa heads, MLP speculator stages: one per draft position
         if count in options and options[count] is None:
@@ -205,8 +210,6 @@ def drafter_options(config: Config, target) -> dict:
 
 
 def make_drafter(config: Config, target, samples, train_indices):
-    from lk_vllm.drafters import create_drafter, load_drafter
-
     if config.model.init_from:
         path = Path(config.model.init_from).expanduser()
         drafter = load_drafter(path, target)  # checks it was made for this target
@@ -282,9 +285,6 @@ def evaluate(drafter, capture, samples, indices: list[int], num_steps: int, batc
              dist: Dist | None = None) -> dict:
     """Held-out per-position alpha (teacher-forced), expected acceptance length, top-1 agreement, KL. With
     ``dist`` each rank evaluates every N-th sample and the sums are all-reduced: every rank returns the same."""
-    from lk_vllm.acceptance import expected_acceptance_length
-    from lk_vllm.losses import lk_loss
-
     dist = dist or Dist()
     d2t = drafter.draft_to_target
     alpha_sum, kl_sum, top1, count = ([0.0] * num_steps for _ in range(4))
@@ -413,8 +413,6 @@ def parallelize(drafter, parallel: str, placement) -> torch.nn.Module:
 def full_weights(model: torch.nn.Module):
     """The drafter's parameters as whole tensors on every rank inside the block (a collective under FSDP2,
     which keeps them sharded between steps; nothing to do otherwise)."""
-    from torch.distributed.fsdp import FSDPModule
-
     if not isinstance(model, FSDPModule):
         yield
         return
@@ -426,8 +424,6 @@ def full_weights(model: torch.nn.Module):
 
 
 def _state_dict_options(**kwargs):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     # Whole tensors keyed by parameter name: a checkpoint of any parallel layout resumes in any other.
     return StateDictOptions(full_state_dict=True, **kwargs)
 
@@ -474,11 +470,7 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
     """Check the config, join the process group, load data, target and drafter, wrap the drafter for the
     parallel layout, and restore a checkpoint when resuming. Raises UserError for anything the user can fix,
     before the slow parts where it can."""
-    from lk_vllm.assets import lk_home, resolve_target, target_fingerprint
     from lk_vllm.target_model import TargetModel
-    from lk_vllm.targets import check_target
-    from training import checkpoint as ckpt
-    from training.capture import OfflineCapture, OnlineCapture, build_cache, cache_key
 
     t = config.training
     placement = resolve_placement(t.device, t.precision, t.tf32)  # a bad device fails here, before any loading
@@ -605,8 +597,6 @@ def _all_reduce_sum(values: list[float], dist: Dist, device: torch.device) -> li
 def train_step(run: Run, step: int) -> dict:
     """One optimizer step on the global batch of ``step`` (this rank's share of each micro-batch); returns the
     step's loss (mean over ranks), per-position alpha and lambda, gradient norm and token count."""
-    from training import checkpoint as ckpt
-
     t, dist = run.config.training, run.dist
     global_indices = run.order.global_batch(step)
     run.drafter.train()
@@ -655,11 +645,6 @@ def evaluate_run(run: Run, step: int) -> dict:
 def export(run: Run, directory: str, step: int, metrics: dict) -> None:
     """Write ``RUN/<directory>`` (vLLM's format) from rank 0. Every rank calls it: under FSDP2 the ranks first
     gather the whole weights (a collective)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    from torch.distributed.fsdp import FSDPModule
-
-    from lk_vllm.drafters import target_info
-
     weights = None
     if isinstance(run.model, FSDPModule):
         gathered = get_model_state_dict(run.model, options=_state_dict_options(cpu_offload=True))
@@ -679,10 +664,6 @@ def export(run: Run, directory: str, step: int, metrics: dict) -> None:
 
 def save_checkpoint(run: Run, step: int) -> None:
     """``RUN/checkpoints/step-N``: every rank hands in its shard (a collective), rank 0 writes whole tensors."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from training import checkpoint as ckpt
-
     model_state, optimizer_state = get_state_dict(run.model, run.optimizer, options=_state_dict_options(
         cpu_offload=True))
     if run.dist.main:
@@ -742,8 +723,6 @@ TRAIN_FLAGS = {"loss.kind": "--loss", "loss.eta": "--eta", "data.dirs": "--data"
 
 
 def add_arguments(parser) -> None:
-    from lk_vllm.targets import add_target_argument
-
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--recipe", help=f"a built-in recipe: {', '.join(recipe_names())}")
     source.add_argument("--config", help="a YAML file with the same structure as the recipes")

@@ -12,10 +12,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lk_vllm.bench.workloads import DEFAULT_DATASETS, add_workload_arguments
-from lk_vllm.engine import EngineSettings, add_engine_arguments, settings_from_args
+from lk_vllm import __version__
+from lk_vllm.assets import resolve_target, target_fingerprint
+from lk_vllm.bench.contenders import BASELINE, config_contender, drafter_contender, drafter_labels
+from lk_vllm.bench.metrics import build_records
+from lk_vllm.bench.report import write_results
+from lk_vllm.bench.runner import Plan, engine_settings, measure
+from lk_vllm.bench.workloads import DEFAULT_DATASETS, add_workload_arguments, load_workloads
+from lk_vllm.datasets import load_tokenizer
+from lk_vllm.engine import (
+    EngineSettings,
+    add_engine_arguments,
+    apply_engine_env,
+    engine_arguments,
+    settings_from_args,
+)
 from lk_vllm.errors import UserError, require_at_least
 from lk_vllm.log import log
+from lk_vllm.plugin.server.speedup import hardware_id
+from lk_vllm.targets import TargetShape, add_target_argument, check_target, serving_problem
 
 DEFAULT_TEMPERATURES = (0.0, 1.0)
 DEFAULT_CONCURRENCIES = (1, 8)
@@ -43,8 +58,6 @@ METHOD = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lk_vllm.targets import add_target_argument
-
     parser.add_argument("--drafter", action="append", default=[], metavar="DIR",
                         help="drafter checkpoint directory to benchmark (repeatable)")
     parser.add_argument("--speculative-config", action="append", default=[], metavar="[LABEL=]JSON",
@@ -87,19 +100,6 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def prepare(args: argparse.Namespace):
     """Check every input and build (plan, contenders, engine settings); nothing starts an engine here."""
-    from lk_vllm.assets import resolve_target
-    from lk_vllm.bench.contenders import (
-        BASELINE,
-        config_contender,
-        drafter_contender,
-        drafter_labels,
-    )
-    from lk_vllm.bench.runner import Plan
-    from lk_vllm.bench.workloads import load_workloads
-    from lk_vllm.datasets import load_tokenizer
-    from lk_vllm.engine import apply_engine_env
-    from lk_vllm.targets import TargetShape, check_target, serving_problem
-
     _check_flags(args)
     apply_engine_env()  # offline hub access for the tokenizer and config reads below
     target = resolve_target(args.target)
@@ -136,7 +136,6 @@ def execute(plan, contenders, settings: EngineSettings) -> dict[str, dict]:
     """Measure every contender in turn (one engine at a time); return label -> cell -> Measurement."""
     from tqdm import tqdm
 
-    from lk_vllm.bench.runner import engine_settings, measure
 
     results = {}
     per_contender = plan.num_requests()
@@ -155,13 +154,7 @@ def execute(plan, contenders, settings: EngineSettings) -> dict[str, dict]:
 
 
 def build_document(plan, contenders, settings: EngineSettings, results, name: str, command: str) -> dict[str, Any]:
-    from lk_vllm import __version__
-    from lk_vllm.assets import target_fingerprint
-    from lk_vllm.bench.contenders import BASELINE
-    from lk_vllm.bench.metrics import build_records
-    from lk_vllm.bench.runner import engine_settings
     from lk_vllm.engine import vllm_version
-    from lk_vllm.plugin.server.speedup import hardware_id
 
     records, overall = build_records(plan, contenders, results)
     engine = engine_settings(settings, plan, BASELINE).llm_kwargs()
@@ -194,8 +187,6 @@ def build_document(plan, contenders, settings: EngineSettings, results, name: st
 
 def command_line(args: argparse.Namespace, plan, settings: EngineSettings, name: str) -> str:
     """The command that repeats this run, every default spelled out (engine flags as resolved)."""
-    from lk_vllm.engine import engine_arguments
-
     argv = ["lk-vllm", "bench"]
     for value in args.speculative_config:
         argv += ["--speculative-config", value]
@@ -217,8 +208,6 @@ def command_line(args: argparse.Namespace, plan, settings: EngineSettings, name:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lk_vllm.bench.report import write_results
-
     started = time.time()
     plan, contenders, settings = prepare(args)
     name = args.name or f"bench-{time.strftime('%Y%m%d-%H%M%S')}"

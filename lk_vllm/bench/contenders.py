@@ -12,11 +12,13 @@ All checks run before any engine starts and fail with one line naming the flag o
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lk_vllm.drafters.base import BEST_EXPORT, FINAL_EXPORT
+from lk_vllm.drafters import load_drafter, speculative_config_for, with_faithful_sampling
+from lk_vllm.drafters.base import BEST_EXPORT, FINAL_EXPORT, check_drafter_matches_target
 from lk_vllm.errors import UserError, require_at_least
 
 
@@ -54,9 +56,6 @@ BASELINE = Contender(label="baseline", architecture="none")
 def drafter_contender(directory: str, label: str, target, num_speculative_tokens: int) -> Contender:
     """Check a drafter directory (format, weights, made for ``target``, servable with K tokens) and describe it.
     ``target`` is a ``lk_vllm.targets.TargetShape``."""
-    from lk_vllm.drafters import load_drafter, speculative_config_for, with_faithful_sampling
-    from lk_vllm.drafters.base import check_drafter_matches_target
-
     path = Path(directory).expanduser().resolve()
     if not path.is_dir():
         raise UserError(f"--drafter {directory}: directory not found")
@@ -73,8 +72,6 @@ def config_contender(value: str, num_speculative_tokens: int, taken: list[str]) 
     directory (n-gram, suffix decoding, ...), so a results page shows what a user could run without training.
     Without ``num_speculative_tokens`` the config gets ``--num-speculative-tokens``; without a label it is named
     after the method and K (``ngram-k4``)."""
-    import json
-
     label, text = None, value.strip()
     if not text.startswith("{") and "=" in text:
         label, text = (part.strip() for part in text.split("=", 1))

@@ -9,10 +9,12 @@ acceptance length over KL next to what the paper reports.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
+from lk_vllm.acceptance import mean_acceptance_length
 from lk_vllm.atomic import write_atomic
 
 # LK_PAPER.md, Table 2 / App. F: mean acceptance-length change of LK^lambda (eta 3) over KL, EAGLE-3 drafters,
@@ -160,8 +162,6 @@ def paper_layout(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows shaped like the paper's Table 1: per drafter with a known (architecture, loss), the acceptance length
     on MT-Bench / HumanEval / GSM8K at T=0 and T=1, each pooled over the concurrencies (acceptance does not
     depend on concurrency; pooling the counters keeps every verification step's weight equal)."""
-    from lk_vllm.acceptance import mean_acceptance_length
-
     rows = []
     drafters = dict.fromkeys((r["drafter"], r["architecture"], r["loss"]) for r in records
                              if (r["architecture"], r["loss"]) in PAPER_TABLE_1)
@@ -186,8 +186,6 @@ def paper_layout(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def render_png(document: dict[str, Any]) -> bytes:
     """Per-position acceptance over all datasets (one panel per temperature; served solid, training-time
     expectation dashed) and speedup bars per (temperature, concurrency)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")

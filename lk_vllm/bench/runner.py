@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from lk_vllm.acceptance import Counts, RequestAcceptance, SpecDecodeCounts
 from lk_vllm.bench.contenders import Contender
 from lk_vllm.bench.workloads import Workload
+from lk_vllm.drafters import speculative_config_for, with_faithful_sampling
 from lk_vllm.engine import (
     EngineSettings,
     make_llm,
@@ -189,8 +190,6 @@ def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dic
                   num_tokens: int, max_tokens: int, temperature: float, settings_overrides: dict | None = None,
                   seed: int = 0) -> dict[str, Counts]:
     """Serve the drafter in vLLM and read its counters per dataset (deltas of the cumulative counters)."""
-    from lk_vllm.drafters import speculative_config_for, with_faithful_sampling
-
     longest = max(len(ids) for batch in prompt_ids_by_dataset.values() for ids in batch)
     settings = EngineSettings(
         model=target_path,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lk_vllm.datasets import add_chat_template_argument, chat_prompt_ids, load_prompts
 from lk_vllm.errors import UserError
 
 DEFAULT_DATASETS = ["mtbench"]
@@ -19,8 +20,6 @@ def add_workload_arguments(parser) -> None:
     """The workload flags ``lk-vllm eval`` and ``lk-vllm bench`` share: what is sent (datasets, how many prompts,
     prompt format) and how it is generated (K, tokens per request). ``--temperature`` each command defines
     itself: eval takes one, bench several."""
-    from lk_vllm.datasets import add_chat_template_argument
-
     parser.add_argument("--dataset", action="append", default=None,
                         help="eval dataset: mtbench, humaneval, gsm8k, ... or a .jsonl file (repeatable; default "
                              f"{', '.join(DEFAULT_DATASETS)})")
@@ -44,8 +43,6 @@ class Workload:
 
 def load_workloads(datasets: list[str], limit: int | None, tokenizer) -> list[Workload]:
     """The first ``limit`` evaluation prompts of each dataset, tokenized (one-line UserError on bad input)."""
-    from lk_vllm.datasets import chat_prompt_ids, load_prompts
-
     workloads = []
     for name in datasets:
         prompts = load_prompts(name, split="eval", limit=limit)

@@ -72,6 +72,7 @@ from lk_vllm.drafters.base import (
     target_mismatch,
 )
 from lk_vllm.errors import UserError, require_at_least
+from lk_vllm.losses import lk_loss_multi
 
 ARCHITECTURES = ("eagle3", "medusa", "mlp_speculator", "draft_model")
 SUPPORTED_FORMATS = (
@@ -243,8 +244,6 @@ def multi_step_loss(steps, states, *, kind: str = "kl", eta: float = 3.0, draft_
     Returns a dict: ``loss`` (tensor), ``alpha``, ``lam`` (lists, one per step), ``count`` (valid positions
     per step) and ``results`` (the ``LKLossResult`` of each step).
     """
-    from lk_vllm.losses import lk_loss_multi
-
     positions = [step.valid_positions(loss_mask) for step in steps]
     drafts = [step.head(step.hidden[batch, anchor]) for step, (batch, anchor) in zip(steps, positions, strict=True)]
     # States holding the batch's target logits once (``table`` and ``rows_at``, e.g. the trainer's

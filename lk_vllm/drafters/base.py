@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lk_vllm.assets import target_fingerprint
 from lk_vllm.atomic import atomic_dir
 from lk_vllm.errors import UserError
 
@@ -225,8 +226,6 @@ class Drafter(nn.Module):
 # --------------------------------------------------------------------------- target description and checks
 def target_info(target) -> dict[str, Any]:
     """What a drafter records about its target (``target`` is a ``lk_vllm.target_model.TargetModel``)."""
-    from lk_vllm.assets import target_fingerprint
-
     return {
         "path": target.path,
         "fingerprint": target_fingerprint(target.path),
@@ -269,7 +268,6 @@ def target_mismatch(record: TrainingRecord, target_path: str) -> tuple[str, str]
     recorded = record.target_fingerprint
     if not recorded or not Path(target_path).is_dir():
         return None
-    from lk_vllm.assets import target_fingerprint
 
     actual = target_fingerprint(target_path)
     return None if actual == recorded else (recorded, actual)

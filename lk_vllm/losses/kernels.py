@@ -8,6 +8,7 @@ import os
 import warnings
 
 import torch
+from torch._dynamo import exc as dynamo_exc
 
 from lk_vllm.env import COMPILE_LOSS_ENV
 
@@ -175,8 +176,6 @@ class _Compiled:
 def _is_compile_error(error: BaseException) -> bool:
     """Whether ``error`` came from compiling (dynamo, inductor, a missing compiler or Triton), not from running:
     an out-of-memory anywhere in its chain counts as running, even when dynamo wrapped it."""
-    from torch._dynamo import exc as dynamo_exc
-
     chain, seen = error, set()
     while chain is not None and id(chain) not in seen:
         if isinstance(chain, torch.OutOfMemoryError):

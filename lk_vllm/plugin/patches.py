@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import os
 
+from lk_vllm.env import INPROCESS_WORKER_ENV
 from lk_vllm.plugin import patching
 
 
@@ -86,8 +87,6 @@ def patch_medusa_token_map() -> bool:
 def patch_cpu_inprocess_worker() -> bool:
     """Keep a one-worker CPU engine's ``uni`` executor when ``LK_VLLM_CPU_INPROCESS_WORKER=1``; True when the
     patch is in place."""
-    from lk_vllm.env import INPROCESS_WORKER_ENV
-
     try:
         from vllm.platforms.cpu import CpuPlatform
     except ImportError:

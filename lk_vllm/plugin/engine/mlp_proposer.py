@@ -33,6 +33,10 @@ import functools
 import inspect
 from typing import Any
 
+from lk_vllm.engine import check_vllm_version
+from lk_vllm.plugin import patching
+from lk_vllm.plugin.patching import is_patched
+
 METHOD = "mlp_speculator"
 ARCHITECTURE = "MLPSpeculatorPreTrainedModel"
 MODEL_CLASS = "lk_vllm.plugin.engine.mlp_model:MLPSpeculatorModel"
@@ -219,8 +223,6 @@ def install() -> None:
     """Register the model and wrap the methods above (idempotent). Raises RuntimeError on another vLLM."""
     from vllm.model_executor.models import ModelRegistry
 
-    from lk_vllm.engine import check_vllm_version
-    from lk_vllm.plugin import patching
 
     check_vllm_version()
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
@@ -230,6 +232,4 @@ def install() -> None:
 
 def installed() -> bool:
     """True when this process's vLLM carries every wrapper."""
-    from lk_vllm.plugin.patching import is_patched
-
     return all(is_patched(inspect.getattr_static(cls, name)) for cls, name, _, _ in _patch_points())

@@ -9,7 +9,11 @@ and GPU workers). Nothing existing is replaced, and installing twice is a no-op.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from typing import Any
+
+from lk_vllm.plugin import patching
 
 RELOAD_DRAFTER = "lk_reload_drafter"
 DRAFTER_PARAMETERS = "lk_drafter_parameters"
@@ -44,8 +48,6 @@ def _draft_configs(proposer):
       kernel overrides applied as ``load_eagle_model`` does.
 
     The load config is the one vLLM reads drafters with (``get_draft_load_config``)."""
-    from dataclasses import replace
-
     from vllm.model_executor.model_loader.utils import get_draft_load_config
 
     speculative_config = getattr(proposer, "speculative_config", None) or getattr(proposer, "spec_config", None)
@@ -82,8 +84,6 @@ def lk_reload_drafter(self, drafter_dir: str) -> dict[str, Any]:
     (which hold the KV cache) are left alone. Returns how many modules were updated and a checksum of the
     drafter's parameters before and after.
     """
-    import copy
-
     import torch
     from vllm.compilation.backends import set_model_tag
     from vllm.config import set_current_vllm_config
@@ -155,7 +155,6 @@ def install_worker_methods() -> None:
     """Add the lk methods to vLLM's WorkerBase (idempotent)."""
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from lk_vllm.plugin import patching
 
     patching.add(WorkerBase, RELOAD_DRAFTER, lk_reload_drafter, why="drafter swap: reload its weights in place")
     patching.add(WorkerBase, DRAFTER_PARAMETERS, lk_drafter_parameters, why="drafter swap: checksum the weights")

@@ -5,19 +5,17 @@ vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them (``lk_endpoint
 
 from __future__ import annotations
 
+from lk_vllm.plugin.server.routes import LkRoutes, attach
+
 
 class LkEndpointPlugin:
     name = "lk_endpoints"
     required_tasks = ("generate",)
 
     def __init__(self) -> None:
-        from lk_vllm.plugin.server.routes import LkRoutes
-
         self.routes = LkRoutes()
 
     def attach_router(self, app) -> None:
-        from lk_vllm.plugin.server.routes import attach
-
         attach(app, self.routes)
 
     async def init_state(self, engine_client, state, args) -> None:

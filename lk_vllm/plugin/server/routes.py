@@ -37,6 +37,7 @@ from lk_vllm.errors import UserError
 from lk_vllm.plugin.server.capture import CaptureMiddleware, CaptureSettings, TrafficCapture
 from lk_vllm.plugin.server.drift import DriftMonitor, DriftSettings
 from lk_vllm.plugin.server.live_stats import STORE, LiveStatsStore
+from lk_vllm.plugin.server.swap import RESTART_HEADER, SwapError, swap_drafter
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_WINDOW_SECONDS = 60.0
@@ -172,13 +173,11 @@ class LkRoutes:
             }
 
         @router.post("/v1/speculative/drafter")
-        async def swap_drafter(request: Request):
+        async def swap_route(request: Request):
             if (denied := check_admin(request, self.admin_key)) is not None:
                 return denied
             if (off := self.speculation_off()) is not None:
                 return off
-            from lk_vllm.plugin.server.swap import RESTART_HEADER, SwapError, swap_drafter
-
             try:
                 body = await request.json()
             except Exception:

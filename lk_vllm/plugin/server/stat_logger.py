@@ -14,14 +14,14 @@ import logging
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from lk_vllm.acceptance import sampling_mode
+from lk_vllm.plugin.patches import FINISHED_SPEC_METRICS, FINISHED_TEMPERATURE
+
 logger = logging.getLogger("lk_vllm.plugin")
 
 
 def finished_request_counts(iteration_stats) -> list[tuple[int, int, str]]:
     """(drafts, accepted tokens, sampling mode) of every request that finished in this step and drafted."""
-    from lk_vllm.acceptance import sampling_mode
-    from lk_vllm.plugin.patches import FINISHED_SPEC_METRICS, FINISHED_TEMPERATURE
-
     out = []
     for finished in getattr(iteration_stats, "finished_requests", None) or ():
         metrics = getattr(finished, FINISHED_SPEC_METRICS, None)

@@ -25,13 +25,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lk_vllm.drafters.base import read_drafter_files, target_mismatch
+from lk_vllm.drafters import check_drafter_for_target, speculative_config_for, with_faithful_sampling
+from lk_vllm.drafters.base import read_drafter_files, read_safetensors_header, target_mismatch
 from lk_vllm.env import SUPERVISED_ENV
+from lk_vllm.errors import UserError
+from lk_vllm.plugin.engine.worker import RELOAD_DRAFTER
 from lk_vllm.plugin.server.drafter_info import (
     describe_speculative_config,
     drafter_architecture,
 )
 from lk_vllm.plugin.server.live_stats import DrafterInfo
+from lk_vllm.validate import check_drafter
 
 WEIGHTS_FILE = "model.safetensors"
 # config.json keys that may differ between two drafters that share a shape (everything else must match).
@@ -72,9 +76,6 @@ def resolve_inside(drafters_dir: str | None, requested: str) -> Path:
 
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensor name -> (dtype, shape) from a safetensors file header, without reading the weights."""
-    from lk_vllm.drafters.base import read_safetensors_header
-    from lk_vllm.errors import UserError
-
     try:
         return read_safetensors_header(path)
     except UserError as exc:
@@ -93,8 +94,6 @@ def check_target(drafter_dir: Path, target: str | None) -> None:
 
 async def validate_static(new_dir: Path, requested: str, target: str | None, num_speculative_tokens: int) -> None:
     """``lk-vllm validate``'s static checks (off the event loop: they read every weight), as a 400."""
-    from lk_vllm.validate import check_drafter
-
     report = await asyncio.to_thread(check_drafter, new_dir, target, num_speculative_tokens)
     if not report.ok:
         raise SwapError(400, f"drafter {requested!r} fails validation: {report.reason}")
@@ -123,9 +122,6 @@ def shape_difference(current_dir: Path, new_dir: Path) -> str | None:
 
 def restart_config(new_dir: Path, num_speculative_tokens: int, target: str | None) -> dict[str, Any]:
     """The speculative config ``lk-vllm serve --drafter NEW`` would start with (4xx if it would refuse it)."""
-    from lk_vllm.drafters import check_drafter_for_target, speculative_config_for, with_faithful_sampling
-    from lk_vllm.errors import UserError
-
     try:
         if target:
             check_drafter_for_target(new_dir, target)
@@ -154,8 +150,6 @@ async def swap_drafter(routes, requested: str, num_speculative_tokens: int | Non
 
     Returns the result, or (under the supervisor, when the engine must restart) ``{"status": "restart-required",
     "speculative_config": ...}`` for the supervisor to act on."""
-    from lk_vllm.plugin.engine.worker import RELOAD_DRAFTER
-
     store = routes.store
     live: DrafterInfo | None = store.drafter
     new_dir = resolve_inside(routes.drafters_dir, requested)
