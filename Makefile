@@ -39,7 +39,8 @@ demo: setup
 	$(VENV)/bin/lk-vllm demo
 
 lint: setup
-	$(VENV)/bin/ruff check lk_vllm training serving tests benchmarks examples
+	$(VENV)/bin/ruff check lk_vllm training serving tests benchmarks examples scripts
+	$(VENV)/bin/ruff format --check lk_vllm training serving tests benchmarks examples scripts
 
 bench: setup
 	$(VENV)/bin/lk-vllm bench --help

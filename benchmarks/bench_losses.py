@@ -130,14 +130,18 @@ def run_worker(spec: dict) -> dict:
         draft.grad = None
         allocated = {}
         for impl, kind in cases:
-            allocated[f"{impl}/{kind}"] = _measure_allocated_peak(lambda impl=impl, kind=kind: fwd_bwd(impl, kind))
+            allocated[f"{impl}/{kind}"] = _measure_allocated_peak(
+                lambda impl=impl, kind=kind: fwd_bwd(impl, kind)
+            )
             draft.grad = None
         # The resident set as a cross-check (it also sees memory outside PyTorch's allocator): the minimum over
         # interleaved repetitions, since heap fragmentation adds a few hundred KiB to one call or another.
         rss = {f"{impl}/{kind}": [] for impl, kind in cases}
         for _ in range(spec.get("memory_reps", 1)):
             for impl, kind in cases:
-                rss[f"{impl}/{kind}"].append(_measure_rss_peak(lambda impl=impl, kind=kind: fwd_bwd(impl, kind)))
+                rss[f"{impl}/{kind}"].append(
+                    _measure_rss_peak(lambda impl=impl, kind=kind: fwd_bwd(impl, kind))
+                )
                 draft.grad = None
         return {
             "peak_bytes": allocated,
@@ -172,8 +176,13 @@ def run_worker(spec: dict) -> dict:
                 cpu_times[f"{impl}/{kind}"].append(time.process_time() - c0)
             if rep + 1 >= min_reps and time.perf_counter() - started > spec["seconds"]:
                 break
-    return {"times": times, "cpu_times": cpu_times, "floor_times": floor_times, "floor_cpu_times": floor_cpu_times,
-            "threads": torch.get_num_threads()}
+    return {
+        "times": times,
+        "cpu_times": cpu_times,
+        "floor_times": floor_times,
+        "floor_cpu_times": floor_cpu_times,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _paired_ratio(samples: list[float], reference: list[float]) -> float:
@@ -224,7 +233,9 @@ def group_records(spec: dict, memory: dict, timing: dict) -> list[dict]:
         case, kl_case = f"{record['impl']}/{record['kind']}", f"{record['impl']}/kl"
         record["time_ratio_to_kl_of_minima"] = record["time_s"] / kl["time_s"]
         record["time_ratio_to_kl"] = _paired_ratio(timing["times"][case], timing["times"][kl_case])
-        record["cpu_time_ratio_to_kl"] = _paired_ratio(timing["cpu_times"][case], timing["cpu_times"][kl_case])
+        record["cpu_time_ratio_to_kl"] = _paired_ratio(
+            timing["cpu_times"][case], timing["cpu_times"][kl_case]
+        )
         record["memory_ratio_to_kl"] = record["peak_bytes"] / kl["peak_bytes"]
         record["rss_memory_ratio_to_kl"] = record["rss_peak_bytes"] / kl["rss_peak_bytes"]
         if record["impl"] == "chunked" and "naive" in spec["impls"]:
@@ -283,8 +294,12 @@ def hardware() -> dict:
     }
 
 
-JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-                  "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+JEMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+)
 
 
 def timing_allocator(choice: str) -> tuple[str, dict[str, str]]:
@@ -302,7 +317,8 @@ def timing_allocator(choice: str) -> tuple[str, dict[str, str]]:
     if choice == "jemalloc":
         if jemalloc is None:
             raise SystemExit(
-                "--allocator jemalloc: libjemalloc.so.2 not found in " + ", ".join(JEMALLOC_PATHS)
+                "--allocator jemalloc: libjemalloc.so.2 not found in "
+                + ", ".join(JEMALLOC_PATHS)
                 + " (Debian/Ubuntu: apt install libjemalloc2)"
             )
         return f"jemalloc ({jemalloc}, MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1)", {
@@ -353,7 +369,10 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     if report.get("groups_not_yet_run"):
-        lines += [f"**Partial: written while running, {report['groups_not_yet_run']} groups not yet run.**", ""]
+        lines += [
+            f"**Partial: written while running, {report['groups_not_yet_run']} groups not yet run.**",
+            "",
+        ]
     lines += report.get("summary_lines", [])
     groups = {}
     for record in records:
@@ -386,7 +405,9 @@ def render_markdown(report: dict) -> str:
             cells = [f"{vocab:,}", fmt_ms(get["floor", None]["time_s"]), fmt_ms(kl["time_s"])]
             for kind in ("tv", "alpha", "lambda"):
                 r = get["chunked", kind]
-                cells.append(f"{fmt_ms(r['time_s'])} ({r['time_ratio_to_kl']:.3f} / {r['cpu_time_ratio_to_kl']:.3f})")
+                cells.append(
+                    f"{fmt_ms(r['time_s'])} ({r['time_ratio_to_kl']:.3f} / {r['cpu_time_ratio_to_kl']:.3f})"
+                )
             cells.append(f"{kl['ratio_to_floor']:.1f}×")
             naive_kl, naive_lam = get.get(("naive", "kl")), get.get(("naive", "lambda"))
             naive_note = next((r["skipped"] for r in skipped if r["impl"] == "naive"), "not run")
@@ -403,8 +424,11 @@ def render_markdown(report: dict) -> str:
 
 def summarize(records: list[dict]) -> tuple[list[str], dict]:
     chunked = [r for r in records if r["impl"] == "chunked" and not r.get("skipped")]
+
     def ratios_by_kind(key: str) -> dict[str, list[float]]:
-        return {kind: [r[key] for r in chunked if r["kind"] == kind and key in r] for kind in ("alpha", "lambda")}
+        return {
+            kind: [r[key] for r in chunked if r["kind"] == kind and key in r] for kind in ("alpha", "lambda")
+        }
 
     mem_ratio = [r["memory_ratio_to_kl"] for r in chunked if r["kind"] in ("alpha", "lambda")]
     lines = ["## Headline", ""]
@@ -572,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
         help="stop repeating a group after this many seconds (at least --min-reps reps)",
     )
     parser.add_argument("--min-reps", type=int, default=5)
-    parser.add_argument("--memory-reps", type=int, default=3, help="peak memory: minimum over this many calls")
+    parser.add_argument(
+        "--memory-reps", type=int, default=3, help="peak memory: minimum over this many calls"
+    )
     parser.add_argument("--max-reps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
@@ -589,7 +615,9 @@ def main(argv: list[str] | None = None) -> int:
         "(PyTorch's allocator on transparent huge pages), glibc; auto = jemalloc if installed, else thp",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--render", metavar="JSON", help="rewrite the summary and .md of a saved run (no measuring)")
+    parser.add_argument(
+        "--render", metavar="JSON", help="rewrite the summary and .md of a saved run (no measuring)"
+    )
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -689,7 +717,9 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("memory", "time"):
             # Memory: every allocation above 64 KiB is its own mmap, so the resident set (the cross-check) follows
             # the live tensors instead of what glibc's heap happens to keep. Time: see timing_env.
-            mode_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536") if mode == "memory" else dict(env, **timing_env)
+            mode_env = (
+                dict(env, MALLOC_MMAP_THRESHOLD_="65536") if mode == "memory" else dict(env, **timing_env)
+            )
             proc = subprocess.run(
                 [
                     sys.executable,

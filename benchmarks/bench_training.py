@@ -37,7 +37,9 @@ def run_once(base_overrides: dict, recipe: str, output: Path, **overrides) -> li
     from training.config import load_config
     from training.train import train
 
-    config, name = load_config(recipe=recipe, overrides={**base_overrides, **overrides, "output": str(output)})
+    config, name = load_config(
+        recipe=recipe, overrides={**base_overrides, **overrides, "output": str(output)}
+    )
     shutil.rmtree(output, ignore_errors=True)
     train(config, name, progress=False)
     records = step_records(output)
@@ -47,8 +49,12 @@ def run_once(base_overrides: dict, recipe: str, output: Path, **overrides) -> li
 def summarize(samples: list[list[tuple[float, int]]]) -> dict:
     steps = [s for run in samples for s in run]
     seconds = [s for s, _ in steps]
-    return {"median_step_s": round(statistics.median(seconds), 3), "mean_step_s": round(statistics.mean(seconds), 3),
-            "tokens_per_s": round(sum(t for _, t in steps) / sum(seconds), 1), "timed_steps": len(steps)}
+    return {
+        "median_step_s": round(statistics.median(seconds), 3),
+        "mean_step_s": round(statistics.mean(seconds), 3),
+        "tokens_per_s": round(sum(t for _, t in steps) / sum(seconds), 1),
+        "timed_steps": len(steps),
+    }
 
 
 def main() -> int:
@@ -65,8 +71,12 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base = {"training.max_steps": args.steps, "training.eval_every": 10**6, "training.checkpoint_every": 10**6,
-            "data.heldout": 4}
+    base = {
+        "training.max_steps": args.steps,
+        "training.eval_every": 10**6,
+        "training.checkpoint_every": 10**6,
+        "data.heldout": 4,
+    }
     scratch = Path(tempfile.mkdtemp(prefix="bench-training-"))
     load_before = os.getloadavg()
     started = time.time()
@@ -83,34 +93,57 @@ def main() -> int:
             for kind in ("kl", "lambda"):
                 key = f"{capture}/{kind}"
                 print(f"[bench] repeat {repeat + 1}/{args.repeats}: {key}", file=sys.stderr, flush=True)
-                results[key].append(run_once(base, args.recipe, scratch / key.replace("/", "-"),
-                                             **{"training.capture": capture, "loss.kind": kind}))
+                results[key].append(
+                    run_once(
+                        base,
+                        args.recipe,
+                        scratch / key.replace("/", "-"),
+                        **{"training.capture": capture, "loss.kind": kind},
+                    )
+                )
     load_after = os.getloadavg()
     summary = {key: summarize(value) for key, value in results.items()}
 
     def ratio(a: str, b: str) -> float:
         """Median over paired steps of time(a) / time(b) (same batches)."""
-        pairs = [sa[0] / sb[0] for ra, rb in zip(results[a], results[b], strict=True)
-                 for sa, sb in zip(ra, rb, strict=True)]
+        pairs = [
+            sa[0] / sb[0]
+            for ra, rb in zip(results[a], results[b], strict=True)
+            for sa, sb in zip(ra, rb, strict=True)
+        ]
         return round(statistics.median(pairs), 3)
 
     report = {
         "command": f"python benchmarks/bench_training.py --recipe {args.recipe} --steps {args.steps} "
-                   f"--repeats {args.repeats}" + (f" --threads {args.threads}" if args.threads else ""),
+        f"--repeats {args.repeats}" + (f" --threads {args.threads}" if args.threads else ""),
         "recipe": args.recipe,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__, "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in load_after]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in load_after],
+        },
         "results": summary,
-        "lk_over_kl_step_time": {"online": ratio("online/lambda", "online/kl"),
-                                 "offline": ratio("offline/lambda", "offline/kl")},
+        "lk_over_kl_step_time": {
+            "online": ratio("online/lambda", "online/kl"),
+            "offline": ratio("offline/lambda", "offline/kl"),
+        },
         "offline_over_online_tokens_per_s": {
-            kind: round(summary[f"offline/{kind}"]["tokens_per_s"] / summary[f"online/{kind}"]["tokens_per_s"], 3)
-            for kind in ("kl", "lambda")},
-        "offline_cache": {"bytes": cache_manifest["bytes"], "tokens": cache_manifest["tokens"],
-                          "dtype": cache_manifest["dtype"], "bytes_per_token": round(cache_manifest["bytes"] / cache_manifest["tokens"]),
-                          "capture_tokens_per_s": cache_manifest.get("capture_tokens_per_s"),
-                          "first_run_seconds_with_cache_build": round(cache_seconds, 1)},
+            kind: round(
+                summary[f"offline/{kind}"]["tokens_per_s"] / summary[f"online/{kind}"]["tokens_per_s"], 3
+            )
+            for kind in ("kl", "lambda")
+        },
+        "offline_cache": {
+            "bytes": cache_manifest["bytes"],
+            "tokens": cache_manifest["tokens"],
+            "dtype": cache_manifest["dtype"],
+            "bytes_per_token": round(cache_manifest["bytes"] / cache_manifest["tokens"]),
+            "capture_tokens_per_s": cache_manifest.get("capture_tokens_per_s"),
+            "first_run_seconds_with_cache_build": round(cache_seconds, 1),
+        },
         "targets": {"lk_over_kl_step_time_max": 1.05, "offline_over_online_min": 3.0},
         "wall_seconds": round(time.time() - started, 1),
     }
@@ -126,16 +159,21 @@ def main() -> int:
 def markdown(report: dict) -> str:
     m, r = report["machine"], report["results"]
     lines = [
-        "# Training throughput (this CPU)", "",
+        "# Training throughput (this CPU)",
+        "",
         f"Command: `{report['command']}`  ",
         f"Recipe `{report['recipe']}` (default target SmolLM2-135M-Instruct); {m['cpus']} CPUs, "
         f"{m['torch_threads']} torch threads, torch {m['torch']}; load average before "
-        f"{m['load_average_before']}, after {m['load_average_after']} (the machine is shared).", "",
-        "| capture | loss | median step (s) | tokens/s | timed steps |", "|---|---|---|---|---|",
+        f"{m['load_average_before']}, after {m['load_average_after']} (the machine is shared).",
+        "",
+        "| capture | loss | median step (s) | tokens/s | timed steps |",
+        "|---|---|---|---|---|",
     ]
     for key, value in r.items():
         capture, kind = key.split("/")
-        lines.append(f"| {capture} | {kind} | {value['median_step_s']} | {value['tokens_per_s']} | {value['timed_steps']} |")
+        lines.append(
+            f"| {capture} | {kind} | {value['median_step_s']} | {value['tokens_per_s']} | {value['timed_steps']} |"
+        )
     c = report["offline_cache"]
     lines += [
         "",
@@ -156,12 +194,16 @@ def markdown(report: dict) -> str:
         "and backward over the unrolled steps, its draft-vocabulary head, and the target's full-vocabulary "
         "lm_head that rebuilds the target logits from the cached hidden state. 3x needs a target forward that "
         "costs twice the drafter's whole training step per token (a multi-billion-parameter target with a "
-        "one-layer EAGLE-3 head); the smaller the target, the closer the ratio gets to 1.", ""]
+        "one-layer EAGLE-3 head); the smaller the target, the closer the ratio gets to 1.",
+        "",
+    ]
     if max(m["load_average_before"][0], m["load_average_after"][0]) > m["cpus"]:
         lines += [
             f"Caveat: the load average exceeded the {m['cpus']} CPUs during the run (other jobs shared the machine), "
             "so step times are dominated by CPU contention and the ratios above are noisy (tens of percent); "
-            "rerun on an idle machine for numbers to compare against the targets.", ""]
+            "rerun on an idle machine for numbers to compare against the targets.",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -53,7 +53,9 @@ def one_length(length: int, num_steps: int, limit_gb: float) -> dict:
             final_hidden=torch.randn(1, t, hidden, generator=gen),
             aux_hidden=torch.randn(1, t, 3 * hidden, generator=gen),
             aux_layer_ids=tuple(drafter.aux_layer_ids_needed()),
-            lm_head_weight=target.lm_head_weight, embed_weight=target.embed_weight)
+            lm_head_weight=target.lm_head_weight,
+            embed_weight=target.embed_weight,
+        )
         loss_mask = torch.ones(1, t, dtype=torch.bool)
         loss_mask[:, : t // 8] = False  # a prompt
         return states, loss_mask
@@ -61,8 +63,15 @@ def one_length(length: int, num_steps: int, limit_gb: float) -> dict:
     def step(t: int) -> None:
         states, loss_mask = states_of(t)
         shared = SharedTargetLogits(states, loss_mask)
-        out = multi_step_loss(drafter.training_steps(shared, num_steps), shared, kind="lambda", eta=3.0, gamma=0.8,
-                              draft_to_target=drafter.draft_to_target, loss_mask=loss_mask)
+        out = multi_step_loss(
+            drafter.training_steps(shared, num_steps),
+            shared,
+            kind="lambda",
+            eta=3.0,
+            gamma=0.8,
+            draft_to_target=drafter.draft_to_target,
+            loss_mask=loss_mask,
+        )
         out["loss"].backward()
         drafter.zero_grad(set_to_none=True)
 
@@ -73,8 +82,14 @@ def one_length(length: int, num_steps: int, limit_gb: float) -> dict:
     peak = _measure_allocated_peak(lambda: step(length))
     with open("/proc/self/status") as status:
         hwm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
-    return {"length": length, "peak_bytes": peak, "rss_hwm_bytes": hwm, "step_seconds": seconds,
-            "threads": torch.get_num_threads(), "estimated_step_bytes": estimated_step_bytes(length, num_steps)}
+    return {
+        "length": length,
+        "peak_bytes": peak,
+        "rss_hwm_bytes": hwm,
+        "step_seconds": seconds,
+        "threads": torch.get_num_threads(),
+        "estimated_step_bytes": estimated_step_bytes(length, num_steps),
+    }
 
 
 def estimated_step_bytes(length: int, num_steps: int) -> int | None:
@@ -86,11 +101,20 @@ def estimated_step_bytes(length: int, num_steps: int) -> int | None:
     from training.config import load_config
     from training.memory import estimate_memory
 
-    config = load_config(overrides={"model.architecture": "eagle3", "model.draft_vocab_size": DRAFT_VOCAB,
-                                    "data.max_length": length, "training.batch_size": 1,
-                                    "loss.num_steps": num_steps, "training.device": "cpu"})[0]
+    config = load_config(
+        overrides={
+            "model.architecture": "eagle3",
+            "model.draft_vocab_size": DRAFT_VOCAB,
+            "data.max_length": length,
+            "training.batch_size": 1,
+            "loss.num_steps": num_steps,
+            "training.device": "cpu",
+        }
+    )[0]
     parts = estimate_memory(config, resolve_target(None), "cpu").parts
-    return sum(size for name, size in parts.items() if not name.startswith(("drafter weights", "target weights")))
+    return sum(
+        size for name, size in parts.items() if not name.startswith(("drafter weights", "target weights"))
+    )
 
 
 def write_page(document: dict) -> None:
@@ -98,17 +122,28 @@ def write_page(document: dict) -> None:
 
     labels = list(document["runs"])
     lengths = sorted({r["length"] for run in document["runs"].values() for r in run["rows"]})
-    lines = [f"# EAGLE-3 training step: memory and time against sequence length ({document['hardware']})", "",
-             "One training step of the default target's EAGLE-3 drafter (batch 1, K = "
-             f"{document['num_steps']} unrolled steps, draft vocabulary {DRAFT_VOCAB}, LK^lambda), the trainer's own "
-             "code on synthetic target states. Peak = live PyTorch tensors at their peak (the allocator's "
-             "accounting); RSS = the process's resident-set high-water mark (model and libraries included).", ""]
+    lines = [
+        f"# EAGLE-3 training step: memory and time against sequence length ({document['hardware']})",
+        "",
+        "One training step of the default target's EAGLE-3 drafter (batch 1, K = "
+        f"{document['num_steps']} unrolled steps, draft vocabulary {DRAFT_VOCAB}, LK^lambda), the trainer's own "
+        "code on synthetic target states. Peak = live PyTorch tensors at their peak (the allocator's "
+        "accounting); RSS = the process's resident-set high-water mark (model and libraries included).",
+        "",
+    ]
     for label in labels:
         run = document["runs"][label]
-        lines.append(f"- **{label}**: `{run['command']}` ({run['created']}, commit {run['commit']}, "
-                     f"{run['threads']} threads)")
-    lines += ["", "| T | " + " | ".join(f"{label} peak GB | {label} RSS GB | {label} step s" for label in labels)
-              + " | --dry-run estimate GB |", "|---|" + "---|---|---|" * len(labels) + "---|"]
+        lines.append(
+            f"- **{label}**: `{run['command']}` ({run['created']}, commit {run['commit']}, "
+            f"{run['threads']} threads)"
+        )
+    lines += [
+        "",
+        "| T | "
+        + " | ".join(f"{label} peak GB | {label} RSS GB | {label} step s" for label in labels)
+        + " | --dry-run estimate GB |",
+        "|---|" + "---|---|---|" * len(labels) + "---|",
+    ]
     for length in lengths:
         cells = []
         for label in labels:
@@ -118,18 +153,27 @@ def write_page(document: dict) -> None:
             elif "error" in row:
                 cells += [row["error"], "", ""]
             else:
-                cells += [f"{row['peak_bytes'] / 1e9:.2f}", f"{row['rss_hwm_bytes'] / 1e9:.2f}",
-                          f"{row['step_seconds']:.1f}"]
-        estimates = [r.get("estimated_step_bytes") for run in document["runs"].values() for r in run["rows"]
-                     if r["length"] == length and r.get("estimated_step_bytes")]
+                cells += [
+                    f"{row['peak_bytes'] / 1e9:.2f}",
+                    f"{row['rss_hwm_bytes'] / 1e9:.2f}",
+                    f"{row['step_seconds']:.1f}",
+                ]
+        estimates = [
+            r.get("estimated_step_bytes")
+            for run in document["runs"].values()
+            for r in run["rows"]
+            if r["length"] == length and r.get("estimated_step_bytes")
+        ]
         cells.append(f"{estimates[-1] / 1e9:.2f}" if estimates else "-")
         lines.append(f"| {length} | " + " | ".join(cells) + " |")
     lines.append("")
     for label in labels:
         rows = {r["length"]: r for r in document["runs"][label]["rows"] if "error" not in r}
         if 1024 in rows and 8192 in rows:
-            lines.append(f"- {label}: peak(8192) / peak(1024) = "
-                         f"{rows[8192]['peak_bytes'] / rows[1024]['peak_bytes']:.2f} (target <= 10)")
+            lines.append(
+                f"- {label}: peak(8192) / peak(1024) = "
+                f"{rows[8192]['peak_bytes'] / rows[1024]['peak_bytes']:.2f} (target <= 10)"
+            )
     lines += ["", document.get("commentary", ""), ""]
     write_atomic(OUTPUT.with_suffix(".md"), "\n".join(lines))
     write_atomic(OUTPUT.with_suffix(".json"), json.dumps(document, indent=1) + "\n")
@@ -140,7 +184,9 @@ def main() -> int:
     parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
     parser.add_argument("--num-steps", type=int, default=6)
     parser.add_argument("--label", default="after", help="the name of this run's columns (default 'after')")
-    parser.add_argument("--limit-gb", type=float, default=20.0, help="address-space cap per length (default 20)")
+    parser.add_argument(
+        "--limit-gb", type=float, default=20.0, help="address-space cap per length (default 20)"
+    )
     parser.add_argument("--render", action="store_true", help="rewrite the .md from the .json")
     parser.add_argument("--commentary", default=None, metavar="FILE", help="markdown to put under the table")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
@@ -160,23 +206,47 @@ def main() -> int:
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
         print(f"[ttt-memory] T={length}", file=sys.stderr, flush=True)
-        done = subprocess.run([sys.executable, __file__, "--one", str(length), "--num-steps", str(args.num_steps),
-                               "--limit-gb", str(args.limit_gb)], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                str(length),
+                "--num-steps",
+                str(args.num_steps),
+                "--limit-gb",
+                str(args.limit_gb),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode == 0:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         else:
             text = done.stderr.lower()
-            oom = any(m in text for m in ("memoryerror", "out of memory", "can't allocate")) or done.returncode < 0
-            rows.append({"length": length, "error": f"does not fit in {args.limit_gb:g} GB" if oom
-                         else f"failed (exit {done.returncode})"})
+            oom = (
+                any(m in text for m in ("memoryerror", "out of memory", "can't allocate"))
+                or done.returncode < 0
+            )
+            rows.append(
+                {
+                    "length": length,
+                    "error": f"does not fit in {args.limit_gb:g} GB"
+                    if oom
+                    else f"failed (exit {done.returncode})",
+                }
+            )
             print(done.stderr[-2000:], file=sys.stderr)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     command = "python benchmarks/bench_ttt_memory.py " + " ".join(sys.argv[1:])
     document.update(hardware=hardware_id(), num_steps=args.num_steps)
     document["runs"][args.label] = {
-        "command": command.strip(), "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": commit.stdout.strip(), "threads": next((r["threads"] for r in rows if "threads" in r), None),
-        "rows": rows}
+        "command": command.strip(),
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": commit.stdout.strip(),
+        "threads": next((r["threads"] for r in rows if "threads" in r), None),
+        "rows": rows,
+    }
     write_page(document)
     print(f"[ttt-memory] wrote {OUTPUT}.md", file=sys.stderr)
     return 0

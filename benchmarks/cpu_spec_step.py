@@ -102,11 +102,16 @@ def sweep_skipped() -> list[str]:
     """The settings not tried here, and why."""
     from lk_vllm.engine import cpu_has_native_bf16
 
-    skipped = [f"{name}: not installed on this machine" for name, pattern in ALLOCATORS.items()
-               if not _system_library(pattern)]
+    skipped = [
+        f"{name}: not installed on this machine"
+        for name, pattern in ALLOCATORS.items()
+        if not _system_library(pattern)
+    ]
     if not cpu_has_native_bf16():
-        skipped.append("bfloat16: this CPU has no native bf16 math (no avx512_bf16 / amx_bf16), so lk-vllm "
-                       "refuses it (vLLM would emulate it)")
+        skipped.append(
+            "bfloat16: this CPU has no native bf16 math (no avx512_bf16 / amx_bf16), so lk-vllm "
+            "refuses it (vLLM would emulate it)"
+        )
     return skipped
 
 
@@ -178,9 +183,25 @@ def start_sampler(raw_path: str) -> subprocess.Popen:
     import shutil
 
     binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    sampler = subprocess.Popen([binary, "record", "--pid", str(os.getpid()), "--subprocesses", "--nonblocking",
-                                "--format", "raw", "--rate", str(PYSPY_RATE), "--output", raw_path],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sampler = subprocess.Popen(
+        [
+            binary,
+            "record",
+            "--pid",
+            str(os.getpid()),
+            "--subprocesses",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--rate",
+            str(PYSPY_RATE),
+            "--output",
+            raw_path,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(3)  # py-spy attaches to every process of the tree
     if sampler.poll() is not None:
         raise SystemExit(f"py-spy did not start: {sampler.stderr.read().strip()}")
@@ -202,7 +223,9 @@ def run_one(args: argparse.Namespace) -> dict:
     from lk_vllm.engine import EngineSettings, make_llm, read_spec_decode_counters, shutdown_llm
 
     spec = speculative_config(args.one_engine, args.eagle3)
-    llm = make_llm(EngineSettings(model=args.target, max_num_seqs=1, speculative_config=spec, dtype=args.dtype))
+    llm = make_llm(
+        EngineSettings(model=args.target, max_num_seqs=1, speculative_config=spec, dtype=args.dtype)
+    )
     totals: dict = collections.defaultdict(float)
     counts: collections.Counter = collections.Counter()
     if args.phases:
@@ -226,7 +249,10 @@ def run_one(args: argparse.Namespace) -> dict:
             finished = engine.step()
             seconds = time.perf_counter() - start
             wall += seconds
-            before, drafts = drafts, read_spec_decode_counters(llm)["num_drafts"]  # read between steps, untimed
+            before, drafts = (
+                drafts,
+                read_spec_decode_counters(llm)["num_drafts"],
+            )  # read between steps, untimed
             verified = drafts > before
             (prefill if first else verify if verified else plain).append(seconds)
             first = False
@@ -240,28 +266,51 @@ def run_one(args: argparse.Namespace) -> dict:
     shutdown_llm(llm)
     decode_steps = len(plain) + len(verify)
     result = {
-        "layout": args.one_layout, "engine": args.one_engine, "speculative_config": spec,
-        "output_tokens": tokens, "seconds": wall, "tokens_per_second": tokens / wall,
-        "decode_steps": decode_steps, "prefill_steps": len(prefill),
+        "layout": args.one_layout,
+        "engine": args.one_engine,
+        "speculative_config": spec,
+        "output_tokens": tokens,
+        "seconds": wall,
+        "tokens_per_second": tokens / wall,
+        "decode_steps": decode_steps,
+        "prefill_steps": len(prefill),
         "tokens_per_decode_step": (tokens - len(prefill)) / decode_steps if decode_steps else None,
         "plain_step_ms": 1e3 * statistics.median(plain) if plain else None,
         "verify_step_ms": 1e3 * statistics.median(verify) if verify else None,
         "verify_steps": len(verify),
-        "acceptance_length": (1 + counters["num_accepted_tokens"] / counters["num_drafts"]
-                              if counters["num_drafts"] else None),
+        "acceptance_length": (
+            1 + counters["num_accepted_tokens"] / counters["num_drafts"] if counters["num_drafts"] else None
+        ),
         "token_ids": outputs,
     }
     if args.phases:
-        result["phases_ms_per_step"] = {label: 1e3 * totals[label] / (decode_steps + len(prefill))
-                                        for label in totals}
+        result["phases_ms_per_step"] = {
+            label: 1e3 * totals[label] / (decode_steps + len(prefill)) for label in totals
+        }
         result["step_ms_mean"] = 1e3 * wall / (decode_steps + len(prefill))
     return result
 
 
-def spawn(args: argparse.Namespace, layout: str, engine: str, phases: bool = False, variant: str | None = None,
-          ) -> dict:
-    argv = [sys.executable, __file__, "--one", layout, engine, "--limit", str(args.limit),
-            "--max-tokens", str(args.max_tokens), "--target", args.target]
+def spawn(
+    args: argparse.Namespace,
+    layout: str,
+    engine: str,
+    phases: bool = False,
+    variant: str | None = None,
+) -> dict:
+    argv = [
+        sys.executable,
+        __file__,
+        "--one",
+        layout,
+        engine,
+        "--limit",
+        str(args.limit),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--target",
+        args.target,
+    ]
     if args.eagle3:
         argv += ["--eagle3", args.eagle3]
     if phases:
@@ -274,12 +323,17 @@ def spawn(args: argparse.Namespace, layout: str, engine: str, phases: bool = Fal
     done_runs = _partial(args)
     if key in done_runs:
         return done_runs[key]
-    print(f"[cpu-spec-step] {layout} / {engine}{' (phases)' if phases else ''}{f' ({variant})' if variant else ''}",
-          file=sys.stderr, flush=True)
+    print(
+        f"[cpu-spec-step] {layout} / {engine}{' (phases)' if phases else ''}{f' ({variant})' if variant else ''}",
+        file=sys.stderr,
+        flush=True,
+    )
     done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"cpu_spec_step: {layout}/{engine} failed (exit {done.returncode}); rerun it alone: "
-                         + " ".join(argv))
+        raise SystemExit(
+            f"cpu_spec_step: {layout}/{engine} failed (exit {done.returncode}); rerun it alone: "
+            + " ".join(argv)
+        )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["variant"] = variant
     with open(_partial_path(args), "a") as partial:  # a killed run resumes from here
@@ -312,15 +366,28 @@ def summarise(runs: list[dict], phase_runs: list[dict], sweep_runs: list[dict]) 
         row["verify_step_cost"] = cost  # verify step / plain decode step of the same layout
         row["same_tokens_as_no_speculation"] = run["token_ids"] == base["token_ids"]
         rows.append(row)
-    phases = [{"engine": r["engine"], "step_ms_mean": r["step_ms_mean"],
-               "phases_ms_per_step": r["phases_ms_per_step"]} for r in phase_runs]
+    phases = [
+        {
+            "engine": r["engine"],
+            "step_ms_mean": r["step_ms_mean"],
+            "phases_ms_per_step": r["phases_ms_per_step"],
+        }
+        for r in phase_runs
+    ]
     sweep = []
     for run in [by[("in-process", e)] | {"variant": "lk-vllm defaults"} for e in SWEEP_ENGINES] + sweep_runs:
         default = by[("in-process", run["engine"])]
-        sweep.append({"variant": run["variant"], "engine": run["engine"], "tokens_per_second": run["tokens_per_second"],
-                      "vs_defaults": run["tokens_per_second"] / default["tokens_per_second"],
-                      "plain_step_ms": run["plain_step_ms"], "verify_step_ms": run["verify_step_ms"],
-                      "same_tokens_as_defaults": run["token_ids"] == default["token_ids"]})
+        sweep.append(
+            {
+                "variant": run["variant"],
+                "engine": run["engine"],
+                "tokens_per_second": run["tokens_per_second"],
+                "vs_defaults": run["tokens_per_second"] / default["tokens_per_second"],
+                "plain_step_ms": run["plain_step_ms"],
+                "verify_step_ms": run["verify_step_ms"],
+                "same_tokens_as_defaults": run["token_ids"] == default["token_ids"],
+            }
+        )
     return {"rows": rows, "phases": phases, "sweep": sweep}
 
 
@@ -333,45 +400,65 @@ def write_page(document: dict, out: Path) -> None:
     from lk_vllm.atomic import write_atomic
 
     rows = document["rows"]
-    lines = [f"# CPU speculative step cost ({document['hardware']})", "",
-             f"`{document['command']}` ({document['created']}, vLLM {document['vllm_version']}). Batch 1, T=0, "
-             f"{document['settings']['limit']} MT-Bench prompts, {document['settings']['max_tokens']} tokens "
-             "each, one engine at a time. Step times are medians of `LLMEngine.step` in the caller (IPC "
-             "included); verify step = a step that checked a draft; cost = verify step / plain decode step of "
-             "the same layout.", "",
-             "| layout | engine | tokens/s | speedup | vs vLLM layout, no spec | plain step ms | verify step ms | "
-             "verify cost | tokens / step | acceptance length | verify steps | same tokens |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# CPU speculative step cost ({document['hardware']})",
+        "",
+        f"`{document['command']}` ({document['created']}, vLLM {document['vllm_version']}). Batch 1, T=0, "
+        f"{document['settings']['limit']} MT-Bench prompts, {document['settings']['max_tokens']} tokens "
+        "each, one engine at a time. Step times are medians of `LLMEngine.step` in the caller (IPC "
+        "included); verify step = a step that checked a draft; cost = verify step / plain decode step of "
+        "the same layout.",
+        "",
+        "| layout | engine | tokens/s | speedup | vs vLLM layout, no spec | plain step ms | verify step ms | "
+        "verify cost | tokens / step | acceptance length | verify steps | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     for r in rows:
         step = r["plain_step_ms"] if r["engine"] == "none" else r["plain_decode_step_ms"]
-        lines.append(f"| {r['layout']} | {r['engine']} | {num(r['tokens_per_second'], 1)} | {num(r['speedup'])}x | "
-                     f"{num(r['vs_worker_process_plain'])}x | {num(step, 1)} | {num(r['verify_step_ms'], 1)} | "
-                     f"{num(r['verify_step_cost'])} | {num(r['tokens_per_decode_step'])} | "
-                     f"{num(r['acceptance_length'])} | {r['verify_steps']}/{r['decode_steps']} | "
-                     f"{'yes' if r['same_tokens_as_no_speculation'] else 'NO'} |")
+        lines.append(
+            f"| {r['layout']} | {r['engine']} | {num(r['tokens_per_second'], 1)} | {num(r['speedup'])}x | "
+            f"{num(r['vs_worker_process_plain'])}x | {num(step, 1)} | {num(r['verify_step_ms'], 1)} | "
+            f"{num(r['verify_step_cost'])} | {num(r['tokens_per_decode_step'])} | "
+            f"{num(r['acceptance_length'])} | {r['verify_steps']}/{r['decode_steps']} | "
+            f"{'yes' if r['same_tokens_as_no_speculation'] else 'NO'} |"
+        )
     if document["phases"]:
         labels = list(dict.fromkeys(k for p in document["phases"] for k in p["phases_ms_per_step"]))
-        lines += ["", "## Per-phase profile (single-process layout, ms per engine step, mean)", "",
-                  "| phase | " + " | ".join(p["engine"] for p in document["phases"]) + " |",
-                  "|---|" + "---|" * len(document["phases"])]
+        lines += [
+            "",
+            "## Per-phase profile (single-process layout, ms per engine step, mean)",
+            "",
+            "| phase | " + " | ".join(p["engine"] for p in document["phases"]) + " |",
+            "|---|" + "---|" * len(document["phases"]),
+        ]
         phases = [label for label in labels if " / " not in label]
         for phase in phases + ["outside phases"]:
             layers = [label for label in labels if label.startswith(phase + " / ")]
             for label in ([phase] if phase in phases else []) + layers:
                 name = label if label == phase else "&nbsp;&nbsp;" + label.split(" / ", 1)[1]
-                lines.append(f"| {name} | " + " | ".join(num(p["phases_ms_per_step"].get(label))
-                                                        for p in document["phases"]) + " |")
-        lines.append("| whole step (caller) | " + " | ".join(num(p["step_ms_mean"]) for p in document["phases"])
-                     + " |")
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(num(p["phases_ms_per_step"].get(label)) for p in document["phases"])
+                    + " |"
+                )
+        lines.append(
+            "| whole step (caller) | " + " | ".join(num(p["step_ms_mean"]) for p in document["phases"]) + " |"
+        )
     if document.get("sweep"):
-        lines += ["", "## Engine settings against lk-vllm's defaults (in-process layout, same run)", "",
-                  "| setting | engine | tokens/s | vs defaults | plain step ms | verify step ms | same tokens |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Engine settings against lk-vllm's defaults (in-process layout, same run)",
+            "",
+            "| setting | engine | tokens/s | vs defaults | plain step ms | verify step ms | same tokens |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in document["sweep"]:
-            lines.append(f"| {r['variant']} | {r['engine']} | {num(r['tokens_per_second'], 1)} | "
-                         f"{num(r['vs_defaults'])}x | {num(r['plain_step_ms'], 1)} | {num(r['verify_step_ms'], 1)} | "
-                         f"{'yes' if r['same_tokens_as_defaults'] else 'NO'} |")
+            lines.append(
+                f"| {r['variant']} | {r['engine']} | {num(r['tokens_per_second'], 1)} | "
+                f"{num(r['vs_defaults'])}x | {num(r['plain_step_ms'], 1)} | {num(r['verify_step_ms'], 1)} | "
+                f"{'yes' if r['same_tokens_as_defaults'] else 'NO'} |"
+            )
         lines += [""] + [f"- not tried: {reason}" for reason in document.get("sweep_skipped", [])]
     lines += ["", document.get("commentary", ""), ""]
     write_atomic(out.with_suffix(".md"), "\n".join(lines))
@@ -385,8 +472,12 @@ def write_page(document: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for layout, marker in zip(LAYOUTS, "osD", strict=True):
         points = [r for r in rows if r["layout"] == layout and r["engine"] != "none"]
-        ax.scatter([r["tokens_per_decode_step"] for r in points], [r["speedup"] for r in points], marker=marker,
-                   label=layout)
+        ax.scatter(
+            [r["tokens_per_decode_step"] for r in points],
+            [r["speedup"] for r in points],
+            marker=marker,
+            label=layout,
+        )
         for r in points:
             ax.annotate(r["engine"], (r["tokens_per_decode_step"], r["speedup"]), fontsize=8)
     top = max([r["tokens_per_decode_step"] for r in rows] + [2.0]) * 1.1
@@ -409,8 +500,11 @@ def main() -> int:
     parser.add_argument("--eagle3", default=None, help="an EAGLE-3 drafter directory (default: a fresh one)")
     parser.add_argument("--layout", action="append", choices=list(LAYOUTS), default=None)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "cpu-spec-step"))
-    parser.add_argument("--render", action="store_true",
-                        help="rewrite the .md and .png from the existing .json (with --commentary: add it)")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="rewrite the .md and .png from the existing .json (with --commentary: add it)",
+    )
     parser.add_argument("--commentary", default=None, metavar="FILE", help="markdown to put under the tables")
     parser.add_argument("--one", nargs=2, metavar=("LAYOUT", "ENGINE"), help=argparse.SUPPRESS)
     parser.add_argument("--phases", action="store_true", help=argparse.SUPPRESS)
@@ -437,14 +531,32 @@ def main() -> int:
     layouts = args.layout or list(LAYOUTS)
     runs = [spawn(args, layout, engine) for layout in layouts for engine in ENGINES]
     phase_runs = [spawn(args, "single-process", engine, phases=True) for engine in ENGINES]
-    sweep_runs = [spawn(args, "in-process", engine, variant=variant) for variant in sweep_variants()
-                  for engine in SWEEP_ENGINES] if "in-process" in layouts else []
+    sweep_runs = (
+        [
+            spawn(args, "in-process", engine, variant=variant)
+            for variant in sweep_variants()
+            for engine in SWEEP_ENGINES
+        ]
+        if "in-process" in layouts
+        else []
+    )
     command = "python benchmarks/cpu_spec_step.py " + " ".join(sys.argv[1:])
-    document = {"name": "cpu-spec-step", "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "command": command.strip(), "hardware": hardware_id(), "vllm_version": vllm_version(),
-                "settings": {"limit": args.limit, "max_tokens": args.max_tokens, "target": args.target,
-                             "eagle3": args.eagle3, "layouts": layouts},
-                "sweep_skipped": sweep_skipped(), **summarise(runs, phase_runs, sweep_runs)}
+    document = {
+        "name": "cpu-spec-step",
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": command.strip(),
+        "hardware": hardware_id(),
+        "vllm_version": vllm_version(),
+        "settings": {
+            "limit": args.limit,
+            "max_tokens": args.max_tokens,
+            "target": args.target,
+            "eagle3": args.eagle3,
+            "layouts": layouts,
+        },
+        "sweep_skipped": sweep_skipped(),
+        **summarise(runs, phase_runs, sweep_runs),
+    }
     write_page(document, Path(args.output))
     _partial_path(args).unlink(missing_ok=True)
     print(f"[cpu-spec-step] wrote {args.output}.md", file=sys.stderr)

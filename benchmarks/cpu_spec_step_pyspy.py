@@ -42,8 +42,21 @@ RULES = (
     ("runner: other", ("model_runner.py",)),
     ("scheduler", ("core/sched/",)),
     ("output processing / detokenise", ("output_processor", "detokenizer", "logprobs")),
-    ("IPC / serialisation / queues", ("serial_utils", "msgspec", "msgpack", "zmq", "shm_", "process_input_sockets",
-                                      "process_output_sockets", "get_output", "queue.py", "_process_input_queue")),
+    (
+        "IPC / serialisation / queues",
+        (
+            "serial_utils",
+            "msgspec",
+            "msgpack",
+            "zmq",
+            "shm_",
+            "process_input_sockets",
+            "process_output_sockets",
+            "get_output",
+            "queue.py",
+            "_process_input_queue",
+        ),
+    ),
     ("engine step loop", ("engine/core.py", "llm_engine.py", "core_client.py")),
 )
 OTHER = "other"
@@ -67,7 +80,9 @@ def parse_raw(path: Path) -> dict[str, dict]:
         # --subprocesses: the caller's "process PID:cmdline" frame, then the child's for the EngineCore's samples
         role = "EngineCore" if len(frames) > 1 and frames[1].startswith("process ") else "caller"
         frames = [f for f in frames if not f.startswith("process ")]
-        entry = roles.setdefault(role, {"phases": collections.Counter(), "other_leaves": collections.Counter()})
+        entry = roles.setdefault(
+            role, {"phases": collections.Counter(), "other_leaves": collections.Counter()}
+        )
         phase = classify(frames)
         entry["phases"][phase] += int(count)
         if phase == OTHER:
@@ -77,8 +92,19 @@ def parse_raw(path: Path) -> dict[str, dict]:
 
 def run_engine(args: argparse.Namespace, engine: str, workdir: Path) -> dict:
     raw = workdir / f"{engine}.txt"
-    argv = [sys.executable, str(ROOT / "benchmarks" / "cpu_spec_step.py"), "--one", "in-process", engine,
-            "--limit", str(args.limit), "--max-tokens", str(args.max_tokens), "--pyspy", str(raw)]
+    argv = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "cpu_spec_step.py"),
+        "--one",
+        "in-process",
+        engine,
+        "--limit",
+        str(args.limit),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--pyspy",
+        str(raw),
+    ]
     if args.target:
         argv += ["--target", args.target]
     if engine == "eagle3":
@@ -93,23 +119,38 @@ def run_engine(args: argparse.Namespace, engine: str, workdir: Path) -> dict:
     steps = result["decode_steps"] + result["prefill_steps"]
     processes = {}
     for role, entry in parse_raw(raw).items():
-        phases = {phase: 1e3 * samples / PYSPY_RATE / steps for phase, samples in entry["phases"].most_common()}
-        processes[role] = {"ms_per_step": phases, "total_ms_per_step": sum(phases.values()),
-                           "other_leaves": [[leaf, samples] for leaf, samples in entry["other_leaves"].most_common(8)]}
-    return {"engine": engine, "run": result, "processes": processes,
-            "step_ms_mean": 1e3 * result["seconds"] / steps}
+        phases = {
+            phase: 1e3 * samples / PYSPY_RATE / steps for phase, samples in entry["phases"].most_common()
+        }
+        processes[role] = {
+            "ms_per_step": phases,
+            "total_ms_per_step": sum(phases.values()),
+            "other_leaves": [[leaf, samples] for leaf, samples in entry["other_leaves"].most_common(8)],
+        }
+    return {
+        "engine": engine,
+        "run": result,
+        "processes": processes,
+        "step_ms_mean": 1e3 * result["seconds"] / steps,
+    }
 
 
 def write_page(document: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
     engines = [r["engine"] for r in document["runs"]]
-    lines = [f"# Batch-1 step on CPU, both processes, sampled by py-spy ({document['hardware']})", "",
-             f"`{document['command']}` ({document['created']}, vLLM {document['vllm_version']}). "
-             f"{document['settings']['limit']} MT-Bench prompts, {document['settings']['max_tokens']} tokens each, "
-             "T=0, in-process layout; EAGLE-3 drafter: " + f"`{document['settings']['eagle3']}`.", "",
-             "Method: the module docstring of `benchmarks/cpu_spec_step_pyspy.py`. CPU milliseconds per engine "
-             "step by phase and process (a process busy-waiting is on a core, so it counts).", "",
-             "| engine | tokens/s | step ms (wall, caller) | acceptance length |", "|---|---|---|---|"]
+    lines = [
+        f"# Batch-1 step on CPU, both processes, sampled by py-spy ({document['hardware']})",
+        "",
+        f"`{document['command']}` ({document['created']}, vLLM {document['vllm_version']}). "
+        f"{document['settings']['limit']} MT-Bench prompts, {document['settings']['max_tokens']} tokens each, "
+        "T=0, in-process layout; EAGLE-3 drafter: " + f"`{document['settings']['eagle3']}`.",
+        "",
+        "Method: the module docstring of `benchmarks/cpu_spec_step_pyspy.py`. CPU milliseconds per engine "
+        "step by phase and process (a process busy-waiting is on a core, so it counts).",
+        "",
+        "| engine | tokens/s | step ms (wall, caller) | acceptance length |",
+        "|---|---|---|---|",
+    ]
     for run in document["runs"]:
         r = run["run"]
         al = f"{r['acceptance_length']:.2f}" if r.get("acceptance_length") else "-"
@@ -120,13 +161,22 @@ def write_page(document: dict, out: Path) -> None:
             for phase in run["processes"].get(role, {}).get("ms_per_step", {}):
                 if phase not in phases:
                     phases.append(phase)
-        lines += ["", f"## {role} process: CPU ms per engine step", "", "| phase | " + " | ".join(engines) + " |",
-                  "|---|" + "---|" * len(engines)]
+        lines += [
+            "",
+            f"## {role} process: CPU ms per engine step",
+            "",
+            "| phase | " + " | ".join(engines) + " |",
+            "|---|" + "---|" * len(engines),
+        ]
         for phase in phases:
-            cells = [run["processes"].get(role, {}).get("ms_per_step", {}).get(phase) for run in document["runs"]]
+            cells = [
+                run["processes"].get(role, {}).get("ms_per_step", {}).get(phase) for run in document["runs"]
+            ]
             lines.append(f"| {phase} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
         totals = [run["processes"].get(role, {}).get("total_ms_per_step") for run in document["runs"]]
-        lines.append("| **total sampled** | " + " | ".join("-" if t is None else f"**{t:.1f}**" for t in totals) + " |")
+        lines.append(
+            "| **total sampled** | " + " | ".join("-" if t is None else f"**{t:.1f}**" for t in totals) + " |"
+        )
     lines += ["", "## Unclassified samples (top leaf frames)", ""]
     for run in document["runs"]:
         for role, process in run["processes"].items():
@@ -143,9 +193,13 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--target", default=None)
-    parser.add_argument("--eagle3", default=None, help="an EAGLE-3 drafter directory (default: the default drafter)")
+    parser.add_argument(
+        "--eagle3", default=None, help="an EAGLE-3 drafter directory (default: the default drafter)"
+    )
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "cpu-spec-step-pyspy"))
-    parser.add_argument("--render", action="store_true", help="rewrite the .md from the .json (with --commentary)")
+    parser.add_argument(
+        "--render", action="store_true", help="rewrite the .md from the .json (with --commentary)"
+    )
     parser.add_argument("--commentary", default=None, metavar="FILE")
     args = parser.parse_args()
     out = Path(args.output)
@@ -162,11 +216,20 @@ def main() -> int:
     args.eagle3 = args.eagle3 or str(default_drafter_dir())
     with tempfile.TemporaryDirectory(prefix="pyspy-") as workdir:
         runs = [run_engine(args, engine, Path(workdir)) for engine in ENGINES]
-    document = {"name": "cpu-spec-step-pyspy", "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "command": ("python benchmarks/cpu_spec_step_pyspy.py " + " ".join(sys.argv[1:])).strip(),
-                "hardware": hardware_id(), "vllm_version": vllm_version(),
-                "settings": {"limit": args.limit, "max_tokens": args.max_tokens, "eagle3": args.eagle3,
-                             "rate_hz": PYSPY_RATE}, "runs": runs}
+    document = {
+        "name": "cpu-spec-step-pyspy",
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": ("python benchmarks/cpu_spec_step_pyspy.py " + " ".join(sys.argv[1:])).strip(),
+        "hardware": hardware_id(),
+        "vllm_version": vllm_version(),
+        "settings": {
+            "limit": args.limit,
+            "max_tokens": args.max_tokens,
+            "eagle3": args.eagle3,
+            "rate_hz": PYSPY_RATE,
+        },
+        "runs": runs,
+    }
     write_page(document, out)
     print(out.with_suffix(".md").read_text())
     return 0

@@ -29,7 +29,9 @@ DEFAULT_SIZES = (2048, 4096, 8192, 16384, 32768)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="smollm2-eagle3")
-    parser.add_argument("--size", type=int, action="append", default=None, help="draft vocabulary size (repeatable)")
+    parser.add_argument(
+        "--size", type=int, action="append", default=None, help="draft vocabulary size (repeatable)"
+    )
     parser.add_argument("--out", default="benchmarks/results/draft-vocab")
     args = parser.parse_args()
 
@@ -55,7 +57,7 @@ def main() -> int:
     next_tokens, argmax, probabilities = [], [], []
     with torch.no_grad():
         for start in range(0, len(heldout_indices), 8):
-            batch = collate(samples, heldout_indices[start:start + 8])
+            batch = collate(samples, heldout_indices[start : start + 8])
             states = target(batch.input_ids, batch.attention_mask)
             wanted = torch.zeros_like(batch.loss_mask)
             wanted[:, :-1] = batch.loss_mask[:, 1:]
@@ -73,25 +75,41 @@ def main() -> int:
         ids = build_draft_vocab(responses, target.vocab_size, size, target.tokenizer)
         inside = torch.zeros(target.vocab_size, dtype=torch.bool)
         inside[ids] = True
-        rows.append({"size": size, "token": round(float(inside[next_tokens].float().mean()), 4),
-                     "greedy": round(float(inside[argmax].float().mean()), 4),
-                     "mass": round(float(probabilities[:, inside].sum(-1).mean()), 4)})
+        rows.append(
+            {
+                "size": size,
+                "token": round(float(inside[next_tokens].float().mean()), 4),
+                "greedy": round(float(inside[argmax].float().mean()), 4),
+                "mass": round(float(probabilities[:, inside].sum(-1).mean()), 4),
+            }
+        )
         print(f"[coverage] {rows[-1]}", file=sys.stderr, flush=True)
-    report = {"command": f"python benchmarks/draft_vocab_coverage.py --recipe {args.recipe} "
-                         + " ".join(f"--size {r['size']}" for r in rows) + f" --out {args.out}",
-              "recipe": args.recipe, "target_vocab": target.vocab_size, "data": dirs,
-              "train_samples": len(train_indices), "heldout_samples": len(heldout_indices),
-              "heldout_positions": int(next_tokens.numel()), "rows": rows}
+    report = {
+        "command": f"python benchmarks/draft_vocab_coverage.py --recipe {args.recipe} "
+        + " ".join(f"--size {r['size']}" for r in rows)
+        + f" --out {args.out}",
+        "recipe": args.recipe,
+        "target_vocab": target.vocab_size,
+        "data": dirs,
+        "train_samples": len(train_indices),
+        "heldout_samples": len(heldout_indices),
+        "heldout_positions": int(next_tokens.numel()),
+        "rows": rows,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = ["# Draft vocabulary coverage (held-out responses)", "",
-             f"Command: `{report['command']}`  ",
-             f"Recipe `{args.recipe}`; target vocabulary {target.vocab_size}; vocabularies built from "
-             f"{len(train_indices)} training responses, measured at {report['heldout_positions']} held-out positions "
-             f"({len(heldout_indices)} samples).", "",
-             "| draft vocab | next token inside | target argmax inside (T=0 ceiling) | target mass inside (T=1 ceiling) |",
-             "|---|---|---|---|"]
+    lines = [
+        "# Draft vocabulary coverage (held-out responses)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Recipe `{args.recipe}`; target vocabulary {target.vocab_size}; vocabularies built from "
+        f"{len(train_indices)} training responses, measured at {report['heldout_positions']} held-out positions "
+        f"({len(heldout_indices)} samples).",
+        "",
+        "| draft vocab | next token inside | target argmax inside (T=0 ceiling) | target mass inside (T=1 ceiling) |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['size']} | {r['token']:.4f} | {r['greedy']:.4f} | {r['mass']:.4f} |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

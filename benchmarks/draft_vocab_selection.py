@@ -32,8 +32,12 @@ def measure(vocab_size: int, tokens: int) -> dict:
     from lk_vllm.vocab import auto_draft_vocab_size, count_tokens, select_draft_vocab
 
     probabilities = 1.0 / torch.arange(1, vocab_size + 1, dtype=torch.float64) ** ZIPF
-    ids = torch.multinomial(probabilities / probabilities.sum(), tokens, replacement=True,
-                            generator=torch.Generator().manual_seed(0))
+    ids = torch.multinomial(
+        probabilities / probabilities.sum(),
+        tokens,
+        replacement=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     sequences = list(ids.split(SEQUENCE))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
@@ -43,10 +47,18 @@ def measure(vocab_size: int, tokens: int) -> dict:
     sized = time.perf_counter()
     chosen = select_draft_vocab(counts, size or vocab_size)
     selected = time.perf_counter()
-    return {"vocab_size": vocab_size, "tokens": tokens, "sequences": len(sequences), "auto_size": size,
-            "auto_coverage": covered, "selected": int(chosen.numel()), "count_s": counted - started,
-            "auto_s": sized - counted, "select_s": selected - sized,
-            "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
+    return {
+        "vocab_size": vocab_size,
+        "tokens": tokens,
+        "sequences": len(sequences),
+        "auto_size": size,
+        "auto_coverage": covered,
+        "selected": int(chosen.numel()),
+        "count_s": counted - started,
+        "auto_s": sized - counted,
+        "select_s": selected - sized,
+        "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
+    }
 
 
 def main() -> int:
@@ -63,23 +75,39 @@ def main() -> int:
 
     rows = []
     for vocab_size in args.vocab or DEFAULT_VOCABS:
-        done = subprocess.run([sys.executable, __file__, "--one", str(vocab_size), "--tokens", str(args.tokens)],
-                              check=True, stdout=subprocess.PIPE, text=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--one", str(vocab_size), "--tokens", str(args.tokens)],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     command = ("python benchmarks/draft_vocab_selection.py " + " ".join(sys.argv[1:])).strip()
-    document = {"name": "draft-vocab-selection", "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "command": command, "hardware": hardware_id(), "zipf": ZIPF, "rows": rows}
+    document = {
+        "name": "draft-vocab-selection",
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": command,
+        "hardware": hardware_id(),
+        "zipf": ZIPF,
+        "rows": rows,
+    }
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
-    lines = [f"# Draft-vocabulary selection cost ({document['hardware']})", "",
-             f"`{command}` ({document['created']}): {args.tokens:,} synthetic response tokens, Zipf({ZIPF}) over "
-             f"the vocabulary, in sequences of {SEQUENCE}; method in the script's docstring.", "",
-             "| V | auto size | its coverage | count (s) | auto (ms) | select (ms) | peak RSS growth (MB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Draft-vocabulary selection cost ({document['hardware']})",
+        "",
+        f"`{command}` ({document['created']}): {args.tokens:,} synthetic response tokens, Zipf({ZIPF}) over "
+        f"the vocabulary, in sequences of {SEQUENCE}; method in the script's docstring.",
+        "",
+        "| V | auto size | its coverage | count (s) | auto (ms) | select (ms) | peak RSS growth (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['vocab_size']:,} | {r['auto_size'] or 'whole'} | {r['auto_coverage']:.1%} | "
-                     f"{r['count_s']:.2f} | {1e3 * r['auto_s']:.1f} | {1e3 * r['select_s']:.1f} | "
-                     f"{r['peak_rss_growth_mb']:.0f} |")
+        lines.append(
+            f"| {r['vocab_size']:,} | {r['auto_size'] or 'whole'} | {r['auto_coverage']:.1%} | "
+            f"{r['count_s']:.2f} | {1e3 * r['auto_s']:.1f} | {1e3 * r['select_s']:.1f} | "
+            f"{r['peak_rss_growth_mb']:.0f} |"
+        )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

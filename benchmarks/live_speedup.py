@@ -25,7 +25,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.cpu_spec_step import LAYOUTS, num  # noqa: E402
 
 
-def serve_and_send(target: str, prompts: list[list[dict]], max_tokens: int, spec: dict | None, env: dict) -> dict:
+def serve_and_send(
+    target: str, prompts: list[list[dict]], max_tokens: int, spec: dict | None, env: dict
+) -> dict:
     from serving.client import complete, request_json
     from serving.launcher import start_server
 
@@ -76,28 +78,47 @@ def main() -> int:
         stats = spec["stats"] or {}
         ab = spec["tokens_per_second"] / plain["tokens_per_second"]
         live = stats.get("speedup")
-        rows.append({"layout": layout, "ngram_tokens_per_second": spec["tokens_per_second"],
-                     "plain_tokens_per_second": plain["tokens_per_second"], "ab_speedup": ab,
-                     "live_speedup": live, "live_acceptance_length": stats.get("acceptance_length"),
-                     "live_vs_ab_percent": None if live is None else 100 * (live - ab) / ab,
-                     "baseline": stats.get("baseline")})
-    document = {"name": "live-speedup", "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "command": "python benchmarks/live_speedup.py " + " ".join(sys.argv[1:]), "hardware": hardware_id(),
-                "vllm_version": vllm_version(), "settings": {"limit": args.limit, "max_tokens": args.max_tokens,
-                                                           "speculative_config": NGRAM_CONFIG}, "rows": rows}
+        rows.append(
+            {
+                "layout": layout,
+                "ngram_tokens_per_second": spec["tokens_per_second"],
+                "plain_tokens_per_second": plain["tokens_per_second"],
+                "ab_speedup": ab,
+                "live_speedup": live,
+                "live_acceptance_length": stats.get("acceptance_length"),
+                "live_vs_ab_percent": None if live is None else 100 * (live - ab) / ab,
+                "baseline": stats.get("baseline"),
+            }
+        )
+    document = {
+        "name": "live-speedup",
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python benchmarks/live_speedup.py " + " ".join(sys.argv[1:]),
+        "hardware": hardware_id(),
+        "vllm_version": vllm_version(),
+        "settings": {"limit": args.limit, "max_tokens": args.max_tokens, "speculative_config": NGRAM_CONFIG},
+        "rows": rows,
+    }
 
-    lines = [f"# Live speed-up vs A/B through `lk-vllm serve` ({document['hardware']})", "",
-             f"`{document['command'].strip()}` ({document['created']}, vLLM {document['vllm_version']}). "
-             f"{args.limit} MT-Bench prompts at batch 1, T=0, {args.max_tokens} tokens, n-gram K=4; A/B = client "
-             "tokens/s with n-gram / without, two servers in turn; live = `/v1/speculative/stats` speedup "
-             "(against the calibrated baseline).", "",
-             "| layout | n-gram tokens/s | plain tokens/s | A/B speedup | live speedup | live vs A/B | "
-             "live acceptance length |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Live speed-up vs A/B through `lk-vllm serve` ({document['hardware']})",
+        "",
+        f"`{document['command'].strip()}` ({document['created']}, vLLM {document['vllm_version']}). "
+        f"{args.limit} MT-Bench prompts at batch 1, T=0, {args.max_tokens} tokens, n-gram K=4; A/B = client "
+        "tokens/s with n-gram / without, two servers in turn; live = `/v1/speculative/stats` speedup "
+        "(against the calibrated baseline).",
+        "",
+        "| layout | n-gram tokens/s | plain tokens/s | A/B speedup | live speedup | live vs A/B | "
+        "live acceptance length |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['layout']} | {num(r['ngram_tokens_per_second'], 1)} | "
-                     f"{num(r['plain_tokens_per_second'], 1)} | {num(r['ab_speedup'])}x | "
-                     f"{num(r['live_speedup'])}x | {num(r['live_vs_ab_percent'], 1)}% | "
-                     f"{num(r['live_acceptance_length'])} |")
+        lines.append(
+            f"| {r['layout']} | {num(r['ngram_tokens_per_second'], 1)} | "
+            f"{num(r['plain_tokens_per_second'], 1)} | {num(r['ab_speedup'])}x | "
+            f"{num(r['live_speedup'])}x | {num(r['live_vs_ab_percent'], 1)}% | "
+            f"{num(r['live_acceptance_length'])} |"
+        )
     out = Path(args.output)
     write_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     write_atomic(out.with_suffix(".json"), json.dumps(document, indent=1) + "\n")

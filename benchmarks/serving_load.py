@@ -47,10 +47,34 @@ def main() -> int:
     # A fresh baseline covering the batch sizes this load reaches (the server reads the cached profile).
     import subprocess
 
-    subprocess.run([sys.executable, "-m", "lk_vllm.cli", "calibrate", "--target", target, "--force", "--max-model-len", "1024",
-                    "--batch-sizes", f"1,4,8,16,{args.clients}", "--output-tokens", "32"], check=True)
-    serve_args = ["--target", target, "--speculative-config", json.dumps(NGRAM), "--max-model-len", "1024", "--max-num-seqs",
-                  str(args.clients)]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lk_vllm.cli",
+            "calibrate",
+            "--target",
+            target,
+            "--force",
+            "--max-model-len",
+            "1024",
+            "--batch-sizes",
+            f"1,4,8,16,{args.clients}",
+            "--output-tokens",
+            "32",
+        ],
+        check=True,
+    )
+    serve_args = [
+        "--target",
+        target,
+        "--speculative-config",
+        json.dumps(NGRAM),
+        "--max-model-len",
+        "1024",
+        "--max-num-seqs",
+        str(args.clients),
+    ]
     import tempfile
 
     log_path = Path(tempfile.gettempdir()) / "lk_serving_load.server.log"
@@ -65,8 +89,16 @@ def main() -> int:
             results = []
             while time.monotonic() < deadline:
                 try:
-                    results.append(complete(server.url, target, prompt=PASSAGE * (1 + index % 3),
-                                            max_tokens=args.max_tokens, stream=index % 2 == 0, timeout=300))
+                    results.append(
+                        complete(
+                            server.url,
+                            target,
+                            prompt=PASSAGE * (1 + index % 3),
+                            max_tokens=args.max_tokens,
+                            stream=index % 2 == 0,
+                            timeout=300,
+                        )
+                    )
                 except Exception as exc:  # counted, reported, and fails the run
                     errors.append(f"client {index}: {exc}")
             return results

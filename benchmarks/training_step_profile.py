@@ -31,11 +31,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PHASES = ("target_table", "layer_forward", "head_forward", "loss_forward", "loss_backward", "head_backward",
-          "layer_backward", "optimizer")
+PHASES = (
+    "target_table",
+    "layer_forward",
+    "head_forward",
+    "loss_forward",
+    "loss_backward",
+    "head_backward",
+    "layer_backward",
+    "optimizer",
+)
 
 
-def synthetic_states(target, batch_size: int, seq_len: int, response_fraction: float, aux_layer_ids, seed: int):
+def synthetic_states(
+    target, batch_size: int, seq_len: int, response_fraction: float, aux_layer_ids, seed: int
+):
     import torch
 
     from lk_vllm.target_model import TargetStates, position_ids_from_mask
@@ -45,7 +55,7 @@ def synthetic_states(target, batch_size: int, seq_len: int, response_fraction: f
     shape = (batch_size, seq_len)
     mask = torch.ones(shape, dtype=torch.bool)
     loss_mask = torch.zeros(shape, dtype=torch.bool)
-    loss_mask[:, int(seq_len * (1 - response_fraction)):] = True
+    loss_mask[:, int(seq_len * (1 - response_fraction)) :] = True
     aux = torch.randn(*shape, hidden * len(aux_layer_ids), generator=generator)
     final = torch.randn(*shape, hidden, generator=generator)
     extra = {}
@@ -54,10 +64,16 @@ def synthetic_states(target, batch_size: int, seq_len: int, response_fraction: f
 
         extra["final_logsumexp"] = logsumexp_of_logits(final.flatten(0, 1), target.lm_head_weight).view(shape)
     states = TargetStates(
-        input_ids=torch.randint(0, target.vocab_size, shape, generator=generator), attention_mask=mask,
-        position_ids=position_ids_from_mask(mask), final_hidden=final, aux_hidden=aux,
-        aux_layer_ids=tuple(aux_layer_ids), lm_head_weight=target.lm_head_weight, embed_weight=target.embed_weight,
-        **extra)
+        input_ids=torch.randint(0, target.vocab_size, shape, generator=generator),
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        final_hidden=final,
+        aux_hidden=aux,
+        aux_layer_ids=tuple(aux_layer_ids),
+        lm_head_weight=target.lm_head_weight,
+        embed_weight=target.embed_weight,
+        **extra,
+    )
     return states, loss_mask
 
 
@@ -86,15 +102,35 @@ def phased_step(drafter, optimizer, states, loss_mask, loss) -> dict:
     positions = [step.valid_positions(loss_mask) for step in steps]
     features = [step.hidden[batch, anchor] for step, (batch, anchor) in zip(steps, positions, strict=True)]
     detached = [f.detach().requires_grad_() for f in features]
-    logits = timed(times, "head_forward", lambda: [step.head(f) for step, f in zip(steps, detached, strict=True)])
+    logits = timed(
+        times, "head_forward", lambda: [step.head(f) for step, f in zip(steps, detached, strict=True)]
+    )
     leaves = [x.detach().requires_grad_() for x in logits]
 
     # multi_step_loss reads each step's logits through its head: hand it the detached ones.
-    fixed = [StepOutput(hidden=step.hidden, head=lambda _features, value=value: value, target_shift=step.target_shift,
-                        mask=step.mask) for step, value in zip(steps, leaves, strict=True)]
-    out = timed(times, "loss_forward", lambda: multi_step_loss(
-        fixed, shared, kind=loss.kind, eta=loss.eta, draft_to_target=drafter.draft_to_target, loss_mask=loss_mask,
-        gamma=loss.gamma, chunk_size=loss.chunk_size))
+    fixed = [
+        StepOutput(
+            hidden=step.hidden,
+            head=lambda _features, value=value: value,
+            target_shift=step.target_shift,
+            mask=step.mask,
+        )
+        for step, value in zip(steps, leaves, strict=True)
+    ]
+    out = timed(
+        times,
+        "loss_forward",
+        lambda: multi_step_loss(
+            fixed,
+            shared,
+            kind=loss.kind,
+            eta=loss.eta,
+            draft_to_target=drafter.draft_to_target,
+            loss_mask=loss_mask,
+            gamma=loss.gamma,
+            chunk_size=loss.chunk_size,
+        ),
+    )
     timed(times, "loss_backward", lambda: out["loss"].backward())
     timed(times, "head_backward", lambda: torch.autograd.backward(logits, [x.grad for x in leaves]))
     timed(times, "layer_backward", lambda: torch.autograd.backward(features, [x.grad for x in detached]))
@@ -133,8 +169,9 @@ def profile(args, draft_vocab: int, target, config, placement) -> dict:
     torch.manual_seed(0)
     drafter = create_drafter(config.model.architecture, target, **options)
     optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=1e-4, betas=(0.9, 0.95))
-    states, loss_mask = synthetic_states(target, args.batch_size, args.seq_len, args.response_fraction,
-                                         drafter.aux_layer_ids_needed(), seed=0)
+    states, loss_mask = synthetic_states(
+        target, args.batch_size, args.seq_len, args.response_fraction, drafter.aux_layer_ids_needed(), seed=0
+    )
     phases = {name: [] for name in PHASES}
     wholes = []
     for repeat in range(args.repeats + 1):
@@ -148,11 +185,16 @@ def profile(args, draft_vocab: int, target, config, placement) -> dict:
     median = {name: statistics.median(values) for name, values in phases.items()}
     whole_median = statistics.median(wholes)
     tokens = int(states.attention_mask.sum())
-    return {"draft_vocab": draft_vocab, "phases_s": {k: round(v, 4) for k, v in median.items()},
-            "phase_sum_s": round(sum(median.values()), 4), "whole_step_s": round(whole_median, 4),
-            "whole_step_spread_s": [round(min(wholes), 4), round(max(wholes), 4)],
-            "tokens": tokens, "trained_positions_per_step": int(loss_mask.sum()),
-            "tokens_per_s": round(tokens / whole_median, 1)}
+    return {
+        "draft_vocab": draft_vocab,
+        "phases_s": {k: round(v, 4) for k, v in median.items()},
+        "phase_sum_s": round(sum(median.values()), 4),
+        "whole_step_s": round(whole_median, 4),
+        "whole_step_spread_s": [round(min(wholes), 4), round(max(wholes), 4)],
+        "tokens": tokens,
+        "trained_positions_per_step": int(loss_mask.sum()),
+        "tokens_per_s": round(tokens / whole_median, 1),
+    }
 
 
 def main() -> int:
@@ -161,20 +203,37 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="rows per step (default: the recipe's)")
     parser.add_argument("--seq-len", type=int, default=384)
     parser.add_argument("--response-fraction", type=float, default=0.6)
-    parser.add_argument("--draft-vocab", type=int, action="append", default=None,
-                        help="draft vocabulary size (repeatable; default: the recipe's)")
+    parser.add_argument(
+        "--draft-vocab",
+        type=int,
+        action="append",
+        default=None,
+        help="draft vocabulary size (repeatable; default: the recipe's)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--baseline", default=None,
-                        help="a report (json) of an earlier run, e.g. on an older commit, shown first on the page")
-    parser.add_argument("--revision-label", default=None, help="what code ran (default: git describe of this tree)")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="a report (json) of an earlier run, e.g. on an older commit, shown first on the page",
+    )
+    parser.add_argument(
+        "--revision-label", default=None, help="what code ran (default: git describe of this tree)"
+    )
     parser.add_argument("--out", default="benchmarks/results/training-step-profile")
     args = parser.parse_args()
     if args.revision_label is None:
         import subprocess
 
-        args.revision_label = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                             cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+        args.revision_label = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).resolve().parents[1],
+            ).stdout.strip()
+            or "unknown"
+        )
 
     import torch
 
@@ -195,24 +254,39 @@ def main() -> int:
     for size in sizes:
         print(f"[profile] draft vocabulary {size}", file=sys.stderr, flush=True)
         rows.append(profile(args, size, target, config, placement))
-    command = (f"python benchmarks/training_step_profile.py --recipe {args.recipe} --batch-size {args.batch_size} "
-               f"--seq-len {args.seq_len} --response-fraction {args.response_fraction} "
-               + " ".join(f"--draft-vocab {s}" for s in sizes) + f" --repeats {args.repeats}"
-               + (f" --threads {args.threads}" if args.threads else "") + f" --out {args.out}")
+    command = (
+        f"python benchmarks/training_step_profile.py --recipe {args.recipe} --batch-size {args.batch_size} "
+        f"--seq-len {args.seq_len} --response-fraction {args.response_fraction} "
+        + " ".join(f"--draft-vocab {s}" for s in sizes)
+        + f" --repeats {args.repeats}"
+        + (f" --threads {args.threads}" if args.threads else "")
+        + f" --out {args.out}"
+    )
     for row in rows:
         row["revision"] = args.revision_label
     if args.baseline:
         baseline = json.loads(Path(args.baseline).read_text())
         rows = [dict(row, revision=baseline["revision"]) for row in baseline["rows"]] + rows
         command += f" --baseline {args.baseline}"
-    report = {"command": command, "revision": args.revision_label, "recipe": args.recipe, "architecture": config.model.architecture,
-              "num_steps": config.loss.num_steps, "loss": config.loss.kind, "target_vocab": target.vocab_size,
-              "hidden_size": target.hidden_size,
-              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                          "load_average_before": [round(x, 2) for x in load_before],
-                          "load_average_after": [round(x, 2) for x in os.getloadavg()]},
-              "rows": rows}
+    report = {
+        "command": command,
+        "revision": args.revision_label,
+        "recipe": args.recipe,
+        "architecture": config.model.architecture,
+        "num_steps": config.loss.num_steps,
+        "loss": config.loss.kind,
+        "target_vocab": target.vocab_size,
+        "hidden_size": target.hidden_size,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "rows": rows,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
@@ -224,25 +298,32 @@ def main() -> int:
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
-        "# One EAGLE-3 training step, phase by phase (this CPU)", "",
+        "# One EAGLE-3 training step, phase by phase (this CPU)",
+        "",
         f"Command: `{report['command']}` (code: {report['revision']})  ",
         f"Recipe `{report['recipe']}`: {report['architecture']}, K={report['num_steps']} unrolled steps, loss "
         f"{report['loss']}, target vocabulary {report['target_vocab']}, hidden {report['hidden_size']}; "
         f"{m['cpus']} CPUs, {m['torch_threads']} torch threads, torch {m['torch']}; load average before "
-        f"{m['load_average_before']}, after {m['load_average_after']}. Medians over the repetitions.", "",
+        f"{m['load_average_before']}, after {m['load_average_after']}. Medians over the repetitions.",
+        "",
         "| code | draft vocab | " + " | ".join(PHASES) + " | sum | whole step | tokens/s |",
         "|---" * (len(PHASES) + 5) + "|",
     ]
     for row in report["rows"]:
         p = row["phases_s"]
-        lines.append(f"| {row['revision']} | {row['draft_vocab']} | " + " | ".join(f"{p[name]:.3f}" for name in PHASES)
-                     + f" | {row['phase_sum_s']:.3f} | {row['whole_step_s']:.3f} | {row['tokens_per_s']} |")
+        lines.append(
+            f"| {row['revision']} | {row['draft_vocab']} | "
+            + " | ".join(f"{p[name]:.3f}" for name in PHASES)
+            + f" | {row['phase_sum_s']:.3f} | {row['whole_step_s']:.3f} | {row['tokens_per_s']} |"
+        )
     lines += ["", "Seconds per phase; the share of the whole step:", ""]
     for row in report["rows"]:
         p = row["phases_s"]
         shares = ", ".join(f"{name} {100 * p[name] / row['phase_sum_s']:.0f}%" for name in PHASES)
-        lines.append(f"- {row['revision']}, draft vocab {row['draft_vocab']} ({row['tokens']} tokens, "
-                     f"{row['trained_positions_per_step']} trained positions): {shares}")
+        lines.append(
+            f"- {row['revision']}, draft vocab {row['draft_vocab']} ({row['tokens']} tokens, "
+            f"{row['trained_positions_per_step']} trained positions): {shares}"
+        )
     return "\n".join(lines) + "\n"
 
 

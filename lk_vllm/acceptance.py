@@ -284,16 +284,33 @@ class SpecDecodeCounts:
 # ---------------------------------------------------------------------------------------------- aggregations
 AGGREGATIONS = {
     "pooled": "1 + sum of accepted tokens / sum of drafts over every draft-verify step (vLLM's statistic; "
-              "a long request weighs more)",
+    "a long request weighs more)",
     "mean_of_request_means": "mean over finished requests of each request's 1 + accepted tokens / drafts "
-                             "(SpecForge's benchmark statistic; every request weighs the same)",
+    "(SpecForge's benchmark statistic; every request weighs the same)",
 }
 # How a request samples: the target's argmax (drafts accepted when they match it) or sampled at T > 0
 # (standard rejection sampling). Acceptance differs between the two, so every number says which it covers.
 SAMPLING_MODES = ("temperature_0", "sampled")
 # Upper bounds of the per-request acceptance-length histogram (tokens per step, bonus included; +Inf last).
 # Fixed rather than derived from K so that the Prometheus series stay the same across drafter swaps.
-REQUEST_ACCEPTANCE_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
+REQUEST_ACCEPTANCE_BUCKETS = (
+    1.0,
+    1.25,
+    1.5,
+    1.75,
+    2.0,
+    2.25,
+    2.5,
+    2.75,
+    3.0,
+    3.5,
+    4.0,
+    5.0,
+    6.0,
+    8.0,
+    12.0,
+    16.0,
+)
 
 
 def sampling_mode(temperature: float | None) -> str:
@@ -323,8 +340,10 @@ class RequestAcceptance:
         length = mean_acceptance_length(num_accepted_tokens, num_drafts)
         if length is None:
             return cls()
-        bucket = next((i for i, bound in enumerate(REQUEST_ACCEPTANCE_BUCKETS) if length <= bound),
-                      len(REQUEST_ACCEPTANCE_BUCKETS))
+        bucket = next(
+            (i for i, bound in enumerate(REQUEST_ACCEPTANCE_BUCKETS) if length <= bound),
+            len(REQUEST_ACCEPTANCE_BUCKETS),
+        )
         histogram = tuple(int(i == bucket) for i in range(len(REQUEST_ACCEPTANCE_BUCKETS) + 1))
         return cls(1, int(num_drafts), int(num_accepted_tokens), length, histogram)
 
@@ -332,7 +351,8 @@ class RequestAcceptance:
         if not isinstance(other, RequestAcceptance):
             return NotImplemented
         return RequestAcceptance(
-            self.requests + other.requests, self.num_drafts + other.num_drafts,
+            self.requests + other.requests,
+            self.num_drafts + other.num_drafts,
             self.num_accepted_tokens + other.num_accepted_tokens,
             self.sum_of_request_lengths + other.sum_of_request_lengths,
             tuple(a + b for a, b in zip(self.histogram, other.histogram, strict=True)),
@@ -349,7 +369,9 @@ class RequestAcceptance:
         return self.sum_of_request_lengths / self.requests if self.requests else None
 
 
-def heldout_rates(training: Mapping[str, Any], temperature: float, num_speculative_tokens: int) -> list[float] | None:
+def heldout_rates(
+    training: Mapping[str, Any], temperature: float, num_speculative_tokens: int
+) -> list[float] | None:
     """The conditional per-position acceptance rates a trainer measured on held-out data
     (``lk_training.json`` ``training.heldout``) for this temperature, or None: the top-1 agreement at T=0
     (greedy drafts are accepted when they are the target's argmax) and alpha = sum min(p, q) at T=1 (drafts
@@ -391,7 +413,9 @@ class Counts:
     def summary(self) -> dict:
         if any(self.alpha_count):
             # Clamped: summing alpha * n and dividing can overshoot 1 by rounding.
-            alphas = [min(1.0, s / c) if c else 0.0 for s, c in zip(self.alpha_sum, self.alpha_count, strict=True)]
+            alphas = [
+                min(1.0, s / c) if c else 0.0 for s, c in zip(self.alpha_sum, self.alpha_count, strict=True)
+            ]
             return {
                 "acceptance_length": expected_acceptance_length(alphas),
                 "per_position_alpha": alphas,

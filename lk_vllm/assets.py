@@ -168,7 +168,9 @@ def verify_model(directory: Path) -> dict:
         raise AssetError(f"tokenizer round trip failed in {directory}: {tokenizer.decode(ids)!r}")
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -213,10 +215,15 @@ def _build_into(dest: Path) -> None:
 
 
 def _packaged_files(source: Path) -> dict[str, dict]:
-    return {name: {"size": (source / name).stat().st_size, "sha256": _sha256(source / name)} for name in DRAFTER_FILES}
+    return {
+        name: {"size": (source / name).stat().st_size, "sha256": _sha256(source / name)}
+        for name in DRAFTER_FILES
+    }
 
 
-def install_default_drafter(source: Path | None = None, target: str | None = None, force: bool = False) -> Path | None:
+def install_default_drafter(
+    source: Path | None = None, target: str | None = None, force: bool = False
+) -> Path | None:
     """Install the packaged default drafter beside the default target and return its directory (None when this
     installation ships none). ``source``/``target`` default to the packaged drafter and the default target."""
     source = source or DEFAULT_DRAFTER_SOURCE
@@ -224,7 +231,9 @@ def install_default_drafter(source: Path | None = None, target: str | None = Non
         return None
     missing = [name for name in DRAFTER_FILES if not (source / name).is_file()]
     if missing:
-        raise AssetError(f"the packaged default drafter {source} lacks {', '.join(missing)}; reinstall lk-vllm")
+        raise AssetError(
+            f"the packaged default drafter {source} lacks {', '.join(missing)}; reinstall lk-vllm"
+        )
     dest = default_drafter_dir()
     packaged = _packaged_files(source)
     if not force and check_model_dir(dest, full_hash=False) is None:
@@ -242,7 +251,9 @@ def install_default_drafter(source: Path | None = None, target: str | None = Non
                 shutil.copyfile(source / name, tmp / name)
             report = check_drafter(tmp, target)
             if not report.ok:
-                raise AssetError(f"the packaged default drafter does not fit target {target}: {report.reason}")
+                raise AssetError(
+                    f"the packaged default drafter does not fit target {target}: {report.reason}"
+                )
             _write_manifest(tmp, {"name": DEFAULT_DRAFTER, "source": "lk_vllm/default_drafter"})
     log(f"default drafter ready in {dest}")
     return dest
@@ -299,15 +310,25 @@ def list_models() -> list[dict]:
             continue
         problem = check_model_dir(directory, full_hash=False)
         size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
-        rows.append({"name": directory.name, "path": str(directory), "size_mb": round(size / 2**20, 1),
-                     "state": "ok" if problem is None else f"broken: {problem}"})
+        rows.append(
+            {
+                "name": directory.name,
+                "path": str(directory),
+                "size_mb": round(size / 2**20, 1),
+                "state": "ok" if problem is None else f"broken: {problem}",
+            }
+        )
     return rows
 
 
 # ---------------------------------------------------------------- command line: lk-vllm models
 def add_arguments(parser) -> None:
     parser.add_argument("--list", action="store_true", help="show what is cached and exit")
-    parser.add_argument("--force", action="store_true", help="rebuild the default target (and reinstall the default drafter) even if valid")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild the default target (and reinstall the default drafter) even if valid",
+    )
 
 
 def run(args) -> int:

@@ -17,14 +17,23 @@ from lk_vllm.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("lk_vllm.assets", "build the embedded default target (SmolLM2-135M-Instruct) or list the cache"),
+    "models": (
+        "lk_vllm.assets",
+        "build the embedded default target (SmolLM2-135M-Instruct) or list the cache",
+    ),
     "prepare": ("training.prepare", "regenerate training responses with the target (on-policy data)"),
     "train": ("training.train", "train a drafter with an LK (or KL) loss"),
     "eval": ("training.evaluate", "measure a drafter's acceptance length (torch simulation or vLLM)"),
-    "validate": ("lk_vllm.validate", "check a drafter before serving it: vLLM's format, target fit, a served probe"),
+    "validate": (
+        "lk_vllm.validate",
+        "check a drafter before serving it: vLLM's format, target fit, a served probe",
+    ),
     "serve": ("serving.launcher", "start vLLM's OpenAI server with a drafter and the lk-vllm plugin"),
     "calibrate": ("serving.calibrate", "measure the no-speculation baseline used for live speedup"),
-    "send": ("serving.traffic", "replay dataset prompts against a running server; report per-request acceptance"),
+    "send": (
+        "serving.traffic",
+        "replay dataset prompts against a running server; report per-request acceptance",
+    ),
     "bench": ("lk_vllm.bench", "benchmark drafters against no speculation through vLLM"),
     "demo": ("serving.demo", "the whole workflow on the embedded default target, explained step by step"),
 }
@@ -53,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time (before transformers loads)
+    os.environ.setdefault(
+        "HF_HUB_OFFLINE", "1"
+    )  # nothing is downloaded at run time (before transformers loads)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -93,7 +93,7 @@ def _sharegpt_rows() -> list[dict]:
                 break
             messages.append({"role": role, "content": text})
             if role == "user":
-                following = (record["conversations"][i + 1:i + 2] or [{}])[0]
+                following = (record["conversations"][i + 1 : i + 2] or [{}])[0]
                 reference = (following.get("value") or "").strip() or None
                 break
         if messages and messages[-1]["role"] == "user":
@@ -112,7 +112,9 @@ def _load_sharegpt(split: str, seed: int) -> list[Prompt]:
     for row in _sharegpt_rows():
         held_out = _hash_bucket(row["id"], _SHAREGPT_EVAL_BUCKETS) == 0
         if held_out == (split == "eval"):
-            prompts.append(Prompt(f"sharegpt/{row['id']}", "sharegpt", row["messages"], reference=row["reference"]))
+            prompts.append(
+                Prompt(f"sharegpt/{row['id']}", "sharegpt", row["messages"], reference=row["reference"])
+            )
     return prompts
 
 
@@ -125,8 +127,11 @@ def _load_mtbench(split: str, seed: int) -> list[Prompt]:
     prompts = []
     for line in path.read_text().splitlines():
         q = json.loads(line)
-        prompts.append(Prompt(f"mtbench/{q['question_id']}", "mtbench", _user(q["turns"][0]),
-                              followups=list(q["turns"][1:])))
+        prompts.append(
+            Prompt(
+                f"mtbench/{q['question_id']}", "mtbench", _user(q["turns"][0]), followups=list(q["turns"][1:])
+            )
+        )
     return prompts
 
 
@@ -142,8 +147,14 @@ def _load_humaneval(split: str, seed: int) -> list[Prompt]:
     with gzip.open(path, "rt") as f:
         for line in f:
             task = json.loads(line)
-            prompts.append(Prompt(task["task_id"], "humaneval", _user(_HUMANEVAL_INSTRUCTION + task["prompt"]),
-                                  reference=task["canonical_solution"]))
+            prompts.append(
+                Prompt(
+                    task["task_id"],
+                    "humaneval",
+                    _user(_HUMANEVAL_INSTRUCTION + task["prompt"]),
+                    reference=task["canonical_solution"],
+                )
+            )
     return prompts
 
 
@@ -196,7 +207,9 @@ def _load_gsm8k(split: str, seed: int, count: int | None = None) -> list[Prompt]
     prompts = []
     for i in range(count or GSM8K_SIZES[split]):
         template = templates[i % len(templates)]
-        for attempt in range(100):  # some templates reject a draw of their variables; redraw deterministically
+        for attempt in range(
+            100
+        ):  # some templates reject a draw of their variables; redraw deterministically
             rng = random.Random(f"gsm8k/{seed}/{template}/{i}/{attempt}")
             try:
                 item = generators[template](rng)
@@ -205,8 +218,14 @@ def _load_gsm8k(split: str, seed: int, count: int | None = None) -> list[Prompt]
                 continue
         else:
             raise RuntimeError(f"gsm8k template {template} found no valid draw in 100 attempts")
-        prompts.append(Prompt(f"gsm8k/{split}/{seed}/{i}", "gsm8k", _user(_GSM8K_INSTRUCTION + item["question"]),
-                              reference=(item.get("metadata") or {}).get("answer_cot") or item.get("answer")))
+        prompts.append(
+            Prompt(
+                f"gsm8k/{split}/{seed}/{i}",
+                "gsm8k",
+                _user(_GSM8K_INSTRUCTION + item["question"]),
+                reference=(item.get("metadata") or {}).get("answer_cot") or item.get("answer"),
+            )
+        )
     return prompts
 
 
@@ -227,11 +246,20 @@ def _load_jsonl(path: Path) -> list[Prompt]:
             raise UserError(f"{where}: expected a JSON object, found {type(row).__name__}")
         if "messages" in row:
             messages = row["messages"]
-            if (not isinstance(messages, list) or not messages
-                    or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                               and m.get("role") in ("system", "user", "assistant") for m in messages)):
-                raise UserError(f"{where}: 'messages' must be a non-empty list of "
-                                "{\"role\": system|user|assistant, \"content\": str}")
+            if (
+                not isinstance(messages, list)
+                or not messages
+                or not all(
+                    isinstance(m, dict)
+                    and isinstance(m.get("content"), str)
+                    and m.get("role") in ("system", "user", "assistant")
+                    for m in messages
+                )
+            ):
+                raise UserError(
+                    f"{where}: 'messages' must be a non-empty list of "
+                    '{"role": system|user|assistant, "content": str}'
+                )
             if messages[-1]["role"] == "assistant":
                 messages = messages[:-1]  # the target regenerates the answer
             if not messages or messages[-1]["role"] != "user":
@@ -239,7 +267,9 @@ def _load_jsonl(path: Path) -> list[Prompt]:
         elif isinstance(row.get("prompt"), str):
             messages = _user(row["prompt"])
         else:
-            raise UserError(f"{where}: expected a 'messages' list or a 'prompt' string, found keys {sorted(row)}")
+            raise UserError(
+                f"{where}: expected a 'messages' list or a 'prompt' string, found keys {sorted(row)}"
+            )
         prompts.append(Prompt(str(row.get("id", f"{path.stem}/{number}")), path.stem, messages))
     if not prompts:
         raise UserError(f"dataset file {path} has no prompts")
@@ -257,12 +287,16 @@ _LOADERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
 # Built-in prompt formats for targets without a chat template of their own (--chat-template NAME).
 CHAT_TEMPLATES = {
     # ChatML turns, the format many base models are fine-tuned into.
-    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
     # Plain text: the turns' contents separated by blank lines after the BOS token, no role markers; for base
     # models continuing {"prompt": ...} text.
-    "plain": ("{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}{{ m['content'] }}"
-              "{% if not loop.last %}{{ '\\n\\n' }}{% endif %}{% endfor %}"),
+    "plain": (
+        "{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}{{ m['content'] }}"
+        "{% if not loop.last %}{{ '\\n\\n' }}{% endif %}{% endfor %}"
+    ),
 }
 
 
@@ -272,16 +306,20 @@ def chat_template_text(chat_template: str, where: str = "--chat-template") -> st
         return CHAT_TEMPLATES[chat_template]
     path = Path(chat_template).expanduser()
     if not path.is_file():
-        raise UserError(f"{where}: expected a Jinja template file or one of {', '.join(CHAT_TEMPLATES)}, "
-                        f"found {chat_template!r}")
+        raise UserError(
+            f"{where}: expected a Jinja template file or one of {', '.join(CHAT_TEMPLATES)}, "
+            f"found {chat_template!r}"
+        )
     text = path.read_text()
     if "messages" not in text:
         raise UserError(f"{where}: {path} does not look like a chat template (it never reads `messages`)")
     return text
 
 
-CHAT_TEMPLATE_HELP = ("prompt format in place of the target's chat template: a Jinja file, "
-                      f"{' or '.join(repr(n) for n in CHAT_TEMPLATES)} (plain: prompt text as is, for base models)")
+CHAT_TEMPLATE_HELP = (
+    "prompt format in place of the target's chat template: a Jinja file, "
+    f"{' or '.join(repr(n) for n in CHAT_TEMPLATES)} (plain: prompt text as is, for base models)"
+)
 
 
 def add_chat_template_argument(parser) -> None:
@@ -309,8 +347,11 @@ def tokenizer_key(target: str, tokenizer) -> str:
     digest = hashlib.sha256((getattr(tokenizer, "chat_template", None) or "").encode())
     directory = Path(target)
     if directory.is_dir():
-        for name in sorted(p.name for p in directory.iterdir()
-                           if p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template"))):
+        for name in sorted(
+            p.name
+            for p in directory.iterdir()
+            if p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template"))
+        ):
             digest.update(name.encode() + (directory / name).read_bytes())
     return digest.hexdigest()[:12]
 

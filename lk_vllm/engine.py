@@ -72,8 +72,10 @@ def apply_engine_env() -> None:
         env.update(_CPU_ENV)
         if os.environ.get(_BIND_ENV, "auto") not in ("auto", "") and INPROCESS_WORKER_ENV not in os.environ:
             env[INPROCESS_WORKER_ENV] = "0"
-            _note(f"{_BIND_ENV} is set, so the model runs in vLLM's own CPU worker process (vLLM binds threads "
-                  "only there); unset it for lk-vllm's faster in-process worker")
+            _note(
+                f"{_BIND_ENV} is set, so the model runs in vLLM's own CPU worker process (vLLM binds threads "
+                "only there); unset it for lk-vllm's faster in-process worker"
+            )
     for key, value in env.items():
         os.environ.setdefault(key, value)
 
@@ -101,8 +103,9 @@ def parse_core_ids(text: str) -> set[int]:
         try:
             ids.update(range(int(first), int(last or first) + 1))
         except ValueError:
-            raise UserError(f"{_BIND_ENV}={text!r}: expected core ids like 0-3,6 (or auto / nobind), "
-                            f"found {part!r}") from None
+            raise UserError(
+                f"{_BIND_ENV}={text!r}: expected core ids like 0-3,6 (or auto / nobind), found {part!r}"
+            ) from None
     return ids
 
 
@@ -113,7 +116,9 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return True  # cannot tell: leave it to vLLM
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    flags = next(
+        (line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None
+    )
     if flags is None:
         return True
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -125,15 +130,19 @@ def check_cpu_settings(settings: EngineSettings) -> None:
         return
     dtype = str(settings.resolved().dtype).removeprefix("torch.")
     if dtype in ("bfloat16", "bf16") and not cpu_has_native_bf16():
-        raise UserError(f"--dtype {dtype}: this CPU has no native bf16 math (no avx512_bf16 or amx_bf16 in "
-                        "/proc/cpuinfo), so vLLM would emulate it slowly; use --dtype float32")
+        raise UserError(
+            f"--dtype {dtype}: this CPU has no native bf16 math (no avx512_bf16 or amx_bf16 in "
+            "/proc/cpuinfo), so vLLM would emulate it slowly; use --dtype float32"
+        )
     bind = os.environ.get(_BIND_ENV, "auto")
     if bind not in ("auto", "nobind", ""):
         available = os.sched_getaffinity(0)
         missing = sorted(parse_core_ids(bind) - available)
         if missing:
-            raise UserError(f"{_BIND_ENV}={bind}: core(s) {', '.join(map(str, missing))} do not exist or are "
-                            f"not available to this process (available: {_ranges(sorted(available))})")
+            raise UserError(
+                f"{_BIND_ENV}={bind}: core(s) {', '.join(map(str, missing))} do not exist or are "
+                f"not available to this process (available: {_ranges(sorted(available))})"
+            )
 
 
 def _ranges(ids: list[int]) -> str:
@@ -243,8 +252,11 @@ def whole_prompt_prefills(settings: EngineSettings) -> EngineSettings:
     """
     if on_gpu():
         return settings
-    extra = {"enable_chunked_prefill": False,
-             "max_num_batched_tokens": max(settings.max_model_len, 4096), **settings.extra}
+    extra = {
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": max(settings.max_model_len, 4096),
+        **settings.extra,
+    }
     return dataclasses.replace(settings, extra=extra)
 
 
@@ -281,7 +293,9 @@ def without_preemption(settings: EngineSettings, tokens_per_request: int) -> Eng
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the engine flags shared by every command that starts vLLM."""
     group = parser.add_argument_group("vLLM engine")
-    group.add_argument("--max-model-len", type=int, default=2048, help="context length of the engine (default 2048)")
+    group.add_argument(
+        "--max-model-len", type=int, default=2048, help="context length of the engine (default 2048)"
+    )
     group.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, auto on GPU)")
     group.add_argument(
         "--gpu-memory-utilization",
@@ -317,9 +331,17 @@ def engine_arguments(settings: EngineSettings) -> list[str]:
     """The inverse of ``settings_from_args``: lk-vllm command-line flags that rebuild these settings (used to
     hand the same engine to another lk-vllm command, e.g. ``serve`` running ``calibrate``)."""
     s = settings.resolved()
-    flags = ["--max-model-len", str(s.max_model_len), "--dtype", s.dtype, "--seed", str(s.seed),
-             "--tensor-parallel-size", str(s.tensor_parallel_size),
-             "--enforce-eager" if s.enforce_eager else "--no-enforce-eager"]
+    flags = [
+        "--max-model-len",
+        str(s.max_model_len),
+        "--dtype",
+        s.dtype,
+        "--seed",
+        str(s.seed),
+        "--tensor-parallel-size",
+        str(s.tensor_parallel_size),
+        "--enforce-eager" if s.enforce_eager else "--no-enforce-eager",
+    ]
     if s.gpu_memory_utilization is not None:
         flags += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
     return flags
@@ -361,7 +383,9 @@ def read_spec_decode_counters(llm, num_positions: int = 0) -> dict[str, Any]:
         elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
             for position, value in enumerate(metric.values):
                 per_position[position] = per_position.get(position, 0) + int(value)
-    counters["accepted_per_position"] = [per_position.get(k, 0) for k in range(max(num_positions, len(per_position)))]
+    counters["accepted_per_position"] = [
+        per_position.get(k, 0) for k in range(max(num_positions, len(per_position)))
+    ]
     return counters
 
 

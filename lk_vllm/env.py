@@ -17,9 +17,13 @@ COMPILE_LOSS_ENV = "LK_VLLM_COMPILE_LOSS"
 
 # Set by `lk-vllm serve` for the API-server plugin:
 ADMIN_KEY_ENV = "LK_VLLM_ADMIN_KEY"  # the key the drafter-swap route wants (--admin-key)
-DRAFTERS_DIR_ENV = "LK_VLLM_DRAFTERS_DIR"  # swaps load drafters only from inside this directory (--drafters-dir)
+DRAFTERS_DIR_ENV = (
+    "LK_VLLM_DRAFTERS_DIR"  # swaps load drafters only from inside this directory (--drafters-dir)
+)
 DRIFT_ENV = "LK_VLLM_DRIFT"  # the drift alarm's settings, JSON
-CAPTURE_ENV = "LK_VLLM_CAPTURE"  # low-acceptance traffic capture settings, JSON (off unless --capture-low-acceptance)
+CAPTURE_ENV = (
+    "LK_VLLM_CAPTURE"  # low-acceptance traffic capture settings, JSON (off unless --capture-low-acceptance)
+)
 # Set by the supervisor for the vLLM server it runs:
 SUPERVISED_ENV = "LK_VLLM_SUPERVISED"  # a supervisor can restart the engine, so a swap may need a restart
 STATS_STATE_ENV = "LK_VLLM_STATS_STATE"  # a file the live statistics are carried over in across a restart

@@ -50,7 +50,9 @@ class TargetStates:
     def vocab_size(self) -> int:
         return self.lm_head_weight.shape[0]
 
-    def logits_at(self, batch_index: torch.Tensor, positions: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    def logits_at(
+        self, batch_index: torch.Tensor, positions: torch.Tensor, chunk_size: int = 1024
+    ) -> torch.Tensor:
         """Target logits [N, V] at (batch_index[n], positions[n]), computed chunk by chunk from the hidden
         state so [B, T, V] is never held."""
         if self.cached_logits is not None:
@@ -60,8 +62,13 @@ class TargetStates:
             return hidden @ self.lm_head_weight.T
         return torch.cat([h @ self.lm_head_weight.T for h in hidden.split(chunk_size)])
 
-    def draft_logits_at(self, batch_index: torch.Tensor, positions: torch.Tensor, draft_to_target: torch.Tensor,
-                        chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    def draft_logits_at(
+        self,
+        batch_index: torch.Tensor,
+        positions: torch.Tensor,
+        draft_to_target: torch.Tensor,
+        chunk_size: int = 1024,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [N, Vd] at the draft ids, fp32 logsumexp [N] over the full vocabulary)`` at these
         positions: all the loss needs of the target when the drafter has its own vocabulary. With
         ``final_logsumexp`` only the ``Vd`` rows of the lm_head are multiplied; without it the full logits are
@@ -89,8 +96,15 @@ class TargetModel:
     """A frozen HF causal LM (eval mode, no grad; fp32 unless told) that exposes vLLM-equivalent hidden states,
     on ``device`` (default: the CPU)."""
 
-    def __init__(self, path: str, dtype: torch.dtype = torch.float32, model=None, device=None,
-                 chat_template: str | None = None, shard_layers: bool = False):
+    def __init__(
+        self,
+        path: str,
+        dtype: torch.dtype = torch.float32,
+        model=None,
+        device=None,
+        chat_template: str | None = None,
+        shard_layers: bool = False,
+    ):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.path = str(path)
@@ -281,7 +295,11 @@ class TargetModel:
         outputs: list[torch.Tensor] = []
         for _ in range(num_tokens):
             logits = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
             ).logits[:, -1]
             ids = logits.argmax(-1, keepdim=True)
             outputs.append(ids[:, 0])
@@ -299,7 +317,10 @@ class TargetModel:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         try:
             tokenizer_eos = self.tokenizer.eos_token_id
-        except (OSError, ValueError):  # a target without tokenizer files (tests): the generation config decides
+        except (
+            OSError,
+            ValueError,
+        ):  # a target without tokenizer files (tests): the generation config decides
             tokenizer_eos = None
         for value in [eos, tokenizer_eos]:
             if value is None:

@@ -34,12 +34,20 @@ class TargetShape:
         try:
             full = AutoConfig.from_pretrained(target)
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a config it cannot read
-            raise UserError(f"target {target}: expected a model config transformers reads, found "
-                            f"{str(exc).splitlines()[0]}") from None
+            raise UserError(
+                f"target {target}: expected a model config transformers reads, found "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
         config = full.get_text_config()
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        return cls(target, int(config.vocab_size), int(config.hidden_size), int(config.num_hidden_layers),
-                   str(dtype).removeprefix("torch.") if dtype else None, tuple(full.architectures or ()))
+        return cls(
+            target,
+            int(config.vocab_size),
+            int(config.hidden_size),
+            int(config.num_hidden_layers),
+            str(dtype).removeprefix("torch.") if dtype else None,
+            tuple(full.architectures or ()),
+        )
 
 
 @lru_cache(maxsize=32)
@@ -65,9 +73,11 @@ def serving_problem(shape: TargetShape, drafter_architecture: str | None) -> str
     # Medusa, MLP speculators and draft models run on any target vLLM has a model class for; EAGLE-3 also needs
     # the target's model to implement SupportsEagle3 (its auxiliary hidden states).
     if drafter_architecture == "eagle3" and not eagle3:
-        return (f"vLLM {vllm.__version__} cannot serve EAGLE-3 for {name} (its model does not provide auxiliary "
-                f"hidden states): train a medusa, mlp_speculator or draft_model drafter for target {shape.path} "
-                "(--set model.architecture=medusa)")
+        return (
+            f"vLLM {vllm.__version__} cannot serve EAGLE-3 for {name} (its model does not provide auxiliary "
+            f"hidden states): train a medusa, mlp_speculator or draft_model drafter for target {shape.path} "
+            "(--set model.architecture=medusa)"
+        )
     return None
 
 
@@ -75,16 +85,22 @@ def has_chat_template(target: str) -> bool:
     return bool(getattr(load_tokenizer(target), "chat_template", None))
 
 
-def check_target(target: str, drafter_architecture: str | None = None, needs_chat_template: bool = False,
-                 where: str = "--target") -> TargetShape:
+def check_target(
+    target: str,
+    drafter_architecture: str | None = None,
+    needs_chat_template: bool = False,
+    where: str = "--target",
+) -> TargetShape:
     """Refuse, in one line naming the target and the way out, a target this work cannot succeed with."""
     shape = TargetShape.read(target)
     problem = serving_problem(shape, drafter_architecture)
     if problem:
         raise UserError(f"{where}: {problem}")
     if needs_chat_template and not has_chat_template(target):
-        raise UserError(f"{where}: target {target} has no chat template (a base model?): pass --chat-template "
-                        "FILE|chatml, or --chat-template plain to use prompts as plain text")
+        raise UserError(
+            f"{where}: target {target} has no chat template (a base model?): pass --chat-template "
+            "FILE|chatml, or --chat-template plain to use prompts as plain text"
+        )
     return shape
 
 
@@ -99,17 +115,27 @@ class _DeprecatedPositionalTarget(argparse.Action):
         if values is None:
             return
         if namespace.target is not None and namespace.target != values:
-            parser.error(f"the target is given twice ({values} and --target {namespace.target}); give --target once")
+            parser.error(
+                f"the target is given twice ({values} and --target {namespace.target}); give --target once"
+            )
         print(f"lk-vllm: a positional TARGET is deprecated; use --target {values}", file=sys.stderr)
         namespace.target = values
 
 
-def add_target_argument(parser: argparse.ArgumentParser, default: str = "the embedded default target",
-                        positional: bool = False) -> None:
+def add_target_argument(
+    parser: argparse.ArgumentParser, default: str = "the embedded default target", positional: bool = False
+) -> None:
     """Every command's ``--target`` (``args.target``, None when not given). ``default`` says what the command
     takes then; ``positional`` also accepts the deprecated ``TARGET`` of ``serve`` and ``calibrate``."""
-    parser.add_argument("--target", default=None,
-                        help=f"target model directory or cached HF id (default: {default})")
+    parser.add_argument(
+        "--target", default=None, help=f"target model directory or cached HF id (default: {default})"
+    )
     if positional:
-        parser.add_argument("target_positional", nargs="?", default=None, metavar="TARGET",
-                            action=_DeprecatedPositionalTarget, help=argparse.SUPPRESS)
+        parser.add_argument(
+            "target_positional",
+            nargs="?",
+            default=None,
+            metavar="TARGET",
+            action=_DeprecatedPositionalTarget,
+            help=argparse.SUPPRESS,
+        )

@@ -73,7 +73,9 @@ class Report:
     architecture: str | None = None
     findings: list[Finding] = dataclasses.field(default_factory=list)
     probe: dict[str, Any] | None = None
-    record: TrainingRecord = dataclasses.field(default_factory=TrainingRecord)  # the drafter's lk_training.json
+    record: TrainingRecord = dataclasses.field(
+        default_factory=TrainingRecord
+    )  # the drafter's lk_training.json
 
     def add(self, check: str, status: str, message: str) -> None:
         self.findings.append(Finding(check, status, message))
@@ -88,9 +90,15 @@ class Report:
         return next((f.message for f in self.findings if f.status == ERROR), None)
 
     def as_json(self) -> dict[str, Any]:
-        return {"drafter": self.drafter, "target": self.target, "architecture": self.architecture, "ok": self.ok,
-                "reason": self.reason, "findings": [dataclasses.asdict(f) for f in self.findings],
-                "probe": self.probe}
+        return {
+            "drafter": self.drafter,
+            "target": self.target,
+            "architecture": self.architecture,
+            "ok": self.ok,
+            "reason": self.reason,
+            "findings": [dataclasses.asdict(f) for f in self.findings],
+            "probe": self.probe,
+        }
 
     def lines(self) -> list[str]:
         head = f"drafter {self.drafter} ({self.architecture or 'unknown format'})"
@@ -108,8 +116,10 @@ def check_drafter(directory: str | Path, target: str | None, num_speculative_tok
     report = Report(str(path), target)
     try:
         if not path.is_dir():
-            raise UserError(f"drafter {path}: expected a drafter checkpoint directory, found "
-                            f"{'a file' if path.exists() else 'nothing'}")
+            raise UserError(
+                f"drafter {path}: expected a drafter checkpoint directory, found "
+                f"{'a file' if path.exists() else 'nothing'}"
+            )
         files = read_drafter_files(path)
         config = files.config
         report.architecture = detect_architecture(config, f"drafter {path}")
@@ -135,7 +145,9 @@ def check_drafter(directory: str | Path, target: str | None, num_speculative_tok
                 fingerprint = "; an HF id has no fingerprint to compare, so sizes only"
             else:
                 fingerprint = ", fingerprint matches"
-            report.add("target", OK, f"vocabulary {shape.vocab_size}, hidden size {shape.hidden_size}{fingerprint}")
+            report.add(
+                "target", OK, f"vocabulary {shape.vocab_size}, hidden size {shape.hidden_size}{fingerprint}"
+            )
         except UserError as exc:
             report.add("target", ERROR, str(exc))
     if report.architecture == "eagle3":
@@ -155,7 +167,9 @@ def _weights_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def _format_name(config: dict, architecture: str) -> str:
     if architecture == "eagle3":
-        return "EAGLE-3, speculators format" if config.get("speculators_model_type") else "EAGLE-3, plain config"
+        return (
+            "EAGLE-3, speculators format" if config.get("speculators_model_type") else "EAGLE-3, plain config"
+        )
     return {"medusa": "Medusa", "mlp_speculator": "MLP speculator", "draft_model": "draft LM"}[architecture]
 
 
@@ -180,16 +194,24 @@ def aux_layer_ids_by_runner(view: dict) -> dict[str, list | None]:
     vllm/v1/worker/gpu/spec_decode/eagle/eagle3_utils.py ``get_eagle3_aux_layers_from_config``)."""
     eagle_config = view.get("eagle_config") if isinstance(view.get("eagle_config"), dict) else {}
     top = view.get(AUX_KEY) or None
-    return {"V1": top or eagle_config.get(AUX_KEY) or None, "V2": top or eagle_config.get("layer_ids") or None}
+    return {
+        "V1": top or eagle_config.get(AUX_KEY) or None,
+        "V2": top or eagle_config.get("layer_ids") or None,
+    }
 
 
-def _check_eagle3(report: Report, path: Path, config: dict, header: dict, record: TrainingRecord,
-                  target: TargetShape | None) -> None:
+def _check_eagle3(
+    report: Report, path: Path, config: dict, header: dict, record: TrainingRecord, target: TargetShape | None
+) -> None:
     view = vllm_eagle3_config(config)
     rope = view.get("rope_parameters")
     if isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values()):
-        report.add("format", ERROR, f"drafter {path}: rope_parameters is nested per layer type "
-                   f"({', '.join(sorted(rope))}); vLLM's Llama layer reads one flat set (rope_type, rope_theta, ...)")
+        report.add(
+            "format",
+            ERROR,
+            f"drafter {path}: rope_parameters is nested per layer type "
+            f"({', '.join(sorted(rope))}); vLLM's Llama layer reads one flat set (rope_type, rope_theta, ...)",
+        )
         return
     by_runner = aux_layer_ids_by_runner(view)
     trained = record.aux_layer_ids
@@ -198,20 +220,34 @@ def _check_eagle3(report: Report, path: Path, config: dict, header: dict, record
     trained_note = f"; it was trained on {trained}" if trained else ""
     ids = by_runner["V1"] or by_runner["V2"]
     if ids is None:
-        report.add("aux_layers", ERROR, f"drafter {path}: config.json names no EAGLE-3 auxiliary layers "
-                   f"({AUX_KEY}), so vLLM 0.32 silently uses its guess {guess}{trained_note}; add them to config.json")
+        report.add(
+            "aux_layers",
+            ERROR,
+            f"drafter {path}: config.json names no EAGLE-3 auxiliary layers "
+            f"({AUX_KEY}), so vLLM 0.32 silently uses its guess {guess}{trained_note}; add them to config.json",
+        )
         return
     missing = [runner for runner, found in by_runner.items() if found is None]
     if missing:
-        where = {"V1": f"top-level {AUX_KEY} or eagle_config.{AUX_KEY}", "V2": f"top-level {AUX_KEY}"}[missing[0]]
-        report.add("aux_layers", ERROR, f"drafter {path}: vLLM 0.32's {missing[0]} model runner "
-                   f"({'its GPU default for EAGLE-3' if missing[0] == 'V2' else 'used on CPU'}) reads the "
-                   f"auxiliary layers only from {where}, which config.json lacks, and would silently use its "
-                   f"guess {guess} instead of {list(ids)}; add a top-level {AUX_KEY}")
+        where = {"V1": f"top-level {AUX_KEY} or eagle_config.{AUX_KEY}", "V2": f"top-level {AUX_KEY}"}[
+            missing[0]
+        ]
+        report.add(
+            "aux_layers",
+            ERROR,
+            f"drafter {path}: vLLM 0.32's {missing[0]} model runner "
+            f"({'its GPU default for EAGLE-3' if missing[0] == 'V2' else 'used on CPU'}) reads the "
+            f"auxiliary layers only from {where}, which config.json lacks, and would silently use its "
+            f"guess {guess} instead of {list(ids)}; add a top-level {AUX_KEY}",
+        )
         return
     if list(by_runner["V1"]) != list(by_runner["V2"]):
-        report.add("aux_layers", ERROR, f"drafter {path}: vLLM 0.32's V1 and V2 model runners read different "
-                   f"auxiliary layers from config.json ({by_runner['V1']} and {by_runner['V2']})")
+        report.add(
+            "aux_layers",
+            ERROR,
+            f"drafter {path}: vLLM 0.32's V1 and V2 model runners read different "
+            f"auxiliary layers from config.json ({by_runner['V1']} and {by_runner['V2']})",
+        )
         return
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         report.add("aux_layers", ERROR, f"drafter {path}: {AUX_KEY} must be integers, found {ids}")
@@ -226,16 +262,23 @@ def _check_eagle3(report: Report, path: Path, config: dict, header: dict, record
     if problems:
         report.add("aux_layers", ERROR, f"drafter {path}: auxiliary layers: {'; '.join(problems)}")
     else:
-        report.add("aux_layers", OK, f"{list(ids)}, read alike by vLLM's V1 and V2 runners"
-                   + (", as trained" if trained else "; no record of the layers it was trained on"))
+        report.add(
+            "aux_layers",
+            OK,
+            f"{list(ids)}, read alike by vLLM's V1 and V2 runners"
+            + (", as trained" if trained else "; no record of the layers it was trained on"),
+        )
     _check_fc_width(report, path, view, header, ids, target)
 
 
-def _check_fc_width(report: Report, path: Path, view: dict, header: dict, ids: list[int],
-                    target: TargetShape | None) -> None:
+def _check_fc_width(
+    report: Report, path: Path, view: dict, header: dict, ids: list[int], target: TargetShape | None
+) -> None:
     eagle_config = view.get("eagle_config") if isinstance(view.get("eagle_config"), dict) else {}
     # vLLM's count: num_aux_hidden_states, else the ids in eagle_config (not the top-level ones), else 3.
-    count = view.get("num_aux_hidden_states") or (len(eagle_config[AUX_KEY]) if eagle_config.get(AUX_KEY) else 3)
+    count = view.get("num_aux_hidden_states") or (
+        len(eagle_config[AUX_KEY]) if eagle_config.get(AUX_KEY) else 3
+    )
     target_hidden = int(view.get("target_hidden_size") or view["hidden_size"])
     width = target_hidden * int(count)
     built = f"vLLM 0.32 builds fc for {width} inputs (target_hidden_size {target_hidden} x {count} auxiliary states)"
@@ -244,8 +287,12 @@ def _check_fc_width(report: Report, path: Path, view: dict, header: dict, ids: l
         found = "no fc.weight" if weight is None else f"fc.weight of shape {list(weight[1])}"
         report.add("fc_width", ERROR, f"drafter {path}: {built}, but model.safetensors has {found}")
     elif target is not None and len(ids) * target.hidden_size != width:
-        report.add("fc_width", ERROR, f"drafter {path}: {built}, but the target delivers {len(ids)} auxiliary "
-                   f"states of {target.hidden_size} = {len(ids) * target.hidden_size}")
+        report.add(
+            "fc_width",
+            ERROR,
+            f"drafter {path}: {built}, but the target delivers {len(ids)} auxiliary "
+            f"states of {target.hidden_size} = {len(ids) * target.hidden_size}",
+        )
     else:
         report.add("fc_width", OK, f"{width} = {count} x {target_hidden}, as saved")
 
@@ -270,26 +317,45 @@ def _check_dtype(report: Report, path: Path, header: dict, drafter, target: Targ
 
     floats = sorted({dtype for dtype, _ in header.values() if dtype.startswith(("F", "BF"))})
     unsupported = [d for d in floats if d not in _FLOAT_DTYPES]
-    bad = next((name for name, t in drafter.state_dict().items()
-                if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    bad = next(
+        (
+            name
+            for name, t in drafter.state_dict().items()
+            if t.is_floating_point() and not torch.isfinite(t).all()
+        ),
+        None,
+    )
     if unsupported:
-        report.add("dtype", ERROR, f"drafter {path}: expected float32, bfloat16 or float16 weights, found "
-                   f"{', '.join(unsupported)}")
+        report.add(
+            "dtype",
+            ERROR,
+            f"drafter {path}: expected float32, bfloat16 or float16 weights, found {', '.join(unsupported)}",
+        )
     elif bad is not None:
         report.add("dtype", ERROR, f"drafter {path}: weight {bad} has NaN or infinite values")
     else:
         names = [_FLOAT_DTYPES[d] for d in floats]
-        cast = f"; vLLM casts it to the serving dtype ({target.dtype} by the target's config)" \
-            if target and target.dtype and names != [target.dtype] else ""
-        report.add("dtype", WARNING if len(names) > 1 else OK,
-                   f"{' and '.join(names) or 'no float weights'}{' (mixed)' if len(names) > 1 else ''}{cast}")
+        cast = (
+            f"; vLLM casts it to the serving dtype ({target.dtype} by the target's config)"
+            if target and target.dtype and names != [target.dtype]
+            else ""
+        )
+        report.add(
+            "dtype",
+            WARNING if len(names) > 1 else OK,
+            f"{' and '.join(names) or 'no float weights'}{' (mixed)' if len(names) > 1 else ''}{cast}",
+        )
 
 
-def require_valid(directory: str | Path, target: str | None, num_speculative_tokens: int, flag: str) -> Report:
+def require_valid(
+    directory: str | Path, target: str | None, num_speculative_tokens: int, flag: str
+) -> Report:
     """The static checks, as a gate: a one-line UserError naming ``flag`` on the first error."""
     report = check_drafter(directory, target, num_speculative_tokens)
     if not report.ok:
-        raise UserError(f"{flag} {directory}: {report.reason} (`lk-vllm validate {directory}` for every check)")
+        raise UserError(
+            f"{flag} {directory}: {report.reason} (`lk-vllm validate {directory}` for every check)"
+        )
     return report
 
 
@@ -299,8 +365,11 @@ def check_exports(run_dir: Path, num_speculative_tokens: int) -> None:
     for directory in (run_dir / FINAL_EXPORT, run_dir / BEST_EXPORT):
         if directory.is_dir():
             require_valid(directory, _default_target(directory), num_speculative_tokens, "exported drafter")
-            print(f"validated {directory}: static checks passed (`lk-vllm validate {directory}` also probes it "
-                  "in vLLM)", file=sys.stderr)
+            print(
+                f"validated {directory}: static checks passed (`lk-vllm validate {directory}` also probes it "
+                "in vLLM)",
+                file=sys.stderr,
+            )
 
 
 # ------------------------------------------------------------------------------------------------------- probe
@@ -321,8 +390,10 @@ class ProbeSettings:
         if not 0.0 <= self.min_acceptance <= 1.0:
             raise UserError(f"--min-acceptance: expected a rate in [0, 1], found {self.min_acceptance}")
         if not 0.0 < self.min_fraction_of_prediction <= 1.0:
-            raise UserError("--min-fraction-of-prediction: expected a fraction in (0, 1], found "
-                            f"{self.min_fraction_of_prediction}")
+            raise UserError(
+                "--min-fraction-of-prediction: expected a fraction in (0, 1], found "
+                f"{self.min_fraction_of_prediction}"
+            )
 
 
 def judge_probe(summary: dict[str, Any], record: TrainingRecord, settings: ProbeSettings) -> Finding:
@@ -330,41 +401,63 @@ def judge_probe(summary: dict[str, Any], record: TrainingRecord, settings: Probe
     training record."""
     rates = summary.get("per_position_acceptance")
     if not summary.get("num_drafts") or not rates:
-        return Finding("probe", ERROR, f"the probe made no drafts on {settings.prompts} prompt(s) of "
-                       f"{settings.max_tokens} tokens; raise --probe-max-tokens")
+        return Finding(
+            "probe",
+            ERROR,
+            f"the probe made no drafts on {settings.prompts} prompt(s) of "
+            f"{settings.max_tokens} tokens; raise --probe-max-tokens",
+        )
     observed = float(rates[0])
     predicted = heldout_rates(record.training, 0.0, 1)
     predicted = predicted[0] if predicted else None
     said = f"position-0 acceptance {observed:.3f} over {summary['num_drafts']} drafts at T=0"
     expected = f", the trainer's held-out prediction is {predicted:.3f}" if predicted is not None else ""
     if observed < settings.min_acceptance:
-        return Finding("probe", ERROR, f"{said} is below the floor --min-acceptance {settings.min_acceptance}{expected}")
+        return Finding(
+            "probe", ERROR, f"{said} is below the floor --min-acceptance {settings.min_acceptance}{expected}"
+        )
     if predicted is not None and observed < settings.min_fraction_of_prediction * predicted:
-        return Finding("probe", ERROR, f"{said} is far below the trainer's held-out prediction {predicted:.3f} "
-                       f"(under --min-fraction-of-prediction {settings.min_fraction_of_prediction} of it)")
+        return Finding(
+            "probe",
+            ERROR,
+            f"{said} is far below the trainer's held-out prediction {predicted:.3f} "
+            f"(under --min-fraction-of-prediction {settings.min_fraction_of_prediction} of it)",
+        )
     return Finding("probe", OK, f"{said}{expected}; acceptance length {summary['acceptance_length']:.3f}")
 
 
-def run_probe(directory: Path, target: str, num_speculative_tokens: int, settings: ProbeSettings) -> dict[str, Any]:
+def run_probe(
+    directory: Path, target: str, num_speculative_tokens: int, settings: ProbeSettings
+) -> dict[str, Any]:
     """Serve the drafter in vLLM on the first prompts of a dataset; its counters (``Counts.summary()``)."""
     from transformers import AutoTokenizer
-
 
     prompts = load_prompts(settings.dataset, split="eval", limit=settings.prompts)
     tokenizer = AutoTokenizer.from_pretrained(target)
     ids = [chat_prompt_ids(tokenizer, prompt.messages) for prompt in prompts]
-    counts = evaluate_vllm(str(directory), target, {"probe": ids}, num_speculative_tokens, settings.max_tokens, 0.0)
+    counts = evaluate_vllm(
+        str(directory), target, {"probe": ids}, num_speculative_tokens, settings.max_tokens, 0.0
+    )
     return counts["probe"].summary()
 
 
-def validate(directory: str | Path, target: str | None, num_speculative_tokens: int = 3,
-             probe: ProbeSettings | None = None) -> Report:
+def validate(
+    directory: str | Path,
+    target: str | None,
+    num_speculative_tokens: int = 3,
+    probe: ProbeSettings | None = None,
+) -> Report:
     """The static checks, then (with ``probe``, and only if they pass) the served probe."""
     report = check_drafter(directory, target, num_speculative_tokens)
     if probe is not None and report.ok and target is not None:
         summary = run_probe(Path(report.drafter), target, num_speculative_tokens, probe)
-        report.probe = {"dataset": probe.dataset, "prompts": probe.prompts, "max_tokens": probe.max_tokens,
-                        "temperature": 0.0, **summary}
+        report.probe = {
+            "dataset": probe.dataset,
+            "prompts": probe.prompts,
+            "max_tokens": probe.max_tokens,
+            "temperature": 0.0,
+            **summary,
+        }
         report.findings.append(judge_probe(summary, report.record, probe))
     return report
 
@@ -374,39 +467,83 @@ def add_arguments(parser) -> None:
 
     defaults = ProbeSettings()
     parser.add_argument("drafter", metavar="DRAFTER", help="drafter checkpoint directory")
-    add_target_argument(parser, "the one recorded with the drafter if it is here, else the embedded default "
-                                "target")
-    parser.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K",
-                        help="draft tokens per step to check and probe with (default 3)")
-    parser.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
-                        help="after the static checks, serve the drafter in vLLM on a few prompts (default on)")
-    parser.add_argument("--probe-prompts", type=int, default=defaults.prompts, metavar="N",
-                        help=f"prompts the probe sends (default {defaults.prompts})")
-    parser.add_argument("--probe-max-tokens", type=int, default=defaults.max_tokens, metavar="N",
-                        help=f"tokens generated per probe prompt (default {defaults.max_tokens})")
-    parser.add_argument("--probe-dataset", default=defaults.dataset, metavar="NAME",
-                        help=f"dataset name or .jsonl file the probe prompts come from (default {defaults.dataset})")
-    parser.add_argument("--min-acceptance", type=float, default=defaults.min_acceptance, metavar="RATE",
-                        help=f"refuse when the probe's position-0 acceptance is below this (default "
-                             f"{defaults.min_acceptance})")
-    parser.add_argument("--min-fraction-of-prediction", type=float, default=defaults.min_fraction_of_prediction,
-                        metavar="FRACTION",
-                        help="refuse when the probe's position-0 acceptance is below this fraction of the trainer's "
-                             f"held-out prediction in lk_training.json (default {defaults.min_fraction_of_prediction})")
+    add_target_argument(
+        parser, "the one recorded with the drafter if it is here, else the embedded default target"
+    )
+    parser.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=3,
+        metavar="K",
+        help="draft tokens per step to check and probe with (default 3)",
+    )
+    parser.add_argument(
+        "--probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the static checks, serve the drafter in vLLM on a few prompts (default on)",
+    )
+    parser.add_argument(
+        "--probe-prompts",
+        type=int,
+        default=defaults.prompts,
+        metavar="N",
+        help=f"prompts the probe sends (default {defaults.prompts})",
+    )
+    parser.add_argument(
+        "--probe-max-tokens",
+        type=int,
+        default=defaults.max_tokens,
+        metavar="N",
+        help=f"tokens generated per probe prompt (default {defaults.max_tokens})",
+    )
+    parser.add_argument(
+        "--probe-dataset",
+        default=defaults.dataset,
+        metavar="NAME",
+        help=f"dataset name or .jsonl file the probe prompts come from (default {defaults.dataset})",
+    )
+    parser.add_argument(
+        "--min-acceptance",
+        type=float,
+        default=defaults.min_acceptance,
+        metavar="RATE",
+        help=f"refuse when the probe's position-0 acceptance is below this (default "
+        f"{defaults.min_acceptance})",
+    )
+    parser.add_argument(
+        "--min-fraction-of-prediction",
+        type=float,
+        default=defaults.min_fraction_of_prediction,
+        metavar="FRACTION",
+        help="refuse when the probe's position-0 acceptance is below this fraction of the trainer's "
+        f"held-out prediction in lk_training.json (default {defaults.min_fraction_of_prediction})",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def _default_target(directory: Path) -> str:
     """The target recorded with the drafter when it is on this machine, else the embedded default."""
-    recorded = read_drafter_files(directory).record.target_path if (directory / CONFIG_FILE).is_file() else None
+    recorded = (
+        read_drafter_files(directory).record.target_path if (directory / CONFIG_FILE).is_file() else None
+    )
     return resolve_target(recorded if recorded and Path(recorded).is_dir() else None)
 
 
 def run(args) -> int:
 
     require_at_least("--num-speculative-tokens", args.num_speculative_tokens)
-    probe = ProbeSettings(args.probe_prompts, args.probe_max_tokens, args.probe_dataset, args.min_acceptance,
-                          args.min_fraction_of_prediction) if args.probe else None
+    probe = (
+        ProbeSettings(
+            args.probe_prompts,
+            args.probe_max_tokens,
+            args.probe_dataset,
+            args.min_acceptance,
+            args.min_fraction_of_prediction,
+        )
+        if args.probe
+        else None
+    )
     directory = Path(args.drafter).expanduser()
     target = resolve_target(args.target) if args.target else _default_target(directory)
     report = validate(directory, target, args.num_speculative_tokens, probe)

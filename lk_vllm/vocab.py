@@ -56,7 +56,9 @@ def required_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def select_draft_vocab(counts: torch.Tensor, draft_vocab_size: int, required_ids: Iterable[int] = ()) -> torch.Tensor:
+def select_draft_vocab(
+    counts: torch.Tensor, draft_vocab_size: int, required_ids: Iterable[int] = ()
+) -> torch.Tensor:
     """``draft_to_target`` [Vd]: the required ids plus the most frequent others (ties: lower id), sorted."""
     vocab_size = counts.numel()
     required = sorted(set(int(i) for i in required_ids))
@@ -96,7 +98,9 @@ def auto_draft_vocab_size(counts: torch.Tensor) -> tuple[int | None, float]:
     return AUTO_SIZES[-1], float(covered[AUTO_SIZES[-1] - 1])
 
 
-def build_draft_vocab(sequences: Iterable, vocab_size: int, draft_vocab_size: int, tokenizer=None) -> torch.Tensor:
+def build_draft_vocab(
+    sequences: Iterable, vocab_size: int, draft_vocab_size: int, tokenizer=None
+) -> torch.Tensor:
     """Count, add the tokenizer's required tokens, select: ``draft_to_target`` [Vd]."""
     required = required_token_ids(tokenizer) if tokenizer is not None else []
     return select_draft_vocab(count_tokens(sequences, vocab_size), draft_vocab_size, required)

@@ -31,9 +31,18 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 RESULTS: list[tuple[str, bool, str]] = []
-SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                 "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
-                 "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True}
+SMOLLM2_SHAPE = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+}
 
 
 def report(stage: str, ok: bool, detail: str) -> None:
@@ -45,7 +54,9 @@ def report(stage: str, ok: bool, detail: str) -> None:
 def stage(name: str):
     try:
         yield
-    except Exception as error:  # a stage that crashes is a FAIL with its reason, and the next stage still runs
+    except (
+        Exception
+    ) as error:  # a stage that crashes is a FAIL with its reason, and the next stage still runs
         report(name, False, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
 
 
@@ -68,7 +79,9 @@ def check_loss(device: torch.device) -> None:
     worst_loss = worst_grad = 0.0
     for kind in KINDS:
         leaf = draft.to(device).detach().requires_grad_(True)
-        result = lk_loss(leaf, target.to(device), kind=kind, draft_to_target=d2t.to(device), distributed=False)
+        result = lk_loss(
+            leaf, target.to(device), kind=kind, draft_to_target=d2t.to(device), distributed=False
+        )
         result.loss.backward()
         ref_leaf = draft.detach().double().requires_grad_(True)
         ref = lk_loss_eager(ref_leaf, target.double(), kind=kind, draft_to_target=d2t)
@@ -83,8 +96,12 @@ def check_loss(device: torch.device) -> None:
     # fp32 sums over 49,152 logits against float64: ~1e-6 on the loss; a gradient entry is compared with the
     # largest one, and the gradient's small entries carry the fp32 rounding of the normalisers.
     ok = worst_loss < 1e-5 and worst_grad < 1e-3
-    report("loss", ok, f"{len(KINDS)} kinds, {compiled} on {device}, vs float64: loss {worst_loss:.1e} (limit 1e-5), "
-                       f"gradient {worst_grad:.1e} of its largest entry (limit 1e-3)")
+    report(
+        "loss",
+        ok,
+        f"{len(KINDS)} kinds, {compiled} on {device}, vs float64: loss {worst_loss:.1e} (limit 1e-5), "
+        f"gradient {worst_grad:.1e} of its largest entry (limit 1e-3)",
+    )
 
 
 def build_target(device: torch.device, dtype: torch.dtype):
@@ -112,8 +129,9 @@ def training_step(drafter, model, target, placement, batch: int, seq_len: int, n
     loss_mask = mask.clone()
     loss_mask[:, : seq_len // 4] = False
     states = target(ids, mask, aux_layer_ids=drafter.aux_layer_ids_needed())
-    out = micro_batch_loss(model, drafter, states, loss_mask, LossSection(kind="lambda", num_steps=num_steps),
-                           placement)
+    out = micro_batch_loss(
+        model, drafter, states, loss_mask, LossSection(kind="lambda", num_steps=num_steps), placement
+    )
     out["loss"].backward()
     return float(out["loss"].detach())
 
@@ -147,9 +165,13 @@ def check_train(args, placement, target, which: str) -> None:
     first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
     finite = all(torch.isfinite(torch.tensor(losses)))
     fell = last < first
-    report("train", finite and fell, f"{which}, {placement.describe()}, {args.steps} steps of {args.batch} x "
-                                     f"{args.seq_len} tokens, loss {first:.4f} -> {last:.4f}, {rate:.0f} tokens/s, "
-                                     f"{peak_memory(placement.device)}")
+    report(
+        "train",
+        finite and fell,
+        f"{which}, {placement.describe()}, {args.steps} steps of {args.batch} x "
+        f"{args.seq_len} tokens, loss {first:.4f} -> {last:.4f}, {rate:.0f} tokens/s, "
+        f"{peak_memory(placement.device)}",
+    )
 
 
 def check_parallel(kind: str, placement, target) -> None:
@@ -160,16 +182,26 @@ def check_parallel(kind: str, placement, target) -> None:
     from training.train import _Unroll, parallelize
 
     reference = create_drafter("eagle3", target, draft_to_target=torch.arange(16384)).to(placement.device)
-    wrapped_drafter = create_drafter("eagle3", target, draft_to_target=torch.arange(16384)).to(placement.device)
+    wrapped_drafter = create_drafter("eagle3", target, draft_to_target=torch.arange(16384)).to(
+        placement.device
+    )
     wrapped_drafter.load_state_dict(reference.state_dict())
     backend = "nccl" if placement.device.type == "cuda" else "gloo"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=0, world_size=1,
-                                device_id=placement.device if placement.device.type == "cuda" else None)
-    model = parallelize(wrapped_drafter, "fsdp" if kind == "fsdp2" else "ddp", placement)  # the trainer's wrappers
-    training_step(reference, _Unroll(reference), target, placement, 2, 128, 3, torch.Generator().manual_seed(5))
+        dist.init_process_group(
+            backend,
+            rank=0,
+            world_size=1,
+            device_id=placement.device if placement.device.type == "cuda" else None,
+        )
+    model = parallelize(
+        wrapped_drafter, "fsdp" if kind == "fsdp2" else "ddp", placement
+    )  # the trainer's wrappers
+    training_step(
+        reference, _Unroll(reference), target, placement, 2, 128, 3, torch.Generator().manual_seed(5)
+    )
     training_step(wrapped_drafter, model, target, placement, 2, 128, 3, torch.Generator().manual_seed(5))
     worst = 0.0
     for a, b in zip(reference.parameters(), wrapped_drafter.parameters(), strict=True):
@@ -178,8 +210,12 @@ def check_parallel(kind: str, placement, target) -> None:
         grad = b.grad.full_tensor() if hasattr(b.grad, "full_tensor") else b.grad
         worst = max(worst, float((a.grad - grad).abs().max() / a.grad.abs().max().clamp(min=1e-12)))
     tolerance = 2e-2 if placement.autocast_dtype is not None else 1e-5
-    report(kind, worst <= tolerance, f"1 rank over {backend}, largest gradient difference vs a plain step "
-                                     f"{worst:.2e} of the largest gradient (limit {tolerance:g})")
+    report(
+        kind,
+        worst <= tolerance,
+        f"1 rank over {backend}, largest gradient difference vs a plain step "
+        f"{worst:.2e} of the largest gradient (limit {tolerance:g})",
+    )
 
 
 def main() -> int:
@@ -198,9 +234,11 @@ def main() -> int:
     except UserError as error:
         print(f"gpu_check: FAIL: {error}", file=sys.stderr)
         return 2
-    print(f"gpu_check: torch {torch.__version__}, {placement.describe()}"
-          + (f" ({torch.cuda.get_device_name(placement.device)})" if placement.device.type == "cuda" else ""),
-          flush=True)
+    print(
+        f"gpu_check: torch {torch.__version__}, {placement.describe()}"
+        + (f" ({torch.cuda.get_device_name(placement.device)})" if placement.device.type == "cuda" else ""),
+        flush=True,
+    )
     with stage("loss"):
         check_loss(placement.device)
     target, which = build_target(placement.device, placement.target_dtype)  # once: every stage trains on it
@@ -214,8 +252,11 @@ def main() -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     failed = [name for name, ok, _ in RESULTS if not ok]
-    print(f"gpu_check: {'FAIL (' + ', '.join(failed) + ')' if failed else 'PASS'} "
-          f"({len(RESULTS) - len(failed)}/{len(RESULTS)} stages)", flush=True)
+    print(
+        f"gpu_check: {'FAIL (' + ', '.join(failed) + ')' if failed else 'PASS'} "
+        f"({len(RESULTS) - len(failed)}/{len(RESULTS)} stages)",
+        flush=True,
+    )
     return 1 if failed else 0
 
 

@@ -44,15 +44,36 @@ from serving.launcher import ServerHandle, free_port, vllm_server_argv, wait_hea
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
 # Varied prompts of similar length so prefix caching and early stops do not change the batch.
-_PROMPT_TOPICS = ("rivers", "bridges", "volcanoes", "libraries", "glaciers", "markets", "orchards", "harbours",
-                  "deserts", "railways", "forests", "castles", "islands", "bakeries", "lighthouses", "canals")
+_PROMPT_TOPICS = (
+    "rivers",
+    "bridges",
+    "volcanoes",
+    "libraries",
+    "glaciers",
+    "markets",
+    "orchards",
+    "harbours",
+    "deserts",
+    "railways",
+    "forests",
+    "castles",
+    "islands",
+    "bakeries",
+    "lighthouses",
+    "canals",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_target_argument(parser, positional=True)
-    parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
-                        help="comma-separated batch sizes to measure (default 1,2,4,8,16)")
-    parser.add_argument("--output-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    parser.add_argument(
+        "--batch-sizes",
+        default=",".join(map(str, DEFAULT_BATCH_SIZES)),
+        help="comma-separated batch sizes to measure (default 1,2,4,8,16)",
+    )
+    parser.add_argument(
+        "--output-tokens", type=int, default=64, help="tokens generated per request (default 64)"
+    )
     parser.add_argument("--output", default=None, help="write the profile here too (default: only the cache)")
     parser.add_argument("--force", action="store_true", help="measure again even if a cached profile exists")
     parser.add_argument("--json", action="store_true", help="print the profile as JSON on stdout")
@@ -87,17 +108,34 @@ def decode_window(completions: list[Completion], batch_size: int) -> dict:
     steps = [sum(start < t <= end for t in c.chunk_times) for c in completions]
     mean_steps = sum(steps) / batch_size
     if mean_steps < 4:
-        raise RuntimeError(f"batch size {batch_size}: only {mean_steps:.1f} decode steps overlapped in all "
-                           "streams (raise --output-tokens)")
-    return {"batch_size": batch_size, "seconds_per_token": (end - start) / mean_steps / batch_size,
-            "tokens": sum(steps), "steps": round(mean_steps)}
+        raise RuntimeError(
+            f"batch size {batch_size}: only {mean_steps:.1f} decode steps overlapped in all "
+            "streams (raise --output-tokens)"
+        )
+    return {
+        "batch_size": batch_size,
+        "seconds_per_token": (end - start) / mean_steps / batch_size,
+        "tokens": sum(steps),
+        "steps": round(mean_steps),
+    }
 
 
 def _stream_batch(url: str, model: str, batch_size: int, output_tokens: int) -> list[Completion]:
     """``batch_size`` concurrent greedy streams of exactly ``output_tokens`` tokens."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=batch_size) as pool:
-        futures = [pool.submit(complete, url, model, prompt=_prompt(i), max_tokens=output_tokens, stream=True,
-                               ignore_eos=True, timeout=600.0) for i in range(batch_size)]
+        futures = [
+            pool.submit(
+                complete,
+                url,
+                model,
+                prompt=_prompt(i),
+                max_tokens=output_tokens,
+                stream=True,
+                ignore_eos=True,
+                timeout=600.0,
+            )
+            for i in range(batch_size)
+        ]
         return [future.result() for future in futures]
 
 
@@ -107,7 +145,6 @@ def _measure(settings: EngineSettings, batch_sizes: list[int], output_tokens: in
     speculative server's live figures do."""
     from tqdm import tqdm
 
-
     settings = dataclasses.replace(settings, max_num_seqs=max(settings.max_num_seqs or 0, max(batch_sizes)))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}  # a private, local server
@@ -116,14 +153,18 @@ def _measure(settings: EngineSettings, batch_sizes: list[int], output_tokens: in
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = vllm_server_argv(settings, ["--host", "127.0.0.1", "--port", str(port)])
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     server = ServerHandle(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     try:
         with tqdm(desc="starting plain vLLM (speculation off)", unit="s", file=sys.stderr) as bar:
             wait_healthy(server.url, process, timeout=1800, progress=lambda s: bar.update(int(s) - bar.n))
         _stream_batch(server.url, settings.model, 2, 16)  # warm-up, not measured
-        return [decode_window(_stream_batch(server.url, settings.model, b, output_tokens), b)
-                for b in tqdm(batch_sizes, desc="calibrating (speculation off)", file=sys.stderr)]
+        return [
+            decode_window(_stream_batch(server.url, settings.model, b, output_tokens), b)
+            for b in tqdm(batch_sizes, desc="calibrating (speculation off)", file=sys.stderr)
+        ]
     except (RuntimeError, TimeoutError, HTTPError) as error:
         raise UserError(f"calibration failed: {error} (vLLM's log: {log_path})") from None
     finally:
@@ -136,8 +177,9 @@ def calibrate(settings: EngineSettings, batch_sizes: list[int], output_tokens: i
     key = profile_key_for_settings(settings)
     started = time.time()
     points = _measure(settings, batch_sizes, output_tokens)
-    profile = BaselineProfile(key=key | {"output_tokens": output_tokens, "seconds": time.time() - started},
-                              points=points)
+    profile = BaselineProfile(
+        key=key | {"output_tokens": output_tokens, "seconds": time.time() - started}, points=points
+    )
     profile.save(profile_path(key))
     return profile
 
@@ -157,13 +199,18 @@ def run(args: argparse.Namespace) -> int:
         profile = calibrate(settings, batch_sizes, args.output_tokens)
         print(f"lk-vllm calibrate: baseline written to {profile_path(key)}", file=sys.stderr)
     else:
-        print(f"lk-vllm calibrate: using the cached baseline {profile_path(key)} (--force to measure again)",
-              file=sys.stderr)
+        print(
+            f"lk-vllm calibrate: using the cached baseline {profile_path(key)} (--force to measure again)",
+            file=sys.stderr,
+        )
     if args.output:
         profile.save(Path(args.output))
     for point in profile.points:
-        print(f"  batch {int(point['batch_size']):3d}: {point['seconds_per_token'] * 1000:7.2f} ms/token "
-              f"({1 / point['seconds_per_token']:.1f} tokens/s)", file=sys.stderr)
+        print(
+            f"  batch {int(point['batch_size']):3d}: {point['seconds_per_token'] * 1000:7.2f} ms/token "
+            f"({1 / point['seconds_per_token']:.1f} tokens/s)",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(profile.as_json()))
     return 0

@@ -32,7 +32,9 @@ class Completion:
     last_token: float | None = None  # when the last text arrived (streaming)
     chunks: int = 0
     logprobs: list[float] | None = None
-    chunk_times: list[float] = dataclasses.field(default_factory=list)  # arrival of each text chunk (streaming)
+    chunk_times: list[float] = dataclasses.field(
+        default_factory=list
+    )  # arrival of each text chunk (streaming)
 
     @property
     def decode_seconds_per_token(self) -> float | None:
@@ -50,11 +52,22 @@ def _headers(api_key: str | None, extra: dict[str, str] | None = None) -> dict[s
     return headers
 
 
-def request_json(url: str, path: str, body: dict | None = None, *, api_key: str | None = None,
-                 headers: dict[str, str] | None = None, timeout: float = 300.0) -> Any:
+def request_json(
+    url: str,
+    path: str,
+    body: dict | None = None,
+    *,
+    api_key: str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 300.0,
+) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url + path, data=data, headers=_headers(api_key, headers),
-                                 method="POST" if body is not None else "GET")
+    req = urllib.request.Request(
+        url + path,
+        data=data,
+        headers=_headers(api_key, headers),
+        method="POST" if body is not None else "GET",
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             return json.load(response)
@@ -62,9 +75,19 @@ def request_json(url: str, path: str, body: dict | None = None, *, api_key: str 
         raise HTTPError(exc.code, exc.read().decode(errors="replace")) from None
 
 
-def complete(url: str, model: str, *, prompt: str | None = None, messages: list[dict] | None = None,
-             max_tokens: int = 64, temperature: float = 0.0, stream: bool = False, api_key: str | None = None,
-             timeout: float = 300.0, **extra: Any) -> Completion:
+def complete(
+    url: str,
+    model: str,
+    *,
+    prompt: str | None = None,
+    messages: list[dict] | None = None,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    stream: bool = False,
+    api_key: str | None = None,
+    timeout: float = 300.0,
+    **extra: Any,
+) -> Completion:
     """One /v1/completions (``prompt``) or /v1/chat/completions (``messages``) request."""
     chat = messages is not None
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": temperature, **extra}
@@ -73,7 +96,9 @@ def complete(url: str, model: str, *, prompt: str | None = None, messages: list[
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}  # the metrics ride on the final usage chunk
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers=_headers(api_key), method="POST")
+    req = urllib.request.Request(
+        url + path, data=json.dumps(body).encode(), headers=_headers(api_key), method="POST"
+    )
     started = time.monotonic()
     try:
         response = urllib.request.urlopen(req, timeout=timeout)
@@ -92,7 +117,11 @@ def complete(url: str, model: str, *, prompt: str | None = None, messages: list[
                 text=choice["message"]["content"] if chat else choice["text"],
                 completion_tokens=data["usage"]["completion_tokens"],
                 spec_metrics=(data.get("metrics") or {}).get("speculative_decoding"),
-                started=started, first_token=None, finished=time.monotonic(), chunks=1, logprobs=logprobs,
+                started=started,
+                first_token=None,
+                finished=time.monotonic(),
+                chunks=1,
+                logprobs=logprobs,
             )
         text, chunk_times, usage, metrics = [], [], None, None
         for raw in response:
@@ -116,7 +145,14 @@ def complete(url: str, model: str, *, prompt: str | None = None, messages: list[
         finished = time.monotonic()
     if usage is None:
         raise HTTPError(500, "the stream ended without a usage chunk")
-    return Completion(text="".join(text), completion_tokens=usage["completion_tokens"], spec_metrics=metrics,
-                      started=started, first_token=chunk_times[0] if chunk_times else None, finished=finished,
-                      last_token=chunk_times[-1] if chunk_times else None, chunks=len(chunk_times),
-                      chunk_times=chunk_times)
+    return Completion(
+        text="".join(text),
+        completion_tokens=usage["completion_tokens"],
+        spec_metrics=metrics,
+        started=started,
+        first_token=chunk_times[0] if chunk_times else None,
+        finished=finished,
+        last_token=chunk_times[-1] if chunk_times else None,
+        chunks=len(chunk_times),
+        chunk_times=chunk_times,
+    )

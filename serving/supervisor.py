@@ -45,10 +45,26 @@ from lk_vllm.plugin.server.swap import RESTART_HEADER
 
 SWAP_ROUTE = "/v1/speculative/drafter"
 # Headers that belong to one connection, not to the request or response (RFC 9110 §7.6.1), plus those recomputed.
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-               "trailer", "transfer-encoding", "upgrade", "host", "content-length"}
-_WEBSOCKET_HANDSHAKE = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-                        "sec-websocket-protocol", "sec-websocket-accept"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
+_WEBSOCKET_HANDSHAKE = {
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-protocol",
+    "sec-websocket-accept",
+}
 
 
 # An exception line of a Python traceback or log ("TypeError: unhashable type: 'dict'").
@@ -61,7 +77,9 @@ _LOG_TAIL_CHARS = 1 << 16
 def root_cause(log: str) -> str | None:
     """The exception that stopped vLLM, from the tail of its output: the last exception line that is not
     vLLM's own "see root cause above" wrapper (the engine's traceback precedes the API server's)."""
-    causes = [f"{m.group(1)}: {m.group(2).strip()}" for m in map(_EXCEPTION_LINE.search, log.splitlines()) if m]
+    causes = [
+        f"{m.group(1)}: {m.group(2).strip()}" for m in map(_EXCEPTION_LINE.search, log.splitlines()) if m
+    ]
     causes = [c for c in causes if not any(w in c for w in _WRAPPER_MESSAGES)]
     return causes[-1][:400] if causes else None
 
@@ -90,7 +108,9 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
 
 
 def _request_headers(request: web.Request, drop: set[str] = frozenset()) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() not in drop]
+    return [
+        (k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() not in drop
+    ]
 
 
 def _response_headers(upstream: aiohttp.ClientResponse) -> list[tuple[str, str]]:
@@ -141,8 +161,17 @@ def _die_with_parent() -> None:
 class Supervisor:
     """Runs vLLM's server for a :class:`serving.launcher.ServerCommand` and proxies the public address to it."""
 
-    def __init__(self, command, *, host: str, port: int, restart_wait: float = 300.0, drain_timeout: float = 300.0,
-                 start_timeout: float = 1800.0, stop_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        command,
+        *,
+        host: str,
+        port: int,
+        restart_wait: float = 300.0,
+        drain_timeout: float = 300.0,
+        start_timeout: float = 1800.0,
+        stop_timeout: float = 120.0,
+    ) -> None:
         if restart_wait < 0 or drain_timeout < 0:
             raise UserError("--restart-wait and --drain-timeout: expected seconds >= 0")
         self.command = command
@@ -150,7 +179,9 @@ class Supervisor:
         self.host, self.port = host, port
         self.restart_wait, self.drain_timeout = restart_wait, drain_timeout
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
-        self.workdir = Path(tempfile.mkdtemp(prefix="lk-vllm-serve-"))  # private (0700): the Unix sockets live here
+        self.workdir = Path(
+            tempfile.mkdtemp(prefix="lk-vllm-serve-")
+        )  # private (0700): the Unix sockets live here
         self.generation = 0
         self.child: asyncio.subprocess.Process | None = None
         self.session: aiohttp.ClientSession | None = None
@@ -175,7 +206,9 @@ class Supervisor:
             sock.bind((self.host, self.port))
         except OSError as exc:
             sock.close()
-            raise UserError(f"--host {self.host} --port {self.port}: cannot listen there ({exc.strerror})") from None
+            raise UserError(
+                f"--host {self.host} --port {self.port}: cannot listen there ({exc.strerror})"
+            ) from None
         return sock
 
     def run(self) -> int:
@@ -233,16 +266,27 @@ class Supervisor:
         self.generation += 1
         path = self.workdir / f"vllm-{self.generation}.sock"
         argv = self.command.vllm_argv(spec, ["--uds", str(path)])
-        env = {**self.command.env, SUPERVISED_ENV: "1", STATS_STATE_ENV: str(self.workdir / "statistics.json")}
+        env = {
+            **self.command.env,
+            SUPERVISED_ENV: "1",
+            STATS_STATE_ENV: str(self.workdir / "statistics.json"),
+        }
         what = f"{spec.get('method')} {spec.get('model') or ''}".strip() if spec else "no speculation"
         _say(f"starting vLLM's server ({what})")
         started = time.monotonic()
-        child = await asyncio.create_subprocess_exec(*argv, env=env, preexec_fn=_die_with_parent,
-                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        child = await asyncio.create_subprocess_exec(
+            *argv,
+            env=env,
+            preexec_fn=_die_with_parent,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         loop = asyncio.get_running_loop()
         self.log_tail = ""
-        self.forwarding = [loop.create_task(self.pass_output(child.stdout, sys.stdout)),
-                           loop.create_task(self.pass_output(child.stderr, sys.stderr))]
+        self.forwarding = [
+            loop.create_task(self.pass_output(child.stdout, sys.stdout)),
+            loop.create_task(self.pass_output(child.stderr, sys.stderr)),
+        ]
         loop.create_task(self.watch(child))
         session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=str(path), limit=0),
@@ -265,14 +309,18 @@ class Supervisor:
                 with contextlib.suppress(TimeoutError):  # the rest of its output, for the cause
                     await asyncio.wait_for(asyncio.gather(*self.forwarding), 10)
                 cause = root_cause(self.log_tail)
-                raise ChildFailed(f"vLLM's server exited with code {child.returncode} while starting"
-                                  + (f": {cause} (its log is above)" if cause else " (its log is above)"))
+                raise ChildFailed(
+                    f"vLLM's server exited with code {child.returncode} while starting"
+                    + (f": {cause} (its log is above)" if cause else " (its log is above)")
+                )
             if self.stop.is_set():
                 raise Stopping
             if time.monotonic() - started > self.start_timeout:
                 raise ChildFailed(f"vLLM's server was not healthy after {self.start_timeout:.0f} s")
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
-                async with session.get("http://vllm/health", timeout=aiohttp.ClientTimeout(total=5)) as response:
+                async with session.get(
+                    "http://vllm/health", timeout=aiohttp.ClientTimeout(total=5)
+                ) as response:
                     if response.status == 200:
                         return
             await asyncio.sleep(0.5)
@@ -337,8 +385,12 @@ class Supervisor:
                 await asyncio.wait_for(self.ready.wait(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 self.rejected += 1
-                return _error(503, f"the engine is restarting with a new drafter and was not back within "
-                                   f"{self.restart_wait:g} s; retry later", **{"Retry-After": self.retry_after()})
+                return _error(
+                    503,
+                    f"the engine is restarting with a new drafter and was not back within "
+                    f"{self.restart_wait:g} s; retry later",
+                    **{"Retry-After": self.retry_after()},
+                )
         return None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -365,14 +417,21 @@ class Supervisor:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         try:
-            upstream = await self.session.request(request.method, self.upstream_url(request), data=body or None,
-                                                  headers=_request_headers(request), allow_redirects=False)
+            upstream = await self.session.request(
+                request.method,
+                self.upstream_url(request),
+                data=body or None,
+                headers=_request_headers(request),
+                allow_redirects=False,
+            )
         except (TimeoutError, aiohttp.ClientConnectionError) as exc:
             return _error(502, f"vLLM's server did not answer: {exc}")
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for key, value in _response_headers(upstream):
             response.headers.add(key, value)
-        if upstream.content_length is not None and "chunked" not in upstream.headers.get("Transfer-Encoding", ""):
+        if upstream.content_length is not None and "chunked" not in upstream.headers.get(
+            "Transfer-Encoding", ""
+        ):
             response.content_length = upstream.content_length
         try:
             await response.prepare(request)
@@ -389,11 +448,15 @@ class Supervisor:
         return response
 
     async def forward_websocket(self, request: web.Request) -> web.StreamResponse:
-        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        protocols = [
+            p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
+        ]
         try:
             upstream = await self.session.ws_connect(
-                self.upstream_url(request), protocols=protocols,
-                headers=_request_headers(request, drop=_WEBSOCKET_HANDSHAKE))
+                self.upstream_url(request),
+                protocols=protocols,
+                headers=_request_headers(request, drop=_WEBSOCKET_HANDSHAKE),
+            )
         except aiohttp.WSServerHandshakeError as exc:
             return _error(exc.status, f"vLLM's server refused the WebSocket: {exc.message}")
         except (TimeoutError, aiohttp.ClientConnectionError) as exc:
@@ -410,7 +473,10 @@ class Supervisor:
                 else:
                     break
 
-        tasks = [asyncio.ensure_future(pump(downstream, upstream)), asyncio.ensure_future(pump(upstream, downstream))]
+        tasks = [
+            asyncio.ensure_future(pump(downstream, upstream)),
+            asyncio.ensure_future(pump(upstream, downstream)),
+        ]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -428,8 +494,9 @@ class Supervisor:
                 return refused
             body = await request.read()
             try:
-                async with self.session.post(self.upstream_url(request), data=body,
-                                             headers=_request_headers(request)) as upstream:
+                async with self.session.post(
+                    self.upstream_url(request), data=body, headers=_request_headers(request)
+                ) as upstream:
                     payload = await upstream.read()
                     status, headers = upstream.status, _response_headers(upstream)
                     restart = upstream.headers.get(RESTART_HEADER) == "required"
@@ -445,9 +512,17 @@ class Supervisor:
                 _say(f"drafter swap failed: {exc}")
                 return _error(exc.status, str(exc), **exc.headers)
             _say(f"drafter swap done: engine restarted in {report['seconds']:.0f} s")
-            return web.json_response({"status": "swapped", "mode": "engine restart", "reason": plan["reason"],
-                                      "previous": plan["previous"], "drafter": plan["drafter"],
-                                      "speculative_config": plan["speculative_config"], "restart": report})
+            return web.json_response(
+                {
+                    "status": "swapped",
+                    "mode": "engine restart",
+                    "reason": plan["reason"],
+                    "previous": plan["previous"],
+                    "drafter": plan["drafter"],
+                    "speculative_config": plan["speculative_config"],
+                    "restart": report,
+                }
+            )
 
     async def drained(self) -> None:
         while self.in_flight:
@@ -465,9 +540,13 @@ class Supervisor:
             try:
                 await asyncio.wait_for(self.drained(), self.drain_timeout)
             except TimeoutError:
-                raise SwapFailed(503, f"{self.in_flight} requests were still in flight after --drain-timeout "
-                                      f"{self.drain_timeout:g} s; the swap was called off and the current drafter "
-                                      "keeps serving", **{"Retry-After": "10"}) from None
+                raise SwapFailed(
+                    503,
+                    f"{self.in_flight} requests were still in flight after --drain-timeout "
+                    f"{self.drain_timeout:g} s; the swap was called off and the current drafter "
+                    "keeps serving",
+                    **{"Retry-After": "10"},
+                ) from None
             drain_seconds = time.monotonic() - started
             saved_before = statistics.stat().st_mtime if statistics.exists() else None
             await self.stop_child()
@@ -481,10 +560,14 @@ class Supervisor:
                 except ChildFailed as again:
                     self.exit_code = 1
                     self.stop.set()
-                    raise SwapFailed(500, f"the new drafter did not start ({reason}) and neither did the previous "
-                                          f"one ({again}); the server is shutting down") from None
-                raise SwapFailed(422, f"vLLM could not start the new drafter ({reason}); the previous drafter "
-                                      "serves again") from None
+                    raise SwapFailed(
+                        500,
+                        f"the new drafter did not start ({reason}) and neither did the previous "
+                        f"one ({again}); the server is shutting down",
+                    ) from None
+                raise SwapFailed(
+                    422, f"vLLM could not start the new drafter ({reason}); the previous drafter serves again"
+                ) from None
             self.spec = spec
         except Stopping:
             raise SwapFailed(503, "the server is shutting down") from None

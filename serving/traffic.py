@@ -27,27 +27,52 @@ from serving.client import HTTPError, complete, request_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
-    parser.add_argument("--model", default=None, help="model name to request (default: the server's first model)")
-    parser.add_argument("--dataset", action="append", required=True,
-                        help="dataset name (mtbench, humaneval, gsm8k, sharegpt) or a .jsonl file; repeatable")
-    parser.add_argument("--split", choices=("train", "eval"), default="eval", help="dataset split (default eval)")
-    parser.add_argument("--offset", type=int, default=0, help="skip the first N prompts of each dataset (default 0)")
+    parser.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="model name to request (default: the server's first model)"
+    )
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        required=True,
+        help="dataset name (mtbench, humaneval, gsm8k, sharegpt) or a .jsonl file; repeatable",
+    )
+    parser.add_argument(
+        "--split", choices=("train", "eval"), default="eval", help="dataset split (default eval)"
+    )
+    parser.add_argument(
+        "--offset", type=int, default=0, help="skip the first N prompts of each dataset (default 0)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="then take at most N prompts of each dataset")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="output tokens per request at most (default 128)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=128, help="output tokens per request at most (default 128)"
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
-    parser.add_argument("--duration", type=float, default=None, metavar="SECONDS",
-                        help="keep sending (cycling through the prompts) until SECONDS have passed; default: each "
-                             "prompt once")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="keep sending (cycling through the prompts) until SECONDS have passed; default: each "
+        "prompt once",
+    )
     parser.add_argument("--api-key", default=None, help="the server's API key, if it has one")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request at most (default 600)")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds per request at most (default 600)"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
 
 
 def _check(args) -> None:
-    for flag, value, least in (("--concurrency", args.concurrency, 1), ("--max-tokens", args.max_tokens, 1),
-                               ("--offset", args.offset, 0), ("--limit", args.limit, 1)):
+    for flag, value, least in (
+        ("--concurrency", args.concurrency, 1),
+        ("--max-tokens", args.max_tokens, 1),
+        ("--offset", args.offset, 0),
+        ("--limit", args.limit, 1),
+    ):
         if value is not None:
             require_at_least(flag, value, least)
     if args.temperature < 0:
@@ -89,8 +114,11 @@ def summarise(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     means = [mean_acceptance_length(r["accepted"], r["steps"]) for r in done if r["steps"]]
     tokens = sum(r["tokens"] for r in done)
     return {
-        "requests": len(results), "failed": len(failures), "errors": failures[:5],
-        "completion_tokens": tokens, "seconds": round(seconds, 2),
+        "requests": len(results),
+        "failed": len(failures),
+        "errors": failures[:5],
+        "completion_tokens": tokens,
+        "seconds": round(seconds, 2),
         "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
         "requests_with_drafts": len(means),
         "acceptance_length_pooled": mean_acceptance_length(accepted, steps),
@@ -98,9 +126,19 @@ def summarise(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     }
 
 
-def send(url: str, model: str, messages: list[list[dict]], *, concurrency: int, max_tokens: int,
-         temperature: float, duration: float | None, api_key: str | None, timeout: float,
-         progress=None) -> dict[str, Any]:
+def send(
+    url: str,
+    model: str,
+    messages: list[list[dict]],
+    *,
+    concurrency: int,
+    max_tokens: int,
+    temperature: float,
+    duration: float | None,
+    api_key: str | None,
+    timeout: float,
+    progress=None,
+) -> dict[str, Any]:
     """Send the requests (each prompt once, or cycling for ``duration`` seconds) and summarise them."""
     started = time.monotonic()
     lock = threading.Lock()
@@ -120,14 +158,29 @@ def send(url: str, model: str, messages: list[list[dict]], *, concurrency: int, 
     def worker(seed: int) -> None:
         while (index := take()) is not None:
             try:
-                result = complete(url, model, messages=messages[index % len(messages)], max_tokens=max_tokens,
-                                  temperature=temperature, seed=seed + index, stream=True, api_key=api_key,
-                                  timeout=timeout)
+                result = complete(
+                    url,
+                    model,
+                    messages=messages[index % len(messages)],
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    seed=seed + index,
+                    stream=True,
+                    api_key=api_key,
+                    timeout=timeout,
+                )
                 own = result.spec_metrics or {}
-                record = {"ok": True, "tokens": result.completion_tokens, "steps": int(own.get("num_spec_steps") or 0),
-                          "accepted": int(own.get("num_accepted_draft_tokens") or 0)}
+                record = {
+                    "ok": True,
+                    "tokens": result.completion_tokens,
+                    "steps": int(own.get("num_spec_steps") or 0),
+                    "accepted": int(own.get("num_accepted_draft_tokens") or 0),
+                }
             except Exception as exc:  # noqa: BLE001 - every failure is counted and reported, never raised
-                record = {"ok": False, "error": f"request {index}: {str(exc).splitlines()[0] if str(exc) else exc!r}"}
+                record = {
+                    "ok": False,
+                    "error": f"request {index}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                }
             with lock:
                 results.append(record)
                 if progress is not None:
@@ -149,8 +202,11 @@ def run(args) -> int:
     url = args.url.rstrip("/")
     model = args.model or server_model(url, args.api_key)
     planned = f"for {args.duration:g} s" if args.duration else f"{len(messages)} requests"
-    print(f"lk-vllm send: {planned} to {url} ({model}), {args.concurrency} in flight, {len(messages)} prompts of "
-          f"{', '.join(args.dataset)}", file=sys.stderr)
+    print(
+        f"lk-vllm send: {planned} to {url} ({model}), {args.concurrency} in flight, {len(messages)} prompts of "
+        f"{', '.join(args.dataset)}",
+        file=sys.stderr,
+    )
 
     def progress(count: int, record: dict) -> None:
         if not record["ok"]:
@@ -158,14 +214,25 @@ def run(args) -> int:
         elif count % 10 == 0:
             print(f"  {count} requests done", file=sys.stderr)
 
-    report = send(url, model, messages, concurrency=args.concurrency, max_tokens=args.max_tokens,
-                  temperature=args.temperature, duration=args.duration, api_key=args.api_key, timeout=args.timeout,
-                  progress=progress)
+    report = send(
+        url,
+        model,
+        messages,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        duration=args.duration,
+        api_key=args.api_key,
+        timeout=args.timeout,
+        progress=progress,
+    )
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{report['requests']} requests, {report['failed']} failed, {report['completion_tokens']} tokens in "
-              f"{report['seconds']} s; acceptance length pooled {_format(report['acceptance_length_pooled'])}, "
-              f"mean of per-request means {_format(report['acceptance_length_mean_of_request_means'])} "
-              f"({report['requests_with_drafts']} requests with drafts)")
+        print(
+            f"{report['requests']} requests, {report['failed']} failed, {report['completion_tokens']} tokens in "
+            f"{report['seconds']} s; acceptance length pooled {_format(report['acceptance_length_pooled'])}, "
+            f"mean of per-request means {_format(report['acceptance_length_mean_of_request_means'])} "
+            f"({report['requests_with_drafts']} requests with drafts)"
+        )
     return 1 if report["failed"] else 0

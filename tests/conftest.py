@@ -32,8 +32,9 @@ def tier_of(item: pytest.Item) -> str | None:
     while node is not None:
         own = {mark.name for mark in node.own_markers if mark.name in TIERS}
         if len(own) > 1:
-            raise pytest.UsageError(f"{item.nodeid}: {node.name} carries tiers {', '.join(sorted(own))}; "
-                                    "give it one")
+            raise pytest.UsageError(
+                f"{item.nodeid}: {node.name} carries tiers {', '.join(sorted(own))}; give it one"
+            )
         if own:
             return own.pop()
         node = node.parent
@@ -48,8 +49,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     untiered = [item.nodeid for item, tier in zip(items, tiers, strict=True) if tier is None]
     if untiered:
         more = f" (and {len(untiered) - 1} more)" if len(untiered) > 1 else ""
-        raise pytest.UsageError(f"{untiered[0]}{more} has no tier: mark it or its module (pytestmark) with one of "
-                                f"{', '.join(TIERS)}")
+        raise pytest.UsageError(
+            f"{untiered[0]}{more} has no tier: mark it or its module (pytestmark) with one of "
+            f"{', '.join(TIERS)}"
+        )
     # `-m unit` matches a marker anywhere above a test, so the module's tier would still select a test that
     # overrides it: leave every test its one tier, on the test itself.
     for item, tier in zip(items, tiers, strict=True):
@@ -71,5 +74,7 @@ def pytest_runtest_setup(item: pytest.Item):
 def pytest_runtest_call(item: pytest.Item):
     result = yield
     if tier_of(item) == "unit" and not item.stash.get(_VLLM_BEFORE, True) and "vllm" in sys.modules:
-        pytest.fail(f"{item.nodeid} is marked unit but imported vLLM; mark it vllm, engine or e2e", pytrace=False)
+        pytest.fail(
+            f"{item.nodeid} is marked unit but imported vLLM; mark it vllm, engine or e2e", pytrace=False
+        )
     return result

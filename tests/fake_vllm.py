@@ -19,10 +19,17 @@ from aiohttp import web
 
 def child(uds: str, spec: dict) -> None:
     if spec.get("fail"):  # as vLLM dies: the engine's traceback, then the API server's wrapper
-        print("(EngineCore pid=1) ERROR Traceback (most recent call last):\n"
-              "(EngineCore pid=1) ERROR TypeError: unhashable type: 'dict'", file=sys.stderr, flush=True)
-        print("RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
-              file=sys.stderr, flush=True)
+        print(
+            "(EngineCore pid=1) ERROR Traceback (most recent call last):\n"
+            "(EngineCore pid=1) ERROR TypeError: unhashable type: 'dict'",
+            file=sys.stderr,
+            flush=True,
+        )
+        print(
+            "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(3)
     time.sleep(spec.get("start_delay", 0))  # an engine that takes a while to start
 
@@ -33,9 +40,16 @@ def child(uds: str, spec: dict) -> None:
         return web.json_response({"spec": spec, "pid": os.getpid()})
 
     async def echo(request):
-        return web.json_response({"method": request.method, "path": request.path, "query": dict(request.query),
-                                  "headers": dict(request.headers), "body": await request.text()},
-                                 headers={"X-Upstream": "fake"})
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.path,
+                "query": dict(request.query),
+                "headers": dict(request.headers),
+                "body": await request.text(),
+            },
+            headers={"X-Upstream": "fake"},
+        )
 
     async def stream(request):
         """SSE: one event, then (with ?gate=FILE) the rest once FILE exists, then [DONE]."""
@@ -61,8 +75,13 @@ def child(uds: str, spec: dict) -> None:
                 config["fail"] = True
             if config["model"] == "slow":
                 config["start_delay"] = 4
-            plan = {"status": "restart-required", "reason": "another shape", "speculative_config": config,
-                    "previous": spec.get("model"), "drafter": {"path": config["model"]}}
+            plan = {
+                "status": "restart-required",
+                "reason": "another shape",
+                "speculative_config": config,
+                "previous": spec.get("model"),
+                "drafter": {"path": config["model"]},
+            }
             return web.json_response(plan, headers={"X-LK-Restart": "required"})
         return web.json_response({"status": "swapped", "mode": "in-place weight reload"})
 
@@ -77,9 +96,17 @@ def child(uds: str, spec: dict) -> None:
         os._exit(7)
 
     app = web.Application()
-    app.add_routes([web.get("/health", health), web.get("/whoami", whoami), web.route("*", "/echo", echo),
-                    web.get("/stream", stream), web.post("/v1/speculative/drafter", swap), web.get("/ws", websocket),
-                    web.get("/die", die)])
+    app.add_routes(
+        [
+            web.get("/health", health),
+            web.get("/whoami", whoami),
+            web.route("*", "/echo", echo),
+            web.get("/stream", stream),
+            web.post("/v1/speculative/drafter", swap),
+            web.get("/ws", websocket),
+            web.get("/die", die),
+        ]
+    )
     web.run_app(app, path=uds, print=None)
 
 
@@ -108,8 +135,14 @@ def main() -> int:
         return 0
     from serving.supervisor import Supervisor
 
-    return Supervisor(FakeCommand(), host="127.0.0.1", port=args.port, restart_wait=args.restart_wait,
-                      drain_timeout=args.drain_timeout, stop_timeout=10).run()
+    return Supervisor(
+        FakeCommand(),
+        host="127.0.0.1",
+        port=args.port,
+        restart_wait=args.restart_wait,
+        drain_timeout=args.drain_timeout,
+        stop_timeout=10,
+    ).run()
 
 
 if __name__ == "__main__":

@@ -213,4 +213,7 @@ def test_pooled_and_mean_of_request_means_differ_when_requests_differ_in_length(
     beyond = RequestAcceptance.of_request(num_drafts=1, num_accepted_tokens=20)  # above every bound: +Inf
     assert beyond.histogram[-1] == 1
     assert RequestAcceptance.of_request(0, 0) == RequestAcceptance()  # never drafted: not a request here
-    assert RequestAcceptance().mean_of_request_means is None and RequestAcceptance().pooled_acceptance_length is None
+    assert (
+        RequestAcceptance().mean_of_request_means is None
+        and RequestAcceptance().pooled_acceptance_length is None
+    )

@@ -31,15 +31,29 @@ def make_target(kind: str, directory: Path, default_target: str) -> str:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    common = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 4096, "tie_word_embeddings": True}
+    common = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+    }
     if kind == "qwen2":
         # Wide initial weights: at the usual 0.02 a random Qwen2 repeats one token, which any drafter predicts.
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=49152, initializer_range=0.3, **common))
     else:
-        model = Gemma3ForCausalLM(Gemma3TextConfig(
-            vocab_size=262144, sliding_window=16, final_logit_softcapping=None,
-            layer_types=["sliding_attention"] * 3 + ["full_attention"], **common))
+        model = Gemma3ForCausalLM(
+            Gemma3TextConfig(
+                vocab_size=262144,
+                sliding_window=16,
+                final_logit_softcapping=None,
+                layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                **common,
+            )
+        )
     model.save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (Path(default_target) / name).is_file():
@@ -75,12 +89,20 @@ def test_eagle3_on_gemma3_is_refused_in_one_line_by_every_command(gemma3, tmp_pa
     from training.config import load_config
     from training.train import train
 
-    with pytest.raises(UserError, match=r"cannot serve EAGLE-3 for Gemma3ForCausalLM.*model.architecture=medusa"):
+    with pytest.raises(
+        UserError, match=r"cannot serve EAGLE-3 for Gemma3ForCausalLM.*model.architecture=medusa"
+    ):
         check_target(gemma3, "eagle3")
     assert check_target(gemma3, "medusa").vocab_size == 262144
     # train refuses before any data work: the data directory named here does not even exist
-    config, _ = load_config(overrides={"model.target": gemma3, "model.architecture": "eagle3",
-                                       "data.dirs": [str(tmp_path / "missing")], "output": str(tmp_path / "run")})
+    config, _ = load_config(
+        overrides={
+            "model.target": gemma3,
+            "model.architecture": "eagle3",
+            "data.dirs": [str(tmp_path / "missing")],
+            "output": str(tmp_path / "run"),
+        }
+    )
     with pytest.raises(UserError, match="model.target: vLLM .* cannot serve EAGLE-3"):
         train(config, progress=False)
     assert not (tmp_path / "run").exists()
@@ -94,7 +116,9 @@ def test_serve_and_eval_refuse_an_eagle3_drafter_for_gemma3(gemma3, tmp_path):
     from training.evaluate import run_eval
 
     target = TargetModel(gemma3)
-    drafter = create_drafter("eagle3", target, draft_to_target=torch.arange(0, 262144, 64), aux_layer_ids=(0, 1, 2))
+    drafter = create_drafter(
+        "eagle3", target, draft_to_target=torch.arange(0, 262144, 64), aux_layer_ids=(0, 1, 2)
+    )
     directory = drafter.save_pretrained(tmp_path / "e3", target=target_info(target))
     with pytest.raises(UserError, match="--drafter .*: vLLM .* cannot serve EAGLE-3 for Gemma3ForCausalLM"):
         launcher.build_server_command(serve_args(gemma3, "--drafter", str(directory)))
@@ -109,8 +133,12 @@ def test_the_eagle3_exporter_writes_flat_rope_settings_for_gemma3(gemma3, tmp_pa
 
     target = TargetModel(gemma3)
     assert drafter_rope_parameters(target.config) == {"rope_theta": 1000000.0, "rope_type": "default"}
-    drafter = create_drafter("eagle3", target, draft_to_target=torch.arange(0, 262144, 64), aux_layer_ids=(0, 1, 2))
-    config = json.loads((drafter.save_pretrained(tmp_path / "e3", target=target_info(target)) / "config.json").read_text())
+    drafter = create_drafter(
+        "eagle3", target, draft_to_target=torch.arange(0, 262144, 64), aux_layer_ids=(0, 1, 2)
+    )
+    config = json.loads(
+        (drafter.save_pretrained(tmp_path / "e3", target=target_info(target)) / "config.json").read_text()
+    )
     assert config["rope_parameters"] == {"rope_theta": 1000000.0, "rope_type": "default"}
 
 
@@ -127,8 +155,11 @@ def test_a_base_model_without_chat_template_is_refused_unless_a_template_is_give
     assert tokenizer.decode(ids) == (tokenizer.bos_token or "") + "def add(a, b):"
     chatml = load_tokenizer(str(base), "chatml")
     assert chatml.decode(chat_prompt_ids(chatml, [{"role": "user", "content": "Hi"}])) == (
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    with pytest.raises(UserError, match="--chat-template: expected a Jinja template file or one of chatml, plain"):
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with pytest.raises(
+        UserError, match="--chat-template: expected a Jinja template file or one of chatml, plain"
+    ):
         load_tokenizer(str(base), "no-such-template")
 
 
@@ -141,7 +172,9 @@ def _setup(target_path: str):
     prompts = load_prompts("mtbench", split="eval", limit=NUM_PROMPTS)
     batch = greedy_batch(target, prompts, MAX_TOKENS + K + 1)
     for continuation in batch["continuations"].values():
-        assert len(set(continuation)) > len(continuation) // 4, "a target repeating itself makes any drafter look right"
+        assert len(set(continuation)) > len(continuation) // 4, (
+            "a target repeating itself makes any drafter look right"
+        )
     return target, prompts, batch
 
 
@@ -166,18 +199,26 @@ def _train_and_compare(target_path: str, architecture: str, directory: Path, **o
     optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=5e-3, weight_decay=0.0)
     drafter.train()
     for _ in range(60):
-        out = multi_step_loss(drafter.training_steps(states, K), states, kind="kl",
-                              draft_to_target=drafter.draft_to_target, loss_mask=loss_mask)
+        out = multi_step_loss(
+            drafter.training_steps(states, K),
+            states,
+            kind="kl",
+            draft_to_target=drafter.draft_to_target,
+            loss_mask=loss_mask,
+        )
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
     drafter.eval()
     drafter.save_pretrained(directory, target=target_info(target), training={"loss": "kl", "steps": 60})
     reloaded = load_drafter(directory, target)
-    torch_summary = evaluate_torch(reloaded, target, prompts, K, MAX_TOKENS, 0.0,
-                                   continuations=continuations)["mtbench"].summary()
+    torch_summary = evaluate_torch(
+        reloaded, target, prompts, K, MAX_TOKENS, 0.0, continuations=continuations
+    )["mtbench"].summary()
     prompt_ids = {"mtbench": [target.chat_prompt_ids(p.messages) for p in prompts]}
-    vllm_summary = evaluate_vllm(str(directory), target_path, prompt_ids, K, MAX_TOKENS, 0.0)["mtbench"].summary()
+    vllm_summary = evaluate_vllm(str(directory), target_path, prompt_ids, K, MAX_TOKENS, 0.0)[
+        "mtbench"
+    ].summary()
     print(f"{architecture} on {target.config.architectures[0]}: torch {torch_summary}\nvllm {vllm_summary}")
     assert torch_summary["acceptance_length"] > 1.5, "the drafter did not learn: the comparison means nothing"
     assert vllm_summary["acceptance_length"] == pytest.approx(torch_summary["acceptance_length"], rel=0.03)
@@ -194,9 +235,13 @@ def test_medusa_on_gemma3_serves_as_the_trainer_predicts(gemma3, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, architecture", [("qwen2", "eagle3"), ("qwen2", "medusa"), ("gemma3", "medusa"),
-                                                ("qwen2_base", "medusa")])
-def test_prepare_train_export_and_serve_through_the_commands(kind, architecture, request, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "kind, architecture",
+    [("qwen2", "eagle3"), ("qwen2", "medusa"), ("gemma3", "medusa"), ("qwen2_base", "medusa")],
+)
+def test_prepare_train_export_and_serve_through_the_commands(
+    kind, architecture, request, tmp_path, monkeypatch
+):
     """The user's path: `train` regenerates data with the target in vLLM (prepare), trains, exports the final
     drafter, and vLLM serves it (acceptance measured on prompts it never saw). The base model (no chat template)
     goes the same way with --chat-template plain."""
@@ -209,15 +254,31 @@ def test_prepare_train_export_and_serve_through_the_commands(kind, architecture,
     monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
     options = {"model.options": {"aux_layer_ids": [0, 1, 2]}} if architecture == "eagle3" else {}
     template = "plain" if kind == "qwen2_base" else None
-    config, _ = load_config(overrides={
-        "model.target": target, "model.architecture": architecture, "data.datasets": ["gsm8k"], "data.limit": 8,
-        "data.max_tokens": 16, "data.max_length": 192, "data.heldout": 2, "loss.num_steps": 2,
-        "training.max_steps": 3, "training.batch_size": 2, "training.eval_every": 3, "training.log_every": 1,
-        "data.chat_template": template, "output": str(tmp_path / "run"), **options})
+    config, _ = load_config(
+        overrides={
+            "model.target": target,
+            "model.architecture": architecture,
+            "data.datasets": ["gsm8k"],
+            "data.limit": 8,
+            "data.max_tokens": 16,
+            "data.max_length": 192,
+            "data.heldout": 2,
+            "loss.num_steps": 2,
+            "training.max_steps": 3,
+            "training.batch_size": 2,
+            "training.eval_every": 3,
+            "training.log_every": 1,
+            "data.chat_template": template,
+            "output": str(tmp_path / "run"),
+            **options,
+        }
+    )
     summary = train(config, progress=False)
     final = tmp_path / "run" / "final"
     record = json.loads((final / "lk_training.json").read_text())
-    assert record["target"]["architectures"] == [{"gemma3": "Gemma3ForCausalLM"}.get(kind, "Qwen2ForCausalLM")]
+    assert record["target"]["architectures"] == [
+        {"gemma3": "Gemma3ForCausalLM"}.get(kind, "Qwen2ForCausalLM")
+    ]
     assert summary["final"]["expected_acceptance_length"] >= 1.0
 
     # model.draft_vocab_size=auto: Qwen2's 49,152 ids stay whole; of Gemma-3's 262,144 the smallest size that

@@ -84,7 +84,9 @@ def test_fingerprint_changes_with_weights(tmp_path):
 
 def test_default_target_is_a_valid_llama(default_target):
     config = json.loads((Path(default_target) / "config.json").read_text())
-    assert config["num_hidden_layers"] == 30 and config["hidden_size"] == 576 and config["vocab_size"] == 49152
+    assert (
+        config["num_hidden_layers"] == 30 and config["hidden_size"] == 576 and config["vocab_size"] == 49152
+    )
     assert config["rope_theta"] == 100000.0  # written back for readers that ignore rope_parameters
     tokenizer_config = json.loads((Path(default_target) / "tokenizer_config.json").read_text())
     assert tokenizer_config["tokenizer_class"] == "GPT2Tokenizer"
@@ -97,8 +99,13 @@ def test_killed_build_is_detected_and_rebuilt_and_corruption_is_repaired(monkeyp
     """A conversion killed with SIGKILL leaves nothing valid; the next use rebuilds; a corrupted cache is
     detected by hash and rebuilt instead of served."""
     env = {**os.environ, "LK_VLLM_HOME": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "lk_vllm.cli", "models"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lk_vllm.cli", "models"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not any((tmp_path / "models").glob(".smollm2*/model.safetensors")):
         time.sleep(0.2)  # wait until the conversion is writing weights
@@ -134,13 +141,16 @@ def packaged_drafter(tmp_path):
     target_dir = make_tiny_target(tmp_path / "target")
     target = TargetModel(target_dir)
     drafter = create_drafter("eagle3", target, draft_to_target=torch.arange(0, 256, 2))
-    source = drafter.save_pretrained(tmp_path / "packaged", target=target_info(target), training={"loss": "lambda"})
+    source = drafter.save_pretrained(
+        tmp_path / "packaged", target=target_info(target), training={"loss": "lambda"}
+    )
     return source, target_dir
 
 
 @pytest.mark.vllm
-def test_default_drafter_installs_verified_and_is_replaced_without_losing_the_old_copy(packaged_drafter, tmp_path,
-                                                                                      monkeypatch):
+def test_default_drafter_installs_verified_and_is_replaced_without_losing_the_old_copy(
+    packaged_drafter, tmp_path, monkeypatch
+):
     source, target = packaged_drafter
     monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
     installed = assets.install_default_drafter(source, target)
@@ -164,7 +174,9 @@ def test_default_drafter_installs_verified_and_is_replaced_without_losing_the_ol
     (source / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="packaged default drafter does not fit target .*V2 model runner"):
         assets.install_default_drafter(source, target)
-    assert assets.check_model_dir(installed) is None and "newer" in (installed / "lk_training.json").read_text()
+    assert (
+        assets.check_model_dir(installed) is None and "newer" in (installed / "lk_training.json").read_text()
+    )
     assert [p.name for p in installed.parent.iterdir() if p.name.startswith(".") and p.is_dir()] == []
 
 

@@ -83,5 +83,7 @@ def test_atomic_dir_replaces_whole_or_leaves_the_old_copy(tmp_path):
     assert (final / "config.json").read_text() == "first"
     with atomic_dir(final) as tmp:
         (tmp / "model.safetensors").write_text("second")
-    assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"]  # the new copy whole, nothing mixed
+    assert sorted(p.name for p in final.iterdir()) == [
+        "model.safetensors"
+    ]  # the new copy whole, nothing mixed
     assert [p.name for p in tmp_path.iterdir()] == ["drafter"]

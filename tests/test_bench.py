@@ -28,10 +28,18 @@ HELDOUT = {"top1_agreement": [0.8, 0.5, 0.4], "per_position_alpha": [0.6, 0.5, 0
 
 
 def _drafter(label="e3-lambda", loss="lambda", architecture="eagle3", heldout=HELDOUT) -> Contender:
-    return Contender(label=label, architecture=architecture, loss=loss, path=f"/runs/{label}",
-                     speculative_config={"method": architecture, "num_speculative_tokens": K,
-                                         "draft_sample_method": "probabilistic"},
-                     training={"loss": loss, "heldout": heldout})
+    return Contender(
+        label=label,
+        architecture=architecture,
+        loss=loss,
+        path=f"/runs/{label}",
+        speculative_config={
+            "method": architecture,
+            "num_speculative_tokens": K,
+            "draft_sample_method": "probabilistic",
+        },
+        training={"loss": loss, "heldout": heldout},
+    )
 
 
 def _plan(datasets=("mtbench", "gsm8k"), temperatures=(0.0, 1.0), concurrencies=(1, 8)) -> Plan:
@@ -41,7 +49,9 @@ def _plan(datasets=("mtbench", "gsm8k"), temperatures=(0.0, 1.0), concurrencies=
 
 # ------------------------------------------------------------------------------------------------ records
 def test_record_acceptance_speedup_and_training_gap():
-    counts = SpecDecodeCounts(num_drafts=10, num_draft_tokens=20, num_accepted_tokens=12, accepted_per_position=(7, 5))
+    counts = SpecDecodeCounts(
+        num_drafts=10, num_draft_tokens=20, num_accepted_tokens=12, accepted_per_position=(7, 5)
+    )
     mine = Measurement(num_requests=2, output_tokens=30, seconds=2.0, counts=counts)
     base = Measurement(num_requests=2, output_tokens=30, seconds=5.0, counts=SpecDecodeCounts())
     r = record(_drafter(), Cell("mtbench", 1.0, 1), mine, _plan(), base)
@@ -55,12 +65,23 @@ def test_record_acceptance_speedup_and_training_gap():
     assert r["acceptance_length_gap_percent"] == pytest.approx(100 * (2.2 - 1.9) / 1.9)
     assert r["draft_sample_method"] == "probabilistic"
     for key in ("architecture", "loss", "dataset", "temperature", "num_speculative_tokens", "concurrency"):
-        assert r[key] == {"architecture": "eagle3", "loss": "lambda", "dataset": "mtbench", "temperature": 1.0,
-                          "num_speculative_tokens": K, "concurrency": 1}[key]
+        assert (
+            r[key]
+            == {
+                "architecture": "eagle3",
+                "loss": "lambda",
+                "dataset": "mtbench",
+                "temperature": 1.0,
+                "num_speculative_tokens": K,
+                "concurrency": 1,
+            }[key]
+        )
 
 
 def test_record_at_t0_uses_top1_agreement_and_greedy_drafts():
-    counts = SpecDecodeCounts(num_drafts=4, num_draft_tokens=8, num_accepted_tokens=4, accepted_per_position=(3, 1))
+    counts = SpecDecodeCounts(
+        num_drafts=4, num_draft_tokens=8, num_accepted_tokens=4, accepted_per_position=(3, 1)
+    )
     r = record(_drafter(), Cell("gsm8k", 0.0, 8), Measurement(1, 9, 3.0, counts), _plan(), None)
     assert r["training_expected_acceptance_length"] == pytest.approx(1 + 0.8 + 0.8 * 0.5)
     assert r["draft_sample_method"] == "greedy"
@@ -75,7 +96,9 @@ def test_baseline_record_has_no_acceptance_and_speedup_one():
     assert r["speedup"] == 1.0 and r["tokens_per_s"] == 10.0
 
 
-@pytest.mark.parametrize("temperature, heldout", [(0.5, HELDOUT), (1.0, {"per_position_alpha": [0.6]}), (1.0, {})])
+@pytest.mark.parametrize(
+    "temperature, heldout", [(0.5, HELDOUT), (1.0, {"per_position_alpha": [0.6]}), (1.0, {})]
+)
 def test_no_training_expectation_without_a_matching_prediction(temperature, heldout):
     assert heldout_rates({"heldout": heldout}, temperature, K) is None
 
@@ -85,14 +108,22 @@ def test_overall_pools_tokens_seconds_and_counters():
     cells = [cell for cell, _ in plan.cells()]
     drafter = _drafter()
     results = {
-        "baseline": {cells[0]: Measurement(2, 10, 2.0, SpecDecodeCounts()),
-                     cells[1]: Measurement(2, 30, 4.0, SpecDecodeCounts())},
-        drafter.label: {cells[0]: Measurement(2, 10, 1.0, SpecDecodeCounts(2, 4, 2, (2, 0))),
-                        cells[1]: Measurement(2, 30, 2.0, SpecDecodeCounts(6, 12, 9, (5, 4)))},
+        "baseline": {
+            cells[0]: Measurement(2, 10, 2.0, SpecDecodeCounts()),
+            cells[1]: Measurement(2, 30, 4.0, SpecDecodeCounts()),
+        },
+        drafter.label: {
+            cells[0]: Measurement(2, 10, 1.0, SpecDecodeCounts(2, 4, 2, (2, 0))),
+            cells[1]: Measurement(2, 30, 2.0, SpecDecodeCounts(6, 12, 9, (5, 4))),
+        },
     }
     per_dataset, overall = build_records(plan, [BASELINE, drafter], results)
     assert [(r["drafter"], r["dataset"]) for r in per_dataset] == [
-        ("baseline", "mtbench"), ("baseline", "gsm8k"), ("e3-lambda", "mtbench"), ("e3-lambda", "gsm8k")]
+        ("baseline", "mtbench"),
+        ("baseline", "gsm8k"),
+        ("e3-lambda", "mtbench"),
+        ("e3-lambda", "gsm8k"),
+    ]
     mine = [r for r in overall if r["drafter"] == "e3-lambda"]
     assert len(mine) == 1 and mine[0]["dataset"] == "all"
     assert mine[0]["tokens_per_s"] == pytest.approx(40 / 3.0)
@@ -100,7 +131,6 @@ def test_overall_pools_tokens_seconds_and_counters():
     assert mine[0]["acceptance_length"] == pytest.approx(1 + 11 / 8)
     assert mine[0]["per_position_acceptance"] == pytest.approx([7 / 8, 4 / 8])
     assert per_dataset[3]["speedup"] == pytest.approx(15 / 7.5)
-
 
 
 def test_records_carry_both_aggregations_stamped_with_the_sampling_mode():
@@ -115,24 +145,40 @@ def test_records_carry_both_aggregations_stamped_with_the_sampling_mode():
     long_request = request_counts(completion([0, 10, 0]))  # 10 steps, 1 accepted each: 2.0
     short_request = request_counts(completion([0, 0, 2]))  # 2 steps, 2 accepted each: 3.0
     assert request_counts(SimpleNamespace(spec_decode_metrics=None)) == RequestAcceptance()
-    counts = SpecDecodeCounts(num_drafts=12, num_draft_tokens=24, num_accepted_tokens=14, accepted_per_position=(9, 5))
+    counts = SpecDecodeCounts(
+        num_drafts=12, num_draft_tokens=24, num_accepted_tokens=14, accepted_per_position=(9, 5)
+    )
     plan = _plan(concurrencies=(1,), temperatures=(0.0, 1.0))
     cells = [cell for cell, _ in plan.cells()]
     for cell in cells[:2]:
-        r = record(_drafter(), cell, Measurement(2, 30, 2.0, counts, long_request + short_request), plan, None)
-        assert r["acceptance_length"] == pytest.approx(1 + 14 / 12) and r["acceptance_length_aggregation"] == "pooled"
+        r = record(
+            _drafter(), cell, Measurement(2, 30, 2.0, counts, long_request + short_request), plan, None
+        )
+        assert (
+            r["acceptance_length"] == pytest.approx(1 + 14 / 12)
+            and r["acceptance_length_aggregation"] == "pooled"
+        )
         assert r["acceptance_length_mean_of_request_means"] == pytest.approx(2.5)
         mode = "sampled" if cell.temperature > 0 else "temperature_0"
         assert r["sampling"] == mode and {e["sampling"] for e in r["acceptance_lengths"]} == {mode}
         assert [e["aggregation"] for e in r["acceptance_lengths"]] == ["pooled", "mean_of_request_means"]
         assert sum(r["request_acceptance_histogram"]["counts"]) == 2
-    results = {"e3-lambda": {cell: Measurement(1, 10, 1.0, counts, long_request if i % 2 else short_request)
-                             for i, cell in enumerate(cells)}}
+    results = {
+        "e3-lambda": {
+            cell: Measurement(1, 10, 1.0, counts, long_request if i % 2 else short_request)
+            for i, cell in enumerate(cells)
+        }
+    }
     _, overall = build_records(plan, [_drafter()], results)  # pooled over datasets: the requests add up
     assert [r["acceptance_length_mean_of_request_means"] for r in overall] == pytest.approx([3.0, 2.0])
 
+
 def test_drafter_labels_are_short_and_unique(tmp_path):
-    assert drafter_labels(["runs/kl/best", "runs/lk/best", "other/final"]) == ["kl/best", "lk/best", "other/final"]
+    assert drafter_labels(["runs/kl/best", "runs/lk/best", "other/final"]) == [
+        "kl/best",
+        "lk/best",
+        "other/final",
+    ]
     assert drafter_labels(["runs/eagle3-alpha/best"]) == ["eagle3-alpha/best"]
     assert drafter_labels(["runs/a/drafter"]) == ["drafter"]
     assert drafter_labels(["runs/baseline"]) == ["runs/baseline"]
@@ -160,8 +206,11 @@ class _FakeEngine:
         if self.steps % 2 or not self.in_flight:
             return [SimpleNamespace(request_id=r, finished=False, outputs=[]) for r, _ in self.in_flight]
         request_id, length = self.in_flight.pop(0)
-        return [SimpleNamespace(request_id=request_id, finished=True,
-                                outputs=[SimpleNamespace(token_ids=list(range(length)))])]
+        return [
+            SimpleNamespace(
+                request_id=request_id, finished=True, outputs=[SimpleNamespace(token_ids=list(range(length)))]
+            )
+        ]
 
 
 @pytest.mark.vllm
@@ -188,11 +237,22 @@ def _document() -> dict:
         "e3-lambda": {c: Measurement(2, 20, 0.8, SpecDecodeCounts(10, 20, 12, (7, 5))) for c in cells},
     }
     records, overall = build_records(plan, [BASELINE, kl, lk], results)
-    return {"name": "unit", "command": "lk-vllm bench --name unit", "target": "/models/t", "hardware": "cpu:test x2",
-            "vllm_version": "0.32.0", "settings": {"num_speculative_tokens": K, "max_tokens": 16, "limit": 2,
-                                                   "engine": {"dtype": "float32", "max_num_seqs": 1}},
-            "method": {"throughput": "tokens/s = output tokens / wall seconds"},
-            "records": records, "overall": overall}
+    return {
+        "name": "unit",
+        "command": "lk-vllm bench --name unit",
+        "target": "/models/t",
+        "hardware": "cpu:test x2",
+        "vllm_version": "0.32.0",
+        "settings": {
+            "num_speculative_tokens": K,
+            "max_tokens": 16,
+            "limit": 2,
+            "engine": {"dtype": "float32", "max_num_seqs": 1},
+        },
+        "method": {"throughput": "tokens/s = output tokens / wall seconds"},
+        "records": records,
+        "overall": overall,
+    }
 
 
 def test_results_page_json_markdown_png(tmp_path):
@@ -202,8 +262,17 @@ def test_results_page_json_markdown_png(tmp_path):
     paths = write_results(document, tmp_path / "results", "unit")
     assert json.loads(paths["json"].read_text()) == document
     for record_ in document["records"]:
-        for key in ("architecture", "loss", "dataset", "temperature", "num_speculative_tokens",
-                    "acceptance_length", "per_position_acceptance", "tokens_per_s", "speedup"):
+        for key in (
+            "architecture",
+            "loss",
+            "dataset",
+            "temperature",
+            "num_speculative_tokens",
+            "acceptance_length",
+            "per_position_acceptance",
+            "tokens_per_s",
+            "speedup",
+        ):
             assert key in record_
     md = paths["md"].read_text()
     assert "`lk-vllm bench --name unit`" in md and "![per-position acceptance and speedup](unit.png)" in md
@@ -236,11 +305,19 @@ def test_paper_layout_pools_concurrencies_per_dataset_and_temperature():
     drafter = _drafter(label="e3-kl", loss="kl")
     # mtbench T=0: c=1 accepts 2 over 4 drafts (length 1.5), c=8 20 over 12 (2.67): pooled 1 + 22/16 = 2.375,
     # not the mean of the two cells' lengths (2.08).
-    counts = {("mtbench", 0.0, 1): SpecDecodeCounts(4, 8, 2, (2, 0)),
-              ("mtbench", 0.0, 8): SpecDecodeCounts(12, 24, 20, (12, 8))}
-    measured = {cell: Measurement(2, 10, 1.0, counts.get((cell.dataset, cell.temperature, cell.concurrency),
-                                                        SpecDecodeCounts(2, 4, 1, (1, 0))))
-                for cell in cells}
+    counts = {
+        ("mtbench", 0.0, 1): SpecDecodeCounts(4, 8, 2, (2, 0)),
+        ("mtbench", 0.0, 8): SpecDecodeCounts(12, 24, 20, (12, 8)),
+    }
+    measured = {
+        cell: Measurement(
+            2,
+            10,
+            1.0,
+            counts.get((cell.dataset, cell.temperature, cell.concurrency), SpecDecodeCounts(2, 4, 1, (1, 0))),
+        )
+        for cell in cells
+    }
     per_dataset, _ = build_records(plan, [drafter], {drafter.label: measured})
     rows = paper_layout(per_dataset)
     assert len(rows) == 1 and (rows[0]["architecture"], rows[0]["loss"]) == ("eagle3", "kl")
@@ -277,25 +354,36 @@ def _error(capsys, *argv) -> str:
     return err[0]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--num-speculative-tokens", "0"], "--num-speculative-tokens: expected an integer >= 1, found 0"),
-    (["--concurrency", "0"], "--concurrency: expected an integer >= 1, found 0"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--limit", "0"], "--limit: expected an integer >= 1, found 0"),
-    (["--max-tokens", "0"], "--max-tokens: expected an integer >= 1, found 0"),
-    (["--no-baseline"], "nothing to benchmark"),
-    (["--name", "a/b"], "--name must be a plain file name"),
-    (["--drafter", "/no/such/drafter"], "--drafter /no/such/drafter: directory not found"),
-    # the dataset is looked up after the target is checked, which imports vLLM
-    pytest.param(["--dataset", "nosuchset"], "unknown dataset 'nosuchset'", marks=pytest.mark.vllm),
-    (["--speculative-config", "{nope"], "expected [LABEL=]JSON object, found invalid JSON"),
-    (["--speculative-config", "[1]"], 'expected a JSON object with a "method"'),
-    (["--speculative-config", '{"method": "eagle3", "model": "/x"}'], "is a drafter; pass its directory with --drafter"),
-    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 0}'], "num_speculative_tokens: expected an integer >= 1, found 0"),
-    (["--speculative-config", 'baseline={"method": "ngram"}'], "label 'baseline' is taken"),
-    (["--speculative-config", '{"method": "ngram"}', "--speculative-config", '{"method": "ngram"}'],
-     "label 'ngram-k3' is taken"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num-speculative-tokens", "0"], "--num-speculative-tokens: expected an integer >= 1, found 0"),
+        (["--concurrency", "0"], "--concurrency: expected an integer >= 1, found 0"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--limit", "0"], "--limit: expected an integer >= 1, found 0"),
+        (["--max-tokens", "0"], "--max-tokens: expected an integer >= 1, found 0"),
+        (["--no-baseline"], "nothing to benchmark"),
+        (["--name", "a/b"], "--name must be a plain file name"),
+        (["--drafter", "/no/such/drafter"], "--drafter /no/such/drafter: directory not found"),
+        # the dataset is looked up after the target is checked, which imports vLLM
+        pytest.param(["--dataset", "nosuchset"], "unknown dataset 'nosuchset'", marks=pytest.mark.vllm),
+        (["--speculative-config", "{nope"], "expected [LABEL=]JSON object, found invalid JSON"),
+        (["--speculative-config", "[1]"], 'expected a JSON object with a "method"'),
+        (
+            ["--speculative-config", '{"method": "eagle3", "model": "/x"}'],
+            "is a drafter; pass its directory with --drafter",
+        ),
+        (
+            ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 0}'],
+            "num_speculative_tokens: expected an integer >= 1, found 0",
+        ),
+        (["--speculative-config", 'baseline={"method": "ngram"}'], "label 'baseline' is taken"),
+        (
+            ["--speculative-config", '{"method": "ngram"}', "--speculative-config", '{"method": "ngram"}'],
+            "label 'ngram-k3' is taken",
+        ),
+    ],
+)
 def test_bad_flags_fail_in_one_line_before_any_engine(no_engine, capsys, tmp_path, argv, message):
     assert message in _error(capsys, *argv, "--out-dir", str(tmp_path))
 
@@ -305,7 +393,8 @@ def test_bad_jsonl_fails_in_one_line(no_engine, capsys, tmp_path):
     bad = tmp_path / "mine.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"nope": 1}\n')
     assert f"{bad}:2: expected a 'messages' list or a 'prompt' string" in _error(
-        capsys, "--dataset", str(bad), "--out-dir", str(tmp_path))
+        capsys, "--dataset", str(bad), "--out-dir", str(tmp_path)
+    )
 
 
 def test_a_drafter_for_another_target_is_refused(no_engine, capsys, tmp_path):
@@ -315,13 +404,16 @@ def test_a_drafter_for_another_target_is_refused(no_engine, capsys, tmp_path):
     from lk_vllm.target_model import TargetModel
 
     tiny = TargetModel(make_tiny_target(tmp_path / "tiny", seed=0))
-    drafter = create_drafter("medusa", tiny, num_heads=K).save_pretrained(tmp_path / "medusa", target=target_info(tiny))
+    drafter = create_drafter("medusa", tiny, num_heads=K).save_pretrained(
+        tmp_path / "medusa", target=target_info(tiny)
+    )
     # The default target has another vocabulary.
     assert "vocabulary size 256" in _error(capsys, "--drafter", str(drafter), "--out-dir", str(tmp_path))
     # A target of the same shapes but other weights: the fingerprint in lk_training.json differs.
     other = make_tiny_target(tmp_path / "other", seed=1)
     assert "was trained for target fingerprint" in _error(
-        capsys, "--drafter", str(drafter), "--target", other, "--out-dir", str(tmp_path))
+        capsys, "--drafter", str(drafter), "--target", other, "--out-dir", str(tmp_path)
+    )
 
 
 @pytest.mark.vllm
@@ -340,18 +432,34 @@ def test_prepare_tokenizes_with_the_chat_template(default_target, tmp_path):
     data.write_text(json.dumps({"prompt": "word " * 600}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--dataset", str(data), "--temperature", "0", "--max-tokens", "2000",
-                              "--out-dir", str(tmp_path / "out")])
+    args = parser.parse_args(
+        [
+            "--dataset",
+            str(data),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "2000",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     plan, contenders, settings = prepare(args)
     tokenizer = AutoTokenizer.from_pretrained(default_target)
-    expected = [tuple(chat_prompt_ids(tokenizer, [{"role": "user", "content": t}])) for t in ("word " * 600, "Hi")]
+    expected = [
+        tuple(chat_prompt_ids(tokenizer, [{"role": "user", "content": t}])) for t in ("word " * 600, "Hi")
+    ]
     assert [w.dataset for w in plan.workloads] == ["mine"]
     assert list(plan.workloads[0].prompt_ids) == expected
     assert contenders == [BASELINE] and plan.temperatures == (0.0,) and plan.concurrencies == (1, 8)
     assert settings.max_model_len == len(expected[0]) + 2000 + 3 + 1 > 2048
     again = parser.parse_args(command_line(args, plan, settings, "x").split()[2:])
     assert (again.dataset, again.temperature, again.max_tokens, again.max_model_len) == (
-        [data.stem], [0.0], 2000, settings.max_model_len)
+        [data.stem],
+        [0.0],
+        2000,
+        settings.max_model_len,
+    )
 
 
 @pytest.mark.vllm
@@ -365,14 +473,29 @@ def test_speculative_configs_are_labelled_contenders_and_round_trip(default_targ
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    argv = ["--speculative-config", '{"method": "ngram", "prompt_lookup_max": 3}',
-            "--speculative-config", 'wide={"method": "ngram", "num_speculative_tokens": 6}',
-            "--num-speculative-tokens", "4", "--limit", "1", "--out-dir", str(tmp_path)]
+    argv = [
+        "--speculative-config",
+        '{"method": "ngram", "prompt_lookup_max": 3}',
+        "--speculative-config",
+        'wide={"method": "ngram", "num_speculative_tokens": 6}',
+        "--num-speculative-tokens",
+        "4",
+        "--limit",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+    ]
     plan, contenders, settings = prepare(parser.parse_args(argv))
     assert [c.label for c in contenders] == ["baseline", "ngram-k4", "wide"]
-    assert contenders[1].speculative_config == {"method": "ngram", "prompt_lookup_max": 3, "num_speculative_tokens": 4}
+    assert contenders[1].speculative_config == {
+        "method": "ngram",
+        "prompt_lookup_max": 3,
+        "num_speculative_tokens": 4,
+    }
     assert contenders[2].speculative_config["num_speculative_tokens"] == 6
-    assert contenders[1].architecture == "ngram" and contenders[1].loss is None and not contenders[1].is_baseline
+    assert (
+        contenders[1].architecture == "ngram" and contenders[1].loss is None and not contenders[1].is_baseline
+    )
     again = parser.parse_args(shlex.split(command_line(parser.parse_args(argv), plan, settings, "x"))[2:])
     assert [c.speculative_config for c in prepare(again)[1]] == [c.speculative_config for c in contenders]
 
@@ -389,8 +512,11 @@ def real_run(default_target, tmp_path_factory):
     target = TargetModel(default_target)
     drafter = create_drafter("draft_model", target, num_layers=target.num_layers)
     heldout = {"top1_agreement": [0.9, 0.8], "per_position_alpha": [0.7, 0.6]}
-    directory = drafter.save_pretrained(root / "same-as-target", target=target_info(target),
-                                        training={"loss": "kl", "num_steps": K, "heldout": heldout})
+    directory = drafter.save_pretrained(
+        root / "same-as-target",
+        target=target_info(target),
+        training={"loss": "kl", "num_steps": K, "heldout": heldout},
+    )
     del target, drafter
 
     snapshots = []  # (engine, counters) in the order the runner read them
@@ -404,9 +530,25 @@ def real_run(default_target, tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setattr(runner, "read_spec_decode_counters", spy)
     try:
-        argv = ["bench", "--drafter", str(directory), "--limit", "2", "--max-tokens", "16", "--concurrency", "1",
-                "--concurrency", "2", "--num-speculative-tokens", str(K), "--name", "tiny",
-                "--out-dir", str(root / "results")]
+        argv = [
+            "bench",
+            "--drafter",
+            str(directory),
+            "--limit",
+            "2",
+            "--max-tokens",
+            "16",
+            "--concurrency",
+            "1",
+            "--concurrency",
+            "2",
+            "--num-speculative-tokens",
+            str(K),
+            "--name",
+            "tiny",
+            "--out-dir",
+            str(root / "results"),
+        ]
         assert main(argv) == 0
     finally:
         patch.undo()
@@ -421,7 +563,9 @@ def test_real_bench_matches_vllm_counters_and_measured_speed(real_run):
     for key in ("target", "hardware", "vllm_version", "command", "records"):
         assert document[key]
     records = document["records"]
-    base = {(r["dataset"], r["temperature"], r["concurrency"]): r for r in records if r["drafter"] == "baseline"}
+    base = {
+        (r["dataset"], r["temperature"], r["concurrency"]): r for r in records if r["drafter"] == "baseline"
+    }
     mine = [r for r in records if r["drafter"] != "baseline"]
     assert len(base) == len(mine) == 4  # 1 dataset x 2 temperatures x 2 concurrencies
     # The drafter engine's counter snapshots: (before, after) per cell, in the order of the records.
@@ -434,8 +578,10 @@ def test_real_bench_matches_vllm_counters_and_measured_speed(real_run):
         accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
         assert drafts > 0 and r["num_drafts"] == drafts and r["num_accepted_tokens"] == accepted
         assert r["acceptance_length"] == pytest.approx(1 + accepted / drafts)
-        per_position = [a - b for a, b in zip(after["accepted_per_position"], before["accepted_per_position"],
-                                              strict=True)]
+        per_position = [
+            a - b
+            for a, b in zip(after["accepted_per_position"], before["accepted_per_position"], strict=True)
+        ]
         assert r["per_position_acceptance"] == pytest.approx([count / drafts for count in per_position])
         # The drafter is the target: every draft is accepted, at T=0 and at T=1.
         assert r["acceptance_length"] == pytest.approx(K + 1, abs=0.1)
@@ -451,7 +597,9 @@ def test_real_bench_matches_vllm_counters_and_measured_speed(real_run):
             assert r["output_tokens"] == reference["output_tokens"]
         expected = 1 + 0.9 + 0.9 * 0.8 if r["temperature"] == 0 else 1 + 0.7 + 0.7 * 0.6
         assert r["training_expected_acceptance_length"] == pytest.approx(expected)
-        assert r["acceptance_length_gap_percent"] == pytest.approx(100 * (r["acceptance_length"] - expected) / expected)
+        assert r["acceptance_length_gap_percent"] == pytest.approx(
+            100 * (r["acceptance_length"] - expected) / expected
+        )
         assert r["architecture"] == "draft_model" and r["loss"] == "kl" and r["num_speculative_tokens"] == K
     assert all(r["speedup"] == 1.0 and r["acceptance_length"] is None for r in base.values())
     assert (real_run["results"] / "tiny.md").read_text().startswith("# Benchmark: tiny")

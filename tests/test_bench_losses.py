@@ -49,8 +49,15 @@ def test_allocated_peak_ignores_what_was_live_before(bench):
 @pytest.mark.parametrize("vocab_draft", [384, 256])
 def test_memory_worker_lk_no_more_than_kl(bench, vocab_draft):
     rows, vocab = 96, 384
-    spec = {"V": vocab, "N": rows, "Vd": vocab_draft, "dtype": "float32", "impls": ["chunked", "naive"],
-            "mode": "memory", "memory_reps": 1}
+    spec = {
+        "V": vocab,
+        "N": rows,
+        "Vd": vocab_draft,
+        "dtype": "float32",
+        "impls": ["chunked", "naive"],
+        "mode": "memory",
+        "memory_reps": 1,
+    }
     result = bench.run_worker(spec)
     peaks = result["peak_bytes"]
     gradient = rows * vocab_draft * 4
@@ -99,9 +106,15 @@ def test_group_records_and_partial_page(bench, tmp_path):
     assert lam["time_ratio_to_kl"] == pytest.approx(1.25)  # median of 1.0 and 1.5, paired per repetition
     assert lam["time_ratio_to_kl_of_minima"] == pytest.approx(1.0)
     assert lam["memory_ratio_to_kl"] == 1.0 and lam["rss_memory_ratio_to_kl"] == pytest.approx(1.03)
-    report = {"hardware": {"cpu": "x", "logical_cores": 2, "torch_threads": 2, "memory_gb": 1, "torch": "t"},
-              "command": "c", "method": "m", "load": "n/a", "wall_seconds": 60, "groups_not_yet_run": 3,
-              "records": records}
+    report = {
+        "hardware": {"cpu": "x", "logical_cores": 2, "torch_threads": 2, "memory_gb": 1, "torch": "t"},
+        "command": "c",
+        "method": "m",
+        "load": "n/a",
+        "wall_seconds": 60,
+        "groups_not_yet_run": 3,
+        "records": records,
+    }
     out = tmp_path / "run"
     bench.write_report(report, out, quiet=True)
     page = out.with_suffix(".md").read_text()
@@ -115,7 +128,9 @@ def test_grid_flags(bench, capsys):
 
     args = argparse.Namespace(rows=[8192], vocab=[201088, 32000], dtypes=["float32"], draft_vocab=["full"])
     assert [(g["V"], g["Vd"], g["vocab"]) for g in bench.build_groups(args)] == [
-        (201088, 201088, "full"), (32000, 32000, "full")]
+        (201088, 201088, "full"),
+        (32000, 32000, "full"),
+    ]
     args.draft_vocab = ["truncated"]
     assert [g["Vd"] for g in bench.build_groups(args)] == [bench.TRUNCATED_VOCAB, bench.TRUNCATED_VOCAB]
     with pytest.raises(SystemExit) as exit_info:

@@ -12,8 +12,17 @@ pytestmark = pytest.mark.unit
 
 def stream(first: float, step: float, tokens: int) -> Completion:
     times = [first + i * step for i in range(tokens)]
-    return Completion(text="", completion_tokens=tokens, spec_metrics=None, started=0.0, first_token=times[0],
-                      finished=times[-1], last_token=times[-1], chunks=tokens, chunk_times=times)
+    return Completion(
+        text="",
+        completion_tokens=tokens,
+        spec_metrics=None,
+        started=0.0,
+        first_token=times[0],
+        finished=times[-1],
+        last_token=times[-1],
+        chunks=tokens,
+        chunk_times=times,
+    )
 
 
 def test_window_keeps_only_the_steps_all_streams_decode_together():

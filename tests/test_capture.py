@@ -28,24 +28,43 @@ CHAT = "/v1/chat/completions"
 def _store(lengths, mode="temperature_0"):
     """A store whose live drafter finished one request per acceptance length (K=3, 10 steps each)."""
     store = LiveStatsStore()
-    store.set_drafter(DrafterInfo(name="/d/live", method="eagle3", architecture="eagle3", num_speculative_tokens=3))
+    store.set_drafter(
+        DrafterInfo(name="/d/live", method="eagle3", architecture="eagle3", num_speculative_tokens=3)
+    )
     for length in lengths:
         accepted = round((length - 1) * 10)
-        store.record_step(batch_size=1, output_tokens=10 + accepted, timed=False, num_drafts=10,
-                          num_draft_tokens=30, num_accepted_tokens=accepted, requests=[(10, accepted, mode)])
+        store.record_step(
+            batch_size=1,
+            output_tokens=10 + accepted,
+            timed=False,
+            num_drafts=10,
+            num_draft_tokens=30,
+            num_accepted_tokens=accepted,
+            requests=[(10, accepted, mode)],
+        )
     return store
 
 
 def _response(length, steps=10):
     accepted = round((length - 1) * steps)
-    return {"choices": [{"message": {"content": "the answer"}}],
-            "metrics": {"speculative_decoding": {"num_spec_steps": steps, "num_accepted_draft_tokens": accepted,
-                                                 "mean_acceptance_length": length}}}
+    return {
+        "choices": [{"message": {"content": "the answer"}}],
+        "metrics": {
+            "speculative_decoding": {
+                "num_spec_steps": steps,
+                "num_accepted_draft_tokens": accepted,
+                "mean_acceptance_length": length,
+            }
+        },
+    }
 
 
 def _body(text="why is the sky blue?", **fields):
-    return {"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}],
-            **fields}
+    return {
+        "model": "m",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}],
+        **fields,
+    }
 
 
 # A spread from 1.0 to 3.9: the 0.2 quantile of these 30 requests is 1.5.
@@ -94,12 +113,21 @@ def test_each_sampling_mode_has_its_own_threshold_and_needs_enough_traffic(tmp_p
 
 
 def test_prompts_prepare_cannot_read_are_skipped():
-    assert prompt_record(CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
-                                                                            {"type": "image_url"}]},
-                                             {"role": "assistant", "content": "b"}]}) == \
-        {"messages": [{"role": "user", "content": "a"}]}  # text parts kept, the answer dropped
-    assert prompt_record(CHAT, {"messages": [{"role": "developer", "content": "x"},
-                                             {"role": "user", "content": "y"}]})["messages"][0]["role"] == "system"
+    assert prompt_record(
+        CHAT,
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]},
+                {"role": "assistant", "content": "b"},
+            ]
+        },
+    ) == {"messages": [{"role": "user", "content": "a"}]}  # text parts kept, the answer dropped
+    assert (
+        prompt_record(
+            CHAT, {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "y"}]}
+        )["messages"][0]["role"]
+        == "system"
+    )
     assert prompt_record(CHAT, {"messages": [{"role": "tool", "content": "x"}]}) is None
     assert prompt_record("/v1/completions", {"prompt": [1, 2, 3]}) is None  # token ids
     assert prompt_record("/v1/completions", {"prompt": ["a", "b"]}) is None  # a batch
@@ -132,7 +160,9 @@ def test_a_full_disk_stops_capture(capture, monkeypatch, tmp_path):
 
 
 def test_the_size_limit_stops_capture_and_turning_it_on_again_resumes(tmp_path):
-    capture = TrafficCapture(CaptureSettings(directory=str(tmp_path), max_megabytes=1000 / 2**20), _store(TRAFFIC))
+    capture = TrafficCapture(
+        CaptureSettings(directory=str(tmp_path), max_megabytes=1000 / 2**20), _store(TRAFFIC)
+    )
     outcomes = [capture.offer(CHAT, _body("y" * 60), _response(1.0)) for _ in range(8)]
     first_off = outcomes.index("off")
     assert first_off >= 2 and set(outcomes[first_off:]) == {"off"}
@@ -208,7 +238,9 @@ def test_the_capture_route_is_admin_only(tmp_path, monkeypatch):
     from lk_vllm.plugin.server import routes as api
 
     monkeypatch.setenv(api.ADMIN_KEY_ENV, "admin-secret")
-    monkeypatch.setenv(capture_module.CAPTURE_ENV, json.dumps({"directory": str(tmp_path / "c"), "quantile": 0.3}))
+    monkeypatch.setenv(
+        capture_module.CAPTURE_ENV, json.dumps({"directory": str(tmp_path / "c"), "quantile": 0.3})
+    )
     routes = api.LkRoutes(_store(TRAFFIC))
     app = FastAPI()
     api.attach(app, routes)
@@ -220,7 +252,10 @@ def test_the_capture_route_is_admin_only(tmp_path, monkeypatch):
     assert status["enabled"] and status["quantile"] == 0.3 and status["captured"] == 0
     assert client.post("/v1/speculative/capture", json={"enabled": False}).status_code == 401
     assert client.post("/v1/speculative/capture", json={"enabled": "no"}, headers=admin).status_code == 400
-    assert client.post("/v1/speculative/capture", json={"enabled": False}, headers=admin).json()["enabled"] is False
+    assert (
+        client.post("/v1/speculative/capture", json={"enabled": False}, headers=admin).json()["enabled"]
+        is False
+    )
     monkeypatch.delenv(capture_module.CAPTURE_ENV)
     unconfigured = TestClient(FastAPI())
     routes = api.LkRoutes(_store(TRAFFIC))
@@ -238,12 +273,19 @@ def test_serve_flags(tmp_path):
     target.mkdir()
     (target / "config.json").write_text(json.dumps(FAKE_TARGET_CONFIG))
     ngram = ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}', "--no-calibrate"]
-    command = launcher.build_server_command(serve_args(target, *ngram, "--capture-low-acceptance",
-                                                        str(tmp_path / "cap"), "--capture-quantile", "0.1"))
+    command = launcher.build_server_command(
+        serve_args(
+            target, *ngram, "--capture-low-acceptance", str(tmp_path / "cap"), "--capture-quantile", "0.1"
+        )
+    )
     settings = json.loads(command.env[capture_module.CAPTURE_ENV])
     assert settings == {"directory": str(tmp_path / "cap"), "quantile": 0.1, "max_megabytes": 1024.0}
-    assert json.loads(launcher.build_server_command(serve_args(target, *ngram)).env[
-        capture_module.CAPTURE_ENV])["directory"] is None  # off by default
+    assert (
+        json.loads(launcher.build_server_command(serve_args(target, *ngram)).env[capture_module.CAPTURE_ENV])[
+            "directory"
+        ]
+        is None
+    )  # off by default
     with pytest.raises(UserError, match="--capture-quantile"):
         launcher.build_server_command(serve_args(target, *ngram, "--capture-quantile", "0"))
     with pytest.raises(UserError, match="^--capture-low-acceptance: needs speculative decoding"):

@@ -45,9 +45,17 @@ def tiny(tmp_path_factory):
     target = TargetModel(target_dir)
     aux = target.default_aux_layer_ids()
     good = root / "good"
-    manifest = build_cache(target, samples, aux, good, DTYPE, batch_size=2, shard_size=SHARD_SIZE, progress=False)
-    return {"path": target_dir, "target": target, "samples": samples, "aux": aux, "good": good,
-            "manifest": manifest}
+    manifest = build_cache(
+        target, samples, aux, good, DTYPE, batch_size=2, shard_size=SHARD_SIZE, progress=False
+    )
+    return {
+        "path": target_dir,
+        "target": target,
+        "samples": samples,
+        "aux": aux,
+        "good": good,
+        "manifest": manifest,
+    }
 
 
 class Watched:
@@ -67,17 +75,26 @@ class Watched:
 
 
 def _build(tiny, target, directory, **kwargs):
-    return build_cache(target, tiny["samples"], tiny["aux"], directory, DTYPE, batch_size=2, shard_size=SHARD_SIZE,
-                       progress=False, **kwargs)
+    return build_cache(
+        target,
+        tiny["samples"],
+        tiny["aux"],
+        directory,
+        DTYPE,
+        batch_size=2,
+        shard_size=SHARD_SIZE,
+        progress=False,
+        **kwargs,
+    )
 
 
 def _shard_tokens(tiny, shard: int) -> int:
-    members = tiny["samples"][shard * SHARD_SIZE:(shard + 1) * SHARD_SIZE]
+    members = tiny["samples"][shard * SHARD_SIZE : (shard + 1) * SHARD_SIZE]
     return sum(len(s.input_ids) for s in members)
 
 
 def _check(tiny, directory, shard: int, values: bool = True):
-    lengths = [len(s.input_ids) for s in tiny["samples"][shard * SHARD_SIZE:(shard + 1) * SHARD_SIZE]]
+    lengths = [len(s.input_ids) for s in tiny["samples"][shard * SHARD_SIZE : (shard + 1) * SHARD_SIZE]]
     return validate_shard(shard_path(directory, shard), lengths, 64, len(tiny["aux"]), DTYPE, values=values)
 
 
@@ -97,13 +114,26 @@ def test_two_ranks_write_the_shards_one_process_writes(tiny, tmp_path):
     # Each rank loads its own target, as under torchrun (forward hooks are per model).
     targets = [Watched(TargetModel(tiny["path"])) for _ in range(2)]
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(_build, tiny, targets[rank], tmp_path / "sharded", rank=rank, world=2,
-                               barrier=barrier.wait) for rank in range(2)]
+        futures = [
+            pool.submit(
+                _build, tiny, targets[rank], tmp_path / "sharded", rank=rank, world=2, barrier=barrier.wait
+            )
+            for rank in range(2)
+        ]
         manifests = [future.result() for future in futures]
     _assert_same_shards(tiny["good"], tmp_path / "sharded")
     assert manifests[0] == manifests[1]
     single = tiny["manifest"]
-    for key in ("format", "num_samples", "shard_size", "num_shards", "dtype", "aux_layer_ids", "tokens", "bytes"):
+    for key in (
+        "format",
+        "num_samples",
+        "shard_size",
+        "num_shards",
+        "dtype",
+        "aux_layer_ids",
+        "tokens",
+        "bytes",
+    ):
         assert manifests[0][key] == single[key], key
     assert single["num_samples"] == 7 and single["num_shards"] == 4
     # Rank r ran the target on the shards r, r + 2 only.
@@ -112,8 +142,12 @@ def test_two_ranks_write_the_shards_one_process_writes(tiny, tmp_path):
     # A second run finds the cache complete on both ranks and runs nothing.
     quiet = [Watched(TargetModel(tiny["path"]), forbidden=True) for _ in range(2)]
     with ThreadPoolExecutor(2) as pool:
-        again = [pool.submit(_build, tiny, quiet[rank], tmp_path / "sharded", rank=rank, world=2,
-                             barrier=barrier.wait) for rank in range(2)]
+        again = [
+            pool.submit(
+                _build, tiny, quiet[rank], tmp_path / "sharded", rank=rank, world=2, barrier=barrier.wait
+            )
+            for rank in range(2)
+        ]
         assert [future.result() for future in again] == manifests
 
 
@@ -196,10 +230,14 @@ def test_offline_capture_refuses_a_cache_missing_a_shard(tiny, tmp_path):
     with pytest.raises(UserError) as refused:
         OfflineCapture(tiny["target"], directory, tiny["aux"])
     message = str(refused.value)
-    assert str(directory) in message and "shard-00002.safetensors is missing" in message and "\n" not in message
+    assert (
+        str(directory) in message and "shard-00002.safetensors is missing" in message and "\n" not in message
+    )
     shutil.copy(shard_path(tiny["good"], 2), shard_path(directory, 2))
     shutil.copy(shard_path(tiny["good"], 0), shard_path(directory, 4))
-    with pytest.raises(UserError, match=r"lists 4 shards, 5 are present \(shard-00004\.safetensors is not in it\)"):
+    with pytest.raises(
+        UserError, match=r"lists 4 shards, 5 are present \(shard-00004\.safetensors is not in it\)"
+    ):
         OfflineCapture(tiny["target"], directory, tiny["aux"])
 
 
@@ -238,11 +276,18 @@ def test_a_disk_too_small_is_refused_before_the_target_runs(tiny, tmp_path, monk
     with pytest.raises(UserError) as refused:
         _build(tiny, Watched(tiny["target"], forbidden=True), directory)
     message = str(refused.value)
-    assert "training.cache_dtype" in message and "--set training.capture=online" in message and "\n" not in message
+    assert (
+        "training.cache_dtype" in message
+        and "--set training.capture=online" in message
+        and "\n" not in message
+    )
     assert asked == [tmp_path] and not directory.exists()
     [line] = [line for line in capsys.readouterr().err.splitlines() if "bytes/token" in line]
-    found = re.fullmatch(r"\[lk-vllm\] hidden-state cache (.+): (\d+) tokens x (\d+) bytes/token = "
-                         r"([\d.]+) GB to write \(([\d.]+) GB already there\), ([\d.]+) GB free", line)
+    found = re.fullmatch(
+        r"\[lk-vllm\] hidden-state cache (.+): (\d+) tokens x (\d+) bytes/token = "
+        r"([\d.]+) GB to write \(([\d.]+) GB already there\), ([\d.]+) GB free",
+        line,
+    )
     assert found is not None, line
     assert found.group(1) == str(directory)
     assert int(found.group(2)) == tokens and int(found.group(3)) == per_token

@@ -9,8 +9,9 @@ pytestmark = pytest.mark.e2e
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "lk_vllm.cli", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "lk_vllm.cli", *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_help_lists_every_command():
@@ -18,8 +19,23 @@ def test_help_lists_every_command():
     assert out.returncode == 0
     # The command names are the first word of the lines under COMMAND (descriptions say "train", "serve" too).
     listing = out.stdout.split("COMMAND\n", 1)[1]
-    names = [line.split()[0] for line in listing.splitlines() if line.startswith("    ") and not line.startswith("     ")]
-    assert names == ["models", "prepare", "train", "eval", "validate", "serve", "calibrate", "send", "bench", "demo"]
+    names = [
+        line.split()[0]
+        for line in listing.splitlines()
+        if line.startswith("    ") and not line.startswith("     ")
+    ]
+    assert names == [
+        "models",
+        "prepare",
+        "train",
+        "eval",
+        "validate",
+        "serve",
+        "calibrate",
+        "send",
+        "bench",
+        "demo",
+    ]
 
 
 def test_unknown_command_fails():
@@ -40,9 +56,12 @@ def test_user_errors_are_one_line(tmp_path):
     (tmp_path / "lk_fake_command.py").write_text(
         "from lk_vllm.errors import UserError\n"
         "def add_arguments(p): pass\n"
-        "def run(a): raise UserError('--flag: expected X, found Y')\n")
-    code = ("import sys; from lk_vllm import cli; cli.COMMANDS['fake'] = ('lk_fake_command', 'test');"
-            "sys.exit(cli.main(['fake']))")
+        "def run(a): raise UserError('--flag: expected X, found Y')\n"
+    )
+    code = (
+        "import sys; from lk_vllm import cli; cli.COMMANDS['fake'] = ('lk_fake_command', 'test');"
+        "sys.exit(cli.main(['fake']))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 1
     assert out.stderr.strip() == "lk-vllm fake: error: --flag: expected X, found Y"
@@ -58,7 +77,9 @@ def test_eval_and_bench_take_the_same_workload_flags():
     def actions(module):
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
-        return {action.dest: (action.option_strings, action.default, action.help) for action in parser._actions}
+        return {
+            action.dest: (action.option_strings, action.default, action.help) for action in parser._actions
+        }
 
     shared = {"dataset", "limit", "chat_template", "num_speculative_tokens", "max_tokens", "target"}
     eval_flags, bench_flags = actions(evaluate), actions(bench)

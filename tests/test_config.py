@@ -50,14 +50,24 @@ def test_required_recipes_exist():
     assert required <= set(recipe_names())
 
 
-@pytest.mark.parametrize("name,architecture,eta", [("llama31-8b-eagle3", "eagle3", 3.0),
-                                                    ("llama31-8b-medusa", "medusa", 10.0),
-                                                    ("llama31-8b-mlp", "mlp_speculator", 3.0),
-                                                    ("llama33-70b-eagle3", "eagle3", 3.0)])
+@pytest.mark.parametrize(
+    "name,architecture,eta",
+    [
+        ("llama31-8b-eagle3", "eagle3", 3.0),
+        ("llama31-8b-medusa", "medusa", 10.0),
+        ("llama31-8b-mlp", "mlp_speculator", 3.0),
+        ("llama33-70b-eagle3", "eagle3", 3.0),
+    ],
+)
 def test_llama_recipes_have_the_paper_hyper_parameters(name, architecture, eta):
     config, _ = load_config(recipe=name)
-    assert (config.model.architecture, config.loss.kind, config.loss.eta, config.loss.num_steps,
-            config.loss.gamma) == (architecture, "lambda", eta, 6, 0.8)
+    assert (
+        config.model.architecture,
+        config.loss.kind,
+        config.loss.eta,
+        config.loss.num_steps,
+        config.loss.gamma,
+    ) == (architecture, "lambda", eta, 6, 0.8)
     assert (
         config.optimizer.lr,
         config.optimizer.betas,
@@ -166,11 +176,17 @@ def test_architecture_options_are_the_drafters_own_keyword_arguments():
     from lk_vllm.drafters import drafter_class
     from training.config import ARCHITECTURE_OPTIONS
 
-    per_draft_position = {"num_heads", "n_predict"}  # None in the config: one per draft position (loss.num_steps)
+    per_draft_position = {
+        "num_heads",
+        "n_predict",
+    }  # None in the config: one per draft position (loss.num_steps)
     for architecture, options in ARCHITECTURE_OPTIONS.items():
         parameters = inspect.signature(drafter_class(architecture).from_target).parameters
-        accepted = {name: p.default for name, p in parameters.items()
-                    if p.kind is p.KEYWORD_ONLY and name != "draft_to_target"}
+        accepted = {
+            name: p.default
+            for name, p in parameters.items()
+            if p.kind is p.KEYWORD_ONLY and name != "draft_to_target"
+        }
         assert set(options.model_fields) == set(accepted), architecture
         for name, field in options.model_fields.items():
             if name not in per_draft_position:
@@ -178,10 +194,15 @@ def test_architecture_options_are_the_drafters_own_keyword_arguments():
 
 
 def test_unknown_or_bad_architecture_options_are_refused_in_one_line():
-    with pytest.raises(UserError, match=r"model.options for eagle3: aux_layer_idz: Extra inputs are not permitted "
-                                        r"\(it takes aux_layer_ids, intermediate_size, norm_before_residual\)"):
+    with pytest.raises(
+        UserError,
+        match=r"model.options for eagle3: aux_layer_idz: Extra inputs are not permitted "
+        r"\(it takes aux_layer_ids, intermediate_size, norm_before_residual\)",
+    ):
         load_config(overrides={"model.options": {"aux_layer_idz": [1, 2, 3]}})
-    with pytest.raises(UserError, match="model.options for medusa: num_heads: Input should be greater than or equal"):
+    with pytest.raises(
+        UserError, match="model.options for medusa: num_heads: Input should be greater than or equal"
+    ):
         load_config(overrides={"model.architecture": "medusa", "model.options": {"num_heads": 0}})
 
 
@@ -208,13 +229,19 @@ def test_prepare_flags_parse_into_the_data_section_with_its_defaults():
     from training.config import DataSection, section_from_flags
     from training.prepare import PREPARE_FLAGS
 
-    _, args = _prepare_args("--dataset", "sharegpt", "--dataset", "gsm8k", "--top-p", "0.5", "--data-seed", "7")
+    _, args = _prepare_args(
+        "--dataset", "sharegpt", "--dataset", "gsm8k", "--top-p", "0.5", "--data-seed", "7"
+    )
     data = section_from_flags(args, DataSection, PREPARE_FLAGS)
     assert data.datasets == ["sharegpt", "gsm8k"]
     assert (data.top_p, data.seed) == (0.5, 7)
     default = DataSection()
     assert (data.temperature, data.max_tokens, data.max_length, data.limit) == (
-        default.temperature, default.max_tokens, default.max_length, default.limit)
+        default.temperature,
+        default.max_tokens,
+        default.max_length,
+        default.limit,
+    )
 
 
 def test_generated_help_carries_the_description_and_the_default():
@@ -222,20 +249,28 @@ def test_generated_help_carries_the_description_and_the_default():
 
     parser, _ = _prepare_args("--dataset", "x")
     text = " ".join(parser.format_help().split())
-    assert f"{DataSection.model_fields['temperature'].description} (default {DataSection().temperature!r})" in text
+    assert (
+        f"{DataSection.model_fields['temperature'].description} (default {DataSection().temperature!r})"
+        in text
+    )
     assert "(default ['sharegpt']; repeatable)" in text
     train = argparse.ArgumentParser()
     add_arguments(train)
     text = " ".join(train.format_help().split())
-    assert "LK^lambda's decay eta (loss.eta)" in text  # train's flags override the recipe, so they name its field
+    assert (
+        "LK^lambda's decay eta (loss.eta)" in text
+    )  # train's flags override the recipe, so they name its field
 
 
-@pytest.mark.parametrize("argv, message", [
-    (("--top-p", "1.5"), "--top-p: Input should be less than or equal to 1 (found 1.5)"),
-    (("--limit", "0"), "--limit: Input should be greater than or equal to 1 (found 0)"),
-    (("--temperature", "-1"), "--temperature: Input should be greater than or equal to 0"),
-    (("--max-length", "4"), "--max-length: Input should be greater than or equal to 8"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--top-p", "1.5"), "--top-p: Input should be less than or equal to 1 (found 1.5)"),
+        (("--limit", "0"), "--limit: Input should be greater than or equal to 1 (found 0)"),
+        (("--temperature", "-1"), "--temperature: Input should be greater than or equal to 0"),
+        (("--max-length", "4"), "--max-length: Input should be greater than or equal to 8"),
+    ],
+)
 def test_a_bad_generated_flag_is_a_one_line_error_naming_it(argv, message):
     from training.config import DataSection, section_from_flags
     from training.prepare import PREPARE_FLAGS
@@ -256,8 +291,13 @@ def test_a_flag_of_the_wrong_type_is_refused_by_argparse(capsys):
 
 
 def test_train_flags_override_the_recipe_and_absent_ones_keep_it():
-    config, _ = config_from_args(_args("--recipe", "smollm2-eagle3", "--eta", "5", "--data", "a", "--data", "b"))
+    config, _ = config_from_args(
+        _args("--recipe", "smollm2-eagle3", "--eta", "5", "--data", "a", "--data", "b")
+    )
     recipe, _ = load_config(recipe="smollm2-eagle3")
     assert (config.loss.eta, config.data.dirs) == (5.0, ["a", "b"])
     assert (config.loss.kind, config.output, config.data.chat_template) == (
-        recipe.loss.kind, recipe.output, recipe.data.chat_template)
+        recipe.loss.kind,
+        recipe.output,
+        recipe.data.chat_template,
+    )

@@ -24,7 +24,9 @@ def test_native_bf16_is_read_from_the_cpu_flags():
 def test_bf16_without_native_support_is_refused(monkeypatch):
     monkeypatch.setattr(engine, "on_gpu", lambda: False)
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: False)
-    with pytest.raises(UserError, match=r"--dtype bfloat16: this CPU has no native bf16 math .* use --dtype float32"):
+    with pytest.raises(
+        UserError, match=r"--dtype bfloat16: this CPU has no native bf16 math .* use --dtype float32"
+    ):
         engine.check_cpu_settings(engine.EngineSettings(model="m", dtype="bfloat16"))
     engine.check_cpu_settings(engine.EngineSettings(model="m"))  # float32 is fine
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: True)
@@ -35,7 +37,9 @@ def test_a_binding_to_a_core_that_does_not_exist_is_refused(monkeypatch):
     monkeypatch.setattr(engine, "on_gpu", lambda: False)
     missing = max(os.sched_getaffinity(0)) + 1
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"0-{missing}")
-    with pytest.raises(UserError, match=rf"VLLM_CPU_OMP_THREADS_BIND=0-{missing}: core\(s\) {missing} do not exist"):
+    with pytest.raises(
+        UserError, match=rf"VLLM_CPU_OMP_THREADS_BIND=0-{missing}: core\(s\) {missing} do not exist"
+    ):
         engine.check_cpu_settings(engine.EngineSettings(model="m"))
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "zero")
     with pytest.raises(UserError, match="expected core ids like 0-3,6"):
@@ -84,11 +88,15 @@ def _run(default_target, spec, inprocess: str):
     from lk_vllm.datasets import chat_prompt_ids, load_prompts
 
     os.environ[engine.INPROCESS_WORKER_ENV] = inprocess
-    llm = engine.make_llm(engine.EngineSettings(model=default_target, max_model_len=1024, speculative_config=spec))
+    llm = engine.make_llm(
+        engine.EngineSettings(model=default_target, max_model_len=1024, speculative_config=spec)
+    )
     try:
         tokenizer = llm.get_tokenizer()
-        prompts = [{"prompt_token_ids": chat_prompt_ids(tokenizer, p.messages)}
-                   for p in load_prompts("mtbench", limit=3)]
+        prompts = [
+            {"prompt_token_ids": chat_prompt_ids(tokenizer, p.messages)}
+            for p in load_prompts("mtbench", limit=3)
+        ]
         outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)
         backend = llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
         return [list(o.outputs[0].token_ids) for o in outputs], backend

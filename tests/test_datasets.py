@@ -44,7 +44,10 @@ def test_sharegpt_salvage_and_disjoint_splits():
 
 
 def test_gsm8k_is_deterministic_and_splits_use_disjoint_templates():
-    a, b = load_prompts("gsm8k", "train", limit=160, seed=1), load_prompts("gsm8k", "train", limit=160, seed=1)
+    a, b = (
+        load_prompts("gsm8k", "train", limit=160, seed=1),
+        load_prompts("gsm8k", "train", limit=160, seed=1),
+    )
     assert [p.messages for p in a] == [p.messages for p in b]
     c = load_prompts("gsm8k", "train", limit=160, seed=2)
     assert [p.messages for p in a] != [p.messages for p in c]
@@ -53,8 +56,10 @@ def test_gsm8k_is_deterministic_and_splits_use_disjoint_templates():
     _assert_well_formed(a + held_out)
     assert all(p.reference and "####" in p.reference for p in a + held_out)
     # Templates are different problems: no eval question's opening words appear among the training ones.
-    train_openings = {p.messages[0]["content"].split("\n\n")[1].split()[1:4].__str__()
-                      for p in load_prompts("gsm8k", "train", limit=800)}
+    train_openings = {
+        p.messages[0]["content"].split("\n\n")[1].split()[1:4].__str__()
+        for p in load_prompts("gsm8k", "train", limit=800)
+    }
     eval_openings = {p.messages[0]["content"].split("\n\n")[1].split()[1:4].__str__() for p in held_out}
     assert len(eval_openings - train_openings) > len(eval_openings) // 2
 
@@ -71,10 +76,17 @@ def test_unknown_dataset_names_the_choices():
 
 def test_user_jsonl(tmp_path):
     path = tmp_path / "mine.jsonl"
-    rows = [{"id": "a", "messages": [{"role": "system", "content": "Be brief."},
-                                     {"role": "user", "content": "Hi"},
-                                     {"role": "assistant", "content": "Hello"}]},
-            {"prompt": "Tell me a joke"}]
+    rows = [
+        {
+            "id": "a",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+            ],
+        },
+        {"prompt": "Tell me a joke"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     prompts = load_prompts(str(path))
     assert [p.id for p in prompts] == ["a", "mine/2"]
@@ -82,14 +94,19 @@ def test_user_jsonl(tmp_path):
     assert prompts[1].messages == [{"role": "user", "content": "Tell me a joke"}]
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", r"bad\.jsonl:2: not valid JSON"),
-    ("[1, 2]", r"bad\.jsonl:2: expected a JSON object, found list"),
-    ('{"text": "x"}', r"bad\.jsonl:2: expected a 'messages' list or a 'prompt' string"),
-    ('{"messages": [{"role": "robot", "content": "x"}]}', r"bad\.jsonl:2: 'messages' must be"),
-    ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}]}',
-     r"bad\.jsonl:2: the conversation must end with a user turn"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", r"bad\.jsonl:2: not valid JSON"),
+        ("[1, 2]", r"bad\.jsonl:2: expected a JSON object, found list"),
+        ('{"text": "x"}', r"bad\.jsonl:2: expected a 'messages' list or a 'prompt' string"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}', r"bad\.jsonl:2: 'messages' must be"),
+        (
+            '{"messages": [{"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+            r"bad\.jsonl:2: the conversation must end with a user turn",
+        ),
+    ],
+)
 def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "fine"}\n' + line + "\n")

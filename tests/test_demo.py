@@ -37,9 +37,26 @@ def read_until(process, marker: str, timeout: float) -> str:
 def test_demo_serves_sends_traffic_prints_live_stats_and_stops_on_ctrl_c(default_target, tmp_path):
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "lk_vllm.cli", "demo", "--requests", "4", "--max-tokens", "48", "--port", str(port),
-         "--keep-serving", "--log", str(tmp_path / "server.log")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "lk_vllm.cli",
+            "demo",
+            "--requests",
+            "4",
+            "--max-tokens",
+            "48",
+            "--port",
+            str(port),
+            "--keep-serving",
+            "--log",
+            str(tmp_path / "server.log"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         out = read_until(process, "until Ctrl-C", timeout=1500)
@@ -52,16 +69,22 @@ def test_demo_serves_sends_traffic_prints_live_stats_and_stops_on_ctrl_c(default
         assert re.search(r"\(\d+ tokens, acceptance length [0-9.]+\)", out)  # each answer's own metrics
 
         length = float(re.search(r"acceptance length: ([0-9.]+)", out).group(1))
-        rates = [float(x) for x in re.search(r"per-position acceptance: \[([^\]]*)\]", out).group(1).split(",")]
+        rates = [
+            float(x) for x in re.search(r"per-position acceptance: \[([^\]]*)\]", out).group(1).split(",")
+        ]
         draft_tokens, accepted = map(int, re.search(r"draft tokens: (\d+), accepted: (\d+)", out).groups())
         live = request_json(url, "/v1/speculative/stats")
         assert live["method"] == "eagle3" and live["drafter"]["path"] == str(default_drafter_dir())
         assert len(rates) == live["num_speculative_tokens"] and all(0.0 <= r <= 1.0 for r in rates)
-        assert rates == sorted(rates, reverse=True)  # a later position is accepted only after the earlier ones
+        assert rates == sorted(
+            rates, reverse=True
+        )  # a later position is accepted only after the earlier ones
         assert length == pytest.approx(1 + sum(rates), abs=0.02)  # the same counters, two views
         assert length > 1.0  # the trained drafter gets tokens accepted
         speedup = re.search(r"measured speed-up: ([0-9.]+)x", out)
-        assert speedup is not None and float(speedup.group(1)) > 0, out  # measured against the calibrated baseline
+        assert speedup is not None and float(speedup.group(1)) > 0, (
+            out
+        )  # measured against the calibrated baseline
 
         # What it printed is what the live server reports (the demo's traffic is all it has seen).
         stats = request_json(url, "/v1/speculative/stats")["since_start"]
@@ -87,13 +110,22 @@ def test_demo_serves_sends_traffic_prints_live_stats_and_stops_on_ctrl_c(default
 
 
 def test_demo_help_and_bad_input_are_one_line_errors(tmp_path):
-    help_text = subprocess.run([sys.executable, "-m", "lk_vllm.cli", "demo", "--help"], capture_output=True, text=True)
-    assert help_text.returncode == 0 and "--keep-serving" in help_text.stdout and "--drafter" in help_text.stdout
-    missing = subprocess.run([sys.executable, "-m", "lk_vllm.cli", "demo", "--drafter", str(tmp_path / "nope")],
-                             capture_output=True, text=True)
+    help_text = subprocess.run(
+        [sys.executable, "-m", "lk_vllm.cli", "demo", "--help"], capture_output=True, text=True
+    )
+    assert (
+        help_text.returncode == 0 and "--keep-serving" in help_text.stdout and "--drafter" in help_text.stdout
+    )
+    missing = subprocess.run(
+        [sys.executable, "-m", "lk_vllm.cli", "demo", "--drafter", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 1
-    assert missing.stderr.strip().splitlines() == [f"lk-vllm demo: error: --drafter {tmp_path / 'nope'}: expected a "
-                                                   "drafter directory, `default` or `ngram`, found no such directory"]
+    assert missing.stderr.strip().splitlines() == [
+        f"lk-vllm demo: error: --drafter {tmp_path / 'nope'}: expected a "
+        "drafter directory, `default` or `ngram`, found no such directory"
+    ]
 
 
 @pytest.mark.unit
@@ -114,7 +146,11 @@ def test_demo_serves_the_default_drafter_ngram_or_a_directory(tmp_path, monkeypa
     flags, description = demo._serve_arguments(args(None), "T")
     assert flags == ["--target", "T", "--drafter", str(installed)] and "default LK drafter" in description
     flags, description = demo._serve_arguments(args("ngram"), "T")
-    assert flags[:3] == ["--target", "T", "--speculative-config"] and '"ngram"' in flags[3] and "n-gram" in description
+    assert (
+        flags[:3] == ["--target", "T", "--speculative-config"]
+        and '"ngram"' in flags[3]
+        and "n-gram" in description
+    )
     flags, _ = demo._serve_arguments(args(str(tmp_path)), "T")
     assert flags == ["--target", "T", "--drafter", str(tmp_path.resolve())]
     monkeypatch.setattr(assets, "install_default_drafter", lambda target=None: None)  # none shipped: n-gram

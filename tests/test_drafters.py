@@ -29,9 +29,16 @@ def _tiny_llama(seed: int, hidden: int = HIDDEN, vocab: int = VOCAB):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=LAYERS, num_attention_heads=hidden // 32,
-        num_key_value_heads=1, head_dim=32, vocab_size=vocab, max_position_embeddings=512,
-        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=1,
+        head_dim=32,
+        vocab_size=vocab,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger weights than HF's init so states differ visibly between layers
@@ -97,7 +104,9 @@ def test_aux_layer_ids_are_checked(target, batch):
 # ---------------------------------------------------------------------------------------------- EAGLE-3
 def _eagle3(target, seed=3, **options):
     draft_to_target = torch.arange(0, VOCAB, 2)  # a truncated draft vocabulary (every other token)
-    drafter = create_drafter("eagle3", target, draft_to_target=draft_to_target, aux_layer_ids=[1, 2, 3], **options)
+    drafter = create_drafter(
+        "eagle3", target, draft_to_target=draft_to_target, aux_layer_ids=[1, 2, 3], **options
+    )
     _randomize(drafter, seed)
     return drafter
 
@@ -161,8 +170,12 @@ def test_eagle3_unroll_matches_vllm_drafting_loop(target, norm_before_residual):
         # Greedy drafting: steps read the previous draft (mapped through d2t), as vLLM does.
         with torch.no_grad():
             first = drafter.draft_ids[_eagle3_reference(drafter, target, tokens, anchor, [])[0].argmax()]
-            second = drafter.draft_ids[_eagle3_reference(drafter, target, tokens, anchor, [first])[1].argmax()]
-            third = drafter.draft_ids[_eagle3_reference(drafter, target, tokens, anchor, [first, second])[2].argmax()]
+            second = drafter.draft_ids[
+                _eagle3_reference(drafter, target, tokens, anchor, [first])[1].argmax()
+            ]
+            third = drafter.draft_ids[
+                _eagle3_reference(drafter, target, tokens, anchor, [first, second])[2].argmax()
+            ]
         assert proposals[anchor].tolist() == [int(first), int(second), int(third)]
     # Valid anchors: step k needs tokens up to t + 1 + k.
     assert steps[2].mask[0].tolist() == [True] * 11 + [False] * 3
@@ -227,8 +240,9 @@ def test_eagle3_gradients_reach_only_drafter_weights(target, batch):
 @pytest.mark.parametrize("export_format", ["eagle3", "speculators"])
 def test_eagle3_round_trip(tmp_path, target, batch, export_format):
     drafter = _eagle3(target)
-    out = drafter.save_pretrained(tmp_path / "d", target=target_info(target), training={"loss": "kl"},
-                                  export_format=export_format)
+    out = drafter.save_pretrained(
+        tmp_path / "d", target=target_info(target), training={"loss": "kl"}, export_format=export_format
+    )
     config = json.loads((out / "config.json").read_text())
     if export_format == "eagle3":
         assert config["architectures"] == ["LlamaForCausalLMEagle3"]
@@ -265,8 +279,12 @@ def test_third_party_speculators_checkpoint_loads(tmp_path, target, batch):
     from lk_vllm.drafters.eagle3 import speculators_config
 
     reference = _eagle3(target, norm_before_residual=True)
-    config = speculators_config(reference._layer_config(), {"draft_vocab_size": VOCAB // 2, "target_hidden_size": HIDDEN},
-                                [1, 2, 3], target_path="meta-llama/Some-Target")
+    config = speculators_config(
+        reference._layer_config(),
+        {"draft_vocab_size": VOCAB // 2, "target_hidden_size": HIDDEN},
+        [1, 2, 3],
+        target_path="meta-llama/Some-Target",
+    )
     state = {k.replace("layers.0.", "midlayer."): v for k, v in reference.export_state_dict().items()}
     state["embed_tokens.weight"] = target.embed_weight.detach().clone() * 2  # its own embeddings
     directory = tmp_path / "third_party"
@@ -278,7 +296,9 @@ def test_third_party_speculators_checkpoint_loads(tmp_path, target, batch):
     reference.set_embeddings(target.embed_weight * 2, own=True)
     states = target(batch[0], batch[1], aux_layer_ids=[1, 2, 3])
     with torch.no_grad():
-        torch.testing.assert_close(reference.training_steps(states, 2)[1].logits(), loaded.training_steps(states, 2)[1].logits())
+        torch.testing.assert_close(
+            reference.training_steps(states, 2)[1].logits(), loaded.training_steps(states, 2)[1].logits()
+        )
 
 
 def test_eagle3_without_aux_ids_uses_vllm_default(tmp_path, target):
@@ -386,7 +406,12 @@ def test_drafter_files_reader_and_training_record(tmp_path, target):
     (out / "lk_training.json").unlink()  # a third-party drafter: an empty record, every accessor None / {}
     empty = read_drafter_files(out).record
     assert (empty.target_path, empty.target_fingerprint, empty.loss, empty.aux_layer_ids, empty.training) == (
-        None, None, None, None, {})
+        None,
+        None,
+        None,
+        None,
+        {},
+    )
     (out / "lk_training.json").write_text("[1, 2]")
     with pytest.raises(UserError, match=r"lk_training.json: expected a JSON object, found list$"):
         read_drafter_files(out)
@@ -394,15 +419,24 @@ def test_drafter_files_reader_and_training_record(tmp_path, target):
     with pytest.raises(UserError, match=r"lk_training.json: not valid JSON"):
         read_drafter_files(out)
     (out / "config.json").unlink()
-    with pytest.raises(UserError, match=r"config.json is missing \(expected a drafter checkpoint directory\)"):
+    with pytest.raises(
+        UserError, match=r"config.json is missing \(expected a drafter checkpoint directory\)"
+    ):
         read_drafter_files(out)
 
 
-@pytest.mark.parametrize("data, loss, ids", [
-    ({"training": {"loss": "lk_alpha"}, "aux_layer_ids": [1, 2, 3]}, "lk_alpha", [1, 2, 3]),
-    ({"training": {"loss_kind": "kl", "config": {"model": {"options": {"aux_layer_ids": ["0", 2]}}}}}, "kl", [0, 2]),
-    ({"training": "not a section", "target": ["not", "a", "section"]}, None, None),
-])
+@pytest.mark.parametrize(
+    "data, loss, ids",
+    [
+        ({"training": {"loss": "lk_alpha"}, "aux_layer_ids": [1, 2, 3]}, "lk_alpha", [1, 2, 3]),
+        (
+            {"training": {"loss_kind": "kl", "config": {"model": {"options": {"aux_layer_ids": ["0", 2]}}}}},
+            "kl",
+            [0, 2],
+        ),
+        ({"training": "not a section", "target": ["not", "a", "section"]}, None, None),
+    ],
+)
 def test_training_record_accessors(data, loss, ids):
     record = TrainingRecord(data)
     assert (record.loss, record.aux_layer_ids) == (loss, ids)
@@ -410,8 +444,10 @@ def test_training_record_accessors(data, loss, ids):
 
 
 def test_unknown_format_names_the_supported_ones(tmp_path):
-    for config in ({"architectures": ["DFlashDraftModel"], "model_type": "qwen3"},
-                   {"speculators_model_type": "dflash", "speculators_config": {}}):
+    for config in (
+        {"architectures": ["DFlashDraftModel"], "model_type": "qwen3"},
+        {"speculators_model_type": "dflash", "speculators_config": {}},
+    ):
         with pytest.raises(UserError, match="supported formats: EAGLE-3.*Medusa.*MLP speculator.*draft LM"):
             detect_architecture(config)
     directory = tmp_path / "x"
@@ -437,7 +473,9 @@ def test_medusa_heads_start_as_the_target_head(target, batch):
 
 def test_medusa_truncated_round_trip_and_vllm_names(tmp_path, target, batch):
     draft_to_target = torch.arange(1, VOCAB, 3)
-    drafter = create_drafter("medusa", target, num_heads=2, num_layers=2, draft_to_target=draft_to_target, fc_bias=True)
+    drafter = create_drafter(
+        "medusa", target, num_heads=2, num_layers=2, draft_to_target=draft_to_target, fc_bias=True
+    )
     _randomize(drafter)
     out = drafter.save_pretrained(tmp_path / "m", target=target_info(target))
     config = json.loads((out / "config.json").read_text())
@@ -493,7 +531,9 @@ def test_draft_lm_from_all_target_layers_is_the_target(tmp_path, target, batch):
     assert step.target_shift == 0
     torch.testing.assert_close(step.logits()[step.mask], states.all_logits()[step.mask], atol=1e-5, rtol=1e-5)
     out = drafter.save_pretrained(tmp_path / "lm", target=target_info(target))
-    assert "lm_head.weight" not in __import__("safetensors.torch").torch.load_file(str(out / "model.safetensors"))
+    assert "lm_head.weight" not in __import__("safetensors.torch").torch.load_file(
+        str(out / "model.safetensors")
+    )
     loaded = load_drafter(out, target)
     assert speculative_config_for(out, 4)["method"] == "draft_model"
     # Its proposals are its own greedy continuation, exactly what vLLM's draft_model proposer drafts.

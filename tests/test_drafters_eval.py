@@ -23,9 +23,17 @@ def target(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=32, vocab_size=128, max_position_embeddings=256,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        vocab_size=128,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     path = tmp_path_factory.mktemp("tiny_target")
     LlamaForCausalLM(config).save_pretrained(path)
     model = TargetModel(str(path))
@@ -91,8 +99,24 @@ def test_eval_command_json_on_the_default_target(default_target, tmp_path, capsy
     target = TargetModel(default_target)
     drafter = create_drafter("draft_model", target, num_layers=1)
     directory = drafter.save_pretrained(tmp_path / "lm", target=target_info(target))
-    rc = main(["eval", "--drafter", str(directory), "--engine", "torch", "--dataset", "mtbench", "--limit", "1",
-               "--max-tokens", "6", "--num-speculative-tokens", "2", "--json"])
+    rc = main(
+        [
+            "eval",
+            "--drafter",
+            str(directory),
+            "--engine",
+            "torch",
+            "--dataset",
+            "mtbench",
+            "--limit",
+            "1",
+            "--max-tokens",
+            "6",
+            "--num-speculative-tokens",
+            "2",
+            "--json",
+        ]
+    )
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result["target"] == default_target and result["engine"] == "torch"
@@ -104,8 +128,12 @@ def test_eval_command_json_on_the_default_target(default_target, tmp_path, capsy
 def test_eval_command_rejects_a_drafter_for_another_target(default_target, target, tmp_path, capsys):
     from lk_vllm.cli import main
 
-    directory = create_drafter("medusa", target, num_heads=2).save_pretrained(tmp_path / "m", target=target_info(target))
-    rc = main(["eval", "--drafter", str(directory), "--target", default_target, "--engine", "vllm", "--limit", "1"])
+    directory = create_drafter("medusa", target, num_heads=2).save_pretrained(
+        tmp_path / "m", target=target_info(target)
+    )
+    rc = main(
+        ["eval", "--drafter", str(directory), "--target", default_target, "--engine", "vllm", "--limit", "1"]
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert rc == 1
     assert len(errors) == 1 and errors[0].startswith("lk-vllm eval: error: drafter ")

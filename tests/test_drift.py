@@ -26,19 +26,29 @@ def _drafter(root, name, heldout=HELDOUT):
     path.mkdir()
     (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLMEagle3"]}))
     if heldout is not None:
-        (path / "lk_training.json").write_text(json.dumps({"training": {"loss": "lambda", "heldout": heldout}}))
+        (path / "lk_training.json").write_text(
+            json.dumps({"training": {"loss": "lambda", "heldout": heldout}})
+        )
     return str(path)
 
 
-def _serve(store, name, requests, accepted_per_request, mode="temperature_0", drafts_per_request=10, now=None):
+def _serve(
+    store, name, requests, accepted_per_request, mode="temperature_0", drafts_per_request=10, now=None
+):
     """``requests`` finished requests of this drafter, each with its own counters, one engine step each."""
     if store.drafter is None or store.drafter.name != name:
         store.set_drafter(DrafterInfo(name=name, method="eagle3", architecture="x", num_speculative_tokens=K))
     for _ in range(requests):
-        store.record_step(batch_size=1, output_tokens=drafts_per_request + accepted_per_request, timed=False,
-                          num_drafts=drafts_per_request, num_draft_tokens=K * drafts_per_request,
-                          num_accepted_tokens=accepted_per_request,
-                          requests=[(drafts_per_request, accepted_per_request, mode)], now=now)
+        store.record_step(
+            batch_size=1,
+            output_tokens=drafts_per_request + accepted_per_request,
+            timed=False,
+            num_drafts=drafts_per_request,
+            num_draft_tokens=K * drafts_per_request,
+            num_accepted_tokens=accepted_per_request,
+            requests=[(drafts_per_request, accepted_per_request, mode)],
+            now=now,
+        )
 
 
 @pytest.fixture
@@ -102,7 +112,9 @@ def test_without_a_training_record_the_first_minutes_are_the_reference(tmp_path,
     drafter = _drafter(tmp_path, "no-record", heldout=None)
     monitor = DriftMonitor(DriftSettings(threshold=0.75, window_seconds=60, reference_seconds=120))
     now = time.monotonic()
-    _serve(store, drafter, requests=10, accepted_per_request=15, now=now - 10)  # 2.5, but only 10 s of traffic
+    _serve(
+        store, drafter, requests=10, accepted_per_request=15, now=now - 10
+    )  # 2.5, but only 10 s of traffic
     drift = monitor.check(store)
     assert drift["drifting"] is None and "first 2 minutes of traffic" in drift["reason"]
 
@@ -157,8 +169,9 @@ def test_serve_hands_the_drift_settings_to_the_server(tmp_path, monkeypatch):
     (target / "config.json").write_text(json.dumps(FAKE_TARGET_CONFIG))
     parser = argparse.ArgumentParser()
     launcher.add_arguments(parser)
-    args = parser.parse_args([str(target), "--drift-threshold", "0.6", "--drift-window", "120",
-                              "--drift-reference-minutes", "2"])
+    args = parser.parse_args(
+        [str(target), "--drift-threshold", "0.6", "--drift-window", "120", "--drift-reference-minutes", "2"]
+    )
     command = launcher.build_server_command(args)
     monkeypatch.setenv(DRIFT_ENV, command.env[DRIFT_ENV])
     assert DriftSettings.from_env() == DriftSettings(threshold=0.6, window_seconds=120, reference_seconds=120)

@@ -29,11 +29,20 @@ def test_gpu_keeps_vllm_defaults(monkeypatch):
 
 def test_explicit_values_and_extra_win(monkeypatch):
     monkeypatch.setattr(engine, "on_gpu", lambda: False)
-    settings = engine.EngineSettings(model="/m", dtype="bfloat16", gpu_memory_utilization=0.5, enforce_eager=False,
-                                     speculative_config={"method": "ngram", "num_speculative_tokens": 3},
-                                     extra={"block_size": 128})
+    settings = engine.EngineSettings(
+        model="/m",
+        dtype="bfloat16",
+        gpu_memory_utilization=0.5,
+        enforce_eager=False,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3},
+        extra={"block_size": 128},
+    )
     kwargs = settings.llm_kwargs()
-    assert (kwargs["dtype"], kwargs["gpu_memory_utilization"], kwargs["enforce_eager"]) == ("bfloat16", 0.5, False)
+    assert (kwargs["dtype"], kwargs["gpu_memory_utilization"], kwargs["enforce_eager"]) == (
+        "bfloat16",
+        0.5,
+        False,
+    )
     assert kwargs["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3}
     assert kwargs["block_size"] == 128
 
@@ -55,8 +64,12 @@ def test_server_args_parse_back_with_vllms_own_parser(monkeypatch):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    settings = engine.EngineSettings(model="/some/model", max_model_len=1024, max_num_seqs=4,
-                                     speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    settings = engine.EngineSettings(
+        model="/some/model",
+        max_model_len=1024,
+        max_num_seqs=4,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3},
+    )
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
     parsed = parser.parse_args(settings.server_args())
     assert parsed.model == "/some/model"
@@ -80,8 +93,15 @@ def test_engine_arguments_round_trip_through_our_own_flags(monkeypatch):
     import argparse
 
     monkeypatch.setattr(engine, "on_gpu", lambda: False)
-    settings = engine.EngineSettings(model="/m", max_model_len=777, dtype="bfloat16", seed=5, tensor_parallel_size=2,
-                                     gpu_memory_utilization=0.4, enforce_eager=False)
+    settings = engine.EngineSettings(
+        model="/m",
+        max_model_len=777,
+        dtype="bfloat16",
+        seed=5,
+        tensor_parallel_size=2,
+        gpu_memory_utilization=0.4,
+        enforce_eager=False,
+    )
     parser = argparse.ArgumentParser()
     engine.add_engine_arguments(parser)
     rebuilt = engine.settings_from_args(parser.parse_args(engine.engine_arguments(settings)), "/m")
@@ -91,8 +111,11 @@ def test_engine_arguments_round_trip_through_our_own_flags(monkeypatch):
 def test_without_preemption_caps_requests_at_the_kv_cache(monkeypatch, tmp_path):
     import json
 
-    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "num_attention_heads": 9,
-                                                      "num_key_value_heads": 3, "hidden_size": 576}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+        )
+    )
     monkeypatch.setattr(engine, "on_gpu", lambda: False)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     # 2 (k, v) * 30 layers * 3 heads * 64 dims * 4 bytes = 46,080 bytes a token: 23,301 tokens in 1 GiB.

@@ -40,8 +40,13 @@ def _train(drafter, setup, steps: int, lr: float) -> None:
     optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=lr, weight_decay=0.0)
     drafter.train()
     for _ in range(steps):
-        out = multi_step_loss(drafter.training_steps(states, K), states, kind="kl",
-                              draft_to_target=drafter.draft_to_target, loss_mask=setup["loss_mask"])
+        out = multi_step_loss(
+            drafter.training_steps(states, K),
+            states,
+            kind="kl",
+            draft_to_target=drafter.draft_to_target,
+            loss_mask=setup["loss_mask"],
+        )
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
@@ -54,8 +59,9 @@ def _both_engines(directory, setup):
 
     target = setup["target"]
     drafter = load_drafter(directory, target)
-    torch_counts = evaluate_torch(drafter, target, setup["prompts"], K, MAX_TOKENS, 0.0,
-                                  continuations=setup["continuations"])["mtbench"]
+    torch_counts = evaluate_torch(
+        drafter, target, setup["prompts"], K, MAX_TOKENS, 0.0, continuations=setup["continuations"]
+    )["mtbench"]
     prompt_ids = {"mtbench": [target.chat_prompt_ids(p.messages) for p in setup["prompts"]]}
     vllm_counts = evaluate_vllm(str(directory), target.path, prompt_ids, K, MAX_TOKENS, 0.0)["mtbench"]
     return torch_counts.summary(), vllm_counts.summary()
@@ -63,9 +69,15 @@ def _both_engines(directory, setup):
 
 def _assert_parity(torch_summary, vllm_summary, minimum: float):
     print(f"torch {torch_summary}\nvllm  {vllm_summary}")
-    assert torch_summary["acceptance_length"] > minimum, "the drafter did not learn: the comparison means nothing"
-    assert vllm_summary["acceptance_length"] == pytest.approx(torch_summary["acceptance_length"], rel=TOLERANCE)
-    for a, b in zip(torch_summary["per_position_acceptance"], vllm_summary["per_position_acceptance"], strict=True):
+    assert torch_summary["acceptance_length"] > minimum, (
+        "the drafter did not learn: the comparison means nothing"
+    )
+    assert vllm_summary["acceptance_length"] == pytest.approx(
+        torch_summary["acceptance_length"], rel=TOLERANCE
+    )
+    for a, b in zip(
+        torch_summary["per_position_acceptance"], vllm_summary["per_position_acceptance"], strict=True
+    ):
         assert b == pytest.approx(a, abs=0.05)
 
 
@@ -91,7 +103,9 @@ def test_eagle3_speculators_format_serves_the_same(eagle3_dir, setup, tmp_path):
     """The same weights in the speculators format (as RedHatAI / Nebius publish EAGLE-3 heads)."""
     target = setup["target"]
     drafter = load_drafter(eagle3_dir, target)
-    directory = drafter.save_pretrained(tmp_path / "speculators", target=target_info(target), export_format="speculators")
+    directory = drafter.save_pretrained(
+        tmp_path / "speculators", target=target_info(target), export_format="speculators"
+    )
     torch_summary, vllm_summary = _both_engines(directory, setup)
     _assert_parity(torch_summary, vllm_summary, minimum=1.5)
 

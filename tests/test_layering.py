@@ -57,7 +57,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[str]:
         state[module] = 1
         for target in sorted(graph[module]):
             if state.get(target) == 1:
-                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+                cycles.append(" -> ".join(path[path.index(target) :] + [target]))
             elif target not in state:
                 visit(target, path + [target])
         state[module] = 2
@@ -85,7 +85,9 @@ def test_no_import_cycle_at_module_level():
     for module, path in modules.items():
         targets = set()
         for name, _ in _imports(path, module, top_level_only=True):
-            if name in modules and name != module and not module.startswith(name + "."):  # not its own package
+            if (
+                name in modules and name != module and not module.startswith(name + ".")
+            ):  # not its own package
                 targets.add(name)
         graph[module] = targets
     cycles = _cycles(graph)
@@ -119,4 +121,3 @@ def test_every_lk_vllm_variable_is_named_in_lk_vllm_env():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and named.match(node.value):
                 elsewhere.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value}")
     assert not elsewhere, "spell these as lk_vllm.env constants:\n" + "\n".join(elsewhere)
-

@@ -148,7 +148,10 @@ def test_tv_gradient_sums_to_zero_at_near_ties(dtype, truncated):
     d2t = torch.randperm(vocab, generator=gen)[:vocab_draft] if truncated else None
     target = (torch.randn(16, vocab, generator=gen, dtype=F64) * 3).to(dtype)
     aligned = target if d2t is None else target[:, d2t]
-    for draft in (aligned + 0.5, aligned + 1e-3 * torch.randn(aligned.shape, generator=gen, dtype=F64).to(dtype)):
+    for draft in (
+        aligned + 0.5,
+        aligned + 1e-3 * torch.randn(aligned.shape, generator=gen, dtype=F64).to(dtype),
+    ):
         _, grad = loss_and_grad(lk_loss, draft, target, kind="tv", draft_to_target=d2t, chunk_size=5)
         scale = grad.abs().sum(1).clamp_min(1e-30)
         assert float((grad.sum(1).abs() / scale).max()) < (1e-4 if dtype == torch.float32 else 1e-10)
@@ -665,7 +668,9 @@ def test_columns_and_logsumexp_equal_the_full_rows(kind, masked, table):
     rows = torch.randint(0, 23, (23,), generator=torch.Generator().manual_seed(4)) if table else None
     reference_target = target[rows] if table else target
     lse = torch.logsumexp(target, dim=1)
-    result, grad = loss_and_grad(lk_loss, draft, target[:, d2t], target_logsumexp=lse, target_rows=rows, **kwargs)
+    result, grad = loss_and_grad(
+        lk_loss, draft, target[:, d2t], target_logsumexp=lse, target_rows=rows, **kwargs
+    )
     full, full_grad = loss_and_grad(lk_loss, draft, reference_target, draft_to_target=d2t, **kwargs)
     loss, alpha, kl, _ = numpy_reference(draft, reference_target, d2t, mask, kind)
     assert float(result.loss.detach()) == pytest.approx(loss, rel=1e-12, abs=1e-14)
@@ -682,30 +687,49 @@ def test_columns_and_logsumexp_in_fp32_multi_position_and_exact_rows():
     lse = torch.logsumexp(target, dim=1)
     for kind in ("alpha", "lambda"):
         result, grad = loss_and_grad(lk_loss, draft, target[:, d2t], target_logsumexp=lse, kind=kind)
-        ref, ref_grad = loss_and_grad(lk_loss_eager, draft.double(), target.double(), draft_to_target=d2t, kind=kind)
+        ref, ref_grad = loss_and_grad(
+            lk_loss_eager, draft.double(), target.double(), draft_to_target=d2t, kind=kind
+        )
         assert result.neg_log_alpha == pytest.approx(ref.neg_log_alpha, rel=1e-5)
         torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
     columns = target[:, d2t]
-    multi = lk_loss_multi([draft, draft[:4]], [columns, columns], target_rows=[torch.arange(6), torch.arange(4)],
-                          target_logsumexp=[lse, lse], kind="lambda")
+    multi = lk_loss_multi(
+        [draft, draft[:4]],
+        [columns, columns],
+        target_rows=[torch.arange(6), torch.arange(4)],
+        target_logsumexp=[lse, lse],
+        kind="lambda",
+    )
     full = lk_loss_multi([draft, draft[:4]], [target, target[:4]], draft_to_target=d2t, kind="lambda")
     assert float(multi.loss) == pytest.approx(float(full.loss), rel=1e-5)
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"target_logsumexp": torch.zeros(5)}, r"target_logsumexp must have shape \(6,\)"),
-    ({"target_logsumexp": torch.zeros(6, dtype=torch.long)}, "must be a floating-point tensor"),
-    ({"draft_to_target": torch.arange(8)}, "pass draft_to_target=None"),
-    ({"target_logits": torch.zeros(6, 9)}, "logits at the 8 draft ids; found 9 columns"),
-    ({"target_logsumexp": torch.full((6,), math.nan)}, "non-finite target_logsumexp in 6 rows"),
-    ({"target_logsumexp": torch.full((6,), -5.0)}, "below the logsumexp of the draft ids' logits in 6 rows"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"target_logsumexp": torch.zeros(5)}, r"target_logsumexp must have shape \(6,\)"),
+        ({"target_logsumexp": torch.zeros(6, dtype=torch.long)}, "must be a floating-point tensor"),
+        ({"draft_to_target": torch.arange(8)}, "pass draft_to_target=None"),
+        ({"target_logits": torch.zeros(6, 9)}, "logits at the 8 draft ids; found 9 columns"),
+        ({"target_logsumexp": torch.full((6,), math.nan)}, "non-finite target_logsumexp in 6 rows"),
+        (
+            {"target_logsumexp": torch.full((6,), -5.0)},
+            "below the logsumexp of the draft ids' logits in 6 rows",
+        ),
+    ],
+)
 def test_bad_logsumexp_is_refused(change, message):
-    kwargs = {"target_logits": torch.zeros(6, 8), "target_logsumexp": torch.full((6,), math.log(100.0)), **change}
+    kwargs = {
+        "target_logits": torch.zeros(6, 8),
+        "target_logsumexp": torch.full((6,), math.log(100.0)),
+        **change,
+    }
     with pytest.raises(ValueError, match=message):
         lk_loss(torch.zeros(6, 8), kind="kl", **kwargs)
     with pytest.raises(ValueError, match="target_logsumexp has 1 entries"):
-        lk_loss_multi([torch.zeros(6, 8)] * 2, [torch.zeros(6, 8)] * 2, target_logsumexp=[torch.zeros(6)], kind="kl")
+        lk_loss_multi(
+            [torch.zeros(6, 8)] * 2, [torch.zeros(6, 8)] * 2, target_logsumexp=[torch.zeros(6)], kind="kl"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

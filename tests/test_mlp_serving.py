@@ -30,8 +30,15 @@ from lk_vllm.errors import UserError
 
 pytestmark = pytest.mark.unit
 
-MLP_CONFIG = {"architectures": ["MLPSpeculatorPreTrainedModel"], "model_type": "mlp_speculator",
-              "vocab_size": 32, "emb_dim": 8, "inner_dim": 8, "n_predict": 3, "top_k_tokens_per_head": [1, 1, 1]}
+MLP_CONFIG = {
+    "architectures": ["MLPSpeculatorPreTrainedModel"],
+    "model_type": "mlp_speculator",
+    "vocab_size": 32,
+    "emb_dim": 8,
+    "inner_dim": 8,
+    "n_predict": 3,
+    "top_k_tokens_per_head": [1, 1, 1],
+}
 
 
 def _dirs(tmp_path: Path, **drafter_changes) -> tuple[Path, Path]:
@@ -43,31 +50,50 @@ def _dirs(tmp_path: Path, **drafter_changes) -> tuple[Path, Path]:
 
     target = tmp_path / "target"
     target.mkdir()
-    (target / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                                                     "hidden_size": 8, "num_attention_heads": 1,
-                                                     "num_hidden_layers": 1, "vocab_size": 32}))
+    (target / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 8,
+                "num_attention_heads": 1,
+                "num_hidden_layers": 1,
+                "vocab_size": 32,
+            }
+        )
+    )
     drafter = tmp_path / "mlp"
     drafter.mkdir()
     config = {**MLP_CONFIG, **drafter_changes}
     (drafter / "config.json").write_text(json.dumps(config))
-    weights = MLPSpeculatorDrafter(vocab_size=config["vocab_size"], emb_dim=config["emb_dim"],
-                                   inner_dim=config["inner_dim"], n_predict=config["n_predict"]).export_state_dict()
+    weights = MLPSpeculatorDrafter(
+        vocab_size=config["vocab_size"],
+        emb_dim=config["emb_dim"],
+        inner_dim=config["inner_dim"],
+        n_predict=config["n_predict"],
+    ).export_state_dict()
     save_file(weights, str(drafter / "model.safetensors"))
     return target, drafter
 
 
 # ------------------------------------------------------------------------------------------ fast
-@pytest.mark.parametrize("change, named", [
-    ({"emb_dim": 16}, "target hidden states of size 16 (emb_dim), but the target's hidden size is 8"),
-    ({"vocab_size": 64}, "vocabulary has 64 tokens (vocab_size), but the target's has 32"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"emb_dim": 16}, "target hidden states of size 16 (emb_dim), but the target's hidden size is 8"),
+        ({"vocab_size": 64}, "vocabulary has 64 tokens (vocab_size), but the target's has 32"),
+    ],
+)
 @pytest.mark.parametrize("flag", ["--drafter", "--speculative-config"])
 def test_mismatched_mlp_speculator_is_refused_before_the_engine_starts(tmp_path, change, named, flag):
     from serving import launcher
 
     target, drafter = _dirs(tmp_path, **change)
-    value = str(drafter) if flag == "--drafter" else json.dumps(
-        {"method": "mlp_speculator", "model": str(drafter), "num_speculative_tokens": 3})
+    value = (
+        str(drafter)
+        if flag == "--drafter"
+        else json.dumps({"method": "mlp_speculator", "model": str(drafter), "num_speculative_tokens": 3})
+    )
     with pytest.raises(UserError) as error:
         launcher.build_server_command(serve_args(target, flag, value, "--no-calibrate"))
     message = str(error.value)
@@ -82,11 +108,19 @@ def test_lk_vllm_serve_builds_the_mlp_speculator_config(tmp_path):
     command = launcher.build_server_command(serve_args(target, "--drafter", str(drafter), "--no-calibrate"))
     spec = json.loads(command.argv[command.argv.index("--speculative-config") + 1])
     # Drafts sampled from the stages' distributions at T > 0, standard verification (faithful sampling).
-    assert spec == {"method": "mlp_speculator", "model": str(drafter.resolve()), "num_speculative_tokens": 3,
-                    "rejection_sample_method": "standard", "draft_sample_method": "probabilistic"}
-    with pytest.raises(UserError, match="it has 3 stages \\(n_predict\\), fewer than num_speculative_tokens 4"):
-        launcher.build_server_command(serve_args(target, "--drafter", str(drafter),
-                                                  "--num-speculative-tokens", "4", "--no-calibrate"))
+    assert spec == {
+        "method": "mlp_speculator",
+        "model": str(drafter.resolve()),
+        "num_speculative_tokens": 3,
+        "rejection_sample_method": "standard",
+        "draft_sample_method": "probabilistic",
+    }
+    with pytest.raises(
+        UserError, match="it has 3 stages \\(n_predict\\), fewer than num_speculative_tokens 4"
+    ):
+        launcher.build_server_command(
+            serve_args(target, "--drafter", str(drafter), "--num-speculative-tokens", "4", "--no-calibrate")
+        )
 
 
 def test_last_accepted_rows_pick_the_position_that_sampled_the_last_token():
@@ -134,7 +168,9 @@ def test_install_is_idempotent_and_checks_what_it_patches(monkeypatch):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_engine_config_accepts_a_fitting_mlp_speculator_and_refuses_a_mismatched_one(default_target, tmp_path):
+def test_engine_config_accepts_a_fitting_mlp_speculator_and_refuses_a_mismatched_one(
+    default_target, tmp_path
+):
     """What ``vllm.LLM``, ``lk-vllm eval --engine vllm`` and plain ``vllm serve`` build in their own process,
     without an engine: the plugin's registration lets vLLM resolve the drafter and keep the method, and a
     drafter that does not fit is refused there, before any engine process starts, with the mismatch named."""
@@ -158,12 +194,19 @@ def test_engine_config_accepts_a_fitting_mlp_speculator_and_refuses_a_mismatched
     config = engine_config("fits")
     assert config.speculative_config.method == "mlp_speculator"
     assert config.speculative_config.draft_model_config.architectures == ["MLPSpeculatorPreTrainedModel"]
-    assert config.scheduler_config.async_scheduling is False  # vLLM turns it off for this method, as for Medusa
-    with pytest.raises(ValueError, match=f"target hidden states of size 64 \\(emb_dim\\), but the target's hidden "
-                                         f"size is {target_config['hidden_size']}"):
+    assert (
+        config.scheduler_config.async_scheduling is False
+    )  # vLLM turns it off for this method, as for Medusa
+    with pytest.raises(
+        ValueError,
+        match=f"target hidden states of size 64 \\(emb_dim\\), but the target's hidden "
+        f"size is {target_config['hidden_size']}",
+    ):
         engine_config("narrow", emb_dim=64)
     # (vLLM itself refuses K > n_predict unless K is a multiple of n_predict, meant for reused MTP layers.)
-    with pytest.raises(ValueError, match="it has 3 stages \\(n_predict\\), fewer than num_speculative_tokens 6"):
+    with pytest.raises(
+        ValueError, match="it has 3 stages \\(n_predict\\), fewer than num_speculative_tokens 6"
+    ):
         engine_config("short", k=6)
 
 
@@ -176,7 +219,9 @@ def mlp_dir(setup, tmp_path_factory):  # noqa: F811 (the imported fixture)
     drafter = create_drafter("mlp_speculator", target, n_predict=K)
     _train(drafter, setup, steps=20, lr=3e-3)
     directory = tmp_path_factory.mktemp("mlp") / "mlp"
-    return drafter.save_pretrained(directory, target=target_info(target), training={"loss": "kl", "steps": 20})
+    return drafter.save_pretrained(
+        directory, target=target_info(target), training={"loss": "kl", "steps": 20}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +231,15 @@ def torch_summary(mlp_dir, setup):  # noqa: F811
     from training.evaluate import evaluate_torch
 
     target = setup["target"]
-    counts = evaluate_torch(load_drafter(mlp_dir, target), target, setup["prompts"], K, MAX_TOKENS, 0.0,
-                            continuations=setup["continuations"])
+    counts = evaluate_torch(
+        load_drafter(mlp_dir, target),
+        target,
+        setup["prompts"],
+        K,
+        MAX_TOKENS,
+        0.0,
+        continuations=setup["continuations"],
+    )
     return counts["mtbench"].summary()
 
 
@@ -199,19 +251,36 @@ def plain_server(mlp_dir, setup, tmp_path_factory):  # noqa: F811
 
     target = setup["target"].path
     # Probabilistic drafts at T > 0 (what lk-vllm serve sets); at T = 0 they are the argmax either way.
-    spec = {"method": "mlp_speculator", "model": str(mlp_dir), "num_speculative_tokens": K,
-            "draft_sample_method": "probabilistic"}
+    spec = {
+        "method": "mlp_speculator",
+        "model": str(mlp_dir),
+        "num_speculative_tokens": K,
+        "draft_sample_method": "probabilistic",
+    }
     env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
     env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_USE_V2_MODEL_RUNNER": "0", "HF_HUB_OFFLINE": "1"})
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "vllm.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-             *EngineSettings(model=target, max_model_len=1024).server_args(),
-             "--speculative-config", json.dumps(spec), "--per-request-spec-decode-metrics", "summary",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                *EngineSettings(model=target, max_model_len=1024).server_args(),
+                "--speculative-config",
+                json.dumps(spec),
+                "--per-request-spec-decode-metrics",
+                "summary",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     handle = ServerHandle(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     try:
@@ -251,15 +320,24 @@ def test_plain_vllm_serves_the_mlp_speculator_with_torch_parity(torch_summary, p
     before = _spec_counters(plain_server.url)
 
     def complete(ids, temperature=0.0):
-        body = {"model": target.path, "prompt": ids, "max_tokens": MAX_TOKENS, "temperature": temperature,
-                "return_token_ids": True, "seed": 0}
+        body = {
+            "model": target.path,
+            "prompt": ids,
+            "max_tokens": MAX_TOKENS,
+            "temperature": temperature,
+            "return_token_ids": True,
+            "seed": 0,
+        }
         return request_json(plain_server.url, "/v1/completions", body)
 
     with concurrent.futures.ThreadPoolExecutor(len(prompt_ids)) as pool:  # batch > 1 in the engine
         responses = list(pool.map(complete, prompt_ids))
     drafts, per_position = _spec_counters(plain_server.url)
-    served = Counts(K, num_drafts=drafts - before[0],
-                    accepted_per_position=[a - b for a, b in zip(per_position, before[1], strict=True)])
+    served = Counts(
+        K,
+        num_drafts=drafts - before[0],
+        accepted_per_position=[a - b for a, b in zip(per_position, before[1], strict=True)],
+    )
     _assert_parity(torch_summary, served.summary(), minimum=1.3)
 
     # The per-response metrics count the same drafts (another aggregation path in vLLM).
@@ -280,5 +358,7 @@ def test_plain_vllm_serves_the_mlp_speculator_with_torch_parity(torch_summary, p
         sampled = list(pool.map(lambda ids: complete(ids, temperature=1.0), prompt_ids))
     after_drafts, after_per_position = _spec_counters(plain_server.url)
     assert after_drafts > drafts
-    assert all(0 <= a - b <= after_drafts - drafts for a, b in zip(after_per_position, per_position, strict=True))
+    assert all(
+        0 <= a - b <= after_drafts - drafts for a, b in zip(after_per_position, per_position, strict=True)
+    )
     assert all(0 < len(r["choices"][0]["token_ids"]) <= MAX_TOKENS for r in sampled)

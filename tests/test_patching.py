@@ -47,8 +47,11 @@ def test_another_signature_or_a_missing_attribute_is_refused_in_one_line():
         def step(self, x, y):
             return x
 
-    with pytest.raises(RuntimeError, match=r"Engine.step was written for parameters \('self', 'x'\); "
-                                           r"this vLLM's takes \('self', 'x', 'y'\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"Engine.step was written for parameters \('self', 'x'\); "
+        r"this vLLM's takes \('self', 'x', 'y'\)",
+    ):
         patching.wrap(Engine, "step", _doubling, parameters=("self", "x"), why="test")
     assert not patching.is_patched(Engine.step)  # nothing half-done
     with pytest.raises(RuntimeError, match="Engine.missing, which this vLLM does not have"):

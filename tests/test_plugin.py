@@ -35,7 +35,10 @@ def test_entry_points_name_the_three_plugins():
     }
     assert found["vllm.general_plugins"]["lk_general"] == "lk_vllm.plugin:register"
     assert found["vllm.stat_logger_plugins"]["lk_stats"] == "lk_vllm.plugin.server.stat_logger:LkStatLogger"
-    assert found["vllm.endpoint_plugins"]["lk_endpoints"] == "lk_vllm.plugin.server.endpoints:make_endpoint_plugin"
+    assert (
+        found["vllm.endpoint_plugins"]["lk_endpoints"]
+        == "lk_vllm.plugin.server.endpoints:make_endpoint_plugin"
+    )
     # what vLLM's loader requires of each
     from vllm.plugins.endpoint_plugins.interface import EndpointPlugin
     from vllm.v1.metrics.loggers import StatLoggerBase
@@ -107,7 +110,6 @@ def test_worker_method_install_refuses_to_replace_a_vllm_method(monkeypatch):
         install_worker_methods()
 
 
-
 # ------------------------------------------------------------------------------------------------ in-place reload
 class _TinyDrafter(torch.nn.Module):
     """Stands in for a vLLM drafter module: one linear layer, loaded from a safetensors file."""
@@ -123,15 +125,20 @@ class _TinyDrafter(torch.nn.Module):
 def _tiny_checkpoint(root: Path, name: str, seed: int) -> Path:
     path = root / name
     path.mkdir()
-    save_file({"fc.weight": torch.randn(4, 4, generator=torch.Generator().manual_seed(seed))},
-              str(path / "model.safetensors"))
+    save_file(
+        {"fc.weight": torch.randn(4, 4, generator=torch.Generator().manual_seed(seed))},
+        str(path / "model.safetensors"),
+    )
     return path
 
 
 def _fake_vllm_config(tag: str):
-    return SimpleNamespace(tag=tag, load_config=SimpleNamespace(load_format="auto"),
-                           speculative_config=SimpleNamespace(draft_load_config=None),
-                           compilation_config=SimpleNamespace(static_forward_context={}))
+    return SimpleNamespace(
+        tag=tag,
+        load_config=SimpleNamespace(load_format="auto"),
+        speculative_config=SimpleNamespace(draft_load_config=None),
+        compilation_config=SimpleNamespace(static_forward_context={}),
+    )
 
 
 def _proposer_layouts(live):
@@ -139,20 +146,37 @@ def _proposer_layouts(live):
     (runner attribute, proposer, the vllm_config tag the fresh drafter must be built with)."""
     draft_model_config = SimpleNamespace(model="/live/drafter")
     overridden = _fake_vllm_config("v2-with-draft-overrides")
-    v2_spec = SimpleNamespace(draft_model_config=draft_model_config, apply_draft_overrides=lambda config: overridden)
+    v2_spec = SimpleNamespace(
+        draft_model_config=draft_model_config, apply_draft_overrides=lambda config: overridden
+    )
     return {
         # vllm/v1/worker/gpu/spec_decode/speculator.py DraftModelSpeculator (V2 GPU runner)
-        "v2-speculator": ("speculator", SimpleNamespace(vllm_config=_fake_vllm_config("v2"), speculative_config=v2_spec,
-                                                        model=live), "v2-with-draft-overrides"),
+        "v2-speculator": (
+            "speculator",
+            SimpleNamespace(vllm_config=_fake_vllm_config("v2"), speculative_config=v2_spec, model=live),
+            "v2-with-draft-overrides",
+        ),
         # vllm/v1/spec_decode/medusa.py MedusaProposer
-        "v1-medusa": ("drafter", SimpleNamespace(vllm_config=_fake_vllm_config("medusa"), model=live,
-                                                 spec_config=SimpleNamespace(draft_model_config=draft_model_config)),
-                      "medusa"),
+        "v1-medusa": (
+            "drafter",
+            SimpleNamespace(
+                vllm_config=_fake_vllm_config("medusa"),
+                model=live,
+                spec_config=SimpleNamespace(draft_model_config=draft_model_config),
+            ),
+            "medusa",
+        ),
         # vllm/v1/spec_decode/llm_base_proposer.py (EAGLE, draft model) and lk_vllm.plugin.engine.mlp_proposer
-        "v1-eagle": ("drafter", SimpleNamespace(_create_draft_vllm_config=lambda: _fake_vllm_config("eagle-draft"),
-                                                speculative_config=SimpleNamespace(draft_model_config=draft_model_config),
-                                                vllm_config=_fake_vllm_config("eagle-engine"), model=live),
-                     "eagle-draft"),
+        "v1-eagle": (
+            "drafter",
+            SimpleNamespace(
+                _create_draft_vllm_config=lambda: _fake_vllm_config("eagle-draft"),
+                speculative_config=SimpleNamespace(draft_model_config=draft_model_config),
+                vllm_config=_fake_vllm_config("eagle-engine"),
+                model=live,
+            ),
+            "eagle-draft",
+        ),
     }
 
 
@@ -181,7 +205,9 @@ def test_in_place_reload_finds_the_drafter_in_every_runner_layout(layout, tmp_pa
     monkeypatch.setattr(model_loader, "get_model", get_model)
     live = _TinyDrafter()
     attribute, proposer, expected_tag = _proposer_layouts(live)[layout]
-    worker = SimpleNamespace(model_runner=SimpleNamespace(model=torch.nn.Linear(2, 2), **{attribute: proposer}))
+    worker = SimpleNamespace(
+        model_runner=SimpleNamespace(model=torch.nn.Linear(2, 2), **{attribute: proposer})
+    )
     new = _tiny_checkpoint(tmp_path, "new", seed=5)
 
     assert lk_drafter_parameters(worker) == {"fc.weight": [4, 4]}
@@ -189,7 +215,9 @@ def test_in_place_reload_finds_the_drafter_in_every_runner_layout(layout, tmp_pa
     assert built == [(expected_tag, str(new))]
     assert torch.equal(live.fc.weight, load_file(str(new / "model.safetensors"))["fc.weight"])
     assert result["modules"] == 1 and result["checksum"] != result["checksum_before"]
-    assert _live_draft_model_config(proposer).model == "/live/drafter"  # the live config is not changed by a reload
+    assert (
+        _live_draft_model_config(proposer).model == "/live/drafter"
+    )  # the live config is not changed by a reload
 
 
 @pytest.mark.vllm
@@ -199,6 +227,7 @@ def test_in_place_reload_refuses_a_drafter_without_weights():
     for runner in (SimpleNamespace(model=None), SimpleNamespace(model=None, speculator=SimpleNamespace())):
         with pytest.raises(RuntimeError, match="no weights to reload"):
             lk_reload_drafter(SimpleNamespace(model_runner=runner), "/any")
+
 
 # ------------------------------------------------------------------------------------------------ the CPU patch
 def _expand_reference(values, cu, replace_from, replace_to):
@@ -248,8 +277,9 @@ def test_the_patch_reaches_vllms_rejection_sampler_through_the_platform_override
     plugin.register()  # what vLLM's worker does first ...
     CpuPlatform.register_triton_kernel_overrides()  # ... then the platform installs its kernels
     temperatures = torch.tensor([0.7, 0.0])
-    expanded = rejection_sampler.expand_batch_to_tokens(temperatures, torch.tensor([2, 5]), 5, replace_from=0,
-                                                        replace_to=1)
+    expanded = rejection_sampler.expand_batch_to_tokens(
+        temperatures, torch.tensor([2, 5]), 5, replace_from=0, replace_to=1
+    )
     assert expanded.tolist() == pytest.approx([0.7, 0.7, 1.0, 1.0, 1.0])
 
 
@@ -296,16 +326,23 @@ def test_vllms_medusa_rejects_its_own_token_map_and_the_patch_accepts_it():
 
 # ------------------------------------------------------------------------------------------------ stat logger
 def _vllm_config(spec=None, model="/no/such/model"):
-    return SimpleNamespace(speculative_config=spec, model_config=SimpleNamespace(model=model, dtype=torch.float32,
-                                                                                   enforce_eager=True))
+    return SimpleNamespace(
+        speculative_config=spec,
+        model_config=SimpleNamespace(model=model, dtype=torch.float32, enforce_eager=True),
+    )
 
 
 def _stats(running, drafts=0, draft_tokens=0, accepted=0, per_pos=(), tokens=1, first_tokens=0, finished=0):
     from vllm.v1.metrics.stats import IterationStats, SchedulerStats
     from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
-    spec = SpecDecodingStats(num_spec_tokens=len(per_pos), num_drafts=drafts, num_draft_tokens=draft_tokens,
-                             num_accepted_tokens=accepted, num_accepted_tokens_per_pos=list(per_pos))
+    spec = SpecDecodingStats(
+        num_spec_tokens=len(per_pos),
+        num_drafts=drafts,
+        num_draft_tokens=draft_tokens,
+        num_accepted_tokens=accepted,
+        num_accepted_tokens_per_pos=list(per_pos),
+    )
     scheduler = SchedulerStats(num_running_reqs=running, spec_decoding_stats=spec if drafts else None)
     iteration = IterationStats()
     iteration.num_generation_tokens = tokens
@@ -320,13 +357,20 @@ def test_stat_logger_records_counts_batch_and_decode_timing(monkeypatch):
 
     store = LiveStatsStore()
     monkeypatch.setattr(live_stats, "STORE", store)
-    spec = SimpleNamespace(method="ngram", model=None, num_speculative_tokens=3, draft_sample_method="greedy",
-                           rejection_sample_method="standard")
+    spec = SimpleNamespace(
+        method="ngram",
+        model=None,
+        num_speculative_tokens=3,
+        draft_sample_method="greedy",
+        rejection_sample_method="standard",
+    )
     logger = stat_logger.LkStatLogger(_vllm_config(spec))
     assert store.drafter.name == "ngram" and store.drafter.num_speculative_tokens == 3
     assert store.baseline is None and "lk-vllm calibrate" in store.baseline_error
     logger.record(*_stats(running=2, tokens=2, first_tokens=2))  # prefill step: not timed
-    logger.record(*_stats(running=1, drafts=2, draft_tokens=6, accepted=3, per_pos=(2, 1, 0), tokens=5, finished=1))
+    logger.record(
+        *_stats(running=1, drafts=2, draft_tokens=6, accepted=3, per_pos=(2, 1, 0), tokens=5, finished=1)
+    )
     steps = store.steps()
     assert [s.decode_seconds is None for s in steps] == [True, False]
     assert steps[1].batch_size == 2  # one still running + one that finished in this step
@@ -348,7 +392,6 @@ def test_stat_logger_is_inert_without_speculation(monkeypatch):
     assert store.steps() == [] and store.drafter is None
 
 
-
 def _finished_request(temperature, accepted_per_step, num_spec_tokens=2):
     """One request finished through vLLM's output processor (lk's patch on), with vLLM's own per-request
     counters: ``accepted_per_step[i]`` draft tokens of K were accepted at step i."""
@@ -361,9 +404,18 @@ def _finished_request(temperature, accepted_per_step, num_spec_tokens=2):
     metrics = RequestSpecDecodeMetrics.new(num_spec_tokens)
     for accepted in accepted_per_step:
         metrics.observe(num_draft_tokens=num_spec_tokens, num_accepted=accepted)
-    req_state = SimpleNamespace(external_req_id="r", request_id="r", prompt_len=4, max_tokens_param=16,
-                                stats=RequestStateStats(arrival_time=0.0), num_cached_tokens=0, lora_name=None,
-                                parent_req=None, spec_decode_metrics=metrics, temperature=temperature)
+    req_state = SimpleNamespace(
+        external_req_id="r",
+        request_id="r",
+        prompt_len=4,
+        max_tokens_param=16,
+        stats=RequestStateStats(arrival_time=0.0),
+        num_cached_tokens=0,
+        lora_name=None,
+        parent_req=None,
+        spec_decode_metrics=metrics,
+        temperature=temperature,
+    )
     processor = SimpleNamespace(lora_states=SimpleNamespace(request_finished=lambda *args: None))
     iteration = IterationStats()
     OutputProcessor._update_stats_from_finished(processor, req_state, "stop", iteration)
@@ -376,8 +428,13 @@ def _ngram_logger(monkeypatch, per_request_level: str):
 
     store = LiveStatsStore()
     monkeypatch.setattr(live_stats, "STORE", store)
-    spec = SimpleNamespace(method="ngram", model=None, num_speculative_tokens=2, draft_sample_method="greedy",
-                           rejection_sample_method="standard")
+    spec = SimpleNamespace(
+        method="ngram",
+        model=None,
+        num_speculative_tokens=2,
+        draft_sample_method="greedy",
+        rejection_sample_method="standard",
+    )
     config = _vllm_config(spec)
     config.observability_config = SimpleNamespace(per_request_spec_decode_metrics=per_request_level)
     return store, stat_logger.LkStatLogger(config)
@@ -390,20 +447,35 @@ def test_stat_logger_records_each_finished_requests_own_acceptance(monkeypatch):
     from lk_vllm.plugin.server import stat_logger
 
     store, logger = _ngram_logger(monkeypatch, "summary")
-    scheduler, iteration = _stats(running=0, drafts=12, draft_tokens=24, accepted=14, per_pos=(9, 5), tokens=26)
+    scheduler, iteration = _stats(
+        running=0, drafts=12, draft_tokens=24, accepted=14, per_pos=(9, 5), tokens=26
+    )
     iteration.finished_requests = [_finished_request(0.0, [1] * 10), _finished_request(0.8, [2, 2])]
     assert stat_logger.finished_request_counts(iteration) == [(10, 10, "temperature_0"), (2, 4, "sampled")]
     logger.record(scheduler, iteration)
     summary = store.summary(store.steps())
-    assert summary["acceptance_length"] == pytest.approx(1 + 14 / 12) and summary["acceptance_length_aggregation"] == "pooled"
+    assert (
+        summary["acceptance_length"] == pytest.approx(1 + 14 / 12)
+        and summary["acceptance_length_aggregation"] == "pooled"
+    )
     assert summary["acceptance_length_mean_of_request_means"] == pytest.approx(2.5)
     labelled = {(e["aggregation"], e["sampling"]): e["value"] for e in summary["acceptance_lengths"]}
-    assert labelled == pytest.approx({("pooled", "all"): 1 + 14 / 12, ("mean_of_request_means", "all"): 2.5,
-                                      ("pooled", "temperature_0"): 2.0, ("mean_of_request_means", "temperature_0"): 2.0,
-                                      ("pooled", "sampled"): 3.0, ("mean_of_request_means", "sampled"): 3.0})
+    assert labelled == pytest.approx(
+        {
+            ("pooled", "all"): 1 + 14 / 12,
+            ("mean_of_request_means", "all"): 2.5,
+            ("pooled", "temperature_0"): 2.0,
+            ("mean_of_request_means", "temperature_0"): 2.0,
+            ("pooled", "sampled"): 3.0,
+            ("mean_of_request_means", "sampled"): 3.0,
+        }
+    )
     assert set(summary["aggregations"]) == {"pooled", "mean_of_request_means"}
     histogram = summary["request_acceptance_histogram"]
-    assert sum(histogram["counts"]["all"]) == 2 and histogram["counts"]["sampled"][histogram["upper_bounds"].index(3.0)] == 1
+    assert (
+        sum(histogram["counts"]["all"]) == 2
+        and histogram["counts"]["sampled"][histogram["upper_bounds"].index(3.0)] == 1
+    )
     assert store.per_request_source and store.per_request_missing is None
 
     copy = LiveStatsStore()  # the statistics carried over an engine restart keep the per-request sums
@@ -415,11 +487,16 @@ def test_stat_logger_records_each_finished_requests_own_acceptance(monkeypatch):
 @pytest.mark.vllm
 def test_without_per_request_metrics_the_store_says_why(monkeypatch):
     store, _ = _ngram_logger(monkeypatch, "none")
-    assert store.per_request_source is None and "--per-request-spec-decode-metrics" in store.per_request_missing
+    assert (
+        store.per_request_source is None and "--per-request-spec-decode-metrics" in store.per_request_missing
+    )
+
 
 # ------------------------------------------------------------------------------------------------ store and speed-up
 def _profile(points):
-    return speedup.BaselineProfile(key={}, points=[{"batch_size": b, "seconds_per_token": s} for b, s in points])
+    return speedup.BaselineProfile(
+        key={}, points=[{"batch_size": b, "seconds_per_token": s} for b, s in points]
+    )
 
 
 def test_baseline_interpolates_between_measured_batch_sizes():
@@ -457,13 +534,37 @@ def test_window_and_per_drafter_statistics():
     store = LiveStatsStore()
     now = time.monotonic()
     store.set_drafter(DrafterInfo(name="a", method="eagle3", architecture="x", num_speculative_tokens=2))
-    store.record_step(batch_size=1, output_tokens=2, timed=False, num_drafts=1, num_draft_tokens=2,
-                      num_accepted_tokens=1, accepted_per_position=[1, 0], now=now - 120)
-    store.record_step(batch_size=1, output_tokens=3, timed=True, num_drafts=1, num_draft_tokens=2,
-                      num_accepted_tokens=2, accepted_per_position=[1, 1], now=now - 5)
+    store.record_step(
+        batch_size=1,
+        output_tokens=2,
+        timed=False,
+        num_drafts=1,
+        num_draft_tokens=2,
+        num_accepted_tokens=1,
+        accepted_per_position=[1, 0],
+        now=now - 120,
+    )
+    store.record_step(
+        batch_size=1,
+        output_tokens=3,
+        timed=True,
+        num_drafts=1,
+        num_draft_tokens=2,
+        num_accepted_tokens=2,
+        accepted_per_position=[1, 1],
+        now=now - 5,
+    )
     store.set_drafter(DrafterInfo(name="b", method="eagle3", architecture="x", num_speculative_tokens=2))
-    store.record_step(batch_size=1, output_tokens=1, timed=True, num_drafts=1, num_draft_tokens=2,
-                      num_accepted_tokens=0, accepted_per_position=[0, 0], now=now - 1)
+    store.record_step(
+        batch_size=1,
+        output_tokens=1,
+        timed=True,
+        num_drafts=1,
+        num_draft_tokens=2,
+        num_accepted_tokens=0,
+        accepted_per_position=[0, 0],
+        now=now - 1,
+    )
     assert store.summary(store.steps(60))["num_drafts"] == 2
     assert store.summary(store.steps(None))["num_drafts"] == 3
     assert store.summary(store.steps(60, "a"))["acceptance_length"] == pytest.approx(3.0)
@@ -493,10 +594,17 @@ def test_profile_load_rejects_bad_files(tmp_path):
 def _drafter_dir(root: Path, name: str, hidden: int = 8, seed: int = 0, extra: dict | None = None) -> Path:
     path = root / name
     path.mkdir(parents=True)
-    config = {"architectures": ["LlamaForCausalLMEagle3"], "hidden_size": hidden, "vocab_size": 32, **(extra or {})}
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "hidden_size": hidden,
+        "vocab_size": 32,
+        **(extra or {}),
+    }
     (path / "config.json").write_text(json.dumps(config))
     generator = torch.Generator().manual_seed(seed)
-    save_file({"fc.weight": torch.randn(hidden, 3 * hidden, generator=generator)}, str(path / "model.safetensors"))
+    save_file(
+        {"fc.weight": torch.randn(hidden, 3 * hidden, generator=generator)}, str(path / "model.safetensors")
+    )
     return path
 
 
@@ -532,8 +640,15 @@ def app_with_routes(tmp_path, monkeypatch, tiny_target):
     routes.engine_client = FakeEngineClient()
     app = FastAPI()
     app.include_router(routes.router())
-    store.set_drafter(DrafterInfo(name=str(live), method="eagle3", architecture="LlamaForCausalLMEagle3",
-                                  num_speculative_tokens=2, sampling={"draft_sample_method": "probabilistic"}))
+    store.set_drafter(
+        DrafterInfo(
+            name=str(live),
+            method="eagle3",
+            architecture="LlamaForCausalLMEagle3",
+            num_speculative_tokens=2,
+            sampling={"draft_sample_method": "probabilistic"},
+        )
+    )
     return TestClient(app), routes, drafters, tiny_target
 
 
@@ -542,12 +657,30 @@ ADMIN = {"X-Admin-Key": "admin-secret"}
 
 def test_stats_route_fields_and_window_validation(app_with_routes):
     client, routes, *_ = app_with_routes
-    routes.store.record_step(batch_size=1, output_tokens=3, timed=False, num_drafts=1, num_draft_tokens=2,
-                             num_accepted_tokens=2, accepted_per_position=[1, 1])
+    routes.store.record_step(
+        batch_size=1,
+        output_tokens=3,
+        timed=False,
+        num_drafts=1,
+        num_draft_tokens=2,
+        num_accepted_tokens=2,
+        accepted_per_position=[1, 1],
+    )
     body = client.get("/v1/speculative/stats").json()
-    for field in ("drafter", "method", "num_speculative_tokens", "sampling", "acceptance_length",
-                  "per_position_acceptance", "draft_tokens", "accepted_tokens", "window_seconds", "speedup",
-                  "baseline", "since_start"):
+    for field in (
+        "drafter",
+        "method",
+        "num_speculative_tokens",
+        "sampling",
+        "acceptance_length",
+        "per_position_acceptance",
+        "draft_tokens",
+        "accepted_tokens",
+        "window_seconds",
+        "speedup",
+        "baseline",
+        "since_start",
+    ):
         assert field in body, field
     assert body["acceptance_length"] == pytest.approx(3.0) and body["window_seconds"] == 60.0
     assert body["drafter"]["architecture"] == "LlamaForCausalLMEagle3"
@@ -573,8 +706,13 @@ def test_stats_route_answers_404_when_speculation_is_off():
 def test_admin_route_needs_the_admin_key(app_with_routes):
     client, routes, *_ = app_with_routes
     assert client.post("/v1/speculative/drafter", json={"path": "x"}).status_code == 401
-    assert client.post("/v1/speculative/drafter", json={"path": "x"}, headers={"X-Admin-Key": "no"}).status_code == 403
-    wrong_bearer = client.post("/v1/speculative/drafter", json={"path": "x"}, headers={"Authorization": "Bearer no"})
+    assert (
+        client.post("/v1/speculative/drafter", json={"path": "x"}, headers={"X-Admin-Key": "no"}).status_code
+        == 403
+    )
+    wrong_bearer = client.post(
+        "/v1/speculative/drafter", json={"path": "x"}, headers={"Authorization": "Bearer no"}
+    )
     assert wrong_bearer.status_code == 403
     routes.admin_key = None  # no admin key configured: admin routes are closed
     assert client.post("/v1/speculative/drafter", json={"path": "x"}, headers=ADMIN).status_code == 403
@@ -596,14 +734,28 @@ def test_swap_same_shape_reloads_in_place_and_keeps_stats_per_drafter(app_with_r
     client, routes, drafters, target = app_with_routes
     new = make_valid_drafter(drafters, "new", target, seed=3)
     old_name = routes.store.drafter.name
-    routes.store.record_step(batch_size=1, output_tokens=2, timed=False, num_drafts=1, num_draft_tokens=2,
-                             num_accepted_tokens=1, accepted_per_position=[1, 0])
+    routes.store.record_step(
+        batch_size=1,
+        output_tokens=2,
+        timed=False,
+        num_drafts=1,
+        num_draft_tokens=2,
+        num_accepted_tokens=1,
+        accepted_per_position=[1, 0],
+    )
     response = client.post("/v1/speculative/drafter", json={"path": "new"}, headers=ADMIN)
     assert response.status_code == 200, response.json()
     assert routes.engine_client.calls == [("lk_reload_drafter", (str(new),))]
     assert routes.store.drafter.name == str(new)
-    routes.store.record_step(batch_size=1, output_tokens=3, timed=False, num_drafts=1, num_draft_tokens=2,
-                             num_accepted_tokens=2, accepted_per_position=[1, 1])
+    routes.store.record_step(
+        batch_size=1,
+        output_tokens=3,
+        timed=False,
+        num_drafts=1,
+        num_draft_tokens=2,
+        num_accepted_tokens=2,
+        accepted_per_position=[1, 1],
+    )
     assert client.get("/v1/speculative/stats", params={"drafter": old_name}).json()["accepted_tokens"] == 1
     assert client.get("/v1/speculative/stats", params={"drafter": str(new)}).json()["accepted_tokens"] == 2
     assert set(client.get("/v1/speculative/stats").json()["drafters"]) == {old_name, str(new)}
@@ -661,8 +813,15 @@ def _scrape(store) -> str:
 
 def test_metrics_collector_reports_the_window(app_with_routes):
     _, routes, *_ = app_with_routes
-    routes.store.record_step(batch_size=1, output_tokens=3, timed=False, num_drafts=2, num_draft_tokens=4,
-                             num_accepted_tokens=3, accepted_per_position=[2, 1])
+    routes.store.record_step(
+        batch_size=1,
+        output_tokens=3,
+        timed=False,
+        num_drafts=2,
+        num_draft_tokens=4,
+        num_accepted_tokens=3,
+        accepted_per_position=[2, 1],
+    )
     text = _scrape(routes.store)
     assert "lk_acceptance_length 2.5" in text
     assert 'lk_acceptance_length_aggregated{aggregation="pooled",sampling="all"} 2.5' in text
@@ -708,9 +867,22 @@ def test_serve_command_is_vllms_server_with_faithful_sampling(tmp_path, monkeypa
 
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     target, drafter = servable
-    args = serve_args(target, "--speculative-config", json.dumps({"method": "eagle3", "model": str(drafter),
-                       "num_speculative_tokens": 2}), "--api-key", "k", "--admin-key", "a", "--drafters-dir",
-                       str(tmp_path), "--port", "9", "--", "--max-num-batched-tokens", "512")
+    args = serve_args(
+        target,
+        "--speculative-config",
+        json.dumps({"method": "eagle3", "model": str(drafter), "num_speculative_tokens": 2}),
+        "--api-key",
+        "k",
+        "--admin-key",
+        "a",
+        "--drafters-dir",
+        str(tmp_path),
+        "--port",
+        "9",
+        "--",
+        "--max-num-batched-tokens",
+        "512",
+    )
     command = launcher.build_server_command(args)
     assert command.argv[1:3] == ["-m", "vllm.entrypoints.launchers.api_server.entry"]
     parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(command.argv[3:])
@@ -721,8 +893,9 @@ def test_serve_command_is_vllms_server_with_faithful_sampling(tmp_path, monkeypa
     assert "k" not in command.argv and "a" not in command.argv  # secrets go through the environment
     assert command.env["VLLM_API_KEY"] == "k" and command.env["LK_VLLM_ADMIN_KEY"] == "a"
     assert command.env["VLLM_PLUGINS"] == "lk_general,lk_stats,lk_endpoints"
-    ngram = launcher.build_server_command(serve_args(target, "--speculative-config",
-                                                      '{"method": "ngram", "num_speculative_tokens": 3}'))
+    ngram = launcher.build_server_command(
+        serve_args(target, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}')
+    )
     spec = json.loads(ngram.argv[ngram.argv.index("--speculative-config") + 1])
     assert spec == {"method": "ngram", "num_speculative_tokens": 3, "rejection_sample_method": "standard"}
 
@@ -733,10 +906,20 @@ def test_serve_command_is_vllms_server_with_faithful_sampling(tmp_path, monkeypa
         (["--speculative-config", "{bad"], "--speculative-config: expected a JSON object, got invalid JSON"),
         (["--speculative-config", "[1]"], "expected a JSON object, got list"),
         (["--speculative-config", '{"method": "ngram"}'], "expected num_speculative_tokens"),
-        (["--speculative-config", '{"method": "eagle3", "model": "/no/such/dir", "num_speculative_tokens": 1}'],
-         "drafter model directory /no/such/dir not found"),
-        (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, '
-          '"rejection_sample_method": "synthetic"}'], "does not preserve the target's distribution"),
+        (
+            [
+                "--speculative-config",
+                '{"method": "eagle3", "model": "/no/such/dir", "num_speculative_tokens": 1}',
+            ],
+            "drafter model directory /no/such/dir not found",
+        ),
+        (
+            [
+                "--speculative-config",
+                '{"method": "ngram", "num_speculative_tokens": 2, "rejection_sample_method": "synthetic"}',
+            ],
+            "does not preserve the target's distribution",
+        ),
         (["--drafter", "/no/such/drafter"], "--drafter /no/such/drafter: directory not found"),
         (["--drafter", "DRAFTER", "--num-speculative-tokens", "0"], "expected an integer >= 1"),
         (["--baseline-profile", "/no/profile.json"], "/no/profile.json: file not found"),
@@ -765,16 +948,30 @@ def test_drafter_for_another_target_is_refused(tmp_path):
     with pytest.raises(UserError, match="vocabulary of 64 tokens, but the target .* has 32"):
         check_drafter_for_target(other_vocab, str(target))
     fingerprinted = _drafter_dir(tmp_path, "fp")
-    (fingerprinted / "lk_training.json").write_text(json.dumps({"target": {"fingerprint": "feedfeedfeedfeed",
-                                                                           "path": "/elsewhere"}}))
+    (fingerprinted / "lk_training.json").write_text(
+        json.dumps({"target": {"fingerprint": "feedfeedfeedfeed", "path": "/elsewhere"}})
+    )
     with pytest.raises(UserError, match="trained for target fingerprint feedfeedfeedfeed"):
         check_drafter_for_target(fingerprinted, str(target))
 
 
 @pytest.mark.e2e
 def test_serve_cli_prints_one_line_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lk_vllm.cli", "serve", "--target", str(tmp_path), "--speculative-config",
-                             "{oops"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lk_vllm.cli",
+            "serve",
+            "--target",
+            str(tmp_path),
+            "--speculative-config",
+            "{oops",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr
@@ -839,7 +1036,9 @@ def test_serve_calibrates_once_on_first_start_unless_told_not_to(tmp_path, monke
     launcher.ensure_calibrated(again, args)  # cached now
     for flags in (["--no-calibrate"], []):
         skipped = serve_args(target, *(ngram if flags else []), *flags)
-        launcher.ensure_calibrated(launcher.build_server_command(skipped), skipped)  # no speculation: no baseline
+        launcher.ensure_calibrated(
+            launcher.build_server_command(skipped), skipped
+        )  # no speculation: no baseline
     assert len(runs) == 1
 
 
@@ -850,8 +1049,13 @@ def test_serve_drafter_dir_becomes_an_eagle3_config_with_probabilistic_drafts(tm
     target, drafter = servable
     command = launcher.build_server_command(serve_args(target, "--drafter", str(drafter)))
     spec = json.loads(command.argv[command.argv.index("--speculative-config") + 1])
-    assert spec == {"method": "eagle3", "model": str(drafter.resolve()), "num_speculative_tokens": 3,
-                    "rejection_sample_method": "standard", "draft_sample_method": "probabilistic"}
+    assert spec == {
+        "method": "eagle3",
+        "model": str(drafter.resolve()),
+        "num_speculative_tokens": 3,
+        "rejection_sample_method": "standard",
+        "draft_sample_method": "probabilistic",
+    }
     with pytest.raises(UserError, match="no config.json"):
         (tmp_path / "bare").mkdir()
         launcher.build_server_command(serve_args(target, "--drafter", str(tmp_path / "bare")))
@@ -859,9 +1063,16 @@ def test_serve_drafter_dir_becomes_an_eagle3_config_with_probabilistic_drafts(tm
 
 def test_metrics_collector_labels_both_aggregations_and_the_request_histogram(app_with_routes):
     client, routes, *_ = app_with_routes
-    routes.store.record_step(batch_size=2, output_tokens=26, timed=False, num_drafts=12, num_draft_tokens=24,
-                             num_accepted_tokens=14, accepted_per_position=[9, 5],
-                             requests=[(10, 10, "temperature_0"), (2, 4, "sampled")])
+    routes.store.record_step(
+        batch_size=2,
+        output_tokens=26,
+        timed=False,
+        num_drafts=12,
+        num_draft_tokens=24,
+        num_accepted_tokens=14,
+        accepted_per_position=[9, 5],
+        requests=[(10, 10, "temperature_0"), (2, 4, "sampled")],
+    )
     text = _scrape(routes.store)
     assert 'lk_acceptance_length_aggregated{aggregation="mean_of_request_means",sampling="all"} 2.5' in text
     assert 'lk_acceptance_length_aggregated{aggregation="pooled",sampling="sampled"} 3.0' in text

@@ -20,20 +20,41 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_retrain_loop_completes_and_the_swap_fails_no_request(default_target, tmp_path):
     work = tmp_path / "loop"
-    env = {**os.environ, "TRAFFIC": "40", "HELDOUT": "6", "STEPS": "4", "MAX_TOKENS": "48", "WORK": str(work),
-           "PORT": str(free_port())}
-    result = subprocess.run(["bash", "examples/retrain_from_traffic.sh"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=2400)
-    server_log = (work / "server.log").read_text(errors="replace")[-3000:] if (work / "server.log").exists() else ""
+    env = {
+        **os.environ,
+        "TRAFFIC": "40",
+        "HELDOUT": "6",
+        "STEPS": "4",
+        "MAX_TOKENS": "48",
+        "WORK": str(work),
+        "PORT": str(free_port()),
+    }
+    result = subprocess.run(
+        ["bash", "examples/retrain_from_traffic.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )
+    server_log = (
+        (work / "server.log").read_text(errors="replace")[-3000:] if (work / "server.log").exists() else ""
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + server_log
 
     traffic = json.loads((work / "traffic.json").read_text())
     assert traffic["requests"] == 40 and traffic["failed"] == 0
     capture = json.loads((work / "capture.json").read_text())
     assert capture["enabled"] is False and capture["captured"] > 0
-    captured = [json.loads(line) for path in (work / "capture").glob("*.jsonl") for line in path.read_text().splitlines()]
+    captured = [
+        json.loads(line)
+        for path in (work / "capture").glob("*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
     assert len(captured) == capture["captured"]
-    assert all(set(row) >= {"messages"} and "authorization" not in json.dumps(row).lower() for row in captured)
+    assert all(
+        set(row) >= {"messages"} and "authorization" not in json.dumps(row).lower() for row in captured
+    )
     manifest = json.loads((work / "data" / "manifest.json").read_text())
     assert manifest["samples"] > 0
 

@@ -60,15 +60,31 @@ def servers(tmp_path_factory, default_target):
 
     plain_env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}  # plain vLLM, lk-vllm installed
     # lk-vllm's CPU settings, process layout included: the baseline is measured in the layout serve uses.
-    plain_env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_USE_V2_MODEL_RUNNER": "0", "HF_HUB_OFFLINE": "1",
-                      INPROCESS_WORKER_ENV: "1"})
+    plain_env.update(
+        {
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_USE_V2_MODEL_RUNNER": "0",
+            "HF_HUB_OFFLINE": "1",
+            INPROCESS_WORKER_ENV: "1",
+        }
+    )
     port = free_port()
     with open(work / "plain.log", "ab") as plain_log:
         plain = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-             *EngineSettings(model=default_target, max_model_len=1024, max_num_seqs=32).server_args(),
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=plain_env, stdout=plain_log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                *EngineSettings(model=default_target, max_model_len=1024, max_num_seqs=32).server_args(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=plain_env,
+            stdout=plain_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     handle = ServerHandle(url=f"http://127.0.0.1:{port}", process=plain, log_path=work / "plain.log")
     try:
@@ -76,9 +92,24 @@ def servers(tmp_path_factory, default_target):
         complete(handle.url, default_target, messages=REPEAT, max_tokens=16)  # warm-up
         first = decode_time(handle.url, default_target, rounds=2)
         calibrate = subprocess.run(
-            [sys.executable, "-m", "lk_vllm.cli", "calibrate", "--target", default_target, "--batch-sizes", "1,2",
-             "--output-tokens", "96", "--max-model-len", "1024"],
-            env={**os.environ, "LK_VLLM_HOME": str(home)}, capture_output=True, text=True, timeout=900,
+            [
+                sys.executable,
+                "-m",
+                "lk_vllm.cli",
+                "calibrate",
+                "--target",
+                default_target,
+                "--batch-sizes",
+                "1,2",
+                "--output-tokens",
+                "96",
+                "--max-model-len",
+                "1024",
+            ],
+            env={**os.environ, "LK_VLLM_HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         assert calibrate.returncode == 0, calibrate.stderr[-3000:]
         second = decode_time(handle.url, default_target, rounds=2)
@@ -99,17 +130,33 @@ def servers(tmp_path_factory, default_target):
     spec = None
     try:
         spec = start_server(
-            ["--target", default_target, "--speculative-config", json.dumps(NGRAM), "--api-key", API_KEY,
-             "--admin-key", ADMIN_KEY, "--drafters-dir", str(drafters), *ENGINE_FLAGS],
-            env={"LK_VLLM_HOME": str(home)}, log_path=work / "spec.log", timeout=900,
+            [
+                "--target",
+                default_target,
+                "--speculative-config",
+                json.dumps(NGRAM),
+                "--api-key",
+                API_KEY,
+                "--admin-key",
+                ADMIN_KEY,
+                "--drafters-dir",
+                str(drafters),
+                *ENGINE_FLAGS,
+            ],
+            env={"LK_VLLM_HOME": str(home)},
+            log_path=work / "spec.log",
+            timeout=900,
         )
         out["spec"] = spec
-        complete(spec.url, default_target, messages=REPEAT, max_tokens=16, api_key=API_KEY)  # warm-up (numba JIT)
+        complete(
+            spec.url, default_target, messages=REPEAT, max_tokens=16, api_key=API_KEY
+        )  # warm-up (numba JIT)
         started = time.monotonic()
         out["spec_decode"] = decode_time(spec.url, default_target, rounds=4, api_key=API_KEY)
         out["spec_ab_window"] = time.monotonic() - started  # starts after the warm-up's last step
-        out["spec_ab_stats"] = request_json(spec.url, f"/v1/speculative/stats?window={out['spec_ab_window']}",
-                                            api_key=API_KEY)
+        out["spec_ab_stats"] = request_json(
+            spec.url, f"/v1/speculative/stats?window={out['spec_ab_window']}", api_key=API_KEY
+        )
         yield out
     except BaseException:
         if spec is not None:
@@ -122,7 +169,9 @@ def servers(tmp_path_factory, default_target):
 
 def stats(servers, **params) -> dict:
     query = "&".join(f"{k}={v}" for k, v in params.items())
-    return request_json(servers["spec"].url, "/v1/speculative/stats" + (f"?{query}" if query else ""), api_key=API_KEY)
+    return request_json(
+        servers["spec"].url, "/v1/speculative/stats" + (f"?{query}" if query else ""), api_key=API_KEY
+    )
 
 
 def test_every_response_carries_its_speculative_metrics(servers):
@@ -135,7 +184,8 @@ def test_every_response_carries_its_speculative_metrics(servers):
         assert metrics["num_spec_tokens"] == 4
         assert metrics["num_draft_tokens"] >= metrics["num_accepted_draft_tokens"] >= 0
         assert metrics["mean_acceptance_length"] == pytest.approx(
-            1 + metrics["num_accepted_draft_tokens"] / max(1, metrics["num_spec_steps"]))
+            1 + metrics["num_accepted_draft_tokens"] / max(1, metrics["num_spec_steps"])
+        )
     assert plain.spec_metrics["mean_acceptance_length"] > 2.0  # the model repeats the passage: n-grams hit
 
 
@@ -152,7 +202,9 @@ def test_stats_metrics_and_modes(servers):
     assert short["window_seconds"] == 0.001 and short["num_drafts"] <= body["num_drafts"]
     metrics = request_json_text(servers["spec"].url + "/metrics")
     assert "vllm:spec_decode_num_drafts_total" in metrics  # vLLM's own metrics are still there
-    values = {line.split(" ")[0]: line.split(" ")[1] for line in metrics.splitlines() if line.startswith("lk_")}
+    values = {
+        line.split(" ")[0]: line.split(" ")[1] for line in metrics.splitlines() if line.startswith("lk_")
+    }
     assert float(values["lk_acceptance_length"]) > 1.0
     assert float(values["lk_speedup"]) > 0
     assert {f'lk_per_position_acceptance{{position="{k}"}}' for k in range(4)} <= set(values)
@@ -183,8 +235,13 @@ def test_api_key_and_admin_key(servers):
         request_json(url, "/v1/speculative/drafter", swap, api_key=API_KEY, headers={"X-Admin-Key": "nope"})
     assert wrong_admin.value.status == 403
     with pytest.raises(HTTPError) as ngram_swap:
-        request_json(url, "/v1/speculative/drafter", swap, api_key=API_KEY, headers={"X-Admin-Key": ADMIN_KEY})
-    assert ngram_swap.value.status in (404, 409)  # authorised; "anything" does not exist / ngram has no weights
+        request_json(
+            url, "/v1/speculative/drafter", swap, api_key=API_KEY, headers={"X-Admin-Key": ADMIN_KEY}
+        )
+    assert ngram_swap.value.status in (
+        404,
+        409,
+    )  # authorised; "anything" does not exist / ngram has no weights
 
 
 def test_plain_vllm_with_lk_installed_and_speculation_off_is_untouched(servers):
@@ -201,11 +258,13 @@ def test_reported_speedup_matches_an_ab_measurement(servers):
     spec_seconds, spec_tokens = servers["spec_decode"]
     measured = (plain_seconds / plain_tokens) / (spec_seconds / spec_tokens)
     reported = servers["spec_ab_stats"]
-    print(f"A/B speed-up {measured:.3f} (plain {plain_seconds / plain_tokens * 1000:.1f} ms/token, speculative "
-          f"{spec_seconds / spec_tokens * 1000:.1f} ms/token), reported {reported['speedup']:.3f}, acceptance "
-          f"length {reported['acceptance_length']:.2f}, baseline {reported['baseline']['seconds_per_token']}, "
-          f"by batch size {reported['speedup_by_batch_size']}, plain before/after calibration "
-          f"{servers['plain_halves_ms']} ms/token")
+    print(
+        f"A/B speed-up {measured:.3f} (plain {plain_seconds / plain_tokens * 1000:.1f} ms/token, speculative "
+        f"{spec_seconds / spec_tokens * 1000:.1f} ms/token), reported {reported['speedup']:.3f}, acceptance "
+        f"length {reported['acceptance_length']:.2f}, baseline {reported['baseline']['seconds_per_token']}, "
+        f"by batch size {reported['speedup_by_batch_size']}, plain before/after calibration "
+        f"{servers['plain_halves_ms']} ms/token"
+    )
     assert plain_tokens == spec_tokens  # greedy: the same text either way
     # The live half of the measurement: the server timed exactly the workload's decode tokens, as long as the
     # client saw them take.
@@ -219,14 +278,25 @@ def test_reported_speedup_matches_an_ab_measurement(servers):
 def test_dashboard_renders_charts_with_data_in_headless_chromium(servers):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("SKIPPED: Debian `chromium` is not installed, so the dashboard was NOT tested in a browser "
-                    "(apt-get install chromium)")
+        pytest.skip(
+            "SKIPPED: Debian `chromium` is not installed, so the dashboard was NOT tested in a browser "
+            "(apt-get install chromium)"
+        )
     url = f"{servers['spec'].url}/dashboard#key={API_KEY}"
     screenshot = servers["work"] / "dashboard.png"
-    flags = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             "--window-size=1300,1000", "--virtual-time-budget=8000"]
+    flags = [
+        chromium,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1300,1000",
+        "--virtual-time-budget=8000",
+    ]
     subprocess.run([*flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
-    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = subprocess.run(
+        [*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert "live drafter: ngram" in dom
     assert dom.count('class="series"') >= 1 + 1 + 4  # AL, speed-up, 4 positions
     assert dom.count('class="bar"') == 4  # one per draft position
@@ -236,8 +306,16 @@ def test_dashboard_renders_charts_with_data_in_headless_chromium(servers):
 
     image = Image.open(screenshot).convert("RGB")
     colours = image.getcolors(maxcolors=1 << 20)
-    blue = sum(count for count, rgb in colours if abs(rgb[0] - 0x2F) < 12 and abs(rgb[1] - 0x6F) < 12 and abs(rgb[2] - 0xDE) < 12)
-    orange = sum(count for count, rgb in colours if abs(rgb[0] - 0xE0) < 12 and abs(rgb[1] - 0x69) < 12 and abs(rgb[2] - 0x2D) < 12)
+    blue = sum(
+        count
+        for count, rgb in colours
+        if abs(rgb[0] - 0x2F) < 12 and abs(rgb[1] - 0x6F) < 12 and abs(rgb[2] - 0xDE) < 12
+    )
+    orange = sum(
+        count
+        for count, rgb in colours
+        if abs(rgb[0] - 0xE0) < 12 and abs(rgb[1] - 0x69) < 12 and abs(rgb[2] - 0x2D) < 12
+    )
     assert blue > 500 and orange > 300, (blue, orange)  # AL line/points/bars and speed-up line are drawn
     print(f"dashboard screenshot: {screenshot}")
 
@@ -253,8 +331,17 @@ def test_load_32_clients_no_errors_and_counters_add_up(servers):
     def client(index: int) -> list:
         results = []
         while time.monotonic() < deadline:
-            results.append(complete(url, model, prompt=prompts[index], max_tokens=24, stream=index % 2 == 0,
-                                    api_key=API_KEY, timeout=120))
+            results.append(
+                complete(
+                    url,
+                    model,
+                    prompt=prompts[index],
+                    max_tokens=24,
+                    stream=index % 2 == 0,
+                    api_key=API_KEY,
+                    timeout=120,
+                )
+            )
         return results
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
@@ -263,8 +350,13 @@ def test_load_32_clients_no_errors_and_counters_add_up(servers):
     assert all(r.spec_metrics is not None for r in results)
     time.sleep(1.0)  # the last step's stats are recorded right after its outputs were sent
     after = stats(servers)["since_start"]
-    assert after["draft_tokens"] - before["draft_tokens"] == sum(r.spec_metrics["num_draft_tokens"] for r in results)
+    assert after["draft_tokens"] - before["draft_tokens"] == sum(
+        r.spec_metrics["num_draft_tokens"] for r in results
+    )
     assert after["accepted_tokens"] - before["accepted_tokens"] == sum(
-        r.spec_metrics["num_accepted_draft_tokens"] for r in results)
-    assert after["num_drafts"] - before["num_drafts"] == sum(r.spec_metrics["num_spec_steps"] for r in results)
+        r.spec_metrics["num_accepted_draft_tokens"] for r in results
+    )
+    assert after["num_drafts"] - before["num_drafts"] == sum(
+        r.spec_metrics["num_spec_steps"] for r in results
+    )
     assert after["output_tokens"] - before["output_tokens"] == sum(r.completion_tokens for r in results)

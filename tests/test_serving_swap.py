@@ -41,14 +41,22 @@ def _write_drafters(target_dir, root):
     paths = {}
     for name, seed, intermediate in (("a", 1, 512), ("b", 2, 512), ("wide", 3, 768)):
         torch.manual_seed(seed)
-        drafter = create_drafter("eagle3", target, draft_to_target=draft_to_target, intermediate_size=intermediate)
+        drafter = create_drafter(
+            "eagle3", target, draft_to_target=draft_to_target, intermediate_size=intermediate
+        )
         with torch.no_grad():
             for parameter in drafter.trainable_parameters():
                 parameter.add_(torch.randn_like(parameter) * 0.01)
-        paths[name] = drafter.save_pretrained(root / name, target=info, training={"loss": "lambda", "seed": seed})
-    for name, architecture, size, seed in (("medusa", "medusa", K, 4), ("medusa_one_head", "medusa", 1, 4),
-                                           ("medusa_b", "medusa", K, 5), ("mlp", "mlp_speculator", K, 6),
-                                           ("mlp_b", "mlp_speculator", K, 7)):
+        paths[name] = drafter.save_pretrained(
+            root / name, target=info, training={"loss": "lambda", "seed": seed}
+        )
+    for name, architecture, size, seed in (
+        ("medusa", "medusa", K, 4),
+        ("medusa_one_head", "medusa", 1, 4),
+        ("medusa_b", "medusa", K, 5),
+        ("mlp", "mlp_speculator", K, 6),
+        ("mlp_b", "mlp_speculator", K, 7),
+    ):
         torch.manual_seed(seed)
         size_argument = {"num_heads": size} if architecture == "medusa" else {"n_predict": size}
         drafter = create_drafter(architecture, target, **size_argument)
@@ -69,7 +77,9 @@ def _write_drafters(target_dir, root):
     paths["wrong_aux"] = shutil.copytree(paths["a"], root / "wrong_aux")
     config = json.loads((paths["wrong_aux"] / "config.json").read_text())
     wrong = [i + 1 for i in config["eagle_aux_hidden_state_layer_ids"]]
-    config["eagle_aux_hidden_state_layer_ids"] = config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = wrong
+    config["eagle_aux_hidden_state_layer_ids"] = config["eagle_config"][
+        "eagle_aux_hidden_state_layer_ids"
+    ] = wrong
     (paths["wrong_aux"] / "config.json").write_text(json.dumps(config))
     # A copy of "b" whose training record promises far more than a random drafter delivers: swapping it in
     # must raise the drift alarm.
@@ -86,12 +96,34 @@ def server(tmp_path_factory, default_target):
     drafters = work / "drafters"
     paths = _write_drafters(default_target, drafters)
     handle = start_server(
-        ["--target", default_target, "--drafter", str(paths["a"]), "--num-speculative-tokens", str(K), "--admin-key", ADMIN_KEY,
-         "--drafters-dir", str(drafters), "--no-calibrate", "--max-model-len", "1024", "--max-num-seqs", "16"],
-        log_path=work / "server.log", timeout=900,
+        [
+            "--target",
+            default_target,
+            "--drafter",
+            str(paths["a"]),
+            "--num-speculative-tokens",
+            str(K),
+            "--admin-key",
+            ADMIN_KEY,
+            "--drafters-dir",
+            str(drafters),
+            "--no-calibrate",
+            "--max-model-len",
+            "1024",
+            "--max-num-seqs",
+            "16",
+        ],
+        log_path=work / "server.log",
+        timeout=900,
     )
     try:
-        yield {"url": handle.url, "model": default_target, "paths": paths, "drafters": drafters, "handle": handle}
+        yield {
+            "url": handle.url,
+            "model": default_target,
+            "paths": paths,
+            "drafters": drafters,
+            "handle": handle,
+        }
     except BaseException:
         print(handle.log_tail(80))
         raise
@@ -100,7 +132,9 @@ def server(tmp_path_factory, default_target):
 
 
 def swap(server, path, key=ADMIN_KEY):
-    return request_json(server["url"], "/v1/speculative/drafter", {"path": path}, headers={"X-Admin-Key": key})
+    return request_json(
+        server["url"], "/v1/speculative/drafter", {"path": path}, headers={"X-Admin-Key": key}
+    )
 
 
 def test_serve_runs_the_drafter_with_the_lk_plugins(server):
@@ -118,8 +152,15 @@ def test_sampling_at_temperature_is_faithful(server):
     sampling at T=0.7 stays near what the target assigns to its own samples."""
     logprobs = []
     for seed in range(4):
-        result = complete(server["url"], server["model"], messages=PROMPT, max_tokens=40, temperature=0.7, seed=seed,
-                          logprobs=True)
+        result = complete(
+            server["url"],
+            server["model"],
+            messages=PROMPT,
+            max_tokens=40,
+            temperature=0.7,
+            seed=seed,
+            logprobs=True,
+        )
         assert result.spec_metrics["num_draft_tokens"] > 0
         logprobs += result.logprobs
     mean = sum(logprobs) / len(logprobs)
@@ -137,8 +178,16 @@ def test_swap_in_place_under_streaming_load_without_failures(server):
     def client(index: int) -> int:
         count = 0
         while not stop.is_set():
-            result = complete(url, model, messages=PROMPT, max_tokens=24, stream=True, temperature=0.5 * (index % 2),
-                              seed=index, timeout=120)
+            result = complete(
+                url,
+                model,
+                messages=PROMPT,
+                max_tokens=24,
+                stream=True,
+                temperature=0.5 * (index % 2),
+                seed=index,
+                timeout=120,
+            )
             assert 0 < result.completion_tokens <= 24 and result.spec_metrics is not None
             count += 1
         return count
@@ -161,7 +210,9 @@ def test_swap_in_place_under_streaming_load_without_failures(server):
         assert per_drafter["num_drafts"] > 0, name
     assert complete(url, model, messages=PROMPT, max_tokens=32).text == greedy_before
     worker = response["workers"][0]
-    assert worker["modules"] > 0 and worker["checksum"] != worker["checksum_before"]  # the weights really changed
+    assert (
+        worker["modules"] > 0 and worker["checksum"] != worker["checksum_before"]
+    )  # the weights really changed
     again = swap(server, str(paths["a"]))  # and back, by absolute path
     assert again["drafter"]["path"] == str(paths["a"])
     assert again["workers"][0]["checksum"] == pytest.approx(worker["checksum_before"], rel=1e-9)
@@ -169,9 +220,13 @@ def test_swap_in_place_under_streaming_load_without_failures(server):
 
 def test_refused_swaps_leave_the_live_drafter_serving(server):
     live = request_json(server["url"], "/v1/speculative/stats")["live_drafter"]
-    cases = [("medusa_one_head", 400, "Medusa has 1 heads"), ("../swap", 403, "outside --drafters-dir"),
-             ("nothing", 404, "not found"), ("nan", 400, "fc.weight has NaN"),
-             ("wrong_aux", 400, "but the trainer used")]
+    cases = [
+        ("medusa_one_head", 400, "Medusa has 1 heads"),
+        ("../swap", 403, "outside --drafters-dir"),
+        ("nothing", 404, "not found"),
+        ("nan", 400, "fc.weight has NaN"),
+        ("wrong_aux", 400, "but the trainer used"),
+    ]
     for path, status, reason in cases:
         with pytest.raises(HTTPError) as error:
             swap(server, path)
@@ -192,7 +247,9 @@ def test_swapping_in_a_drafter_that_misses_its_promise_raises_the_drift_alarm(se
 
     def client(index: int) -> None:
         while not stop.is_set():
-            result = complete(url, model, messages=PROMPT, max_tokens=24, stream=True, seed=index, timeout=120)
+            result = complete(
+                url, model, messages=PROMPT, max_tokens=24, stream=True, seed=index, timeout=120
+            )
             assert result.completion_tokens > 0
 
     drift = None
@@ -241,8 +298,16 @@ def test_swap_to_another_architecture_restarts_the_engine_without_breaking_strea
         count = 0
         while not stop.is_set():
             started = time.monotonic()
-            result = complete(url, model, messages=PROMPT, max_tokens=24, stream=True, temperature=0.5 * (index % 2),
-                              seed=index, timeout=600)
+            result = complete(
+                url,
+                model,
+                messages=PROMPT,
+                max_tokens=24,
+                stream=True,
+                temperature=0.5 * (index % 2),
+                seed=index,
+                timeout=600,
+            )
             assert 0 < result.completion_tokens <= 24 and result.spec_metrics is not None
             spans.append((started, time.monotonic()))
             if swap_returned and started > swap_returned[0]:
@@ -266,9 +331,15 @@ def test_swap_to_another_architecture_restarts_the_engine_without_breaking_strea
     print(f"restart: {json.dumps(restart)}; requests completed: {sum(done)}")
     assert response["status"] == "swapped" and response["mode"] == "engine restart"
     assert response["previous"] == live_before and response["drafter"]["path"] == str(paths["medusa"])
-    assert restart["drained_requests"] >= 1 and restart["waited_requests"] >= 1 and restart["rejected_requests"] == 0
+    assert (
+        restart["drained_requests"] >= 1
+        and restart["waited_requests"] >= 1
+        and restart["rejected_requests"] == 0
+    )
     assert restart["statistics_carried_over"]
-    assert [s for s in spans if s[0] < swap_started < s[1]]  # in flight when the swap came, and finished whole
+    assert [
+        s for s in spans if s[0] < swap_started < s[1]
+    ]  # in flight when the swap came, and finished whole
     assert [s for s in spans if s[0] > swap_finished]  # and new requests afterwards
 
     stats = request_json(url, "/v1/speculative/stats")
@@ -278,7 +349,9 @@ def test_swap_to_another_architecture_restarts_the_engine_without_breaking_strea
     for name in ("a", "b", "medusa"):  # per-drafter statistics from before and after the restart
         per_drafter = request_json(url, f"/v1/speculative/stats?drafter={paths[name]}&window=3600")
         assert per_drafter["num_drafts"] > 0 and per_drafter["since_start"]["num_drafts"] > 0, name
-    assert complete(url, model, messages=PROMPT, max_tokens=32).text == greedy_before  # still the target's output
+    assert (
+        complete(url, model, messages=PROMPT, max_tokens=32).text == greedy_before
+    )  # still the target's output
 
 
 def _swap_under_streaming_load(server, path, clients=2):
@@ -291,8 +364,16 @@ def _swap_under_streaming_load(server, path, clients=2):
     def client(index: int) -> None:
         while not stop.is_set():
             started = time.monotonic()
-            result = complete(url, model, messages=PROMPT, max_tokens=16, stream=True, temperature=0.5 * index,
-                              seed=index, timeout=600)
+            result = complete(
+                url,
+                model,
+                messages=PROMPT,
+                max_tokens=16,
+                stream=True,
+                temperature=0.5 * index,
+                seed=index,
+                timeout=600,
+            )
             assert 0 < result.completion_tokens <= 16 and result.spec_metrics is not None
             served.set()
             if swapped and started > swapped[0]:
@@ -326,10 +407,14 @@ def test_medusa_and_mlp_speculator_swap_in_place(server, first, second):
     assert response["status"] == "swapped" and response["mode"] == "in-place weight reload", response
     assert response["previous"] == str(paths[first]) and response["drafter"]["path"] == str(paths[second])
     worker = response["workers"][0]
-    assert worker["modules"] > 0 and worker["checksum"] != worker["checksum_before"]  # the weights really changed
+    assert (
+        worker["modules"] > 0 and worker["checksum"] != worker["checksum_before"]
+    )  # the weights really changed
     per_drafter = request_json(url, f"/v1/speculative/stats?drafter={paths[second]}&window=600")
     assert per_drafter["num_drafts"] > 0  # the new drafter drafts
-    assert complete(url, model, messages=PROMPT, max_tokens=32).text == greedy_before  # still the target's output
+    assert (
+        complete(url, model, messages=PROMPT, max_tokens=32).text == greedy_before
+    )  # still the target's output
     back = swap(server, first)
     assert back["mode"] == "in-place weight reload"
     assert back["workers"][0]["checksum"] == pytest.approx(worker["checksum_before"], rel=1e-9)

@@ -33,8 +33,12 @@ def supervisor(tmp_path):
         port = free_port()
         log = tmp_path / f"supervisor-{port}.log"
         with open(log, "ab") as out:
-            process = subprocess.Popen([sys.executable, str(FAKE), "supervise", "--port", str(port), *flags],
-                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                [sys.executable, str(FAKE), "supervise", "--port", str(port), *flags],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         handle = ServerHandle(url=f"http://127.0.0.1:{port}", process=process, log_path=log)
         handles.append(handle)
         wait_healthy(handle.url, process, timeout=60)
@@ -76,13 +80,18 @@ def restarting(url: str) -> bool:
 
 def test_requests_streams_and_websockets_pass_through(supervisor, tmp_path):
     server = supervisor()
-    request = urllib.request.Request(server.url + "/echo?a=1&b=x%20y", data=b'{"k": "v"}', method="PUT",
-                                     headers={"Authorization": "Bearer key", "X-Custom": "1",
-                                              "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        server.url + "/echo?a=1&b=x%20y",
+        data=b'{"k": "v"}',
+        method="PUT",
+        headers={"Authorization": "Bearer key", "X-Custom": "1", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         echoed = json.load(response)
         assert response.headers["X-Upstream"] == "fake"
-    assert echoed["method"] == "PUT" and echoed["path"] == "/echo" and echoed["query"] == {"a": "1", "b": "x y"}
+    assert (
+        echoed["method"] == "PUT" and echoed["path"] == "/echo" and echoed["query"] == {"a": "1", "b": "x y"}
+    )
     assert echoed["body"] == '{"k": "v"}'
     assert echoed["headers"]["Authorization"] == "Bearer key" and echoed["headers"]["X-Custom"] == "1"
     assert echoed["headers"]["Content-Type"] == "application/json"
@@ -119,7 +128,9 @@ def test_restart_swap_drains_in_flight_and_holds_new_requests(supervisor, tmp_pa
         wait_until(lambda: restarting(server.url))
         held = pool.submit(request_json, server.url, "/whoami")
         time.sleep(1.0)
-        assert not held.done() and not swapped.done()  # the restart waits for the stream, new requests wait for it
+        assert (
+            not held.done() and not swapped.done()
+        )  # the restart waits for the stream, new requests wait for it
         gate.touch()
         lines = in_flight.result(timeout=30)
         result = swapped.result(timeout=60)
@@ -128,7 +139,9 @@ def test_restart_swap_drains_in_flight_and_holds_new_requests(supervisor, tmp_pa
     assert {json.loads(x)["pid"] for x in lines[:-1]} == {first["pid"]}
     assert result["status"] == "swapped" and result["mode"] == "engine restart"
     assert result["previous"] == "first" and result["drafter"] == {"path": "second"}
-    assert result["restart"]["drained_requests"] >= 1 and result["restart"]["waited_requests"] >= 1  # + /health polls
+    assert (
+        result["restart"]["drained_requests"] >= 1 and result["restart"]["waited_requests"] >= 1
+    )  # + /health polls
     assert result["restart"]["rejected_requests"] == 0
     assert after["spec"]["model"] == "second" and after["pid"] != first["pid"]
     assert not restarting(server.url)
@@ -220,12 +233,22 @@ def test_statistics_survive_a_restart_per_drafter(tmp_path, monkeypatch):
     from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
 
     def step(store, accepted):
-        store.record_step(batch_size=2, output_tokens=1 + sum(accepted), timed=True, num_drafts=1,
-                          num_draft_tokens=len(accepted), num_accepted_tokens=sum(accepted),
-                          accepted_per_position=accepted)
+        store.record_step(
+            batch_size=2,
+            output_tokens=1 + sum(accepted),
+            timed=True,
+            num_drafts=1,
+            num_draft_tokens=len(accepted),
+            num_accepted_tokens=sum(accepted),
+            accepted_per_position=accepted,
+        )
 
-    eagle = DrafterInfo(name="/d/eagle", method="eagle3", architecture="LlamaForCausalLMEagle3", num_speculative_tokens=2)
-    medusa = DrafterInfo(name="/d/medusa", method="medusa", architecture="MedusaModel", num_speculative_tokens=2)
+    eagle = DrafterInfo(
+        name="/d/eagle", method="eagle3", architecture="LlamaForCausalLMEagle3", num_speculative_tokens=2
+    )
+    medusa = DrafterInfo(
+        name="/d/medusa", method="medusa", architecture="MedusaModel", num_speculative_tokens=2
+    )
     reference, old, new = LiveStatsStore(), LiveStatsStore(), LiveStatsStore()
     for store in (reference, old):
         store.set_drafter(eagle)
@@ -241,9 +264,18 @@ def test_statistics_survive_a_restart_per_drafter(tmp_path, monkeypatch):
         step(store, [1, 0])
     assert new.drafter.name == "/d/medusa" and set(new.drafters_seen) == {"/d/eagle", "/d/medusa"}
     for name in (None, "/d/eagle", "/d/medusa"):
-        for field in ("acceptance_length", "per_position_acceptance", "draft_tokens", "accepted_tokens", "steps"):
+        for field in (
+            "acceptance_length",
+            "per_position_acceptance",
+            "draft_tokens",
+            "accepted_tokens",
+            "steps",
+        ):
             assert new.since_start(name)[field] == reference.since_start(name)[field], (name, field)
-            assert new.summary(new.steps(600, name))[field] == reference.summary(reference.steps(600, name))[field]
+            assert (
+                new.summary(new.steps(600, name))[field]
+                == reference.summary(reference.steps(600, name))[field]
+            )
     assert new.since_start("/d/eagle")["accepted_tokens"] == 3
 
 
@@ -268,14 +300,18 @@ def test_swap_route_asks_the_supervisor_for_a_restart_only_when_supervised(tmp_p
     monkeypatch.setenv(api.ADMIN_KEY_ENV, "admin")
     monkeypatch.setenv(api.DRAFTERS_DIR_ENV, str(drafters))
     store = LiveStatsStore()
-    store.set_drafter(DrafterInfo(name="ngram", method="ngram", architecture="ngram", num_speculative_tokens=2))
+    store.set_drafter(
+        DrafterInfo(name="ngram", method="ngram", architecture="ngram", num_speculative_tokens=2)
+    )
     routes = api.LkRoutes(store)
     app = FastAPI()
     app.include_router(routes.router())
     client = TestClient(app)
 
     def post(path, **extra):
-        return client.post("/v1/speculative/drafter", json={"path": path, **extra}, headers={"X-Admin-Key": "admin"})
+        return client.post(
+            "/v1/speculative/drafter", json={"path": path, **extra}, headers={"X-Admin-Key": "admin"}
+        )
 
     unsupervised = post("medusa")
     assert unsupervised.status_code == 409 and "no weights to swap" in unsupervised.json()["error"]
@@ -284,8 +320,12 @@ def test_swap_route_asks_the_supervisor_for_a_restart_only_when_supervised(tmp_p
     assert planned.status_code == 200 and planned.headers[swap.RESTART_HEADER] == "required"
     plan = planned.json()
     assert plan["status"] == "restart-required" and plan["previous"] == "ngram"
-    assert plan["speculative_config"] == {"method": "medusa", "model": str(drafters / "medusa"),
-                                          "num_speculative_tokens": 2, "rejection_sample_method": "standard"}
+    assert plan["speculative_config"] == {
+        "method": "medusa",
+        "model": str(drafters / "medusa"),
+        "num_speculative_tokens": 2,
+        "rejection_sample_method": "standard",
+    }
     assert post("one_head").status_code == 400 and "1 heads" in post("one_head").json()["error"]
     assert post("medusa", num_speculative_tokens=0).status_code == 400
     assert post("medusa", num_speculative_tokens=3).status_code == 400  # more than its 2 heads
@@ -314,11 +354,14 @@ def test_a_taken_port_is_a_one_line_error_before_anything_starts():
 def test_root_cause_is_the_engines_exception_not_vllms_wrapper():
     from serving.supervisor import root_cause
 
-    log = ("INFO starting\n(EngineCore pid=7) ERROR   File \"x.py\", line 3, in get_rope\n"
-           "(EngineCore pid=7) ERROR TypeError: unhashable type: 'dict'\n"
-           "Traceback (most recent call last):\n"
-           "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    log = (
+        'INFO starting\n(EngineCore pid=7) ERROR   File "x.py", line 3, in get_rope\n'
+        "(EngineCore pid=7) ERROR TypeError: unhashable type: 'dict'\n"
+        "Traceback (most recent call last):\n"
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n"
+    )
     assert root_cause(log) == "TypeError: unhashable type: 'dict'"
     assert root_cause("pydantic_core._pydantic_core.ValidationError: 1 validation error") == (
-        "pydantic_core._pydantic_core.ValidationError: 1 validation error")
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error"
+    )
     assert root_cause("INFO all fine\nWARNING no errors here\n") is None

@@ -20,7 +20,9 @@ def module_tiers(path: Path) -> set[str]:
     """The tiers a module's top-level ``pytestmark = ...`` names (empty: it has none)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets
+        ):
             return {n.attr for n in ast.walk(node.value) if isinstance(n, ast.Attribute) and n.attr in TIERS}
     return set()
 
@@ -33,12 +35,18 @@ def test_every_test_module_names_one_tier_in_its_pytestmark():
 
 
 def test_the_module_check_sees_a_missing_or_tierless_pytestmark(tmp_path):
-    cases = {"none.py": "import pytest\n", "slow.py": "import pytest\npytestmark = pytest.mark.slow\n",
-             "both.py": "import pytest\npytestmark = [pytest.mark.slow, pytest.mark.e2e]\n"}
+    cases = {
+        "none.py": "import pytest\n",
+        "slow.py": "import pytest\npytestmark = pytest.mark.slow\n",
+        "both.py": "import pytest\npytestmark = [pytest.mark.slow, pytest.mark.e2e]\n",
+    }
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
-    assert {name: module_tiers(tmp_path / name) for name in cases} == {"none.py": set(), "slow.py": set(),
-                                                                      "both.py": {"e2e"}}
+    assert {name: module_tiers(tmp_path / name) for name in cases} == {
+        "none.py": set(),
+        "slow.py": set(),
+        "both.py": {"e2e"},
+    }
 
 
 def test_the_tiers_are_registered_markers():
@@ -51,15 +59,18 @@ def tiered(pytester: pytest.Pytester) -> pytest.Pytester:
     """A pytester directory with this project's conftest.py and markers (--strict-markers as here)."""
     pytester.makeconftest((TESTS / "conftest.py").read_text())
     options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
-    pytester.makeini("[pytest]\naddopts = --strict-markers\nmarkers =\n"
-                     + "".join(f"    {marker}\n" for marker in options["markers"]))
+    pytester.makeini(
+        "[pytest]\naddopts = --strict-markers\nmarkers =\n"
+        + "".join(f"    {marker}\n" for marker in options["markers"])
+    )
     return pytester
 
 
 def test_a_unit_test_that_imports_vllm_fails(tiered):
     # A stand-in module named vllm: importing the real one costs ~10 s, and the check only looks at sys.modules.
     # monkeypatch takes it out again, so each test starts without vLLM; a subprocess keeps this one clean.
-    tiered.makepyfile(test_inner="""
+    tiered.makepyfile(
+        test_inner="""
         import sys
         import types
 
@@ -86,13 +97,16 @@ def test_a_unit_test_that_imports_vllm_fails(tiered):
         @pytest.mark.vllm
         def test_marked_vllm(monkeypatch):
             fake_vllm(monkeypatch)
-    """)
+    """
+    )
     result = tiered.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, failed=2)
-    result.stdout.fnmatch_lines([
-        "*test_inner.py::test_imports is marked unit but imported vLLM; mark it vllm, engine or e2e*",
-        "*test_inner.py::test_fixture_imports is marked unit but imported vLLM; mark it vllm, engine or e2e*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*test_inner.py::test_imports is marked unit but imported vLLM; mark it vllm, engine or e2e*",
+            "*test_inner.py::test_fixture_imports is marked unit but imported vLLM; mark it vllm, engine or e2e*",
+        ]
+    )
 
 
 def test_an_untiered_test_is_refused_at_collection_whatever_the_selection(tiered):
@@ -104,7 +118,8 @@ def test_an_untiered_test_is_refused_at_collection_whatever_the_selection(tiered
 
 
 def test_the_closest_tier_wins_and_two_on_one_test_are_an_error(tiered):
-    tiered.makepyfile(test_override="""
+    tiered.makepyfile(
+        test_override="""
         import pytest
 
         pytestmark = [pytest.mark.slow, pytest.mark.unit]
@@ -125,14 +140,20 @@ def test_the_closest_tier_wins_and_two_on_one_test_are_an_error(tiered):
             @pytest.mark.parametrize("n", [1, pytest.param(2, marks=pytest.mark.vllm)])
             def test_param(self, n):
                 pass
-    """)
+    """
+    )
     selected = {}
     for tier in TIERS:
         result = tiered.runpytest_subprocess("--collect-only", "-q", "-p", "no:cacheprovider", "-m", tier)
         selected[tier] = sorted(line.split("::", 1)[1] for line in result.outlines if "::" in line)
-    assert selected == {"unit": ["test_unit"], "engine": ["test_engine"],
-                        "e2e": ["TestE2e::test_in_class", "TestE2e::test_param[1]"], "vllm": ["TestE2e::test_param[2]"]}
-    tiered.makepyfile(test_override="""
+    assert selected == {
+        "unit": ["test_unit"],
+        "engine": ["test_engine"],
+        "e2e": ["TestE2e::test_in_class", "TestE2e::test_param[1]"],
+        "vllm": ["TestE2e::test_param[2]"],
+    }
+    tiered.makepyfile(
+        test_override="""
         import pytest
 
         pytestmark = pytest.mark.unit
@@ -141,7 +162,10 @@ def test_the_closest_tier_wins_and_two_on_one_test_are_an_error(tiered):
         @pytest.mark.engine
         def test_both():
             pass
-    """)
+    """
+    )
     result = tiered.runpytest_subprocess("--collect-only", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*test_override.py::test_both: test_both carries tiers engine, vllm; give it one*"])
+    result.stderr.fnmatch_lines(
+        ["*test_override.py::test_both: test_both carries tiers engine, vllm; give it one*"]
+    )

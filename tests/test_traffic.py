@@ -38,10 +38,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
-        events = [{"choices": [{"delta": {"content": "x"}}]},
-                  {"choices": [], "usage": {"completion_tokens": tokens},
-                   "metrics": {"speculative_decoding": {"num_spec_steps": steps,
-                                                        "num_accepted_draft_tokens": accepted}}}]
+        events = [
+            {"choices": [{"delta": {"content": "x"}}]},
+            {
+                "choices": [],
+                "usage": {"completion_tokens": tokens},
+                "metrics": {
+                    "speculative_decoding": {"num_spec_steps": steps, "num_accepted_draft_tokens": accepted}
+                },
+            },
+        ]
         for event in events:
             self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
         self.wfile.write(b"data: [DONE]\n\n")
@@ -110,12 +116,15 @@ def _args(**overrides):
     return args
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("concurrency", 0, "--concurrency: expected an integer >= 1, found 0"),
-    ("offset", -1, "--offset: expected an integer >= 0, found -1"),
-    ("duration", 0.0, "--duration: expected a positive number of seconds, found 0.0"),
-    ("temperature", -0.5, "--temperature: expected a value >= 0, found -0.5"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("concurrency", 0, "--concurrency: expected an integer >= 1, found 0"),
+        ("offset", -1, "--offset: expected an integer >= 0, found -1"),
+        ("duration", 0.0, "--duration: expected a positive number of seconds, found 0.0"),
+        ("temperature", -0.5, "--temperature: expected a value >= 0, found -0.5"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(flag, value, message):
     with pytest.raises(UserError, match=message):
         traffic.run(_args(**{flag: value}))

@@ -38,10 +38,21 @@ def tiny(tmp_path_factory):
 
 def _config(tiny, output, **overrides):
     target, data = tiny
-    values = {"model.target": target, "data.dirs": [data], "data.heldout": 4, "data.max_length": 64,
-              "training.batch_size": 4, "training.max_steps": 6, "training.eval_every": 3,
-              "training.checkpoint_every": 2, "training.eval_batch_size": 4, "loss.num_steps": 2,
-              "optimizer.warmup_steps": 2, "optimizer.lr": 3e-3, "output": str(output)}
+    values = {
+        "model.target": target,
+        "data.dirs": [data],
+        "data.heldout": 4,
+        "data.max_length": 64,
+        "training.batch_size": 4,
+        "training.max_steps": 6,
+        "training.eval_every": 3,
+        "training.checkpoint_every": 2,
+        "training.eval_batch_size": 4,
+        "loss.num_steps": 2,
+        "optimizer.warmup_steps": 2,
+        "optimizer.lr": 3e-3,
+        "output": str(output),
+    }
     values.update(overrides)
     return load_config(overrides=values)[0]
 
@@ -108,7 +119,9 @@ def test_evaluation_matches_an_independent_computation(tiny):
         states = target(batch.input_ids, batch.attention_mask, aux_layer_ids=drafter.aux_layer_ids_needed())
         p_all = torch.softmax(states.all_logits()[0].double(), -1)
         with torch.no_grad():
-            q_steps = [torch.softmax(step.logits()[0].double(), -1) for step in drafter.training_steps(states, 2)]
+            q_steps = [
+                torch.softmax(step.logits()[0].double(), -1) for step in drafter.training_steps(states, 2)
+            ]
         for k, q_all in enumerate(q_steps):
             n = len(samples[i].input_ids)
             for t in range(n - k - 2):
@@ -165,16 +178,22 @@ def _config_file(tiny, tmp_path, **overrides) -> Path:
 
 
 def _run_cli(config_path: Path, *extra, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lk_vllm.cli", "train", "--config", str(config_path),
-                             "--no-progress", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lk_vllm.cli", "train", "--config", str(config_path), "--no-progress", *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path):
-    path = _config_file(tiny, tmp_path, **{"training.max_steps": 12, "training.checkpoint_every": 3,
-                                           "training.eval_every": 6})
+    path = _config_file(
+        tiny, tmp_path, **{"training.max_steps": 12, "training.checkpoint_every": 3, "training.eval_every": 6}
+    )
     env = {**os.environ, "LK_VLLM_HOME": str(tmp_path / "home")}
 
     straight = _run_cli(path, "--output", str(tmp_path / "straight"), env=env)
@@ -205,12 +224,16 @@ def test_resume_refuses_another_config_and_reruns_need_resume(tiny, tmp_path):
     with pytest.raises(UserError, match="already holds checkpoints"):
         train(_config(tiny, tmp_path / "run"), "tiny", progress=False)
     other = _config(tiny, tmp_path / "run", **{"loss.kind": "kl", "model.architecture": "medusa"})
-    with pytest.raises(UserError, match=r"different config: loss.kind: 'lambda' -> 'kl'; "
-                                        r"model.architecture: 'eagle3' -> 'medusa'"):
+    with pytest.raises(
+        UserError,
+        match=r"different config: loss.kind: 'lambda' -> 'kl'; "
+        r"model.architecture: 'eagle3' -> 'medusa'",
+    ):
         train(other, "tiny", resume=True, progress=False)
     # A harmless change (evaluation frequency) resumes; at the end already, it only re-exports.
-    summary = train(_config(tiny, tmp_path / "run", **{"training.eval_every": 5}), "tiny", resume=True,
-                    progress=False)
+    summary = train(
+        _config(tiny, tmp_path / "run", **{"training.eval_every": 5}), "tiny", resume=True, progress=False
+    )
     assert summary["steps"] == 6
 
 
@@ -251,8 +274,11 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_p
         real(state, path)
 
     monkeypatch.setattr(ckpt, "_save_state", save)
-    with pytest.raises(UserError, match=r"checkpoint .*step-4: the disk is full; the previous checkpoint "
-                                        r".*step-2 is intact"):
+    with pytest.raises(
+        UserError,
+        match=r"checkpoint .*step-4: the disk is full; the previous checkpoint "
+        r".*step-2 is intact",
+    ):
         train(_config(tiny, tmp_path / "run"), "tiny", progress=False)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["step-2"]  # no half-written step-4, no temp dir
@@ -265,10 +291,15 @@ def test_empty_and_all_masked_data_are_clear_errors(tiny, tmp_path):
     with pytest.raises(UserError, match="no generated tokens"):
         train(_config(tiny, tmp_path / "run", **{"data.dirs": [masked]}), "tiny", progress=False)
     with pytest.raises(UserError, match="no manifest.json"):
-        train(_config(tiny, tmp_path / "run", **{"data.dirs": [str(tmp_path / "nothing")]}), "tiny",
-              progress=False)
+        train(
+            _config(tiny, tmp_path / "run", **{"data.dirs": [str(tmp_path / "nothing")]}),
+            "tiny",
+            progress=False,
+        )
     with pytest.raises(UserError, match="no training data"):
-        train(_config(tiny, tmp_path / "run", **{"data.dirs": [], "data.datasets": []}), "tiny", progress=False)
+        train(
+            _config(tiny, tmp_path / "run", **{"data.dirs": [], "data.datasets": []}), "tiny", progress=False
+        )
     with pytest.raises(UserError, match="leaves no training samples"):
         train(_config(tiny, tmp_path / "run", **{"data.heldout": 24}), "tiny", progress=False)
 
@@ -285,10 +316,31 @@ def test_data_of_another_target_is_refused(tiny, tmp_path):
 def _torchrun(config_path: Path, output: Path, *extra, env) -> subprocess.CompletedProcess:
     from serving.launcher import free_port
 
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "-m", "lk_vllm.cli", "train", "--config",
-                           str(config_path), "--no-progress", "--output", str(output), *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "lk_vllm.cli",
+            "train",
+            "--config",
+            str(config_path),
+            "--no-progress",
+            "--output",
+            str(output),
+            *extra,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _copy_checkpoint(source_run: Path, step: int, run: Path) -> None:
@@ -300,8 +352,9 @@ def _copy_checkpoint(source_run: Path, step: int, run: Path) -> None:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_ddp_and_fsdp_on_two_gloo_ranks_match_one_process(tiny, tmp_path):
-    path = _config_file(tiny, tmp_path, **{"training.max_steps": 4, "training.eval_every": 2,
-                                           "training.checkpoint_every": 2})
+    path = _config_file(
+        tiny, tmp_path, **{"training.max_steps": 4, "training.eval_every": 2, "training.checkpoint_every": 2}
+    )
     env = {**os.environ, "LK_VLLM_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     single = _run_cli(path, "--output", str(tmp_path / "single"), env=env)
     assert single.wait() == 0, single.stdout.read()
@@ -309,7 +362,9 @@ def test_ddp_and_fsdp_on_two_gloo_ranks_match_one_process(tiny, tmp_path):
     # DDP also reads an offline cache the two ranks built together (float32: the online states exactly).
     offline = ["--set", "training.capture=offline", "--set", "training.cache_dtype=float32"]
     for parallel, extra in (("ddp", offline), ("fsdp", [])):
-        result = _torchrun(path, tmp_path / parallel, "--set", f"training.parallel={parallel}", *extra, env=env)
+        result = _torchrun(
+            path, tmp_path / parallel, "--set", f"training.parallel={parallel}", *extra, env=env
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"2 rank(s), {parallel}" in result.stderr
         assert ("hidden-state cache" in result.stderr) == bool(extra)
@@ -318,8 +373,9 @@ def test_ddp_and_fsdp_on_two_gloo_ranks_match_one_process(tiny, tmp_path):
         summary = json.loads((tmp_path / parallel / "summary.json").read_text())
         assert summary["best"]["step"] == expected["best"]["step"]
         assert summary["final"]["positions"] == expected["final"]["positions"]
-        assert summary["final"]["per_position_alpha"] == pytest.approx(expected["final"]["per_position_alpha"],
-                                                                        abs=1e-5)
+        assert summary["final"]["per_position_alpha"] == pytest.approx(
+            expected["final"]["per_position_alpha"], abs=1e-5
+        )
     # Checkpoints hold whole tensors by name: one process's resumes under FSDP2 on two ranks, FSDP2's in one.
     _copy_checkpoint(tmp_path / "single", 2, tmp_path / "to-fsdp")
     result = _torchrun(path, tmp_path / "to-fsdp", "--resume", "--set", "training.parallel=fsdp", env=env)
@@ -336,9 +392,17 @@ def test_ddp_and_fsdp_on_two_gloo_ranks_match_one_process(tiny, tmp_path):
 @pytest.mark.slow
 def test_a_target_sharded_over_two_ranks_trains_like_one_process(tiny, tmp_path):
     # 5 held-out samples one at a time: rank 1 has one evaluation batch fewer and must idle through it.
-    path = _config_file(tiny, tmp_path, **{"training.max_steps": 3, "training.eval_every": 3,
-                                           "training.checkpoint_every": 3, "data.heldout": 5,
-                                           "training.eval_batch_size": 1})
+    path = _config_file(
+        tiny,
+        tmp_path,
+        **{
+            "training.max_steps": 3,
+            "training.eval_every": 3,
+            "training.checkpoint_every": 3,
+            "data.heldout": 5,
+            "training.eval_batch_size": 1,
+        },
+    )
     env = {**os.environ, "LK_VLLM_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     single = _run_cli(path, "--output", str(tmp_path / "single"), env=env)
     assert single.wait() == 0, single.stdout.read()
@@ -367,8 +431,13 @@ def test_fsdp_without_torchrun_fails_before_loading_anything(tiny, tmp_path, mon
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(lk_vllm.target_model, "TargetModel", None)  # loading a model would fail differently
     with pytest.raises(UserError, match=r"training.parallel=fsdp needs torchrun"):
-        train(_config(tiny, tmp_path / "run", **{"training.parallel": "fsdp", "data.dirs": [str(tmp_path / "x")]}),
-              "tiny", progress=False)
+        train(
+            _config(
+                tiny, tmp_path / "run", **{"training.parallel": "fsdp", "data.dirs": [str(tmp_path / "x")]}
+            ),
+            "tiny",
+            progress=False,
+        )
 
 
 @pytest.mark.vllm
@@ -394,17 +463,33 @@ def test_offline_capture_gives_the_online_results(tiny, tmp_path, monkeypatch):
     _no_tokenizer(monkeypatch)
     vocab = {"model.draft_vocab_size": 128}
     online = train(_config(tiny, tmp_path / "online", **vocab), "tiny", progress=False)
-    exact = train(_config(tiny, tmp_path / "offline32", **vocab, **{"training.capture": "offline",
-                                                                    "training.cache_dtype": "float32"}),
-                  "tiny", progress=False)
+    exact = train(
+        _config(
+            tiny,
+            tmp_path / "offline32",
+            **vocab,
+            **{"training.capture": "offline", "training.cache_dtype": "float32"},
+        ),
+        "tiny",
+        progress=False,
+    )
     _assert_same_weights(_weights(tmp_path / "online"), _weights(tmp_path / "offline32"), atol=1e-5)
     assert exact["final"]["expected_acceptance_length"] == pytest.approx(
-        online["final"]["expected_acceptance_length"], abs=1e-5)
-    half = train(_config(tiny, tmp_path / "offline16", **vocab, **{"training.capture": "offline",
-                                                                   "training.cache_dtype": "bfloat16"}),
-                 "tiny", progress=False)
+        online["final"]["expected_acceptance_length"], abs=1e-5
+    )
+    half = train(
+        _config(
+            tiny,
+            tmp_path / "offline16",
+            **vocab,
+            **{"training.capture": "offline", "training.cache_dtype": "bfloat16"},
+        ),
+        "tiny",
+        progress=False,
+    )
     assert half["final"]["expected_acceptance_length"] == pytest.approx(
-        online["final"]["expected_acceptance_length"], abs=2e-3)
+        online["final"]["expected_acceptance_length"], abs=2e-3
+    )
     caches = sorted((tmp_path / "home" / "capture").iterdir())
     assert len(caches) == 2  # keyed by dtype (and target, data, layers, length)
     for cache in caches:
@@ -441,14 +526,26 @@ def test_gradient_accumulation_equals_the_whole_batch_when_micro_batches_are_ali
     """With equal-length samples every micro-batch has the same number of positions, so the mean of the
     micro-batch means is the batch mean (KL: no batch statistic inside the loss) and the runs agree."""
     data = make_tiny_data(tmp_path / "equal", tiny[0], num_samples=12, lengths=(24, 24), prompt_length=6)
-    common = {"data.dirs": [data], "loss.kind": "kl", "training.max_steps": 3, "training.eval_every": 3,
-              "training.checkpoint_every": 3}
+    common = {
+        "data.dirs": [data],
+        "loss.kind": "kl",
+        "training.max_steps": 3,
+        "training.eval_every": 3,
+        "training.checkpoint_every": 3,
+    }
     train(_config(tiny, tmp_path / "whole", **common), "tiny", progress=False)
-    train(_config(tiny, tmp_path / "micro", **common, **{"training.grad_accumulation": 2}), "tiny", progress=False)
+    train(
+        _config(tiny, tmp_path / "micro", **common, **{"training.grad_accumulation": 2}),
+        "tiny",
+        progress=False,
+    )
     _assert_same_weights(_weights(tmp_path / "whole"), _weights(tmp_path / "micro"), atol=1e-5)
     with pytest.raises(UserError, match="multiple of the 1 rank"):
-        train(_config(tiny, tmp_path / "bad", **common, **{"training.grad_accumulation": 3}), "tiny",
-              progress=False)
+        train(
+            _config(tiny, tmp_path / "bad", **common, **{"training.grad_accumulation": 3}),
+            "tiny",
+            progress=False,
+        )
 
 
 def test_shared_target_logits_equal_the_direct_ones(tiny):
@@ -486,17 +583,29 @@ def test_init_from_starts_at_the_exported_drafter(tiny, tmp_path, monkeypatch):
     _no_tokenizer(monkeypatch)
     vocab = {"model.draft_vocab_size": 128, "training.max_steps": 2, "training.eval_every": 2}
     first = train(_config(tiny, tmp_path / "a", **vocab), "tiny", progress=False)
-    warm = {"model.init_from": str(tmp_path / "a" / "final"), "training.max_steps": 1, "training.eval_every": 1,
-            "optimizer.lr": 1e-12, "optimizer.warmup_steps": 1, "model.draft_vocab_size": 200}
+    warm = {
+        "model.init_from": str(tmp_path / "a" / "final"),
+        "training.max_steps": 1,
+        "training.eval_every": 1,
+        "optimizer.lr": 1e-12,
+        "optimizer.warmup_steps": 1,
+        "model.draft_vocab_size": 200,
+    }
     summary = train(_config(tiny, tmp_path / "b", **warm), "tiny", progress=False)
     _assert_same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
     assert summary["final"]["expected_acceptance_length"] == pytest.approx(
-        first["final"]["expected_acceptance_length"], abs=1e-5)  # same drafter, same held-out samples
+        first["final"]["expected_acceptance_length"], abs=1e-5
+    )  # same drafter, same held-out samples
     with pytest.raises(UserError, match=r"is a eagle3 drafter but model.architecture is medusa"):
-        train(_config(tiny, tmp_path / "d", **{**warm, "model.architecture": "medusa"}), "tiny", progress=False)
+        train(
+            _config(tiny, tmp_path / "d", **{**warm, "model.architecture": "medusa"}), "tiny", progress=False
+        )
     with pytest.raises(UserError, match="is not an exported drafter directory"):
-        train(_config(tiny, tmp_path / "e", **{**warm, "model.init_from": str(tmp_path / "none")}), "tiny",
-              progress=False)
+        train(
+            _config(tiny, tmp_path / "e", **{**warm, "model.init_from": str(tmp_path / "none")}),
+            "tiny",
+            progress=False,
+        )
 
 
 def test_cached_logsumexp_gives_the_full_rows_loss(tiny, tmp_path):
@@ -518,14 +627,18 @@ def test_cached_logsumexp_gives_the_full_rows_loss(tiny, tmp_path):
     states = OfflineCapture(target, tmp_path / "cache", aux).states(batch)
     full = states.all_logits()
     real = batch.attention_mask
-    torch.testing.assert_close(states.final_logsumexp[real], torch.logsumexp(full, -1)[real], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(
+        states.final_logsumexp[real], torch.logsumexp(full, -1)[real], rtol=1e-6, atol=1e-5
+    )
     shared = SharedTargetLogits(states, batch.loss_mask, drafter.draft_to_target)
     inside = batch.loss_mask[:, 1:].nonzero(as_tuple=True)
     rows = shared.rows_at(*inside)
     torch.testing.assert_close(shared.table[rows], full[inside][:, d2t])
     torch.testing.assert_close(shared.logits_at(*inside), full[inside])  # logits_at still gives full rows
     steps = drafter.training_steps(states, 2)
-    kwargs = dict(kind="lambda", draft_to_target=drafter.draft_to_target, loss_mask=batch.loss_mask, gamma=0.8)
+    kwargs = dict(
+        kind="lambda", draft_to_target=drafter.draft_to_target, loss_mask=batch.loss_mask, gamma=0.8
+    )
     columns = multi_step_loss(steps, shared, **kwargs)
     rows_loss = multi_step_loss(steps, SharedTargetLogits(states, batch.loss_mask), **kwargs)
     assert float(columns["loss"].detach()) == pytest.approx(float(rows_loss["loss"].detach()), rel=1e-5)
@@ -536,11 +649,19 @@ def test_cached_logsumexp_gives_the_full_rows_loss(tiny, tmp_path):
 @pytest.mark.slow
 def test_resume_refuses_changed_data(tiny, tmp_path):
     data = make_tiny_data(tmp_path / "data", tiny[0], num_samples=12, seed=1)
-    train(_config(tiny, tmp_path / "run", **{"data.dirs": [data], "training.max_steps": 2}), "tiny", progress=False)
+    train(
+        _config(tiny, tmp_path / "run", **{"data.dirs": [data], "training.max_steps": 2}),
+        "tiny",
+        progress=False,
+    )
     make_tiny_data(tmp_path / "data", tiny[0], num_samples=12, seed=2)  # same directory, other samples
     with pytest.raises(UserError, match="differs from the data .*step-2 was trained on"):
-        train(_config(tiny, tmp_path / "run", **{"data.dirs": [data], "training.max_steps": 2}), "tiny",
-              resume=True, progress=False)
+        train(
+            _config(tiny, tmp_path / "run", **{"data.dirs": [data], "training.max_steps": 2}),
+            "tiny",
+            resume=True,
+            progress=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------ device and precision
@@ -548,12 +669,17 @@ def test_placement_resolves_auto_and_refuses_a_missing_gpu():
     from training.device import resolve_placement
 
     cpu = resolve_placement("auto", "auto", cuda_available=False)
-    assert cpu.device == torch.device("cpu") and cpu.autocast_dtype is None and cpu.target_dtype == torch.float32
+    assert (
+        cpu.device == torch.device("cpu") and cpu.autocast_dtype is None and cpu.target_dtype == torch.float32
+    )
     assert "fp32" in cpu.describe()
     gpu = resolve_placement("auto", "auto", tf32=False, cuda_available=True, local_rank=3)
     assert gpu.device == torch.device("cuda", 3) and gpu.autocast_dtype == torch.bfloat16
     assert gpu.target_dtype == torch.bfloat16 and "bfloat16 autocast" in gpu.describe()
-    assert resolve_placement("cuda", "fp32", tf32=False, cuda_available=True, local_rank=0).autocast_dtype is None
+    assert (
+        resolve_placement("cuda", "fp32", tf32=False, cuda_available=True, local_rank=0).autocast_dtype
+        is None
+    )
     cpu_bf16 = resolve_placement("cpu", "bf16", cuda_available=True)
     assert cpu_bf16.device.type == "cpu" and cpu_bf16.autocast_dtype == torch.bfloat16
     with pytest.raises(UserError, match=r"^training\.device=cuda: no CUDA device is visible"):
@@ -564,7 +690,9 @@ def test_cuda_on_a_machine_without_one_fails_before_loading_anything(tiny, tmp_p
     import lk_vllm.target_model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(lk_vllm.target_model, "TargetModel", None)  # loading the target would raise a TypeError
+    monkeypatch.setattr(
+        lk_vllm.target_model, "TargetModel", None
+    )  # loading the target would raise a TypeError
     with pytest.raises(UserError, match=r"training\.device=cuda"):
         train(_config(tiny, tmp_path / "run", **{"training.device": "cuda"}), progress=False)
     assert not (tmp_path / "run").exists()
@@ -574,17 +702,28 @@ def test_cuda_on_a_machine_without_one_fails_before_loading_anything(tiny, tmp_p
 def test_bf16_autocast_on_cpu_trains_and_logs_its_placement(tiny, tmp_path, capfd):
     # The GPU code path's precision handling (autocast around the drafter and the loss, fp32 master weights),
     # run on the CPU: it trains, the weights stay fp32, and the run log says where and how it ran.
-    summary = train(_config(tiny, tmp_path / "run", **{"training.device": "cpu", "training.precision": "bf16",
-                                                        "training.max_steps": 3}), progress=False)
+    summary = train(
+        _config(
+            tiny,
+            tmp_path / "run",
+            **{"training.device": "cpu", "training.precision": "bf16", "training.max_steps": 3},
+        ),
+        progress=False,
+    )
     assert summary["final"]["expected_acceptance_length"] > 1.0
-    assert all(tensor.dtype == torch.float32 for tensor in _weights(tmp_path / "run").values()
-               if tensor.is_floating_point())
+    assert all(
+        tensor.dtype == torch.float32
+        for tensor in _weights(tmp_path / "run").values()
+        if tensor.is_floating_point()
+    )
     assert "device cpu, bfloat16 autocast; 1 rank(s)" in capfd.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ --dry-run
-@pytest.mark.parametrize("architecture,options", [("eagle3", {"model.draft_vocab_size": 64}), ("medusa", {}),
-                                                  ("mlp_speculator", {}), ("draft_model", {})])
+@pytest.mark.parametrize(
+    "architecture,options",
+    [("eagle3", {"model.draft_vocab_size": 64}), ("medusa", {}), ("mlp_speculator", {}), ("draft_model", {})],
+)
 def test_dry_run_counts_the_real_drafters_parameters(tiny, tmp_path, architecture, options):
     from lk_vllm.drafters import create_drafter
     from lk_vllm.target_model import TargetModel
@@ -594,12 +733,19 @@ def test_dry_run_counts_the_real_drafters_parameters(tiny, tmp_path, architectur
     config = _config(tiny, tmp_path / "run", **{"model.architecture": architecture, **options})
     estimate = estimate_memory(config, tiny[0], "cpu")
     target = TargetModel(tiny[0])
-    vocab = {"draft_to_target": torch.arange(64)} if options else {}  # the tiny target has no tokenizer to count
+    vocab = (
+        {"draft_to_target": torch.arange(64)} if options else {}
+    )  # the tiny target has no tokenizer to count
     real = create_drafter(architecture, target, **drafter_options(config, target), **vocab)
     assert estimate.trainable_parameters == sum(p.numel() for p in real.trainable_parameters())
     assert estimate.tokens_per_micro_batch == 4 * 64
-    longer = estimate_memory(_config(tiny, tmp_path / "run", **{"model.architecture": architecture, **options,
-                                                                 "data.max_length": 128}), tiny[0], "cpu")
+    longer = estimate_memory(
+        _config(
+            tiny, tmp_path / "run", **{"model.architecture": architecture, **options, "data.max_length": 128}
+        ),
+        tiny[0],
+        "cpu",
+    )
     fixed = ("drafter weights + grads + AdamW (fp32)", "target weights (fp32)")
     for name, size in estimate.parts.items():  # everything per token doubles; the weights do not change
         assert longer.parts[name] == size if name in fixed else longer.parts[name] >= 2 * size, name
@@ -608,19 +754,48 @@ def test_dry_run_counts_the_real_drafters_parameters(tiny, tmp_path, architectur
 def _llama_config_only(directory: Path, hidden: int, intermediate: int, layers: int, heads: int) -> str:
     """A Llama target directory with config.json only: no weights, nothing downloaded."""
     directory.mkdir()
-    (directory / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "tie_word_embeddings": False}))
+    (directory / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": hidden,
+                "intermediate_size": intermediate,
+                "num_hidden_layers": layers,
+                "num_attention_heads": heads,
+                "num_key_value_heads": 8,
+                "vocab_size": 128256,
+                "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 500000.0,
+                "tie_word_embeddings": False,
+            }
+        )
+    )
     return str(directory)
 
 
 def _dry_run(capsys, recipe: str, target: str, *extra) -> str:
     from lk_vllm.cli import main
 
-    assert main(["train", "--recipe", recipe, "--target", target, "--dry-run", "--set", "training.device=cpu",
-                 "--set", "training.precision=bf16", *extra]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                recipe,
+                "--target",
+                target,
+                "--dry-run",
+                "--set",
+                "training.device=cpu",
+                "--set",
+                "training.precision=bf16",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return capsys.readouterr().out
 
 
@@ -633,12 +808,16 @@ def test_dry_run_sizes_an_8b_recipe_from_its_config_alone(tmp_path, capsys, monk
     assert 400 < trainable < 500, out
     assert "8 rank(s), 16384 tokens per micro-batch" in out  # 64 sequences / 8 GPUs / 4 micro-batches
     total = float(out.splitlines()[-1].split()[1])
-    assert 40 < total < 80, out  # 16 GB of bf16 target weights, 7 GB of drafter state, the rest per token: an 80 GB GPU
+    assert 40 < total < 80, (
+        out
+    )  # 16 GB of bf16 target weights, 7 GB of drafter state, the rest per token: an 80 GB GPU
     # FSDP2 on 8 ranks: whole weights and grads in a step (8 bytes a parameter) + 1/8 of 16 bytes, not 16.
     sharded = _dry_run(capsys, "llama31-8b-eagle3", target, "--set", "training.parallel=fsdp")
 
     def drafter_gb(text):
-        return float(next(line for line in text.splitlines() if "drafter" in line and "GB" in line).split()[-2])
+        return float(
+            next(line for line in text.splitlines() if "drafter" in line and "GB" in line).split()[-2]
+        )
 
     assert drafter_gb(sharded) == pytest.approx(drafter_gb(out) * 10 / 16, abs=0.02), sharded
 
@@ -661,8 +840,12 @@ def test_a_run_that_cannot_fit_the_gpu_is_refused_in_one_line(tiny, tmp_path, mo
 
     config = _config(tiny, tmp_path / "run")
     estimate = estimate_memory(config, tiny[0], "cuda")
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=1000))
-    with pytest.raises(UserError, match=r"^training\.batch_size=4 x data\.max_length=64 needs about .* GB per GPU"):
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=1000)
+    )
+    with pytest.raises(
+        UserError, match=r"^training\.batch_size=4 x data\.max_length=64 needs about .* GB per GPU"
+    ):
         check_fits(estimate, config, torch.device("cuda", 0))
     check_fits(estimate, config, torch.device("cpu"))  # the CPU is not checked
 
@@ -694,7 +877,9 @@ def test_each_dataset_is_prepared_into_its_own_cached_directory(tmp_path, monkey
     assert ensure_data(config, target, Dist(), progress=False) == first[1:]
     assert len(calls) == 2  # gsm8k's finished directory was reused
 
-    config, _ = load_config(overrides={"data.datasets": ["gsm8k"], "data.limit": 8, "data.chat_template": "chatml"})
+    config, _ = load_config(
+        overrides={"data.datasets": ["gsm8k"], "data.limit": 8, "data.chat_template": "chatml"}
+    )
     assert ensure_data(config, target, Dist(), progress=False) != first[1:] and len(calls) == 3
     edited = tmp_path / "edited-target"
     shutil.copytree(target, edited)
@@ -715,8 +900,11 @@ def test_export_dtype_writes_bf16_weights_from_fp32_master_weights(tiny, tmp_pat
     from lk_vllm.drafters import load_drafter
 
     fp32 = _config(tiny, tmp_path / "fp32", **{"training.max_steps": 2, "training.eval_every": 2})
-    bf16 = _config(tiny, tmp_path / "bf16", **{"training.max_steps": 2, "training.eval_every": 2,
-                                                 "training.export_dtype": "bfloat16"})
+    bf16 = _config(
+        tiny,
+        tmp_path / "bf16",
+        **{"training.max_steps": 2, "training.eval_every": 2, "training.export_dtype": "bfloat16"},
+    )
     train(fp32, "fp32", progress=False)
     train(bf16, "bf16", progress=False)
     full, half = _weights(tmp_path / "fp32"), _weights(tmp_path / "bf16")

@@ -26,10 +26,27 @@ def test_smoke_recipe_prepares_trains_and_exports(default_target, tmp_path):
     home.mkdir()
     (home / "models").symlink_to(lk_home() / "models")  # the built target; everything else starts empty
     env = {**os.environ, "LK_VLLM_HOME": str(home)}
-    command = [sys.executable, "-m", "lk_vllm.cli", "train", "--recipe", "smoke-eagle3", "--no-progress",
-               "--set", "data.limit=12", "--set", "data.max_tokens=48", "--set", "data.heldout=2",
-               "--set", "training.max_steps=4", "--set", "training.eval_every=2",
-               "--output", str(tmp_path / "run")]
+    command = [
+        sys.executable,
+        "-m",
+        "lk_vllm.cli",
+        "train",
+        "--recipe",
+        "smoke-eagle3",
+        "--no-progress",
+        "--set",
+        "data.limit=12",
+        "--set",
+        "data.max_tokens=48",
+        "--set",
+        "data.heldout=2",
+        "--set",
+        "training.max_steps=4",
+        "--set",
+        "training.eval_every=2",
+        "--output",
+        str(tmp_path / "run"),
+    ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "preparing data: the target regenerates sharegpt" in result.stderr
@@ -37,7 +54,9 @@ def test_smoke_recipe_prepares_trains_and_exports(default_target, tmp_path):
     data_dirs = list((home / "data").iterdir())
     assert len(data_dirs) == 1
     manifest = json.loads((data_dirs[0] / "manifest.json").read_text())
-    assert manifest["prompts"] == 12 and manifest["settings"]["target_fingerprint"] == target_fingerprint(default_target)
+    assert manifest["prompts"] == 12 and manifest["settings"]["target_fingerprint"] == target_fingerprint(
+        default_target
+    )
     cache = json.loads(next((home / "capture").glob("*/manifest.json")).read_text())
     assert cache["num_samples"] == manifest["samples"] and cache["dtype"] == "bfloat16"
 

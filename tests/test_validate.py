@@ -56,7 +56,14 @@ def _errors(report):
 def test_a_good_drafter_passes_every_check(good, target_dir):
     report = check_drafter(good, target_dir)
     assert report.ok, report.lines()
-    assert [f.check for f in report.findings] == ["format", "target", "aux_layers", "fc_width", "vocabulary", "dtype"]
+    assert [f.check for f in report.findings] == [
+        "format",
+        "target",
+        "aux_layers",
+        "fc_width",
+        "vocabulary",
+        "dtype",
+    ]
     assert all(f.status == OK for f in report.findings)
     assert "fingerprint matches" in report.findings[1].message
     assert "as trained" in report.findings[2].message
@@ -100,6 +107,7 @@ def test_repeated_or_out_of_range_aux_layer_ids(good, target_dir):
         def edit(config):
             config["eagle_aux_hidden_state_layer_ids"] = values
             config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = values
+
         return edit
 
     _edit_config(good, ids([1, 4, 4]))
@@ -179,16 +187,33 @@ def test_a_hand_written_speculators_checkpoint_reports_ok(tmp_path, target, targ
         "target_hidden_size": None,
         "eagle_aux_hidden_state_layer_ids": AUX,
         "transformer_layer_config": {
-            "model_type": "llama", "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": 128,
-            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
-            "hidden_act": "silu", "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+            "model_type": "llama",
+            "vocab_size": VOCAB,
+            "hidden_size": HIDDEN,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "hidden_act": "silu",
+            "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": False,
         },
         "speculators_config": {
             "algorithm": "eagle3",
             "default_proposal_method": "greedy",
-            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3, "verifier_accept_k": 1,
-                                  "accept_tolerance": 0.0}],
+            "proposal_methods": [
+                {
+                    "proposal_type": "greedy",
+                    "speculative_tokens": 3,
+                    "verifier_accept_k": 1,
+                    "accept_tolerance": 0.0,
+                }
+            ],
             "verifier": {"name_or_path": "HuggingFaceTB/Some-Target", "architectures": ["LlamaForCausalLM"]},
         },
     }
@@ -204,9 +229,14 @@ def test_a_hand_written_speculators_checkpoint_reports_ok(tmp_path, target, targ
 
 
 def test_other_architectures_pass(tmp_path, target, target_dir):
-    for architecture, options in (("medusa", {"num_heads": 3}), ("mlp_speculator", {}), ("draft_model", {"num_layers": 1})):
-        out = create_drafter(architecture, target, **options).save_pretrained(tmp_path / architecture,
-                                                                              target=target_info(target))
+    for architecture, options in (
+        ("medusa", {"num_heads": 3}),
+        ("mlp_speculator", {}),
+        ("draft_model", {"num_layers": 1}),
+    ):
+        out = create_drafter(architecture, target, **options).save_pretrained(
+            tmp_path / architecture, target=target_info(target)
+        )
         report = check_drafter(out, target_dir)
         assert report.ok, report.lines()
         assert "aux_layers" not in [f.check for f in report.findings]
@@ -259,7 +289,11 @@ def test_require_valid_names_the_flag(tmp_path, target_dir):
 
 # ---------------------------------------------------------------------------------------------- the probe's verdict
 def _summary(p0, drafts=40):
-    return {"num_drafts": drafts, "per_position_acceptance": [p0, p0 / 2, p0 / 4], "acceptance_length": 1 + p0 * 1.75}
+    return {
+        "num_drafts": drafts,
+        "per_position_acceptance": [p0, p0 / 2, p0 / 4],
+        "acceptance_length": 1 + p0 * 1.75,
+    }
 
 
 def _record(top1):
@@ -267,13 +301,16 @@ def _record(top1):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("p0, record, verdict, words", [
-    (0.55, _record(0.6), OK, "held-out prediction is 0.600"),
-    (0.05, TrainingRecord(), ERROR, "below the floor --min-acceptance 0.1"),
-    (0.2, _record(0.6), ERROR, "far below the trainer's held-out prediction 0.600"),
-    (0.35, _record(0.6), OK, "acceptance length"),
-    (0.3, TrainingRecord(), OK, "position-0 acceptance 0.300 over 40 drafts"),
-])
+@pytest.mark.parametrize(
+    "p0, record, verdict, words",
+    [
+        (0.55, _record(0.6), OK, "held-out prediction is 0.600"),
+        (0.05, TrainingRecord(), ERROR, "below the floor --min-acceptance 0.1"),
+        (0.2, _record(0.6), ERROR, "far below the trainer's held-out prediction 0.600"),
+        (0.35, _record(0.6), OK, "acceptance length"),
+        (0.3, TrainingRecord(), OK, "position-0 acceptance 0.300 over 40 drafts"),
+    ],
+)
 def test_probe_verdict(p0, record, verdict, words):
     finding = judge_probe(_summary(p0), record, ProbeSettings())
     assert finding.status == verdict and words in finding.message
@@ -281,10 +318,17 @@ def test_probe_verdict(p0, record, verdict, words):
 
 @pytest.mark.unit
 def test_probe_without_drafts_and_bad_flags():
-    assert "made no drafts" in judge_probe({"num_drafts": 0, "per_position_acceptance": None}, TrainingRecord(), ProbeSettings()).message
+    assert (
+        "made no drafts"
+        in judge_probe(
+            {"num_drafts": 0, "per_position_acceptance": None}, TrainingRecord(), ProbeSettings()
+        ).message
+    )
     with pytest.raises(UserError, match=r"--min-acceptance: expected a rate in \[0, 1\], found 1.5"):
         ProbeSettings(min_acceptance=1.5)
-    with pytest.raises(UserError, match=r"--min-fraction-of-prediction: expected a fraction in \(0, 1\], found 0"):
+    with pytest.raises(
+        UserError, match=r"--min-fraction-of-prediction: expected a fraction in \(0, 1\], found 0"
+    ):
         ProbeSettings(min_fraction_of_prediction=0.0)
     with pytest.raises(UserError, match="--probe-prompts"):
         ProbeSettings(prompts=0)
@@ -299,8 +343,9 @@ def test_the_probe_refuses_an_untrained_drafter_in_a_real_engine(tmp_path, defau
 
     target = TargetModel(default_target)
     prediction = {"heldout": {"top1_agreement": [0.6, 0.45, 0.35]}}  # what a trainer would have claimed
-    out = create_drafter("eagle3", target).save_pretrained(tmp_path / "untrained", target=target_info(target),
-                                                           training=prediction)
+    out = create_drafter("eagle3", target).save_pretrained(
+        tmp_path / "untrained", target=target_info(target), training=prediction
+    )
     del target
     report = validate(out, default_target, 3, ProbeSettings(prompts=2, max_tokens=24))
     print("\n".join(report.lines()))
@@ -318,8 +363,15 @@ def test_lk_vllm_train_runs_the_static_checks_on_its_exports(tmp_path, monkeypat
     monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path / "home"))
     target = make_tiny_target(tmp_path / "target", vocab=VOCAB, layers=LAYERS)
     data = make_tiny_data(tmp_path / "data", target, num_samples=12, vocab=VOCAB)
-    settings = {"data.heldout": 2, "data.max_length": 64, "training.batch_size": 2, "training.max_steps": 2,
-                "training.eval_every": 2, "training.eval_batch_size": 2, "loss.num_steps": 2}
+    settings = {
+        "data.heldout": 2,
+        "data.max_length": 64,
+        "training.batch_size": 2,
+        "training.max_steps": 2,
+        "training.eval_every": 2,
+        "training.eval_batch_size": 2,
+        "loss.num_steps": 2,
+    }
     argv = ["train", "--target", target, "--data", data, "--output", str(tmp_path / "run"), "--no-progress"]
     assert main(argv + [f"--set={key}={value}" for key, value in settings.items()]) == 0
     err = capsys.readouterr().err

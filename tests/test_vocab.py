@@ -78,6 +78,8 @@ def test_auto_size_keeps_small_vocabularies_and_covers_large_ones():
     zipf = 1.0 / torch.arange(1, 262145, dtype=torch.float64) ** 1.3  # a 262k vocabulary used like text
     size, covered = auto_draft_vocab_size(zipf)
     cumulative = torch.sort(zipf, descending=True).values.cumsum(0) / zipf.sum()
-    assert covered >= AUTO_COVERAGE and float(cumulative[size // 2 - 1]) < AUTO_COVERAGE  # the smallest that covers
+    assert (
+        covered >= AUTO_COVERAGE and float(cumulative[size // 2 - 1]) < AUTO_COVERAGE
+    )  # the smallest that covers
     assert auto_draft_vocab_size(torch.ones(262144)) == (65536, 0.25)  # flat counts: the largest candidate
     assert auto_draft_vocab_size(torch.zeros(262144)) == (None, 1.0)  # nothing counted: nothing to choose by

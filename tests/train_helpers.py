@@ -18,16 +18,25 @@ def make_tiny_target(directory: Path, vocab: int = 256, layers: int = 8, seed: i
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(directory)
     return str(directory)
 
 
-def make_valid_drafter(root: Path, name: str, target, seed: int = 0, architecture: str = "eagle3",
-                       **options) -> Path:
+def make_valid_drafter(
+    root: Path, name: str, target, seed: int = 0, architecture: str = "eagle3", **options
+) -> Path:
     """A drafter for ``target`` (a TargetModel) that passes lk-vllm validate's static checks: fresh drafters are
     refused as untrained, so every trainable weight gets a little noise."""
     from lk_vllm.drafters import create_drafter, target_info
@@ -60,12 +69,25 @@ def greedy_batch(target, prompts, length: int) -> dict:
         input_ids[row, : len(sequence)] = torch.tensor(sequence)
         mask[row, : len(sequence)] = True
         loss_mask[row, start : len(sequence)] = True
-    return {"continuations": continuations, "sequences": sequences, "input_ids": input_ids, "mask": mask,
-            "loss_mask": loss_mask}
+    return {
+        "continuations": continuations,
+        "sequences": sequences,
+        "input_ids": input_ids,
+        "mask": mask,
+        "loss_mask": loss_mask,
+    }
 
 
-def make_tiny_data(directory: Path, target: str, num_samples: int = 24, vocab: int = 256, seed: int = 0,
-                   lengths: tuple[int, int] = (16, 40), masked: bool = False, prompt_length: int | None = None) -> str:
+def make_tiny_data(
+    directory: Path,
+    target: str,
+    num_samples: int = 24,
+    vocab: int = 256,
+    seed: int = 0,
+    lengths: tuple[int, int] = (16, 40),
+    masked: bool = False,
+    prompt_length: int | None = None,
+) -> str:
     """A prepared data set of random token sequences (prompt + 'generated' part) in prepare's format."""
     from lk_vllm.assets import target_fingerprint
 
@@ -81,10 +103,13 @@ def make_tiny_data(directory: Path, target: str, num_samples: int = 24, vocab: i
     if masked:  # all-masked: put every token in the prompt part
         samples = [(p + t, []) for p, t in samples]
     response_tokens = save_shard(directory / "shard-00000.safetensors", samples, ids)
-    manifest = {"format": SHARD_FORMAT,
-                "settings": {"target": target, "target_fingerprint": target_fingerprint(target)},
-                "shards": [{"file": "shard-00000.safetensors", "prompts": num_samples, "samples": num_samples}],
-                "samples": num_samples, "response_tokens": response_tokens}
+    manifest = {
+        "format": SHARD_FORMAT,
+        "settings": {"target": target, "target_fingerprint": target_fingerprint(target)},
+        "shards": [{"file": "shard-00000.safetensors", "prompts": num_samples, "samples": num_samples}],
+        "samples": num_samples,
+        "response_tokens": response_tokens,
+    }
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return str(directory)
 
@@ -98,4 +123,3 @@ def serve_args(target, *argv):
     parser = argparse.ArgumentParser()
     launcher.add_arguments(parser)
     return parser.parse_args(["--target", str(target), *argv])
-

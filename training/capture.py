@@ -61,7 +61,9 @@ class Batch:
         return int(self.attention_mask.sum())
 
     def to(self, device) -> Batch:
-        return Batch(self.indices, self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device))
+        return Batch(
+            self.indices, self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device)
+        )
 
 
 def collate(samples, indices: list[int]) -> Batch:
@@ -99,12 +101,23 @@ class OnlineCapture:
         self.target.idle()
 
 
-def cache_key(target_fingerprint: str, data_dirs: list[str], aux_layer_ids, max_length: int, dtype: str) -> str:
+def cache_key(
+    target_fingerprint: str, data_dirs: list[str], aux_layer_ids, max_length: int, dtype: str
+) -> str:
     manifests = []
     for directory in data_dirs:
         manifests.append(hashlib.sha256((Path(directory) / "manifest.json").read_bytes()).hexdigest())
-    blob = json.dumps({"target": target_fingerprint, "data": manifests, "aux": list(aux_layer_ids or []),
-                       "max_length": max_length, "dtype": dtype, "format": CACHE_FORMAT}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "target": target_fingerprint,
+            "data": manifests,
+            "aux": list(aux_layer_ids or []),
+            "max_length": max_length,
+            "dtype": dtype,
+            "format": CACHE_FORMAT,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -136,8 +149,9 @@ def _gb(num_bytes: int) -> str:
     return f"{num_bytes / 1e9:.2f} GB"
 
 
-def validate_shard(path: Path, sample_lengths, hidden_size: int, num_aux: int, dtype: str,
-                   values: bool = True) -> str | None:
+def validate_shard(
+    path: Path, sample_lengths, hidden_size: int, num_aux: int, dtype: str, values: bool = True
+) -> str | None:
     """None when ``path`` is a cache shard of samples of ``sample_lengths`` tokens, else a one-line reason: the file
     opens, has the cache format, the tensors ``final`` [tokens, H] and ``aux`` [tokens, H * num_aux] (when
     ``num_aux``) in ``dtype``, ``lse`` [tokens] fp32 and ``offsets`` [n + 1] int64 equal to the cumulative
@@ -146,8 +160,11 @@ def validate_shard(path: Path, sample_lengths, hidden_size: int, num_aux: int, d
 
     lengths = [int(n) for n in sample_lengths]
     tokens = sum(lengths)
-    expected = {"final": ([tokens, hidden_size], DTYPES[dtype]), "lse": ([tokens], torch.float32),
-                "offsets": ([len(lengths) + 1], torch.int64)}
+    expected = {
+        "final": ([tokens, hidden_size], DTYPES[dtype]),
+        "lse": ([tokens], torch.float32),
+        "offsets": ([len(lengths) + 1], torch.int64),
+    }
     if num_aux:
         expected["aux"] = ([tokens, hidden_size * num_aux], DTYPES[dtype])
     if not Path(path).is_file():
@@ -177,7 +194,7 @@ def validate_shard(path: Path, sample_lengths, hidden_size: int, num_aux: int, d
                     width = shape[1] if len(shape) > 1 else 1
                     step = max(1, (1 << 25) // width)  # about 32M values at a time
                     for start in range(0, tokens, step):
-                        if not bool(torch.isfinite(piece[start:start + step]).all()):
+                        if not bool(torch.isfinite(piece[start : start + step]).all()):
                             return f"{name} holds non-finite values (rows {start}..{min(start + step, tokens) - 1})"
     except (OSError, SafetensorError) as exc:
         return f"cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
@@ -200,9 +217,20 @@ def _read_manifest(path: Path) -> dict | None:
         return None
 
 
-def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "bfloat16", batch_size: int = 8,
-                shard_size: int = 256, progress: bool = True, *, rank: int = 0, world: int = 1,
-                barrier: Callable[[], None] | None = None) -> dict:
+def build_cache(
+    target,
+    samples,
+    aux_layer_ids,
+    directory: Path,
+    dtype: str = "bfloat16",
+    batch_size: int = 8,
+    shard_size: int = 256,
+    progress: bool = True,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] | None = None,
+) -> dict:
     """Run the target over every sample once and write the hidden-state shards; resumes a partial cache and
     re-makes any shard that fails ``validate_shard``. Every rank calls it (``barrier`` syncs them, e.g.
     ``torch.distributed.barrier``; the directory must be shared by all ranks); shard ``i`` is built by rank
@@ -213,12 +241,16 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
     wait = barrier or (lambda: None)
     aux_layer_ids = tuple(aux_layer_ids) if aux_layer_ids else None
     num_aux = len(aux_layer_ids or ())
-    shards = [list(range(first, min(first + shard_size, len(samples)))) for first in range(0, len(samples), shard_size)]
+    shards = [
+        list(range(first, min(first + shard_size, len(samples))))
+        for first in range(0, len(samples), shard_size)
+    ]
     lengths = [[len(samples[i].input_ids) for i in members] for members in shards]
 
     def check(shard: int, values: bool) -> str | None:
-        return validate_shard(shard_path(directory, shard), lengths[shard], target.hidden_size, num_aux, dtype,
-                              values=values)
+        return validate_shard(
+            shard_path(directory, shard), lengths[shard], target.hidden_size, num_aux, dtype, values=values
+        )
 
     # Nothing is written before the first barrier, so every rank sees the same files here and takes the same
     # branch (return, refuse or build). Headers only: reading every value of a large cache at each start is
@@ -231,16 +263,22 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
 
     per_token = cache_bytes_per_token(target.hidden_size, num_aux, dtype)
     to_capture = sum(sum(lengths[shard]) for shard in range(len(shards)) if not header_ok[shard])
-    there = sum(shard_path(directory, shard).stat().st_size for shard in range(len(shards)) if header_ok[shard])
+    there = sum(
+        shard_path(directory, shard).stat().st_size for shard in range(len(shards)) if header_ok[shard]
+    )
     free = shutil.disk_usage(_nearest_existing(directory)).free
     # Every rank budgets the whole cache (one shared directory) and so refuses alike; rank 0 prints it.
     if rank == 0:
-        log(f"hidden-state cache {directory}: {to_capture} tokens x {per_token} bytes/token = "
-            f"{_gb(to_capture * per_token)} to write ({_gb(there)} already there), {_gb(free)} free")
+        log(
+            f"hidden-state cache {directory}: {to_capture} tokens x {per_token} bytes/token = "
+            f"{_gb(to_capture * per_token)} to write ({_gb(there)} already there), {_gb(free)} free"
+        )
     if to_capture * per_token > free:
-        raise UserError(f"hidden-state cache {directory}: {_gb(to_capture * per_token)} to write, {_gb(free)} free "
-                        f"on its disk; free space, set LK_VLLM_HOME to a larger disk, use a smaller "
-                        f"training.cache_dtype (now {dtype}) or --set training.capture=online")
+        raise UserError(
+            f"hidden-state cache {directory}: {_gb(to_capture * per_token)} to write, {_gb(free)} free "
+            f"on its disk; free space, set LK_VLLM_HOME to a larger disk, use a smaller "
+            f"training.cache_dtype (now {dtype}) or --set training.capture=online"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     wait()
     if rank == 0:  # a manifest means "complete": none until this run's shards are all in place
@@ -249,8 +287,12 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
     from tqdm import tqdm
 
     mine = [shard for shard in range(len(shards)) if shard % world == rank]
-    bar = tqdm(total=sum(sum(lengths[shard]) for shard in mine), unit="tok", desc="capturing hidden states",
-               disable=not (progress and rank == 0))
+    bar = tqdm(
+        total=sum(sum(lengths[shard]) for shard in mine),
+        unit="tok",
+        desc="capturing hidden states",
+        disable=not (progress and rank == 0),
+    )
     started, captured = time.time(), 0
     todo = []
     for shard in mine:
@@ -274,8 +316,14 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
         reason = check(shard, values=True)
         if reason is not None:
             overflow = "non-finite" in reason and dtype == "float16"
-            hint = "; float16 overflows where the target's bfloat16 does not: training.cache_dtype=bfloat16" if overflow else ""
-            raise UserError(f"hidden-state cache {path}: the shard just written fails its check: {reason}{hint}")
+            hint = (
+                "; float16 overflows where the target's bfloat16 does not: training.cache_dtype=bfloat16"
+                if overflow
+                else ""
+            )
+            raise UserError(
+                f"hidden-state cache {path}: the shard just written fails its check: {reason}{hint}"
+            )
     for _ in range(idle):
         target.idle()
     bar.close()
@@ -293,20 +341,31 @@ def build_cache(target, samples, aux_layer_ids, directory: Path, dtype: str = "b
                 break
         if problem is None:
             elapsed = time.time() - started
-            manifest = {"format": CACHE_FORMAT, "num_samples": len(samples), "shard_size": shard_size,
-                        "num_shards": len(shards), "dtype": dtype, "aux_layer_ids": list(aux_layer_ids or []),
-                        "tokens": sum(map(sum, lengths)), "bytes": cache_size_bytes(directory),
-                        "bytes_per_token": per_token,
-                        # tokens of the shards missing at the start over the time until every rank was done
-                        "capture_tokens_per_s": round(to_capture / elapsed, 1) if to_capture else None}
+            manifest = {
+                "format": CACHE_FORMAT,
+                "num_samples": len(samples),
+                "shard_size": shard_size,
+                "num_shards": len(shards),
+                "dtype": dtype,
+                "aux_layer_ids": list(aux_layer_ids or []),
+                "tokens": sum(map(sum, lengths)),
+                "bytes": cache_size_bytes(directory),
+                "bytes_per_token": per_token,
+                # tokens of the shards missing at the start over the time until every rank was done
+                "capture_tokens_per_s": round(to_capture / elapsed, 1) if to_capture else None,
+            }
             write_atomic(manifest_path, json.dumps(manifest, indent=1))
     wait()
     if problem is not None:
-        raise UserError(f"hidden-state cache {directory}: {problem} after every rank wrote its shards; all "
-                        f"{world} rank(s) must write to the same directory (a file system they share)")
+        raise UserError(
+            f"hidden-state cache {directory}: {problem} after every rank wrote its shards; all "
+            f"{world} rank(s) must write to the same directory (a file system they share)"
+        )
     manifest = _read_manifest(manifest_path)
     if manifest is None:
-        raise UserError(f"hidden-state cache {directory}: rank 0 found the cache incomplete (its error says why)")
+        raise UserError(
+            f"hidden-state cache {directory}: rank 0 found the cache incomplete (its error says why)"
+        )
     return manifest
 
 
@@ -330,7 +389,7 @@ def _write_shard(target, samples, members: list[int], aux_layer_ids, path: Path,
     aux_rows: dict[int, torch.Tensor] = {}
     by_length = sorted(members, key=lambda i: len(samples[i].input_ids))  # less padding
     for start in range(0, len(by_length), batch_size):
-        batch = collate(samples, by_length[start:start + batch_size]).to(target.device)
+        batch = collate(samples, by_length[start : start + batch_size]).to(target.device)
         states = target(batch.input_ids, batch.attention_mask, aux_layer_ids=aux_layer_ids)
         for row, index in enumerate(batch.indices):
             n = len(samples[index].input_ids)
@@ -341,20 +400,26 @@ def _write_shard(target, samples, members: list[int], aux_layer_ids, path: Path,
                 aux_rows[index] = states.aux_hidden[row, :n].to("cpu", torch_dtype)
         yield batch.num_tokens
     lengths = [len(samples[i].input_ids) for i in members]
-    tensors = {"final": torch.cat([final_rows[i] for i in members]),
-               "lse": torch.cat([lse_rows[i] for i in members]),
-               "offsets": torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)}
+    tensors = {
+        "final": torch.cat([final_rows[i] for i in members]),
+        "lse": torch.cat([lse_rows[i] for i in members]),
+        "offsets": torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0),
+    }
     if aux_rows:
         tensors["aux"] = torch.cat([aux_rows[i] for i in members])
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT, "first": str(members[0])})
 
 
-def logsumexp_of_logits(hidden: torch.Tensor, lm_head_weight: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+def logsumexp_of_logits(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
     """fp32 logsumexp over the vocabulary of ``hidden @ lm_head_weight.T``, chunk by chunk (never [T, V] at
     once), computed as ``TargetStates.logits_at`` computes the logits."""
     hidden = hidden.to(lm_head_weight.dtype)
-    return torch.cat([torch.logsumexp((h @ lm_head_weight.T).float(), dim=1) for h in hidden.split(chunk_size)])
+    return torch.cat(
+        [torch.logsumexp((h @ lm_head_weight.T).float(), dim=1) for h in hidden.split(chunk_size)]
+    )
 
 
 class OfflineCapture:
@@ -368,17 +433,26 @@ class OfflineCapture:
         self.manifest = json.loads((self.directory / "manifest.json").read_text())
         self.aux_layer_ids = tuple(aux_layer_ids) if aux_layer_ids else ()
         if list(self.aux_layer_ids) != self.manifest["aux_layer_ids"]:
-            raise ValueError(f"cache {directory} holds aux layers {self.manifest['aux_layer_ids']}, "
-                             f"the drafter needs {list(self.aux_layer_ids)}")
+            raise ValueError(
+                f"cache {directory} holds aux layers {self.manifest['aux_layer_ids']}, "
+                f"the drafter needs {list(self.aux_layer_ids)}"
+            )
         self.shard_size = int(self.manifest["shard_size"])
-        num_shards = int(self.manifest.get("num_shards", -(-int(self.manifest["num_samples"]) // self.shard_size)))
+        num_shards = int(
+            self.manifest.get("num_shards", -(-int(self.manifest["num_samples"]) // self.shard_size))
+        )
         present = _shards_present(self.directory)
         if sorted(present) != list(range(num_shards)):
             missing = [shard for shard in range(num_shards) if shard not in present]
-            which = (f"{shard_path(self.directory, missing[0]).name} is missing" if missing
-                     else f"{present[max(present)].name} is not in it")
-            raise UserError(f"hidden-state cache {self.directory}: manifest.json lists {num_shards} shards, "
-                            f"{len(present)} are present ({which}); delete the directory to capture it again")
+            which = (
+                f"{shard_path(self.directory, missing[0]).name} is missing"
+                if missing
+                else f"{present[max(present)].name} is not in it"
+            )
+            raise UserError(
+                f"hidden-state cache {self.directory}: manifest.json lists {num_shards} shards, "
+                f"{len(present)} are present ({which}); delete the directory to capture it again"
+            )
         self._files = {}
         self._offsets = {}
         for shard, path in sorted(present.items()):

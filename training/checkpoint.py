@@ -86,5 +86,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as exc:  # a damaged file: name it instead of a pickle traceback
-        raise UserError(f"checkpoint {path / STATE_FILE} is unreadable ({exc}); delete it to resume from an "
-                        "earlier one") from None
+        raise UserError(
+            f"checkpoint {path / STATE_FILE} is unreadable ({exc}); delete it to resume from an earlier one"
+        ) from None

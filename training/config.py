@@ -70,27 +70,37 @@ class DraftModelOptions(_Section):
     train_embeddings: bool = False
 
 
-ARCHITECTURE_OPTIONS = {"eagle3": Eagle3Options, "medusa": MedusaOptions, "mlp_speculator": MLPSpeculatorOptions,
-                        "draft_model": DraftModelOptions}
+ARCHITECTURE_OPTIONS = {
+    "eagle3": Eagle3Options,
+    "medusa": MedusaOptions,
+    "mlp_speculator": MLPSpeculatorOptions,
+    "draft_model": DraftModelOptions,
+}
 
 
 class ModelSection(_Section):
     architecture: Literal["eagle3", "medusa", "mlp_speculator", "draft_model"] = Field(
-        default="eagle3", description="the drafter's architecture")
+        default="eagle3", description="the drafter's architecture"
+    )
     target: str | None = Field(
-        default=None, description="target model directory or cached HF id; None: the embedded SmolLM2-135M-Instruct")
+        default=None,
+        description="target model directory or cached HF id; None: the embedded SmolLM2-135M-Instruct",
+    )
     draft_vocab_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         default="auto",
         description="truncated draft vocabulary (the training data's most frequent tokens); None: the target's "
-                    "vocabulary; auto: all of it up to 65,536 ids, else the smallest of 8k/16k/32k/64k ids covering "
-                    "98% of the training responses' tokens")
+        "vocabulary; auto: all of it up to 65,536 ids, else the smallest of 8k/16k/32k/64k ids covering "
+        "98% of the training responses' tokens",
+    )
     options: dict[str, Any] = Field(
         default_factory=dict,
-        description="the architecture's options (ARCHITECTURE_OPTIONS, e.g. aux_layer_ids for EAGLE-3)")
+        description="the architecture's options (ARCHITECTURE_OPTIONS, e.g. aux_layer_ids for EAGLE-3)",
+    )
     init_from: str | None = Field(
         default=None,
         description="an exported drafter to start from, e.g. to fine-tune it on new data (keeps its architecture, "
-                    "shape and draft vocabulary; draft_vocab_size and options do not apply)")
+        "shape and draft vocabulary; draft_vocab_size and options do not apply)",
+    )
 
 
 class DataSection(_Section):
@@ -98,20 +108,30 @@ class DataSection(_Section):
 
     dirs: list[str] = Field(
         default_factory=list,
-        description="finished `lk-vllm prepare` directories; empty: prepare `datasets` first (cached by settings)")
-    datasets: list[str] = Field(default_factory=lambda: ["sharegpt"],
-                                description="dataset names (sharegpt, gsm8k, ...) or .jsonl files")
+        description="finished `lk-vllm prepare` directories; empty: prepare `datasets` first (cached by settings)",
+    )
+    datasets: list[str] = Field(
+        default_factory=lambda: ["sharegpt"],
+        description="dataset names (sharegpt, gsm8k, ...) or .jsonl files",
+    )
     limit: int | None = Field(default=None, ge=1, description="first N prompts of each dataset; None: all")
-    temperature: float = Field(default=0.7, ge=0, description="sampling temperature of the regenerated responses")
-    top_p: float = Field(default=0.95, gt=0, le=1, description="nucleus sampling of the regenerated responses")
+    temperature: float = Field(
+        default=0.7, ge=0, description="sampling temperature of the regenerated responses"
+    )
+    top_p: float = Field(
+        default=0.95, gt=0, le=1, description="nucleus sampling of the regenerated responses"
+    )
     max_tokens: int = Field(default=512, ge=1, description="generated tokens per response")
-    max_length: int = Field(default=1024, ge=8,
-                            description="prompt + response tokens per sample (longer samples are truncated)")
+    max_length: int = Field(
+        default=1024, ge=8, description="prompt + response tokens per sample (longer samples are truncated)"
+    )
     seed: int = Field(default=0, description="seed of generated datasets and of sampling")
-    chat_template: str | None = Field(default=None, description=CHAT_TEMPLATE_HELP,
-                                      json_schema_extra={"metavar": "FILE|NAME"})
-    heldout: int = Field(default=64, ge=0,
-                         description="samples held out for evaluation (chosen by prompt-id hash)")
+    chat_template: str | None = Field(
+        default=None, description=CHAT_TEMPLATE_HELP, json_schema_extra={"metavar": "FILE|NAME"}
+    )
+    heldout: int = Field(
+        default=64, ge=0, description="samples held out for evaluation (chosen by prompt-id hash)"
+    )
 
 
 class LossSection(_Section):
@@ -169,32 +189,50 @@ class Config(_Section):
     loss: LossSection = Field(default_factory=LossSection)
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
-    output: str | None = Field(default=None,
-                               description="run directory; None: $LK_VLLM_HOME/runs/<recipe or config name>")
+    output: str | None = Field(
+        default=None, description="run directory; None: $LK_VLLM_HOME/runs/<recipe or config name>"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.model.architecture == "draft_model" and isinstance(self.model.draft_vocab_size, int):
-            raise ValueError("model.draft_vocab_size: a draft_model shares the target's vocabulary; leave it unset")
+            raise ValueError(
+                "model.draft_vocab_size: a draft_model shares the target's vocabulary; leave it unset"
+            )
         try:
             ARCHITECTURE_OPTIONS[self.model.architecture].model_validate(self.model.options)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ValueError(f"model.options for {self.model.architecture}: {problems} (it takes "
-                             f"{', '.join(ARCHITECTURE_OPTIONS[self.model.architecture].model_fields)})") from None
+            raise ValueError(
+                f"model.options for {self.model.architecture}: {problems} (it takes "
+                f"{', '.join(ARCHITECTURE_OPTIONS[self.model.architecture].model_fields)})"
+            ) from None
         if self.training.shard_target and self.training.parallel != "fsdp":
-            raise ValueError("training.shard_target shards the target with FSDP2: it needs training.parallel=fsdp")
+            raise ValueError(
+                "training.shard_target shards the target with FSDP2: it needs training.parallel=fsdp"
+            )
         if self.model.draft_vocab_size == "auto" and self.model.architecture not in DRAFT_VOCAB_ARCHITECTURES:
             self.model.draft_vocab_size = None  # the others have no draft vocabulary to choose
         return self
 
 
 # Fields that may change between a run and its --resume: they do not change the weights.
-RESUMABLE_CHANGES = {"output", "training.log_every", "training.eval_every", "training.checkpoint_every",
-                     "training.keep_checkpoints", "training.eval_batch_size", "training.capture",
-                     "training.cache_dtype", "training.export_dtype", "training.device", "training.tf32",
-                     "training.collective_timeout_minutes", "training.parallel",
-                     "training.shard_target"}
+RESUMABLE_CHANGES = {
+    "output",
+    "training.log_every",
+    "training.eval_every",
+    "training.checkpoint_every",
+    "training.keep_checkpoints",
+    "training.eval_batch_size",
+    "training.capture",
+    "training.cache_dtype",
+    "training.export_dtype",
+    "training.device",
+    "training.tf32",
+    "training.collective_timeout_minutes",
+    "training.parallel",
+    "training.shard_target",
+}
 
 
 def recipe_names() -> list[str]:
@@ -242,8 +280,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(recipe: str | None = None, config_file: str | Path | None = None,
-                overrides: dict[str, Any] | None = None) -> tuple[Config, str]:
+def load_config(
+    recipe: str | None = None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> tuple[Config, str]:
     """The validated config and a name for it (recipe name or file stem)."""
     if recipe and config_file:
         raise UserError("give either --recipe or --config, not both")
@@ -282,9 +321,11 @@ def flatten(config: Config | dict, prefix: str = "") -> dict[str, Any]:
 def differing_fields(saved: dict, current: Config) -> list[str]:
     """Fields (except RESUMABLE_CHANGES) whose values differ: 'field: saved -> current'."""
     before, after = flatten(saved), flatten(current)
-    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
-            for key in sorted(set(before) | set(after))
-            if key not in RESUMABLE_CHANGES and before.get(key) != after.get(key)]
+    return [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(set(before) | set(after))
+        if key not in RESUMABLE_CHANGES and before.get(key) != after.get(key)
+    ]
 
 
 # ------------------------------------------------------------------------------------------ command-line flags
@@ -318,8 +359,14 @@ def flag_dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def add_field_flags(parser, root: type[BaseModel], flags: dict[str, str], *, required: tuple[str, ...] = (),
-                    over_recipe: bool = False) -> None:
+def add_field_flags(
+    parser,
+    root: type[BaseModel],
+    flags: dict[str, str],
+    *,
+    required: tuple[str, ...] = (),
+    over_recipe: bool = False,
+) -> None:
     """One flag per field (``flags``: dotted field -> flag) with the field's type, range, choices and description.
     A flag not given is None, so the field's default (or the recipe's value, ``over_recipe``) applies; a list
     field's flag is repeatable."""
@@ -328,8 +375,14 @@ def add_field_flags(parser, root: type[BaseModel], flags: dict[str, str], *, req
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         where = dotted if over_recipe else f"default {info.get_default(call_default_factory=True)!r}"
         repeat = "; repeatable" if typing.get_origin(info.annotation) is list else ""
-        parser.add_argument(flag, default=None, required=dotted in required, metavar=extra.get("metavar"),
-                            help=f"{info.description} ({where}{repeat})", **_flag_kind(info.annotation))
+        parser.add_argument(
+            flag,
+            default=None,
+            required=dotted in required,
+            metavar=extra.get("metavar"),
+            help=f"{info.description} ({where}{repeat})",
+            **_flag_kind(info.annotation),
+        )
 
 
 def field_values(args, flags: dict[str, str]) -> dict[str, Any]:

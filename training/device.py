@@ -35,19 +35,30 @@ class Placement:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def describe(self) -> str:
-        precision = "fp32" if self.autocast_dtype is None else f"{str(self.autocast_dtype).removeprefix('torch.')} autocast"
+        precision = (
+            "fp32"
+            if self.autocast_dtype is None
+            else f"{str(self.autocast_dtype).removeprefix('torch.')} autocast"
+        )
         return f"device {self.device}, {precision}"
 
 
-def resolve_placement(device: str = "auto", precision: str = "auto", tf32: bool = True,
-                      cuda_available: bool | None = None, local_rank: int | None = None) -> Placement:
+def resolve_placement(
+    device: str = "auto",
+    precision: str = "auto",
+    tf32: bool = True,
+    cuda_available: bool | None = None,
+    local_rank: int | None = None,
+) -> Placement:
     """The placement for these config values (raises UserError naming the field when the machine cannot)."""
     cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
     if device == "auto":
         device = "cuda" if cuda_available else "cpu"
     if device == "cuda" and not cuda_available:
-        raise UserError("training.device=cuda: no CUDA device is visible here (torch.cuda.is_available() is "
-                        "False); use training.device=cpu, or auto to pick whatever is there")
+        raise UserError(
+            "training.device=cuda: no CUDA device is visible here (torch.cuda.is_available() is "
+            "False); use training.device=cpu, or auto to pick whatever is there"
+        )
     if device not in ("cpu", "cuda"):
         raise UserError(f"training.device: expected auto, cpu or cuda, got {device!r}")
     if precision == "auto":

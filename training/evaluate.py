@@ -40,8 +40,14 @@ from lk_vllm.targets import add_target_argument, check_target
 
 
 # ------------------------------------------------------------------------------------------ torch engine
-def simulate_greedy(drafter, target, prompt_ids: Sequence[int], num_tokens: int, max_tokens: int,
-                    continuations: dict | None = None) -> Counts:
+def simulate_greedy(
+    drafter,
+    target,
+    prompt_ids: Sequence[int],
+    num_tokens: int,
+    max_tokens: int,
+    continuations: dict | None = None,
+) -> Counts:
     """Chain speculative decoding at T=0 on one prompt, as vLLM runs it (see the module docstring).
     ``continuations`` caches the target's greedy continuations across drafters (keyed by prompt and length)."""
     counts = Counts(num_tokens)
@@ -79,8 +85,15 @@ def simulate_greedy(drafter, target, prompt_ids: Sequence[int], num_tokens: int,
 
 
 @torch.no_grad()
-def expected_alpha(drafter, target, prompt_ids: Sequence[int], num_tokens: int, max_tokens: int,
-                   temperature: float, generator: torch.Generator) -> Counts:
+def expected_alpha(
+    drafter,
+    target,
+    prompt_ids: Sequence[int],
+    num_tokens: int,
+    max_tokens: int,
+    temperature: float,
+    generator: torch.Generator,
+) -> Counts:
     """Per-step alpha on a continuation sampled at ``temperature`` (teacher-forced), over response positions."""
     counts = Counts(num_tokens)
     continuation = target.generate(prompt_ids, max_tokens, temperature=temperature, generator=generator)
@@ -102,8 +115,12 @@ def expected_alpha(drafter, target, prompt_ids: Sequence[int], num_tokens: int, 
         draft, target_logits = step.pairs(states, response)
         if draft.shape[0] == 0:
             continue
-        out = lk_loss(draft / temperature, target_logits / temperature, kind="tv",
-                      draft_to_target=drafter.draft_to_target)
+        out = lk_loss(
+            draft / temperature,
+            target_logits / temperature,
+            kind="tv",
+            draft_to_target=drafter.draft_to_target,
+        )
         counts.alpha_sum[k] += float(out.alpha) * draft.shape[0]
         counts.alpha_count[k] += draft.shape[0]
     return counts
@@ -118,8 +135,16 @@ def _shifted(step, k: int):
     return StepOutput(hidden=hidden, head=step.head, target_shift=step.target_shift + k, mask=mask)
 
 
-def evaluate_torch(drafter, target, prompts, num_tokens: int, max_tokens: int, temperature: float,
-                   seed: int = 0, continuations: dict | None = None) -> dict[str, Counts]:
+def evaluate_torch(
+    drafter,
+    target,
+    prompts,
+    num_tokens: int,
+    max_tokens: int,
+    temperature: float,
+    seed: int = 0,
+    continuations: dict | None = None,
+) -> dict[str, Counts]:
     from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(seed)
@@ -127,7 +152,9 @@ def evaluate_torch(drafter, target, prompts, num_tokens: int, max_tokens: int, t
     for prompt in tqdm(prompts, desc="torch simulation", unit="prompt", file=sys.stderr):
         prompt_ids = target.chat_prompt_ids(prompt.messages)
         if temperature > 0:
-            counts = expected_alpha(drafter, target, prompt_ids, num_tokens, max_tokens, temperature, generator)
+            counts = expected_alpha(
+                drafter, target, prompt_ids, num_tokens, max_tokens, temperature, generator
+            )
         else:
             counts = simulate_greedy(drafter, target, prompt_ids, num_tokens, max_tokens, continuations)
         per_dataset.setdefault(prompt.dataset, Counts(num_tokens)).add(counts)
@@ -136,9 +163,19 @@ def evaluate_torch(drafter, target, prompts, num_tokens: int, max_tokens: int, t
 
 # ------------------------------------------------------------------------------------------ vLLM engine
 # ------------------------------------------------------------------------------------------ driver
-def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limit: int | None, engine: str,
-             num_tokens: int, max_tokens: int, temperature: float, seed: int = 0,
-             settings_overrides: dict | None = None, chat_template: str | None = None) -> dict:
+def run_eval(
+    drafter_dir: str,
+    target: str | None,
+    datasets: Sequence[str],
+    limit: int | None,
+    engine: str,
+    num_tokens: int,
+    max_tokens: int,
+    temperature: float,
+    seed: int = 0,
+    settings_overrides: dict | None = None,
+    chat_template: str | None = None,
+) -> dict:
     """Evaluate a drafter directory; the returned dict is what ``--json`` prints."""
     from lk_vllm.target_model import TargetModel
 
@@ -157,20 +194,34 @@ def run_eval(drafter_dir: str, target: str | None, datasets: Sequence[str], limi
     started = time.time()
     target_model = TargetModel(target_path, chat_template=chat_template)
     drafter = load_drafter(drafter_dir, target_model)  # every drafter/target mismatch fails here, before vLLM
-    log(f"{drafter.architecture} drafter {drafter_dir} on {target_path}: {len(prompts)} prompts, engine {engine}")
+    log(
+        f"{drafter.architecture} drafter {drafter_dir} on {target_path}: {len(prompts)} prompts, engine {engine}"
+    )
     if engine == "torch":
-        per_dataset = evaluate_torch(drafter, target_model, prompts, num_tokens, max_tokens, temperature, seed)
+        per_dataset = evaluate_torch(
+            drafter, target_model, prompts, num_tokens, max_tokens, temperature, seed
+        )
     else:
         if not drafter.servable:
-            raise UserError(f"drafter {drafter_dir}: vLLM 0.32 cannot serve the {drafter.architecture} architecture")
+            raise UserError(
+                f"drafter {drafter_dir}: vLLM 0.32 cannot serve the {drafter.architecture} architecture"
+            )
         by_dataset: dict[str, list[list[int]]] = {}
         for prompt in prompts:
             by_dataset.setdefault(prompt.dataset, []).append(target_model.chat_prompt_ids(prompt.messages))
         del target_model, drafter
         from lk_vllm.bench.runner import evaluate_vllm
 
-        per_dataset = evaluate_vllm(drafter_dir, target_path, by_dataset, num_tokens, max_tokens, temperature,
-                                    settings_overrides, seed)
+        per_dataset = evaluate_vllm(
+            drafter_dir,
+            target_path,
+            by_dataset,
+            num_tokens,
+            max_tokens,
+            temperature,
+            settings_overrides,
+            seed,
+        )
     total = Counts(num_tokens)
     for counts in per_dataset.values():
         total.add(counts)
@@ -197,8 +248,12 @@ def _recorded_target(drafter_dir: str) -> str | None:
 def add_arguments(parser) -> None:
     parser.add_argument("--drafter", required=True, help="drafter checkpoint directory")
     add_target_argument(parser, "the one recorded with the drafter, else the embedded default target")
-    parser.add_argument("--engine", choices=("torch", "vllm"), default="torch",
-                        help="torch: simulate with the HF target; vllm: serve the drafter in vLLM (default torch)")
+    parser.add_argument(
+        "--engine",
+        choices=("torch", "vllm"),
+        default="torch",
+        help="torch: simulate with the HF target; vllm: serve the drafter in vLLM (default torch)",
+    )
     add_workload_arguments(parser)
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -221,9 +276,13 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"acceptance length {_fmt(result['acceptance_length'])} ({args.engine}, T={args.temperature}, "
-              f"K={args.num_speculative_tokens}, {result['num_prompts']} prompts)")
-        print("per-position acceptance: " + ", ".join(_fmt(r) for r in result["per_position_acceptance"] or []))
+        print(
+            f"acceptance length {_fmt(result['acceptance_length'])} ({args.engine}, T={args.temperature}, "
+            f"K={args.num_speculative_tokens}, {result['num_prompts']} prompts)"
+        )
+        print(
+            "per-position acceptance: " + ", ".join(_fmt(r) for r in result["per_position_acceptance"] or [])
+        )
         for name, summary in result["datasets"].items():
             print(f"  {name}: acceptance length {_fmt(summary['acceptance_length'])}")
     return 0

@@ -69,7 +69,9 @@ def _meta_drafter(config, target_path: str):
         target = TargetModel(target_path, model=AutoModelForCausalLM.from_config(target_config))
     options = drafter_options(config, target)
     if draft_vocab is not None and draft_vocab < target.vocab_size:
-        options["draft_to_target"] = torch.arange(draft_vocab)  # on the host (it is checked); which ids: immaterial
+        options["draft_to_target"] = torch.arange(
+            draft_vocab
+        )  # on the host (it is checked); which ids: immaterial
     with torch.device("meta"):
         drafter = create_drafter(config.model.architecture, target, **options)
     return drafter, target
@@ -103,17 +105,30 @@ def estimate_memory(config, target_path: str, device_type: str, world: int = 1) 
         per_token = steps * (16 * hidden + 6 * heads * head_dim + 4 * intermediate)
     else:  # Medusa heads / MLP speculator stages: a few hidden-sized tensors per head
         per_token = steps * 8 * hidden
-    if t.parallel == "fsdp":  # 1/N of the fp32 weights, grads and moments, plus whole weights and grads in a step
-        drafter_part = {f"drafter: whole weights + grads in a step, 1/{world} of weights + grads + AdamW":
-                        int((8 + 16 / max(1, world)) * trainable)}
+    if (
+        t.parallel == "fsdp"
+    ):  # 1/N of the fp32 weights, grads and moments, plus whole weights and grads in a step
+        drafter_part = {
+            f"drafter: whole weights + grads in a step, 1/{world} of weights + grads + AdamW": int(
+                (8 + 16 / max(1, world)) * trainable
+            )
+        }
     else:
         drafter_part = {"drafter weights + grads + AdamW (fp32)": 16 * trainable}
     target_bytes = 2 if low else 4
     if t.shard_target:  # 1/N of the decoder layers, one layer gathered in a forward, the rest whole
         layer_params = sum(p.numel() for p in target.model.get_decoder().layers.parameters())
-        target_part = {f"target weights ({'bf16' if low else 'fp32'}; layers 1/{world} + one whole)": int(
-            (target_params - layer_params + layer_params / max(1, world) + layer_params / int(tc.num_hidden_layers))
-            * target_bytes)}
+        target_part = {
+            f"target weights ({'bf16' if low else 'fp32'}; layers 1/{world} + one whole)": int(
+                (
+                    target_params
+                    - layer_params
+                    + layer_params / max(1, world)
+                    + layer_params / int(tc.num_hidden_layers)
+                )
+                * target_bytes
+            )
+        }
     else:
         target_part = {f"target weights ({'bf16' if low else 'fp32'})": target_params * target_bytes}
     parts = {
@@ -129,8 +144,9 @@ def estimate_memory(config, target_path: str, device_type: str, world: int = 1) 
     if architecture == "eagle3":
         from lk_vllm.drafters.eagle3 import ATTENTION_BLOCK
 
-        parts["attention scores of one block"] = (sequences * heads * min(ATTENTION_BLOCK, config.data.max_length)
-                                                  * config.data.max_length * 4 * 3)
+        parts["attention scores of one block"] = (
+            sequences * heads * min(ATTENTION_BLOCK, config.data.max_length) * config.data.max_length * 4 * 3
+        )
     return MemoryEstimate(parts=parts, trainable_parameters=trainable, tokens_per_micro_batch=tokens)
 
 
@@ -145,4 +161,5 @@ def check_fits(estimate: MemoryEstimate, config, device: torch.device) -> None:
             f"training.batch_size={t.batch_size} x data.max_length={config.data.max_length} needs about "
             f"{estimate.total / GB:.1f} GB per GPU (lk-vllm train --dry-run lists it), {device} has "
             f"{capacity / GB:.1f} GB: raise training.grad_accumulation, lower training.batch_size or "
-            "data.max_length, or use more GPUs")
+            "data.max_length, or use more GPUs"
+        )

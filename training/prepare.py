@@ -54,7 +54,9 @@ class PrepareSettings:
     max_length: int = _DATA.max_length  # prompt + response tokens per sample
     shard_size: int = 256  # prompts per shard
     extra: dict = field(default_factory=dict)
-    chat_template: str | None = _DATA.chat_template  # a template file or built-in name in place of the target's own
+    chat_template: str | None = (
+        _DATA.chat_template
+    )  # a template file or built-in name in place of the target's own
     tokenizer_key: str = ""  # datasets.tokenizer_key: tokenizer files + the template in use
 
     @classmethod
@@ -62,10 +64,20 @@ class PrepareSettings:
         """Settings for ``target`` from a data section (``datasets`` in place of its own), the target's fingerprint
         and tokenizer key filled in."""
         key = tokenizer_key(target, load_tokenizer(target, data.chat_template))
-        return cls(target=target, target_fingerprint=target_fingerprint(target),
-                   datasets=list(datasets or data.datasets), limit=data.limit, seed=data.seed,
-                   temperature=data.temperature, top_p=data.top_p, max_tokens=data.max_tokens,
-                   max_length=data.max_length, chat_template=data.chat_template, tokenizer_key=key, **fields)
+        return cls(
+            target=target,
+            target_fingerprint=target_fingerprint(target),
+            datasets=list(datasets or data.datasets),
+            limit=data.limit,
+            seed=data.seed,
+            temperature=data.temperature,
+            top_p=data.top_p,
+            max_tokens=data.max_tokens,
+            max_length=data.max_length,
+            chat_template=data.chat_template,
+            tokenizer_key=key,
+            **fields,
+        )
 
     def key(self) -> str:
         blob = json.dumps({k: v for k, v in asdict(self).items() if k != "target"}, sort_keys=True)
@@ -115,13 +127,14 @@ def save_shard(path: Path, samples: list[tuple[list[int], list[int]]], prompt_id
     return sum(loss_mask)
 
 
-def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: bool = True, llm=None) -> dict:
+def prepare(
+    settings: PrepareSettings, output: Path, engine_settings, progress: bool = True, llm=None
+) -> dict:
     """Regenerate responses for every prompt and write the shards; resumes a previous partial run.
 
     ``llm``: an already started ``vllm.LLM`` to reuse (else one is started from ``engine_settings`` when there
     is work left, and stopped before returning)."""
     from tqdm import tqdm
-
 
     output.mkdir(parents=True, exist_ok=True)
     progress_path = output / "progress.json"
@@ -129,9 +142,13 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
     if progress_path.is_file():
         previous = json.loads(progress_path.read_text())
         if previous["settings"] != asdict(settings):
-            changed = sorted(k for k in asdict(settings) if previous["settings"].get(k) != asdict(settings)[k])
-            raise UserError(f"{output} holds data prepared with different settings ({', '.join(changed)}); "
-                            "choose another --output or delete it")
+            changed = sorted(
+                k for k in asdict(settings) if previous["settings"].get(k) != asdict(settings)[k]
+            )
+            raise UserError(
+                f"{output} holds data prepared with different settings ({', '.join(changed)}); "
+                "choose another --output or delete it"
+            )
         state = previous
     if (output / "manifest.json").is_file():
         return json.loads((output / "manifest.json").read_text())
@@ -143,7 +160,7 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
         raise UserError(f"no prompts in --dataset {', '.join(settings.datasets)}")
     tokenizer = load_tokenizer(settings.target, settings.chat_template)
     max_prompt_tokens = settings.max_length - min(settings.max_tokens, settings.max_length // 2)
-    shards = [prompts[i:i + settings.shard_size] for i in range(0, len(prompts), settings.shard_size)]
+    shards = [prompts[i : i + settings.shard_size] for i in range(0, len(prompts), settings.shard_size)]
     done = {s["file"] for s in state["shards"] if (output / s["file"]).is_file()}
     state["shards"] = [s for s in state["shards"] if s["file"] in done]
 
@@ -156,26 +173,44 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
             if name in done:
                 continue
             if llm is None:
-                llm = engine.make_llm(engine.without_preemption(engine.whole_prompt_prefills(engine_settings),
-                                                                  settings.max_length))
+                llm = engine.make_llm(
+                    engine.without_preemption(
+                        engine.whole_prompt_prefills(engine_settings), settings.max_length
+                    )
+                )
             from vllm import SamplingParams
             from vllm.inputs import TokensPrompt
 
             prompt_token_ids, truncated = tokenize_prompts(tokenizer, shard_prompts, max_prompt_tokens)
             started = time.time()
-            sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed + index,
-                                      max_tokens=min(settings.max_tokens, settings.max_length - max(map(len, prompt_token_ids))))
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], sampling,
-                                   use_tqdm=False)
-            samples = [(ids, list(out.outputs[0].token_ids)) for ids, out in zip(prompt_token_ids, outputs, strict=True)]
+            sampling = SamplingParams(
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                seed=settings.seed + index,
+                max_tokens=min(settings.max_tokens, settings.max_length - max(map(len, prompt_token_ids))),
+            )
+            outputs = llm.generate(
+                [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], sampling, use_tqdm=False
+            )
+            samples = [
+                (ids, list(out.outputs[0].token_ids))
+                for ids, out in zip(prompt_token_ids, outputs, strict=True)
+            ]
             samples = [(p, r) for p, r in samples if r]  # an empty response teaches nothing
             response_tokens = save_shard(output / name, samples, [p.id for p in shard_prompts])
             elapsed = time.time() - started
-            state["shards"].append({"file": name, "prompts": len(shard_prompts), "samples": len(samples),
-                                    "response_tokens": response_tokens,
-                                    "tokens": sum(len(p) + len(r) for p, r in samples),
-                                    "truncated_prompts": truncated, "empty_responses": len(shard_prompts) - len(samples),
-                                    "seconds": round(elapsed, 2)})
+            state["shards"].append(
+                {
+                    "file": name,
+                    "prompts": len(shard_prompts),
+                    "samples": len(samples),
+                    "response_tokens": response_tokens,
+                    "tokens": sum(len(p) + len(r) for p, r in samples),
+                    "truncated_prompts": truncated,
+                    "empty_responses": len(shard_prompts) - len(samples),
+                    "seconds": round(elapsed, 2),
+                }
+            )
             write_atomic(progress_path, json.dumps(state, indent=1))
             bar.update(len(shard_prompts))
             bar.set_postfix(tok_s=f"{response_tokens / max(elapsed, 1e-9):.0f}")
@@ -184,33 +219,60 @@ def prepare(settings: PrepareSettings, output: Path, engine_settings, progress: 
         if started_here and llm is not None:
             engine.shutdown_llm(llm)
 
-    totals = {key: sum(s[key] for s in state["shards"])
-              for key in ("prompts", "samples", "tokens", "response_tokens", "truncated_prompts", "empty_responses")}
+    totals = {
+        key: sum(s[key] for s in state["shards"])
+        for key in ("prompts", "samples", "tokens", "response_tokens", "truncated_prompts", "empty_responses")
+    }
     if totals["samples"] == 0:
-        raise UserError(f"the target produced no usable responses for --dataset {', '.join(settings.datasets)}")
+        raise UserError(
+            f"the target produced no usable responses for --dataset {', '.join(settings.datasets)}"
+        )
     seconds = sum(s["seconds"] for s in state["shards"])
-    manifest = {"format": SHARD_FORMAT, "settings": asdict(settings), "shards": state["shards"], **totals,
-                "generation_tokens_per_s": round(totals["response_tokens"] / max(seconds, 1e-9), 1)}
+    manifest = {
+        "format": SHARD_FORMAT,
+        "settings": asdict(settings),
+        "shards": state["shards"],
+        **totals,
+        "generation_tokens_per_s": round(totals["response_tokens"] / max(seconds, 1e-9), 1),
+    }
     write_atomic(output / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 
 # ---------------------------------------------------------------- command line
 # prepare's flags for the data fields it shares with train's data section (field -> flag).
-PREPARE_FLAGS = {"datasets": "--dataset", "limit": "--limit", "temperature": "--temperature", "top_p": "--top-p",
-                 "max_tokens": "--max-tokens", "max_length": "--max-length", "seed": "--data-seed",
-                 "chat_template": "--chat-template"}
+PREPARE_FLAGS = {
+    "datasets": "--dataset",
+    "limit": "--limit",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "max_tokens": "--max-tokens",
+    "max_length": "--max-length",
+    "seed": "--data-seed",
+    "chat_template": "--chat-template",
+}
 
 
 def add_arguments(parser) -> None:
     add_target_argument(parser)
     add_field_flags(parser, DataSection, PREPARE_FLAGS, required=("datasets",))
-    parser.add_argument("--split", default="train", choices=["train", "eval"], help="dataset split (default train)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="output directory (default: $LK_VLLM_HOME/data/<datasets>-<target>-<settings hash>)")
+    parser.add_argument(
+        "--split", default="train", choices=["train", "eval"], help="dataset split (default train)"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="output directory (default: $LK_VLLM_HOME/data/<datasets>-<target>-<settings hash>)",
+    )
     parser.add_argument("--shard-size", type=int, default=256, help="prompts per shard / generation batch")
-    parser.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other vLLM engine argument, e.g. --vllm-arg max_num_seqs=128 (JSON values allowed)")
+    parser.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other vLLM engine argument, e.g. --vllm-arg max_num_seqs=128 (JSON values allowed)",
+    )
     add_engine_arguments(parser)
 
 
@@ -230,18 +292,27 @@ def parse_vllm_args(pairs: list[str]) -> dict:
 def run(args) -> int:
     data = section_from_flags(args, DataSection, PREPARE_FLAGS)
     if data.max_length <= data.max_tokens // 2:
-        raise UserError(f"--max-length ({data.max_length}) must exceed half of --max-tokens ({data.max_tokens})")
+        raise UserError(
+            f"--max-length ({data.max_length}) must exceed half of --max-tokens ({data.max_tokens})"
+        )
     require_at_least("--shard-size", args.shard_size)
     target = resolve_target(args.target)
     check_target(target, needs_chat_template=not data.chat_template)
     extra = parse_vllm_args(args.vllm_arg)
-    settings = PrepareSettings.for_target(target, data, split=args.split, shard_size=args.shard_size, extra=extra)
+    settings = PrepareSettings.for_target(
+        target, data, split=args.split, shard_size=args.shard_size, extra=extra
+    )
     output = args.output or default_output_dir(settings)
-    engine_settings = settings_from_args(args, target, max_model_len=max(args.max_model_len, data.max_length),
-                                         extra=extra)
+    engine_settings = settings_from_args(
+        args, target, max_model_len=max(args.max_model_len, data.max_length), extra=extra
+    )
     manifest = prepare(settings, output, engine_settings)
-    print(f"prepared {manifest['samples']} samples, {manifest['tokens']} tokens "
-          f"({manifest['response_tokens']} generated) in {output}")
-    print(f"  truncated prompts: {manifest['truncated_prompts']}, empty responses: {manifest['empty_responses']}, "
-          f"generation {manifest['generation_tokens_per_s']} tokens/s")
+    print(
+        f"prepared {manifest['samples']} samples, {manifest['tokens']} tokens "
+        f"({manifest['response_tokens']} generated) in {output}"
+    )
+    print(
+        f"  truncated prompts: {manifest['truncated_prompts']}, empty responses: {manifest['empty_responses']}, "
+        f"generation {manifest['generation_tokens_per_s']} tokens/s"
+    )
     return 0

@@ -118,7 +118,9 @@ def init_distributed(device: torch.device, timeout_minutes: float = 180.0, alway
         backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        torch.distributed.init_process_group(
+            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
     return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size())
 
 
@@ -129,7 +131,9 @@ def ensure_data(config: Config, target_path: str, dist: Dist, progress: bool) ->
     if config.data.dirs:
         return [str(Path(d).expanduser()) for d in config.data.dirs]
     if not config.data.datasets:
-        raise UserError("no training data: pass --data DIR (a finished `lk-vllm prepare` output) or set data.datasets")
+        raise UserError(
+            "no training data: pass --data DIR (a finished `lk-vllm prepare` output) or set data.datasets"
+        )
     from training.prepare import PrepareSettings, default_output_dir, prepare
 
     d = config.data
@@ -141,8 +145,12 @@ def ensure_data(config: Config, target_path: str, dist: Dist, progress: bool) ->
             from lk_vllm import engine
 
             log(f"preparing data: the target regenerates {name} into {output}")
-            prepare(settings, output, engine.EngineSettings(model=target_path, max_model_len=max(d.max_length, 256)),
-                    progress=progress)
+            prepare(
+                settings,
+                output,
+                engine.EngineSettings(model=target_path, max_model_len=max(d.max_length, 256)),
+                progress=progress,
+            )
         outputs.append(str(output))
     dist.barrier()
     return outputs
@@ -155,21 +163,27 @@ def load_run_samples(dirs: list[str], fingerprint: str, max_length: int):
         for sample in load_samples(Path(directory), fingerprint):
             if len(sample.input_ids) > max_length:
                 truncated += 1
-                sample.input_ids, sample.loss_mask = sample.input_ids[:max_length], sample.loss_mask[:max_length]
+                sample.input_ids, sample.loss_mask = (
+                    sample.input_ids[:max_length],
+                    sample.loss_mask[:max_length],
+                )
             if sample.loss_mask.sum() < 2:  # a drafter step predicts at least two tokens ahead
                 empty += 1
                 continue
             samples.append(sample)
     if not samples:
-        raise UserError(f"--data {', '.join(dirs)}: no sample has generated tokens within data.max_length={max_length}")
+        raise UserError(
+            f"--data {', '.join(dirs)}: no sample has generated tokens within data.max_length={max_length}"
+        )
     return samples, truncated, empty
 
 
 def split_heldout(samples, heldout: int) -> tuple[list[int], list[int]]:
     """(train indices, held-out indices): the held-out ones are those with the smallest prompt-id hashes, so
     the split does not depend on shard order or on how many samples there are."""
-    order = sorted(range(len(samples)),
-                   key=lambda i: (hashlib.sha256(samples[i].prompt_id.encode()).hexdigest(), i))
+    order = sorted(
+        range(len(samples)), key=lambda i: (hashlib.sha256(samples[i].prompt_id.encode()).hexdigest(), i)
+    )
     if heldout >= len(samples):
         raise UserError(f"data.heldout={heldout} leaves no training samples (the data has {len(samples)})")
     held = sorted(order[:heldout])
@@ -202,7 +216,9 @@ class BatchOrder:
 # ------------------------------------------------------------------------------------------ model
 def drafter_options(config: Config, target) -> dict:
     """The architecture's construction options from the config (the draft vocabulary aside)."""
-    options = ARCHITECTURE_OPTIONS[config.model.architecture].model_validate(config.model.options).model_dump()
+    options = (
+        ARCHITECTURE_OPTIONS[config.model.architecture].model_validate(config.model.options).model_dump()
+    )
     for count in ("num_heads", "n_predict"):  # Medusa heads, MLP speculator stages: one per draft position
         if count in options and options[count] is None:
             options[count] = config.loss.num_steps
@@ -214,8 +230,10 @@ def make_drafter(config: Config, target, samples, train_indices):
         path = Path(config.model.init_from).expanduser()
         drafter = load_drafter(path, target)  # checks it was made for this target
         if drafter.architecture != config.model.architecture:
-            raise UserError(f"model.init_from: {path} is a {drafter.architecture} drafter but model.architecture is "
-                            f"{config.model.architecture}; set --set model.architecture={drafter.architecture}")
+            raise UserError(
+                f"model.init_from: {path} is a {drafter.architecture} drafter but model.architecture is "
+                f"{config.model.architecture}; set --set model.architecture={drafter.architecture}"
+            )
         for parameter in drafter.trainable_parameters():
             parameter.requires_grad_(True)
         return drafter.float()  # fp32 master weights, as a fresh drafter's (an export may be bf16)
@@ -224,14 +242,20 @@ def make_drafter(config: Config, target, samples, train_indices):
     if size is not None and size != target.vocab_size:
         from lk_vllm.vocab import auto_draft_vocab_size, count_tokens, required_token_ids, select_draft_vocab
 
-        counts = count_tokens((samples[i].input_ids[samples[i].loss_mask] for i in train_indices), target.vocab_size)
+        counts = count_tokens(
+            (samples[i].input_ids[samples[i].loss_mask] for i in train_indices), target.vocab_size
+        )
         if size == "auto":
             size, covered = auto_draft_vocab_size(counts)
             if size is not None:
-                log(f"draft vocabulary: the {size} most frequent of {target.vocab_size} ids, {covered:.1%} of the "
-                    "training responses' tokens (model.draft_vocab_size=auto)")
+                log(
+                    f"draft vocabulary: the {size} most frequent of {target.vocab_size} ids, {covered:.1%} of the "
+                    "training responses' tokens (model.draft_vocab_size=auto)"
+                )
         if size is not None and size < target.vocab_size:
-            options["draft_to_target"] = select_draft_vocab(counts, size, required_token_ids(target.tokenizer))
+            options["draft_to_target"] = select_draft_vocab(
+                counts, size, required_token_ids(target.tokenizer)
+            )
     return create_drafter(config.model.architecture, target, **options)
 
 
@@ -274,27 +298,30 @@ class SharedTargetLogits:
 
     def logits_at(self, batch_index, positions, chunk_size: int = 1024):
         rows = self.rows_at(batch_index, positions)
-        if rows is None or self.table_logsumexp is not None:  # not in the table, or the table is not full rows
+        if (
+            rows is None or self.table_logsumexp is not None
+        ):  # not in the table, or the table is not full rows
             return self.states.logits_at(batch_index, positions, chunk_size)
         return self.table[rows]
 
 
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def evaluate(drafter, capture, samples, indices: list[int], num_steps: int, batch_size: int,
-             dist: Dist | None = None) -> dict:
+def evaluate(
+    drafter, capture, samples, indices: list[int], num_steps: int, batch_size: int, dist: Dist | None = None
+) -> dict:
     """Held-out per-position alpha (teacher-forced), expected acceptance length, top-1 agreement, KL. With
     ``dist`` each rank evaluates every N-th sample and the sums are all-reduced: every rank returns the same."""
     dist = dist or Dist()
     d2t = drafter.draft_to_target
     alpha_sum, kl_sum, top1, count = ([0.0] * num_steps for _ in range(4))
-    mine = indices[dist.rank::dist.world]
+    mine = indices[dist.rank :: dist.world]
     most = -(-len(indices) // dist.world)  # rank 0's share: the most any rank has
     for start in range(0, most, batch_size):
         if start >= len(mine):  # nothing left here; a sharded target still needs this rank's forward
             capture.idle()
             continue
-        batch = collate(samples, mine[start:start + batch_size]).to(capture.device)
+        batch = collate(samples, mine[start : start + batch_size]).to(capture.device)
         states = capture.states(batch)
         for k, step in enumerate(drafter.training_steps(states, num_steps)):
             draft, target = step.pairs(states, batch.loss_mask)
@@ -309,7 +336,7 @@ def evaluate(drafter, capture, samples, indices: list[int], num_steps: int, batc
             top1[k] += int((guess == target.argmax(-1)).sum())
             count[k] += n
     sums = _all_reduce_sum(alpha_sum + kl_sum + top1 + count, dist, capture.device)
-    alpha_sum, kl_sum, top1, count = (sums[i * num_steps:(i + 1) * num_steps] for i in range(4))
+    alpha_sum, kl_sum, top1, count = (sums[i * num_steps : (i + 1) * num_steps] for i in range(4))
     count = {k: int(c) for k, c in enumerate(count) if c}
     if not count:
         return {}
@@ -337,8 +364,11 @@ class Logger:
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():  # drop what the interrupted run logged after it
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             write_atomic(self.path, "".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -405,7 +435,9 @@ def parallelize(drafter, parallel: str, placement) -> torch.nn.Module:
         fully_shard(model, reshard_after_forward=False)
     elif torch.distributed.is_initialized():
         device_ids = [placement.device] if placement.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, broadcast_buffers=False
+        )
     return model
 
 
@@ -462,8 +494,10 @@ class Run:
 
 def _check_parallel(parallel: str) -> None:
     if parallel == "fsdp" and "WORLD_SIZE" not in os.environ:
-        raise UserError("training.parallel=fsdp needs torchrun (e.g. torchrun --nproc_per_node N -m lk_vllm.cli "
-                        "train ...); without it there is one process and nothing to shard: use training.parallel=ddp")
+        raise UserError(
+            "training.parallel=fsdp needs torchrun (e.g. torchrun --nproc_per_node N -m lk_vllm.cli "
+            "train ...); without it there is one process and nothing to shard: use training.parallel=ddp"
+        )
 
 
 def build_run(config: Config, name: str = "run", resume: bool = False, progress: bool = True) -> Run:
@@ -473,32 +507,47 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
     from lk_vllm.target_model import TargetModel
 
     t = config.training
-    placement = resolve_placement(t.device, t.precision, t.tf32)  # a bad device fails here, before any loading
+    placement = resolve_placement(
+        t.device, t.precision, t.tf32
+    )  # a bad device fails here, before any loading
     _check_parallel(t.parallel)
     dist = init_distributed(placement.device, t.collective_timeout_minutes, always=t.parallel == "fsdp")
     if t.batch_size % (dist.world * t.grad_accumulation):
-        raise UserError(f"training.batch_size={t.batch_size} must be a multiple of the {dist.world} rank(s) times "
-                        f"training.grad_accumulation={t.grad_accumulation}")
+        raise UserError(
+            f"training.batch_size={t.batch_size} must be a multiple of the {dist.world} rank(s) times "
+            f"training.grad_accumulation={t.grad_accumulation}"
+        )
     run_dir = Path(config.output or lk_home() / "runs" / name).expanduser().resolve()
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if latest is not None and not resume:
-        raise UserError(f"{run_dir} already holds checkpoints ({latest.name}); pass --resume to continue it "
-                        "or choose another --output")
+        raise UserError(
+            f"{run_dir} already holds checkpoints ({latest.name}); pass --resume to continue it "
+            "or choose another --output"
+        )
     state = None
     if resume and latest is not None:
         state = ckpt.load_checkpoint(latest)
         differences = differing_fields(state["config"], config)
         if differences:
-            raise UserError(f"--resume: {latest} was trained with a different config: {'; '.join(differences)}")
+            raise UserError(
+                f"--resume: {latest} was trained with a different config: {'; '.join(differences)}"
+            )
 
     init_from = config.model.init_from
-    if init_from and not (Path(init_from).expanduser() / "config.json").is_file():  # before minutes of data work
+    if (
+        init_from and not (Path(init_from).expanduser() / "config.json").is_file()
+    ):  # before minutes of data work
         raise UserError(f"model.init_from: {init_from} is not an exported drafter directory (no config.json)")
     random.seed(t.seed)
     torch.manual_seed(t.seed)
     target_path = resolve_target(config.model.target)
-    check_target(target_path, config.model.architecture, where="model.target",
-                 needs_chat_template=bool(config.data.datasets) and not (config.data.dirs or config.data.chat_template))
+    check_target(
+        target_path,
+        config.model.architecture,
+        where="model.target",
+        needs_chat_template=bool(config.data.datasets)
+        and not (config.data.dirs or config.data.chat_template),
+    )
     if placement.device.type == "cuda":
         from training.memory import check_fits, estimate_memory
 
@@ -509,52 +558,86 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
     train_indices, heldout_indices = split_heldout(samples, config.data.heldout)
     data_key = cache_key(fingerprint, data_dirs, (), config.data.max_length, "samples")
     if state is not None and state.get("data_key") != data_key:
-        raise UserError(f"--resume: the data in {', '.join(data_dirs)} differs from the data {latest} was "
-                        "trained on (its manifest changed); resume with the original data or start a new run")
-    target = TargetModel(target_path, dtype=placement.target_dtype, device=placement.device,
-                         chat_template=config.data.chat_template, shard_layers=t.shard_target)
+        raise UserError(
+            f"--resume: the data in {', '.join(data_dirs)} differs from the data {latest} was "
+            "trained on (its manifest changed); resume with the original data or start a new run"
+        )
+    target = TargetModel(
+        target_path,
+        dtype=placement.target_dtype,
+        device=placement.device,
+        chat_template=config.data.chat_template,
+        shard_layers=t.shard_target,
+    )
     drafter = make_drafter(config, target, samples, train_indices).to(placement.device)
     aux_layer_ids = drafter.aux_layer_ids_needed()
     num_params = sum(p.numel() for p in drafter.trainable_parameters())
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        log(f"{config.model.architecture} drafter, {num_params / 1e6:.1f}M trainable parameters; "
+        log(
+            f"{config.model.architecture} drafter, {num_params / 1e6:.1f}M trainable parameters; "
             f"{len(train_indices)} training / {len(heldout_indices)} held-out samples "
             f"({truncated} truncated to {config.data.max_length} tokens, {dropped} without response tokens); "
-            f"loss {config.loss.kind}" + (f" eta={config.loss.eta}" if config.loss.kind == "lambda" else "")
+            f"loss {config.loss.kind}"
+            + (f" eta={config.loss.eta}" if config.loss.kind == "lambda" else "")
             + (f"; starting from {config.model.init_from}" if config.model.init_from else "")
             + f"; {placement.describe()}; {dist.world} rank(s)"
             + (f", {t.parallel}" if dist.world > 1 or t.parallel == "fsdp" else "")
-            + ("; target layers sharded" if target.layers_sharded() else "") + f"; run directory {run_dir}")
+            + ("; target layers sharded" if target.layers_sharded() else "")
+            + f"; run directory {run_dir}"
+        )
 
     if t.capture == "offline":
-        cache_dir = lk_home() / "capture" / cache_key(fingerprint, data_dirs, aux_layer_ids,
-                                                      config.data.max_length, t.cache_dtype)
+        cache_dir = (
+            lk_home()
+            / "capture"
+            / cache_key(fingerprint, data_dirs, aux_layer_ids, config.data.max_length, t.cache_dtype)
+        )
         # Every rank captures its share of the shards (the directory must be shared by the ranks).
-        manifest = build_cache(target, samples, aux_layer_ids, cache_dir, t.cache_dtype,
-                               batch_size=t.eval_batch_size, progress=progress and dist.main,
-                               rank=dist.rank, world=dist.world, barrier=dist.barrier)
+        manifest = build_cache(
+            target,
+            samples,
+            aux_layer_ids,
+            cache_dir,
+            t.cache_dtype,
+            batch_size=t.eval_batch_size,
+            progress=progress and dist.main,
+            rank=dist.rank,
+            world=dist.world,
+            barrier=dist.barrier,
+        )
         if dist.main:
-            log(f"hidden-state cache {cache_dir}: {manifest['bytes'] / 1e6:.1f} MB for {manifest['tokens']} tokens")
+            log(
+                f"hidden-state cache {cache_dir}: {manifest['bytes'] / 1e6:.1f} MB for {manifest['tokens']} tokens"
+            )
         capture = OfflineCapture(target, cache_dir, aux_layer_ids)
     else:
         capture = OnlineCapture(target, aux_layer_ids)
 
     model = parallelize(drafter, t.parallel, placement)  # FSDP2 replaces the parameters: optimizer after it
     o = config.optimizer
-    optimizer = torch.optim.AdamW(drafter.trainable_parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                  weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(
+        drafter.trainable_parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, o.warmup_steps, t.max_steps, o.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, o.warmup_steps, t.max_steps, o.min_lr_ratio)
+    )
     start_step, best = 0, {"step": None, "expected_acceptance_length": -1.0}
     if state is not None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         if "format" not in state:
-            raise UserError(f"--resume: {latest} was written by an older lk-vllm (parameters not keyed by name); "
-                            "start a new run")
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=_state_dict_options())
+            raise UserError(
+                f"--resume: {latest} was written by an older lk-vllm (parameters not keyed by name); "
+                "start a new run"
+            )
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=_state_dict_options(),
+        )
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         start_step, best = state["step"], state["best"]
@@ -564,12 +647,29 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
         log(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
     if dist.main:
         write_atomic(run_dir / "config.json", json.dumps(config.model_dump(mode="json"), indent=1))
-    return Run(config=config, name=name, placement=placement, dist=dist, run_dir=run_dir, target=target,
-               fingerprint=fingerprint, data_dirs=data_dirs, samples=samples, train_indices=train_indices,
-               heldout_indices=heldout_indices, data_key=data_key, drafter=drafter, model=model, capture=capture,
-               optimizer=optimizer, scheduler=scheduler, order=BatchOrder(train_indices, t.batch_size, t.seed),
-               logger=Logger(run_dir, dist.main, start_step if state is not None else None),
-               start_step=start_step, best=best)
+    return Run(
+        config=config,
+        name=name,
+        placement=placement,
+        dist=dist,
+        run_dir=run_dir,
+        target=target,
+        fingerprint=fingerprint,
+        data_dirs=data_dirs,
+        samples=samples,
+        train_indices=train_indices,
+        heldout_indices=heldout_indices,
+        data_key=data_key,
+        drafter=drafter,
+        model=model,
+        capture=capture,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        order=BatchOrder(train_indices, t.batch_size, t.seed),
+        logger=Logger(run_dir, dist.main, start_step if state is not None else None),
+        start_step=start_step,
+        best=best,
+    )
 
 
 # ------------------------------------------------------------------------------------------ one step
@@ -581,9 +681,16 @@ def micro_batch_loss(model, drafter, states, loss_mask: torch.Tensor, loss, plac
 
     shared = SharedTargetLogits(states, loss_mask, drafter.draft_to_target)
     with placement.autocast():
-        return multi_step_loss(model(shared, loss.num_steps), shared, kind=loss.kind, eta=loss.eta,
-                               draft_to_target=drafter.draft_to_target, loss_mask=loss_mask, gamma=loss.gamma,
-                               chunk_size=loss.chunk_size)
+        return multi_step_loss(
+            model(shared, loss.num_steps),
+            shared,
+            kind=loss.kind,
+            eta=loss.eta,
+            draft_to_target=drafter.draft_to_target,
+            loss_mask=loss_mask,
+            gamma=loss.gamma,
+            chunk_size=loss.chunk_size,
+        )
 
 
 def _all_reduce_sum(values: list[float], dist: Dist, device: torch.device) -> list[float]:
@@ -604,39 +711,59 @@ def train_step(run: Run, step: int) -> dict:
     chunk = t.batch_size // t.grad_accumulation
     loss_value, micro_alphas, micro_lams = 0.0, [], []
     for first in range(0, t.batch_size, chunk):  # micro-batches: each a mean, averaged over the step
-        batch = collate(run.samples, global_indices[first:first + chunk][dist.rank::dist.world])
+        batch = collate(run.samples, global_indices[first : first + chunk][dist.rank :: dist.world])
         batch = batch.to(run.placement.device)
-        out = micro_batch_loss(run.model, run.drafter, run.capture.states(batch), batch.loss_mask, run.config.loss,
-                               run.placement)
+        out = micro_batch_loss(
+            run.model, run.drafter, run.capture.states(batch), batch.loss_mask, run.config.loss, run.placement
+        )
         (out["loss"] / t.grad_accumulation).backward()
         loss_value += float(out["loss"].detach()) / t.grad_accumulation / dist.world
         micro_alphas.append(out["alpha"])
         micro_lams.append(out["lam"])
         del out
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.drafter.trainable_parameters(), run.config.optimizer.grad_clip)
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP2: a DTensor
-    loss_value, = _all_reduce_sum([loss_value], dist, run.placement.device)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        run.drafter.trainable_parameters(), run.config.optimizer.grad_clip
+    )
+    grad_norm = float(
+        grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    )  # FSDP2: a DTensor
+    (loss_value,) = _all_reduce_sum([loss_value], dist, run.placement.device)
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         previous = ckpt.latest_checkpoint(run.checkpoints_dir)
         kept = f"the last good checkpoint is {previous}" if previous else "no checkpoint was written yet"
-        raise UserError(f"the loss is not finite at step {step + 1} (loss {loss_value}, gradient norm "
-                        f"{grad_norm}); training stopped, {kept}")
+        raise UserError(
+            f"the loss is not finite at step {step + 1} (loss {loss_value}, gradient norm "
+            f"{grad_norm}); training stopped, {kept}"
+        )
     run.optimizer.step()
     run.scheduler.step()
-    return {"loss": loss_value, "alpha": [sum(c) / len(c) for c in zip(*micro_alphas, strict=True)],
-            "lam": [sum(c) / len(c) for c in zip(*micro_lams, strict=True)], "grad_norm": grad_norm,
-            "tokens": sum(len(run.samples[i].input_ids) for i in global_indices)}
+    return {
+        "loss": loss_value,
+        "alpha": [sum(c) / len(c) for c in zip(*micro_alphas, strict=True)],
+        "lam": [sum(c) / len(c) for c in zip(*micro_lams, strict=True)],
+        "grad_norm": grad_norm,
+        "tokens": sum(len(run.samples[i].input_ids) for i in global_indices),
+    }
 
 
 # ------------------------------------------------------------------------------------------ evaluate, export, save
 def evaluate_run(run: Run, step: int) -> dict:
     """Held-out metrics at ``step`` on every rank (each evaluates its share); a new best is exported."""
     with full_weights(run.model):
-        metrics = evaluate(run.drafter, run.capture, run.samples, run.heldout_indices, run.config.loss.num_steps,
-                           run.config.training.eval_batch_size, run.dist)
+        metrics = evaluate(
+            run.drafter,
+            run.capture,
+            run.samples,
+            run.heldout_indices,
+            run.config.loss.num_steps,
+            run.config.training.eval_batch_size,
+            run.dist,
+        )
     if metrics:
         run.logger.write({"step": step, "eval": metrics})
-        if metrics["expected_acceptance_length"] > run.best["expected_acceptance_length"]:  # alike on every rank
+        if (
+            metrics["expected_acceptance_length"] > run.best["expected_acceptance_length"]
+        ):  # alike on every rank
             run.best.update(step=step, expected_acceptance_length=metrics["expected_acceptance_length"])
             export(run, BEST_EXPORT, step, metrics)
     return metrics
@@ -652,26 +779,55 @@ def export(run: Run, directory: str, step: int, metrics: dict) -> None:
     if not run.dist.main:
         return
     config, t = run.config, run.config.training
-    record = {"loss": config.loss.kind, "eta": config.loss.eta, "gamma": config.loss.gamma,
-              "num_steps": config.loss.num_steps, "steps": step, "batch_size": t.batch_size,
-              "optimizer": config.optimizer.model_dump(mode="json"), "recipe": run.name,
-              "data": {"dirs": run.data_dirs, "train_samples": len(run.train_indices),
-                       "heldout_samples": len(run.heldout_indices)},
-              "target_fingerprint": run.fingerprint, "heldout": metrics, "config": config.model_dump(mode="json")}
-    run.drafter.save_pretrained(run.run_dir / directory, target=target_info(run.target), training=record,
-                                dtype=getattr(torch, t.export_dtype), state_dict=weights)
+    record = {
+        "loss": config.loss.kind,
+        "eta": config.loss.eta,
+        "gamma": config.loss.gamma,
+        "num_steps": config.loss.num_steps,
+        "steps": step,
+        "batch_size": t.batch_size,
+        "optimizer": config.optimizer.model_dump(mode="json"),
+        "recipe": run.name,
+        "data": {
+            "dirs": run.data_dirs,
+            "train_samples": len(run.train_indices),
+            "heldout_samples": len(run.heldout_indices),
+        },
+        "target_fingerprint": run.fingerprint,
+        "heldout": metrics,
+        "config": config.model_dump(mode="json"),
+    }
+    run.drafter.save_pretrained(
+        run.run_dir / directory,
+        target=target_info(run.target),
+        training=record,
+        dtype=getattr(torch, t.export_dtype),
+        state_dict=weights,
+    )
 
 
 def save_checkpoint(run: Run, step: int) -> None:
     """``RUN/checkpoints/step-N``: every rank hands in its shard (a collective), rank 0 writes whole tensors."""
-    model_state, optimizer_state = get_state_dict(run.model, run.optimizer, options=_state_dict_options(
-        cpu_offload=True))
+    model_state, optimizer_state = get_state_dict(
+        run.model, run.optimizer, options=_state_dict_options(cpu_offload=True)
+    )
     if run.dist.main:
-        ckpt.save_checkpoint(run.checkpoints_dir, step, {
-            "format": ckpt.FORMAT, "model": model_state, "optimizer": optimizer_state,
-            "scheduler": run.scheduler.state_dict(), "rng": ckpt.rng_state(), "step": step, "best": run.best,
-            "config": run.config.model_dump(mode="json"), "data_key": run.data_key},
-            keep=run.config.training.keep_checkpoints)
+        ckpt.save_checkpoint(
+            run.checkpoints_dir,
+            step,
+            {
+                "format": ckpt.FORMAT,
+                "model": model_state,
+                "optimizer": optimizer_state,
+                "scheduler": run.scheduler.state_dict(),
+                "rng": ckpt.rng_state(),
+                "step": step,
+                "best": run.best,
+                "config": run.config.model_dump(mode="json"),
+                "data_key": run.data_key,
+            },
+            keep=run.config.training.keep_checkpoints,
+        )
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -681,8 +837,13 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
 
     run = build_run(config, name, resume, progress)
     t, dist = config.training, run.dist
-    bar = tqdm(total=t.max_steps, initial=run.start_step, desc="training", unit="step",
-               disable=not (progress and dist.main))
+    bar = tqdm(
+        total=t.max_steps,
+        initial=run.start_step,
+        desc="training",
+        unit="step",
+        disable=not (progress and dist.main),
+    )
     tokens_seen, clock, metrics = 0, time.time(), {}
     for step in range(run.start_step, t.max_steps):
         result = train_step(run, step)
@@ -690,15 +851,26 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
         tokens_seen += result["tokens"]
         tokens_per_s = tokens_seen / max(time.time() - clock, 1e-9)
         bar.update(1)
-        bar.set_postfix(loss=f"{result['loss']:.4f}", alpha=f"{result['alpha'][0]:.3f}", tok_s=f"{tokens_per_s:.0f}")
+        bar.set_postfix(
+            loss=f"{result['loss']:.4f}", alpha=f"{result['alpha'][0]:.3f}", tok_s=f"{tokens_per_s:.0f}"
+        )
         if done % t.log_every == 0 or done == t.max_steps:
-            run.logger.write({"step": done, **result, "lr": run.scheduler.get_last_lr()[0],
-                              "tokens_per_s": round(tokens_per_s, 1), "time": round(time.time(), 3)})
+            run.logger.write(
+                {
+                    "step": done,
+                    **result,
+                    "lr": run.scheduler.get_last_lr()[0],
+                    "tokens_per_s": round(tokens_per_s, 1),
+                    "time": round(time.time(), 3),
+                }
+            )
         if done % t.eval_every == 0 or done == t.max_steps:
             metrics = evaluate_run(run, done)
             if metrics and dist.main:
-                bar.write(f"step {done}: held-out expected acceptance length "
-                          f"{metrics['expected_acceptance_length']:.4f}, alpha {metrics['per_position_alpha']}")
+                bar.write(
+                    f"step {done}: held-out expected acceptance length "
+                    f"{metrics['expected_acceptance_length']:.4f}, alpha {metrics['per_position_alpha']}"
+                )
         if done % t.checkpoint_every == 0 or done == t.max_steps:
             save_checkpoint(run, done)
     bar.close()
@@ -706,8 +878,12 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     if not metrics and run.heldout_indices:  # resumed at the end: nothing was evaluated in this process
         metrics = evaluate_run(run, t.max_steps)
     export(run, FINAL_EXPORT, t.max_steps, metrics)
-    summary = {"run_dir": str(run.run_dir), "steps": t.max_steps, "best": run.best,
-               "capture_cache": str(run.capture.directory) if t.capture == "offline" else None}
+    summary = {
+        "run_dir": str(run.run_dir),
+        "steps": t.max_steps,
+        "best": run.best,
+        "capture_cache": str(run.capture.directory) if t.capture == "offline" else None,
+    }
     if dist.main:
         summary.update(final=metrics, tokens_per_s=round(tokens_seen / max(time.time() - clock, 1e-9), 1))
         write_atomic(run.run_dir / "summary.json", json.dumps(summary, indent=1))
@@ -718,8 +894,14 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
 
 # ------------------------------------------------------------------------------------------ command line
 # The train flags for common config fields (dotted field -> flag); any other field is --set SECTION.FIELD=VALUE.
-TRAIN_FLAGS = {"loss.kind": "--loss", "loss.eta": "--eta", "data.dirs": "--data", "model.init_from": "--init-from",
-               "data.chat_template": "--chat-template", "output": "--output"}
+TRAIN_FLAGS = {
+    "loss.kind": "--loss",
+    "loss.eta": "--eta",
+    "data.dirs": "--data",
+    "model.init_from": "--init-from",
+    "data.chat_template": "--chat-template",
+    "output": "--output",
+}
 
 
 def add_arguments(parser) -> None:
@@ -727,15 +909,25 @@ def add_arguments(parser) -> None:
     source.add_argument("--recipe", help=f"a built-in recipe: {', '.join(recipe_names())}")
     source.add_argument("--config", help="a YAML file with the same structure as the recipes")
     fields = ", ".join(f"{key} ({value})" for key, value in flatten(Config()).items())
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override a config field, value in YAML syntax, e.g. --set optimizer.lr=1e-3 "
-                             f"(repeatable). Fields (defaults): {fields}")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field, value in YAML syntax, e.g. --set optimizer.lr=1e-3 "
+        f"(repeatable). Fields (defaults): {fields}",
+    )
     add_target_argument(parser, "the recipe's model.target")
     add_field_flags(parser, Config, TRAIN_FLAGS, over_recipe=True)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --output")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint of --output"
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the estimated memory per device (params, optimizer, activations, logits) and exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the estimated memory per device (params, optimizer, activations, logits) and exit",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -764,9 +956,11 @@ def run(args) -> int:
         placement = resolve_placement(t.device, t.precision, t.tf32)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         estimate = estimate_memory(config, resolve_target(config.model.target), placement.device.type, world)
-        print(f"{name}: {config.model.architecture} drafter, {estimate.trainable_parameters / 1e6:.1f}M trainable "
-              f"parameters; {placement.describe()}, {world} rank(s), {estimate.tokens_per_micro_batch} tokens per "
-              "micro-batch; estimated memory per device:")
+        print(
+            f"{name}: {config.model.architecture} drafter, {estimate.trainable_parameters / 1e6:.1f}M trainable "
+            f"parameters; {placement.describe()}, {world} rank(s), {estimate.tokens_per_micro_batch} tokens per "
+            "micro-batch; estimated memory per device:"
+        )
         print("\n".join(estimate.lines()))
         return 0
     summary = train(config, name, resume=args.resume, progress=not args.no_progress)
@@ -775,9 +969,17 @@ def run(args) -> int:
 
         check_exports(Path(summary["run_dir"]), config.loss.num_steps)  # lk-vllm validate's static checks
         final = summary["final"]
-        print(f"trained {summary['steps']} steps: drafter in {summary['run_dir']}/final"
-              + (f", held-out expected acceptance length {final['expected_acceptance_length']:.4f}" if final else ""))
+        print(
+            f"trained {summary['steps']} steps: drafter in {summary['run_dir']}/final"
+            + (
+                f", held-out expected acceptance length {final['expected_acceptance_length']:.4f}"
+                if final
+                else ""
+            )
+        )
         if summary["best"]["step"] is not None:
-            print(f"best step {summary['best']['step']} (expected acceptance length "
-                  f"{summary['best']['expected_acceptance_length']:.4f}) in {summary['run_dir']}/{BEST_EXPORT}")
+            print(
+                f"best step {summary['best']['step']} (expected acceptance length "
+                f"{summary['best']['expected_acceptance_length']:.4f}) in {summary['run_dir']}/{BEST_EXPORT}"
+            )
     return 0

@@ -38,43 +38,68 @@ DEFAULT_OUT_DIR = "benchmarks/results"
 
 METHOD = {
     "engines": "one vLLM engine per row group (the baseline, then each drafter), started and shut down in turn; "
-               "identical engine settings except the speculative config",
+    "identical engine settings except the speculative config",
     "drafting": "drafter configs as `lk-vllm serve` runs them: standard rejection sampling; at T>0 drafts sampled "
-                "from the drafter's distribution (greedy for Medusa heads), at T=0 greedy drafts",
+    "from the drafter's distribution (greedy for Medusa heads), at T=0 greedy drafts",
     "concurrency": "closed loop: c requests in flight while prompts remain (c=1 is batch 1, one request after "
-                   "another); max_num_seqs = the largest concurrency",
+    "another); max_num_seqs = the largest concurrency",
     "sampling": "prompts tokenized with the target's chat template; at T>0 request i samples with seed + i, the "
-                "same for every engine",
+    "same for every engine",
     "acceptance": "acceptance length = 1 + accepted / drafts and per-position acceptance = accepted at position k "
-                  "/ drafts, from vLLM's speculative-decoding counters of the cell (pooled over its steps); "
-                  "'per-request mean' = the mean over the cell's requests of each one's own 1 + accepted / drafts "
-                  "(vLLM's per-request metrics; SpecForge's statistic); T=0 is temperature_0, T>0 sampled",
+    "/ drafts, from vLLM's speculative-decoding counters of the cell (pooled over its steps); "
+    "'per-request mean' = the mean over the cell's requests of each one's own 1 + accepted / drafts "
+    "(vLLM's per-request metrics; SpecForge's statistic); T=0 is temperature_0, T>0 sampled",
     "throughput": "tokens/s = output tokens / wall time from the first request's submission to the last one's "
-                  "completion (after a warm-up; prefix cache emptied before each cell); speedup = tokens/s / the "
-                  "baseline's tokens/s for the same dataset, temperature and concurrency in the same run",
+    "completion (after a warm-up; prefix cache emptied before each cell); speedup = tokens/s / the "
+    "baseline's tokens/s for the same dataset, temperature and concurrency in the same run",
     "training-time": "training-time expected acceptance length from the drafter's lk_training.json held-out "
-                     "metrics (T=0: top-1 agreement, T=1: alpha); gap % = (served - expected) / expected",
+    "metrics (T=0: top-1 agreement, T=1: alpha); gap % = (served - expected) / expected",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--drafter", action="append", default=[], metavar="DIR",
-                        help="drafter checkpoint directory to benchmark (repeatable)")
-    parser.add_argument("--speculative-config", action="append", default=[], metavar="[LABEL=]JSON",
-                        help="a vLLM speculative config that needs no drafter, e.g. "
-                             "'{\"method\": \"ngram\", \"prompt_lookup_max\": 3}' (repeatable; K defaults to "
-                             "--num-speculative-tokens, the label to METHOD-kK)")
+    parser.add_argument(
+        "--drafter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="drafter checkpoint directory to benchmark (repeatable)",
+    )
+    parser.add_argument(
+        "--speculative-config",
+        action="append",
+        default=[],
+        metavar="[LABEL=]JSON",
+        help="a vLLM speculative config that needs no drafter, e.g. "
+        '\'{"method": "ngram", "prompt_lookup_max": 3}\' (repeatable; K defaults to '
+        "--num-speculative-tokens, the label to METHOD-kK)",
+    )
     add_target_argument(parser)
     add_workload_arguments(parser)
-    parser.add_argument("--temperature", action="append", type=float, default=None,
-                        help="sampling temperature (repeatable; default 0 and 1)")
-    parser.add_argument("--concurrency", action="append", type=int, default=None,
-                        help="requests in flight (repeatable; default 1 and 8; 1 = batch 1)")
+    parser.add_argument(
+        "--temperature",
+        action="append",
+        type=float,
+        default=None,
+        help="sampling temperature (repeatable; default 0 and 1)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        action="append",
+        type=int,
+        default=None,
+        help="requests in flight (repeatable; default 1 and 8; 1 = batch 1)",
+    )
     parser.add_argument("--name", default=None, help="results file name (default bench-<date>-<time>)")
-    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"results directory (default {DEFAULT_OUT_DIR})")
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the no-speculation run (then there is no speedup)")
-    parser.add_argument("--json", action="store_true", help="print the results document as one JSON object on stdout")
+    parser.add_argument(
+        "--out-dir", default=DEFAULT_OUT_DIR, help=f"results directory (default {DEFAULT_OUT_DIR})"
+    )
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the no-speculation run (then there is no speedup)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the results document as one JSON object on stdout"
+    )
     add_engine_arguments(parser)  # its --seed also seeds the requests at T>0
 
 
@@ -95,7 +120,9 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.no_baseline and not args.drafter and not args.speculative_config:
         raise UserError("nothing to benchmark: --no-baseline and no --drafter or --speculative-config")
     if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
-        raise UserError(f"--name must be a plain file name (no '/', not starting with '.'), got {args.name!r}")
+        raise UserError(
+            f"--name must be a plain file name (no '/', not starting with '.'), got {args.name!r}"
+        )
 
 
 def prepare(args: argparse.Namespace):
@@ -109,18 +136,27 @@ def prepare(args: argparse.Namespace):
     contenders = [] if args.no_baseline else [BASELINE]
     for value in args.speculative_config:
         contenders.append(config_contender(value, k, [c.label for c in contenders] + labels))
-    contenders += [drafter_contender(d, label, shape, k) for d, label in zip(args.drafter, labels, strict=True)]
+    contenders += [
+        drafter_contender(d, label, shape, k) for d, label in zip(args.drafter, labels, strict=True)
+    ]
     check_target(target, needs_chat_template=not args.chat_template)
     for contender in contenders:
         problem = serving_problem(shape, contender.architecture)
         if problem:
             raise UserError(f"{contender.label}: {problem}")
-    workloads = load_workloads(list(_unique(args.dataset or DEFAULT_DATASETS)), args.limit,
-                               load_tokenizer(target, args.chat_template))
-    plan = Plan(workloads=tuple(workloads),
-                temperatures=_unique(float(t) for t in (args.temperature or DEFAULT_TEMPERATURES)),
-                concurrencies=_unique(args.concurrency or DEFAULT_CONCURRENCIES),
-                num_speculative_tokens=k, max_tokens=args.max_tokens, seed=args.seed)
+    workloads = load_workloads(
+        list(_unique(args.dataset or DEFAULT_DATASETS)),
+        args.limit,
+        load_tokenizer(target, args.chat_template),
+    )
+    plan = Plan(
+        workloads=tuple(workloads),
+        temperatures=_unique(float(t) for t in (args.temperature or DEFAULT_TEMPERATURES)),
+        concurrencies=_unique(args.concurrency or DEFAULT_CONCURRENCIES),
+        num_speculative_tokens=k,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
     settings = settings_from_args(args, target)
     if plan.max_model_len() > settings.max_model_len:
         log(f"--max-model-len raised to {plan.max_model_len()} (longest prompt + --max-tokens + K + 1)")
@@ -136,24 +172,33 @@ def execute(plan, contenders, settings: EngineSettings) -> dict[str, dict]:
     """Measure every contender in turn (one engine at a time); return label -> cell -> Measurement."""
     from tqdm import tqdm
 
-
     results = {}
     per_contender = plan.num_requests()
-    with tqdm(total=per_contender * len(contenders), unit="req", file=sys.stderr, dynamic_ncols=True) as progress:
+    with tqdm(
+        total=per_contender * len(contenders), unit="req", file=sys.stderr, dynamic_ncols=True
+    ) as progress:
         for number, contender in enumerate(contenders, start=1):
             progress.set_description(f"{contender.label} ({number}/{len(contenders)})")
             progress.set_postfix_str("starting vLLM")
 
             def finished(cell):
-                progress.set_postfix_str(f"{cell.dataset} T={cell.temperature:g} c={cell.concurrency}", refresh=False)
+                progress.set_postfix_str(
+                    f"{cell.dataset} T={cell.temperature:g} c={cell.concurrency}", refresh=False
+                )
                 progress.update()
 
-            results[contender.label] = measure(engine_settings(settings, plan, contender), plan, finished,
-                                               on_ready=lambda: progress.set_postfix_str("warm-up"))
+            results[contender.label] = measure(
+                engine_settings(settings, plan, contender),
+                plan,
+                finished,
+                on_ready=lambda: progress.set_postfix_str("warm-up"),
+            )
     return results
 
 
-def build_document(plan, contenders, settings: EngineSettings, results, name: str, command: str) -> dict[str, Any]:
+def build_document(
+    plan, contenders, settings: EngineSettings, results, name: str, command: str
+) -> dict[str, Any]:
     from lk_vllm.engine import vllm_version
 
     records, overall = build_records(plan, contenders, results)
@@ -202,7 +247,12 @@ def command_line(args: argparse.Namespace, plan, settings: EngineSettings, name:
         argv += ["--temperature", f"{temperature:g}"]
     for concurrency in plan.concurrencies:
         argv += ["--concurrency", str(concurrency)]
-    argv += ["--num-speculative-tokens", str(plan.num_speculative_tokens), "--max-tokens", str(plan.max_tokens)]
+    argv += [
+        "--num-speculative-tokens",
+        str(plan.num_speculative_tokens),
+        "--max-tokens",
+        str(plan.max_tokens),
+    ]
     argv += ["--name", name, "--out-dir", args.out_dir] + (["--no-baseline"] if args.no_baseline else [])
     return shlex.join(argv + engine_arguments(settings))
 
@@ -225,8 +275,10 @@ def run(args: argparse.Namespace) -> int:
             means = r.get("acceptance_length_mean_of_request_means")
             per_request = "-" if means is None else f"{means:.2f}"
             speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-            print(f"{r['drafter']:<24} T={r['temperature']:<4g} c={r['concurrency']:<3d} acceptance length pooled "
-                  f"{al:>5} per-request mean {per_request:>5} ({r.get('sampling', '-')})  "
-                  f"{r['tokens_per_s']:7.1f} tokens/s  speedup {speedup}")
+            print(
+                f"{r['drafter']:<24} T={r['temperature']:<4g} c={r['concurrency']:<3d} acceptance length pooled "
+                f"{al:>5} per-request mean {per_request:>5} ({r.get('sampling', '-')})  "
+                f"{r['tokens_per_s']:7.1f} tokens/s  speedup {speedup}"
+            )
         print(f"results: {paths['md']}")
     return 0

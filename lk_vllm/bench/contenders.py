@@ -45,8 +45,11 @@ class Contender:
             "architecture": self.architecture,
             "loss": self.loss,
             "speculative_config": self.speculative_config,
-            "training": {key: training.get(key) for key in ("loss", "eta", "gamma", "num_steps", "steps", "recipe")
-                         if key in training},
+            "training": {
+                key: training.get(key)
+                for key in ("loss", "eta", "gamma", "num_steps", "steps", "recipe")
+                if key in training
+            },
         }
 
 
@@ -63,8 +66,14 @@ def drafter_contender(directory: str, label: str, target, num_speculative_tokens
     check_drafter_matches_target(path, drafter, target)
     config = with_faithful_sampling(speculative_config_for(path, num_speculative_tokens))
     record = drafter.training_info
-    return Contender(label=label, architecture=drafter.architecture, loss=record.loss, path=str(path),
-                     speculative_config=config, training=record.training)
+    return Contender(
+        label=label,
+        architecture=drafter.architecture,
+        loss=record.loss,
+        path=str(path),
+        speculative_config=config,
+        training=record.training,
+    )
 
 
 def config_contender(value: str, num_speculative_tokens: int, taken: list[str]) -> Contender:
@@ -81,15 +90,17 @@ def config_contender(value: str, num_speculative_tokens: int, taken: list[str]) 
     except json.JSONDecodeError as exc:
         raise UserError(f"{where}: expected [LABEL=]JSON object, found invalid JSON ({exc.msg})") from None
     if not isinstance(config, dict) or not isinstance(config.get("method"), str):
-        raise UserError(f"{where}: expected a JSON object with a \"method\" (e.g. {{\"method\": \"ngram\"}})")
+        raise UserError(f'{where}: expected a JSON object with a "method" (e.g. {{"method": "ngram"}})')
     if "model" in config:
-        raise UserError(f"{where}: a config with a \"model\" is a drafter; pass its directory with --drafter")
+        raise UserError(f'{where}: a config with a "model" is a drafter; pass its directory with --drafter')
     config.setdefault("num_speculative_tokens", num_speculative_tokens)
     k = config["num_speculative_tokens"]
     require_at_least(f"{where}: num_speculative_tokens", k)
     label = label or f"{config['method']}-k{k}"
     if not label or label == BASELINE.label or label in taken:
-        raise UserError(f"{where}: label {label!r} is {'taken' if label else 'empty'}; name it with LABEL=JSON")
+        raise UserError(
+            f"{where}: label {label!r} is {'taken' if label else 'empty'}; name it with LABEL=JSON"
+        )
     return Contender(label=label, architecture=config["method"], speculative_config=config)
 
 

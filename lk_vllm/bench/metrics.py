@@ -30,11 +30,17 @@ def _rate(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator > 0 else None
 
 
-def record(contender: Contender, cell: Cell | tuple[str, float, int], measurement: Measurement, plan: Plan,
-           baseline: Measurement | None) -> dict[str, Any]:
+def record(
+    contender: Contender,
+    cell: Cell | tuple[str, float, int],
+    measurement: Measurement,
+    plan: Plan,
+    baseline: Measurement | None,
+) -> dict[str, Any]:
     """One result record (DESIGN.md, "Benchmark results")."""
-    dataset, temperature, concurrency = (cell.dataset, cell.temperature, cell.concurrency) if isinstance(cell, Cell) \
-        else cell
+    dataset, temperature, concurrency = (
+        (cell.dataset, cell.temperature, cell.concurrency) if isinstance(cell, Cell) else cell
+    )
     counts = measurement.counts
     tokens_per_s = _rate(measurement.output_tokens, measurement.seconds)
     baseline_tokens_per_s = None if baseline is None else _rate(baseline.output_tokens, baseline.seconds)
@@ -74,21 +80,32 @@ def record(contender: Contender, cell: Cell | tuple[str, float, int], measuremen
         acceptance_length_mean_of_request_means=requests.mean_of_request_means,
         sampling=mode,
         acceptance_lengths=[
-            {"aggregation": "pooled", "sampling": mode, "value": counts.acceptance_length,
-             "num_drafts": counts.num_drafts},
-            {"aggregation": "mean_of_request_means", "sampling": mode, "value": requests.mean_of_request_means,
-             "requests": requests.requests},
+            {
+                "aggregation": "pooled",
+                "sampling": mode,
+                "value": counts.acceptance_length,
+                "num_drafts": counts.num_drafts,
+            },
+            {
+                "aggregation": "mean_of_request_means",
+                "sampling": mode,
+                "value": requests.mean_of_request_means,
+                "requests": requests.requests,
+            },
         ],
-        request_acceptance_histogram={"upper_bounds": [*acceptance.REQUEST_ACCEPTANCE_BUCKETS, "+Inf"],
-                                      "counts": list(requests.histogram)},
+        request_acceptance_histogram={
+            "upper_bounds": [*acceptance.REQUEST_ACCEPTANCE_BUCKETS, "+Inf"],
+            "counts": list(requests.histogram),
+        },
         per_position_acceptance=acceptance.per_position_acceptance(per_position, counts.num_drafts),
         num_drafts=counts.num_drafts,
         num_draft_tokens=counts.num_draft_tokens,
         num_accepted_tokens=counts.num_accepted_tokens,
         accepted_per_position=per_position,
         # vLLM drafts greedily whenever a batch is all greedy, whatever the config says.
-        draft_sample_method=(contender.speculative_config.get("draft_sample_method", "greedy")
-                             if temperature > 0 else "greedy"),
+        draft_sample_method=(
+            contender.speculative_config.get("draft_sample_method", "greedy") if temperature > 0 else "greedy"
+        ),
     )
     rates = acceptance.heldout_rates(contender.training, temperature, k)
     if rates is not None:
@@ -105,12 +122,18 @@ def pooled(measurements: list[Measurement]) -> Measurement:
     counts, requests = SpecDecodeCounts(), RequestAcceptance()
     for m in measurements:
         counts, requests = counts + m.counts, requests + m.requests
-    return Measurement(sum(m.num_requests for m in measurements), sum(m.output_tokens for m in measurements),
-                       sum(m.seconds for m in measurements), counts, requests)
+    return Measurement(
+        sum(m.num_requests for m in measurements),
+        sum(m.output_tokens for m in measurements),
+        sum(m.seconds for m in measurements),
+        counts,
+        requests,
+    )
 
 
-def build_records(plan: Plan, contenders: list[Contender],
-                  results: dict[str, dict[Cell, Measurement]]) -> tuple[list[dict], list[dict]]:
+def build_records(
+    plan: Plan, contenders: list[Contender], results: dict[str, dict[Cell, Measurement]]
+) -> tuple[list[dict], list[dict]]:
     """(records per dataset, records over all datasets) for every contender, temperature and concurrency.
     ``results`` maps a contender's label to its measurements; speedups use the contender labelled baseline."""
     baseline = next((c for c in contenders if c.is_baseline), None)
@@ -122,7 +145,9 @@ def build_records(plan: Plan, contenders: list[Contender],
             per_dataset.append(record(contender, cell, measured[cell], plan, base[cell] if base else None))
         for temperature in plan.temperatures:
             for concurrency in plan.concurrencies:
-                cells = [c for c, _ in plan.cells() if (c.temperature, c.concurrency) == (temperature, concurrency)]
+                cells = [
+                    c for c, _ in plan.cells() if (c.temperature, c.concurrency) == (temperature, concurrency)
+                ]
                 mine = pooled([measured[c] for c in cells])
                 theirs = pooled([base[c] for c in cells]) if base else None
                 overall.append(record(contender, ("all", temperature, concurrency), mine, plan, theirs))

@@ -89,40 +89,125 @@ def render_markdown(document: dict[str, Any], png_name: str | None = None) -> st
     overall = document.get("overall", [])
     lines += ["## All datasets", ""]
     lines += _table(
-        ["drafter", "architecture", "loss", "T", "concurrency", "acceptance length (pooled)",
-         "acceptance length (per-request mean)", "training-time expected", "gap %", "tokens/s", "speedup"],
-        [[r["drafter"], r["architecture"], r["loss"] or "-", _temperature(r["temperature"]), str(r["concurrency"]),
-          _num(r["acceptance_length"]), _num(r.get("acceptance_length_mean_of_request_means")),
-          _num(r["training_expected_acceptance_length"]),
-          _signed(r["acceptance_length_gap_percent"]), _num(r["tokens_per_s"], 1), _num(r["speedup"])]
-         for r in overall])
+        [
+            "drafter",
+            "architecture",
+            "loss",
+            "T",
+            "concurrency",
+            "acceptance length (pooled)",
+            "acceptance length (per-request mean)",
+            "training-time expected",
+            "gap %",
+            "tokens/s",
+            "speedup",
+        ],
+        [
+            [
+                r["drafter"],
+                r["architecture"],
+                r["loss"] or "-",
+                _temperature(r["temperature"]),
+                str(r["concurrency"]),
+                _num(r["acceptance_length"]),
+                _num(r.get("acceptance_length_mean_of_request_means")),
+                _num(r["training_expected_acceptance_length"]),
+                _signed(r["acceptance_length_gap_percent"]),
+                _num(r["tokens_per_s"], 1),
+                _num(r["speedup"]),
+            ]
+            for r in overall
+        ],
+    )
     lines += ["", "## Per dataset", ""]
     lines += _table(
-        ["drafter", "dataset", "T", "concurrency", "acceptance length (pooled)", "acceptance length (per-request mean)",
-         "per-position acceptance", "training-time expected", "gap %", "output tokens", "seconds", "tokens/s",
-         "speedup"],
-        [[r["drafter"], r["dataset"], _temperature(r["temperature"]), str(r["concurrency"]),
-          _num(r["acceptance_length"]), _num(r.get("acceptance_length_mean_of_request_means")),
-          _rates(r["per_position_acceptance"]),
-          _num(r["training_expected_acceptance_length"]), _signed(r["acceptance_length_gap_percent"]),
-          str(r["output_tokens"]), _num(r["seconds"], 1), _num(r["tokens_per_s"], 1), _num(r["speedup"])]
-         for r in document.get("records", [])])
+        [
+            "drafter",
+            "dataset",
+            "T",
+            "concurrency",
+            "acceptance length (pooled)",
+            "acceptance length (per-request mean)",
+            "per-position acceptance",
+            "training-time expected",
+            "gap %",
+            "output tokens",
+            "seconds",
+            "tokens/s",
+            "speedup",
+        ],
+        [
+            [
+                r["drafter"],
+                r["dataset"],
+                _temperature(r["temperature"]),
+                str(r["concurrency"]),
+                _num(r["acceptance_length"]),
+                _num(r.get("acceptance_length_mean_of_request_means")),
+                _rates(r["per_position_acceptance"]),
+                _num(r["training_expected_acceptance_length"]),
+                _signed(r["acceptance_length_gap_percent"]),
+                str(r["output_tokens"]),
+                _num(r["seconds"], 1),
+                _num(r["tokens_per_s"], 1),
+                _num(r["speedup"]),
+            ]
+            for r in document.get("records", [])
+        ],
+    )
     comparison = lk_versus_kl(overall)
     if comparison:
         lines += ["", "## LK losses against KL (reported, not asserted)", ""]
         lines += _table(
-            ["architecture", "LK drafter", "loss", "KL drafter", "T", "concurrency", "acceptance length LK / KL",
-             "change %", "paper (EAGLE-3, LK^lambda over KL)"],
-            [[c["architecture"], c["drafter"], c["loss"], c["kl_drafter"], _temperature(c["temperature"]),
-              str(c["concurrency"]), f"{_num(c['acceptance_length'])} / {_num(c['kl_acceptance_length'])}",
-              _signed(c["change_percent"]), _paper_range(c["temperature"])] for c in comparison])
+            [
+                "architecture",
+                "LK drafter",
+                "loss",
+                "KL drafter",
+                "T",
+                "concurrency",
+                "acceptance length LK / KL",
+                "change %",
+                "paper (EAGLE-3, LK^lambda over KL)",
+            ],
+            [
+                [
+                    c["architecture"],
+                    c["drafter"],
+                    c["loss"],
+                    c["kl_drafter"],
+                    _temperature(c["temperature"]),
+                    str(c["concurrency"]),
+                    f"{_num(c['acceptance_length'])} / {_num(c['kl_acceptance_length'])}",
+                    _signed(c["change_percent"]),
+                    _paper_range(c["temperature"]),
+                ]
+                for c in comparison
+            ],
+        )
     paper_rows = paper_layout(document.get("records", []))
     if paper_rows:
-        lines += ["", "## Next to the paper's Table 1 (Llama-3.1-8B there; acceptance length as MT-Bench / "
-                      "HumanEval / GSM8K, pooled over concurrencies)", ""]
-        lines += _table(["architecture", "loss", "drafter", "T=0", "T=1", "paper T=0", "paper T=1"],
-                        [[r["architecture"], r["loss"], r["drafter"], r["ours"][0.0], r["ours"][1.0],
-                          r["paper"][0], r["paper"][1]] for r in paper_rows])
+        lines += [
+            "",
+            "## Next to the paper's Table 1 (Llama-3.1-8B there; acceptance length as MT-Bench / "
+            "HumanEval / GSM8K, pooled over concurrencies)",
+            "",
+        ]
+        lines += _table(
+            ["architecture", "loss", "drafter", "T=0", "T=1", "paper T=0", "paper T=1"],
+            [
+                [
+                    r["architecture"],
+                    r["loss"],
+                    r["drafter"],
+                    r["ours"][0.0],
+                    r["ours"][1.0],
+                    r["paper"][0],
+                    r["paper"][1],
+                ]
+                for r in paper_rows
+            ],
+        )
     lines += ["", "## How it was measured", ""]
     lines += [f"- {text}" for text in document.get("method", {}).values()]
     return "\n".join(lines) + "\n"
@@ -146,15 +231,27 @@ def lk_versus_kl(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if lk["loss"] in (None, "kl") or lk["acceptance_length"] is None:
             continue
         for kl in records:
-            same = (kl["loss"] == "kl" and kl["architecture"] == lk["architecture"] and kl["dataset"] == lk["dataset"]
-                    and kl["temperature"] == lk["temperature"] and kl["concurrency"] == lk["concurrency"])
+            same = (
+                kl["loss"] == "kl"
+                and kl["architecture"] == lk["architecture"]
+                and kl["dataset"] == lk["dataset"]
+                and kl["temperature"] == lk["temperature"]
+                and kl["concurrency"] == lk["concurrency"]
+            )
             if same and kl["acceptance_length"]:
-                out.append({
-                    "architecture": lk["architecture"], "drafter": lk["drafter"], "loss": lk["loss"],
-                    "kl_drafter": kl["drafter"], "temperature": lk["temperature"], "concurrency": lk["concurrency"],
-                    "acceptance_length": lk["acceptance_length"], "kl_acceptance_length": kl["acceptance_length"],
-                    "change_percent": 100.0 * (lk["acceptance_length"] / kl["acceptance_length"] - 1.0),
-                })
+                out.append(
+                    {
+                        "architecture": lk["architecture"],
+                        "drafter": lk["drafter"],
+                        "loss": lk["loss"],
+                        "kl_drafter": kl["drafter"],
+                        "temperature": lk["temperature"],
+                        "concurrency": lk["concurrency"],
+                        "acceptance_length": lk["acceptance_length"],
+                        "kl_acceptance_length": kl["acceptance_length"],
+                        "change_percent": 100.0 * (lk["acceptance_length"] / kl["acceptance_length"] - 1.0),
+                    }
+                )
     return out
 
 
@@ -163,21 +260,40 @@ def paper_layout(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     on MT-Bench / HumanEval / GSM8K at T=0 and T=1, each pooled over the concurrencies (acceptance does not
     depend on concurrency; pooling the counters keeps every verification step's weight equal)."""
     rows = []
-    drafters = dict.fromkeys((r["drafter"], r["architecture"], r["loss"]) for r in records
-                             if (r["architecture"], r["loss"]) in PAPER_TABLE_1)
+    drafters = dict.fromkeys(
+        (r["drafter"], r["architecture"], r["loss"])
+        for r in records
+        if (r["architecture"], r["loss"]) in PAPER_TABLE_1
+    )
     for drafter, architecture, loss in drafters:
         ours = {}
         for temperature in (0.0, 1.0):
             values = []
             for dataset in PAPER_DATASETS:
-                cells = [r for r in records if (r["drafter"], r["dataset"], r["temperature"]) ==
-                         (drafter, dataset, temperature) and r.get("num_drafts")]
-                length = mean_acceptance_length(sum(r["num_accepted_tokens"] for r in cells),
-                                                sum(r["num_drafts"] for r in cells)) if cells else None
+                cells = [
+                    r
+                    for r in records
+                    if (r["drafter"], r["dataset"], r["temperature"]) == (drafter, dataset, temperature)
+                    and r.get("num_drafts")
+                ]
+                length = (
+                    mean_acceptance_length(
+                        sum(r["num_accepted_tokens"] for r in cells), sum(r["num_drafts"] for r in cells)
+                    )
+                    if cells
+                    else None
+                )
                 values.append(_num(length))
             ours[temperature] = "/".join(values)
-        rows.append({"architecture": architecture, "loss": loss, "drafter": drafter, "ours": ours,
-                     "paper": PAPER_TABLE_1[(architecture, loss)]})
+        rows.append(
+            {
+                "architecture": architecture,
+                "loss": loss,
+                "drafter": drafter,
+                "ours": ours,
+                "paper": PAPER_TABLE_1[(architecture, loss)],
+            }
+        )
     order = list(PAPER_TABLE_1)
     return sorted(rows, key=lambda r: order.index((r["architecture"], r["loss"])))
 
@@ -196,21 +312,37 @@ def render_png(document: dict[str, Any]) -> bytes:
     concurrencies = sorted({r["concurrency"] for r in overall})
     drafters = list(dict.fromkeys(r["drafter"] for r in overall if r["architecture"] != "none"))
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(drafters)}
-    figure, axes = plt.subplots(1, len(temperatures) + 1, figsize=(5 * (len(temperatures) + 1), 4), squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(temperatures) + 1, figsize=(5 * (len(temperatures) + 1), 4), squeeze=False
+    )
     axes = axes[0]
     for axis, temperature in zip(axes, temperatures, strict=False):
         for r in overall:
             # Acceptance does not depend on concurrency: plot the smallest one.
-            if r["drafter"] not in colors or r["temperature"] != temperature or r["concurrency"] != concurrencies[0]:
+            if (
+                r["drafter"] not in colors
+                or r["temperature"] != temperature
+                or r["concurrency"] != concurrencies[0]
+            ):
                 continue
             if r["per_position_acceptance"]:
                 positions = range(1, len(r["per_position_acceptance"]) + 1)
-                axis.plot(positions, r["per_position_acceptance"], marker="o", color=colors[r["drafter"]],
-                          label=f"{r['drafter']} (AL {r['acceptance_length']:.2f})")
+                axis.plot(
+                    positions,
+                    r["per_position_acceptance"],
+                    marker="o",
+                    color=colors[r["drafter"]],
+                    label=f"{r['drafter']} (AL {r['acceptance_length']:.2f})",
+                )
             if r["training_per_position_acceptance"]:
                 positions = range(1, len(r["training_per_position_acceptance"]) + 1)
-                axis.plot(positions, r["training_per_position_acceptance"], linestyle="--", color=colors[r["drafter"]],
-                          label=f"{r['drafter']} training-time")
+                axis.plot(
+                    positions,
+                    r["training_per_position_acceptance"],
+                    linestyle="--",
+                    color=colors[r["drafter"]],
+                    label=f"{r['drafter']} training-time",
+                )
         axis.xaxis.get_major_locator().set_params(integer=True)
         axis.set_title(f"per-position acceptance, T={_temperature(temperature)}")
         axis.set_xlabel("draft position")
@@ -227,8 +359,13 @@ def render_png(document: dict[str, Any]) -> bytes:
         for t, c in groups:
             match = [r for r in overall if (r["drafter"], r["temperature"], r["concurrency"]) == (name, t, c)]
             values.append(match[0]["speedup"] if match and match[0]["speedup"] is not None else 0.0)
-        drawn = bars.bar([g + (i - (len(drafters) - 1) / 2) * width for g in range(len(groups))], values, width,
-                         color=colors[name], label=name)
+        drawn = bars.bar(
+            [g + (i - (len(drafters) - 1) / 2) * width for g in range(len(groups))],
+            values,
+            width,
+            color=colors[name],
+            label=name,
+        )
         bars.bar_label(drawn, fmt="%.2f", fontsize=7)
     bars.axhline(1.0, color="black", linewidth=0.8)
     bars.set_xticks(range(len(groups)), [f"T={_temperature(t)}\nc={c}" for t, c in groups])

@@ -94,8 +94,12 @@ def engine_settings(base: EngineSettings, plan: Plan, contender: Contender) -> E
     extra = dict(base.extra)
     if contender.speculative_config:  # each request's own counters (acceptance per request)
         extra.setdefault("per_request_spec_decode_metrics", "summary")
-    settings = dataclasses.replace(base, speculative_config=contender.speculative_config,
-                                   max_num_seqs=max(plan.concurrencies), extra=extra)
+    settings = dataclasses.replace(
+        base,
+        speculative_config=contender.speculative_config,
+        max_num_seqs=max(plan.concurrencies),
+        extra=extra,
+    )
     return whole_prompt_prefills(settings)
 
 
@@ -103,8 +107,15 @@ def sampling_params(temperature: float, max_tokens: int, seeds: Sequence[int]) -
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    return [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed if temperature > 0 else None,
-                           output_kind=RequestOutputKind.FINAL_ONLY) for seed in seeds]
+    return [
+        SamplingParams(
+            temperature=temperature,
+            max_tokens=max_tokens,
+            seed=seed if temperature > 0 else None,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        for seed in seeds
+    ]
 
 
 def request_counts(completion) -> RequestAcceptance:
@@ -113,13 +124,19 @@ def request_counts(completion) -> RequestAcceptance:
     if metrics is None:
         return RequestAcceptance()
     # vLLM's histogram counts the sequence's draft-verify steps by accepted draft tokens j.
-    return RequestAcceptance.of_request(sum(metrics.histogram),
-                                        sum(j * count for j, count in enumerate(metrics.histogram)))
+    return RequestAcceptance.of_request(
+        sum(metrics.histogram), sum(j * count for j, count in enumerate(metrics.histogram))
+    )
 
 
-def drive(engine, prompt_ids: Sequence[Sequence[int]], params: Sequence, concurrency: int,
-          on_finished: Callable[[], None] | None = None, requests: list[RequestAcceptance] | None = None
-          ) -> tuple[int, float]:
+def drive(
+    engine,
+    prompt_ids: Sequence[Sequence[int]],
+    params: Sequence,
+    concurrency: int,
+    on_finished: Callable[[], None] | None = None,
+    requests: list[RequestAcceptance] | None = None,
+) -> tuple[int, float]:
     """Run the prompts with ``concurrency`` requests in flight; return (output tokens, wall seconds). Each
     finished sequence's own speculative counters are appended to ``requests`` when given."""
     from vllm.inputs import TokensPrompt
@@ -157,8 +174,12 @@ def _counters(llm, num_positions: int) -> SpecDecodeCounts:
     return SpecDecodeCounts.from_mapping(read_spec_decode_counters(llm, num_positions))
 
 
-def measure(settings: EngineSettings, plan: Plan, on_finished: Callable[[Cell], None] | None = None,
-            on_ready: Callable[[], None] | None = None) -> dict[Cell, Measurement]:
+def measure(
+    settings: EngineSettings,
+    plan: Plan,
+    on_finished: Callable[[Cell], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> dict[Cell, Measurement]:
     """Start an engine with ``settings``, measure every cell of ``plan``, shut the engine down."""
     num_positions = (settings.speculative_config or {}).get("num_speculative_tokens", 0)
     llm = make_llm(settings)
@@ -177,18 +198,36 @@ def measure(settings: EngineSettings, plan: Plan, on_finished: Callable[[Cell], 
             params = sampling_params(cell.temperature, plan.max_tokens, seeds)
             before = _counters(llm, num_positions)
             requests: list[RequestAcceptance] = []
-            tokens, seconds = drive(engine, workload.prompt_ids, params, cell.concurrency,
-                                    None if on_finished is None else lambda cell=cell: on_finished(cell), requests)
-            results[cell] = Measurement(len(workload.prompt_ids), tokens, seconds, _counters(llm, num_positions) - before,
-                                        sum(requests, RequestAcceptance()))
+            tokens, seconds = drive(
+                engine,
+                workload.prompt_ids,
+                params,
+                cell.concurrency,
+                None if on_finished is None else lambda cell=cell: on_finished(cell),
+                requests,
+            )
+            results[cell] = Measurement(
+                len(workload.prompt_ids),
+                tokens,
+                seconds,
+                _counters(llm, num_positions) - before,
+                sum(requests, RequestAcceptance()),
+            )
         return results
     finally:
         shutdown_llm(llm)
 
 
-def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dict[str, list[list[int]]],
-                  num_tokens: int, max_tokens: int, temperature: float, settings_overrides: dict | None = None,
-                  seed: int = 0) -> dict[str, Counts]:
+def evaluate_vllm(
+    drafter_dir: str,
+    target_path: str,
+    prompt_ids_by_dataset: dict[str, list[list[int]]],
+    num_tokens: int,
+    max_tokens: int,
+    temperature: float,
+    settings_overrides: dict | None = None,
+    seed: int = 0,
+) -> dict[str, Counts]:
     """Serve the drafter in vLLM and read its counters per dataset (deltas of the cumulative counters)."""
     longest = max(len(ids) for batch in prompt_ids_by_dataset.values() for ids in batch)
     settings = EngineSettings(
@@ -215,8 +254,11 @@ def evaluate_vllm(drafter_dir: str, target_path: str, prompt_ids_by_dataset: dic
             llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in batch], params, use_tqdm=False)
             after = SpecDecodeCounts.from_mapping(read_spec_decode_counters(llm, num_tokens))
             delta = after - before
-            per_dataset[name] = Counts(num_tokens, num_drafts=delta.num_drafts,
-                                       accepted_per_position=list(delta.accepted_per_position))
+            per_dataset[name] = Counts(
+                num_tokens,
+                num_drafts=delta.num_drafts,
+                accepted_per_position=list(delta.accepted_per_position),
+            )
             before = after
     finally:
         shutdown_llm(llm)

@@ -20,13 +20,21 @@ def add_workload_arguments(parser) -> None:
     """The workload flags ``lk-vllm eval`` and ``lk-vllm bench`` share: what is sent (datasets, how many prompts,
     prompt format) and how it is generated (K, tokens per request). ``--temperature`` each command defines
     itself: eval takes one, bench several."""
-    parser.add_argument("--dataset", action="append", default=None,
-                        help="eval dataset: mtbench, humaneval, gsm8k, ... or a .jsonl file (repeatable; default "
-                             f"{', '.join(DEFAULT_DATASETS)})")
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        help="eval dataset: mtbench, humaneval, gsm8k, ... or a .jsonl file (repeatable; default "
+        f"{', '.join(DEFAULT_DATASETS)})",
+    )
     parser.add_argument("--limit", type=int, default=20, help="first N prompts of each dataset (default 20)")
     add_chat_template_argument(parser)
-    parser.add_argument("--num-speculative-tokens", type=int, default=3, help="draft tokens per step, K (default 3)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="output tokens per request at most (default 128)")
+    parser.add_argument(
+        "--num-speculative-tokens", type=int, default=3, help="draft tokens per step, K (default 3)"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=128, help="output tokens per request at most (default 128)"
+    )
 
 
 @dataclass(frozen=True)
@@ -54,5 +62,7 @@ def load_workloads(datasets: list[str], limit: int | None, tokenizer) -> list[Wo
     labels = [w.dataset for w in workloads]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
-        raise UserError(f"--dataset: {', '.join(repeated)} given twice (JSONL files are named by their file name)")
+        raise UserError(
+            f"--dataset: {', '.join(repeated)} given twice (JSONL files are named by their file name)"
+        )
     return workloads

@@ -115,7 +115,9 @@ def drafter_class(architecture: str) -> type[Drafter]:
         from lk_vllm.drafters.draft_model import DraftLM
 
         return DraftLM
-    raise UserError(f"unknown drafter architecture {architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
+    raise UserError(
+        f"unknown drafter architecture {architecture!r}; expected one of {', '.join(ARCHITECTURES)}"
+    )
 
 
 def create_drafter(architecture: str, target, **options) -> Drafter:
@@ -165,7 +167,9 @@ def load_drafter(directory: str | os.PathLike, target=None) -> Drafter:
     return drafter
 
 
-def speculative_config_for(directory: str | os.PathLike, num_speculative_tokens: int, **options) -> dict[str, Any]:
+def speculative_config_for(
+    directory: str | os.PathLike, num_speculative_tokens: int, **options
+) -> dict[str, Any]:
     """The ``speculative_config`` for ``lk_vllm.engine.EngineSettings`` that serves this drafter directory.
     ``options`` are further vLLM speculative-config keys (e.g. ``draft_sample_method="probabilistic"``)."""
     path = Path(directory).expanduser().resolve()
@@ -179,14 +183,20 @@ def speculative_config_for(directory: str | os.PathLike, num_speculative_tokens:
         from lk_vllm.drafters.medusa import check_medusa_tokens
 
         check_medusa_tokens(num_speculative_tokens, int(config.get("num_heads") or 0), str(path))
-    if architecture == "mlp_speculator":  # served through lk-vllm's plugin (lk_vllm.plugin.engine.mlp_proposer)
+    if (
+        architecture == "mlp_speculator"
+    ):  # served through lk-vllm's plugin (lk_vllm.plugin.engine.mlp_proposer)
         from lk_vllm.plugin.engine.mlp_proposer import mlp_speculator_mismatches
 
         problems = mlp_speculator_mismatches(config, None, None, num_speculative_tokens)
         if problems:
             raise UserError(f"drafter {path}: {'; '.join(problems)}")
-    return {"method": cls.vllm_method, "model": str(path), "num_speculative_tokens": int(num_speculative_tokens),
-            **options}
+    return {
+        "method": cls.vllm_method,
+        "model": str(path),
+        "num_speculative_tokens": int(num_speculative_tokens),
+        **options,
+    }
 
 
 # Speculative methods whose drafter is a model with its own distribution q (the others, ngram and suffix,
@@ -204,8 +214,10 @@ def with_faithful_sampling(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("method") in PROBABILISTIC_METHODS:
         config.setdefault("draft_sample_method", "probabilistic")
     if config["rejection_sample_method"] == "synthetic":
-        raise UserError("--speculative-config: rejection_sample_method 'synthetic' does not preserve the target's "
-                        "distribution; lk-vllm serve uses 'standard'")
+        raise UserError(
+            "--speculative-config: rejection_sample_method 'synthetic' does not preserve the target's "
+            "distribution; lk-vllm serve uses 'standard'"
+        )
     return config
 
 
@@ -217,26 +229,45 @@ def check_drafter_for_target(drafter: Path, target: str) -> None:
     if drafter_config.get("model_type") == "mlp_speculator":  # before the fingerprint: names the mismatch
         from lk_vllm.plugin.engine.mlp_proposer import mlp_speculator_mismatches
 
-        problems = mlp_speculator_mismatches(drafter_config, target_config.get("hidden_size"),
-                                             target_config.get("vocab_size"))
+        problems = mlp_speculator_mismatches(
+            drafter_config, target_config.get("hidden_size"), target_config.get("vocab_size")
+        )
         if problems:
-            raise UserError(f"--drafter {drafter}: this MLP speculator does not fit the target {target}: "
-                            + "; ".join(problems))
+            raise UserError(
+                f"--drafter {drafter}: this MLP speculator does not fit the target {target}: "
+                + "; ".join(problems)
+            )
     mismatch = target_mismatch(record, target)
     if mismatch:
         recorded, actual = mismatch
         where = record.target_path or "?"
-        raise UserError(f"--drafter {drafter}: trained for target fingerprint {recorded} ({where}), "
-                        f"but the target {target} has {actual}")
+        raise UserError(
+            f"--drafter {drafter}: trained for target fingerprint {recorded} ({where}), "
+            f"but the target {target} has {actual}"
+        )
     vocab = target_config.get("vocab_size")
-    drafter_vocab = drafter_config.get("vocab_size") or (drafter_config.get("transformer_layer_config") or {}).get("vocab_size")
+    drafter_vocab = drafter_config.get("vocab_size") or (
+        drafter_config.get("transformer_layer_config") or {}
+    ).get("vocab_size")
     if vocab and drafter_vocab and vocab != drafter_vocab:
-        raise UserError(f"--drafter {drafter}: made for a vocabulary of {drafter_vocab} tokens, "
-                        f"but the target {target} has {vocab}")
+        raise UserError(
+            f"--drafter {drafter}: made for a vocabulary of {drafter_vocab} tokens, "
+            f"but the target {target} has {vocab}"
+        )
 
 
-def multi_step_loss(steps, states, *, kind: str = "kl", eta: float = 3.0, draft_to_target=None, loss_mask=None,
-                    gamma: float = 1.0, chunk_size: int | None = None, **loss_options):
+def multi_step_loss(
+    steps,
+    states,
+    *,
+    kind: str = "kl",
+    eta: float = 3.0,
+    draft_to_target=None,
+    loss_mask=None,
+    gamma: float = 1.0,
+    chunk_size: int | None = None,
+    **loss_options,
+):
     """``lk_vllm.losses.lk_loss_multi`` over a drafter's unrolled steps: ``sum_k gamma**k * L_k``, each step with
     its own lambda from its own mean alpha. ``loss_mask`` [B, T] marks the tokens to predict; ``gamma``
     defaults to 1 (the paper uses 0.8); ``loss_options`` go to ``lk_loss_multi`` (e.g. ``distributed``).
@@ -245,24 +276,40 @@ def multi_step_loss(steps, states, *, kind: str = "kl", eta: float = 3.0, draft_
     per step) and ``results`` (the ``LKLossResult`` of each step).
     """
     positions = [step.valid_positions(loss_mask) for step in steps]
-    drafts = [step.head(step.hidden[batch, anchor]) for step, (batch, anchor) in zip(steps, positions, strict=True)]
+    drafts = [
+        step.head(step.hidden[batch, anchor]) for step, (batch, anchor) in zip(steps, positions, strict=True)
+    ]
     # States holding the batch's target logits once (``table`` and ``rows_at``, e.g. the trainer's
     # SharedTargetLogits) are read by index: the K steps never copy the rows they share. A table with
     # ``table_logsumexp`` holds only the draft ids' columns (the loss then needs no draft_to_target).
     rows, lse = None, None
     if hasattr(states, "rows_at"):
-        rows = [states.rows_at(batch, anchor + step.target_shift)
-                for step, (batch, anchor) in zip(steps, positions, strict=True)]
+        rows = [
+            states.rows_at(batch, anchor + step.target_shift)
+            for step, (batch, anchor) in zip(steps, positions, strict=True)
+        ]
     if rows is not None and all(r is not None for r in rows):
         targets = [states.table] * len(steps)
         if states.table_logsumexp is not None:
             lse, draft_to_target = [states.table_logsumexp] * len(steps), None
     else:
         rows = None
-        targets = [states.logits_at(batch, anchor + step.target_shift)
-                   for step, (batch, anchor) in zip(steps, positions, strict=True)]
-    out = lk_loss_multi(drafts, targets, kind=kind, eta=eta, gamma=gamma, draft_to_target=draft_to_target,
-                        chunk_size=chunk_size, target_rows=rows, target_logsumexp=lse, **loss_options)
+        targets = [
+            states.logits_at(batch, anchor + step.target_shift)
+            for step, (batch, anchor) in zip(steps, positions, strict=True)
+        ]
+    out = lk_loss_multi(
+        drafts,
+        targets,
+        kind=kind,
+        eta=eta,
+        gamma=gamma,
+        draft_to_target=draft_to_target,
+        chunk_size=chunk_size,
+        target_rows=rows,
+        target_logsumexp=lse,
+        **loss_options,
+    )
     results = list(out.positions)
     return {
         "loss": out.loss,

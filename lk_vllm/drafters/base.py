@@ -196,7 +196,8 @@ class Drafter(nn.Module):
         state = self.export_state_dict(state_dict)
         state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
         state = {
-            name: (tensor.to(dtype) if tensor.is_floating_point() else tensor) for name, tensor in state.items()
+            name: (tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            for name, tensor in state.items()
         }
         validate_common(config, state, target, self)
         self.validate(target, state, config)
@@ -286,7 +287,9 @@ def validate_common(config: dict, state: dict[str, torch.Tensor], target: dict, 
     if len(float_dtypes) > 1:
         raise UserError(f"export: weights mix dtypes {sorted(map(str, float_dtypes))}; expected one")
     if float_dtypes and not float_dtypes <= {torch.float32, torch.bfloat16, torch.float16}:
-        raise UserError(f"export: unsupported weight dtype {float_dtypes}; expected float32, bfloat16 or float16")
+        raise UserError(
+            f"export: unsupported weight dtype {float_dtypes}; expected float32, bfloat16 or float16"
+        )
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(f"export: weight {name} has NaN or infinite values")
@@ -303,7 +306,9 @@ def validate_attention_config(config: dict, target: dict, where: str) -> None:
         )
     kv_heads = int(config.get("num_key_value_heads") or heads)
     if heads % kv_heads:
-        raise UserError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        raise UserError(
+            f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
     target_len = int(target.get("max_position_embeddings") or 0)
     if int(config.get("max_position_embeddings") or 0) < target_len:
         raise UserError(
@@ -311,13 +316,19 @@ def validate_attention_config(config: dict, target: dict, where: str) -> None:
         )
 
 
-def validate_draft_to_target(draft_to_target: torch.Tensor, draft_vocab: int, target_vocab: int, where: str) -> None:
+def validate_draft_to_target(
+    draft_to_target: torch.Tensor, draft_vocab: int, target_vocab: int, where: str
+) -> None:
     if tuple(draft_to_target.shape) != (draft_vocab,):
-        raise UserError(f"{where}: draft-to-target map has shape {tuple(draft_to_target.shape)}, expected ({draft_vocab},)")
+        raise UserError(
+            f"{where}: draft-to-target map has shape {tuple(draft_to_target.shape)}, expected ({draft_vocab},)"
+        )
     if draft_to_target.dtype != torch.long:
         raise UserError(f"{where}: draft-to-target map has dtype {draft_to_target.dtype}, expected int64")
     if draft_vocab and (int(draft_to_target.min()) < 0 or int(draft_to_target.max()) >= target_vocab):
-        raise UserError(f"{where}: draft-to-target map points outside the target vocabulary 0..{target_vocab - 1}")
+        raise UserError(
+            f"{where}: draft-to-target map points outside the target vocabulary 0..{target_vocab - 1}"
+        )
     if draft_to_target.unique().numel() != draft_vocab:
         raise UserError(f"{where}: draft-to-target map repeats target ids")
 
@@ -439,11 +450,16 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
             header = json.loads(f.read(length))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-        end = max((meta["data_offsets"][1] for name, meta in header.items() if name != "__metadata__"), default=0)
+        end = max(
+            (meta["data_offsets"][1] for name, meta in header.items() if name != "__metadata__"), default=0
+        )
         if 8 + length + end > size:
             raise ValueError(f"it holds {size} bytes, its header describes {8 + length + end} (truncated?)")
-        return {name: (meta["dtype"], tuple(meta["shape"])) for name, meta in header.items()
-                if name != "__metadata__"}
+        return {
+            name: (meta["dtype"], tuple(meta["shape"]))
+            for name, meta in header.items()
+            if name != "__metadata__"
+        }
     except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as exc:
         raise UserError(f"drafter {path}: not a readable safetensors file ({exc})") from None
 
@@ -460,7 +476,9 @@ def take(state: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], wher
         raise UserError(f"drafter {where}: weight {name} is missing from the safetensors file")
     tensor = state[name]
     if tuple(tensor.shape) != tuple(shape):
-        raise UserError(f"drafter {where}: weight {name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+        raise UserError(
+            f"drafter {where}: weight {name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
+        )
     return tensor
 
 

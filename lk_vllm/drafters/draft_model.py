@@ -41,8 +41,9 @@ class DraftLM(Drafter):
         self.vocab_size = int(model.config.vocab_size)
 
     @classmethod
-    def from_target(cls, target, *, num_layers: int = 2, copy_layers: bool = True,
-                    train_embeddings: bool = False) -> DraftLM:
+    def from_target(
+        cls, target, *, num_layers: int = 2, copy_layers: bool = True, train_embeddings: bool = False
+    ) -> DraftLM:
         from transformers import AutoModelForCausalLM
 
         if not 1 <= num_layers <= target.num_layers:
@@ -77,8 +78,14 @@ class DraftLM(Drafter):
             position_ids=states.position_ids,
             use_cache=False,
         )
-        return [StepOutput(hidden=out.last_hidden_state, head=self.model.get_output_embeddings(), target_shift=0,
-                           mask=shift_mask(states.attention_mask, 0))]
+        return [
+            StepOutput(
+                hidden=out.last_hidden_state,
+                head=self.model.get_output_embeddings(),
+                target_shift=0,
+                mask=shift_mask(states.attention_mask, 0),
+            )
+        ]
 
     def make_proposer(self, states, num_tokens: int):
         """Drafts as vLLM runs a draft model: the LM's KV cache holds the accepted context; K greedy tokens are
@@ -98,7 +105,9 @@ class DraftLM(Drafter):
                 ids = torch.tensor([tokens])
                 start = cache.get_seq_length()
                 positions = torch.arange(start, start + len(tokens))[None]
-                logits = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True).logits
+                logits = self.model(
+                    input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True
+                ).logits
                 drafts.append(int(logits[0, -1].argmax()))
                 tokens = [drafts[-1]]
             cache.crop(context)
@@ -140,7 +149,9 @@ class DraftLM(Drafter):
         try:
             config = AutoConfig.from_pretrained(directory)
         except (ValueError, KeyError, OSError) as exc:
-            raise UserError(f"drafter {where}: config.json is not a causal LM config transformers reads ({exc})") from exc
+            raise UserError(
+                f"drafter {where}: config.json is not a causal LM config transformers reads ({exc})"
+            ) from exc
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         state = read_weights(directory)
         expected = model.state_dict()

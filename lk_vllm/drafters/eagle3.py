@@ -85,7 +85,10 @@ def drafter_rope_parameters(target_config) -> dict[str, Any]:
     if rope and all(isinstance(v, dict) for v in rope.values()):
         rope = dict(rope.get("full_attention") or next(iter(rope.values())))
     if not rope:
-        rope = {"rope_type": "default", "rope_theta": float(getattr(target_config, "rope_theta", None) or 10000.0)}
+        rope = {
+            "rope_type": "default",
+            "rope_theta": float(getattr(target_config, "rope_theta", None) or 10000.0),
+        }
     return rope
 
 
@@ -138,10 +141,18 @@ class Eagle3Attention(nn.Module):
             blocks = []
             for start in range(0, t, ATTENTION_BLOCK):
                 stop = min(t, start + ATTENTION_BLOCK)
-                args = (q[:, :, start:stop], context_k[:, :, :stop], context_v[:, :, :stop],
-                        *(k[:, :, start:stop] for k in own_k), *(v[:, :, start:stop] for v in own_v))
-                blocks.append(checkpoint(_attend_block, start, *args, use_reentrant=False) if recompute
-                              else _attend_block(start, *args))
+                args = (
+                    q[:, :, start:stop],
+                    context_k[:, :, :stop],
+                    context_v[:, :, :stop],
+                    *(k[:, :, start:stop] for k in own_k),
+                    *(v[:, :, start:stop] for v in own_v),
+                )
+                blocks.append(
+                    checkpoint(_attend_block, start, *args, use_reentrant=False)
+                    if recompute
+                    else _attend_block(start, *args)
+                )
             out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
         b, nh, tq, d = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, tq, nh * d))
@@ -153,7 +164,10 @@ def _attend_block(start: int, q, context_k, context_v, *own) -> torch.Tensor:
     rows, span, steps = q.shape[2], context_k.shape[2], len(own) // 2
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ context_k.transpose(-1, -2)) * scale
-    causal = torch.arange(span, device=q.device)[None, :] <= torch.arange(start, start + rows, device=q.device)[:, None]
+    causal = (
+        torch.arange(span, device=q.device)[None, :]
+        <= torch.arange(start, start + rows, device=q.device)[:, None]
+    )
     scores = scores.masked_fill(~causal, float("-inf"))
     diagonal = torch.stack([(q * k).sum(-1) for k in own[:steps]], dim=-1) * scale  # [B, nh, rows, steps]
     probs = torch.softmax(torch.cat([scores, diagonal], dim=-1), dim=-1)
@@ -200,7 +214,10 @@ class Eagle3Drafter(Drafter):
 
         fields = {k: v for k, v in layer_config.items() if k in _LAYER_KEYS and v is not None}
         if "rope_parameters" not in fields and layer_config.get("rope_theta") is not None:
-            fields["rope_parameters"] = {"rope_type": "default", "rope_theta": float(layer_config["rope_theta"])}
+            fields["rope_parameters"] = {
+                "rope_type": "default",
+                "rope_theta": float(layer_config["rope_theta"]),
+            }
         self.config = LlamaConfig(num_hidden_layers=1, tie_word_embeddings=False, **fields)
         if self.config.head_dim is None:
             self.config.head_dim = self.config.hidden_size // self.config.num_attention_heads
@@ -219,7 +236,9 @@ class Eagle3Drafter(Drafter):
         if norm_before_fc:
             self.input_norm = LlamaRMSNorm(fc_in, eps=eps)
         if fc_norm:
-            self.fc_norm = nn.ModuleList(LlamaRMSNorm(self._target_hidden_size, eps=eps) for _ in range(self.num_aux))
+            self.fc_norm = nn.ModuleList(
+                LlamaRMSNorm(self._target_hidden_size, eps=eps) for _ in range(self.num_aux)
+            )
         self.fc = nn.Linear(fc_in, hidden, bias=False)
         self.layers = nn.ModuleList([Eagle3Layer(self.config, norm_before_residual)])
         self.norm = LlamaRMSNorm(hidden, eps=eps)
@@ -231,7 +250,9 @@ class Eagle3Drafter(Drafter):
                 "needs a draft-to-target map"
             )
         if draft_to_target is not None:
-            validate_draft_to_target(draft_to_target.long(), self._draft_vocab_size, self.vocab_size, "EAGLE-3 drafter")
+            validate_draft_to_target(
+                draft_to_target.long(), self._draft_vocab_size, self.vocab_size, "EAGLE-3 drafter"
+            )
             self.register_buffer("draft_ids", draft_to_target.long().clone())
         else:
             self.draft_ids = None
@@ -280,7 +301,9 @@ class Eagle3Drafter(Drafter):
             draft_to_target=draft_to_target,
         )
         with torch.no_grad():
-            rows = target.lm_head_weight if draft_to_target is None else target.lm_head_weight[draft_to_target]
+            rows = (
+                target.lm_head_weight if draft_to_target is None else target.lm_head_weight[draft_to_target]
+            )
             drafter.lm_head.weight.copy_(rows)
         drafter.attach_target(target)
         return drafter
@@ -313,7 +336,9 @@ class Eagle3Drafter(Drafter):
     def _embed_ids(self, target_ids: torch.Tensor) -> torch.Tensor:
         if self._embed is None:
             raise RuntimeError("EAGLE-3 drafter has no token embeddings: call attach_target(target) first")
-        if self._embed.device != target_ids.device:  # once, when the drafter moved (a plain tensor does not follow)
+        if (
+            self._embed.device != target_ids.device
+        ):  # once, when the drafter moved (a plain tensor does not follow)
             self._embed = self._embed.to(target_ids.device)
         # Gather the rows first: converting the whole [V, H] table on every call would copy it each step.
         return F.embedding(target_ids, self._embed).to(self.fc.weight.dtype)
@@ -383,7 +408,12 @@ class Eagle3Drafter(Drafter):
 
     def training_steps(self, states, num_steps: int) -> list[StepOutput]:
         return [
-            StepOutput(hidden=out, head=self.lm_head, target_shift=step + 1, mask=shift_mask(states.attention_mask, step + 1))
+            StepOutput(
+                hidden=out,
+                head=self.lm_head,
+                target_shift=step + 1,
+                mask=shift_mask(states.attention_mask, step + 1),
+            )
             for step, out in self._unroll(states, num_steps, teacher=True)
         ]
 
@@ -472,21 +502,31 @@ class Eagle3Drafter(Drafter):
             require(config, ["transformer_layer_config"], where)
             layer = dict(config["transformer_layer_config"])
             if layer.get("model_type", "llama") != "llama":
-                raise UserError(f"drafter {where}: EAGLE-3 layer model_type {layer.get('model_type')!r}; only llama is supported")
+                raise UserError(
+                    f"drafter {where}: EAGLE-3 layer model_type {layer.get('model_type')!r}; only llama is supported"
+                )
             extras = config
             aux = config.get("eagle_aux_hidden_state_layer_ids")
-            norm_before_residual = bool(config.get("norm_before_residual", True))  # vLLM's speculators default
+            norm_before_residual = bool(
+                config.get("norm_before_residual", True)
+            )  # vLLM's speculators default
         else:
             layer = config
             extras = config
             eagle_config = config.get("eagle_config") or {}
-            aux = eagle_config.get("eagle_aux_hidden_state_layer_ids") or config.get("eagle_aux_hidden_state_layer_ids")
+            aux = eagle_config.get("eagle_aux_hidden_state_layer_ids") or config.get(
+                "eagle_aux_hidden_state_layer_ids"
+            )
             if eagle_config.get("use_aux_hidden_state") is False:
-                raise UserError(f"drafter {where}: EAGLE-3 heads without auxiliary hidden states are not supported")
+                raise UserError(
+                    f"drafter {where}: EAGLE-3 heads without auxiliary hidden states are not supported"
+                )
             norm_before_residual = bool(config.get("norm_before_residual", False))
         require(layer, ["hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"], where)
         if int(layer.get("num_hidden_layers", 1)) != 1:
-            raise UserError(f"drafter {where}: EAGLE-3 with {layer.get('num_hidden_layers')} layers; only 1 is supported")
+            raise UserError(
+                f"drafter {where}: EAGLE-3 with {layer.get('num_hidden_layers')} layers; only 1 is supported"
+            )
         vocab = int(layer["vocab_size"])
         draft_vocab = int(extras.get("draft_vocab_size") or vocab)
         state = read_weights(directory)
@@ -507,11 +547,17 @@ class Eagle3Drafter(Drafter):
             draft_to_target=d2t,
             num_aux_hidden_states=int(extras.get("num_aux_hidden_states") or 3),
         )
-        expected = {k: tuple(v.shape) for k, v in drafter.state_dict().items() if not k.startswith("rotary.") and k != "draft_ids"}
+        expected = {
+            k: tuple(v.shape)
+            for k, v in drafter.state_dict().items()
+            if not k.startswith("rotary.") and k != "draft_ids"
+        }
         weights = {name: take(state, name, shape, where) for name, shape in expected.items()}
         drafter.load_state_dict({**drafter.state_dict(), **{k: v.float() for k, v in weights.items()}})
         if "embed_tokens.weight" in state:
-            drafter.set_embeddings(take(state, "embed_tokens.weight", (vocab, drafter.config.hidden_size), where), own=True)
+            drafter.set_embeddings(
+                take(state, "embed_tokens.weight", (vocab, drafter.config.hidden_size), where), own=True
+            )
         drafter.training_info = files.record
         if target is not None:
             drafter.attach_target(target)
@@ -525,7 +571,9 @@ def _canonical_name(name: str) -> str:
     return name.replace("midlayer.", "layers.0.")
 
 
-def speculators_config(layer: dict, extras: dict, aux: list[int], target_path: str, num_tokens: int = 3) -> dict:
+def speculators_config(
+    layer: dict, extras: dict, aux: list[int], target_path: str, num_tokens: int = 3
+) -> dict:
     """A vllm-project/speculators EAGLE-3 config (the format RedHatAI and Nebius publish)."""
     return {
         "architectures": [SPECULATORS_ARCHITECTURE],
@@ -538,7 +586,12 @@ def speculators_config(layer: dict, extras: dict, aux: list[int], target_path: s
             "algorithm": "eagle3",
             "default_proposal_method": "greedy",
             "proposal_methods": [
-                {"proposal_type": "greedy", "speculative_tokens": num_tokens, "verifier_accept_k": 1, "accept_tolerance": 0.0}
+                {
+                    "proposal_type": "greedy",
+                    "speculative_tokens": num_tokens,
+                    "verifier_accept_k": 1,
+                    "accept_tolerance": 0.0,
+                }
             ],
             "verifier": {"name_or_path": target_path, "architectures": ["LlamaForCausalLM"]},
         },

@@ -75,7 +75,9 @@ class MedusaDrafter(Drafter):
         self.logit_scale = float(logit_scale)
         draft_vocab = self.vocab_size if draft_to_target is None else int(draft_to_target.numel())
         if draft_vocab != self.vocab_size and not self.shared_lm_head:
-            raise UserError("Medusa: a truncated draft vocabulary needs the shared LM head (original_lm_head)")
+            raise UserError(
+                "Medusa: a truncated draft vocabulary needs the shared LM head (original_lm_head)"
+            )
         if draft_to_target is not None:
             validate_draft_to_target(draft_to_target.long(), draft_vocab, self.vocab_size, "Medusa drafter")
             self.register_buffer("token_map", draft_to_target.long().clone())
@@ -86,7 +88,9 @@ class MedusaDrafter(Drafter):
             ResidualBlock(self.hidden_size, self.num_layers, self.fc_bias) for _ in range(self.num_heads)
         )
         head_count = 1 if self.shared_lm_head else self.num_heads
-        self.lm_heads = nn.ModuleList(nn.Linear(self.hidden_size, draft_vocab, bias=False) for _ in range(head_count))
+        self.lm_heads = nn.ModuleList(
+            nn.Linear(self.hidden_size, draft_vocab, bias=False) for _ in range(head_count)
+        )
         for block in self.blocks:  # Medusa's init: each block starts as the identity
             for layer in block.layers:
                 nn.init.zeros_(layer.weight)
@@ -94,8 +98,17 @@ class MedusaDrafter(Drafter):
                     nn.init.zeros_(layer.bias)
 
     @classmethod
-    def from_target(cls, target, *, num_heads: int = 3, num_layers: int = 1, draft_to_target: torch.Tensor | None = None,
-                    shared_lm_head: bool = True, train_lm_head: bool = False, fc_bias: bool = False) -> MedusaDrafter:
+    def from_target(
+        cls,
+        target,
+        *,
+        num_heads: int = 3,
+        num_layers: int = 1,
+        draft_to_target: torch.Tensor | None = None,
+        shared_lm_head: bool = True,
+        train_lm_head: bool = False,
+        fc_bias: bool = False,
+    ) -> MedusaDrafter:
         """Heads on ``target`` (a TargetModel); LM head(s) copied from the target's (frozen unless ``train_lm_head``)."""
         drafter = cls(
             hidden_size=target.hidden_size,
@@ -107,7 +120,9 @@ class MedusaDrafter(Drafter):
             draft_to_target=draft_to_target,
         )
         with torch.no_grad():
-            rows = target.lm_head_weight if draft_to_target is None else target.lm_head_weight[draft_to_target]
+            rows = (
+                target.lm_head_weight if draft_to_target is None else target.lm_head_weight[draft_to_target]
+            )
             for head in drafter.lm_heads:
                 head.weight.copy_(rows)
                 head.weight.requires_grad_(train_lm_head)
@@ -133,8 +148,12 @@ class MedusaDrafter(Drafter):
             raise ValueError(f"Medusa has {self.num_heads} heads, cannot unroll {num_steps} steps")
         hidden = states.final_hidden.to(self.lm_heads[0].weight.dtype)
         return [
-            StepOutput(hidden=self.blocks[k](hidden), head=self._head(k), target_shift=k + 1,
-                       mask=shift_mask(states.attention_mask, k + 1))
+            StepOutput(
+                hidden=self.blocks[k](hidden),
+                head=self._head(k),
+                target_shift=k + 1,
+                mask=shift_mask(states.attention_mask, k + 1),
+            )
             for k in range(num_steps)
         ]
 

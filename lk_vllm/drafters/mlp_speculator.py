@@ -57,9 +57,18 @@ class MLPSpeculatorDrafter(Drafter):
     architecture = "mlp_speculator"
     vllm_method = "mlp_speculator"
 
-    def __init__(self, *, vocab_size: int, emb_dim: int, inner_dim: int = 0, n_predict: int = 3,
-                 tie_weights: bool = False, scale_input: bool = False, top_k_tokens_per_head=None,
-                 n_candidates: int = 5):
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        emb_dim: int,
+        inner_dim: int = 0,
+        n_predict: int = 3,
+        tie_weights: bool = False,
+        scale_input: bool = False,
+        top_k_tokens_per_head=None,
+        n_candidates: int = 5,
+    ):
         super().__init__()
         self.vocab_size = int(vocab_size)
         self.emb_dim = int(emb_dim)
@@ -79,13 +88,17 @@ class MLPSpeculatorDrafter(Drafter):
             )
             self.ln = nn.ModuleList([norm] * self.n_predict)
         else:
-            self.emb = nn.ModuleList(nn.Embedding(self.vocab_size, self.inner_dim) for _ in range(self.n_predict))
+            self.emb = nn.ModuleList(
+                nn.Embedding(self.vocab_size, self.inner_dim) for _ in range(self.n_predict)
+            )
             self.proj = nn.ModuleList(
                 nn.Linear(self.emb_dim if i == 0 else self.inner_dim, self.inner_dim, bias=False)
                 for i in range(self.n_predict)
             )
             self.ln = nn.ModuleList(L2LayerNorm(self.inner_dim) for _ in range(self.n_predict))
-        self.head = nn.ModuleList(nn.Linear(self.inner_dim, self.vocab_size, bias=False) for _ in range(self.n_predict))
+        self.head = nn.ModuleList(
+            nn.Linear(self.inner_dim, self.vocab_size, bias=False) for _ in range(self.n_predict)
+        )
         if self.scale_input:
             self.ln0 = L2LayerNorm(self.emb_dim, affine=False)
         self.state_weight = 0.5 ** (0.5 / self.n_predict)
@@ -97,10 +110,24 @@ class MLPSpeculatorDrafter(Drafter):
                 nn.init.normal_(module.weight, std=std)
 
     @classmethod
-    def from_target(cls, target, *, n_predict: int = 3, inner_dim: int = 0, tie_weights: bool = False,
-                    scale_input: bool = True, init_heads_from_target: bool = True) -> MLPSpeculatorDrafter:
-        drafter = cls(vocab_size=target.vocab_size, emb_dim=target.hidden_size, inner_dim=inner_dim,
-                      n_predict=n_predict, tie_weights=tie_weights, scale_input=scale_input)
+    def from_target(
+        cls,
+        target,
+        *,
+        n_predict: int = 3,
+        inner_dim: int = 0,
+        tie_weights: bool = False,
+        scale_input: bool = True,
+        init_heads_from_target: bool = True,
+    ) -> MLPSpeculatorDrafter:
+        drafter = cls(
+            vocab_size=target.vocab_size,
+            emb_dim=target.hidden_size,
+            inner_dim=inner_dim,
+            n_predict=n_predict,
+            tie_weights=tie_weights,
+            scale_input=scale_input,
+        )
         if init_heads_from_target and drafter.inner_dim == target.hidden_size:
             with torch.no_grad():
                 for head in drafter.head:
@@ -130,14 +157,20 @@ class MLPSpeculatorDrafter(Drafter):
 
     def training_steps(self, states, num_steps: int) -> list[StepOutput]:
         return [
-            StepOutput(hidden=state, head=self.head[i], target_shift=i + 1, mask=shift_mask(states.attention_mask, i + 1))
+            StepOutput(
+                hidden=state,
+                head=self.head[i],
+                target_shift=i + 1,
+                mask=shift_mask(states.attention_mask, i + 1),
+            )
             for i, state in self._stages(states, num_steps, teacher=True)
         ]
 
     @torch.no_grad()
     def propose_all(self, states, num_tokens: int) -> torch.Tensor:
         return torch.stack(
-            [self.head[i](state).argmax(-1) for i, state in self._stages(states, num_tokens, teacher=False)], dim=-1
+            [self.head[i](state).argmax(-1) for i, state in self._stages(states, num_tokens, teacher=False)],
+            dim=-1,
         )
 
     # ---------------------------------------------------------------------------- checkpoint

@@ -133,10 +133,21 @@ def lk_loss(
         rows = row_statistics(prepared, chunk_rows)
         batch = reduce_statistics(rows, prepared, group, world_size)
     terms = loss_terms(kind, float(eta), batch, world_size)
-    loss = _LKLossFunction.apply(prepared.draft, prepared.target.detach(), prepared, rows, terms, kind, chunk_rows)
-    return LKLossResult(loss=loss, kind=kind, alpha=terms.alpha, lam=terms.lam, kl=terms.kl, tv=terms.tv,
-                        neg_log_alpha=terms.neg_log_alpha, global_loss=terms.global_loss,
-                        num_valid=terms.num_valid, world_size=world_size)
+    loss = _LKLossFunction.apply(
+        prepared.draft, prepared.target.detach(), prepared, rows, terms, kind, chunk_rows
+    )
+    return LKLossResult(
+        loss=loss,
+        kind=kind,
+        alpha=terms.alpha,
+        lam=terms.lam,
+        kl=terms.kl,
+        tv=terms.tv,
+        neg_log_alpha=terms.neg_log_alpha,
+        global_loss=terms.global_loss,
+        num_valid=terms.num_valid,
+        world_size=world_size,
+    )
 
 
 def lk_loss_multi(

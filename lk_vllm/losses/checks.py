@@ -43,8 +43,14 @@ def _check_chunk_size(chunk_size: Any) -> None:
         raise ValueError(f"chunk_size must be a positive number of rows or None; found {chunk_size!r}")
 
 
-def _prepare(draft_logits: Any, target_logits: Any, draft_to_target: Any, mask: Any,
-             target_rows: Any = None, target_logsumexp: Any = None) -> _Prepared:
+def _prepare(
+    draft_logits: Any,
+    target_logits: Any,
+    draft_to_target: Any,
+    mask: Any,
+    target_rows: Any = None,
+    target_logsumexp: Any = None,
+) -> _Prepared:
     for name, value in (("draft_logits", draft_logits), ("target_logits", target_logits)):
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor; found {type(value).__name__}")
@@ -138,41 +144,68 @@ def _prepare(draft_logits: Any, target_logits: Any, draft_to_target: Any, mask: 
     )
 
 
-def _check_target_logsumexp(target_logsumexp: Any, target_logits: torch.Tensor, vocab_draft: int,
-                            draft_to_target: Any) -> torch.Tensor:
+def _check_target_logsumexp(
+    target_logsumexp: Any, target_logits: torch.Tensor, vocab_draft: int, draft_to_target: Any
+) -> torch.Tensor:
     """The flattened ``[M]`` logsumexp (fp32 or fp64, no grad) after checking it fits ``target_logits``."""
     if not isinstance(target_logsumexp, torch.Tensor) or not target_logsumexp.is_floating_point():
-        found = target_logsumexp.dtype if isinstance(target_logsumexp, torch.Tensor) else type(target_logsumexp).__name__
+        found = (
+            target_logsumexp.dtype
+            if isinstance(target_logsumexp, torch.Tensor)
+            else type(target_logsumexp).__name__
+        )
         raise ValueError(f"target_logsumexp must be a floating-point tensor; found {found}")
     if tuple(target_logsumexp.shape) != tuple(target_logits.shape[:-1]):
-        raise ValueError(f"target_logsumexp must have shape {tuple(target_logits.shape[:-1])} (one value per row of "
-                         f"target_logits); found {tuple(target_logsumexp.shape)}")
+        raise ValueError(
+            f"target_logsumexp must have shape {tuple(target_logits.shape[:-1])} (one value per row of "
+            f"target_logits); found {tuple(target_logsumexp.shape)}"
+        )
     if target_logsumexp.device != target_logits.device:
-        raise ValueError(f"target_logsumexp is on {target_logsumexp.device} but target_logits is on "
-                         f"{target_logits.device}; put both on the same device")
+        raise ValueError(
+            f"target_logsumexp is on {target_logsumexp.device} but target_logits is on "
+            f"{target_logits.device}; put both on the same device"
+        )
     if draft_to_target is not None:
-        raise ValueError("target_logsumexp is given, so target_logits must already hold the draft ids' columns "
-                         "(column d = target id draft_to_target[d]); pass draft_to_target=None")
+        raise ValueError(
+            "target_logsumexp is given, so target_logits must already hold the draft ids' columns "
+            "(column d = target id draft_to_target[d]); pass draft_to_target=None"
+        )
     if target_logits.shape[-1] != vocab_draft:
-        raise ValueError(f"with target_logsumexp, target_logits holds the target's logits at the {vocab_draft} draft "
-                         f"ids; found {target_logits.shape[-1]} columns")
+        raise ValueError(
+            f"with target_logsumexp, target_logits holds the target's logits at the {vocab_draft} draft "
+            f"ids; found {target_logits.shape[-1]} columns"
+        )
     dtype = torch.float64 if target_logsumexp.dtype == torch.float64 else torch.float32
     return target_logsumexp.detach().reshape(-1).to(dtype)
 
 
 def _check_target_rows(target_rows: Any, lead_shape: tuple[int, ...], target_logits: torch.Tensor) -> None:
-    if not isinstance(target_rows, torch.Tensor) or target_rows.is_floating_point() or target_rows.dtype == torch.bool:
-        raise ValueError(f"target_rows must be an integer tensor of shape {lead_shape}; found "
-                         f"{type(target_rows).__name__ if not isinstance(target_rows, torch.Tensor) else target_rows.dtype}")
+    if (
+        not isinstance(target_rows, torch.Tensor)
+        or target_rows.is_floating_point()
+        or target_rows.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"target_rows must be an integer tensor of shape {lead_shape}; found "
+            f"{type(target_rows).__name__ if not isinstance(target_rows, torch.Tensor) else target_rows.dtype}"
+        )
     if tuple(target_rows.shape) != lead_shape:
-        raise ValueError(f"target_rows must have shape {lead_shape} (one table row per position of draft_logits); "
-                         f"found shape {tuple(target_rows.shape)}")
+        raise ValueError(
+            f"target_rows must have shape {lead_shape} (one table row per position of draft_logits); "
+            f"found shape {tuple(target_rows.shape)}"
+        )
     if target_logits.dim() != 2:
-        raise ValueError(f"with target_rows, target_logits must be a [rows, vocab] table; found shape "
-                         f"{tuple(target_logits.shape)}")
-    if target_rows.numel() and (int(target_rows.min()) < 0 or int(target_rows.max()) >= target_logits.shape[0]):
-        raise ValueError(f"target_rows must lie in [0, {target_logits.shape[0]}) (the rows of target_logits); found "
-                         f"[{int(target_rows.min())}, {int(target_rows.max())}]")
+        raise ValueError(
+            f"with target_rows, target_logits must be a [rows, vocab] table; found shape "
+            f"{tuple(target_logits.shape)}"
+        )
+    if target_rows.numel() and (
+        int(target_rows.min()) < 0 or int(target_rows.max()) >= target_logits.shape[0]
+    ):
+        raise ValueError(
+            f"target_rows must lie in [0, {target_logits.shape[0]}) (the rows of target_logits); found "
+            f"[{int(target_rows.min())}, {int(target_rows.max())}]"
+        )
 
 
 def _check_draft_to_target(draft_to_target: Any, vocab_draft: int, vocab_target: int, device) -> torch.Tensor:
@@ -208,8 +241,13 @@ def _check_draft_to_target(draft_to_target: Any, vocab_draft: int, vocab_target:
     return d2t
 
 
-def _describe_bad_rows(name: str, tensor: torch.Tensor, rows: torch.Tensor, d2t: torch.Tensor | None,
-                       lse: torch.Tensor | None = None) -> str:
+def _describe_bad_rows(
+    name: str,
+    tensor: torch.Tensor,
+    rows: torch.Tensor,
+    d2t: torch.Tensor | None,
+    lse: torch.Tensor | None = None,
+) -> str:
     """Exact account of what is wrong in the given rows (only called on the error path)."""
     values = tensor.index_select(0, rows)
     parts = []
@@ -218,10 +256,14 @@ def _describe_bad_rows(name: str, tensor: torch.Tensor, rows: torch.Tensor, d2t:
         bad_lse = ~torch.isfinite(lse)
         if bool(bad_lse.any()):
             parts.append(f"non-finite target_logsumexp in {int(bad_lse.sum())} rows")
-        below = torch.isfinite(lse) & (torch.logsumexp(values.double(), dim=1) - lse > math.log(_COVERAGE_ABOVE))
+        below = torch.isfinite(lse) & (
+            torch.logsumexp(values.double(), dim=1) - lse > math.log(_COVERAGE_ABOVE)
+        )
         if bool(below.any()):
-            parts.append(f"target_logsumexp below the logsumexp of the draft ids' logits in {int(below.sum())} rows "
-                         "(it must be taken over the full target vocabulary)")
+            parts.append(
+                f"target_logsumexp below the logsumexp of the draft ids' logits in {int(below.sum())} rows "
+                "(it must be taken over the full target vocabulary)"
+            )
     nan_rows = torch.isnan(values).any(1)
     if bool(nan_rows.any()):
         parts.append(f"NaN in {int(nan_rows.sum())} rows")
@@ -247,8 +289,15 @@ def _describe_bad_rows(name: str, tensor: torch.Tensor, rows: torch.Tensor, d2t:
     return ", ".join(parts) if parts else "non-finite values"
 
 
-def _raise_for_bad_rows(num_valid: int, bad_draft_total: int, bad_target_total: int, prepared: _Prepared,
-                        bad_draft: torch.Tensor, bad_target: torch.Tensor, world_size: int) -> None:
+def _raise_for_bad_rows(
+    num_valid: int,
+    bad_draft_total: int,
+    bad_target_total: int,
+    prepared: _Prepared,
+    bad_draft: torch.Tensor,
+    bad_target: torch.Tensor,
+    world_size: int,
+) -> None:
     """Raise on every rank (after the all-reduce, so no rank is left waiting) if any valid row is unusable:
     ``*_total`` count the bad rows over all ranks, ``bad_draft`` / ``bad_target`` flag this rank's."""
     problems = []

@@ -7,7 +7,9 @@ import torch
 from lk_vllm.losses.kernels import _gather_cols
 
 
-def _exact_rows(draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | None, lse: torch.Tensor | None):
+def _exact_rows(
+    draft: torch.Tensor, target: torch.Tensor, d2t: torch.Tensor | None, lse: torch.Tensor | None
+):
     """Float64 log-space statistics for rows where linear-space sums underflow (or a -inf target made 0 * inf).
 
     Returns ``(log_coverage, kl, log_alpha)`` (as :func:`_chunk_statistics`, but in log space);

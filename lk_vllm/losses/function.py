@@ -37,7 +37,9 @@ from lk_vllm.losses.kernels import (
 class RowStatistics:
     """Per valid row of this rank (what the backward needs, and what the reduction sums)."""
 
-    norms: dict[str, torch.Tensor]  # log-normalisers m_d, s_d, m_g, s_g (and coverage with a draft vocabulary)
+    norms: dict[
+        str, torch.Tensor
+    ]  # log-normalisers m_d, s_d, m_g, s_g (and coverage with a draft vocabulary)
     alpha: torch.Tensor
     log_alpha: torch.Tensor
     mass: torch.Tensor  # M_i
@@ -93,7 +95,9 @@ def row_statistics(prepared: _Prepared, chunk_rows: int) -> RowStatistics:
         target_c = _take_rows(target, target_index, start, stop)
         target_g = _gather_cols(target_c, d2t) if gathered else None
         lse_c = None if lse is None else _take_rows(lse, target_index, start, stop)
-        chunk_norms, *values = _statistics_kernel(_take_rows(draft, rows, start, stop), target_c, target_g, cd, lse_c)
+        chunk_norms, *values = _statistics_kernel(
+            _take_rows(draft, rows, start, stop), target_c, target_g, cd, lse_c
+        )
         for name in names:
             norms[name][start:stop] = chunk_norms[name]
         for buffer, value in zip((draft_min, alpha, mass, kl), values, strict=True):
@@ -120,43 +124,66 @@ def row_statistics(prepared: _Prepared, chunk_rows: int) -> RowStatistics:
         source = exact_rows if rows is None else rows.index_select(0, exact_rows)
         target_source = exact_rows if target_index is None else target_index.index_select(0, exact_rows)
         log_coverage, exact_kl, exact_log_alpha = _exact_rows(
-            draft.index_select(0, source), target.index_select(0, target_source), d2t,
-            None if lse is None else lse.index_select(0, target_source))
+            draft.index_select(0, source),
+            target.index_select(0, target_source),
+            d2t,
+            None if lse is None else lse.index_select(0, target_source),
+        )
         kl[exact_rows] = exact_kl.to(cd)
         log_alpha[exact_rows] = exact_log_alpha.clamp(max=0.0).to(cd)
         alpha[exact_rows] = log_alpha[exact_rows].exp()
         bad_coverage[exact_rows] = log_coverage == -math.inf  # no draft id has target mass, even exactly
-    return RowStatistics(norms=norms, alpha=alpha, log_alpha=log_alpha, mass=mass, kl=kl, exact_rows=exact_rows,
-                         bad_draft=bad_draft, bad_target=bad_target | bad_coverage)
+    return RowStatistics(
+        norms=norms,
+        alpha=alpha,
+        log_alpha=log_alpha,
+        mass=mass,
+        kl=kl,
+        exact_rows=exact_rows,
+        bad_draft=bad_draft,
+        bad_target=bad_target | bad_coverage,
+    )
 
 
 def reduce_statistics(rows: RowStatistics, prepared: _Prepared, group, world_size: int) -> BatchStatistics:
     """Step 2: one all-reduce of the sums (float64), then a one-line error on every rank for unusable rows."""
     good = ~(rows.bad_draft | rows.bad_target)
-    local = torch.stack([
-        rows.alpha[good].double().sum(),
-        rows.kl[good].double().sum(),
-        -rows.log_alpha[good].double().sum(),
-        torch.tensor(float(prepared.num_local), dtype=torch.float64, device=rows.alpha.device),
-        rows.bad_draft.sum().double(),
-        rows.bad_target.sum().double(),
-    ])
+    local = torch.stack(
+        [
+            rows.alpha[good].double().sum(),
+            rows.kl[good].double().sum(),
+            -rows.log_alpha[good].double().sum(),
+            torch.tensor(float(prepared.num_local), dtype=torch.float64, device=rows.alpha.device),
+            rows.bad_draft.sum().double(),
+            rows.bad_target.sum().double(),
+        ]
+    )
     total = local.clone()
     if world_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     alpha, kl, nla, count, bad_draft, bad_target = total.tolist()
     local_alpha, local_kl, local_nla, local_count = local[:4].tolist()
-    _raise_for_bad_rows(int(count), int(bad_draft), int(bad_target), prepared, rows.bad_draft, rows.bad_target,
-                        world_size)
-    return BatchStatistics(alpha=alpha, kl=kl, neg_log_alpha=nla, count=int(count), local_alpha=local_alpha,
-                           local_kl=local_kl, local_neg_log_alpha=local_nla, local_count=int(local_count))
+    _raise_for_bad_rows(
+        int(count), int(bad_draft), int(bad_target), prepared, rows.bad_draft, rows.bad_target, world_size
+    )
+    return BatchStatistics(
+        alpha=alpha,
+        kl=kl,
+        neg_log_alpha=nla,
+        count=int(count),
+        local_alpha=local_alpha,
+        local_kl=local_kl,
+        local_neg_log_alpha=local_nla,
+        local_count=int(local_count),
+    )
 
 
 def loss_terms(kind: str, eta: float, batch: BatchStatistics, world_size: int) -> LossTerms:
     """Step 3: ``lam = exp(-eta * mean alpha)`` for LK^lambda (1 for KL, 0 for TV and LK^alpha) and the loss."""
     count = batch.count
-    mean_alpha, mean_kl, mean_nla = ((value / count if count else math.nan)
-                                     for value in (batch.alpha, batch.kl, batch.neg_log_alpha))
+    mean_alpha, mean_kl, mean_nla = (
+        (value / count if count else math.nan) for value in (batch.alpha, batch.kl, batch.neg_log_alpha)
+    )
     lam = {"kl": 1.0, "tv": 0.0, "alpha": 0.0}.get(kind)
     if lam is None:
         lam = math.exp(-eta * mean_alpha) if count else 1.0
@@ -174,8 +201,13 @@ def loss_terms(kind: str, eta: float, batch: BatchStatistics, world_size: int) -
     scale = world_size / count if count else 0.0
     local_sum = combine(batch.local_alpha, batch.local_kl, batch.local_neg_log_alpha, batch.local_count)
     return LossTerms(
-        lam=lam, scale=scale, local_loss=scale * local_sum, alpha=mean_alpha, kl=mean_kl,
-        tv=(1.0 - mean_alpha) if count else math.nan, neg_log_alpha=mean_nla,
+        lam=lam,
+        scale=scale,
+        local_loss=scale * local_sum,
+        alpha=mean_alpha,
+        kl=mean_kl,
+        tv=(1.0 - mean_alpha) if count else math.nan,
+        neg_log_alpha=mean_nla,
         global_loss=combine(batch.alpha, batch.kl, batch.neg_log_alpha, count) / count if count else 0.0,
         num_valid=count,
     )
@@ -186,12 +218,21 @@ class _LKLossFunction(torch.autograd.Function):
     docstring. Saved for backward: the inputs (references, no copies) and eight numbers per valid row."""
 
     @staticmethod
-    def forward(ctx, draft, target, prepared: _Prepared, rows: RowStatistics, terms: LossTerms, kind: str,
-                chunk_rows: int):
+    def forward(
+        ctx,
+        draft,
+        target,
+        prepared: _Prepared,
+        rows: RowStatistics,
+        terms: LossTerms,
+        kind: str,
+        chunk_rows: int,
+    ):
         names = list(rows.norms)
         ctx.norm_names = names
-        ctx.save_for_backward(draft, target, rows.alpha, rows.mass, rows.exact_rows,
-                              *(rows.norms[name] for name in names))
+        ctx.save_for_backward(
+            draft, target, rows.alpha, rows.mass, rows.exact_rows, *(rows.norms[name] for name in names)
+        )
         ctx.prepared = prepared
         ctx.kind = kind
         ctx.lam = terms.lam
@@ -245,8 +286,13 @@ class _LKLossFunction(torch.autograd.Function):
             kl_weight = weights[0] if kind in ("kl", "lambda") else None
             lse = prepared.target_lse
             exact_grad = _exact_backward_rows(
-                draft.index_select(0, source), target.index_select(0, target_source), d2t,
-                None if lse is None else lse.index_select(0, target_source), kind, kl_weight, weights[1],
+                draft.index_select(0, source),
+                target.index_select(0, target_source),
+                d2t,
+                None if lse is None else lse.index_select(0, target_source),
+                kind,
+                kl_weight,
+                weights[1],
             )
             grad.index_copy_(0, source, exact_grad.to(grad.dtype))
         return grad, *nothing

@@ -67,8 +67,13 @@ def _probabilities(draft, target_g, norms: dict[str, torch.Tensor], cd: torch.dt
     return log_q, log_p_tilde, q, p_tilde, p_g
 
 
-def _chunk_statistics(draft: torch.Tensor, target: torch.Tensor, target_g: torch.Tensor | None, cd: torch.dtype,
-                      target_lse: torch.Tensor | None = None):
+def _chunk_statistics(
+    draft: torch.Tensor,
+    target: torch.Tensor,
+    target_g: torch.Tensor | None,
+    cd: torch.dtype,
+    target_lse: torch.Tensor | None = None,
+):
     """Per-row statistics of one chunk: the normalisers (``m_d, s_d, m_g, s_g`` and, with a draft vocabulary,
     ``coverage = sum_d p_g[d]``), ``draft_min`` (a -inf draft logit makes the row unusable), ``alpha``,
     ``mass = M = sum_d q[d] a[d]`` and ``kl = KL(p~ || q)``, each ``[rows]``.
@@ -126,7 +131,9 @@ def _gradient_rows(draft, target_g, norms, mass, alpha, weights, kind: str, cd: 
     return grad - w_kl * p_tilde if kind == "lambda" else grad
 
 
-def _gradient_into(draft, target_g, norms, mass, alpha, weights, kind: str, out: torch.Tensor, cd: torch.dtype) -> None:
+def _gradient_into(
+    draft, target_g, norms, mass, alpha, weights, kind: str, out: torch.Tensor, cd: torch.dtype
+) -> None:
     """:func:`_gradient_rows` written into ``out`` (any float dtype): compiled, the fused loop computes in ``cd``
     and stores straight into ``out``, so no chunk-sized result is allocated and copied."""
     out.copy_(_gradient_rows(draft, target_g, norms, mass, alpha, weights, kind, cd))
@@ -168,8 +175,11 @@ class _Compiled:
                 if not _is_compile_error(error):
                     raise
                 _Compiled.failed = True
-                warnings.warn(f"lk_loss: torch.compile failed ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); using eager PyTorch", stacklevel=2)
+                warnings.warn(
+                    f"lk_loss: torch.compile failed ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}); using eager PyTorch",
+                    stacklevel=2,
+                )
         return self.function(*args)
 
 
@@ -182,8 +192,14 @@ def _is_compile_error(error: BaseException) -> bool:
             return False
         seen.add(id(chain))
         chain = chain.__cause__ or chain.__context__
-    return isinstance(error, dynamo_exc.TorchDynamoException | dynamo_exc.FailOnRecompileLimitHit | ImportError
-                      | OSError | NotImplementedError)
+    return isinstance(
+        error,
+        dynamo_exc.TorchDynamoException
+        | dynamo_exc.FailOnRecompileLimitHit
+        | ImportError
+        | OSError
+        | NotImplementedError,
+    )
 
 
 _statistics_kernel = _Compiled(_chunk_statistics)

@@ -45,7 +45,9 @@ def expand_kernel_any_dtype(output, input_val, cu_num_tokens, replace_from, repl
 
     counts = torch.diff(cu_num_tokens.to(torch.int64), prepend=cu_num_tokens.new_zeros(1, dtype=torch.int64))
     values = torch.where(input_val == replace_from, torch.full_like(input_val, replace_to), input_val)
-    expanded = torch.repeat_interleave(values, counts, output_size=int(cu_num_tokens[-1]) if len(counts) else 0)
+    expanded = torch.repeat_interleave(
+        values, counts, output_size=int(cu_num_tokens[-1]) if len(counts) else 0
+    )
     output[: expanded.numel()].copy_(expanded.to(output.dtype))
 
 
@@ -55,10 +57,13 @@ def patch_cpu_expand_kernel() -> bool:
         from vllm.utils import cpu_triton_utils
     except ImportError:  # a GPU build: nothing to fix
         return False
-    patching.replace(cpu_triton_utils, "_expand_kernel_impl", expand_kernel_any_dtype,
-                     parameters=("output", "input_val", "cu_num_tokens", "replace_from", "replace_to",
-                                 "MAX_NUM_TOKENS"),
-                     why="CPU expand kernel that keeps the output dtype (temperatures at T > 0)")
+    patching.replace(
+        cpu_triton_utils,
+        "_expand_kernel_impl",
+        expand_kernel_any_dtype,
+        parameters=("output", "input_val", "cu_num_tokens", "replace_from", "replace_to", "MAX_NUM_TOKENS"),
+        why="CPU expand kernel that keeps the output dtype (temperatures at T > 0)",
+    )
     return True
 
 
@@ -79,8 +84,13 @@ def patch_medusa_token_map() -> bool:
 
         return load_weights
 
-    patching.wrap(Medusa, "load_weights", make, parameters=("self", "weights"),
-                  why="a Medusa checkpoint's token_map counts as loaded")
+    patching.wrap(
+        Medusa,
+        "load_weights",
+        make,
+        parameters=("self", "weights"),
+        why="a Medusa checkpoint's token_map counts as loaded",
+    )
     return True
 
 
@@ -104,8 +114,13 @@ def patch_cpu_inprocess_worker() -> bool:
 
         return check_and_update_config
 
-    patching.wrap(CpuPlatform, "check_and_update_config", make, parameters=("cls", "vllm_config"),
-                  why="a one-worker CPU engine keeps its worker in EngineCore's process")
+    patching.wrap(
+        CpuPlatform,
+        "check_and_update_config",
+        make,
+        parameters=("cls", "vllm_config"),
+        why="a one-worker CPU engine keeps its worker in EngineCore's process",
+    )
     return True
 
 
@@ -130,9 +145,13 @@ def patch_finished_request_spec_metrics() -> bool:
 
         return _update_stats_from_finished
 
-    patching.wrap(OutputProcessor, "_update_stats_from_finished", make,
-                  parameters=("self", "req_state", "finish_reason", "iteration_stats"),
-                  why="a finished request's own speculative counters and temperature reach the stat logger")
+    patching.wrap(
+        OutputProcessor,
+        "_update_stats_from_finished",
+        make,
+        parameters=("self", "req_state", "finish_reason", "iteration_stats"),
+        why="a finished request's own speculative counters and temperature reach the stat logger",
+    )
     return True
 
 

@@ -40,8 +40,10 @@ def _check_parameters(where: str, original, parameters: tuple[str, ...] | None) 
         return
     found = tuple(inspect.signature(_function(original)).parameters)
     if found != tuple(parameters):
-        raise RuntimeError(f"lk-vllm's patch of {where} was written for parameters {tuple(parameters)}; "
-                           f"this vLLM's takes {found}")
+        raise RuntimeError(
+            f"lk-vllm's patch of {where} was written for parameters {tuple(parameters)}; "
+            f"this vLLM's takes {found}"
+        )
 
 
 def _install(owner, name: str, value, why: str) -> None:
@@ -76,7 +78,9 @@ def add(owner, name: str, function: Callable, *, why: str) -> None:
     _install(owner, name, function, why)
 
 
-def replace(owner, name: str, value: Callable, *, parameters: tuple[str, ...] | None = None, why: str) -> None:
+def replace(
+    owner, name: str, value: Callable, *, parameters: tuple[str, ...] | None = None, why: str
+) -> None:
     """``owner.name = value`` for a module-level function vLLM looks up at call time."""
     where = _qualified(owner, name)
     current = getattr(owner, name, None)

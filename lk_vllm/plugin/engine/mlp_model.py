@@ -25,10 +25,14 @@ class MLPSpeculatorModel(MLPSpeculator):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         speculative_config = vllm_config.speculative_config
         if speculative_config is None or speculative_config.draft_model_config is None:
-            raise ValueError("an MLP speculator is a drafter: serve a target model with "
-                             '--speculative-config \'{"method": "mlp_speculator", "model": DIR, ...}\'')
+            raise ValueError(
+                "an MLP speculator is a drafter: serve a target model with "
+                '--speculative-config \'{"method": "mlp_speculator", "model": DIR, ...}\''
+            )
         # vLLM's constructor reads only ``vllm_config.model_config.hf_config``: give it the draft's.
-        draft = SimpleNamespace(model_config=SimpleNamespace(hf_config=speculative_config.draft_model_config.hf_config))
+        draft = SimpleNamespace(
+            model_config=SimpleNamespace(hf_config=speculative_config.draft_model_config.hf_config)
+        )
         super().__init__(vllm_config=draft, prefix=prefix)
 
     def _logits(self, stage: int, state: torch.Tensor) -> torch.Tensor:
@@ -41,9 +45,13 @@ class MLPSpeculatorModel(MLPSpeculator):
         return logits[..., : self.vocab_size]
 
     @torch.inference_mode()
-    def propose(self, hidden_states: torch.Tensor, tokens: torch.Tensor, num_tokens: int,
-                sample: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def propose(
+        self,
+        hidden_states: torch.Tensor,
+        tokens: torch.Tensor,
+        num_tokens: int,
+        sample: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Drafts [N, num_tokens] for N requests, and their distributions [N, num_tokens, vocab] (None when greedy).
 
         ``hidden_states`` [N, emb_dim]: the target's last hidden state (after its final norm) at each request's
@@ -52,8 +60,10 @@ class MLPSpeculatorModel(MLPSpeculator):
         ``sample`` (logits -> (tokens, probabilities)) a token drawn from them.
         """
         if num_tokens > len(self.head):  # vLLM builds num_speculative_tokens (<= n_predict) stages
-            raise ValueError(f"the MLP speculator was built with {len(self.head)} stages, "
-                             f"cannot propose {num_tokens} tokens")
+            raise ValueError(
+                f"the MLP speculator was built with {len(self.head)} stages, "
+                f"cannot propose {num_tokens} tokens"
+            )
         state = hidden_states
         if self.scale_input:
             state = self.ln0(state) / math.sqrt(2)

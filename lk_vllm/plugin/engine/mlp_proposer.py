@@ -41,29 +41,52 @@ METHOD = "mlp_speculator"
 ARCHITECTURE = "MLPSpeculatorPreTrainedModel"
 MODEL_CLASS = "lk_vllm.plugin.engine.mlp_model:MLPSpeculatorModel"
 # The parameters of GPUModelRunner.propose_draft_token_ids in vLLM 0.32.0 (checked before patching).
-PROPOSE_PARAMETERS = ("self", "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
-                      "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata", "common_attn_metadata",
-                      "slot_mappings")
+PROPOSE_PARAMETERS = (
+    "self",
+    "scheduler_output",
+    "sampled_token_ids",
+    "sampling_metadata",
+    "hidden_states",
+    "sample_hidden_states",
+    "aux_hidden_states",
+    "spec_decode_metadata",
+    "common_attn_metadata",
+    "slot_mappings",
+)
 
 
 # ------------------------------------------------------------------------------------------ checks
-def mlp_speculator_mismatches(drafter: dict[str, Any], target_hidden_size: int | None, target_vocab_size: int | None,
-                              num_speculative_tokens: int | None = None) -> list[str]:
+def mlp_speculator_mismatches(
+    drafter: dict[str, Any],
+    target_hidden_size: int | None,
+    target_vocab_size: int | None,
+    num_speculative_tokens: int | None = None,
+) -> list[str]:
     """What makes an MLP-speculator config (``config.json`` as a dict) unusable with a target; empty if nothing.
 
     Stage 0 reads the target's last hidden state (``emb_dim`` wide) and every stage embeds and predicts target
     token ids (``vocab_size``); one stage proposes one token (``n_predict`` >= K).
     """
     problems = []
-    emb_dim, vocab_size, n_predict = drafter.get("emb_dim"), drafter.get("vocab_size"), drafter.get("n_predict")
+    emb_dim, vocab_size, n_predict = (
+        drafter.get("emb_dim"),
+        drafter.get("vocab_size"),
+        drafter.get("n_predict"),
+    )
     if target_hidden_size and emb_dim and int(emb_dim) != int(target_hidden_size):
-        problems.append(f"it reads target hidden states of size {emb_dim} (emb_dim), "
-                        f"but the target's hidden size is {target_hidden_size}")
+        problems.append(
+            f"it reads target hidden states of size {emb_dim} (emb_dim), "
+            f"but the target's hidden size is {target_hidden_size}"
+        )
     if target_vocab_size and vocab_size and int(vocab_size) != int(target_vocab_size):
-        problems.append(f"its vocabulary has {vocab_size} tokens (vocab_size), but the target's has {target_vocab_size}")
+        problems.append(
+            f"its vocabulary has {vocab_size} tokens (vocab_size), but the target's has {target_vocab_size}"
+        )
     if num_speculative_tokens and n_predict and int(num_speculative_tokens) > int(n_predict):
-        problems.append(f"it has {n_predict} stages (n_predict), fewer than num_speculative_tokens "
-                        f"{num_speculative_tokens}")
+        problems.append(
+            f"it has {n_predict} stages (n_predict), fewer than num_speculative_tokens "
+            f"{num_speculative_tokens}"
+        )
     return problems
 
 
@@ -72,17 +95,23 @@ def check_fits_target(speculative_config, target_model_config) -> None:
     checks that a drafter fits its target, when the engine config is built, before any engine process starts
     (lk-vllm's launcher checks the same earlier, from the files)."""
     draft = speculative_config.draft_model_config
-    problems = mlp_speculator_mismatches(draft.hf_config.to_dict(), target_model_config.get_hidden_size(),
-                                         target_model_config.get_vocab_size(),
-                                         speculative_config.num_speculative_tokens)
+    problems = mlp_speculator_mismatches(
+        draft.hf_config.to_dict(),
+        target_model_config.get_hidden_size(),
+        target_model_config.get_vocab_size(),
+        speculative_config.num_speculative_tokens,
+    )
     if problems:
-        raise ValueError(f"MLP speculator {draft.model} does not fit the target {target_model_config.model}: "
-                         + "; ".join(problems))
+        raise ValueError(
+            f"MLP speculator {draft.model} does not fit the target {target_model_config.model}: "
+            + "; ".join(problems)
+        )
 
 
 # ------------------------------------------------------------------------------------------ proposer
-def last_accepted_rows(sampled_token_ids: list[list[int]], num_draft_tokens: list[int] | None
-                       ) -> tuple[list[int], list[int]]:
+def last_accepted_rows(
+    sampled_token_ids: list[list[int]], num_draft_tokens: list[int] | None
+) -> tuple[list[int], list[int]]:
     """For each request, the row of the runner's ``sample_hidden_states`` whose logits produced the request's
     last sampled token, and that token: what stage 0 of the MLP speculator reads.
 
@@ -114,8 +143,10 @@ class MLPSpeculatorProposer:
         self.speculative_config = vllm_config.speculative_config
         self.device = device
         self.num_speculative_tokens = self.speculative_config.num_speculative_tokens
-        self.probabilistic = (self.speculative_config.rejection_sample_method == "standard"
-                              and self.speculative_config.draft_sample_method == "probabilistic")
+        self.probabilistic = (
+            self.speculative_config.rejection_sample_method == "standard"
+            and self.speculative_config.draft_sample_method == "probabilistic"
+        )
         self.model = None
 
     def load_model(self, target_model) -> None:
@@ -125,11 +156,18 @@ class MLPSpeculatorProposer:
         from vllm.model_executor.model_loader import get_model
 
         with set_model_tag("mlp_speculator"):
-            self.model = get_model(vllm_config=self.vllm_config,
-                                   model_config=self.speculative_config.draft_model_config)
+            self.model = get_model(
+                vllm_config=self.vllm_config, model_config=self.speculative_config.draft_model_config
+            )
 
-    def propose(self, num_speculative_tokens: int, sampled_token_ids: list[list[int]],
-                sample_hidden_states, spec_decode_metadata, sampling_metadata):
+    def propose(
+        self,
+        num_speculative_tokens: int,
+        sampled_token_ids: list[list[int]],
+        sample_hidden_states,
+        spec_decode_metadata,
+        sampling_metadata,
+    ):
         """Drafts [num_requests, K] from this step's target hidden states, and their distributions
         [num_requests, K, vocab] when they were sampled (else None)."""
         import torch
@@ -146,9 +184,13 @@ class MLPSpeculatorProposer:
         tokens_tensor = async_tensor_h2d(tokens, dtype=torch.long, device=self.device)
         sample = None
         if self.probabilistic and not sampling_metadata.all_greedy:
+
             def sample(logits):
                 return compute_probs_and_sample_next_token(logits, sampling_metadata)
-        return self.model.propose(sample_hidden_states[rows_tensor], tokens_tensor, num_speculative_tokens, sample)
+
+        return self.model.propose(
+            sample_hidden_states[rows_tensor], tokens_tensor, num_speculative_tokens, sample
+        )
 
     def _create_draft_vllm_config(self):
         """The config the drafter is built with (the name of vLLM's proposer hook, which lk-vllm's in-place
@@ -181,15 +223,38 @@ def _construct_runner(original):
 
 def _propose_draft_token_ids(original):
     @functools.wraps(original)
-    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
-                                sample_hidden_states, aux_hidden_states, spec_decode_metadata,
-                                common_attn_metadata, slot_mappings):
+    def propose_draft_token_ids(
+        self,
+        scheduler_output,
+        sampled_token_ids,
+        sampling_metadata,
+        hidden_states,
+        sample_hidden_states,
+        aux_hidden_states,
+        spec_decode_metadata,
+        common_attn_metadata,
+        slot_mappings,
+    ):
         if self.speculative_config.method != METHOD:
-            return original(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
-                            sample_hidden_states, aux_hidden_states, spec_decode_metadata,
-                            common_attn_metadata, slot_mappings)
-        drafts, probs = self.drafter.propose(scheduler_output.num_spec_tokens_to_schedule, sampled_token_ids,
-                                             sample_hidden_states, spec_decode_metadata, sampling_metadata)
+            return original(
+                self,
+                scheduler_output,
+                sampled_token_ids,
+                sampling_metadata,
+                hidden_states,
+                sample_hidden_states,
+                aux_hidden_states,
+                spec_decode_metadata,
+                common_attn_metadata,
+                slot_mappings,
+            )
+        drafts, probs = self.drafter.propose(
+            scheduler_output.num_spec_tokens_to_schedule,
+            sampled_token_ids,
+            sample_hidden_states,
+            spec_decode_metadata,
+            sampling_metadata,
+        )
         # Where vLLM's runner keeps sampled drafts' distributions for the next verification (as for EAGLE);
         # None: greedy drafts, which the rejection sampler treats as one-hot.
         self._draft_probs = probs
@@ -203,7 +268,11 @@ def _verify_draft_fits_target(original):
     @functools.wraps(original)
     def verify_equal_vocab_size_if_draft_model(self):
         original(self)
-        if self.method == METHOD and self.target_model_config is not None and self.draft_model_config is not None:
+        if (
+            self.method == METHOD
+            and self.target_model_config is not None
+            and self.draft_model_config is not None
+        ):
             check_fits_target(self, self.target_model_config)
 
     return verify_equal_vocab_size_if_draft_model
@@ -214,15 +283,16 @@ def _patch_points():
     from vllm.config import SpeculativeConfig
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    return ((SpeculativeConfig, "verify_equal_vocab_size_if_draft_model", _verify_draft_fits_target, ("self",)),
-            (GPUModelRunner, "__init__", _construct_runner, ("self", "vllm_config", "device")),
-            (GPUModelRunner, "propose_draft_token_ids", _propose_draft_token_ids, PROPOSE_PARAMETERS))
+    return (
+        (SpeculativeConfig, "verify_equal_vocab_size_if_draft_model", _verify_draft_fits_target, ("self",)),
+        (GPUModelRunner, "__init__", _construct_runner, ("self", "vllm_config", "device")),
+        (GPUModelRunner, "propose_draft_token_ids", _propose_draft_token_ids, PROPOSE_PARAMETERS),
+    )
 
 
 def install() -> None:
     """Register the model and wrap the methods above (idempotent). Raises RuntimeError on another vLLM."""
     from vllm.model_executor.models import ModelRegistry
-
 
     check_vllm_version()
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

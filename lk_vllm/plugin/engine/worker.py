@@ -50,9 +50,13 @@ def _draft_configs(proposer):
     The load config is the one vLLM reads drafters with (``get_draft_load_config``)."""
     from vllm.model_executor.model_loader.utils import get_draft_load_config
 
-    speculative_config = getattr(proposer, "speculative_config", None) or getattr(proposer, "spec_config", None)
+    speculative_config = getattr(proposer, "speculative_config", None) or getattr(
+        proposer, "spec_config", None
+    )
     if speculative_config is None or getattr(speculative_config, "draft_model_config", None) is None:
-        raise RuntimeError(f"{type(proposer).__name__} has no speculative config with a draft model to reload")
+        raise RuntimeError(
+            f"{type(proposer).__name__} has no speculative config with a draft model to reload"
+        )
     if hasattr(proposer, "_create_draft_vllm_config"):
         vllm_config = proposer._create_draft_vllm_config()
     else:
@@ -155,6 +159,9 @@ def install_worker_methods() -> None:
     """Add the lk methods to vLLM's WorkerBase (idempotent)."""
     from vllm.v1.worker.worker_base import WorkerBase
 
-
-    patching.add(WorkerBase, RELOAD_DRAFTER, lk_reload_drafter, why="drafter swap: reload its weights in place")
-    patching.add(WorkerBase, DRAFTER_PARAMETERS, lk_drafter_parameters, why="drafter swap: checksum the weights")
+    patching.add(
+        WorkerBase, RELOAD_DRAFTER, lk_reload_drafter, why="drafter swap: reload its weights in place"
+    )
+    patching.add(
+        WorkerBase, DRAFTER_PARAMETERS, lk_drafter_parameters, why="drafter swap: checksum the weights"
+    )

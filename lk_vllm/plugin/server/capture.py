@@ -62,9 +62,14 @@ class CaptureSettings:
     def __post_init__(self) -> None:
         if not (isinstance(self.quantile, int | float) and 0.0 < self.quantile < 1.0):
             raise UserError(f"--capture-quantile: expected a fraction in (0, 1), found {self.quantile}")
-        if not (isinstance(self.max_megabytes, int | float) and math.isfinite(self.max_megabytes)
-                and self.max_megabytes > 0):
-            raise UserError(f"--capture-max-mb: expected a positive number of MiB, found {self.max_megabytes}")
+        if not (
+            isinstance(self.max_megabytes, int | float)
+            and math.isfinite(self.max_megabytes)
+            and self.max_megabytes > 0
+        ):
+            raise UserError(
+                f"--capture-max-mb: expected a positive number of MiB, found {self.max_megabytes}"
+            )
         if self.directory is not None and Path(self.directory).exists() and not Path(self.directory).is_dir():
             raise UserError(f"--capture-low-acceptance {self.directory}: expected a directory, found a file")
 
@@ -87,8 +92,11 @@ def prompt_record(path: str, body: Any) -> dict[str, Any] | None:
             role = {"developer": "system"}.get(message.get("role"), message.get("role"))
             content = message.get("content")
             if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(part.get("text") or "" for part in content
-                                  if isinstance(part, dict) and part.get("type") == "text")
+                content = "".join(
+                    part.get("text") or ""
+                    for part in content
+                    if isinstance(part, dict) and part.get("type") == "text"
+                )
             if role in ("system", "user", "assistant") and isinstance(content, str) and content:
                 messages.append({"role": role, "content": content})
         while messages and messages[-1]["role"] == "assistant":  # prepare regenerates the answer
@@ -125,8 +133,13 @@ class TrafficCapture:
         self.stopped: str | None = None  # why capture stopped by itself
         self.seen = 0  # responses with the request's own acceptance
         self.captured = 0
-        self.skipped: dict[str, int] = {"above_threshold": 0, "warming_up": 0, "no_acceptance": 0,
-                                        "unreadable_prompt": 0, "off": 0}
+        self.skipped: dict[str, int] = {
+            "above_threshold": 0,
+            "warming_up": 0,
+            "no_acceptance": 0,
+            "unreadable_prompt": 0,
+            "off": 0,
+        }
         self.bytes_written = 0
         self.files: list[str] = []
         self._file: Path | None = None
@@ -141,7 +154,9 @@ class TrafficCapture:
 
     def set_enabled(self, enabled: bool) -> None:
         if enabled and self.settings.directory is None:
-            raise UserError("traffic capture is not configured: start the server with --capture-low-acceptance DIR")
+            raise UserError(
+                "traffic capture is not configured: start the server with --capture-low-acceptance DIR"
+            )
         with self._lock:
             self.enabled = enabled
             if enabled:
@@ -160,8 +175,10 @@ class TrafficCapture:
                     length = acceptance.mean_acceptance_length(accepted, drafts)
                     if length is not None:
                         lengths[mode].append(length)
-            self._thresholds = {mode: quantile(values, self.settings.quantile) if len(values) >= MIN_REQUESTS
-                                else None for mode, values in lengths.items()}
+            self._thresholds = {
+                mode: quantile(values, self.settings.quantile) if len(values) >= MIN_REQUESTS else None
+                for mode, values in lengths.items()
+            }
             self._thresholds_at = now
         return self._thresholds
 
@@ -197,8 +214,15 @@ class TrafficCapture:
         if outcome is not None:
             self.skipped[outcome] += 1
             return outcome
-        line = json.dumps({"id": f"capture-{uuid.uuid4().hex[:16]}", **record, "acceptance_length": round(length, 4),
-                           "sampling": mode, "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+        line = json.dumps(
+            {
+                "id": f"capture-{uuid.uuid4().hex[:16]}",
+                **record,
+                "acceptance_length": round(length, 4),
+                "sampling": mode,
+                "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            }
+        )
         return "captured" if self._write(line + "\n") else "off"
 
     def _write(self, line: str) -> bool:
@@ -208,8 +232,10 @@ class TrafficCapture:
                 return False
             limit = int(self.settings.max_megabytes * 2**20)
             if self.bytes_written + len(data) > limit:
-                self._stop(f"reached --capture-max-mb {self.settings.max_megabytes:g} MiB (POST "
-                           '/v1/speculative/capture {"enabled": true} allows as much again)')
+                self._stop(
+                    f"reached --capture-max-mb {self.settings.max_megabytes:g} MiB (POST "
+                    '/v1/speculative/capture {"enabled": true} allows as much again)'
+                )
                 return False
             try:
                 if self._file is None or self._file_bytes + len(data) > ROTATE_BYTES:
@@ -218,8 +244,10 @@ class TrafficCapture:
                 with open(self._file, "ab") as f:
                     f.write(data)
             except OSError as exc:  # not writable, disk full, directory gone: capture stops, serving goes on
-                self._stop(f"write to {self._file or self.settings.directory} failed: "
-                           f"{exc.strerror or exc} (errno {exc.errno})")
+                self._stop(
+                    f"write to {self._file or self.settings.directory} failed: "
+                    f"{exc.strerror or exc} (errno {exc.errno})"
+                )
                 return False
             self._file_bytes += len(data)
             self.bytes_written += len(data)
@@ -240,12 +268,22 @@ class TrafficCapture:
         logger.warning("lk-vllm: traffic capture stopped (serving goes on): %s", reason)
 
     def status(self) -> dict[str, Any]:
-        return {"configured": self.settings.directory is not None, "enabled": self.enabled, "active": self.active,
-                "stopped": self.stopped, "directory": self.settings.directory, "quantile": self.settings.quantile,
-                "max_megabytes": self.settings.max_megabytes, "thresholds": dict(self._thresholds),
-                "seen": self.seen, "captured": self.captured, "skipped": dict(self.skipped),
-                "bytes_written": self.bytes_written, "files": list(self.files),
-                "current_file": self._file.name if self._file else None}
+        return {
+            "configured": self.settings.directory is not None,
+            "enabled": self.enabled,
+            "active": self.active,
+            "stopped": self.stopped,
+            "directory": self.settings.directory,
+            "quantile": self.settings.quantile,
+            "max_megabytes": self.settings.max_megabytes,
+            "thresholds": dict(self._thresholds),
+            "seen": self.seen,
+            "captured": self.captured,
+            "skipped": dict(self.skipped),
+            "bytes_written": self.bytes_written,
+            "files": list(self.files),
+            "current_file": self._file.name if self._file else None,
+        }
 
 
 class CaptureMiddleware:
@@ -257,8 +295,12 @@ class CaptureMiddleware:
         self.capture = capture
 
     async def __call__(self, scope, receive, send):
-        if (scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in CAPTURED_PATHS
-                or not self.capture.active):
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or scope.get("path") not in CAPTURED_PATHS
+            or not self.capture.active
+        ):
             return await self.app(scope, receive, send)
         request_body = bytearray()
         response_body = bytearray()
@@ -292,7 +334,9 @@ class CaptureMiddleware:
     def _hand_over(self, path: str, request_body: bytes, response_body: bytes, stream: bool) -> None:
         try:
             body = json.loads(request_body)
-            response = _last_chunk_with_metrics(response_body) if stream else json.loads(response_body or b"null")
+            response = (
+                _last_chunk_with_metrics(response_body) if stream else json.loads(response_body or b"null")
+            )
         except ValueError:
             body, response = None, None
         self.capture.offer(path, body, response)
@@ -302,7 +346,7 @@ def _last_chunk_with_metrics(tail: bytes) -> dict | None:
     for line in reversed(tail.decode("utf-8", errors="replace").splitlines()):
         if line.startswith("data: {") and '"speculative_decoding"' in line:
             try:
-                return json.loads(line[len("data: "):])
+                return json.loads(line[len("data: ") :])
             except ValueError:
                 return None
     return None

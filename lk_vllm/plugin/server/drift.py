@@ -39,12 +39,16 @@ MIN_DRAFTS = 50  # below this many drafts in the window a check is not judged
 class DriftSettings:
     threshold: float = 0.75  # alarm when observed / expected < threshold
     window_seconds: float = 300.0
-    reference_seconds: float = 300.0  # the first minutes of a drafter's traffic, when it has no training record
+    reference_seconds: float = (
+        300.0  # the first minutes of a drafter's traffic, when it has no training record
+    )
 
     def __post_init__(self) -> None:
         check_threshold(self.threshold)
-        for flag, value in (("--drift-window", self.window_seconds),
-                            ("--drift-reference-minutes", self.reference_seconds / 60)):
+        for flag, value in (
+            ("--drift-window", self.window_seconds),
+            ("--drift-reference-minutes", self.reference_seconds / 60),
+        ):
             if not (isinstance(value, int | float) and value > 0):
                 raise UserError(f"{flag}: expected a positive number, got {value!r}")
 
@@ -56,8 +60,10 @@ class DriftSettings:
 
 def check_threshold(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-        raise UserError(f"--drift-threshold: expected a fraction in (0, 1] of the expected acceptance length, "
-                        f"got {value!r}")
+        raise UserError(
+            f"--drift-threshold: expected a fraction in (0, 1] of the expected acceptance length, "
+            f"got {value!r}"
+        )
     return float(value)
 
 
@@ -96,7 +102,10 @@ class DriftMonitor:
         steps = store.steps(None, info.name)
         minutes = f"{self.settings.reference_seconds / 60:g}"
         if not steps or time.monotonic() - steps[0].time < self.settings.reference_seconds:
-            return {}, f"learning the expected acceptance from the drafter's first {minutes} minutes of traffic"
+            return (
+                {},
+                f"learning the expected acceptance from the drafter's first {minutes} minutes of traffic",
+            )
         first = [s for s in steps if s.time - steps[0].time <= self.settings.reference_seconds]
         learned = store.summary(first)["acceptance_length"]
         if learned is None:
@@ -108,8 +117,14 @@ class DriftMonitor:
     def check(self, store) -> dict[str, Any]:
         info = store.drafter
         settings = self.settings
-        out: dict[str, Any] = {"threshold": settings.threshold, "window_seconds": settings.window_seconds,
-                               "drafter": info.name if info else None, "drifting": None, "checks": [], "reason": None}
+        out: dict[str, Any] = {
+            "threshold": settings.threshold,
+            "window_seconds": settings.window_seconds,
+            "drafter": info.name if info else None,
+            "drifting": None,
+            "checks": [],
+            "reason": None,
+        }
         if info is None:
             out["reason"] = "speculative decoding is off"
             return out
@@ -122,9 +137,17 @@ class DriftMonitor:
         judged = []
         for mode, (value, source) in expected.items():
             entry = observed[("pooled", mode)]
-            check = {"sampling": mode, "expected": value, "expected_source": source, "observed": entry["value"],
-                     "aggregation": "pooled", "num_drafts": entry["num_drafts"], "requests": entry.get("requests"),
-                     "ratio": None, "drifting": None}
+            check = {
+                "sampling": mode,
+                "expected": value,
+                "expected_source": source,
+                "observed": entry["value"],
+                "aggregation": "pooled",
+                "num_drafts": entry["num_drafts"],
+                "requests": entry.get("requests"),
+                "ratio": None,
+                "drifting": None,
+            }
             if entry["value"] is not None and entry["num_drafts"] >= MIN_DRAFTS:
                 check["ratio"] = entry["value"] / value
                 check["drifting"] = check["ratio"] < settings.threshold

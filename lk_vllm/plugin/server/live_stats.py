@@ -102,7 +102,9 @@ class Counters:
             accepted_per_position=step.accepted_per_position,
         )
         for num_drafts, num_accepted, mode in step.requests:
-            self.requests[mode] = self.requests[mode] + acceptance.RequestAcceptance.of_request(num_drafts, num_accepted)
+            self.requests[mode] = self.requests[mode] + acceptance.RequestAcceptance.of_request(
+                num_drafts, num_accepted
+            )
 
     def merge(self, other: Counters) -> None:
         self.steps += other.steps
@@ -117,24 +119,42 @@ class Counters:
     def acceptance_lengths(self) -> list[dict[str, Any]]:
         """Every acceptance length of these steps, each labelled with its aggregation (``AGGREGATIONS``) and the
         sampling mode of the traffic it covers (``all``: temperature 0 and sampled requests together)."""
-        out = [{"aggregation": "pooled", "sampling": "all", "value": self.counts.acceptance_length,
+        out = [
+            {
+                "aggregation": "pooled",
+                "sampling": "all",
+                "value": self.counts.acceptance_length,
                 "source": "engine steps (every draft, requests still running included)",
-                "num_drafts": self.counts.num_drafts}]
+                "num_drafts": self.counts.num_drafts,
+            }
+        ]
         for mode, requests in (("all", self.all_requests()), *self.requests.items()):
-            for aggregation, value in (("pooled", requests.pooled_acceptance_length),
-                                       ("mean_of_request_means", requests.mean_of_request_means)):
+            for aggregation, value in (
+                ("pooled", requests.pooled_acceptance_length),
+                ("mean_of_request_means", requests.mean_of_request_means),
+            ):
                 if mode == "all" and aggregation == "pooled":
                     continue  # the engine steps' pooled value above covers these and more
-                out.append({"aggregation": aggregation, "sampling": mode, "value": value, "source": "finished requests",
-                            "requests": requests.requests, "num_drafts": requests.num_drafts})
+                out.append(
+                    {
+                        "aggregation": aggregation,
+                        "sampling": mode,
+                        "value": value,
+                        "source": "finished requests",
+                        "requests": requests.requests,
+                        "num_drafts": requests.num_drafts,
+                    }
+                )
         return out
 
     def request_histogram(self) -> dict[str, Any]:
         """Per-request acceptance lengths of the finished requests, counted per bucket (not cumulative)."""
         modes = {"all": self.all_requests(), **self.requests}
-        return {"upper_bounds": [*acceptance.REQUEST_ACCEPTANCE_BUCKETS, "+Inf"],
-                "counts": {mode: list(requests.histogram) for mode, requests in modes.items()},
-                "sums": {mode: requests.sum_of_request_lengths for mode, requests in modes.items()}}
+        return {
+            "upper_bounds": [*acceptance.REQUEST_ACCEPTANCE_BUCKETS, "+Inf"],
+            "counts": {mode: list(requests.histogram) for mode, requests in modes.items()},
+            "sums": {mode: requests.sum_of_request_lengths for mode, requests in modes.items()},
+        }
 
     def as_json(self) -> dict[str, Any]:
         counts = self.counts
@@ -242,7 +262,9 @@ class LiveStatsStore:
         now = time.monotonic() if now is None else now
         with self._lock:
             previous, self._last_record = self._last_record, now
-            decode_seconds = now - previous if (timed and previous is not None and output_tokens > 0) else None
+            decode_seconds = (
+                now - previous if (timed and previous is not None and output_tokens > 0) else None
+            )
             step = Step(
                 time=now,
                 drafter=self.drafter.name if self.drafter else "none",
@@ -310,15 +332,24 @@ class LiveStatsStore:
                 "started_wall": self.started_wall,
                 "steps": [dataclasses.astuple(step) for step in self._steps],
                 "timed": [dataclasses.astuple(step) for step in self._timed_since_start],
-                "since_start": {name: {"steps": c.steps, "output_tokens": c.output_tokens,
-                                       "requests": {m: dataclasses.asdict(r) for m, r in c.requests.items()},
-                                       **dataclasses.asdict(c.counts)} for name, c in self._since_start.items()},
-                "drafters_seen": {name: dataclasses.asdict(info) for name, info in self.drafters_seen.items()},
+                "since_start": {
+                    name: {
+                        "steps": c.steps,
+                        "output_tokens": c.output_tokens,
+                        "requests": {m: dataclasses.asdict(r) for m, r in c.requests.items()},
+                        **dataclasses.asdict(c.counts),
+                    }
+                    for name, c in self._since_start.items()
+                },
+                "drafters_seen": {
+                    name: dataclasses.asdict(info) for name, info in self.drafters_seen.items()
+                },
             }
 
     def merge_snapshot(self, data: dict[str, Any]) -> None:
         """Add an earlier snapshot (of the engine this one replaced) in front of what is recorded here. The live
         drafter stays the one set here; drafters only the snapshot knows become queryable again."""
+
         def steps(rows):
             return [_step_from_row(row) for row in rows]
 
@@ -330,7 +361,9 @@ class LiveStatsStore:
                 counters = Counters()
                 counters.steps, counters.output_tokens = saved.pop("steps"), saved.pop("output_tokens")
                 for mode, sums in saved.pop("requests", {}).items():
-                    counters.requests[mode] = acceptance.RequestAcceptance(**{**sums, "histogram": tuple(sums["histogram"])})
+                    counters.requests[mode] = acceptance.RequestAcceptance(
+                        **{**sums, "histogram": tuple(sums["histogram"])}
+                    )
                 counters.counts = acceptance.SpecDecodeCounts(**saved)
                 counters.merge(self._since_start.get(name, Counters()))
                 self._since_start[name] = counters
@@ -356,7 +389,9 @@ class LiveStatsStore:
                 {
                     "t": self.started_wall + (part[-1].time - self.started),  # wall-clock seconds
                     "acceptance_length": summary["acceptance_length"],
-                    "acceptance_length_mean_of_request_means": summary["acceptance_length_mean_of_request_means"],
+                    "acceptance_length_mean_of_request_means": summary[
+                        "acceptance_length_mean_of_request_means"
+                    ],
                     "per_position_acceptance": summary["per_position_acceptance"],
                     "speedup": summary["speedup"],
                     "tokens_per_s": summary["tokens_per_s"],

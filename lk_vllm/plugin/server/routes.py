@@ -57,16 +57,22 @@ def check_admin(request: Request, admin_key: str | None) -> JSONResponse | None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         supplied = token if scheme.lower() == "bearer" and token else None
     if supplied is None:
-        return _error(401, "admin route: send the admin key as 'Authorization: Bearer <key>' or 'X-Admin-Key'",
-                      **{"WWW-Authenticate": "Bearer"})
+        return _error(
+            401,
+            "admin route: send the admin key as 'Authorization: Bearer <key>' or 'X-Admin-Key'",
+            **{"WWW-Authenticate": "Bearer"},
+        )
     if not admin_key:
         return _error(403, "admin routes are disabled: start the server with --admin-key")
-    same = secrets.compare_digest(hashlib.sha256(supplied.encode()).digest(), hashlib.sha256(admin_key.encode()).digest())
+    same = secrets.compare_digest(
+        hashlib.sha256(supplied.encode()).digest(), hashlib.sha256(admin_key.encode()).digest()
+    )
     return None if same else _error(403, "wrong admin key")
 
 
-def stats_payload(store: LiveStatsStore, window: float, drafter: str | None,
-                  drift: DriftMonitor | None = None) -> dict[str, Any]:
+def stats_payload(
+    store: LiveStatsStore, window: float, drafter: str | None, drift: DriftMonitor | None = None
+) -> dict[str, Any]:
     info = store.drafter
     selected = store.drafters_seen.get(drafter) if drafter else info
     window_summary = store.summary(store.steps(window, drafter))
@@ -82,7 +88,9 @@ def stats_payload(store: LiveStatsStore, window: float, drafter: str | None,
         "per_request": {"source": store.per_request_source, "missing": store.per_request_missing},
         "baseline": baseline.describe() if baseline else {"kind": "none", "reason": store.baseline_error},
         "since_start": store.since_start(drafter),
-        "drafters": {name: {**seen.as_json(), **store.since_start(name)} for name, seen in store.drafters_seen.items()},
+        "drafters": {
+            name: {**seen.as_json(), **store.since_start(name)} for name, seen in store.drafters_seen.items()
+        },
     }
     if drift is not None and (drafter is None or drafter == (info.name if info else None)):
         payload["drift"] = drift.check(store)  # about the live drafter only
@@ -148,7 +156,9 @@ class LkRoutes:
             if isinstance(seconds, JSONResponse):
                 return seconds
             if drafter is not None and drafter not in self.store.drafters_seen:
-                return _error(404, f"drafter {drafter!r} never served here; known: {sorted(self.store.drafters_seen)}")
+                return _error(
+                    404, f"drafter {drafter!r} never served here; known: {sorted(self.store.drafters_seen)}"
+                )
             return stats_payload(self.store, seconds, drafter, self.drift)
 
         @router.get("/v1/speculative/history")
@@ -235,8 +245,12 @@ class LkRoutes:
 class LkCollector:
     """Prometheus collector: the ``lk_*`` gauges, computed from the live store at scrape time."""
 
-    def __init__(self, store: LiveStatsStore = STORE, window: float = DEFAULT_WINDOW_SECONDS,
-                 drift: DriftMonitor | None = None) -> None:
+    def __init__(
+        self,
+        store: LiveStatsStore = STORE,
+        window: float = DEFAULT_WINDOW_SECONDS,
+        drift: DriftMonitor | None = None,
+    ) -> None:
         self.store = store
         self.window = window
         self.drift = drift or DriftMonitor()
@@ -262,8 +276,10 @@ class LkCollector:
             labels=["aggregation", "sampling"],
         )
         for entry in summary["acceptance_lengths"]:
-            labelled.add_metric([entry["aggregation"], entry["sampling"]],
-                                entry["value"] if entry["value"] is not None else nan)
+            labelled.add_metric(
+                [entry["aggregation"], entry["sampling"]],
+                entry["value"] if entry["value"] is not None else nan,
+            )
         yield labelled
         histogram = self.store.since_start()["request_acceptance_histogram"]
         per_request = HistogramMetricFamily(
@@ -306,12 +322,16 @@ class LkCollector:
             "expected one (lk_training.json or its first minutes of traffic), 0 when not, NaN when not judged yet",
             value=nan if drift["drifting"] is None else float(drift["drifting"]),
         )
-        ratio = GaugeMetricFamily("lk_acceptance_drift_ratio",
-                                  f"Observed / expected acceptance length over {window}, per sampling mode",
-                                  labels=["sampling"])
-        expected = GaugeMetricFamily("lk_expected_acceptance_length",
-                                     "The live drafter's expected acceptance length, per sampling mode",
-                                     labels=["sampling"])
+        ratio = GaugeMetricFamily(
+            "lk_acceptance_drift_ratio",
+            f"Observed / expected acceptance length over {window}, per sampling mode",
+            labels=["sampling"],
+        )
+        expected = GaugeMetricFamily(
+            "lk_expected_acceptance_length",
+            "The live drafter's expected acceptance length, per sampling mode",
+            labels=["sampling"],
+        )
         for check in drift["checks"]:
             ratio.add_metric([check["sampling"]], nan if check["ratio"] is None else check["ratio"])
             expected.add_metric([check["sampling"]], check["expected"])

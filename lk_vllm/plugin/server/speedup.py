@@ -70,7 +70,9 @@ class BaselineProfile:
     """Decode seconds per output token with speculation off, at measured batch sizes."""
 
     key: dict[str, Any]
-    points: list[dict[str, float]]  # {"batch_size", "seconds_per_token", "tokens", "steps"}, sorted by batch size
+    points: list[
+        dict[str, float]
+    ]  # {"batch_size", "seconds_per_token", "tokens", "steps"}, sorted by batch size
     created: float = dataclasses.field(default_factory=time.time)
     source: str = ""  # the file it was read from
 
@@ -81,7 +83,9 @@ class BaselineProfile:
         for low, high in zip(points, points[1:], strict=False):
             if batch_size <= high["batch_size"]:
                 share = (batch_size - low["batch_size"]) / (high["batch_size"] - low["batch_size"])
-                return low["seconds_per_token"] + share * (high["seconds_per_token"] - low["seconds_per_token"])
+                return low["seconds_per_token"] + share * (
+                    high["seconds_per_token"] - low["seconds_per_token"]
+                )
         return points[-1]["seconds_per_token"]
 
     def as_json(self) -> dict[str, Any]:
@@ -112,10 +116,13 @@ class BaselineProfile:
         except FileNotFoundError:
             raise UserError(f"--baseline-profile {path}: file not found") from None
         except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"--baseline-profile {path}: expected a JSON calibration profile, got: {exc}") from None
+            raise UserError(
+                f"--baseline-profile {path}: expected a JSON calibration profile, got: {exc}"
+            ) from None
         points = data.get("points") if isinstance(data, dict) else None
         if not points or not all(
-            isinstance(p, dict) and p.get("batch_size", 0) >= 1 and p.get("seconds_per_token", 0) > 0 for p in points
+            isinstance(p, dict) and p.get("batch_size", 0) >= 1 and p.get("seconds_per_token", 0) > 0
+            for p in points
         ):
             raise UserError(
                 f"--baseline-profile {path}: expected 'points' with batch_size >= 1 and seconds_per_token > 0 "
@@ -209,7 +216,9 @@ def speedup_of_steps(steps: Iterable, baseline: BaselineProfile | None) -> dict[
             "steps": int(part["steps"]),
             "seconds_per_token": part["seconds"] / part["tokens"],
             "baseline_seconds_per_token": (part["baseline_seconds"] / part["tokens"]) if baseline else None,
-            "speedup": (part["baseline_seconds"] / part["seconds"]) if baseline and part["seconds"] > 0 else None,
+            "speedup": (part["baseline_seconds"] / part["seconds"])
+            if baseline and part["seconds"] > 0
+            else None,
             "baseline_extrapolated": part["extrapolated"],
         }
     return {
@@ -240,4 +249,6 @@ def load_baseline_for(store, vllm_config) -> None:
         store.set_baseline(None, f"cannot key a baseline profile for this target: {exc}")
         return
     path = profile_path(key)
-    store.watch_baseline(path, f"no calibration profile at {path}: run `lk-vllm calibrate {model_config.model}`")
+    store.watch_baseline(
+        path, f"no calibration profile at {path}: run `lk-vllm calibrate {model_config.model}`"
+    )

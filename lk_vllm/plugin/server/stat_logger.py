@@ -31,7 +31,9 @@ def finished_request_counts(iteration_stats) -> list[tuple[int, int, str]]:
         num_drafts = sum(metrics.histogram)
         if num_drafts:
             num_accepted = sum(j * count for j, count in enumerate(metrics.histogram))
-            out.append((num_drafts, num_accepted, sampling_mode(getattr(finished, FINISHED_TEMPERATURE, None))))
+            out.append(
+                (num_drafts, num_accepted, sampling_mode(getattr(finished, FINISHED_TEMPERATURE, None)))
+            )
     return out
 
 
@@ -49,12 +51,16 @@ class LkStatLogger(StatLoggerBase):
 
             self.store.set_drafter(describe_speculative_config(spec))
             load_baseline_for(self.store, vllm_config)
-            level = getattr(getattr(vllm_config, "observability_config", None), "per_request_spec_decode_metrics",
-                            "none")
+            level = getattr(
+                getattr(vllm_config, "observability_config", None), "per_request_spec_decode_metrics", "none"
+            )
             self.store.set_per_request_source(
                 None if level == "none" else f"vLLM's per-request speculative-decoding metrics ({level})",
                 "vLLM was started without --per-request-spec-decode-metrics (summary or detailed): no per-request "
-                "acceptance, so no mean of per-request means and no histogram" if level == "none" else None)
+                "acceptance, so no mean of per-request means and no histogram"
+                if level == "none"
+                else None,
+            )
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
         if not self.active or (scheduler_stats is None and iteration_stats is None):

@@ -89,10 +89,14 @@ def check_target(drafter_dir: Path, target: str | None) -> None:
     mismatch = target_mismatch(read_drafter_files(drafter_dir).record, target)
     if mismatch:
         recorded, live = mismatch
-        raise SwapError(409, f"drafter {drafter_dir.name} was trained for target {recorded}, this server runs {live}")
+        raise SwapError(
+            409, f"drafter {drafter_dir.name} was trained for target {recorded}, this server runs {live}"
+        )
 
 
-async def validate_static(new_dir: Path, requested: str, target: str | None, num_speculative_tokens: int) -> None:
+async def validate_static(
+    new_dir: Path, requested: str, target: str | None, num_speculative_tokens: int
+) -> None:
     """``lk-vllm validate``'s static checks (off the event loop: they read every weight), as a 400."""
     report = await asyncio.to_thread(check_drafter, new_dir, target, num_speculative_tokens)
     if not report.ok:
@@ -111,7 +115,10 @@ def shape_difference(current_dir: Path, new_dir: Path) -> str | None:
     if differing:
         more = f" and {len(differing) - 6} more" if len(differing) > 6 else ""
         return f"the new drafter's config differs in {', '.join(differing[:6])}{more}"
-    old_tensors, new_tensors = safetensors_header(current_dir / WEIGHTS_FILE), safetensors_header(new_dir / WEIGHTS_FILE)
+    old_tensors, new_tensors = (
+        safetensors_header(current_dir / WEIGHTS_FILE),
+        safetensors_header(new_dir / WEIGHTS_FILE),
+    )
     if old_tensors != new_tensors:
         changed = sorted(set(old_tensors) ^ set(new_tensors)) or sorted(
             k for k in old_tensors if old_tensors[k] != new_tensors[k]
@@ -133,7 +140,9 @@ def restart_config(new_dir: Path, num_speculative_tokens: int, target: str | Non
         raise SwapError(400, str(exc)) from None
 
 
-def _describe(new_dir: Path, method: str, live: DrafterInfo | None, num_speculative_tokens: int) -> DrafterInfo:
+def _describe(
+    new_dir: Path, method: str, live: DrafterInfo | None, num_speculative_tokens: int
+) -> DrafterInfo:
     files = read_drafter_files(new_dir)
     return DrafterInfo(
         name=str(new_dir),
@@ -167,20 +176,33 @@ async def swap_drafter(routes, requested: str, num_speculative_tokens: int | Non
         reason = shape_difference(live_dir, new_dir)
     if reason is not None:
         if not os.environ.get(SUPERVISED_ENV):
-            raise SwapError(409, f"{reason}: only drafters of the same architecture and shapes can be swapped into "
-                                 "plain vLLM; serve with `lk-vllm serve` (it restarts the engine for such swaps) or "
-                                 "restart `lk-vllm serve --drafter` for this one")
+            raise SwapError(
+                409,
+                f"{reason}: only drafters of the same architecture and shapes can be swapped into "
+                "plain vLLM; serve with `lk-vllm serve` (it restarts the engine for such swaps) or "
+                "restart `lk-vllm serve --drafter` for this one",
+            )
         spec = restart_config(new_dir, k, routes.target)
         info = _describe(new_dir, spec["method"], None, k)
-        return {"status": "restart-required", "reason": reason, "speculative_config": spec,
-                "previous": live.name if live else None, "drafter": info.as_json()}
+        return {
+            "status": "restart-required",
+            "reason": reason,
+            "speculative_config": spec,
+            "previous": live.name if live else None,
+            "drafter": info.as_json(),
+        }
     if routes.engine_client is None:
         raise SwapError(503, "the engine is not ready", **{"Retry-After": "5"})
     results = await routes.engine_client.collective_rpc(RELOAD_DRAFTER, args=(str(new_dir),))
     info = _describe(new_dir, live.method, live, k)
     store.set_drafter(info)
-    return {"status": "swapped", "mode": "in-place weight reload", "previous": live.name, "drafter": info.as_json(),
-            "workers": results}
+    return {
+        "status": "swapped",
+        "mode": "in-place weight reload",
+        "previous": live.name,
+        "drafter": info.as_json(),
+        "workers": results,
+    }
 
 
 __all__ = ["RESTART_HEADER", "SwapError", "describe_speculative_config", "resolve_inside", "swap_drafter"]
