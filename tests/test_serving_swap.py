@@ -173,11 +173,15 @@ def test_swap_in_place_under_streaming_load_without_failures(server):
     url, model, paths = server["url"], server["model"], server["paths"]
     greedy_before = complete(url, model, messages=PROMPT, max_tokens=32).text
     stop = threading.Event()
+    served = threading.Event()  # a request finished before the swap: drafter a has drafted
+    fresh = threading.Event()  # a request that started after the swap returned has finished
+    swap_returned: list[float] = []
     done: list = []
 
     def client(index: int) -> int:
         count = 0
         while not stop.is_set():
+            started = time.monotonic()
             result = complete(
                 url,
                 model,
@@ -186,18 +190,25 @@ def test_swap_in_place_under_streaming_load_without_failures(server):
                 stream=True,
                 temperature=0.5 * (index % 2),
                 seed=index,
-                timeout=120,
+                timeout=600,
             )
             assert 0 < result.completion_tokens <= 24 and result.spec_metrics is not None
+            served.set()
+            if swap_returned and started > swap_returned[0]:
+                fresh.set()
             count += 1
         return count
 
+    # Events, not fixed windows: on a slow machine a request can take longer than any sleep.
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(client, i) for i in range(8)]
-        time.sleep(4)
-        response = swap(server, "b")
-        time.sleep(4)
-        stop.set()
+        try:
+            assert served.wait(timeout=600), "no request finished before the swap"
+            response = swap(server, "b")
+            swap_returned.append(time.monotonic())
+            assert fresh.wait(timeout=600), "no request started after the swap finished"
+        finally:
+            stop.set()  # the clients end their loops even when an assertion above failed
         done = [f.result() for f in futures]  # re-raises any client failure
     assert sum(done) >= 8
     assert response["status"] == "swapped" and response["previous"] == str(paths["a"])
