@@ -301,6 +301,7 @@ def test_swap_to_another_architecture_restarts_the_engine_without_breaking_strea
     greedy_before = complete(url, model, messages=PROMPT, max_tokens=32).text
     live_before = request_json(url, "/v1/speculative/stats")["live_drafter"]
     stop = threading.Event()
+    served = threading.Event()  # a request finished: the clients are in their loops, requests in flight
     fresh = threading.Event()  # a request that started after the swap returned has finished
     swap_returned: list[float] = []
     spans: list[tuple[float, float]] = []
@@ -321,6 +322,7 @@ def test_swap_to_another_architecture_restarts_the_engine_without_breaking_strea
             )
             assert 0 < result.completion_tokens <= 24 and result.spec_metrics is not None
             spans.append((started, time.monotonic()))
+            served.set()
             if swap_returned and started > swap_returned[0]:
                 fresh.set()
             count += 1
@@ -328,15 +330,16 @@ def test_swap_to_another_architecture_restarts_the_engine_without_breaking_strea
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(client, i) for i in range(6)]
-        time.sleep(4)  # the clients are in their loops: requests are in flight from now on
-        swap_started = time.monotonic()
-        response = swap(server, "medusa")
-        swap_finished = time.monotonic()
-        swap_returned.append(swap_finished)
-        # Wait for new traffic served by the restarted engine (an event, not a fixed sleep: a slow machine's
-        # held requests can take longer than any sleep to drain).
-        fresh.wait(timeout=600)
-        stop.set()
+        # Events, not fixed sleeps: on a slow machine a request (or the restart's drain) can outlast any sleep.
+        try:
+            assert served.wait(timeout=600), "no request finished before the swap"
+            swap_started = time.monotonic()
+            response = swap(server, "medusa")
+            swap_finished = time.monotonic()
+            swap_returned.append(swap_finished)
+            assert fresh.wait(timeout=600), "no request that started after the swap finished"
+        finally:
+            stop.set()  # the clients end their loops even when an assertion above failed
         done = [f.result() for f in futures]  # re-raises any client failure
     restart = response["restart"]
     print(f"restart: {json.dumps(restart)}; requests completed: {sum(done)}")
