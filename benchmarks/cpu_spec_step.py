@@ -92,8 +92,8 @@ def sweep_variants() -> dict[str, tuple[dict[str, str], str | None]]:
         library = _system_library(pattern)
         if library:
             variants[name] = ({"LD_PRELOAD": library}, None)
-    if cpu_has_native_bf16():
-        variants["bfloat16"] = ({}, "bfloat16")
+    if cpu_has_native_bf16():  # the defaults run bf16 here (lk_vllm.engine.cpu_default_dtype): try fp32
+        variants["float32"] = ({}, "float32")
     variants["1 OpenMP thread"] = ({"OMP_NUM_THREADS": "1"}, None)
     return variants
 
@@ -110,7 +110,7 @@ def sweep_skipped() -> list[str]:
     if not cpu_has_native_bf16():
         skipped.append(
             "bfloat16: this CPU has no native bf16 math (no avx512_bf16 / amx_bf16), so lk-vllm "
-            "refuses it (vLLM would emulate it)"
+            "refuses it (vLLM would emulate it); the defaults run float32"
         )
     return skipped
 
@@ -354,13 +354,15 @@ def _partial(args: argparse.Namespace) -> dict:
 
 def summarise(runs: list[dict], phase_runs: list[dict], sweep_runs: list[dict]) -> dict:
     by = {(r["layout"], r["engine"]): r for r in runs}
-    vllm_plain = by[("worker-process", "none")]["tokens_per_second"]
+    vllm_layout = by.get(("worker-process", "none"))  # absent when --layout left it out
     rows = []
     for run in runs:
         base = by[(run["layout"], "none")]
         row = {k: v for k, v in run.items() if k != "token_ids"}
         row["speedup"] = run["tokens_per_second"] / base["tokens_per_second"]
-        row["vs_worker_process_plain"] = run["tokens_per_second"] / vllm_plain
+        row["vs_worker_process_plain"] = (
+            run["tokens_per_second"] / vllm_layout["tokens_per_second"] if vllm_layout else None
+        )
         row["plain_decode_step_ms"] = base["plain_step_ms"]
         cost = run["verify_step_ms"] / base["plain_step_ms"] if run["verify_step_ms"] else None
         row["verify_step_cost"] = cost  # verify step / plain decode step of the same layout
@@ -375,17 +377,29 @@ def summarise(runs: list[dict], phase_runs: list[dict], sweep_runs: list[dict]) 
         for r in phase_runs
     ]
     sweep = []
-    for run in [by[("in-process", e)] | {"variant": "lk-vllm defaults"} for e in SWEEP_ENGINES] + sweep_runs:
+    engines = list(dict.fromkeys(r["engine"] for r in sweep_runs))
+    sweep_rows = [by[("in-process", e)] | {"variant": "lk-vllm defaults"} for e in engines] + sweep_runs
+    plain = {r["variant"]: r for r in sweep_rows if r["engine"] == "none"}  # no speculation, same setting
+    for run in sweep_rows:
         default = by[("in-process", run["engine"])]
+        base = plain.get(run["variant"], run)
         sweep.append(
             {
                 "variant": run["variant"],
                 "engine": run["engine"],
                 "tokens_per_second": run["tokens_per_second"],
                 "vs_defaults": run["tokens_per_second"] / default["tokens_per_second"],
-                "plain_step_ms": run["plain_step_ms"],
+                "plain_step_ms": base["plain_step_ms"],  # the no-speculation engine's decode step
                 "verify_step_ms": run["verify_step_ms"],
+                "verify_step_cost": (
+                    run["verify_step_ms"] / base["plain_step_ms"]
+                    if run["verify_step_ms"] and base["plain_step_ms"]
+                    else None
+                ),
+                "speedup": run["tokens_per_second"] / base["tokens_per_second"],
+                "acceptance_length": run["acceptance_length"],
                 "same_tokens_as_defaults": run["token_ids"] == default["token_ids"],
+                "same_tokens_as_no_speculation": run["token_ids"] == base["token_ids"],
             }
         )
     return {"rows": rows, "phases": phases, "sweep": sweep}
@@ -418,7 +432,7 @@ def write_page(document: dict, out: Path) -> None:
         step = r["plain_step_ms"] if r["engine"] == "none" else r["plain_decode_step_ms"]
         lines.append(
             f"| {r['layout']} | {r['engine']} | {num(r['tokens_per_second'], 1)} | {num(r['speedup'])}x | "
-            f"{num(r['vs_worker_process_plain'])}x | {num(step, 1)} | {num(r['verify_step_ms'], 1)} | "
+            f"{num(r['vs_worker_process_plain'])}{'x' if r['vs_worker_process_plain'] else ''} | {num(step, 1)} | {num(r['verify_step_ms'], 1)} | "
             f"{num(r['verify_step_cost'])} | {num(r['tokens_per_decode_step'])} | "
             f"{num(r['acceptance_length'])} | {r['verify_steps']}/{r['decode_steps']} | "
             f"{'yes' if r['same_tokens_as_no_speculation'] else 'NO'} |"
@@ -450,14 +464,17 @@ def write_page(document: dict, out: Path) -> None:
             "",
             "## Engine settings against lk-vllm's defaults (in-process layout, same run)",
             "",
-            "| setting | engine | tokens/s | vs defaults | plain step ms | verify step ms | same tokens |",
-            "|---|---|---|---|---|---|---|",
+            "| setting | engine | tokens/s | vs defaults | speedup | plain step ms | verify step ms | verify cost | "
+            "acceptance length | same tokens as defaults | same tokens as no spec |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in document["sweep"]:
             lines.append(
                 f"| {r['variant']} | {r['engine']} | {num(r['tokens_per_second'], 1)} | "
-                f"{num(r['vs_defaults'])}x | {num(r['plain_step_ms'], 1)} | {num(r['verify_step_ms'], 1)} | "
-                f"{'yes' if r['same_tokens_as_defaults'] else 'NO'} |"
+                f"{num(r['vs_defaults'])}x | {num(r.get('speedup'))}x | {num(r['plain_step_ms'], 1)} | "
+                f"{num(r['verify_step_ms'], 1)} | {num(r.get('verify_step_cost'))} | "
+                f"{num(r.get('acceptance_length'))} | {'yes' if r['same_tokens_as_defaults'] else 'NO'} | "
+                f"{'yes' if r.get('same_tokens_as_no_speculation', True) else 'NO'} |"
             )
         lines += [""] + [f"- not tried: {reason}" for reason in document.get("sweep_skipped", [])]
     lines += ["", document.get("commentary", ""), ""]
@@ -499,6 +516,20 @@ def main() -> int:
     parser.add_argument("--target", default=None)
     parser.add_argument("--eagle3", default=None, help="an EAGLE-3 drafter directory (default: a fresh one)")
     parser.add_argument("--layout", action="append", choices=list(LAYOUTS), default=None)
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="a setting of the sweep to run (repeatable; default: every one this machine can run)",
+    )
+    parser.add_argument(
+        "--sweep-engine",
+        action="append",
+        choices=ENGINES,
+        default=None,
+        help=f"engines the sweep runs each setting with (repeatable; default: {', '.join(SWEEP_ENGINES)})",
+    )
+    parser.add_argument("--no-phases", action="store_true", help="skip the single-process per-phase pass")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "cpu-spec-step"))
     parser.add_argument(
         "--render",
@@ -529,13 +560,23 @@ def main() -> int:
 
     args.eagle3 = args.eagle3 or fresh_eagle3(args.target)
     layouts = args.layout or list(LAYOUTS)
+    variants = args.variant or list(sweep_variants())
+    unknown = sorted(set(variants) - set(sweep_variants()))
+    if unknown:
+        raise SystemExit(
+            f"--variant: expected one of {', '.join(sweep_variants())} (what this machine can run), "
+            f"found {', '.join(unknown)}"
+        )
+    sweep_engines = args.sweep_engine or list(SWEEP_ENGINES)
     runs = [spawn(args, layout, engine) for layout in layouts for engine in ENGINES]
-    phase_runs = [spawn(args, "single-process", engine, phases=True) for engine in ENGINES]
+    phase_runs = (
+        [] if args.no_phases else [spawn(args, "single-process", engine, phases=True) for engine in ENGINES]
+    )
     sweep_runs = (
         [
             spawn(args, "in-process", engine, variant=variant)
-            for variant in sweep_variants()
-            for engine in SWEEP_ENGINES
+            for variant in variants
+            for engine in sweep_engines
         ]
         if "in-process" in layouts
         else []

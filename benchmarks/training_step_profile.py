@@ -2,7 +2,7 @@
 
     python benchmarks/training_step_profile.py [--recipe smollm2-eagle3] [--batch-size 8] [--seq-len 384] \
         [--response-fraction 0.6] [--draft-vocab 16384 ...] [--repeats 5] [--threads N] \
-        [--out benchmarks/results/training-step-profile]
+        [--precision auto|fp32|bf16] [--out benchmarks/results/training-step-profile]
 
 The step is the trainer's own computation (``training.train.SharedTargetLogits`` and
 ``lk_vllm.drafters.multi_step_loss`` over the recipe's drafter and loss), cut into phases by detaching at the
@@ -13,7 +13,9 @@ AdamW) is timed in the same repetitions, so the phases can be checked against it
 of the recipe's target shapes (timing does not depend on the values) with what the offline cache holds (hidden
 states and, from cache format v2, the full-vocabulary logsumexp per token): ``--seq-len`` tokens per row, the
 last ``--response-fraction`` of each row trained on (as a chat sample's response). Each ``--draft-vocab`` size
-is a separate drafter; medians over ``--repeats`` after one warm-up. The script runs unchanged on a checkout
+is a separate drafter; medians over ``--repeats`` after one warm-up. ``--precision`` is the trainer's
+``training.precision`` on the CPU (``bf16``: the target in bf16 and the drafter under bf16 autocast over fp32
+master weights, as on a GPU; worth it only on a CPU with native bf16 math); it may be repeated to compare. The script runs unchanged on a checkout
 of an older commit (``--revision-label`` names it in the report), which is how "before" is measured.
 """
 
@@ -175,7 +177,8 @@ def profile(args, draft_vocab: int, target, config, placement) -> dict:
     phases = {name: [] for name in PHASES}
     wholes = []
     for repeat in range(args.repeats + 1):
-        times = phased_step(drafter, optimizer, states, loss_mask, config.loss)
+        with placement.autocast():
+            times = phased_step(drafter, optimizer, states, loss_mask, config.loss)
         whole = whole_step(drafter, optimizer, states, loss_mask, config.loss, placement)
         if repeat == 0:
             continue  # warm-up (the loss kernel compiles on its first call)
@@ -186,6 +189,7 @@ def profile(args, draft_vocab: int, target, config, placement) -> dict:
     whole_median = statistics.median(wholes)
     tokens = int(states.attention_mask.sum())
     return {
+        "precision": placement.describe().split(", ", 1)[1],
         "draft_vocab": draft_vocab,
         "phases_s": {k: round(v, 4) for k, v in median.items()},
         "phase_sum_s": round(sum(median.values()), 4),
@@ -212,6 +216,13 @@ def main() -> int:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--precision",
+        action="append",
+        choices=("auto", "fp32", "bf16"),
+        default=None,
+        help="training.precision on the CPU (repeatable; default: auto, i.e. fp32)",
+    )
     parser.add_argument(
         "--baseline",
         default=None,
@@ -246,20 +257,23 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     config, _ = load_config(recipe=args.recipe, overrides={})
     args.batch_size = args.batch_size or config.training.batch_size
-    placement = resolve_placement("cpu", "auto", True)
-    target = TargetModel(resolve_target(config.model.target), dtype=placement.target_dtype)
-    sizes = args.draft_vocab or [config.model.draft_vocab_size or target.vocab_size]
+    precisions = args.precision or ["auto"]
     load_before = os.getloadavg()
     rows = []
-    for size in sizes:
-        print(f"[profile] draft vocabulary {size}", file=sys.stderr, flush=True)
-        rows.append(profile(args, size, target, config, placement))
+    for precision in precisions:
+        placement = resolve_placement("cpu", precision, True)
+        target = TargetModel(resolve_target(config.model.target), dtype=placement.target_dtype)
+        sizes = args.draft_vocab or [config.model.draft_vocab_size or target.vocab_size]
+        for size in sizes:
+            print(f"[profile] {placement.describe()}, draft vocabulary {size}", file=sys.stderr, flush=True)
+            rows.append(profile(args, size, target, config, placement))
     command = (
         f"python benchmarks/training_step_profile.py --recipe {args.recipe} --batch-size {args.batch_size} "
         f"--seq-len {args.seq_len} --response-fraction {args.response_fraction} "
         + " ".join(f"--draft-vocab {s}" for s in sizes)
         + f" --repeats {args.repeats}"
         + (f" --threads {args.threads}" if args.threads else "")
+        + "".join(f" --precision {p}" for p in args.precision or [])
         + f" --out {args.out}"
     )
     for row in rows:
@@ -306,13 +320,13 @@ def markdown(report: dict) -> str:
         f"{m['cpus']} CPUs, {m['torch_threads']} torch threads, torch {m['torch']}; load average before "
         f"{m['load_average_before']}, after {m['load_average_after']}. Medians over the repetitions.",
         "",
-        "| code | draft vocab | " + " | ".join(PHASES) + " | sum | whole step | tokens/s |",
-        "|---" * (len(PHASES) + 5) + "|",
+        "| code | precision | draft vocab | " + " | ".join(PHASES) + " | sum | whole step | tokens/s |",
+        "|---" * (len(PHASES) + 6) + "|",
     ]
     for row in report["rows"]:
         p = row["phases_s"]
         lines.append(
-            f"| {row['revision']} | {row['draft_vocab']} | "
+            f"| {row['revision']} | {row.get('precision', 'fp32')} | {row['draft_vocab']} | "
             + " | ".join(f"{p[name]:.3f}" for name in PHASES)
             + f" | {row['phase_sum_s']:.3f} | {row['whole_step_s']:.3f} | {row['tokens_per_s']} |"
         )
@@ -321,7 +335,7 @@ def markdown(report: dict) -> str:
         p = row["phases_s"]
         shares = ", ".join(f"{name} {100 * p[name] / row['phase_sum_s']:.0f}%" for name in PHASES)
         lines.append(
-            f"- {row['revision']}, draft vocab {row['draft_vocab']} ({row['tokens']} tokens, "
+            f"- {row['revision']}, {row.get('precision', 'fp32')}, draft vocab {row['draft_vocab']} ({row['tokens']} tokens, "
             f"{row['trained_positions_per_step']} trained positions): {shares}"
         )
     return "\n".join(lines) + "\n"
