@@ -7,8 +7,11 @@ arguments here, so the settings that work on CPU (measured in shared/CPU_FACTS.m
   fails on small machines, so ``gpu_memory_utilization`` (on CPU: the fraction of host memory) is 0.3.
 * The V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``): V2 needs Triton and does not support every drafter.
 * ``enforce_eager``: no CUDA graphs on CPU, and torch.compile warm-up costs more than it returns here.
-* fp32 on CPU: fp32 keeps training and serving numerics equal; bf16 is refused on a CPU without native bf16
-  math (``check_cpu_settings``).
+* dtype on CPU: bf16 where the CPU does bf16 math in hardware (avx512_bf16 / amx_bf16), else fp32. A batch-1
+  decode step is one pass over the weights, so half the bytes gave 1.5x tokens/s with and without speculation
+  (benchmarks/results/cpu-bf16.md); emulated bf16 would be slower than fp32, so ``--dtype bfloat16`` is refused
+  on a CPU without it (``check_cpu_settings``). ``--dtype float32`` keeps serving numerics equal to the
+  trainer's fp32 simulation on CPU (the parity tests pin it).
 * The model runs in the EngineCore process (``LK_VLLM_CPU_INPROCESS_WORKER=1``, the plugin patch in
   ``lk_vllm.plugin.patches``) instead of vLLM's separate CPU worker process: the shared-memory hand-off between
   the two, both busy-waiting, cost 13-23% of a decode step on a 2-core machine
@@ -33,6 +36,7 @@ from typing import Any
 
 from lk_vllm.env import INPROCESS_WORKER_ENV
 from lk_vllm.errors import UserError
+from lk_vllm.log import log
 
 SUPPORTED_VLLM_VERSION = "0.32.0"
 
@@ -124,11 +128,20 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_default_dtype() -> str:
+    """The dtype an engine runs in on CPU unless told otherwise: bfloat16 with native bf16 math, else float32."""
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
 def check_cpu_settings(settings: EngineSettings) -> None:
-    """Refuse, with one line, a CPU setting that would run but silently slowly (or not at all)."""
+    """Refuse, with one line, a CPU setting that would run but silently slowly (or not at all); say which dtype
+    was chosen when the user did not choose one."""
     if on_gpu():
         return
     dtype = str(settings.resolved().dtype).removeprefix("torch.")
+    if settings.dtype is None:
+        why = "this CPU has native bf16 math" if dtype == "bfloat16" else "this CPU has no native bf16 math"
+        log(f"CPU engine dtype {dtype} ({why}; --dtype overrides)")
     if dtype in ("bfloat16", "bf16") and not cpu_has_native_bf16():
         raise UserError(
             f"--dtype {dtype}: this CPU has no native bf16 math (no avx512_bf16 or amx_bf16 in "
@@ -180,7 +193,7 @@ class EngineSettings:
 
     model: str
     max_model_len: int = 2048
-    dtype: str | None = None  # float32 on CPU, vLLM's "auto" on GPU
+    dtype: str | None = None  # cpu_default_dtype() on CPU, vLLM's "auto" on GPU
     gpu_memory_utilization: float | None = None  # 0.3 on CPU (fraction of host memory), vLLM default on GPU
     enforce_eager: bool | None = None  # True on CPU
     max_num_seqs: int | None = None
@@ -194,7 +207,7 @@ class EngineSettings:
         gpu = on_gpu()
         out = dataclasses.replace(self)
         if out.dtype is None:
-            out.dtype = "auto" if gpu else "float32"
+            out.dtype = "auto" if gpu else cpu_default_dtype()
         if out.gpu_memory_utilization is None and not gpu:
             out.gpu_memory_utilization = 0.3
         if out.enforce_eager is None:
@@ -296,7 +309,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-model-len", type=int, default=2048, help="context length of the engine (default 2048)"
     )
-    group.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, auto on GPU)")
+    group.add_argument(
+        "--dtype",
+        default=None,
+        help="model dtype (default: auto on GPU; on CPU bfloat16 where it has native bf16 math, else float32)",
+    )
     group.add_argument(
         "--gpu-memory-utilization",
         type=float,

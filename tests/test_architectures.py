@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import greedy_batch, serve_args
+from train_helpers import FP32_ENGINE, greedy_batch, serve_args
 
 from lk_vllm.drafters import create_drafter, multi_step_loss, target_info
 from lk_vllm.errors import UserError
@@ -216,9 +216,9 @@ def _train_and_compare(target_path: str, architecture: str, directory: Path, **o
         reloaded, target, prompts, K, MAX_TOKENS, 0.0, continuations=continuations
     )["mtbench"].summary()
     prompt_ids = {"mtbench": [target.chat_prompt_ids(p.messages) for p in prompts]}
-    vllm_summary = evaluate_vllm(str(directory), target_path, prompt_ids, K, MAX_TOKENS, 0.0)[
-        "mtbench"
-    ].summary()
+    vllm_summary = evaluate_vllm(
+        str(directory), target_path, prompt_ids, K, MAX_TOKENS, 0.0, settings_overrides=FP32_ENGINE
+    )["mtbench"].summary()
     print(f"{architecture} on {target.config.architectures[0]}: torch {torch_summary}\nvllm {vllm_summary}")
     assert torch_summary["acceptance_length"] > 1.5, "the drafter did not learn: the comparison means nothing"
     assert vllm_summary["acceptance_length"] == pytest.approx(torch_summary["acceptance_length"], rel=0.03)

@@ -11,12 +11,27 @@ pytestmark = pytest.mark.unit
 
 def test_cpu_defaults_are_the_measured_working_settings(monkeypatch):
     monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: False)
     kwargs = engine.EngineSettings(model="/m").llm_kwargs()
     assert kwargs["dtype"] == "float32"
     assert kwargs["gpu_memory_utilization"] == 0.3
     assert kwargs["enforce_eager"] is True
     assert kwargs["disable_log_stats"] is False  # lk-vllm always reads the acceptance counters
     assert "speculative_config" not in kwargs
+
+
+def test_cpu_dtype_is_bf16_only_with_native_bf16_math_and_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    for native, dtype in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None, native=native: native)
+        settings = engine.EngineSettings(model="/m")
+        assert settings.llm_kwargs()["dtype"] == dtype
+        engine.check_cpu_settings(settings)
+        assert f"CPU engine dtype {dtype} (this CPU has {'' if native else 'no '}native bf16 math" in (
+            capsys.readouterr().err
+        )
+    engine.check_cpu_settings(engine.EngineSettings(model="/m", dtype="float32"))  # chosen: nothing to say
+    assert capsys.readouterr().err == ""
 
 
 def test_gpu_keeps_vllm_defaults(monkeypatch):
@@ -61,6 +76,7 @@ def test_environment_respects_user_values(monkeypatch):
 def test_server_args_parse_back_with_vllms_own_parser(monkeypatch):
     """The flags we hand to vLLM's OpenAI server mean what the offline kwargs mean."""
     monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: False)
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -117,12 +133,16 @@ def test_without_preemption_caps_requests_at_the_kv_cache(monkeypatch, tmp_path)
         )
     )
     monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: False)  # the engine runs fp32
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     # 2 (k, v) * 30 layers * 3 heads * 64 dims * 4 bytes = 46,080 bytes a token: 23,301 tokens in 1 GiB.
     assert engine.cpu_kv_cache_tokens(str(tmp_path)) == 2**30 // 46080
     settings = engine.EngineSettings(model=str(tmp_path))
     assert engine.without_preemption(settings, 512).max_num_seqs == 45
     assert engine.without_preemption(settings, 500).max_num_seqs == 45  # requests hold whole 128-token blocks
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: True)  # bf16: 2 bytes a value
+    assert engine.without_preemption(settings, 512).max_num_seqs == 91
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: False)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     assert engine.without_preemption(settings, 512).max_num_seqs == 182
     chosen = engine.EngineSettings(model=str(tmp_path), max_num_seqs=7)

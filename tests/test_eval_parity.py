@@ -9,7 +9,7 @@ meaningful (a random drafter agrees with anything at acceptance length 1).
 
 import pytest
 import torch
-from train_helpers import greedy_batch
+from train_helpers import FP32_ENGINE, greedy_batch
 
 from lk_vllm.drafters import create_drafter, load_drafter, multi_step_loss, target_info
 
@@ -63,7 +63,9 @@ def _both_engines(directory, setup):
         drafter, target, setup["prompts"], K, MAX_TOKENS, 0.0, continuations=setup["continuations"]
     )["mtbench"]
     prompt_ids = {"mtbench": [target.chat_prompt_ids(p.messages) for p in setup["prompts"]]}
-    vllm_counts = evaluate_vllm(str(directory), target.path, prompt_ids, K, MAX_TOKENS, 0.0)["mtbench"]
+    vllm_counts = evaluate_vllm(
+        str(directory), target.path, prompt_ids, K, MAX_TOKENS, 0.0, settings_overrides=FP32_ENGINE
+    )["mtbench"]
     return torch_counts.summary(), vllm_counts.summary()
 
 

@@ -686,6 +686,19 @@ def test_placement_resolves_auto_and_refuses_a_missing_gpu():
         resolve_placement("cuda", "auto", cuda_available=False)
 
 
+def test_bf16_on_a_cpu_without_native_bf16_says_it_is_emulated(monkeypatch, capsys):
+    import training.device
+
+    for native in (True, False):
+        monkeypatch.setattr(training.device, "cpu_has_native_bf16", lambda native=native: native)
+        placement = training.device.resolve_placement("cpu", "bf16", cuda_available=False)
+        assert placement.autocast_dtype == torch.bfloat16  # runs as asked
+        said = capsys.readouterr().err
+        assert ("no native bf16 math" in said and "training.precision=fp32" in said) is not native
+    training.device.resolve_placement("cpu", "fp32", cuda_available=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_cuda_on_a_machine_without_one_fails_before_loading_anything(tiny, tmp_path, monkeypatch):
     import lk_vllm.target_model
 

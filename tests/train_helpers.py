@@ -9,6 +9,10 @@ import torch
 
 from training.prepare import SHARD_FORMAT, save_shard
 
+# Engine settings for a parity test: the torch simulation runs the fp32 target, so vLLM serves it in fp32 too
+# (on a CPU with native bf16 math an engine defaults to bfloat16, whose rounding would be compared instead).
+FP32_ENGINE = {"dtype": "float32"}
+
 # The smallest target config.json transformers and vLLM's model registry accept (no weights): for flag tests.
 FAKE_TARGET_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32}
 
