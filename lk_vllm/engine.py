@@ -42,6 +42,7 @@ SUPPORTED_VLLM_VERSION = "0.32.0"
 
 _BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 _KV_BLOCK = 128  # tokens per KV-cache block that the capacity estimate rounds a request up to
+_VLLM_CPU_MAX_NUM_SEQS = 256  # vLLM 0.32's own max_num_seqs for offline engines on CPU (get_batch_defaults)
 
 # Environment vLLM reads at import or engine start. Set only when the user has not set them.
 _CPU_ENV = {
@@ -300,7 +301,9 @@ def without_preemption(settings: EngineSettings, tokens_per_request: int) -> Eng
     if capacity is None:
         return settings
     per_request = -(-tokens_per_request // _KV_BLOCK) * _KV_BLOCK  # requests hold whole blocks
-    return dataclasses.replace(settings, max_num_seqs=max(1, capacity // per_request))
+    # Only ever lower vLLM's own limit; vLLM also refuses more sequences than tokens per step.
+    limit = min(_VLLM_CPU_MAX_NUM_SEQS, settings.extra.get("max_num_batched_tokens", _VLLM_CPU_MAX_NUM_SEQS))
+    return dataclasses.replace(settings, max_num_seqs=max(1, min(capacity // per_request, limit)))
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -145,6 +145,10 @@ def test_without_preemption_caps_requests_at_the_kv_cache(monkeypatch, tmp_path)
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: False)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     assert engine.without_preemption(settings, 512).max_num_seqs == 182
+    # A cache that holds more requests than vLLM's own limit (256) never raises it, nor the tokens per step.
+    assert engine.without_preemption(settings, 128).max_num_seqs == 256
+    budget = engine.EngineSettings(model=str(tmp_path), extra={"max_num_batched_tokens": 200})
+    assert engine.without_preemption(budget, 128).max_num_seqs == 200
     chosen = engine.EngineSettings(model=str(tmp_path), max_num_seqs=7)
     assert engine.without_preemption(chosen, 512) is chosen  # the user's choice stands
     unknown = engine.EngineSettings(model=str(tmp_path / "missing"))
