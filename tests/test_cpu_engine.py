@@ -82,14 +82,17 @@ def test_the_in_process_patch_is_idempotent():
 
 
 def _run(default_target, spec, inprocess: str):
-    """T=0 token ids of three MT-Bench prompts and the executor backend vLLM chose."""
+    """T=0 token ids of three MT-Bench prompts and the executor backend vLLM chose. fp32: the two layouts run
+    different numbers of OpenMP threads, and bf16 matmuls round differently with another split of the sums."""
     from vllm import SamplingParams
 
     from lk_vllm.datasets import chat_prompt_ids, load_prompts
 
     os.environ[engine.INPROCESS_WORKER_ENV] = inprocess
     llm = engine.make_llm(
-        engine.EngineSettings(model=default_target, max_model_len=1024, speculative_config=spec)
+        engine.EngineSettings(
+            model=default_target, max_model_len=1024, speculative_config=spec, dtype="float32"
+        )
     )
     try:
         tokenizer = llm.get_tokenizer()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from test_eval_parity import MAX_TOKENS, K, _assert_parity, _train, setup  # noqa: F401 (setup is a fixture)
-from train_helpers import serve_args
+from train_helpers import FP32_ENGINE, serve_args
 
 from lk_vllm.errors import UserError
 
@@ -267,7 +267,7 @@ def plain_server(mlp_dir, setup, tmp_path_factory):  # noqa: F811
                 sys.executable,
                 "-m",
                 "vllm.entrypoints.openai.api_server",
-                *EngineSettings(model=target, max_model_len=1024).server_args(),
+                *EngineSettings(model=target, max_model_len=1024, **FP32_ENGINE).server_args(),
                 "--speculative-config",
                 json.dumps(spec),
                 "--per-request-spec-decode-metrics",
