@@ -76,8 +76,11 @@ class TargetStates:
         if self.final_logsumexp is None or self.cached_logits is not None:
             logits = self.logits_at(batch_index, positions, chunk_size)
             return logits.index_select(1, draft_to_target), torch.logsumexp(logits.float(), dim=1)
-        hidden = self.final_hidden[batch_index, positions].to(self.lm_head_weight.dtype)
-        weight = self.lm_head_weight.index_select(0, draft_to_target)
+        # fp32 products, as the cached normaliser was taken (training.capture.logsumexp_of_logits): in bf16 the
+        # two matmuls round their outputs differently (by up to ~0.1 at logit 20), and a row whose mass sits on
+        # draft ids would then have a draft logsumexp above the full vocabulary's.
+        hidden = self.final_hidden[batch_index, positions].float()
+        weight = self.lm_head_weight.index_select(0, draft_to_target).float()
         return hidden @ weight.T, self.final_logsumexp[batch_index, positions].float()
 
     def all_logits(self) -> torch.Tensor:

@@ -298,3 +298,37 @@ def test_a_disk_too_small_is_refused_before_the_target_runs(tiny, tmp_path, monk
     assert manifest["bytes_per_token"] == per_token
     assert tokens * per_token < manifest["bytes"] < tokens * per_token + 4 * 1024
     assert json.loads((directory / "manifest.json").read_text()) == manifest
+
+
+def test_a_bf16_targets_draft_columns_and_cached_normaliser_agree_with_float64():
+    """With a bf16 target (training.precision=bf16, the GPU default) the cached normaliser and the draft ids'
+    logits are both fp32 products of the bf16 values: a bf16-rounded output (0.125 apart at logit 20) once put
+    a peaked row's draft logsumexp above the full vocabulary's and the loss refused the batch."""
+    from lk_vllm.target_model import TargetStates
+
+    generator = torch.Generator().manual_seed(0)
+    vocab, hidden_size, tokens = 512, 64, 48
+    weight = torch.randn(vocab, hidden_size, generator=generator).bfloat16()
+    hidden = (4 * torch.randn(1, tokens, hidden_size, generator=generator)).bfloat16()  # logits of 20-60
+    reference = hidden[0].double() @ weight.double().T
+    lse = capture.logsumexp_of_logits(hidden[0], weight)
+    assert lse.dtype == torch.float32
+    assert torch.allclose(lse.double(), torch.logsumexp(reference, dim=1), rtol=0, atol=1e-4)
+    mask = torch.ones(1, tokens, dtype=torch.bool)
+    states = TargetStates(
+        input_ids=torch.zeros(1, tokens, dtype=torch.long),
+        attention_mask=mask,
+        position_ids=torch.arange(tokens)[None],
+        final_hidden=hidden,
+        aux_hidden=None,
+        aux_layer_ids=(),
+        lm_head_weight=weight,
+        embed_weight=weight,
+        final_logsumexp=lse[None],
+    )
+    draft_ids = torch.arange(0, vocab, 2)
+    rows = torch.zeros(tokens, dtype=torch.long), torch.arange(tokens)
+    table, normaliser = states.draft_logits_at(*rows, draft_ids)
+    assert table.dtype == torch.float32
+    assert torch.allclose(table.double(), reference[:, draft_ids], rtol=0, atol=1e-4)
+    assert bool((torch.logsumexp(table.double(), dim=1) <= normaliser.double() + 1e-5).all())

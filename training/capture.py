@@ -45,7 +45,9 @@ from lk_vllm.errors import UserError
 from lk_vllm.log import log
 from lk_vllm.target_model import TargetStates, position_ids_from_mask
 
-CACHE_FORMAT = "lk-vllm-hidden-cache-v2"  # v2: + "lse", the full-vocabulary logsumexp per token
+# v2: + "lse", the full-vocabulary logsumexp per token; v3: "lse" from fp32 products (a bf16 target's v2 caches
+# hold a bf16-rounded normaliser that the loss can find below the draft ids' own).
+CACHE_FORMAT = "lk-vllm-hidden-cache-v3"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -415,11 +417,10 @@ def logsumexp_of_logits(
     hidden: torch.Tensor, lm_head_weight: torch.Tensor, chunk_size: int = 1024
 ) -> torch.Tensor:
     """fp32 logsumexp over the vocabulary of ``hidden @ lm_head_weight.T``, chunk by chunk (never [T, V] at
-    once), computed as ``TargetStates.logits_at`` computes the logits."""
-    hidden = hidden.to(lm_head_weight.dtype)
-    return torch.cat(
-        [torch.logsumexp((h @ lm_head_weight.T).float(), dim=1) for h in hidden.split(chunk_size)]
-    )
+    once), with fp32 products as ``TargetStates.draft_logits_at`` computes the draft ids' logits (a bf16 target's
+    weights and states are exact in fp32, so the two agree to fp32 rounding)."""
+    weight = lm_head_weight.float()
+    return torch.cat([torch.logsumexp(h.float() @ weight.T, dim=1) for h in hidden.split(chunk_size)])
 
 
 class OfflineCapture:
