@@ -290,3 +290,15 @@ def test_serve_flags(tmp_path):
         launcher.build_server_command(serve_args(target, *ngram, "--capture-quantile", "0"))
     with pytest.raises(UserError, match="^--capture-low-acceptance: needs speculative decoding"):
         launcher.build_server_command(serve_args(target, "--capture-low-acceptance", str(tmp_path / "c")))
+
+
+def test_an_admins_off_outlives_a_restart_and_on_does_too(capture):
+    """A swap that restarts the engine starts a new server process with the same flags: the capture it builds
+    keeps what the admin last chose, not the flag's "on"."""
+    capture.set_enabled(False)
+    restarted = TrafficCapture(capture.settings, _store(TRAFFIC))
+    assert not restarted.active
+    assert restarted.offer(CHAT, _body(), _response(1.0)) == "off"
+    restarted.set_enabled(True)
+    assert TrafficCapture(capture.settings, _store(TRAFFIC)).active
+    assert not list(Path(capture.settings.directory).glob("*.jsonl"))  # the state is no capture file

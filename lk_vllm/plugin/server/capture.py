@@ -16,7 +16,9 @@ never a header (so never the API key), never the response, the client's address 
 Files rotate at ``ROTATE_BYTES``; capture stops, and says why in its counters, when this server has written
 ``--capture-max-mb`` or when a write fails (directory not writable, disk full). Serving is never affected:
 nothing here raises into a request. ``GET /v1/speculative/capture`` (admin) reads the counters, ``POST`` with
-``{"enabled": true|false}`` turns capture on or off (on again also retries after a failure).
+``{"enabled": true|false}`` turns capture on or off (on again also retries after a failure). That choice is
+kept in the capture directory (``STATE_FILE``), so it holds after a swap restarts the server, and for a later
+server on the same directory: off stays off until an admin turns it on.
 
 Streaming requests carry their metrics only on the final usage chunk, so they are captured only when they ask
 for usage (``stream_options.include_usage``) or the server runs with vLLM's ``--enable-force-include-usage``;
@@ -38,11 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from lk_vllm import acceptance
+from lk_vllm.atomic import write_atomic
 from lk_vllm.env import CAPTURE_ENV
 from lk_vllm.errors import UserError
 
 CAPTURED_PATHS = ("/v1/chat/completions", "/v1/completions")
 ROTATE_BYTES = 16 * 2**20
+STATE_FILE = ".capture-state.json"  # the admin's on/off, read again when a swap restarts the server
 QUANTILE_WINDOW_SECONDS = 600.0
 # Fewer finished requests than this in the window give no threshold yet: a quantile of a handful says little.
 MIN_REQUESTS = 20
@@ -147,6 +151,14 @@ class TrafficCapture:
         self._thresholds: dict[str, float | None] = {}
         self._thresholds_at = -math.inf
         self._lock = threading.Lock()
+        if self.enabled:  # an admin's "off" outlives an engine restart (a swap restarts this process)
+            try:
+                self.enabled = json.loads(self._state_path().read_text()).get("enabled", True) is not False
+            except (OSError, ValueError, AttributeError):
+                pass
+
+    def _state_path(self) -> Path:
+        return Path(self.settings.directory) / STATE_FILE
 
     @property
     def active(self) -> bool:
@@ -162,6 +174,11 @@ class TrafficCapture:
             if enabled:
                 self.stopped = None  # a retry after a failure or the size limit (the limit counts again)
                 self.bytes_written, self._file = 0, None
+            try:
+                self._state_path().parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(self._state_path(), json.dumps({"enabled": enabled}))
+            except OSError as exc:
+                logger.warning("lk-vllm capture: could not keep the on/off state for a restart: %s", exc)
 
     def thresholds(self) -> dict[str, float | None]:
         """Per sampling mode, the acceptance length at the capture quantile of the live drafter's recent finished
@@ -228,7 +245,7 @@ class TrafficCapture:
     def _write(self, line: str) -> bool:
         data = line.encode()
         with self._lock:
-            if self.stopped is not None:
+            if self.stopped is not None or not self.enabled:  # turned off since the request was looked at
                 return False
             limit = int(self.settings.max_megabytes * 2**20)
             if self.bytes_written + len(data) > limit:
