@@ -315,7 +315,7 @@ def spawn(
         argv += ["--eagle3", args.eagle3]
     if phases:
         argv.append("--phases")
-    extra_env, dtype = sweep_variants()[variant] if variant else ({}, None)
+    extra_env, dtype = args.variants[variant] if variant else ({}, None)
     if dtype:
         argv += ["--dtype", dtype]
     env = {**os.environ, **LAYOUTS[layout], **extra_env}
@@ -560,11 +560,12 @@ def main() -> int:
 
     args.eagle3 = args.eagle3 or fresh_eagle3(args.target)
     layouts = args.layout or list(LAYOUTS)
-    variants = args.variant or list(sweep_variants())
-    unknown = sorted(set(variants) - set(sweep_variants()))
+    args.variants = sweep_variants()  # what this machine can run, looked up once
+    variants = args.variant or list(args.variants)
+    unknown = sorted(set(variants) - set(args.variants))
     if unknown:
         raise SystemExit(
-            f"--variant: expected one of {', '.join(sweep_variants())} (what this machine can run), "
+            f"--variant: expected one of {', '.join(args.variants)} (what this machine can run), "
             f"found {', '.join(unknown)}"
         )
     sweep_engines = args.sweep_engine or list(SWEEP_ENGINES)

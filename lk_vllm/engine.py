@@ -114,13 +114,20 @@ def parse_core_ids(text: str) -> set[int]:
     return ids
 
 
+@functools.cache
+def _cpuinfo() -> str | None:
+    """/proc/cpuinfo, read once: every engine's default dtype asks (None where it cannot be read)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """True when the CPU does bf16 math in hardware (x86: avx512_bf16 or amx_bf16; other CPUs: assumed)."""
+    cpuinfo = cpuinfo if cpuinfo is not None else _cpuinfo()
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return True  # cannot tell: leave it to vLLM
+        return True  # cannot tell: leave it to vLLM
     flags = next(
         (line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None
     )

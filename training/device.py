@@ -3,8 +3,9 @@
 ``auto`` means CUDA when a GPU is visible, else the CPU. On a GPU the drafter keeps fp32 master weights and its
 forward runs under bf16 autocast (``precision: auto`` or ``bf16``), TF32 matmuls are allowed for what stays
 fp32, and the frozen target is loaded in bf16 (the dtype vLLM serves it in). On the CPU ``auto`` is fp32, as
-the parity tests against vLLM assume; ``bf16`` runs the GPU path there (1.85x faster per step on a CPU with native
-bf16 math, benchmarks/results/training-step-bf16.md; without it bf16 is emulated, and the run says so). Under torchrun each rank takes the GPU of its ``LOCAL_RANK``.
+the parity tests against vLLM assume; ``bf16`` runs the GPU path there (1.85x faster per step on a CPU with
+native bf16 math, benchmarks/results/training-step-bf16.md; without it bf16 is emulated, and the run says so).
+Under torchrun each rank takes the GPU of its ``LOCAL_RANK``.
 """
 
 from __future__ import annotations
