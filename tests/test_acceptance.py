@@ -1,20 +1,25 @@
 """Acceptance math: predicted acceptance length from per-position alpha, measured rates from vLLM counters."""
 
+from __future__ import annotations
+
 import random
 import subprocess
 import sys
 import types
 
 import pytest
+from bench_helpers import HELDOUT, K
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lk_vllm.acceptance import (
+    Counts,
     SpecDecodeCounts,
     conditional_acceptance,
     cumulative_acceptance,
     draft_acceptance_rate,
     expected_acceptance_length,
+    heldout_rates,
     mean_acceptance_length,
     per_position_acceptance,
 )
@@ -217,3 +222,20 @@ def test_pooled_and_mean_of_request_means_differ_when_requests_differ_in_length(
         RequestAcceptance().mean_of_request_means is None
         and RequestAcceptance().pooled_acceptance_length is None
     )
+
+
+def test_counts_add_per_dataset():
+    total = Counts(2)
+    total.add(Counts(2, num_drafts=4, accepted_per_position=[3, 1]))
+    total.add(Counts(2, num_drafts=6, accepted_per_position=[3, 2]))
+    summary = total.summary()
+    assert summary["num_drafts"] == 10 and summary["num_accepted_tokens"] == 9
+    assert summary["acceptance_length"] == pytest.approx(1.9)
+    assert Counts(2).summary()["acceptance_length"] is None  # nothing drafted: no number
+
+
+@pytest.mark.parametrize(
+    "temperature, heldout", [(0.5, HELDOUT), (1.0, {"per_position_alpha": [0.6]}), (1.0, {})]
+)
+def test_no_training_expectation_without_a_matching_prediction(temperature, heldout):
+    assert heldout_rates({"heldout": heldout}, temperature, K) is None

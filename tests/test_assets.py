@@ -1,4 +1,5 @@
-"""The embedded default target: cache location, integrity checks, atomic builds, clear errors."""
+"""The embedded default target (lk_vllm.assets, the `models` command): cache location, integrity checks,
+atomic builds, clear errors."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from repo_helpers import run_cli
 
 from lk_vllm import assets
 from lk_vllm.errors import UserError
@@ -187,3 +189,10 @@ def test_no_packaged_drafter_installs_nothing_and_a_partial_one_is_an_error(tmp_
     (tmp_path / "partial" / "model.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="lacks config.json, lk_training.json; reinstall lk-vllm"):
         assets.install_default_drafter(tmp_path / "partial", "unused")
+
+
+@pytest.mark.e2e
+def test_models_list_shows_the_cache(default_target):
+    out = run_cli("models", "--list")
+    assert out.returncode == 0
+    assert "smollm2-135m-instruct" in out.stdout and " ok " in out.stdout

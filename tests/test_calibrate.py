@@ -1,9 +1,11 @@
-"""The calibration's client-side timing window (the served end-to-end check is in test_serving.py)."""
+"""The calibration (serving.calibrate): the client-side timing window and --batch-sizes (the served end to
+end check is in test_serve.py)."""
 
 from __future__ import annotations
 
 import pytest
 
+from lk_vllm.errors import UserError
 from serving.calibrate import decode_window
 from serving.client import Completion
 
@@ -43,3 +45,12 @@ def test_window_refuses_streams_that_hardly_overlap():
         decode_window([stream(0.0, 0.04, 1), stream(0.0, 0.04, 9)], 2)
     with pytest.raises(RuntimeError, match="two tokens"):
         decode_window([stream(0.0, 0.04, 9)], 2)
+
+
+def test_calibrate_batch_sizes_input():
+    from serving.calibrate import parse_batch_sizes
+
+    assert parse_batch_sizes("4,1,2,2") == [1, 2, 4]
+    for bad in ("", "0,1", "a,b"):
+        with pytest.raises(UserError, match="--batch-sizes"):
+            parse_batch_sizes(bad)

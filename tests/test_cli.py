@@ -4,18 +4,13 @@ import subprocess
 import sys
 
 import pytest
+from repo_helpers import run_cli
 
 pytestmark = pytest.mark.e2e
 
 
-def _cli(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "lk_vllm.cli", *args], capture_output=True, text=True, timeout=120, env=env
-    )
-
-
 def test_help_lists_every_command():
-    out = _cli("--help")
+    out = run_cli("--help")
     assert out.returncode == 0
     # The command names are the first word of the lines under COMMAND (descriptions say "train", "serve" too).
     listing = out.stdout.split("COMMAND\n", 1)[1]
@@ -39,14 +34,8 @@ def test_help_lists_every_command():
 
 
 def test_unknown_command_fails():
-    out = _cli("frobnicate")
+    out = run_cli("frobnicate")
     assert out.returncode == 2 and "invalid choice" in out.stderr
-
-
-def test_models_list_shows_the_cache(default_target):
-    out = _cli("models", "--list")
-    assert out.returncode == 0
-    assert "smollm2-135m-instruct" in out.stdout and " ok " in out.stdout
 
 
 def test_user_errors_are_one_line(tmp_path):
@@ -65,24 +54,3 @@ def test_user_errors_are_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 1
     assert out.stderr.strip() == "lk-vllm fake: error: --flag: expected X, found Y"
-
-
-@pytest.mark.unit
-def test_eval_and_bench_take_the_same_workload_flags():
-    import argparse
-
-    from lk_vllm.bench import command as bench
-    from training import evaluate
-
-    def actions(module):
-        parser = argparse.ArgumentParser()
-        module.add_arguments(parser)
-        return {
-            action.dest: (action.option_strings, action.default, action.help) for action in parser._actions
-        }
-
-    shared = {"dataset", "limit", "chat_template", "num_speculative_tokens", "max_tokens", "target"}
-    eval_flags, bench_flags = actions(evaluate), actions(bench)
-    assert shared <= eval_flags.keys() and shared <= bench_flags.keys()
-    for dest in shared - {"target"}:  # --target says what each command defaults to
-        assert eval_flags[dest] == bench_flags[dest], dest

@@ -1,22 +1,18 @@
-"""The training config: recipes validate, overrides apply, mistakes are one-line errors."""
+"""The training config (training.config): recipes validate, overrides apply, flags generated from the
+fields, mistakes are one-line errors."""
 
 from __future__ import annotations
 
 import argparse
 
 import pytest
+from train_helpers import train_args, train_config
 
 from lk_vllm.errors import UserError
 from training.config import Config, differing_fields, load_config, recipe_names
 from training.train import add_arguments, config_from_args
 
 pytestmark = pytest.mark.unit
-
-
-def _args(*argv):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(list(argv))
 
 
 def test_paper_defaults():
@@ -82,36 +78,6 @@ def test_medusa_recipes_use_eta_10():
         assert load_config(recipe=name)[0].loss.eta == 10.0
 
 
-def test_flags_and_set_override_the_recipe(tmp_path):
-    args = _args(
-        "--recipe",
-        "smoke-eagle3",
-        "--loss",
-        "kl",
-        "--eta",
-        "5",
-        "--data",
-        "/d1",
-        "--data",
-        "/d2",
-        "--output",
-        str(tmp_path),
-        "--set",
-        "optimizer.lr=1e-3",
-        "--set",
-        "optimizer.betas=[0.8, 0.9]",
-        "--set",
-        "model.options={aux_layer_ids: [1, 2, 3]}",
-    )
-    config, name = config_from_args(args)
-    assert name == "smoke-eagle3"
-    assert config.loss.kind == "kl" and config.loss.eta == 5.0
-    assert config.data.dirs == ["/d1", "/d2"] and config.output == str(tmp_path)
-    assert config.optimizer.lr == 1e-3 and config.optimizer.betas == (0.8, 0.9)
-    assert config.model.options == {"aux_layer_ids": [1, 2, 3]}
-    assert config.model.architecture == "eagle3"  # untouched fields keep the recipe's value
-
-
 def test_config_file(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("model: {architecture: medusa}\nloss: {kind: alpha}\n")
@@ -146,7 +112,7 @@ def test_bad_sources(tmp_path):
     with pytest.raises(UserError, match="expected a mapping"):
         load_config(config_file=bad)
     with pytest.raises(UserError, match="SECTION.FIELD=VALUE"):
-        config_from_args(_args("--set", "optimizer.lr"))
+        config_from_args(train_args("--set", "optimizer.lr"))
 
 
 def test_differing_fields_ignore_harmless_changes():
@@ -160,14 +126,6 @@ def test_differing_fields_ignore_harmless_changes():
         "loss.kind: 'lambda' -> 'kl'",
         "model.architecture: 'eagle3' -> 'medusa'",
     ]
-
-
-def test_print_config(capsys):
-    from training.train import run
-
-    assert run(_args("--recipe", "smoke-mlp", "--print-config")) == 0
-    out = capsys.readouterr().out
-    assert "architecture: mlp_speculator" in out
 
 
 def test_architecture_options_are_the_drafters_own_keyword_arguments():
@@ -286,18 +244,10 @@ def test_a_flag_of_the_wrong_type_is_refused_by_argparse(capsys):
         _prepare_args("--dataset", "x", "--max-tokens", "many")
     assert "--max-tokens: invalid int value: 'many'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        _args("--loss", "js")
+        train_args("--loss", "js")
     assert "--loss: invalid choice: 'js'" in capsys.readouterr().err
 
 
-def test_train_flags_override_the_recipe_and_absent_ones_keep_it():
-    config, _ = config_from_args(
-        _args("--recipe", "smollm2-eagle3", "--eta", "5", "--data", "a", "--data", "b")
-    )
-    recipe, _ = load_config(recipe="smollm2-eagle3")
-    assert (config.loss.eta, config.data.dirs) == (5.0, ["a", "b"])
-    assert (config.loss.kind, config.output, config.data.chat_template) == (
-        recipe.loss.kind,
-        recipe.output,
-        recipe.data.chat_template,
-    )
+def test_shard_target_needs_fsdp(tiny, tmp_path):
+    with pytest.raises(UserError, match="training.shard_target .* needs training.parallel=fsdp"):
+        train_config(tiny, tmp_path / "run", **{"training.shard_target": True})

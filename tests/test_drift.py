@@ -1,6 +1,7 @@
-"""The acceptance drift alarm (lk_vllm.plugin.server.drift) at unit level: the store is fed engine steps as the stat logger
-records them, a worse drafter is swapped in, and the stats JSON and the Prometheus gauges must say so with the
-window's numbers; the reference learned from a drafter's first minutes; the --drift-threshold checks."""
+"""The acceptance drift alarm (lk_vllm.plugin.server.drift) at unit level: the store is fed engine steps as
+the stat logger records them, a worse drafter is swapped in, and the stats JSON and the Prometheus gauges must
+say so with the window's numbers; the reference learned from a drafter's first minutes; the --drift-threshold
+checks (the settings serve hands to the server: test_launcher.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lk_vllm.plugin.server.drift import MIN_DRAFTS, DriftMonitor, DriftSettings
 from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
 
 pytestmark = pytest.mark.unit
+
 
 K = 2
 # Expected acceptance length 1 + 0.8 + 0.8 * 0.5 = 2.2 at T=0, 1 + 0.6 + 0.6 * 0.5 = 1.9 sampled.
@@ -155,25 +157,3 @@ def test_a_threshold_outside_zero_one_is_a_one_line_error(value, tmp_path):
         launcher.build_server_command(args)
     message = str(error.value)
     assert "--drift-threshold" in message and str(value) in message and "\n" not in message
-
-
-@pytest.mark.vllm
-def test_serve_hands_the_drift_settings_to_the_server(tmp_path, monkeypatch):
-    import argparse
-
-    from lk_vllm.env import DRIFT_ENV
-    from serving import launcher
-
-    target = tmp_path / "target"
-    target.mkdir()
-    (target / "config.json").write_text(json.dumps(FAKE_TARGET_CONFIG))
-    parser = argparse.ArgumentParser()
-    launcher.add_arguments(parser)
-    args = parser.parse_args(
-        [str(target), "--drift-threshold", "0.6", "--drift-window", "120", "--drift-reference-minutes", "2"]
-    )
-    command = launcher.build_server_command(args)
-    monkeypatch.setenv(DRIFT_ENV, command.env[DRIFT_ENV])
-    assert DriftSettings.from_env() == DriftSettings(threshold=0.6, window_seconds=120, reference_seconds=120)
-    with pytest.raises(UserError, match="--drift-window: expected a positive number, got -1"):
-        DriftSettings(window_seconds=-1)

@@ -8,23 +8,12 @@ import ast
 from pathlib import Path
 
 import pytest
+from repo_helpers import ROOT, package_modules
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("lk_vllm", "training", "serving")
+
 APPLICATIONS = ("training", "serving")
-
-
-def _modules() -> dict[str, Path]:
-    out = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            out[".".join(parts)] = path
-    return out
 
 
 def _imports(path: Path, module: str, top_level_only: bool) -> list[tuple[str, int]]:
@@ -70,7 +59,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[str]:
 
 def test_the_library_imports_no_application():
     upward = []
-    for module, path in _modules().items():
+    for module, path in package_modules().items():
         if not module.startswith("lk_vllm"):
             continue
         for name, line in _imports(path, module, top_level_only=False):
@@ -80,7 +69,7 @@ def test_the_library_imports_no_application():
 
 
 def test_no_import_cycle_at_module_level():
-    modules = _modules()
+    modules = package_modules()
     graph: dict[str, set[str]] = {}
     for module, path in modules.items():
         targets = set()
@@ -107,17 +96,3 @@ def test_the_checks_see_an_upward_import_and_a_cycle(tmp_path):
     assert ("lk_vllm.pkg.sub", 1) in _imports(package, "lk_vllm.pkg", top_level_only=True)
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a -> b -> c -> a"]
     assert _cycles({"a": {"b", "c"}, "b": {"d"}, "c": {"d"}, "d": set()}) == []
-
-
-def test_every_lk_vllm_variable_is_named_in_lk_vllm_env():
-    import re
-
-    named = re.compile(r"^LK_VLLM_[A-Z_]+$")
-    elsewhere = []
-    for module, path in _modules().items():
-        if module == "lk_vllm.env":
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and named.match(node.value):
-                elsewhere.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value}")
-    assert not elsewhere, "spell these as lk_vllm.env constants:\n" + "\n".join(elsewhere)

@@ -1,33 +1,30 @@
-"""LK losses: the chunked closed-form implementation against references, properties and bad input."""
+"""LK losses (lk_vllm.losses): the chunked closed-form implementation against references, properties and
+bad input; and under torch.distributed, where two gloo ranks on CPU must reproduce one process holding the
+whole batch.
 
+The documented convention (lk_vllm.losses.lk_loss): statistics are global; each rank's loss is
+world_size / N_global * (its own sum), so the mean of the rank losses is the single-process loss and DDP's
+averaged parameter gradients are the single-process gradients."""
+
+import datetime
 import math
+import socket
+import time
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loss_helpers import F64, loss_and_grad, make_batch
 
 from lk_vllm.acceptance import expected_acceptance_length
 from lk_vllm.losses import KINDS, lk_loss, lk_loss_eager, lk_loss_multi
 
 pytestmark = pytest.mark.unit
-
-F64 = torch.float64
-
-
-def make_batch(n, vocab, vocab_draft, *, seed, scale=2.0, dtype=F64, masked=0.3):
-    """Random logits, a random draft vocabulary (None when vocab_draft == vocab) and a random mask."""
-    gen = torch.Generator().manual_seed(seed)
-    d2t = torch.randperm(vocab, generator=gen)[:vocab_draft] if vocab_draft < vocab else None
-    target = (torch.randn(n, vocab, generator=gen, dtype=F64) * scale).to(dtype)
-    draft = (torch.randn(n, vocab_draft, generator=gen, dtype=F64) * scale).to(dtype)
-    # Make the draft partly agree with the target so alpha is neither ~0 nor ~1.
-    aligned = target[:, d2t] if d2t is not None else target
-    draft = (0.5 * draft + 0.5 * aligned).detach()
-    mask = torch.rand(n, generator=gen) >= masked if masked else None
-    return draft, target, d2t, mask
 
 
 def numpy_reference(draft, target, d2t, mask, kind, eta=3.0):
@@ -55,13 +52,6 @@ def numpy_reference(draft, target, d2t, mask, kind, eta=3.0):
         "lambda": lam * mean_kl + (1 - lam) * (1 - mean_alpha),
     }[kind]
     return loss, mean_alpha, mean_kl, lam
-
-
-def loss_and_grad(fn, draft, target, **kwargs):
-    leaf = draft.detach().clone().requires_grad_(True)
-    result = fn(leaf, target, **kwargs)
-    (grad,) = torch.autograd.grad(result.loss, leaf)
-    return result, grad
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,24 +107,6 @@ def test_lambda_gradient_is_the_fixed_mixture_of_kl_and_tv():
     lam = lam_result.lam
     assert lam == pytest.approx(math.exp(-2.0 * lam_result.alpha), rel=1e-14)
     torch.testing.assert_close(lam_grad, lam * kl_grad + (1 - lam) * tv_grad, rtol=1e-12, atol=1e-16)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("vocab_draft", [20, 9])
-def test_compiled_and_eager_backward_agree(kind, vocab_draft, monkeypatch):
-    # The chunk kernels run torch.compile'd by default and fall back to the same functions run eagerly; both give the
-    # same gradient.
-    from lk_vllm.losses import kernels
-
-    draft, target, d2t, mask = make_batch(13, 20, vocab_draft, seed=7, dtype=torch.float32)
-    kwargs = dict(kind=kind, draft_to_target=d2t, mask=mask, chunk_size=5)
-    grads = {}
-    for setting in ("1", "0"):
-        monkeypatch.setenv("LK_VLLM_COMPILE_LOSS", setting)
-        _, grads[setting] = loss_and_grad(lk_loss, draft, target, **kwargs)
-    if kernels._Compiled.failed or kernels._gradient_kernel.compiled is None:
-        pytest.skip("torch.compile is not available here; only the eager backward ran")
-    torch.testing.assert_close(grads["1"], grads["0"], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -733,7 +705,7 @@ def test_bad_logsumexp_is_refused(change, message):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Chunking and compilation policy
+# Chunking
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -747,28 +719,170 @@ def test_one_chunk_for_everything_equals_one_row_chunks():
     torch.testing.assert_close(large_grad, small_grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("runtime", [True, False], ids=["runtime-error", "compile-error"])
-def test_only_compile_errors_switch_compilation_off(monkeypatch, runtime):
-    """An out-of-memory while the compiled kernel runs reaches the caller and leaves compilation on; a
-    compile error falls back to eager PyTorch for the process, with a warning."""
-    from torch._dynamo import exc as dynamo_exc
+# ---------------------------------------------------------------------------------------------------------------
+# Under torch.distributed: two gloo ranks against one process
+# ---------------------------------------------------------------------------------------------------------------
 
-    from lk_vllm.losses import kernels
 
-    def broken(*args):
-        if runtime:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-        raise dynamo_exc.Unsupported("no lowering for this op")
+WORLD_SIZE = 2
+HIDDEN, VOCAB, VOCAB_DRAFT, POSITIONS = 8, 40, 16, 2
+# Uneven shards, with rank 1 holding rows whose mask is mostly False: per-rank means would differ from
+# the global mean, so only a correct global reduction passes.
+SHARDS = [(0, 5), (5, 14)]
 
-    kernel = kernels._Compiled(lambda x: x + 1)
-    kernel.compiled = broken
-    monkeypatch.setattr(kernels._Compiled, "failed", False)
-    monkeypatch.setenv("LK_VLLM_COMPILE_LOSS", "1")
-    if runtime:
-        with pytest.raises(torch.OutOfMemoryError):
-            kernel(torch.zeros(2))
-        assert not kernels._Compiled.failed
-    else:
-        with pytest.warns(UserWarning, match="torch.compile failed.*Unsupported"):
-            assert kernel(torch.zeros(2)).tolist() == [1.0, 1.0]
-        assert kernels._Compiled.failed
+
+def make_problem():
+    gen = torch.Generator().manual_seed(1234)
+    hidden = torch.randn(POSITIONS, 14, HIDDEN, generator=gen, dtype=torch.float64)
+    targets = torch.randn(POSITIONS, 14, VOCAB, generator=gen, dtype=torch.float64) * 2
+    masks = torch.rand(POSITIONS, 14, generator=gen) > 0.25
+    masks[:, 8:12] = False
+    d2t = torch.randperm(VOCAB, generator=gen)[:VOCAB_DRAFT]
+    return hidden, targets, masks, d2t
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(HIDDEN, VOCAB_DRAFT, dtype=torch.float64)
+
+
+def run_case(model, hidden, targets, masks, d2t, kind, rows):
+    """Loss of one kind on the given rows; returns (floats, parameter gradients)."""
+    start, stop = rows
+    model.zero_grad()
+    drafts = [model(hidden[k, start:stop]) for k in range(POSITIONS)]
+    multi = lk_loss_multi(
+        drafts,
+        [targets[k, start:stop] for k in range(POSITIONS)],
+        kind=kind,
+        eta=3.0,
+        draft_to_target=d2t,
+        masks=[masks[k, start:stop] for k in range(POSITIONS)],
+        chunk_size=2,
+    )
+    multi.loss.backward()
+    first = multi.positions[0]
+    values = {
+        "loss": float(multi.loss.detach()),
+        "global_loss": multi.global_loss,
+        "alpha": multi.per_position_alpha,
+        "lam": multi.per_position_lam,
+        "kl": first.kl,
+        "tv": first.tv,
+        "num_valid": first.num_valid,
+        "world_size": first.world_size,
+    }
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    return values, grads
+
+
+def worker(rank, port, out_dir):
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    torch.set_num_threads(1)
+    hidden, targets, masks, d2t = make_problem()
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    results = {}
+    for kind in KINDS:
+        results[kind] = run_case(model, hidden, targets, masks, d2t, kind, SHARDS[rank])
+
+    # A rank whose shard is fully masked still takes part (lam comes from the other rank's rows).
+    gen = torch.Generator().manual_seed(7)
+    draft = torch.randn(4, VOCAB_DRAFT, generator=gen, dtype=torch.float64)
+    target = torch.randn(4, VOCAB, generator=gen, dtype=torch.float64)
+    mask = torch.full((4,), rank == 1)
+    one = lk_loss(draft, target, kind="lambda", draft_to_target=d2t, mask=mask)
+    results["one_rank_empty"] = {"lam": one.lam, "num_valid": one.num_valid, "loss": float(one.loss.detach())}
+
+    # Bad input on one rank must raise on both (after the collective), not leave the other waiting.
+    bad = torch.randn(4, VOCAB_DRAFT, dtype=torch.float64)
+    if rank == 1:
+        bad[2, 3] = math.nan
+    try:
+        lk_loss(bad, torch.randn(4, VOCAB, dtype=torch.float64), kind="alpha", draft_to_target=d2t)
+        results["bad_input"] = "no error"
+    except ValueError as error:
+        results["bad_input"] = str(error)
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("lk_dist")
+    context = mp.start_processes(
+        worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(
+                "distributed workers did not finish in 180 s (a rank is probably stuck in a collective)"
+            )
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    hidden, targets, masks, d2t = make_problem()
+    model = make_model()
+    return {kind: run_case(model, hidden, targets, masks, d2t, kind, (0, 14)) for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_ranks_match_one_process(rank_results, single_process, kind):
+    single_values, single_grads = single_process[kind]
+    for rank in range(WORLD_SIZE):
+        values, grads = rank_results[rank][kind]
+        assert values["world_size"] == WORLD_SIZE
+        assert values["num_valid"] == single_values["num_valid"]
+        assert values["lam"] == pytest.approx(single_values["lam"], rel=1e-12)
+        assert values["alpha"] == pytest.approx(single_values["alpha"], rel=1e-12)
+        assert values["kl"] == pytest.approx(single_values["kl"], rel=1e-12)
+        assert values["tv"] == pytest.approx(single_values["tv"], rel=1e-12)
+        assert values["global_loss"] == pytest.approx(single_values["loss"], rel=1e-12)
+        # DDP averaged the gradients over ranks: they must be the single-process gradients.
+        for grad, single_grad in zip(grads, single_grads, strict=True):
+            torch.testing.assert_close(grad, single_grad, rtol=1e-10, atol=1e-14)
+    rank_losses = [rank_results[rank][kind][0]["loss"] for rank in range(WORLD_SIZE)]
+    assert sum(rank_losses) / WORLD_SIZE == pytest.approx(single_values["loss"], rel=1e-12)
+    assert rank_losses[0] != pytest.approx(rank_losses[1])  # the shards really differ
+
+
+def test_lambda_differs_per_position_and_from_local_means(rank_results, single_process):
+    lams = single_process["lambda"][0]["lam"]
+    assert lams[0] != pytest.approx(lams[1])
+    # A rank-local mean alpha would have given another lam: the shards have different mean alpha.
+    hidden, targets, masks, d2t = make_problem()
+    model = make_model()
+    local, _ = run_case(model, hidden, targets, masks, d2t, "lambda", SHARDS[0])
+    assert local["lam"][0] != pytest.approx(lams[0], rel=1e-6)
+
+
+def test_rank_with_no_valid_rows_takes_part(rank_results):
+    empty, other = rank_results[0]["one_rank_empty"], rank_results[1]["one_rank_empty"]
+    assert empty["num_valid"] == other["num_valid"] == 4
+    assert empty["lam"] == other["lam"]
+    assert empty["loss"] == 0.0
+
+
+def test_bad_input_on_one_rank_raises_on_every_rank(rank_results):
+    for rank in range(WORLD_SIZE):
+        message = rank_results[rank]["bad_input"]
+        assert "draft_logits is unusable in 1 of 8 valid rows over 2 ranks" in message
+    assert "NaN in 1 rows" in rank_results[1]["bad_input"]
+    assert "on this rank" not in rank_results[0]["bad_input"]

@@ -1,7 +1,7 @@
-"""lk-vllm serve's supervisor (serving/supervisor.py) over a stand-in for vLLM's server (tests/fake_vllm.py): the
-proxy passes requests, streams and WebSockets through; a swap that needs a restart drains the requests in flight,
-holds new ones (or answers 503 + Retry-After after --restart-wait), rolls back when the new server does not start;
-Ctrl-C and a dying server end it. No engine: fast tier. The real restart runs in tests/test_serving_swap.py."""
+"""lk-vllm serve's supervisor (serving/supervisor.py) over a stand-in for vLLM's server (tests/fake_vllm.py):
+the proxy passes requests, streams and WebSockets through; a swap that needs a restart drains the requests in
+flight, holds new ones (or answers 503 + Retry-After after --restart-wait), rolls back when the new server does
+not start; Ctrl-C and a dying server end it. No engine: fast tier. The real restart runs in tests/test_swap.py."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from serving.client import HTTPError, request_json
 from serving.launcher import ServerHandle, free_port, wait_healthy
 
 pytestmark = pytest.mark.e2e
+
 
 FAKE = Path(__file__).with_name("fake_vllm.py")
 
@@ -223,113 +224,6 @@ def test_ctrl_c_stops_the_server_and_a_dying_server_ends_the_supervisor(supervis
     with pytest.raises((HTTPError, OSError)):
         urllib.request.urlopen(dying.url + "/die", timeout=30)
     assert dying.process.wait(30) == 7
-
-
-@pytest.mark.unit
-def test_statistics_survive_a_restart_per_drafter(tmp_path, monkeypatch):
-    """The old server's store, written at its exit, is merged into the new server's: totals, windows and the
-    per-drafter split are those of one store that saw every step."""
-    from lk_vllm.plugin.server import routes as api
-    from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
-
-    def step(store, accepted):
-        store.record_step(
-            batch_size=2,
-            output_tokens=1 + sum(accepted),
-            timed=True,
-            num_drafts=1,
-            num_draft_tokens=len(accepted),
-            num_accepted_tokens=sum(accepted),
-            accepted_per_position=accepted,
-        )
-
-    eagle = DrafterInfo(
-        name="/d/eagle", method="eagle3", architecture="LlamaForCausalLMEagle3", num_speculative_tokens=2
-    )
-    medusa = DrafterInfo(
-        name="/d/medusa", method="medusa", architecture="MedusaModel", num_speculative_tokens=2
-    )
-    reference, old, new = LiveStatsStore(), LiveStatsStore(), LiveStatsStore()
-    for store in (reference, old):
-        store.set_drafter(eagle)
-        for accepted in ([1, 0], [1, 1], [0, 0]):
-            step(store, accepted)
-    path = tmp_path / "statistics.json"
-    api.save_statistics(old, path)
-    new.set_drafter(medusa)  # the new engine's stat logger comes first, then the routes read the file
-    monkeypatch.setattr(api.atexit, "register", lambda *a: None)
-    api.carry_statistics_over(new, path)
-    reference.set_drafter(medusa)
-    for store in (reference, new):
-        step(store, [1, 0])
-    assert new.drafter.name == "/d/medusa" and set(new.drafters_seen) == {"/d/eagle", "/d/medusa"}
-    for name in (None, "/d/eagle", "/d/medusa"):
-        for field in (
-            "acceptance_length",
-            "per_position_acceptance",
-            "draft_tokens",
-            "accepted_tokens",
-            "steps",
-        ):
-            assert new.since_start(name)[field] == reference.since_start(name)[field], (name, field)
-            assert (
-                new.summary(new.steps(600, name))[field]
-                == reference.summary(reference.steps(600, name))[field]
-            )
-    assert new.since_start("/d/eagle")["accepted_tokens"] == 3
-
-
-@pytest.mark.unit
-def test_swap_route_asks_the_supervisor_for_a_restart_only_when_supervised(tmp_path, monkeypatch):
-    """vLLM's side of a restart swap (lk_vllm.plugin.server.swap): under the supervisor a drafter of another architecture is
-    checked and answered with the speculative config to restart with; unusable ones are 4xx; without the
-    supervisor the same request is 409, and the live drafter never changes."""
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-    from train_helpers import make_tiny_target, make_valid_drafter
-
-    from lk_vllm.plugin.server import routes as api
-    from lk_vllm.plugin.server import swap
-    from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
-    from lk_vllm.target_model import TargetModel
-
-    drafters = tmp_path / "drafters"
-    target = TargetModel(make_tiny_target(tmp_path / "target", layers=2))
-    for name, heads in (("medusa", 2), ("one_head", 1)):
-        make_valid_drafter(drafters, name, target, architecture="medusa", num_heads=heads)
-    monkeypatch.setenv(api.ADMIN_KEY_ENV, "admin")
-    monkeypatch.setenv(api.DRAFTERS_DIR_ENV, str(drafters))
-    store = LiveStatsStore()
-    store.set_drafter(
-        DrafterInfo(name="ngram", method="ngram", architecture="ngram", num_speculative_tokens=2)
-    )
-    routes = api.LkRoutes(store)
-    app = FastAPI()
-    app.include_router(routes.router())
-    client = TestClient(app)
-
-    def post(path, **extra):
-        return client.post(
-            "/v1/speculative/drafter", json={"path": path, **extra}, headers={"X-Admin-Key": "admin"}
-        )
-
-    unsupervised = post("medusa")
-    assert unsupervised.status_code == 409 and "no weights to swap" in unsupervised.json()["error"]
-    monkeypatch.setenv(swap.SUPERVISED_ENV, "1")
-    planned = post("medusa")
-    assert planned.status_code == 200 and planned.headers[swap.RESTART_HEADER] == "required"
-    plan = planned.json()
-    assert plan["status"] == "restart-required" and plan["previous"] == "ngram"
-    assert plan["speculative_config"] == {
-        "method": "medusa",
-        "model": str(drafters / "medusa"),
-        "num_speculative_tokens": 2,
-        "rejection_sample_method": "standard",
-    }
-    assert post("one_head").status_code == 400 and "1 heads" in post("one_head").json()["error"]
-    assert post("medusa", num_speculative_tokens=0).status_code == 400
-    assert post("medusa", num_speculative_tokens=3).status_code == 400  # more than its 2 heads
-    assert store.drafter.name == "ngram"
 
 
 @pytest.mark.unit

@@ -1,5 +1,7 @@
-"""The training loop on a tiny random Llama target: evaluation math, resume after SIGKILL, bad input, DDP,
-offline capture. The default target is exercised by test_train_smoke.py."""
+"""The training loop (training.train) on a tiny random Llama target: evaluation math, resume after SIGKILL,
+bad input, DDP, offline capture, the flags that override a recipe; and one real (shortened) smoke recipe on the
+default target (slow): `lk-vllm train` prepares the data itself through vLLM, captures hidden states offline,
+trains and exports a drafter that loads for the target."""
 
 from __future__ import annotations
 
@@ -16,45 +18,24 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_helpers import make_tiny_data, make_tiny_target
+from train_helpers import make_tiny_data, make_tiny_target, train_args, train_config
 
 from lk_vllm.errors import UserError
 from training import checkpoint as ckpt
 from training.config import load_config
-from training.train import BatchOrder, evaluate, lr_factor, split_heldout, train
+from training.train import (
+    BatchOrder,
+    config_from_args,
+    evaluate,
+    lr_factor,
+    split_heldout,
+    train,
+)
 
 pytestmark = pytest.mark.unit
 
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    target = make_tiny_target(root / "target")
-    data = make_tiny_data(root / "data", target, num_samples=24)
-    return target, data
-
-
-def _config(tiny, output, **overrides):
-    target, data = tiny
-    values = {
-        "model.target": target,
-        "data.dirs": [data],
-        "data.heldout": 4,
-        "data.max_length": 64,
-        "training.batch_size": 4,
-        "training.max_steps": 6,
-        "training.eval_every": 3,
-        "training.checkpoint_every": 2,
-        "training.eval_batch_size": 4,
-        "loss.num_steps": 2,
-        "optimizer.warmup_steps": 2,
-        "optimizer.lr": 3e-3,
-        "output": str(output),
-    }
-    values.update(overrides)
-    return load_config(overrides=values)[0]
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -147,7 +128,7 @@ def test_training_learns_and_exports_best_and_final(tiny, tmp_path):
 
     from lk_vllm.drafters import load_drafter
 
-    config = _config(tiny, tmp_path / "run", **{"training.max_steps": 12, "training.eval_every": 4})
+    config = train_config(tiny, tmp_path / "run", **{"training.max_steps": 12, "training.eval_every": 4})
     summary = train(config, "tiny", progress=False)
     run = tmp_path / "run"
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -170,7 +151,7 @@ def test_training_learns_and_exports_best_and_final(tiny, tmp_path):
 
 def _config_file(tiny, tmp_path, **overrides) -> Path:
     """The tiny config as a YAML file for `lk-vllm train --config` (the output comes from --output)."""
-    data = _config(tiny, tmp_path / "unused", **overrides).model_dump(mode="json")
+    data = train_config(tiny, tmp_path / "unused", **overrides).model_dump(mode="json")
     data.pop("output")
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -220,10 +201,10 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny, tmp_path):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_resume_refuses_another_config_and_reruns_need_resume(tiny, tmp_path):
-    train(_config(tiny, tmp_path / "run"), "tiny", progress=False)
+    train(train_config(tiny, tmp_path / "run"), "tiny", progress=False)
     with pytest.raises(UserError, match="already holds checkpoints"):
-        train(_config(tiny, tmp_path / "run"), "tiny", progress=False)
-    other = _config(tiny, tmp_path / "run", **{"loss.kind": "kl", "model.architecture": "medusa"})
+        train(train_config(tiny, tmp_path / "run"), "tiny", progress=False)
+    other = train_config(tiny, tmp_path / "run", **{"loss.kind": "kl", "model.architecture": "medusa"})
     with pytest.raises(
         UserError,
         match=r"different config: loss.kind: 'lambda' -> 'kl'; "
@@ -232,7 +213,10 @@ def test_resume_refuses_another_config_and_reruns_need_resume(tiny, tmp_path):
         train(other, "tiny", resume=True, progress=False)
     # A harmless change (evaluation frequency) resumes; at the end already, it only re-exports.
     summary = train(
-        _config(tiny, tmp_path / "run", **{"training.eval_every": 5}), "tiny", resume=True, progress=False
+        train_config(tiny, tmp_path / "run", **{"training.eval_every": 5}),
+        "tiny",
+        resume=True,
+        progress=False,
     )
     assert summary["steps"] == 6
 
@@ -254,7 +238,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tiny, tmp_path, mon
 
     monkeypatch.setattr(drafters, "multi_step_loss", poisoned)
     with pytest.raises(UserError, match=r"not finite at step 5 .*last good checkpoint is .*step-4"):
-        train(_config(tiny, tmp_path / "run"), "tiny", progress=False)
+        train(train_config(tiny, tmp_path / "run"), "tiny", progress=False)
     state = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "step-4")
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -279,7 +263,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_p
         match=r"checkpoint .*step-4: the disk is full; the previous checkpoint "
         r".*step-2 is intact",
     ):
-        train(_config(tiny, tmp_path / "run"), "tiny", progress=False)
+        train(train_config(tiny, tmp_path / "run"), "tiny", progress=False)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["step-2"]  # no half-written step-4, no temp dir
     assert ckpt.load_checkpoint(checkpoints / "step-2")["step"] == 2
@@ -289,19 +273,21 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_p
 def test_empty_and_all_masked_data_are_clear_errors(tiny, tmp_path):
     masked = make_tiny_data(tmp_path / "masked", tiny[0], num_samples=6, masked=True)
     with pytest.raises(UserError, match="no generated tokens"):
-        train(_config(tiny, tmp_path / "run", **{"data.dirs": [masked]}), "tiny", progress=False)
+        train(train_config(tiny, tmp_path / "run", **{"data.dirs": [masked]}), "tiny", progress=False)
     with pytest.raises(UserError, match="no manifest.json"):
         train(
-            _config(tiny, tmp_path / "run", **{"data.dirs": [str(tmp_path / "nothing")]}),
+            train_config(tiny, tmp_path / "run", **{"data.dirs": [str(tmp_path / "nothing")]}),
             "tiny",
             progress=False,
         )
     with pytest.raises(UserError, match="no training data"):
         train(
-            _config(tiny, tmp_path / "run", **{"data.dirs": [], "data.datasets": []}), "tiny", progress=False
+            train_config(tiny, tmp_path / "run", **{"data.dirs": [], "data.datasets": []}),
+            "tiny",
+            progress=False,
         )
     with pytest.raises(UserError, match="leaves no training samples"):
-        train(_config(tiny, tmp_path / "run", **{"data.heldout": 24}), "tiny", progress=False)
+        train(train_config(tiny, tmp_path / "run", **{"data.heldout": 24}), "tiny", progress=False)
 
 
 @pytest.mark.vllm
@@ -309,7 +295,7 @@ def test_data_of_another_target_is_refused(tiny, tmp_path):
     other = make_tiny_target(tmp_path / "other", seed=1)
     data = make_tiny_data(tmp_path / "data", other, num_samples=6)
     with pytest.raises(UserError, match="was generated by target"):
-        train(_config(tiny, tmp_path / "run", **{"data.dirs": [data]}), "tiny", progress=False)
+        train(train_config(tiny, tmp_path / "run", **{"data.dirs": [data]}), "tiny", progress=False)
 
 
 # ------------------------------------------------------------------------------------------ DDP and FSDP2
@@ -420,11 +406,6 @@ def test_a_target_sharded_over_two_ranks_trains_like_one_process(tiny, tmp_path)
         assert final["per_position_alpha"] == pytest.approx(expected["per_position_alpha"], abs=1e-5)
 
 
-def test_shard_target_needs_fsdp(tiny, tmp_path):
-    with pytest.raises(UserError, match="training.shard_target .* needs training.parallel=fsdp"):
-        _config(tiny, tmp_path / "run", **{"training.shard_target": True})
-
-
 def test_fsdp_without_torchrun_fails_before_loading_anything(tiny, tmp_path, monkeypatch):
     import lk_vllm.target_model
 
@@ -432,7 +413,7 @@ def test_fsdp_without_torchrun_fails_before_loading_anything(tiny, tmp_path, mon
     monkeypatch.setattr(lk_vllm.target_model, "TargetModel", None)  # loading a model would fail differently
     with pytest.raises(UserError, match=r"training.parallel=fsdp needs torchrun"):
         train(
-            _config(
+            train_config(
                 tiny, tmp_path / "run", **{"training.parallel": "fsdp", "data.dirs": [str(tmp_path / "x")]}
             ),
             "tiny",
@@ -442,7 +423,7 @@ def test_fsdp_without_torchrun_fails_before_loading_anything(tiny, tmp_path, mon
 
 @pytest.mark.vllm
 def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(tiny, tmp_path):
-    config = _config(tiny, tmp_path / "run", **{"training.max_steps": 2, "training.checkpoint_every": 2})
+    config = train_config(tiny, tmp_path / "run", **{"training.max_steps": 2, "training.checkpoint_every": 2})
     train(config, "tiny", progress=False)
     step = tmp_path / "run" / "checkpoints" / "step-2"
     state = ckpt.load_checkpoint(step)
@@ -462,9 +443,9 @@ def test_offline_capture_gives_the_online_results(tiny, tmp_path, monkeypatch):
     # A draft vocabulary: offline, the loss reads the target's draft columns and the cached normaliser.
     _no_tokenizer(monkeypatch)
     vocab = {"model.draft_vocab_size": 128}
-    online = train(_config(tiny, tmp_path / "online", **vocab), "tiny", progress=False)
+    online = train(train_config(tiny, tmp_path / "online", **vocab), "tiny", progress=False)
     exact = train(
-        _config(
+        train_config(
             tiny,
             tmp_path / "offline32",
             **vocab,
@@ -478,7 +459,7 @@ def test_offline_capture_gives_the_online_results(tiny, tmp_path, monkeypatch):
         online["final"]["expected_acceptance_length"], abs=1e-5
     )
     half = train(
-        _config(
+        train_config(
             tiny,
             tmp_path / "offline16",
             **vocab,
@@ -512,7 +493,7 @@ def test_every_architecture_trains_and_exports(tiny, tmp_path, architecture):
     overrides = {"model.architecture": architecture, "training.max_steps": 3, "training.eval_every": 3}
     if architecture == "draft_model":
         overrides["model.options"] = {"num_layers": 1}
-    summary = train(_config(tiny, tmp_path / "run", **overrides), "tiny", progress=False)
+    summary = train(train_config(tiny, tmp_path / "run", **overrides), "tiny", progress=False)
     alphas = summary["final"]["per_position_alpha"]
     assert len(alphas) == 2 and all(0 < a <= 1 for a in alphas)
     record = json.loads((tmp_path / "run" / "final" / "lk_training.json").read_text())
@@ -533,16 +514,16 @@ def test_gradient_accumulation_equals_the_whole_batch_when_micro_batches_are_ali
         "training.eval_every": 3,
         "training.checkpoint_every": 3,
     }
-    train(_config(tiny, tmp_path / "whole", **common), "tiny", progress=False)
+    train(train_config(tiny, tmp_path / "whole", **common), "tiny", progress=False)
     train(
-        _config(tiny, tmp_path / "micro", **common, **{"training.grad_accumulation": 2}),
+        train_config(tiny, tmp_path / "micro", **common, **{"training.grad_accumulation": 2}),
         "tiny",
         progress=False,
     )
     _assert_same_weights(_weights(tmp_path / "whole"), _weights(tmp_path / "micro"), atol=1e-5)
     with pytest.raises(UserError, match="multiple of the 1 rank"):
         train(
-            _config(tiny, tmp_path / "bad", **common, **{"training.grad_accumulation": 3}),
+            train_config(tiny, tmp_path / "bad", **common, **{"training.grad_accumulation": 3}),
             "tiny",
             progress=False,
         )
@@ -582,7 +563,7 @@ def test_init_from_starts_at_the_exported_drafter(tiny, tmp_path, monkeypatch):
     rate of ~0 its export is the same weights), and refuses a drafter of another architecture."""
     _no_tokenizer(monkeypatch)
     vocab = {"model.draft_vocab_size": 128, "training.max_steps": 2, "training.eval_every": 2}
-    first = train(_config(tiny, tmp_path / "a", **vocab), "tiny", progress=False)
+    first = train(train_config(tiny, tmp_path / "a", **vocab), "tiny", progress=False)
     warm = {
         "model.init_from": str(tmp_path / "a" / "final"),
         "training.max_steps": 1,
@@ -591,18 +572,20 @@ def test_init_from_starts_at_the_exported_drafter(tiny, tmp_path, monkeypatch):
         "optimizer.warmup_steps": 1,
         "model.draft_vocab_size": 200,
     }
-    summary = train(_config(tiny, tmp_path / "b", **warm), "tiny", progress=False)
+    summary = train(train_config(tiny, tmp_path / "b", **warm), "tiny", progress=False)
     _assert_same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
     assert summary["final"]["expected_acceptance_length"] == pytest.approx(
         first["final"]["expected_acceptance_length"], abs=1e-5
     )  # same drafter, same held-out samples
     with pytest.raises(UserError, match=r"is a eagle3 drafter but model.architecture is medusa"):
         train(
-            _config(tiny, tmp_path / "d", **{**warm, "model.architecture": "medusa"}), "tiny", progress=False
+            train_config(tiny, tmp_path / "d", **{**warm, "model.architecture": "medusa"}),
+            "tiny",
+            progress=False,
         )
     with pytest.raises(UserError, match="is not an exported drafter directory"):
         train(
-            _config(tiny, tmp_path / "e", **{**warm, "model.init_from": str(tmp_path / "none")}),
+            train_config(tiny, tmp_path / "e", **{**warm, "model.init_from": str(tmp_path / "none")}),
             "tiny",
             progress=False,
         )
@@ -650,53 +633,18 @@ def test_cached_logsumexp_gives_the_full_rows_loss(tiny, tmp_path):
 def test_resume_refuses_changed_data(tiny, tmp_path):
     data = make_tiny_data(tmp_path / "data", tiny[0], num_samples=12, seed=1)
     train(
-        _config(tiny, tmp_path / "run", **{"data.dirs": [data], "training.max_steps": 2}),
+        train_config(tiny, tmp_path / "run", **{"data.dirs": [data], "training.max_steps": 2}),
         "tiny",
         progress=False,
     )
     make_tiny_data(tmp_path / "data", tiny[0], num_samples=12, seed=2)  # same directory, other samples
     with pytest.raises(UserError, match="differs from the data .*step-2 was trained on"):
         train(
-            _config(tiny, tmp_path / "run", **{"data.dirs": [data], "training.max_steps": 2}),
+            train_config(tiny, tmp_path / "run", **{"data.dirs": [data], "training.max_steps": 2}),
             "tiny",
             resume=True,
             progress=False,
         )
-
-
-# ------------------------------------------------------------------------------------------ device and precision
-def test_placement_resolves_auto_and_refuses_a_missing_gpu():
-    from training.device import resolve_placement
-
-    cpu = resolve_placement("auto", "auto", cuda_available=False)
-    assert (
-        cpu.device == torch.device("cpu") and cpu.autocast_dtype is None and cpu.target_dtype == torch.float32
-    )
-    assert "fp32" in cpu.describe()
-    gpu = resolve_placement("auto", "auto", tf32=False, cuda_available=True, local_rank=3)
-    assert gpu.device == torch.device("cuda", 3) and gpu.autocast_dtype == torch.bfloat16
-    assert gpu.target_dtype == torch.bfloat16 and "bfloat16 autocast" in gpu.describe()
-    assert (
-        resolve_placement("cuda", "fp32", tf32=False, cuda_available=True, local_rank=0).autocast_dtype
-        is None
-    )
-    cpu_bf16 = resolve_placement("cpu", "bf16", cuda_available=True)
-    assert cpu_bf16.device.type == "cpu" and cpu_bf16.autocast_dtype == torch.bfloat16
-    with pytest.raises(UserError, match=r"^training\.device=cuda: no CUDA device is visible"):
-        resolve_placement("cuda", "auto", cuda_available=False)
-
-
-def test_bf16_on_a_cpu_without_native_bf16_says_it_is_emulated(monkeypatch, capsys):
-    import training.device
-
-    for native in (True, False):
-        monkeypatch.setattr(training.device, "cpu_has_native_bf16", lambda native=native: native)
-        placement = training.device.resolve_placement("cpu", "bf16", cuda_available=False)
-        assert placement.autocast_dtype == torch.bfloat16  # runs as asked
-        said = capsys.readouterr().err
-        assert ("no native bf16 math" in said and "training.precision=fp32" in said) is not native
-    training.device.resolve_placement("cpu", "fp32", cuda_available=False)
-    assert capsys.readouterr().err == ""
 
 
 def test_cuda_on_a_machine_without_one_fails_before_loading_anything(tiny, tmp_path, monkeypatch):
@@ -707,7 +655,7 @@ def test_cuda_on_a_machine_without_one_fails_before_loading_anything(tiny, tmp_p
         lk_vllm.target_model, "TargetModel", None
     )  # loading the target would raise a TypeError
     with pytest.raises(UserError, match=r"training\.device=cuda"):
-        train(_config(tiny, tmp_path / "run", **{"training.device": "cuda"}), progress=False)
+        train(train_config(tiny, tmp_path / "run", **{"training.device": "cuda"}), progress=False)
     assert not (tmp_path / "run").exists()
 
 
@@ -716,7 +664,7 @@ def test_bf16_autocast_on_cpu_trains_and_logs_its_placement(tiny, tmp_path, capf
     # The GPU code path's precision handling (autocast around the drafter and the loss, fp32 master weights),
     # run on the CPU: it trains, the weights stay fp32, and the run log says where and how it ran.
     summary = train(
-        _config(
+        train_config(
             tiny,
             tmp_path / "run",
             **{"training.device": "cpu", "training.precision": "bf16", "training.max_steps": 3},
@@ -733,37 +681,6 @@ def test_bf16_autocast_on_cpu_trains_and_logs_its_placement(tiny, tmp_path, capf
 
 
 # ------------------------------------------------------------------------------------------ --dry-run
-@pytest.mark.parametrize(
-    "architecture,options",
-    [("eagle3", {"model.draft_vocab_size": 64}), ("medusa", {}), ("mlp_speculator", {}), ("draft_model", {})],
-)
-def test_dry_run_counts_the_real_drafters_parameters(tiny, tmp_path, architecture, options):
-    from lk_vllm.drafters import create_drafter
-    from lk_vllm.target_model import TargetModel
-    from training.memory import estimate_memory
-    from training.train import drafter_options
-
-    config = _config(tiny, tmp_path / "run", **{"model.architecture": architecture, **options})
-    estimate = estimate_memory(config, tiny[0], "cpu")
-    target = TargetModel(tiny[0])
-    vocab = (
-        {"draft_to_target": torch.arange(64)} if options else {}
-    )  # the tiny target has no tokenizer to count
-    real = create_drafter(architecture, target, **drafter_options(config, target), **vocab)
-    assert estimate.trainable_parameters == sum(p.numel() for p in real.trainable_parameters())
-    assert estimate.tokens_per_micro_batch == 4 * 64
-    longer = estimate_memory(
-        _config(
-            tiny, tmp_path / "run", **{"model.architecture": architecture, **options, "data.max_length": 128}
-        ),
-        tiny[0],
-        "cpu",
-    )
-    fixed = ("drafter weights + grads + AdamW (fp32)", "target weights (fp32)")
-    for name, size in estimate.parts.items():  # everything per token doubles; the weights do not change
-        assert longer.parts[name] == size if name in fixed else longer.parts[name] >= 2 * size, name
-
-
 def _llama_config_only(directory: Path, hidden: int, intermediate: int, layers: int, heads: int) -> str:
     """A Llama target directory with config.json only: no weights, nothing downloaded."""
     directory.mkdir()
@@ -846,23 +763,6 @@ def test_dry_run_fits_the_70b_recipe_on_80_gb_gpus(tmp_path, capsys, monkeypatch
     assert 60 < lines["total"] < 80, out  # an 80 GB GPU, as the recipe says
 
 
-def test_a_run_that_cannot_fit_the_gpu_is_refused_in_one_line(tiny, tmp_path, monkeypatch):
-    import types
-
-    from training.memory import check_fits, estimate_memory
-
-    config = _config(tiny, tmp_path / "run")
-    estimate = estimate_memory(config, tiny[0], "cuda")
-    monkeypatch.setattr(
-        torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=1000)
-    )
-    with pytest.raises(
-        UserError, match=r"^training\.batch_size=4 x data\.max_length=64 needs about .* GB per GPU"
-    ):
-        check_fits(estimate, config, torch.device("cuda", 0))
-    check_fits(estimate, config, torch.device("cpu"))  # the CPU is not checked
-
-
 def test_each_dataset_is_prepared_into_its_own_cached_directory(tmp_path, monkeypatch):
     """Adding a dataset to a recipe regenerates only that dataset: one prepare output per dataset, each named
     by its own settings' hash, and a finished one is reused. Another chat template (given, or edited into the
@@ -912,8 +812,8 @@ def test_export_dtype_writes_bf16_weights_from_fp32_master_weights(tiny, tmp_pat
     float weights equal to the fp32 ones rounded, index tensors untouched; the export loads back."""
     from lk_vllm.drafters import load_drafter
 
-    fp32 = _config(tiny, tmp_path / "fp32", **{"training.max_steps": 2, "training.eval_every": 2})
-    bf16 = _config(
+    fp32 = train_config(tiny, tmp_path / "fp32", **{"training.max_steps": 2, "training.eval_every": 2})
+    bf16 = train_config(
         tiny,
         tmp_path / "bf16",
         **{"training.max_steps": 2, "training.eval_every": 2, "training.export_dtype": "bfloat16"},
@@ -931,3 +831,115 @@ def test_export_dtype_writes_bf16_weights_from_fp32_master_weights(tiny, tmp_pat
     best = load_file(str(tmp_path / "bf16" / "best" / "model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in best.values() if t.is_floating_point())
     load_drafter(tmp_path / "bf16" / "final")
+
+
+# ------------------------------------------------------------------------------------------ flags over a recipe
+def test_flags_and_set_override_the_recipe(tmp_path):
+    args = train_args(
+        "--recipe",
+        "smoke-eagle3",
+        "--loss",
+        "kl",
+        "--eta",
+        "5",
+        "--data",
+        "/d1",
+        "--data",
+        "/d2",
+        "--output",
+        str(tmp_path),
+        "--set",
+        "optimizer.lr=1e-3",
+        "--set",
+        "optimizer.betas=[0.8, 0.9]",
+        "--set",
+        "model.options={aux_layer_ids: [1, 2, 3]}",
+    )
+    config, name = config_from_args(args)
+    assert name == "smoke-eagle3"
+    assert config.loss.kind == "kl" and config.loss.eta == 5.0
+    assert config.data.dirs == ["/d1", "/d2"] and config.output == str(tmp_path)
+    assert config.optimizer.lr == 1e-3 and config.optimizer.betas == (0.8, 0.9)
+    assert config.model.options == {"aux_layer_ids": [1, 2, 3]}
+    assert config.model.architecture == "eagle3"  # untouched fields keep the recipe's value
+
+
+def test_print_config(capsys):
+    from training.train import run
+
+    assert run(train_args("--recipe", "smoke-mlp", "--print-config")) == 0
+    out = capsys.readouterr().out
+    assert "architecture: mlp_speculator" in out
+
+
+def test_train_flags_override_the_recipe_and_absent_ones_keep_it():
+    config, _ = config_from_args(
+        train_args("--recipe", "smollm2-eagle3", "--eta", "5", "--data", "a", "--data", "b")
+    )
+    recipe, _ = load_config(recipe="smollm2-eagle3")
+    assert (config.loss.eta, config.data.dirs) == (5.0, ["a", "b"])
+    assert (config.loss.kind, config.output, config.data.chat_template) == (
+        recipe.loss.kind,
+        recipe.output,
+        recipe.data.chat_template,
+    )
+
+
+# ------------------------------------------------------------------------------------------ the smoke recipe on the default target
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_smoke_recipe_prepares_trains_and_exports(default_target, tmp_path):
+    from lk_vllm.assets import lk_home, target_fingerprint
+    from lk_vllm.drafters import load_drafter, speculative_config_for
+    from lk_vllm.target_model import TargetModel
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(lk_home() / "models")  # the built target; everything else starts empty
+    env = {**os.environ, "LK_VLLM_HOME": str(home)}
+    command = [
+        sys.executable,
+        "-m",
+        "lk_vllm.cli",
+        "train",
+        "--recipe",
+        "smoke-eagle3",
+        "--no-progress",
+        "--set",
+        "data.limit=12",
+        "--set",
+        "data.max_tokens=48",
+        "--set",
+        "data.heldout=2",
+        "--set",
+        "training.max_steps=4",
+        "--set",
+        "training.eval_every=2",
+        "--output",
+        str(tmp_path / "run"),
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "preparing data: the target regenerates sharegpt" in result.stderr
+
+    data_dirs = list((home / "data").iterdir())
+    assert len(data_dirs) == 1
+    manifest = json.loads((data_dirs[0] / "manifest.json").read_text())
+    assert manifest["prompts"] == 12 and manifest["settings"]["target_fingerprint"] == target_fingerprint(
+        default_target
+    )
+    cache = json.loads(next((home / "capture").glob("*/manifest.json")).read_text())
+    assert cache["num_samples"] == manifest["samples"] and cache["dtype"] == "bfloat16"
+
+    final = tmp_path / "run" / "final"
+    record = json.loads((final / "lk_training.json").read_text())
+    training = record["training"]
+    assert training["loss"] == "lambda" and training["steps"] == 4 and training["num_steps"] == 3
+    assert training["target_fingerprint"] == target_fingerprint(default_target)
+    heldout = training["heldout"]
+    assert len(heldout["per_position_alpha"]) == 3 and heldout["expected_acceptance_length"] > 1.0
+    drafter = load_drafter(final, TargetModel(default_target))
+    assert drafter.draft_vocab_size == 8192
+    assert speculative_config_for(final, 3)["method"] == "eagle3"
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "eval" in r] == [2, 4]

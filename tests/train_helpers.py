@@ -1,4 +1,5 @@
-"""Tiny targets and prepared data sets for the trainer tests (no vLLM, no download)."""
+"""Tiny targets and prepared data sets for the trainer tests (no vLLM, no download). The ``tiny`` fixture (a tiny
+target and a data set prepared for it) is in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -127,3 +128,38 @@ def serve_args(target, *argv):
     parser = argparse.ArgumentParser()
     launcher.add_arguments(parser)
     return parser.parse_args(["--target", str(target), *argv])
+
+
+def train_config(tiny, output, **overrides):
+    """The trainer's config for a short run on the ``tiny`` fixture's target and data, written to ``output``."""
+    from training.config import load_config
+
+    target, data = tiny
+    values = {
+        "model.target": target,
+        "data.dirs": [data],
+        "data.heldout": 4,
+        "data.max_length": 64,
+        "training.batch_size": 4,
+        "training.max_steps": 6,
+        "training.eval_every": 3,
+        "training.checkpoint_every": 2,
+        "training.eval_batch_size": 4,
+        "loss.num_steps": 2,
+        "optimizer.warmup_steps": 2,
+        "optimizer.lr": 3e-3,
+        "output": str(output),
+    }
+    values.update(overrides)
+    return load_config(overrides=values)[0]
+
+
+def train_args(*argv):
+    """``lk-vllm train ARGV...`` parsed as the command parses it."""
+    import argparse
+
+    from training.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))

@@ -1,4 +1,5 @@
-"""Fixes lk-vllm applies to vLLM 0.32.0, each idempotent, each tested (tests/test_plugin.py).
+"""Fixes lk-vllm applies to vLLM 0.32.0, each idempotent, each tested (tests/test_patches.py; the fourth through the
+stat logger that reads what it copies, tests/test_stat_logger.py).
 
 1. **CPU ``expand_kernel`` override ignores non-int64 tensors.** On CPU builds without Triton, vLLM replaces the
    rejection sampler's Triton ``expand_kernel`` with ``vllm.utils.cpu_triton_utils._expand_kernel_impl``, which

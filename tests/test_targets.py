@@ -1,6 +1,7 @@
-"""Targets other than Llama: tiny random Qwen2 and Gemma-3 models built here (no download), each with a drafter
-trained briefly, exported and served by vLLM, with the acceptance vLLM measures equal to the trainer's
-simulation; and the one pair vLLM 0.32 cannot serve (EAGLE-3 on Gemma-3) refused in one line before any work.
+"""Targets other than Llama: tiny random Qwen2 and Gemma-3 models (tests/drafter_helpers.py builds them, no
+download), each with a drafter trained briefly, exported and served by vLLM, with the acceptance vLLM measures
+equal to the trainer's simulation; and the one pair vLLM 0.32 cannot serve (EAGLE-3 on Gemma-3) refused in one
+line before any work.
 
 Gemma-3 is the hard case: sliding-window layers, a 262,144-token vocabulary, tied embeddings scaled by
 sqrt(hidden), RoPE settings nested per layer type. The tokenizer is the default target's (its ids fit both
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from drafter_helpers import make_target
 from train_helpers import FP32_ENGINE, greedy_batch, serve_args
 
 from lk_vllm.drafters import create_drafter, multi_step_loss, target_info
@@ -22,48 +24,10 @@ from lk_vllm.errors import UserError
 
 pytestmark = pytest.mark.engine
 
+
 K = 3
 MAX_TOKENS = 24
 NUM_PROMPTS = 3
-
-
-def make_target(kind: str, directory: Path, default_target: str) -> str:
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    common = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 32,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": True,
-    }
-    if kind == "qwen2":
-        # Wide initial weights: at the usual 0.02 a random Qwen2 repeats one token, which any drafter predicts.
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=49152, initializer_range=0.3, **common))
-    else:
-        model = Gemma3ForCausalLM(
-            Gemma3TextConfig(
-                vocab_size=262144,
-                sliding_window=16,
-                final_logit_softcapping=None,
-                layer_types=["sliding_attention"] * 3 + ["full_attention"],
-                **common,
-            )
-        )
-    model.save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (Path(default_target) / name).is_file():
-            shutil.copy(Path(default_target) / name, directory / name)
-    return str(directory)
-
-
-@pytest.fixture(scope="module")
-def gemma3(tmp_path_factory, default_target):
-    return make_target("gemma3", tmp_path_factory.mktemp("gemma3"), default_target)
 
 
 @pytest.fixture(scope="module")
@@ -124,22 +88,6 @@ def test_serve_and_eval_refuse_an_eagle3_drafter_for_gemma3(gemma3, tmp_path):
         launcher.build_server_command(serve_args(gemma3, "--drafter", str(directory)))
     with pytest.raises(UserError, match="cannot serve EAGLE-3 for Gemma3ForCausalLM"):
         run_eval(str(directory), gemma3, ["mtbench"], 1, "torch", 3, 8, 0.0)
-
-
-@pytest.mark.unit
-def test_the_eagle3_exporter_writes_flat_rope_settings_for_gemma3(gemma3, tmp_path):
-    from lk_vllm.drafters.eagle3 import drafter_rope_parameters
-    from lk_vllm.target_model import TargetModel
-
-    target = TargetModel(gemma3)
-    assert drafter_rope_parameters(target.config) == {"rope_theta": 1000000.0, "rope_type": "default"}
-    drafter = create_drafter(
-        "eagle3", target, draft_to_target=torch.arange(0, 262144, 64), aux_layer_ids=(0, 1, 2)
-    )
-    config = json.loads(
-        (drafter.save_pretrained(tmp_path / "e3", target=target_info(target)) / "config.json").read_text()
-    )
-    assert config["rope_parameters"] == {"rope_theta": 1000000.0, "rope_type": "default"}
 
 
 @pytest.mark.vllm
@@ -287,3 +235,22 @@ def test_prepare_train_export_and_serve_through_the_commands(
     result = run_eval(str(final), target, ["mtbench"], 2, "vllm", 2, 16, 0.0, chat_template=template)
     assert result["num_prompts"] == 2 and result["acceptance_length"] >= 1.0
     assert result["datasets"]["mtbench"]["num_drafts"] > 0  # vLLM drafted with it
+
+
+@pytest.mark.unit
+def test_a_positional_target_still_works_but_says_it_is_deprecated(capsys):
+    import argparse
+
+    from serving import calibrate, launcher
+
+    for module in (launcher, calibrate):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        assert parser.parse_args(["/models/t"]).target == "/models/t"
+        assert "positional TARGET is deprecated; use --target /models/t" in capsys.readouterr().err
+        assert parser.parse_args(["--target", "/models/t"]).target == "/models/t"
+        assert parser.parse_args([]).target is None
+        assert capsys.readouterr().err == ""
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--target", "/models/a", "/models/b"])
+        assert "the target is given twice" in capsys.readouterr().err

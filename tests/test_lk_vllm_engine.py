@@ -1,10 +1,15 @@
-"""The one place that knows how to start vLLM here: defaults, overrides, version check."""
+"""The one place that knows how to start vLLM here (lk_vllm.engine): defaults, overrides, the version
+check, and CPU settings the CPU cannot use refused in one line (the in-process worker patch:
+test_patches.py)."""
+
+from __future__ import annotations
 
 import os
 
 import pytest
 
 from lk_vllm import engine
+from lk_vllm.errors import UserError
 
 pytestmark = pytest.mark.unit
 
@@ -165,3 +170,61 @@ def test_whole_prompt_prefills_only_on_cpu(monkeypatch):
     assert cpu["block_size"] == 128
     monkeypatch.setattr(engine, "on_gpu", lambda: True)
     assert engine.whole_prompt_prefills(settings) is settings
+
+
+# -------------------------------------------------------------------------------- settings the CPU cannot use
+NO_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n"
+BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    assert not engine.cpu_has_native_bf16(NO_BF16)
+    assert engine.cpu_has_native_bf16(BF16)
+    assert engine.cpu_has_native_bf16(NO_BF16.replace("avx512f", "amx_bf16"))
+
+
+def test_bf16_without_native_support_is_refused(monkeypatch):
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: False)
+    with pytest.raises(
+        UserError, match=r"--dtype bfloat16: this CPU has no native bf16 math .* use --dtype float32"
+    ):
+        engine.check_cpu_settings(engine.EngineSettings(model="m", dtype="bfloat16"))
+    engine.check_cpu_settings(engine.EngineSettings(model="m"))  # float32 is fine
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: True)
+    engine.check_cpu_settings(engine.EngineSettings(model="m", dtype="bfloat16"))
+
+
+def test_a_binding_to_a_core_that_does_not_exist_is_refused(monkeypatch):
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    missing = max(os.sched_getaffinity(0)) + 1
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"0-{missing}")
+    with pytest.raises(
+        UserError, match=rf"VLLM_CPU_OMP_THREADS_BIND=0-{missing}: core\(s\) {missing} do not exist"
+    ):
+        engine.check_cpu_settings(engine.EngineSettings(model="m"))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "zero")
+    with pytest.raises(UserError, match="expected core ids like 0-3,6"):
+        engine.check_cpu_settings(engine.EngineSettings(model="m"))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", str(min(os.sched_getaffinity(0))))
+    engine.check_cpu_settings(engine.EngineSettings(model="m"))
+
+
+def test_core_id_lists_parse_like_vllms():
+    assert engine.parse_core_ids("0-3,6") == {0, 1, 2, 3, 6}
+    assert engine.parse_core_ids("0-1|2-3") == {0, 1, 2, 3}
+
+
+def test_a_users_binding_keeps_vllms_worker_process_and_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    monkeypatch.delenv(engine.INPROCESS_WORKER_ENV, raising=False)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    engine.apply_engine_env()
+    assert os.environ[engine.INPROCESS_WORKER_ENV] == "0"
+    assert engine.cpu_worker_layout() == "worker-process"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "VLLM_CPU_OMP_THREADS_BIND is set" in err[0]
+    monkeypatch.delenv(engine.INPROCESS_WORKER_ENV)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    engine.apply_engine_env()
+    assert os.environ[engine.INPROCESS_WORKER_ENV] == "1" and engine.cpu_worker_layout() == "in-process"

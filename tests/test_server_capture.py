@@ -1,13 +1,14 @@
-"""Traffic capture for retraining (lk_vllm.plugin.server.capture): the decision against the live store's per-request acceptance,
-the files (read back by `lk-vllm prepare`'s dataset loader), rotation, a directory that cannot be written or
-fills up, the limit, the ASGI middleware on plain and streamed responses, the admin route and the serve flags.
-Fast: no engine (the store is fed as the stat logger feeds it)."""
+"""Traffic capture for retraining (lk_vllm.plugin.server.capture): the decision against the live store's
+per-request acceptance, the files (read back by `lk-vllm prepare`'s dataset loader), rotation, a directory that
+cannot be written or fills up, the limit, the ASGI middleware on plain and streamed responses, and the admin's
+choice outliving a restart. Fast: no engine (the store is fed as the stat logger feeds it). The admin route is
+in test_routes.py, the serve flags in test_launcher.py."""
 
 import json
 from pathlib import Path
 
 import pytest
-from train_helpers import FAKE_TARGET_CONFIG, serve_args
+from server_helpers import TRAFFIC, make_store
 
 from lk_vllm.errors import UserError
 from lk_vllm.plugin.server import capture as capture_module
@@ -18,31 +19,12 @@ from lk_vllm.plugin.server.capture import (
     prompt_record,
     quantile,
 )
-from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
+from lk_vllm.plugin.server.live_stats import LiveStatsStore
 
 pytestmark = pytest.mark.unit
 
+
 CHAT = "/v1/chat/completions"
-
-
-def _store(lengths, mode="temperature_0"):
-    """A store whose live drafter finished one request per acceptance length (K=3, 10 steps each)."""
-    store = LiveStatsStore()
-    store.set_drafter(
-        DrafterInfo(name="/d/live", method="eagle3", architecture="eagle3", num_speculative_tokens=3)
-    )
-    for length in lengths:
-        accepted = round((length - 1) * 10)
-        store.record_step(
-            batch_size=1,
-            output_tokens=10 + accepted,
-            timed=False,
-            num_drafts=10,
-            num_draft_tokens=30,
-            num_accepted_tokens=accepted,
-            requests=[(10, accepted, mode)],
-        )
-    return store
 
 
 def _response(length, steps=10):
@@ -67,13 +49,9 @@ def _body(text="why is the sky blue?", **fields):
     }
 
 
-# A spread from 1.0 to 3.9: the 0.2 quantile of these 30 requests is 1.5.
-TRAFFIC = [1.0 + 0.1 * i for i in range(30)]
-
-
 @pytest.fixture
 def capture(tmp_path):
-    return TrafficCapture(CaptureSettings(directory=str(tmp_path / "captured")), _store(TRAFFIC))
+    return TrafficCapture(CaptureSettings(directory=str(tmp_path / "captured")), make_store(TRAFFIC))
 
 
 def test_low_acceptance_requests_are_captured_and_prepare_reads_them(capture, tmp_path):
@@ -103,11 +81,11 @@ def test_low_acceptance_requests_are_captured_and_prepare_reads_them(capture, tm
 
 
 def test_each_sampling_mode_has_its_own_threshold_and_needs_enough_traffic(tmp_path):
-    store = _store(TRAFFIC, mode="temperature_0")
+    store = make_store(TRAFFIC, mode="temperature_0")
     capture = TrafficCapture(CaptureSettings(directory=str(tmp_path)), store)
     # No sampled traffic yet: a sampled request is not judged against greedy requests.
     assert capture.offer(CHAT, _body(temperature=0.8), _response(1.0)) == "warming_up"
-    few = TrafficCapture(CaptureSettings(directory=str(tmp_path)), _store(TRAFFIC[:5]))
+    few = TrafficCapture(CaptureSettings(directory=str(tmp_path)), make_store(TRAFFIC[:5]))
     assert few.offer(CHAT, _body(), _response(1.0)) == "warming_up"
     assert capture.offer(CHAT, _body(), {"choices": []}) == "no_acceptance"  # a response without metrics
 
@@ -144,7 +122,7 @@ def test_files_rotate(capture, monkeypatch):
 def test_a_directory_that_cannot_be_written_stops_capture_not_serving(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    capture = TrafficCapture(CaptureSettings(directory=str(blocker / "sub")), _store(TRAFFIC))
+    capture = TrafficCapture(CaptureSettings(directory=str(blocker / "sub")), make_store(TRAFFIC))
     assert capture.offer(CHAT, _body(), _response(1.0)) == "off"
     status = capture.status()
     assert not status["active"] and "failed: Not a directory" in status["stopped"] and status["captured"] == 0
@@ -161,7 +139,7 @@ def test_a_full_disk_stops_capture(capture, monkeypatch, tmp_path):
 
 def test_the_size_limit_stops_capture_and_turning_it_on_again_resumes(tmp_path):
     capture = TrafficCapture(
-        CaptureSettings(directory=str(tmp_path), max_megabytes=1000 / 2**20), _store(TRAFFIC)
+        CaptureSettings(directory=str(tmp_path), max_megabytes=1000 / 2**20), make_store(TRAFFIC)
     )
     outcomes = [capture.offer(CHAT, _body("y" * 60), _response(1.0)) for _ in range(8)]
     first_off = outcomes.index("off")
@@ -231,74 +209,13 @@ def test_the_middleware_passes_responses_through_and_captures(capture, streamed)
     assert capture.status()["captured"] == 1  # off: nothing looked at
 
 
-def test_the_capture_route_is_admin_only(tmp_path, monkeypatch):
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
-    from lk_vllm.plugin.server import routes as api
-
-    monkeypatch.setenv(api.ADMIN_KEY_ENV, "admin-secret")
-    monkeypatch.setenv(
-        capture_module.CAPTURE_ENV, json.dumps({"directory": str(tmp_path / "c"), "quantile": 0.3})
-    )
-    routes = api.LkRoutes(_store(TRAFFIC))
-    app = FastAPI()
-    api.attach(app, routes)
-    client = TestClient(app)
-    assert client.get("/v1/speculative/capture").status_code == 401
-    assert client.get("/v1/speculative/capture", headers={"X-Admin-Key": "wrong"}).status_code == 403
-    admin = {"X-Admin-Key": "admin-secret"}
-    status = client.get("/v1/speculative/capture", headers=admin).json()
-    assert status["enabled"] and status["quantile"] == 0.3 and status["captured"] == 0
-    assert client.post("/v1/speculative/capture", json={"enabled": False}).status_code == 401
-    assert client.post("/v1/speculative/capture", json={"enabled": "no"}, headers=admin).status_code == 400
-    assert (
-        client.post("/v1/speculative/capture", json={"enabled": False}, headers=admin).json()["enabled"]
-        is False
-    )
-    monkeypatch.delenv(capture_module.CAPTURE_ENV)
-    unconfigured = TestClient(FastAPI())
-    routes = api.LkRoutes(_store(TRAFFIC))
-    api.attach(unconfigured.app, routes)
-    reply = unconfigured.post("/v1/speculative/capture", json={"enabled": True}, headers=admin)
-    assert reply.status_code == 409 and "--capture-low-acceptance" in reply.json()["error"]
-
-
-@pytest.mark.vllm
-def test_serve_flags(tmp_path):
-
-    from serving import launcher
-
-    target = tmp_path / "target"
-    target.mkdir()
-    (target / "config.json").write_text(json.dumps(FAKE_TARGET_CONFIG))
-    ngram = ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}', "--no-calibrate"]
-    command = launcher.build_server_command(
-        serve_args(
-            target, *ngram, "--capture-low-acceptance", str(tmp_path / "cap"), "--capture-quantile", "0.1"
-        )
-    )
-    settings = json.loads(command.env[capture_module.CAPTURE_ENV])
-    assert settings == {"directory": str(tmp_path / "cap"), "quantile": 0.1, "max_megabytes": 1024.0}
-    assert (
-        json.loads(launcher.build_server_command(serve_args(target, *ngram)).env[capture_module.CAPTURE_ENV])[
-            "directory"
-        ]
-        is None
-    )  # off by default
-    with pytest.raises(UserError, match="--capture-quantile"):
-        launcher.build_server_command(serve_args(target, *ngram, "--capture-quantile", "0"))
-    with pytest.raises(UserError, match="^--capture-low-acceptance: needs speculative decoding"):
-        launcher.build_server_command(serve_args(target, "--capture-low-acceptance", str(tmp_path / "c")))
-
-
 def test_an_admins_off_outlives_a_restart_and_on_does_too(capture):
     """A swap that restarts the engine starts a new server process with the same flags: the capture it builds
     keeps what the admin last chose, not the flag's "on"."""
     capture.set_enabled(False)
-    restarted = TrafficCapture(capture.settings, _store(TRAFFIC))
+    restarted = TrafficCapture(capture.settings, make_store(TRAFFIC))
     assert not restarted.active
     assert restarted.offer(CHAT, _body(), _response(1.0)) == "off"
     restarted.set_enabled(True)
-    assert TrafficCapture(capture.settings, _store(TRAFFIC)).active
+    assert TrafficCapture(capture.settings, make_store(TRAFFIC)).active
     assert not list(Path(capture.settings.directory).glob("*.jsonl"))  # the state is no capture file

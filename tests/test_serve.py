@@ -20,6 +20,7 @@ from serving.launcher import ServerHandle, free_port, start_server, wait_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
+
 API_KEY = "test-api-key"
 ADMIN_KEY = "test-admin-key"
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}

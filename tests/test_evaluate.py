@@ -1,4 +1,5 @@
-"""The torch evaluator's chain simulation and the ``lk-vllm eval`` command (fast: tiny target, no engine)."""
+"""The torch evaluator (training.evaluate): its chain simulation and the ``lk-vllm eval`` command (fast:
+tiny target, no engine; the simulation against vLLM is test_eval.py)."""
 
 import json
 import math
@@ -6,13 +7,13 @@ import math
 import pytest
 import torch
 
-from lk_vllm.acceptance import Counts
 from lk_vllm.drafters import create_drafter, target_info
 from lk_vllm.errors import UserError
 from lk_vllm.target_model import TargetModel
 from training.evaluate import expected_alpha, simulate_greedy
 
 pytestmark = pytest.mark.unit
+
 
 K = 3
 MAX_TOKENS = 20
@@ -80,16 +81,6 @@ def test_a_drafter_equal_to_the_target_is_always_accepted(target):
     alpha = expected_alpha(drafter, target, [3, 1, 4, 1, 5], K, MAX_TOKENS, 0.7, generator).summary()
     assert alpha["per_position_alpha"] == pytest.approx([1.0] * K, abs=1e-5)
     assert alpha["acceptance_length"] == pytest.approx(K + 1, abs=1e-4)
-
-
-def test_counts_add_per_dataset():
-    total = Counts(2)
-    total.add(Counts(2, num_drafts=4, accepted_per_position=[3, 1]))
-    total.add(Counts(2, num_drafts=6, accepted_per_position=[3, 2]))
-    summary = total.summary()
-    assert summary["num_drafts"] == 10 and summary["num_accepted_tokens"] == 9
-    assert summary["acceptance_length"] == pytest.approx(1.9)
-    assert Counts(2).summary()["acceptance_length"] is None  # nothing drafted: no number
 
 
 @pytest.mark.vllm

@@ -1,9 +1,14 @@
-"""EAGLE-3 drafters (written by lk_vllm.drafters for the default target) served by `lk-vllm serve` (vLLM's own
-server with the lk plugins, behind the restart supervisor): live in-place drafter swap under streaming load,
-refused swaps, per-drafter statistics, faithful sampling at T > 0 (the CPU rejection-sampler fix in
-lk_vllm.plugin.patches), a swap to a Medusa drafter that restarts the engine under streaming load, and last,
+"""Drafter swap on a running server (lk_vllm.plugin.server.swap).
+
+Slow, one `lk-vllm serve` for the module: EAGLE-3 drafters (written by lk_vllm.drafters for the default target)
+served by vLLM's own server with the lk plugins, behind the restart supervisor: live in-place drafter swap under
+streaming load, refused swaps, per-drafter statistics, faithful sampling at T > 0 (the CPU rejection-sampler fix
+in lk_vllm.plugin.patches), a swap to a Medusa drafter that restarts the engine under streaming load, and last,
 in-place swaps between Medusa drafters and between MLP speculators (issue 21).
-(Plain vLLM with the plugins refuses restart swaps with 409: tests/test_plugin.py.)
+
+Fast, through the routes on a test client (no engine): the path must resolve inside --drafters-dir, a
+same-shape drafter reloads in place, unusable ones are 4xx, and a restart is asked of the supervisor only when
+there is one (plain vLLM with the plugins answers 409).
 """
 
 from __future__ import annotations
@@ -17,11 +22,16 @@ import urllib.request
 
 import pytest
 import torch
+from drafter_helpers import drafter_dir
+from safetensors.torch import load_file, save_file
+from server_helpers import ADMIN
+from train_helpers import make_valid_drafter
 
 from serving.client import HTTPError, complete, request_json
 from serving.launcher import start_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = pytest.mark.e2e
+
 
 ADMIN_KEY = "swap-admin"
 K = 2
@@ -137,6 +147,7 @@ def swap(server, path, key=ADMIN_KEY):
     )
 
 
+@pytest.mark.slow
 def test_serve_runs_the_drafter_with_the_lk_plugins(server):
     stats = request_json(server["url"], "/v1/speculative/stats")
     assert stats["method"] == "eagle3" and stats["num_speculative_tokens"] == K
@@ -146,6 +157,7 @@ def test_serve_runs_the_drafter_with_the_lk_plugins(server):
     assert stats["sampling"]["rejection_sample_method"] == "standard"
 
 
+@pytest.mark.slow
 def test_sampling_at_temperature_is_faithful(server):
     """With a random drafter almost every token is resampled by the rejection sampler, so without the CPU fix
     (lk_vllm.plugin.patches) the text is word salad with a mean token log-probability far below -4. Faithful
@@ -167,6 +179,7 @@ def test_sampling_at_temperature_is_faithful(server):
     assert math.isfinite(mean) and mean > -3.0, mean
 
 
+@pytest.mark.slow
 def test_swap_in_place_under_streaming_load_without_failures(server):
     """8 streaming clients keep generating while the drafter is swapped (same shapes: weights reloaded in the
     workers). Zero failed requests; greedy output does not depend on the drafter; statistics split per drafter."""
@@ -229,6 +242,7 @@ def test_swap_in_place_under_streaming_load_without_failures(server):
     assert again["workers"][0]["checksum"] == pytest.approx(worker["checksum_before"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_refused_swaps_leave_the_live_drafter_serving(server):
     live = request_json(server["url"], "/v1/speculative/stats")["live_drafter"]
     cases = [
@@ -249,6 +263,7 @@ def test_refused_swaps_leave_the_live_drafter_serving(server):
     assert complete(server["url"], server["model"], messages=PROMPT, max_tokens=8).completion_tokens == 8
 
 
+@pytest.mark.slow
 def test_swapping_in_a_drafter_that_misses_its_promise_raises_the_drift_alarm(server):
     """The swapped-in drafter's lk_training.json expects 1 + 0.9 + 0.9 * 0.8 = 2.62 tokens per step at T=0; it
     is random and accepts almost nothing. Under greedy streaming traffic the alarm goes up once the window
@@ -287,11 +302,13 @@ def test_swapping_in_a_drafter_that_misses_its_promise_raises_the_drift_alarm(se
     swap(server, "a")  # the next tests start from drafter a
 
 
+@pytest.mark.slow
 def test_lk_training_record_is_reported(server):
     record = json.loads((server["paths"]["a"] / "lk_training.json").read_text())
     assert record["target"]["fingerprint"]  # what the launcher and the swap check against the live target
 
 
+@pytest.mark.slow
 def test_swap_to_another_architecture_restarts_the_engine_without_breaking_streams(server):
     """EAGLE-3 -> Medusa needs a new engine: the supervisor drains the streams in flight, holds new requests
     while vLLM restarts with the Medusa config, then serves them with it. 6 streaming clients run throughout:
@@ -407,6 +424,7 @@ def _swap_under_streaming_load(server, path, clients=2):
     return response
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, second", [("medusa", "medusa_b"), ("mlp", "mlp_b")])
 def test_medusa_and_mlp_speculator_swap_in_place(server, first, second):
     """Two drafters of one non-EAGLE architecture and shape swap in place under streaming load: the workers
@@ -432,3 +450,142 @@ def test_medusa_and_mlp_speculator_swap_in_place(server, first, second):
     back = swap(server, first)
     assert back["mode"] == "in-place weight reload"
     assert back["workers"][0]["checksum"] == pytest.approx(worker["checksum_before"], rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------- through the routes (fast)
+@pytest.mark.unit
+@pytest.mark.parametrize("path", ["../outside", "/etc", "live/../../outside", "link"])
+def test_swap_paths_must_resolve_inside_the_drafters_dir(app_with_routes, tmp_path, path):
+    client, routes, drafters, target = app_with_routes
+    drafter_dir(tmp_path, "outside", seed=2)
+    (drafters / "link").symlink_to(tmp_path / "outside")
+    response = client.post("/v1/speculative/drafter", json={"path": path}, headers=ADMIN)
+    assert response.status_code == 403, response.json()
+    assert "outside --drafters-dir" in response.json()["error"]
+    assert routes.engine_client.calls == []
+
+
+@pytest.mark.unit
+def test_swap_same_shape_reloads_in_place_and_keeps_stats_per_drafter(app_with_routes):
+    client, routes, drafters, target = app_with_routes
+    new = make_valid_drafter(drafters, "new", target, seed=3)
+    old_name = routes.store.drafter.name
+    routes.store.record_step(
+        batch_size=1,
+        output_tokens=2,
+        timed=False,
+        num_drafts=1,
+        num_draft_tokens=2,
+        num_accepted_tokens=1,
+        accepted_per_position=[1, 0],
+    )
+    response = client.post("/v1/speculative/drafter", json={"path": "new"}, headers=ADMIN)
+    assert response.status_code == 200, response.json()
+    assert routes.engine_client.calls == [("lk_reload_drafter", (str(new),))]
+    assert routes.store.drafter.name == str(new)
+    routes.store.record_step(
+        batch_size=1,
+        output_tokens=3,
+        timed=False,
+        num_drafts=1,
+        num_draft_tokens=2,
+        num_accepted_tokens=2,
+        accepted_per_position=[1, 1],
+    )
+    assert client.get("/v1/speculative/stats", params={"drafter": old_name}).json()["accepted_tokens"] == 1
+    assert client.get("/v1/speculative/stats", params={"drafter": str(new)}).json()["accepted_tokens"] == 2
+    assert set(client.get("/v1/speculative/stats").json()["drafters"]) == {old_name, str(new)}
+
+
+@pytest.mark.unit
+def test_bad_swaps_are_4xx_and_the_old_drafter_keeps_serving(app_with_routes):
+    client, routes, drafters, target = app_with_routes
+    make_valid_drafter(drafters, "wider", target, intermediate_size=256)
+    make_valid_drafter(drafters, "other_arch", target, architecture="medusa", num_heads=2)
+    nan = make_valid_drafter(drafters, "nan", target, seed=2)
+    weights = load_file(str(nan / "model.safetensors"))
+    weights["fc.weight"][0, 0] = float("nan")  # same tensors and shapes: only validate's checks see it
+    save_file(weights, str(nan / "model.safetensors"))
+    (drafters / "empty").mkdir()
+    live = routes.store.drafter.name
+    cases = {
+        "wider": (409, "intermediate_size"),
+        "other_arch": (409, "architectures"),
+        "nan": (400, "fails validation: drafter"),
+        "empty": (400, "no config.json"),
+        "missing": (404, "not found"),
+        "live": (409, "already the live drafter"),
+    }
+    for path, (status, reason) in cases.items():
+        response = client.post("/v1/speculative/drafter", json={"path": path}, headers=ADMIN)
+        assert response.status_code == status, (path, response.json())
+        assert reason in response.json()["error"], (path, response.json())
+    assert client.post("/v1/speculative/drafter", content=b"{bad", headers=ADMIN).status_code == 400
+    assert client.post("/v1/speculative/drafter", json={"paths": "x"}, headers=ADMIN).status_code == 400
+    assert routes.engine_client.calls == [] and routes.store.drafter.name == live
+
+
+@pytest.mark.unit
+def test_swap_refuses_a_drafter_trained_for_another_target(app_with_routes, tmp_path):
+    client, routes, drafters, target = app_with_routes
+    served = tmp_path / "target"
+    served.mkdir()
+    (served / "config.json").write_text(json.dumps({"vocab_size": 32}))
+    routes.target = str(served)
+    other = make_valid_drafter(drafters, "other_target", target, seed=4)
+    (other / "lk_training.json").write_text(json.dumps({"target": {"fingerprint": "0000000000000000"}}))
+    response = client.post("/v1/speculative/drafter", json={"path": "other_target"}, headers=ADMIN)
+    assert response.status_code == 409 and "trained for target 0000000000000000" in response.json()["error"]
+
+
+@pytest.mark.unit
+def test_swap_route_asks_the_supervisor_for_a_restart_only_when_supervised(tmp_path, monkeypatch):
+    """vLLM's side of a restart swap (lk_vllm.plugin.server.swap): under the supervisor a drafter of another architecture is
+    checked and answered with the speculative config to restart with; unusable ones are 4xx; without the
+    supervisor the same request is 409, and the live drafter never changes."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from train_helpers import make_tiny_target, make_valid_drafter
+
+    from lk_vllm.plugin.server import routes as api
+    from lk_vllm.plugin.server import swap
+    from lk_vllm.plugin.server.live_stats import DrafterInfo, LiveStatsStore
+    from lk_vllm.target_model import TargetModel
+
+    drafters = tmp_path / "drafters"
+    target = TargetModel(make_tiny_target(tmp_path / "target", layers=2))
+    for name, heads in (("medusa", 2), ("one_head", 1)):
+        make_valid_drafter(drafters, name, target, architecture="medusa", num_heads=heads)
+    monkeypatch.setenv(api.ADMIN_KEY_ENV, "admin")
+    monkeypatch.setenv(api.DRAFTERS_DIR_ENV, str(drafters))
+    store = LiveStatsStore()
+    store.set_drafter(
+        DrafterInfo(name="ngram", method="ngram", architecture="ngram", num_speculative_tokens=2)
+    )
+    routes = api.LkRoutes(store)
+    app = FastAPI()
+    app.include_router(routes.router())
+    client = TestClient(app)
+
+    def post(path, **extra):
+        return client.post(
+            "/v1/speculative/drafter", json={"path": path, **extra}, headers={"X-Admin-Key": "admin"}
+        )
+
+    unsupervised = post("medusa")
+    assert unsupervised.status_code == 409 and "no weights to swap" in unsupervised.json()["error"]
+    monkeypatch.setenv(swap.SUPERVISED_ENV, "1")
+    planned = post("medusa")
+    assert planned.status_code == 200 and planned.headers[swap.RESTART_HEADER] == "required"
+    plan = planned.json()
+    assert plan["status"] == "restart-required" and plan["previous"] == "ngram"
+    assert plan["speculative_config"] == {
+        "method": "medusa",
+        "model": str(drafters / "medusa"),
+        "num_speculative_tokens": 2,
+        "rejection_sample_method": "standard",
+    }
+    assert post("one_head").status_code == 400 and "1 heads" in post("one_head").json()["error"]
+    assert post("medusa", num_speculative_tokens=0).status_code == 400
+    assert post("medusa", num_speculative_tokens=3).status_code == 400  # more than its 2 heads
+    assert store.drafter.name == "ngram"

@@ -1,7 +1,8 @@
 """MLP speculator in vLLM 0.32's V1 engine through lk-vllm's plugin (lk_vllm.plugin.engine.mlp_proposer).
 
-Fast: mismatched checkpoints are refused before any engine starts, ``lk-vllm serve --drafter`` builds the
-``mlp_speculator`` config, the row selection for batches, the patches' idempotency and version check.
+Fast: the row selection for batches, the patches' idempotency and version check; the engine config vLLM builds
+in its own process (slow, no engine) accepts a fitting drafter and refuses a mismatched one. (How
+``lk-vllm serve --drafter`` builds the ``mlp_speculator`` config: test_launcher.py.)
 
 Slow (one engine for the module): plain vLLM's OpenAI server, started with lk-vllm installed but not named
 (``VLLM_PLUGINS`` unset) and ``--speculative-config '{"method": "mlp_speculator", ...}'``, serves a briefly
@@ -9,7 +10,7 @@ trained MLP speculator on the default target; four prompts arrive at once (batch
 give the same mean acceptance length, per position, as the torch simulation at T=0; the per-response metrics
 add up to the same counts; the outputs are the target's greedy continuations. The offline ``vllm.LLM`` path
 (``lk-vllm eval --engine vllm``) builds the same engine config in its own process (checked without an
-engine below, with the refusal of a mismatched drafter) and runs the same patched runner in the engine core.
+engine above, with the refusal of a mismatched drafter) and runs the same patched runner in the engine core.
 """
 
 from __future__ import annotations
@@ -23,104 +24,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_eval_parity import MAX_TOKENS, K, _assert_parity, _train, setup  # noqa: F401 (setup is a fixture)
-from train_helpers import FP32_ENGINE, serve_args
-
-from lk_vllm.errors import UserError
+from drafter_helpers import MLP_CONFIG
+from parity_helpers import MAX_TOKENS, K, assert_parity, train_drafter
+from train_helpers import FP32_ENGINE
 
 pytestmark = pytest.mark.unit
-
-MLP_CONFIG = {
-    "architectures": ["MLPSpeculatorPreTrainedModel"],
-    "model_type": "mlp_speculator",
-    "vocab_size": 32,
-    "emb_dim": 8,
-    "inner_dim": 8,
-    "n_predict": 3,
-    "top_k_tokens_per_head": [1, 1, 1],
-}
-
-
-def _dirs(tmp_path: Path, **drafter_changes) -> tuple[Path, Path]:
-    """A target directory (config only: hidden size 8, vocabulary 32) and an MLP-speculator directory (config and
-    random weights, so that it passes `lk-vllm validate`'s static checks, which serve runs)."""
-    from safetensors.torch import save_file
-
-    from lk_vllm.drafters.mlp_speculator import MLPSpeculatorDrafter
-
-    target = tmp_path / "target"
-    target.mkdir()
-    (target / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "hidden_size": 8,
-                "num_attention_heads": 1,
-                "num_hidden_layers": 1,
-                "vocab_size": 32,
-            }
-        )
-    )
-    drafter = tmp_path / "mlp"
-    drafter.mkdir()
-    config = {**MLP_CONFIG, **drafter_changes}
-    (drafter / "config.json").write_text(json.dumps(config))
-    weights = MLPSpeculatorDrafter(
-        vocab_size=config["vocab_size"],
-        emb_dim=config["emb_dim"],
-        inner_dim=config["inner_dim"],
-        n_predict=config["n_predict"],
-    ).export_state_dict()
-    save_file(weights, str(drafter / "model.safetensors"))
-    return target, drafter
-
-
-# ------------------------------------------------------------------------------------------ fast
-@pytest.mark.parametrize(
-    "change, named",
-    [
-        ({"emb_dim": 16}, "target hidden states of size 16 (emb_dim), but the target's hidden size is 8"),
-        ({"vocab_size": 64}, "vocabulary has 64 tokens (vocab_size), but the target's has 32"),
-    ],
-)
-@pytest.mark.parametrize("flag", ["--drafter", "--speculative-config"])
-def test_mismatched_mlp_speculator_is_refused_before_the_engine_starts(tmp_path, change, named, flag):
-    from serving import launcher
-
-    target, drafter = _dirs(tmp_path, **change)
-    value = (
-        str(drafter)
-        if flag == "--drafter"
-        else json.dumps({"method": "mlp_speculator", "model": str(drafter), "num_speculative_tokens": 3})
-    )
-    with pytest.raises(UserError) as error:
-        launcher.build_server_command(serve_args(target, flag, value, "--no-calibrate"))
-    message = str(error.value)
-    assert named in message and "MLP speculator" in message and "\n" not in message
-
-
-@pytest.mark.vllm
-def test_lk_vllm_serve_builds_the_mlp_speculator_config(tmp_path):
-    from serving import launcher
-
-    target, drafter = _dirs(tmp_path)
-    command = launcher.build_server_command(serve_args(target, "--drafter", str(drafter), "--no-calibrate"))
-    spec = json.loads(command.argv[command.argv.index("--speculative-config") + 1])
-    # Drafts sampled from the stages' distributions at T > 0, standard verification (faithful sampling).
-    assert spec == {
-        "method": "mlp_speculator",
-        "model": str(drafter.resolve()),
-        "num_speculative_tokens": 3,
-        "rejection_sample_method": "standard",
-        "draft_sample_method": "probabilistic",
-    }
-    with pytest.raises(
-        UserError, match="it has 3 stages \\(n_predict\\), fewer than num_speculative_tokens 4"
-    ):
-        launcher.build_server_command(
-            serve_args(target, "--drafter", str(drafter), "--num-speculative-tokens", "4", "--no-calibrate")
-        )
 
 
 def test_last_accepted_rows_pick_the_position_that_sampled_the_last_token():
@@ -212,12 +120,12 @@ def test_engine_config_accepts_a_fitting_mlp_speculator_and_refuses_a_mismatched
 
 # ------------------------------------------------------------------------------------------ slow: one engine
 @pytest.fixture(scope="module")
-def mlp_dir(setup, tmp_path_factory):  # noqa: F811 (the imported fixture)
+def mlp_dir(setup, tmp_path_factory):
     from lk_vllm.drafters import create_drafter, target_info
 
     target = setup["target"]
     drafter = create_drafter("mlp_speculator", target, n_predict=K)
-    _train(drafter, setup, steps=20, lr=3e-3)
+    train_drafter(drafter, setup, steps=20, lr=3e-3)
     directory = tmp_path_factory.mktemp("mlp") / "mlp"
     return drafter.save_pretrained(
         directory, target=target_info(target), training={"loss": "kl", "steps": 20}
@@ -225,7 +133,7 @@ def mlp_dir(setup, tmp_path_factory):  # noqa: F811 (the imported fixture)
 
 
 @pytest.fixture(scope="module")
-def torch_summary(mlp_dir, setup):  # noqa: F811
+def torch_summary(mlp_dir, setup):
     """The torch simulation at T=0 (computed before the server starts: it would compete for the CPU)."""
     from lk_vllm.drafters import load_drafter
     from training.evaluate import evaluate_torch
@@ -244,7 +152,7 @@ def torch_summary(mlp_dir, setup):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def plain_server(mlp_dir, setup, tmp_path_factory):  # noqa: F811
+def plain_server(mlp_dir, setup, tmp_path_factory):
     """vLLM's own OpenAI server, lk-vllm installed but not named anywhere, serving the MLP speculator."""
     from lk_vllm.engine import EngineSettings
     from serving.launcher import ServerHandle, free_port, wait_healthy
@@ -311,7 +219,7 @@ def _spec_counters(url: str) -> tuple[int, list[int]]:
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_plain_vllm_serves_the_mlp_speculator_with_torch_parity(torch_summary, plain_server, setup):  # noqa: F811
+def test_plain_vllm_serves_the_mlp_speculator_with_torch_parity(torch_summary, plain_server, setup):
     from lk_vllm.acceptance import Counts
     from serving.client import request_json
 
@@ -338,7 +246,7 @@ def test_plain_vllm_serves_the_mlp_speculator_with_torch_parity(torch_summary, p
         num_drafts=drafts - before[0],
         accepted_per_position=[a - b for a, b in zip(per_position, before[1], strict=True)],
     )
-    _assert_parity(torch_summary, served.summary(), minimum=1.3)
+    assert_parity(torch_summary, served.summary(), minimum=1.3)
 
     # The per-response metrics count the same drafts (another aggregation path in vLLM).
     per_request = [r["metrics"]["speculative_decoding"] for r in responses]
