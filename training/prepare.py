@@ -26,7 +26,7 @@ from pathlib import Path
 from lk_vllm import engine
 from lk_vllm.assets import lk_home, resolve_target, target_fingerprint
 from lk_vllm.atomic import atomic_path, write_atomic
-from lk_vllm.datasets import chat_prompt_ids, load_prompts, load_tokenizer, tokenizer_key
+from lk_vllm.datasets import PROMPT_SELECTION, chat_prompt_ids, load_prompts, load_tokenizer, tokenizer_key
 from lk_vllm.engine import add_engine_arguments, settings_from_args
 from lk_vllm.errors import UserError, require_at_least
 from lk_vllm.targets import add_target_argument, check_target
@@ -58,6 +58,7 @@ class PrepareSettings:
         _DATA.chat_template
     )  # a template file or built-in name in place of the target's own
     tokenizer_key: str = ""  # datasets.tokenizer_key: tokenizer files + the template in use
+    prompt_selection: int = PROMPT_SELECTION  # which prompts the registry picks for these settings
 
     @classmethod
     def for_target(cls, target: str, data: DataSection, datasets: list[str] | None = None, **fields):
