@@ -97,23 +97,16 @@ def served(bench: dict, runs: dict[str, dict]) -> list[dict]:
 
 def comparisons(rows: list[dict], key: str) -> list[dict]:
     """LK/KL ratio of ``key`` per LK kind, dataset and temperature."""
+    by_cell: dict[tuple, dict[int, float]] = {}  # (loss, dataset, T) -> {seed: value}
+    for r in rows:
+        by_cell.setdefault((r["loss"], r["dataset"], r["temperature"]), {})[r["seed"]] = r[key]
+    cells = sorted({(d, t) for _, d, t in by_cell}, key=lambda c: (DATASETS.index(c[0]), c[1]))
     out = []
-    cells = sorted(
-        {(r["dataset"], r["temperature"]) for r in rows}, key=lambda c: (DATASETS.index(c[0]), c[1])
-    )
     for kind in LK_KINDS:
         for dataset, temperature in cells:
-
-            def values(
-                loss: str, dataset: str = dataset, temperature: float = temperature
-            ) -> dict[int, float]:
-                return {
-                    r["seed"]: r[key]
-                    for r in rows
-                    if r["loss"] == loss and r["dataset"] == dataset and r["temperature"] == temperature
-                }
-
-            ratio = paired_ratio(values(kind), values("kl"))
+            ratio = paired_ratio(
+                by_cell.get((kind, dataset, temperature), {}), by_cell.get(("kl", dataset, temperature), {})
+            )
             if ratio is not None:
                 out.append({"lk": kind, "dataset": dataset, "temperature": temperature, **ratio})
     return out
@@ -199,23 +192,17 @@ def write_page(document: dict, out: Path) -> None:
         "| run | loss | seed | held-out T=0 | held-out T=1 | served T=0 (all) | served T=1 (all) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    served_all = {
+        (r["loss"], r["seed"], r["temperature"]): f"{r['acceptance_length']:.3f}"
+        for r in document["served"]
+        if r["dataset"] == "all"
+    }
     for run in document["runs"]:
         last = run["curve"][-1] if run["curve"] else {}
-
-        def served_all(t: float, run: dict = run) -> str:
-            for r in document["served"]:
-                if (r["loss"], r["seed"], r["dataset"], r["temperature"]) == (
-                    run["loss"],
-                    run["seed"],
-                    "all",
-                    t,
-                ):
-                    return f"{r['acceptance_length']:.3f}"
-            return "-"
-
+        t0, t1 = (served_all.get((run["loss"], run["seed"], t), "-") for t in (0.0, 1.0))
         lines.append(
             f"| {run['run']} | {run['loss']} | {run['seed']} | {last.get('al_t0', float('nan')):.3f} | "
-            f"{last.get('al_t1', float('nan')):.3f} | {served_all(0.0)} | {served_all(1.0)} |"
+            f"{last.get('al_t1', float('nan')):.3f} | {t0} | {t1} |"
         )
     lines += [
         "",

@@ -390,6 +390,9 @@ def _write_shard(target, samples, members: list[int], aux_layer_ids, path: Path,
     lse_rows: dict[int, torch.Tensor] = {}
     aux_rows: dict[int, torch.Tensor] = {}
     by_length = sorted(members, key=lambda i: len(samples[i].input_ids))  # less padding
+    lm_head = (
+        target.lm_head_weight.float()
+    )  # converted once, not per sample: logsumexp_of_logits works in fp32
     for start in range(0, len(by_length), batch_size):
         batch = collate(samples, by_length[start : start + batch_size]).to(target.device)
         states = target(batch.input_ids, batch.attention_mask, aux_layer_ids=aux_layer_ids)
@@ -397,7 +400,7 @@ def _write_shard(target, samples, members: list[int], aux_layer_ids, path: Path,
             n = len(samples[index].input_ids)
             final = states.final_hidden[row, :n].to(torch_dtype)
             final_rows[index] = final.cpu()
-            lse_rows[index] = logsumexp_of_logits(final, target.lm_head_weight).cpu()
+            lse_rows[index] = logsumexp_of_logits(final, lm_head).cpu()
             if states.aux_hidden is not None:
                 aux_rows[index] = states.aux_hidden[row, :n].to("cpu", torch_dtype)
         yield batch.num_tokens
