@@ -1,9 +1,10 @@
-"""KL vs LK with seeds: benchmarks/results/kl-vs-lk-seeds.{json,md,png} from examples/kl_vs_lk_seeds.sh's runs.
+"""KL vs LK with seeds: benchmarks/results/kl-vs-lk-seeds*.{json,md,png} from examples/kl_vs_lk_seeds.sh's runs.
 
     python benchmarks/kl_vs_lk_seeds.py --runs runs/kl-vs-lk-seeds \
         --bench benchmarks/results/kl-vs-lk-seeds-bench.json --out benchmarks/results/kl-vs-lk-seeds
 
-Each run directory holds one drafter (its config.json names the loss and the seed). Runs with the same seed share
+Each run directory holds one drafter (its config.json names the architecture, the loss and the seed; one
+architecture per --runs directory). Runs with the same seed share
 the drafter's initialisation and the batch order, so LK and KL are compared seed by seed: the ratio
 AL(LK, seed) / AL(KL, seed) of acceptance lengths, its mean over seeds and a 95% Student-t interval of that mean
 (n - 1 degrees of freedom). Served acceptance comes from the `lk-vllm bench` json (vLLM's counters); the trainer's
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 DATASETS = ("mtbench", "humaneval", "gsm8k", "all")
 LK_KINDS = ("alpha", "lambda")
+ARCHITECTURE_NAMES = {"eagle3": "EAGLE-3", "medusa": "Medusa", "mlp": "MLP speculator"}
 
 
 def mean_interval(values: list[float]) -> dict:
@@ -50,7 +52,7 @@ def paired_ratio(lk: dict[int, float], kl: dict[int, float]) -> dict | None:
 
 
 def read_run(run: Path) -> dict:
-    """Loss, seed and held-out learning curve of one run directory."""
+    """Architecture, loss, seed and held-out learning curve of one run directory."""
     config = json.loads((run / "config.json").read_text())
     curve, tokens = [], 0
     for line in (run / "log.jsonl").read_text().splitlines():
@@ -67,6 +69,7 @@ def read_run(run: Path) -> dict:
             )
     return {
         "run": run.name,
+        "architecture": config["model"]["architecture"],
         "loss": config["loss"]["kind"],
         "seed": config["training"]["seed"],
         "steps": config["training"]["max_steps"],
@@ -150,8 +153,9 @@ def verdict(c: dict) -> str:
 def write_page(document: dict, out: Path) -> None:
     from lk_vllm.atomic import write_atomic
 
+    architecture = ARCHITECTURE_NAMES.get(document["architecture"], document["architecture"])
     lines = [
-        "# KL vs LK with seeds: EAGLE-3 on the default target",
+        f"# KL vs LK with seeds: {architecture} on the default target",
         "",
         f"`{document['command']}`",
         "",
@@ -161,7 +165,7 @@ def write_page(document: dict, out: Path) -> None:
         "- ratio = acceptance length with LK / with KL for the same seed (same initialisation and batch order);",
         "  mean over seeds and 95% Student-t interval of the mean.",
         "",
-        "![learning curves and ratios](kl-vs-lk-seeds.png)",
+        f"![learning curves and ratios]({out.with_suffix('.png').name})",
         "",
         "## Served by vLLM (acceptance length ratio LK/KL)",
         "",
@@ -298,6 +302,11 @@ def main() -> int:
     if not run_dirs:
         parser.error(f"--runs {args.runs}: no run directory (with a config.json) in it")
     runs = [read_run(p) for p in run_dirs]
+    architectures = sorted({r["architecture"] for r in runs})
+    if len(architectures) != 1:
+        parser.error(
+            f"--runs {args.runs}: expected runs of one architecture, found {', '.join(architectures)}"
+        )
     bench_path = Path(args.bench)
     if not bench_path.is_file():
         parser.error(f"--bench {args.bench}: no such file (run `examples/kl_vs_lk_seeds.sh bench` first)")
@@ -308,6 +317,7 @@ def main() -> int:
         "bench_command": bench["command"],
         "hardware": bench["hardware"],
         "vllm_version": bench["vllm_version"],
+        "architecture": architectures[0],
         "runs": runs,
         "served": served_rows,
         "served_ratios": comparisons(served_rows, "acceptance_length"),
@@ -316,6 +326,7 @@ def main() -> int:
     }
     if args.commentary:
         document["commentary"] = Path(args.commentary).read_text().strip()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_page(document, Path(args.out))
     print(f"wrote {Path(args.out).with_suffix('.md')}")
     return 0

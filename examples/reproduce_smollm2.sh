@@ -17,7 +17,8 @@
 # "lambda kl alpha"), BENCH_LIMIT (prompts per dataset, default 12), BENCH_CONCURRENCY (default 8),
 # BENCH_BATCH1_LIMIT (prompts per dataset at batch 1, default 4), BENCH_BATCH1_LOSSES (losses whose drafters the
 # batch-1 speed run includes, default "lambda": the speedup target is the LK drafters'), BENCH_MAX_TOKENS
-# (default 128).
+# (default 128), PRECISION (training.precision, default auto: fp32 on a CPU; bf16 trains ~1.9x faster on a CPU
+# with native bf16, training-step-bf16.md).
 set -euo pipefail
 export PATH="$PWD/.venv/bin:$PATH"
 
@@ -43,7 +44,7 @@ if [[ $stage == train || $stage == all ]]; then
             mkdir -p "$out"
             # --resume continues from the newest checkpoint, or starts at step 0 when there is none
             lk-vllm train --recipe "smollm2-$arch" --loss "$loss" --output "$out" --resume --no-progress \
-                2>&1 | tee -a "$out.log"
+                --set training.precision="${PRECISION:-auto}" 2>&1 | tee -a "$out.log"
         done
     done
 fi

@@ -39,10 +39,16 @@ def test_ratios_pair_seeds_and_skip_unpaired_ones(seeds):
     assert seeds.paired_ratio({0: 1.0}, {1: 1.0}) is None
 
 
-def write_run(root: Path, loss: str, seed: int, evals: list[tuple[float, float]]) -> Path:
-    run = root / f"eagle3-{loss}-s{seed}"
+def write_run(
+    root: Path, loss: str, seed: int, evals: list[tuple[float, float]], architecture: str = "medusa"
+) -> Path:
+    run = root / f"{architecture}-{loss}-s{seed}"
     (run / "final").mkdir(parents=True)
-    config = {"loss": {"kind": loss}, "training": {"seed": seed, "max_steps": 2 * len(evals)}}
+    config = {
+        "model": {"architecture": architecture},
+        "loss": {"kind": loss},
+        "training": {"seed": seed, "max_steps": 2 * len(evals)},
+    }
     (run / "config.json").write_text(json.dumps(config))
     lines = []
     for i, (t1, t0) in enumerate(evals):
@@ -101,8 +107,24 @@ def test_page_from_runs_and_bench(seeds, tmp_path, monkeypatch):
     kl_curve = [p for p in document["mean_curves"] if p["loss"] == "kl"]
     assert [(p["step"], p["training_tokens"]) for p in kl_curve] == [(2, 200), (4, 400)]
     assert kl_curve[1]["al_t1"] == pytest.approx(1.25)  # seeds 0 and 1: 1.2 and 1.3
-    assert "| lambda | all | 1 | 2 | 1.100 / 1.000 |" in out.with_suffix(".md").read_text()
+    page = out.with_suffix(".md").read_text()
+    assert "| lambda | all | 1 | 2 | 1.100 / 1.000 |" in page
+    assert page.startswith("# KL vs LK with seeds: Medusa on the default target") and "(page.png)" in page
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_runs_of_two_architectures_are_refused_in_one_line(seeds, tmp_path, monkeypatch, capsys):
+    write_run(tmp_path, "kl", 0, [(1.1, 1.2)], architecture="eagle3")
+    write_run(tmp_path, "kl", 0, [(1.1, 1.2)], architecture="medusa")
+    argv = ["kl_vs_lk_seeds.py", "--runs", str(tmp_path), "--bench", str(tmp_path / "none.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        seeds.main()
+    assert exit_info.value.code == 2
+    assert (
+        f"--runs {tmp_path}: expected runs of one architecture, found eagle3, medusa"
+        in capsys.readouterr().err
+    )
 
 
 def test_empty_runs_directory_is_refused_in_one_line(seeds, tmp_path, monkeypatch, capsys):

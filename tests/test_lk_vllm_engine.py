@@ -197,10 +197,11 @@ def test_bf16_without_native_support_is_refused(monkeypatch):
 
 def test_a_binding_to_a_core_that_does_not_exist_is_refused(monkeypatch):
     monkeypatch.setattr(engine, "on_gpu", lambda: False)
-    missing = max(os.sched_getaffinity(0)) + 1
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"0-{missing}")
+    # from the first core this process may use, so the test holds under taskset too
+    first, missing = min(os.sched_getaffinity(0)), max(os.sched_getaffinity(0)) + 1
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{first}-{missing}")
     with pytest.raises(
-        UserError, match=rf"VLLM_CPU_OMP_THREADS_BIND=0-{missing}: core\(s\) {missing} do not exist"
+        UserError, match=rf"VLLM_CPU_OMP_THREADS_BIND={first}-{missing}: core\(s\) {missing} do not exist"
     ):
         engine.check_cpu_settings(engine.EngineSettings(model="m"))
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "zero")
