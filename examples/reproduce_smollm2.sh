@@ -12,7 +12,7 @@
 #
 # Resumable: a finished run (RUN/final/lk_training.json) is skipped, an interrupted one continues from its newest
 # checkpoint (every 50 steps), so the script can be re-run after a crash or across sessions.
-# Budget on 2 CPU cores: README.md, "Reproducing the paper's KL-vs-LK comparison" (measured times per stage).
+# Budget on 2 CPU cores (measured times per stage): benchmarks/results/README.md.
 # Environment: RUNS (default runs/smollm2-lk), ARCHS (default "eagle3 medusa mlp"), LOSSES (default
 # "lambda kl alpha"), BENCH_LIMIT (prompts per dataset, default 12), BENCH_CONCURRENCY (default 8),
 # BENCH_BATCH1_LIMIT (prompts per dataset at batch 1, default 4), BENCH_BATCH1_LOSSES (losses whose drafters the
