@@ -309,9 +309,12 @@ def build_cache(
     forwards = sum(-(-len(shards[shard]) // batch_size) for shard in todo)
     # A target sharded over the ranks runs only when every rank runs it: the ranks with fewer batches idle.
     idle = _most_over_ranks(forwards) - forwards if getattr(target, "sharded", False) else 0
+    # fp32 for logsumexp_of_logits, converted once per capture (not per shard or sample)
+    lm_head = target.lm_head_weight.float() if todo else None
     for shard in todo:
         path = shard_path(directory, shard)
-        for tokens in _write_shard(target, samples, shards[shard], aux_layer_ids, path, dtype, batch_size):
+        members = shards[shard]
+        for tokens in _write_shard(target, lm_head, samples, members, aux_layer_ids, path, dtype, batch_size):
             captured += tokens
             bar.update(tokens)
             bar.set_postfix(tok_s=f"{captured / max(time.time() - started, 1e-9):.0f}")
@@ -381,8 +384,11 @@ def _most_over_ranks(value: int) -> int:
     return int(tensor.item())
 
 
-def _write_shard(target, samples, members: list[int], aux_layer_ids, path: Path, dtype: str, batch_size: int):
-    """Capture the samples ``members`` into the shard ``path`` (atomically); yields the tokens of each batch."""
+def _write_shard(
+    target, lm_head, samples, members: list[int], aux_layer_ids, path: Path, dtype: str, batch_size: int
+):
+    """Capture the samples ``members`` into the shard ``path`` (atomically); yields the tokens of each batch.
+    ``lm_head`` is the target's output projection in fp32."""
     from safetensors.torch import save_file
 
     torch_dtype = DTYPES[dtype]
@@ -390,9 +396,6 @@ def _write_shard(target, samples, members: list[int], aux_layer_ids, path: Path,
     lse_rows: dict[int, torch.Tensor] = {}
     aux_rows: dict[int, torch.Tensor] = {}
     by_length = sorted(members, key=lambda i: len(samples[i].input_ids))  # less padding
-    lm_head = (
-        target.lm_head_weight.float()
-    )  # converted once, not per sample: logsumexp_of_logits works in fp32
     for start in range(0, len(by_length), batch_size):
         batch = collate(samples, by_length[start : start + batch_size]).to(target.device)
         states = target(batch.input_ids, batch.attention_mask, aux_layer_ids=aux_layer_ids)
