@@ -11,10 +11,10 @@
 #         does not depend on concurrency): benchmarks/results/PAGE-bench.{json,md,png}.
 # report: benchmarks/kl_vs_lk_seeds.py: the LK/KL acceptance-length ratio per seed pair with a 95% interval, and
 #         the held-out learning curves of every run: benchmarks/results/PAGE.{json,md,png}.
-# PAGE is kl-vs-lk-seeds for eagle3 and kl-vs-lk-seeds-medusa for medusa.
+# PAGE is kl-vs-lk-seeds for eagle3 and kl-vs-lk-seeds-medusa for medusa unless the environment sets it.
 #
 # Resumable: a finished run (RUN/final/lk_training.json) is skipped, an interrupted one continues from its newest
-# checkpoint. Environment: ARCH (eagle3 or medusa), RUNS (default runs/PAGE), SEEDS (default "0 1 2"), LOSSES (default
+# checkpoint. Environment: ARCH (eagle3 or medusa), PAGE, RUNS (default runs/PAGE), SEEDS (default "0 1 2"), LOSSES (default
 # "kl alpha lambda"), STEPS (default 120), EVAL_EVERY (default 30), PRECISION (training.precision, default auto:
 # fp32 on CPU; bf16 where the CPU has native bf16 is ~1.9x faster), BENCH_LIMIT (prompts per dataset, default 12).
 set -euo pipefail
@@ -27,6 +27,7 @@ case $arch in
     medusa) recipe=smollm2-medusa page=kl-vs-lk-seeds-medusa ;;
     *) echo "ARCH: expected eagle3 or medusa, got '$arch'" >&2; exit 2 ;;
 esac
+page=${PAGE:-$page}
 runs=${RUNS:-runs/$page}
 seeds=${SEEDS:-0 1 2}
 losses=${LOSSES:-kl alpha lambda}

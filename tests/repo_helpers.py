@@ -1,8 +1,9 @@
 """The repository as the tests read it: its root, the modules of its three packages (read from the tree, nothing
-imported), and the ``lk-vllm`` command run as a process."""
+imported), a script of benchmarks/ loaded as a module, and the ``lk-vllm`` command run as a process."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,15 @@ def package_modules() -> dict[str, Path]:
                 parts = parts[:-1]
             out[".".join(parts)] = path
     return out
+
+
+def load_script(relative: str):
+    """A script of the repository (e.g. ``benchmarks/kl_vs_lk_seeds.py``) loaded as a module of its file name."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(*args, env=None):

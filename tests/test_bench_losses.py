@@ -4,24 +4,18 @@ choices and a partial results page."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from repo_helpers import load_script
 
 pytestmark = pytest.mark.unit
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_losses.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_losses", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_losses.py")
 
 
 MIB = 1 << 20

@@ -3,25 +3,20 @@ fake run directories and a fake bench json."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
+from repo_helpers import load_script
+from train_helpers import write_run
 
 pytestmark = pytest.mark.unit
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "kl_vs_lk_seeds.py"
 
 
 @pytest.fixture(scope="module")
 def seeds():
-    spec = importlib.util.spec_from_file_location("kl_vs_lk_seeds", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/kl_vs_lk_seeds.py")
 
 
 def test_interval_is_the_student_t_interval_of_the_mean(seeds):
@@ -37,31 +32,6 @@ def test_ratios_pair_seeds_and_skip_unpaired_ones(seeds):
     assert got["seeds"] == [0, 1]
     assert got["ratios"] == [2.0, 1.5]
     assert seeds.paired_ratio({0: 1.0}, {1: 1.0}) is None
-
-
-def write_run(
-    root: Path, loss: str, seed: int, evals: list[tuple[float, float]], architecture: str = "medusa"
-) -> Path:
-    run = root / f"{architecture}-{loss}-s{seed}"
-    (run / "final").mkdir(parents=True)
-    config = {
-        "model": {"architecture": architecture},
-        "loss": {"kind": loss},
-        "training": {"seed": seed, "max_steps": 2 * len(evals)},
-    }
-    (run / "config.json").write_text(json.dumps(config))
-    lines = []
-    for i, (t1, t0) in enumerate(evals):
-        lines.append({"step": 2 * i + 1, "tokens": 100})
-        lines.append({"step": 2 * i + 2, "tokens": 100})
-        lines.append(
-            {
-                "step": 2 * i + 2,
-                "eval": {"expected_acceptance_length": t1, "expected_acceptance_length_greedy": t0},
-            }
-        )
-    (run / "log.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    return run
 
 
 def test_page_from_runs_and_bench(seeds, tmp_path, monkeypatch):

@@ -163,3 +163,30 @@ def train_args(*argv):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     return parser.parse_args(list(argv))
+
+
+def write_run(
+    root: Path, loss: str, seed: int, evals: list[tuple[float, float]], architecture: str = "medusa"
+) -> Path:
+    """A finished run directory as examples/kl_vs_lk_seeds.sh leaves it (config.json, log.jsonl, final/): two
+    steps of 100 tokens before each held-out evaluation, ``evals`` being (T=1, T=0) acceptance lengths."""
+    run = root / f"{architecture}-{loss}-s{seed}"
+    (run / "final").mkdir(parents=True)
+    config = {
+        "model": {"architecture": architecture},
+        "loss": {"kind": loss},
+        "training": {"seed": seed, "max_steps": 2 * len(evals)},
+    }
+    (run / "config.json").write_text(json.dumps(config))
+    lines = []
+    for i, (t1, t0) in enumerate(evals):
+        lines.append({"step": 2 * i + 1, "tokens": 100})
+        lines.append({"step": 2 * i + 2, "tokens": 100})
+        lines.append(
+            {
+                "step": 2 * i + 2,
+                "eval": {"expected_acceptance_length": t1, "expected_acceptance_length_greedy": t0},
+            }
+        )
+    (run / "log.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return run
