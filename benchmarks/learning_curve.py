@@ -75,7 +75,18 @@ def ratios(curves: list[dict]) -> list[dict]:
     return out
 
 
-def summarise(runs: list[dict]) -> dict:
+def epochs_per_step(run_dir: Path) -> float | None:
+    """Batch size over training samples, from the run's exported record (None before its first export)."""
+    for name in ("final", "best"):
+        record = run_dir / name / "lk_training.json"
+        if record.is_file():
+            training = json.loads(record.read_text())["training"]
+            return training["batch_size"] / training["data"]["train_samples"]
+    return None
+
+
+def summarise(runs: list[dict], epochs_per_step: float | None = None) -> dict:
+    """Per loss: the mean curve with segment rates (and epochs when known), average rates and bends."""
     curves = mean_curves(runs)
     losses = [loss for loss in ("kl", *LK_KINDS) if any(p["loss"] == loss for p in curves)]
     per_loss = {}
@@ -84,7 +95,12 @@ def summarise(runs: list[dict]) -> dict:
         rate = {key: rates(points, key) for key, _ in KEYS}
         per_loss[loss] = {
             "points": [
-                {**p, **{f"rate_{key}": rate[key][i] for key, _ in KEYS}} for i, p in enumerate(points)
+                {
+                    **p,
+                    "epochs": p["step"] * epochs_per_step if epochs_per_step else None,
+                    **{f"rate_{key}": rate[key][i] for key, _ in KEYS},
+                }
+                for i, p in enumerate(points)
             ],
             "average_rate": {key: average_rate(points, key) for key, _ in KEYS},
             "bend": {key: bend(points, key) for key, _ in KEYS},
@@ -130,13 +146,13 @@ def write_page(document: dict, out: Path) -> None:
         "",
         "## Curves",
         "",
-        "| loss | step | training tokens | T=0 | rate T=0 | T=1 | rate T=1 |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| loss | step | training tokens | epochs | T=0 | rate T=0 | T=1 | rate T=1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for loss, curve in document["curves"].items():
         for p in curve["points"]:
             lines.append(
-                f"| {loss} | {p['step']} | {p['training_tokens']:,} | {p['al_t0']:.3f} | "
+                f"| {loss} | {p['step']} | {p['training_tokens']:,} | {fmt(p['epochs'], '.2f')} | {p['al_t0']:.3f} | "
                 f"{fmt(p['rate_al_t0'], '+.4f')} | {p['al_t1']:.3f} | {fmt(p['rate_al_t1'], '+.4f')} |"
             )
     if document["ratios"]:
@@ -208,6 +224,7 @@ def main() -> int:
         sorted(p for p in runs_dir.iterdir() if (p / "config.json").is_file()) if runs_dir.is_dir() else []
     )
     runs = [r for r in map(read_run, run_dirs) if r["curve"]]
+    epochs = {e for e in map(epochs_per_step, run_dirs) if e is not None}
     if not runs:
         parser.error(f"--runs {args.runs}: no run directory with a held-out evaluation in its log.jsonl")
     architectures = sorted({r["architecture"] for r in runs})
@@ -219,7 +236,8 @@ def main() -> int:
         "command": "python benchmarks/learning_curve.py " + " ".join(sys.argv[1:]),
         "architecture": architectures[0],
         "runs": runs,
-        **summarise(runs),
+        # Runs of one recipe share their data; runs over different data get no epoch column.
+        **summarise(runs, epochs.pop() if len(epochs) == 1 else None),
     }
     if args.commentary:
         document["commentary"] = Path(args.commentary).read_text().strip()

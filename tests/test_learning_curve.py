@@ -45,14 +45,19 @@ def test_a_straight_or_short_curve_has_no_bend(curve):
 
 def test_page_from_runs(curve, tmp_path, monkeypatch):
     runs = tmp_path / "runs"
-    write_run(runs, "kl", 0, [(1.1, 1.2), (1.3, 1.4), (1.4, 1.5), (1.41, 1.5)], architecture="eagle3")
+    kl_run = write_run(
+        runs, "kl", 0, [(1.1, 1.2), (1.3, 1.4), (1.4, 1.5), (1.41, 1.5)], architecture="eagle3"
+    )
     write_run(runs, "alpha", 0, [(1.2, 1.2), (1.4, 1.4), (1.5, 1.5), (1.52, 1.51)], architecture="eagle3")
+    record = {"training": {"batch_size": 8, "data": {"train_samples": 16}}}  # half an epoch per step
+    (kl_run / "final" / "lk_training.json").write_text(json.dumps(record))
     out = tmp_path / "page"
     monkeypatch.setattr(sys, "argv", ["learning_curve.py", "--runs", str(runs), "--out", str(out)])
     assert curve.main() == 0
     document = json.loads(out.with_suffix(".json").read_text())
     kl = document["curves"]["kl"]
     assert [p["training_tokens"] for p in kl["points"]] == [200, 400, 600, 800]
+    assert [p["epochs"] for p in kl["points"]] == [1, 2, 3, 4]
     assert kl["points"][1]["rate_al_t1"] == pytest.approx(0.2 / 200 * 1e5)
     assert kl["average_rate"]["al_t1"] == pytest.approx(0.31 / 600 * 1e5)
     # KL T=1 segments per 100k: 100, 50, 5 against an average of 51.7: bends at step 6 (600 tokens).
