@@ -12,6 +12,8 @@
 # report: benchmarks/kl_vs_lk_seeds.py: the LK/KL acceptance-length ratio per seed pair with a 95% interval, and
 #         the held-out learning curves of every run: benchmarks/results/PAGE.{json,md,png}.
 # PAGE is kl-vs-lk-seeds for eagle3 and kl-vs-lk-seeds-medusa for medusa unless the environment sets it.
+# The learning curve's longer runs are this script's training too: SEEDS=0 STEPS=400 EVAL_EVERY=40
+# PAGE=learning-curve examples/kl_vs_lk_seeds.sh train, then benchmarks/learning_curve.py.
 #
 # Resumable: a finished run (RUN/final/lk_training.json) is skipped, an interrupted one continues from its newest
 # checkpoint. Environment: ARCH (eagle3 or medusa), PAGE, RUNS (default runs/PAGE), SEEDS (default "0 1 2"), LOSSES (default
