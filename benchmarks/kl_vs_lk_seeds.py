@@ -28,6 +28,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 DATASETS = ("mtbench", "humaneval", "gsm8k", "all")
 LK_KINDS = ("alpha", "lambda")
 ARCHITECTURE_NAMES = {"eagle3": "EAGLE-3", "medusa": "Medusa", "mlp": "MLP speculator"}
+LOSS_COLOURS = {"kl": "tab:grey", "alpha": "tab:blue", "lambda": "tab:orange"}  # the plots' colour per loss
 
 
 def mean_interval(values: list[float]) -> dict:
@@ -254,7 +255,7 @@ def plot(document: dict, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    colours = {"kl": "tab:grey", "alpha": "tab:blue", "lambda": "tab:orange"}
+    colours = LOSS_COLOURS
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for ax, key, title in ((axes[0], "al_t0", "T=0"), (axes[1], "al_t1", "T=1")):
         for run in document["runs"]:

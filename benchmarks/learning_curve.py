@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kl_vs_lk_seeds import ARCHITECTURE_NAMES, LK_KINDS, mean_curves, read_run  # noqa: E402
+from kl_vs_lk_seeds import ARCHITECTURE_NAMES, LK_KINDS, LOSS_COLOURS, mean_curves, read_run  # noqa: E402
 
 BEND_FRACTION = 0.25
 KEYS = (("al_t0", "T=0"), ("al_t1", "T=1"))
@@ -75,7 +75,7 @@ def ratios(curves: list[dict]) -> list[dict]:
     return out
 
 
-def epochs_per_step(run_dir: Path) -> float | None:
+def read_epochs_per_step(run_dir: Path) -> float | None:
     """Batch size over training samples, from the run's exported record (None before its first export)."""
     for name in ("final", "best"):
         record = run_dir / name / "lk_training.json"
@@ -173,7 +173,7 @@ def plot(document: dict, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    colours = {"kl": "tab:grey", "alpha": "tab:blue", "lambda": "tab:orange"}
+    colours = LOSS_COLOURS
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for ax, (key, label) in zip(axes, KEYS, strict=False):
         for loss, curve in document["curves"].items():
@@ -224,7 +224,7 @@ def main() -> int:
         sorted(p for p in runs_dir.iterdir() if (p / "config.json").is_file()) if runs_dir.is_dir() else []
     )
     runs = [r for r in map(read_run, run_dirs) if r["curve"]]
-    epochs = {e for e in map(epochs_per_step, run_dirs) if e is not None}
+    epochs = {e for e in map(read_epochs_per_step, run_dirs) if e is not None}
     if not runs:
         parser.error(f"--runs {args.runs}: no run directory with a held-out evaluation in its log.jsonl")
     architectures = sorted({r["architecture"] for r in runs})
