@@ -47,6 +47,7 @@ __all__ = [
     "mean_acceptance_length",
     "sampling_mode",
     "per_position_acceptance",
+    "predicted_rates",
 ]
 
 
@@ -383,6 +384,38 @@ def heldout_rates(
     if not isinstance(rates, list) or len(rates) < num_speculative_tokens:
         return None
     return [float(rate) for rate in rates[:num_speculative_tokens]]
+
+
+def predicted_rates(
+    training: Mapping[str, Any], temperature: float, num_speculative_tokens: int, dataset: str
+) -> tuple[list[float], str] | None:
+    """The conditional per-position acceptance rates to expect when serving ``dataset`` (a dataset name, or
+    ``all`` for every one) at ``temperature``, and where they come from; None when there is no prediction.
+
+    First the trainer's ``eval_data`` (``lk_training.json``): the sets whose responses the target wrote at this
+    temperature and, unless ``dataset`` is ``all``, from this dataset's prompts, pooled by their number of
+    positions. Else the held-out training samples (:func:`heldout_rates`)."""
+    key = {0.0: "top1_agreement", 1.0: "per_position_alpha"}.get(float(temperature))
+    sets = training.get("eval_data") if isinstance(training.get("eval_data"), list) else []
+    matching = [
+        e
+        for e in sets
+        if isinstance(e, Mapping)
+        and e.get("temperature") == float(temperature)
+        and (dataset == "all" or dataset in (e.get("datasets") or []))
+        and isinstance(e.get(key), list)
+        and len(e[key]) >= num_speculative_tokens
+        and e.get("positions")
+    ]
+    if key and matching:
+        total = sum(e["positions"] for e in matching)
+        rates = [
+            sum(float(e[key][k]) * e["positions"] for e in matching) / total
+            for k in range(num_speculative_tokens)
+        ]
+        return rates, "eval data " + ", ".join(e["name"] for e in matching)
+    rates = heldout_rates(training, temperature, num_speculative_tokens)
+    return (rates, "held-out training samples") if rates is not None else None
 
 
 @dataclass

@@ -22,6 +22,7 @@ from lk_vllm.acceptance import (
     heldout_rates,
     mean_acceptance_length,
     per_position_acceptance,
+    predicted_rates,
 )
 
 pytestmark = pytest.mark.unit
@@ -239,3 +240,51 @@ def test_counts_add_per_dataset():
 )
 def test_no_training_expectation_without_a_matching_prediction(temperature, heldout):
     assert heldout_rates({"heldout": heldout}, temperature, K) is None
+
+
+def _eval_set(name, temperature, datasets, positions, top1, alpha):
+    return {
+        "name": name,
+        "temperature": temperature,
+        "datasets": datasets,
+        "positions": positions,
+        "top1_agreement": top1,
+        "per_position_alpha": alpha,
+    }
+
+
+EVAL_DATA = [
+    _eval_set("mt-t0", 0.0, ["mtbench"], 100, [0.5, 0.4], [0.3, 0.2]),
+    _eval_set("gsm-t0", 0.0, ["gsm8k"], 300, [0.9, 0.6], [0.7, 0.5]),
+    _eval_set("mt-t1", 1.0, ["mtbench"], 50, [0.1, 0.1], [0.45, 0.35]),
+]
+
+
+def test_prediction_from_the_eval_data_of_the_dataset_and_temperature():
+    training = {"heldout": HELDOUT, "eval_data": EVAL_DATA}
+    assert predicted_rates(training, 0.0, K, "mtbench") == (pytest.approx([0.5, 0.4]), "eval data mt-t0")
+    assert predicted_rates(training, 1.0, K, "mtbench") == (pytest.approx([0.45, 0.35]), "eval data mt-t1")
+    # all datasets: the sets at this temperature pooled by their positions (1 : 3)
+    rates, source = predicted_rates(training, 0.0, K, "all")
+    assert rates == pytest.approx([(0.5 + 3 * 0.9) / 4, (0.4 + 3 * 0.6) / 4])
+    assert source == "eval data mt-t0, gsm-t0"
+
+
+@pytest.mark.parametrize(
+    "temperature, dataset",
+    [(1.0, "gsm8k"), (0.0, "humaneval")],  # no eval set of that temperature and dataset
+)
+def test_prediction_falls_back_to_the_held_out_training_samples(temperature, dataset):
+    rates, source = predicted_rates({"heldout": HELDOUT, "eval_data": EVAL_DATA}, temperature, K, dataset)
+    assert rates == heldout_rates({"heldout": HELDOUT}, temperature, K)
+    assert source == "held-out training samples"
+
+
+def test_no_prediction_without_eval_data_or_held_out_rates():
+    assert predicted_rates({"heldout": {}}, 0.0, K, "mtbench") is None
+    # an eval set with fewer positions than K, or none measured, predicts nothing
+    short = [
+        _eval_set("mt-t0", 0.0, ["mtbench"], 100, [0.5], [0.3]),
+        _eval_set("x", 0.0, ["mtbench"], 0, [0.5, 0.4], [0.3, 0.2]),
+    ]
+    assert predicted_rates({"eval_data": short}, 0.0, K, "mtbench") is None

@@ -205,6 +205,7 @@ def test_real_bench_matches_vllm_counters_and_measured_speed(real_run):
             assert r["output_tokens"] == reference["output_tokens"]
         expected = 1 + 0.9 + 0.9 * 0.8 if r["temperature"] == 0 else 1 + 0.7 + 0.7 * 0.6
         assert r["training_expected_acceptance_length"] == pytest.approx(expected)
+        assert r["training_expected_source"] == "held-out training samples"
         assert r["acceptance_length_gap_percent"] == pytest.approx(
             100 * (r["acceptance_length"] - expected) / expected
         )

@@ -54,6 +54,31 @@ def test_record_at_t0_uses_top1_agreement_and_greedy_drafts():
     assert r["speedup"] is None  # no baseline in this run
 
 
+def test_record_prefers_the_eval_data_of_its_dataset_and_temperature():
+    counts = SpecDecodeCounts(
+        num_drafts=4, num_draft_tokens=8, num_accepted_tokens=4, accepted_per_position=(3, 1)
+    )
+    drafter = make_contender()
+    drafter.training["eval_data"] = [
+        {
+            "name": "eval-gsm8k-t0",
+            "temperature": 0.0,
+            "datasets": ["gsm8k"],
+            "positions": 40,
+            "top1_agreement": [0.5, 0.5],
+            "per_position_alpha": [0.4, 0.4],
+        }
+    ]
+    plan = make_plan()
+    gsm = record(drafter, Cell("gsm8k", 0.0, 1), Measurement(1, 9, 3.0, counts), plan, None)
+    assert gsm["training_expected_acceptance_length"] == pytest.approx(1.75)
+    assert gsm["training_expected_source"] == "eval data eval-gsm8k-t0"
+    assert gsm["acceptance_length_gap_percent"] == pytest.approx(100 * (2.0 - 1.75) / 1.75)
+    mt = record(drafter, Cell("mtbench", 0.0, 1), Measurement(1, 9, 3.0, counts), plan, None)
+    assert mt["training_expected_acceptance_length"] == pytest.approx(1 + 0.8 + 0.8 * 0.5)
+    assert mt["training_expected_source"] == "held-out training samples"
+
+
 def test_baseline_record_has_no_acceptance_and_speedup_one():
     base = Measurement(2, 40, 4.0, SpecDecodeCounts())
     r = record(BASELINE, Cell("mtbench", 0.0, 1), base, make_plan(), base)

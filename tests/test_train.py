@@ -290,6 +290,58 @@ def test_empty_and_all_masked_data_are_clear_errors(tiny, tmp_path):
         train(train_config(tiny, tmp_path / "run", **{"data.heldout": 24}), "tiny", progress=False)
 
 
+EVAL_SETTINGS = {"split": "eval", "temperature": 0.0, "datasets": ["mtbench"]}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_eval_data_is_evaluated_and_recorded_but_never_trained_on(tiny, tmp_path):
+    from lk_vllm.drafters import load_drafter
+    from lk_vllm.target_model import TargetModel
+    from training.capture import OnlineCapture
+    from training.data import load_samples
+
+    eval_dir = make_tiny_data(tmp_path / "eval", tiny[0], num_samples=6, seed=5, settings=EVAL_SETTINGS)
+    overrides = {"training.max_steps": 4, "training.eval_every": 2}
+    train(train_config(tiny, tmp_path / "plain", **overrides), "tiny", progress=False)
+    config = train_config(tiny, tmp_path / "with-eval", **overrides, **{"data.eval_dirs": [eval_dir]})
+    train(config, "tiny", progress=False)
+
+    # Same weights as without it: nothing of the eval data reaches a training batch or the draft vocabulary.
+    _assert_same_weights(_weights(tmp_path / "plain"), _weights(tmp_path / "with-eval"), atol=0)
+    record = json.loads((tmp_path / "with-eval" / "final" / "lk_training.json").read_text())["training"]
+    plain = json.loads((tmp_path / "plain" / "final" / "lk_training.json").read_text())["training"]
+    assert record["data"]["train_samples"] == plain["data"]["train_samples"] == 20
+    assert record["heldout"] == plain["heldout"] and "eval_data" not in plain
+    (entry,) = record["eval_data"]
+    assert {k: entry[k] for k in ("name", "dir", "temperature", "datasets", "samples")} == {
+        "name": "eval",
+        "dir": eval_dir,
+        "temperature": 0.0,
+        "datasets": ["mtbench"],
+        "samples": 6,
+    }
+    # The recorded metrics are those of the exported drafter on the eval samples.
+    target = TargetModel(tiny[0])
+    drafter = load_drafter(tmp_path / "with-eval" / "final", target=target)
+    samples = load_samples(Path(eval_dir))
+    expected = evaluate(
+        drafter, OnlineCapture(target, drafter.aux_layer_ids_needed()), samples, list(range(6)), 2, 4
+    )
+    for key in ("per_position_alpha", "top1_agreement", "positions"):
+        assert entry[key] == pytest.approx(expected[key], abs=2e-5)
+    log = [json.loads(line) for line in (tmp_path / "with-eval" / "log.jsonl").read_text().splitlines()]
+    assert [r["eval"]["eval_data"][0]["samples"] for r in log if "eval" in r] == [6, 6]
+
+
+@pytest.mark.vllm
+def test_eval_split_data_is_refused_for_training(tiny, tmp_path):
+    eval_dir = make_tiny_data(tmp_path / "eval", tiny[0], num_samples=6, settings=EVAL_SETTINGS)
+    config = train_config(tiny, tmp_path / "run", **{"data.dirs": [tiny[1], eval_dir]})
+    with pytest.raises(UserError, match=r"data.dirs: .*eval.* holds eval-split prompts .* data.eval_dirs"):
+        train(config, "tiny", progress=False)
+
+
 @pytest.mark.vllm
 def test_data_of_another_target_is_refused(tiny, tmp_path):
     other = make_tiny_target(tmp_path / "other", seed=1)

@@ -92,8 +92,10 @@ def make_tiny_data(
     lengths: tuple[int, int] = (16, 40),
     masked: bool = False,
     prompt_length: int | None = None,
+    settings: dict | None = None,
 ) -> str:
-    """A prepared data set of random token sequences (prompt + 'generated' part) in prepare's format."""
+    """A prepared data set of random token sequences (prompt + 'generated' part) in prepare's format;
+    ``settings`` adds to the manifest's prepare settings (e.g. split, temperature, datasets)."""
     from lk_vllm.assets import target_fingerprint
 
     generator = torch.Generator().manual_seed(seed)
@@ -110,7 +112,7 @@ def make_tiny_data(
     response_tokens = save_shard(directory / "shard-00000.safetensors", samples, ids)
     manifest = {
         "format": SHARD_FORMAT,
-        "settings": {"target": target, "target_fingerprint": target_fingerprint(target)},
+        "settings": {"target": target, "target_fingerprint": target_fingerprint(target), **(settings or {})},
         "shards": [{"file": "shard-00000.safetensors", "prompts": num_samples, "samples": num_samples}],
         "samples": num_samples,
         "response_tokens": response_tokens,

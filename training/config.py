@@ -132,6 +132,12 @@ class DataSection(_Section):
     heldout: int = Field(
         default=64, ge=0, description="samples held out for evaluation (chosen by prompt-id hash)"
     )
+    eval_dirs: list[str] = Field(
+        default_factory=list,
+        description="finished `lk-vllm prepare` outputs evaluated at every evaluation and never trained on, "
+        "e.g. `prepare --split eval` of prompts like the served ones at the served temperature: "
+        "`lk-vllm bench` predicts served acceptance from those whose temperature matches",
+    )
 
 
 class LossSection(_Section):

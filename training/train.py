@@ -7,7 +7,8 @@ The whole loop, in order:
 2. data: ``data.dirs`` (finished ``lk-vllm prepare`` outputs), or the target regenerates ``data.datasets``
    now (``training.prepare.prepare``; cached by settings hash, so later runs reuse it). Samples longer than
    ``data.max_length`` are truncated; ``data.heldout`` samples (chosen by a hash of the prompt id) are kept
-   for evaluation;
+   for evaluation, and ``data.eval_dirs`` (e.g. ``prepare --split eval`` of prompts like the served ones) are
+   only ever evaluated;
 3. the drafter (``lk_vllm.drafters.create_drafter``; EAGLE-3 with ``model.draft_vocab_size`` gets the most
    frequent tokens of the training responses as its draft vocabulary), or an exported one loaded from
    ``model.init_from`` (``--init-from``) with its own vocabulary;
@@ -17,8 +18,9 @@ The whole loop, in order:
    unrolled steps) -> ``sum_k gamma^k * L_k`` with ``lk_vllm.losses`` -> backward -> clip -> AdamW ->
    linear warm-up then cosine schedule;
 5. every ``eval_every`` steps and at the end: per-position alpha, expected acceptance length and top-1
-   agreement on the held-out samples; the best step by expected acceptance length (not loss) is exported to
-   ``RUN/best``, the last one to ``RUN/final`` (vLLM-native, ``drafter.save_pretrained``);
+   agreement on the held-out samples and on each of ``data.eval_dirs``; the best step by held-out expected
+   acceptance length (not loss) is exported to ``RUN/best``, the last one to ``RUN/final`` (vLLM-native,
+   ``drafter.save_pretrained``, with the metrics in its ``lk_training.json``);
 6. every ``checkpoint_every`` steps: ``RUN/checkpoints/step-N`` (``training/checkpoint.py``); ``--resume``
    continues from the newest one and ends with the same weights as an uninterrupted run.
 
@@ -89,7 +91,7 @@ from training.config import (
     parse_override,
     recipe_names,
 )
-from training.data import load_samples
+from training.data import load_manifest, load_samples
 from training.device import Placement, resolve_placement
 
 
@@ -176,6 +178,47 @@ def load_run_samples(dirs: list[str], fingerprint: str, max_length: int):
             f"--data {', '.join(dirs)}: no sample has generated tokens within data.max_length={max_length}"
         )
     return samples, truncated, empty
+
+
+def check_training_dirs(dirs: list[str]) -> None:
+    """Refuse eval-split data in the training data: the eval sets' prompts would be trained on."""
+    for directory in dirs:
+        if load_manifest(Path(directory))["settings"].get("split") == "eval":
+            raise UserError(
+                f"data.dirs: {directory} holds eval-split prompts (prepared with --split eval); training on "
+                "them would leak the eval sets: pass it in data.eval_dirs to evaluate on it instead"
+            )
+
+
+@dataclass
+class EvalSet:
+    """One of ``data.eval_dirs``: evaluated at every evaluation, never trained on."""
+
+    name: str
+    directory: str
+    temperature: float | None  # of the target's responses (prepare's --temperature); None: not recorded
+    datasets: list[str]  # prepare's --dataset names
+    indices: list[int]  # into the run's samples
+
+
+def load_eval_sets(dirs: list[str], samples: list, fingerprint: str, max_length: int) -> list[EvalSet]:
+    """Append each eval directory's samples to ``samples``; one EvalSet per directory."""
+    sets = []
+    for directory in dirs:
+        loaded, _, _ = load_run_samples([directory], fingerprint, max_length)
+        settings = load_manifest(Path(directory))["settings"]
+        temperature = settings.get("temperature")
+        sets.append(
+            EvalSet(
+                name=Path(directory).name,
+                directory=directory,
+                temperature=None if temperature is None else float(temperature),
+                datasets=[Path(name).stem for name in settings.get("datasets", [])],
+                indices=list(range(len(samples), len(samples) + len(loaded))),
+            )
+        )
+        samples += loaded
+    return sets
 
 
 def split_heldout(samples, heldout: int) -> tuple[list[int], list[int]]:
@@ -476,6 +519,7 @@ class Run:
     samples: list
     train_indices: list[int]
     heldout_indices: list[int]
+    eval_sets: list[EvalSet]
     data_key: str
     drafter: torch.nn.Module
     model: torch.nn.Module  # what a step calls: the unroll, under DDP or FSDP2 when distributed
@@ -554,8 +598,11 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
         check_fits(estimate_memory(config, target_path, "cuda", dist.world), config, placement.device)
     fingerprint = target_fingerprint(target_path)
     data_dirs = ensure_data(config, target_path, dist, progress)
+    check_training_dirs(data_dirs)
     samples, truncated, dropped = load_run_samples(data_dirs, fingerprint, config.data.max_length)
     train_indices, heldout_indices = split_heldout(samples, config.data.heldout)
+    eval_dirs = [str(Path(d).expanduser()) for d in config.data.eval_dirs]
+    eval_sets = load_eval_sets(eval_dirs, samples, fingerprint, config.data.max_length)
     data_key = cache_key(fingerprint, data_dirs, (), config.data.max_length, "samples")
     if state is not None and state.get("data_key") != data_key:
         raise UserError(
@@ -576,7 +623,9 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
         run_dir.mkdir(parents=True, exist_ok=True)
         log(
             f"{config.model.architecture} drafter, {num_params / 1e6:.1f}M trainable parameters; "
-            f"{len(train_indices)} training / {len(heldout_indices)} held-out samples "
+            f"{len(train_indices)} training / {len(heldout_indices)} held-out samples"
+            + "".join(f" / {len(e.indices)} in {e.name}" for e in eval_sets)
+            + " "
             f"({truncated} truncated to {config.data.max_length} tokens, {dropped} without response tokens); "
             f"loss {config.loss.kind}"
             + (f" eta={config.loss.eta}" if config.loss.kind == "lambda" else "")
@@ -591,7 +640,9 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
         cache_dir = (
             lk_home()
             / "capture"
-            / cache_key(fingerprint, data_dirs, aux_layer_ids, config.data.max_length, t.cache_dtype)
+            / cache_key(
+                fingerprint, data_dirs + eval_dirs, aux_layer_ids, config.data.max_length, t.cache_dtype
+            )
         )
         # Every rank captures its share of the shards (the directory must be shared by the ranks).
         manifest = build_cache(
@@ -659,6 +710,7 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
         samples=samples,
         train_indices=train_indices,
         heldout_indices=heldout_indices,
+        eval_sets=eval_sets,
         data_key=data_key,
         drafter=drafter,
         model=model,
@@ -748,30 +800,53 @@ def train_step(run: Run, step: int) -> dict:
 
 # ------------------------------------------------------------------------------------------ evaluate, export, save
 def evaluate_run(run: Run, step: int) -> dict:
-    """Held-out metrics at ``step`` on every rank (each evaluates its share); a new best is exported."""
+    """Held-out metrics at ``step`` on every rank (each evaluates its share), with the metrics of each of
+    ``data.eval_dirs`` under ``eval_data``; a new best (by held-out expected acceptance length) is exported."""
+    c, t = run.config, run.config.training
     with full_weights(run.model):
         metrics = evaluate(
             run.drafter,
             run.capture,
             run.samples,
             run.heldout_indices,
-            run.config.loss.num_steps,
-            run.config.training.eval_batch_size,
+            c.loss.num_steps,
+            t.eval_batch_size,
             run.dist,
         )
+        eval_data = [
+            {
+                "name": e.name,
+                "dir": e.directory,
+                "temperature": e.temperature,
+                "datasets": e.datasets,
+                "samples": len(e.indices),
+                **evaluate(
+                    run.drafter,
+                    run.capture,
+                    run.samples,
+                    e.indices,
+                    c.loss.num_steps,
+                    t.eval_batch_size,
+                    run.dist,
+                ),
+            }
+            for e in run.eval_sets
+        ]
+    if eval_data:
+        metrics = {**metrics, "eval_data": eval_data}
     if metrics:
         run.logger.write({"step": step, "eval": metrics})
-        if (
-            metrics["expected_acceptance_length"] > run.best["expected_acceptance_length"]
-        ):  # alike on every rank
-            run.best.update(step=step, expected_acceptance_length=metrics["expected_acceptance_length"])
+        held_out = metrics.get("expected_acceptance_length", -1.0)
+        if held_out > run.best["expected_acceptance_length"]:  # alike on every rank
+            run.best.update(step=step, expected_acceptance_length=held_out)
             export(run, BEST_EXPORT, step, metrics)
     return metrics
 
 
 def export(run: Run, directory: str, step: int, metrics: dict) -> None:
-    """Write ``RUN/<directory>`` (vLLM's format) from rank 0. Every rank calls it: under FSDP2 the ranks first
-    gather the whole weights (a collective)."""
+    """Write ``RUN/<directory>`` (vLLM's format) from rank 0, with ``evaluate_run``'s ``metrics`` in its
+    ``lk_training.json`` (``heldout``, and ``eval_data`` when there are eval directories). Every rank calls it:
+    under FSDP2 the ranks first gather the whole weights (a collective)."""
     weights = None
     if isinstance(run.model, FSDPModule):
         gathered = get_model_state_dict(run.model, options=_state_dict_options(cpu_offload=True))
@@ -779,6 +854,7 @@ def export(run: Run, directory: str, step: int, metrics: dict) -> None:
     if not run.dist.main:
         return
     config, t = run.config, run.config.training
+    heldout = {key: value for key, value in metrics.items() if key != "eval_data"}
     record = {
         "loss": config.loss.kind,
         "eta": config.loss.eta,
@@ -794,7 +870,8 @@ def export(run: Run, directory: str, step: int, metrics: dict) -> None:
             "heldout_samples": len(run.heldout_indices),
         },
         "target_fingerprint": run.fingerprint,
-        "heldout": metrics,
+        "heldout": heldout,
+        **({"eval_data": metrics["eval_data"]} if "eval_data" in metrics else {}),
         "config": config.model_dump(mode="json"),
     }
     run.drafter.save_pretrained(
@@ -867,15 +944,12 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
         if done % t.eval_every == 0 or done == t.max_steps:
             metrics = evaluate_run(run, done)
             if metrics and dist.main:
-                bar.write(
-                    f"step {done}: held-out expected acceptance length "
-                    f"{metrics['expected_acceptance_length']:.4f}, alpha {metrics['per_position_alpha']}"
-                )
+                bar.write(f"step {done}: {describe_eval(metrics)}")
         if done % t.checkpoint_every == 0 or done == t.max_steps:
             save_checkpoint(run, done)
     bar.close()
 
-    if not metrics and run.heldout_indices:  # resumed at the end: nothing was evaluated in this process
+    if not metrics and (run.heldout_indices or run.eval_sets):  # resumed at the end: nothing evaluated here
         metrics = evaluate_run(run, t.max_steps)
     export(run, FINAL_EXPORT, t.max_steps, metrics)
     summary = {
@@ -892,12 +966,26 @@ def train(config: Config, name: str = "run", resume: bool = False, progress: boo
     return summary
 
 
+def describe_eval(metrics: dict) -> str:
+    """One line for the progress bar: held-out and eval-data expected acceptance length (T=1 alpha, T=0 top-1)."""
+
+    def lengths(m: dict) -> str:
+        return f"{m['expected_acceptance_length']:.4f} (T=0 {m['expected_acceptance_length_greedy']:.4f})"
+
+    parts = (
+        [f"held-out expected acceptance length {lengths(metrics)}"] if "per_position_alpha" in metrics else []
+    )
+    parts += [f"{e['name']} {lengths(e)}" for e in metrics.get("eval_data", []) if "per_position_alpha" in e]
+    return "; ".join(parts)
+
+
 # ------------------------------------------------------------------------------------------ command line
 # The train flags for common config fields (dotted field -> flag); any other field is --set SECTION.FIELD=VALUE.
 TRAIN_FLAGS = {
     "loss.kind": "--loss",
     "loss.eta": "--eta",
     "data.dirs": "--data",
+    "data.eval_dirs": "--eval-data",
     "model.init_from": "--init-from",
     "data.chat_template": "--chat-template",
     "output": "--output",

@@ -52,8 +52,10 @@ METHOD = {
     "throughput": "tokens/s = output tokens / wall time from the first request's submission to the last one's "
     "completion (after a warm-up; prefix cache emptied before each cell); speedup = tokens/s / the "
     "baseline's tokens/s for the same dataset, temperature and concurrency in the same run",
-    "training-time": "training-time expected acceptance length from the drafter's lk_training.json held-out "
-    "metrics (T=0: top-1 agreement, T=1: alpha); gap % = (served - expected) / expected",
+    "training-time": "training-time expected acceptance length from the drafter's lk_training.json: its "
+    "eval data of the row's dataset and temperature when it has some, else its held-out training samples "
+    "(training_expected_source says which; T=0: top-1 agreement, T=1: alpha); gap % = (served - expected) / "
+    "expected",
 }
 
 

@@ -9,11 +9,14 @@
   ``sampled``, also in ``sampling``).
 * ``tokens_per_s`` = output tokens / wall seconds of the cell; ``speedup`` = a contender's ``tokens_per_s``
   divided by the baseline's for the same dataset, temperature and concurrency, measured in the same run.
-* ``training_expected_acceptance_length``: what the trainer predicted on held-out data (``lk_training.json``,
-  ``training.heldout``): from the top-1 agreement of each position at T=0 (greedy drafting is accepted when the
-  draft argmax is the target's) and from alpha = sum min(p, q) at T=1 (drafts sampled from q, standard rejection
-  sampling; the trainer measures alpha untempered). Other temperatures, or K beyond the trained steps, have no
-  prediction. ``acceptance_length_gap_percent`` = 100 * (served - expected) / expected.
+* ``training_expected_acceptance_length``: what the trainer predicted (``lk_training.json``): on its
+  ``eval_data`` of this dataset and temperature when it has some (``data.eval_dirs``, e.g. the eval split's
+  prompts answered by the target at the served temperature), else on its held-out training samples
+  (``training.heldout``); ``training_expected_source`` says which. From the top-1 agreement of each position at
+  T=0 (greedy drafting is accepted when the draft argmax is the target's) and from alpha = sum min(p, q) at T=1
+  (drafts sampled from q, standard rejection sampling; the trainer measures alpha untempered). Other
+  temperatures, or K beyond the trained steps, have no prediction. ``acceptance_length_gap_percent`` = 100 *
+  (served - expected) / expected.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def record(
         "per_position_acceptance": None,
         "training_expected_acceptance_length": None,
         "training_per_position_acceptance": None,
+        "training_expected_source": None,
         "acceptance_length_gap_percent": None,
     }
     if contender.is_baseline:
@@ -107,8 +111,9 @@ def record(
             contender.speculative_config.get("draft_sample_method", "greedy") if temperature > 0 else "greedy"
         ),
     )
-    rates = acceptance.heldout_rates(contender.training, temperature, k)
-    if rates is not None:
+    predicted = acceptance.predicted_rates(contender.training, temperature, k, dataset)
+    if predicted is not None:
+        rates, out["training_expected_source"] = predicted
         expected = acceptance.expected_acceptance_length(rates)
         out["training_expected_acceptance_length"] = expected
         out["training_per_position_acceptance"] = acceptance.cumulative_acceptance(rates)
