@@ -67,6 +67,25 @@ def test_batch_order_visits_every_sample_once_per_epoch_and_is_reproducible():
     assert BatchOrder(indices, 5, 4).global_batch(0) != order.global_batch(0)
 
 
+def test_tensorboard_scalars_name_each_eval_set():
+    from training.train import _scalars
+
+    record = {
+        "step": 3,
+        "eval": {
+            "expected_acceptance_length": 1.5,
+            "per_position_alpha": [0.5, 0.4],
+            "eval_data": [{"name": "eval-mt", "dir": "/d", "per_position_alpha": [0.3]}],
+        },
+    }
+    assert dict(_scalars(record)) == {
+        "eval/expected_acceptance_length": 1.5,
+        "eval/per_position_alpha/0": 0.5,
+        "eval/per_position_alpha/1": 0.4,
+        "eval/eval_data/eval-mt/per_position_alpha/0": 0.3,
+    }
+
+
 def test_heldout_split_depends_on_prompt_ids_only(tiny):
     from training.data import load_samples
 

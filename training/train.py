@@ -444,7 +444,9 @@ def _scalars(record: dict, prefix: str = ""):
             yield from _scalars(value, f"{prefix}{key}/")
         elif isinstance(value, list):
             for i, v in enumerate(value):
-                if isinstance(v, int | float):
+                if isinstance(v, dict):  # e.g. eval_data: one entry per directory, by its name
+                    yield from _scalars(v, f"{prefix}{key}/{v.get('name', i)}/")
+                elif isinstance(v, int | float):
                     yield f"{prefix}{key}/{i}", v
         elif isinstance(value, int | float):
             yield f"{prefix}{key}", value
