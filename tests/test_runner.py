@@ -42,3 +42,26 @@ def test_drive_keeps_exactly_c_requests_in_flight(concurrency):
     assert tokens == sum(range(1, 6))  # each fake answer is as long as its prompt
     assert len(done) == 5 and not engine.in_flight and seconds >= 0
     assert engine.most == min(concurrency, 5)
+
+
+@pytest.mark.vllm
+def test_eval_engine_prefills_whole_prompts_on_cpu(monkeypatch, tmp_path):
+    """Its requests sample with a seed: on CPU a split prefill would crash vLLM 0.32 at T>0."""
+    import lk_vllm.bench.runner as runner
+    from lk_vllm import engine
+
+    started = {}
+
+    def capture(settings):
+        started["kwargs"] = settings.llm_kwargs()
+        raise RuntimeError("no engine in this test")
+
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    monkeypatch.setattr(runner, "make_llm", capture)
+    monkeypatch.setattr(
+        runner, "speculative_config_for", lambda directory, k: {"method": "eagle3", "model": directory}
+    )
+    with pytest.raises(RuntimeError, match="no engine"):
+        runner.evaluate_vllm(str(tmp_path), "/target", {"mtbench": [[1] * 3000]}, 3, 96, 1.0)
+    assert started["kwargs"]["enable_chunked_prefill"] is False
+    assert started["kwargs"]["max_num_batched_tokens"] >= 3000 + 96

@@ -230,14 +230,17 @@ def evaluate_vllm(
 ) -> dict[str, Counts]:
     """Serve the drafter in vLLM and read its counters per dataset (deltas of the cumulative counters)."""
     longest = max(len(ids) for batch in prompt_ids_by_dataset.values() for ids in batch)
-    settings = EngineSettings(
-        model=target_path,
-        max_model_len=max(2048, longest + max_tokens + num_tokens + 8),
-        # As lk-vllm serve runs it: at T>0 drafts are sampled from the draft distribution, so vLLM's acceptance
-        # rate is the alpha (sum of min(p, q)) the torch engine and the LK losses use (vLLM's default drafts
-        # greedily); at T=0 both are the argmax.
-        speculative_config=with_faithful_sampling(speculative_config_for(drafter_dir, num_tokens)),
-        seed=seed,
+    # Whole-prompt prefills: every request samples with the seed (see ``whole_prompt_prefills``).
+    settings = whole_prompt_prefills(
+        EngineSettings(
+            model=target_path,
+            max_model_len=max(2048, longest + max_tokens + num_tokens + 8),
+            # As lk-vllm serve runs it: at T>0 drafts are sampled from the draft distribution, so vLLM's acceptance
+            # rate is the alpha (sum of min(p, q)) the torch engine and the LK losses use (vLLM's default drafts
+            # greedily); at T=0 both are the argmax.
+            speculative_config=with_faithful_sampling(speculative_config_for(drafter_dir, num_tokens)),
+            seed=seed,
+        )
     )
     for key, value in (settings_overrides or {}).items():
         setattr(settings, key, value)
