@@ -22,8 +22,9 @@ exports, and refuses on an error):
 
 The probe (``--probe``, on by default in this command): the drafter is served in vLLM on a few prompts at
 temperature 0 (``lk_vllm.bench.runner.evaluate_vllm``) and refused when its position-0 acceptance is below
-``--min-acceptance`` or below ``--min-fraction-of-prediction`` of the trainer's own held-out prediction (the
-top-1 agreement at position 0 in ``lk_training.json``). The static checks cannot see a drafter trained on
+``--min-acceptance`` or below ``--min-fraction-of-prediction`` of the trainer's own prediction (the top-1
+agreement at position 0 in ``lk_training.json``: on its eval data of the probe's dataset when it has some, else
+on its held-out samples; ``lk_vllm.acceptance.predicted_rates``). The static checks cannot see a drafter trained on
 other layers than it claims, or on nothing at all; the probe can.
 """
 
@@ -36,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lk_vllm.acceptance import heldout_rates
+from lk_vllm.acceptance import predicted_rates
 from lk_vllm.assets import resolve_target
 from lk_vllm.bench.runner import evaluate_vllm
 from lk_vllm.datasets import chat_prompt_ids, load_prompts
@@ -408,10 +409,10 @@ def judge_probe(summary: dict[str, Any], record: TrainingRecord, settings: Probe
             f"{settings.max_tokens} tokens; raise --probe-max-tokens",
         )
     observed = float(rates[0])
-    predicted = heldout_rates(record.training, 0.0, 1)
-    predicted = predicted[0] if predicted else None
+    prediction = predicted_rates(record.training, 0.0, 1, settings.dataset)
+    predicted, source = (prediction[0][0], prediction[1]) if prediction else (None, None)
     said = f"position-0 acceptance {observed:.3f} over {summary['num_drafts']} drafts at T=0"
-    expected = f", the trainer's held-out prediction is {predicted:.3f}" if predicted is not None else ""
+    expected = f", the trainer's prediction is {predicted:.3f} ({source})" if predicted is not None else ""
     if observed < settings.min_acceptance:
         return Finding(
             "probe", ERROR, f"{said} is below the floor --min-acceptance {settings.min_acceptance}{expected}"
@@ -420,7 +421,7 @@ def judge_probe(summary: dict[str, Any], record: TrainingRecord, settings: Probe
         return Finding(
             "probe",
             ERROR,
-            f"{said} is far below the trainer's held-out prediction {predicted:.3f} "
+            f"{said} is far below the trainer's prediction {predicted:.3f} ({source}) "
             f"(under --min-fraction-of-prediction {settings.min_fraction_of_prediction} of it)",
         )
     return Finding("probe", OK, f"{said}{expected}; acceptance length {summary['acceptance_length']:.3f}")
@@ -517,7 +518,7 @@ def add_arguments(parser) -> None:
         default=defaults.min_fraction_of_prediction,
         metavar="FRACTION",
         help="refuse when the probe's position-0 acceptance is below this fraction of the trainer's "
-        f"held-out prediction in lk_training.json (default {defaults.min_fraction_of_prediction})",
+        f"prediction in lk_training.json (default {defaults.min_fraction_of_prediction})",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 

@@ -23,14 +23,13 @@ K = 2
 HELDOUT = {"top1_agreement": [0.8, 0.5], "per_position_alpha": [0.6, 0.5]}
 
 
-def _drafter(root, name, heldout=HELDOUT):
+def _drafter(root, name, heldout=HELDOUT, eval_data=None):
     path = root / name
     path.mkdir()
     (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLMEagle3"]}))
     if heldout is not None:
-        (path / "lk_training.json").write_text(
-            json.dumps({"training": {"loss": "lambda", "heldout": heldout}})
-        )
+        training = {"loss": "lambda", "heldout": heldout, **({"eval_data": eval_data} if eval_data else {})}
+        (path / "lk_training.json").write_text(json.dumps({"training": training}))
     return str(path)
 
 
@@ -157,3 +156,34 @@ def test_a_threshold_outside_zero_one_is_a_one_line_error(value, tmp_path):
         launcher.build_server_command(args)
     message = str(error.value)
     assert "--drift-threshold" in message and str(value) in message and "\n" not in message
+
+
+def test_the_expectation_comes_from_the_eval_data_when_the_drafter_has_some(tmp_path, store):
+    from lk_vllm.plugin.server.routes import stats_payload
+
+    # Two eval sets at T=0 pooled by positions (1 : 3): 1 + 0.5 + 0.5 * 0.5 = 1.75; none sampled: held out.
+    eval_data = [
+        {
+            "name": "mt",
+            "temperature": 0.0,
+            "datasets": ["mtbench"],
+            "positions": 10,
+            "top1_agreement": [0.2, 0.5],
+        },
+        {
+            "name": "gsm",
+            "temperature": 0.0,
+            "datasets": ["gsm8k"],
+            "positions": 30,
+            "top1_agreement": [0.6, 0.5],
+        },
+    ]
+    drafter = _drafter(tmp_path, "with-eval", eval_data=eval_data)
+    monitor = DriftMonitor(DriftSettings(threshold=0.75, window_seconds=60))
+    _serve(store, drafter, requests=10, accepted_per_request=7)  # 1.7 per step
+    _serve(store, drafter, requests=10, accepted_per_request=9, mode="sampled")  # 1.9 per step
+    checks = {c["sampling"]: c for c in stats_payload(store, 60, None, monitor)["drift"]["checks"]}
+    assert checks["temperature_0"]["expected"] == pytest.approx(1.75)
+    assert checks["temperature_0"]["expected_source"] == "lk_training.json eval data mt, gsm"
+    assert checks["sampled"]["expected"] == pytest.approx(1.9)
+    assert checks["sampled"]["expected_source"] == "lk_training.json held-out training samples"

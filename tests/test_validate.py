@@ -304,9 +304,9 @@ def _record(top1):
 @pytest.mark.parametrize(
     "p0, record, verdict, words",
     [
-        (0.55, _record(0.6), OK, "held-out prediction is 0.600"),
+        (0.55, _record(0.6), OK, "prediction is 0.600 (held-out training samples)"),
         (0.05, TrainingRecord(), ERROR, "below the floor --min-acceptance 0.1"),
-        (0.2, _record(0.6), ERROR, "far below the trainer's held-out prediction 0.600"),
+        (0.2, _record(0.6), ERROR, "far below the trainer's prediction 0.600 (held-out training samples)"),
         (0.35, _record(0.6), OK, "acceptance length"),
         (0.3, TrainingRecord(), OK, "position-0 acceptance 0.300 over 40 drafts"),
     ],
@@ -314,6 +314,24 @@ def _record(top1):
 def test_probe_verdict(p0, record, verdict, words):
     finding = judge_probe(_summary(p0), record, ProbeSettings())
     assert finding.status == verdict and words in finding.message
+
+
+@pytest.mark.unit
+def test_probe_is_judged_against_the_eval_data_of_its_dataset():
+    eval_data = [
+        {
+            "name": "eval-mt",
+            "temperature": 0.0,
+            "datasets": ["mtbench"],
+            "positions": 90,
+            "top1_agreement": [0.3],
+        }
+    ]
+    record = TrainingRecord({"training": {"heldout": {"top1_agreement": [0.6]}, "eval_data": eval_data}})
+    finding = judge_probe(_summary(0.25), record, ProbeSettings())
+    assert finding.status == OK and "prediction is 0.300 (eval data eval-mt)" in finding.message
+    finding = judge_probe(_summary(0.25), record, ProbeSettings(dataset="gsm8k"))  # none for gsm8k: held out
+    assert finding.status == ERROR and "far below the trainer's prediction 0.600" in finding.message
 
 
 @pytest.mark.unit

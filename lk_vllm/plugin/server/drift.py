@@ -3,9 +3,9 @@
 Acceptance that collapses or drifts down raises no error anywhere (a drafter for another data domain, a
 target or tokenizer update, a bad swap), so the server compares, on every stats request and Prometheus scrape:
 
-* **expected**, per sampling mode, from the drafter's ``lk_training.json`` (held-out data,
-  ``lk_vllm.acceptance.heldout_rates``): at temperature 0 from the top-1 agreement, for sampled requests from
-  alpha (measured at T=1: an approximation at other temperatures). Without a training record (or without
+* **expected**, per sampling mode, from the drafter's ``lk_training.json`` (its eval data pooled over datasets,
+  else its held-out training samples, ``lk_vllm.acceptance.predicted_rates``): at temperature 0 from the top-1
+  agreement, for sampled requests from alpha (measured at T=1: an approximation at other temperatures). Without a training record (or without
   per-request counters to split the traffic by mode) the reference is learned from the drafter's first
   ``--drift-reference-minutes`` of traffic (pooled over every step, all traffic);
 * **observed**: the same quantity over the last ``--drift-window`` seconds: the pooled acceptance length of the
@@ -67,8 +67,9 @@ def check_threshold(value: Any) -> float:
     return float(value)
 
 
-def training_expectation(drafter_path: str, num_speculative_tokens: int) -> dict[str, float]:
-    """Expected acceptance length per sampling mode from the drafter's ``lk_training.json`` (empty if none)."""
+def training_expectation(drafter_path: str, num_speculative_tokens: int) -> dict[str, tuple[float, str]]:
+    """(expected acceptance length, where it comes from) per sampling mode from the drafter's
+    ``lk_training.json`` (empty if none)."""
     if not (Path(drafter_path) / CONFIG_FILE).is_file():
         return {}
     training = read_drafter_files(drafter_path).record.training
@@ -76,9 +77,10 @@ def training_expectation(drafter_path: str, num_speculative_tokens: int) -> dict
         return {}
     out = {}
     for mode, temperature in (("temperature_0", 0.0), ("sampled", 1.0)):
-        rates = acceptance.heldout_rates(training, temperature, num_speculative_tokens)
-        if rates is not None:
-            out[mode] = acceptance.expected_acceptance_length(rates)
+        predicted = acceptance.predicted_rates(training, temperature, num_speculative_tokens, "all")
+        if predicted is not None:
+            rates, source = predicted
+            out[mode] = (acceptance.expected_acceptance_length(rates), f"lk_training.json {source}")
     return out
 
 
@@ -96,9 +98,8 @@ class DriftMonitor:
             return self._expected[info.name], None
         by_training = training_expectation(info.name, info.num_speculative_tokens)
         if by_training and store.per_request_source:
-            found = {mode: (value, "lk_training.json held-out data") for mode, value in by_training.items()}
-            self._expected[info.name] = found
-            return found, None
+            self._expected[info.name] = by_training
+            return by_training, None
         steps = store.steps(None, info.name)
         minutes = f"{self.settings.reference_seconds / 60:g}"
         if not steps or time.monotonic() - steps[0].time < self.settings.reference_seconds:
