@@ -4,8 +4,8 @@ One run compares a no-speculation baseline and any number of drafters (``--draft
 evaluation datasets (``mtbench``, ``humaneval``, ``gsm8k``, a user's JSONL file) at each temperature and
 concurrency, with K draft tokens. It reports, per drafter, dataset, temperature and concurrency, the mean
 acceptance length and per-position acceptance (vLLM's own counters), tokens/s and the speedup over the
-baseline measured in the same run, next to the acceptance length the trainer predicted on held-out data
-(``lk_training.json``). Results go to ``<out-dir>/<name>.json`` (DESIGN.md "Benchmark results"), ``.md`` and
+baseline measured in the same run, next to the acceptance length the trainer predicted (``lk_training.json``:
+on its eval data of the row's dataset and temperature, else on its held-out samples). Results go to ``<out-dir>/<name>.json`` (DESIGN.md "Benchmark results"), ``.md`` and
 ``.png``.
 
 The parts are kept apart so a new dataset, engine mode or metric is a change in one small module:
