@@ -178,9 +178,15 @@ def test_every_data_field_is_documented_and_prepare_has_a_flag_for_each_generate
     from training.prepare import PREPARE_FLAGS
 
     assert all(info.description for info in DataSection.model_fields.values())
-    # dirs, eval_dirs and heldout are the trainer's (what to read, what to hold out); every field that decides
-    # the prepared data is one of prepare's flags
-    assert set(PREPARE_FLAGS) == set(DataSection.model_fields) - {"dirs", "eval_dirs", "heldout"}
+    # dirs, heldout and the eval fields are the trainer's (what to read, hold out, evaluate on); every field
+    # that decides the prepared data is one of prepare's flags
+    assert set(PREPARE_FLAGS) == set(DataSection.model_fields) - {
+        "dirs",
+        "eval_dirs",
+        "eval_datasets",
+        "eval_limit",
+        "heldout",
+    }
 
 
 def test_prepare_flags_parse_into_the_data_section_with_its_defaults():

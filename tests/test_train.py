@@ -834,6 +834,40 @@ def test_dry_run_fits_the_70b_recipe_on_80_gb_gpus(tmp_path, capsys, monkeypatch
     assert 60 < lines["total"] < 80, out  # an 80 GB GPU, as the recipe says
 
 
+def test_eval_datasets_are_prepared_from_the_eval_split_at_t0_and_t1_once(tmp_path, monkeypatch):
+    from lk_vllm.assets import resolve_target
+    from training import prepare as prepare_module
+    from training.train import Dist, ensure_eval_data
+
+    target = resolve_target(None)
+    monkeypatch.setenv("LK_VLLM_HOME", str(tmp_path))
+    calls = []
+
+    def fake_prepare(settings, output, engine_settings, progress):
+        calls.append(
+            (settings.datasets, settings.split, settings.limit, settings.temperature, settings.top_p)
+        )
+        output.mkdir(parents=True)
+        (output / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(prepare_module, "prepare", fake_prepare)
+    overrides = {
+        "data.eval_datasets": ["mtbench", "gsm8k"],
+        "data.eval_limit": 5,
+        "data.eval_dirs": ["~/mine"],
+    }
+    config, _ = load_config(overrides=overrides)
+    dirs = ensure_eval_data(config, target, Dist(), progress=False)
+    assert calls == [
+        (["mtbench"], "eval", 5, 0.0, 1.0),
+        (["mtbench"], "eval", 5, 1.0, 1.0),
+        (["gsm8k"], "eval", 5, 0.0, 1.0),
+        (["gsm8k"], "eval", 5, 1.0, 1.0),
+    ]
+    assert dirs[0] == str(Path("~/mine").expanduser()) and len(set(dirs)) == 5
+    assert ensure_eval_data(config, target, Dist(), progress=False) == dirs and len(calls) == 4  # reused
+
+
 def test_each_dataset_is_prepared_into_its_own_cached_directory(tmp_path, monkeypatch):
     """Adding a dataset to a recipe regenerates only that dataset: one prepare output per dataset, each named
     by its own settings' hash, and a finished one is reused. Another chat template (given, or edited into the

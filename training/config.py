@@ -132,6 +132,13 @@ class DataSection(_Section):
     heldout: int = Field(
         default=64, ge=0, description="samples held out for evaluation (chosen by prompt-id hash)"
     )
+    eval_datasets: list[str] = Field(
+        default_factory=list,
+        description="eval-split datasets (mtbench, humaneval, gsm8k, ...) the target answers at T=0 and at T=1 "
+        "(top-p 1; max_tokens, max_length and seed as above), first eval_limit prompts each: prepared once "
+        "(cached by settings) and evaluated like eval_dirs",
+    )
+    eval_limit: int = Field(default=40, ge=1, description="prompts per dataset of eval_datasets")
     eval_dirs: list[str] = Field(
         default_factory=list,
         description="finished `lk-vllm prepare` outputs evaluated at every evaluation and never trained on, "

@@ -7,8 +7,8 @@ The whole loop, in order:
 2. data: ``data.dirs`` (finished ``lk-vllm prepare`` outputs), or the target regenerates ``data.datasets``
    now (``training.prepare.prepare``; cached by settings hash, so later runs reuse it). Samples longer than
    ``data.max_length`` are truncated; ``data.heldout`` samples (chosen by a hash of the prompt id) are kept
-   for evaluation, and ``data.eval_dirs`` (e.g. ``prepare --split eval`` of prompts like the served ones) are
-   only ever evaluated;
+   for evaluation, and ``data.eval_dirs`` (e.g. ``prepare --split eval`` of prompts like the served ones) and
+   ``data.eval_datasets`` (prepared here at T=0 and T=1 from their eval splits) are only ever evaluated;
 3. the drafter (``lk_vllm.drafters.create_drafter``; EAGLE-3 with ``model.draft_vocab_size`` gets the most
    frequent tokens of the training responses as its draft vocabulary), or an exported one loaded from
    ``model.init_from`` (``--init-from``) with its own vocabulary;
@@ -83,6 +83,7 @@ from training.capture import OfflineCapture, OnlineCapture, build_cache, cache_k
 from training.config import (
     ARCHITECTURE_OPTIONS,
     Config,
+    DataSection,
     add_field_flags,
     differing_fields,
     field_values,
@@ -136,26 +137,56 @@ def ensure_data(config: Config, target_path: str, dist: Dist, progress: bool) ->
         raise UserError(
             "no training data: pass --data DIR (a finished `lk-vllm prepare` output) or set data.datasets"
         )
-    from training.prepare import PrepareSettings, default_output_dir, prepare
+    from training.prepare import PrepareSettings
 
     d = config.data
-    outputs = []
-    for name in d.datasets:
-        settings = PrepareSettings.for_target(target_path, d, datasets=[name])
-        output = default_output_dir(settings)
-        if dist.main and not (output / "manifest.json").is_file():
-            from lk_vllm import engine
-
-            log(f"preparing data: the target regenerates {name} into {output}")
-            prepare(
-                settings,
-                output,
-                engine.EngineSettings(model=target_path, max_model_len=max(d.max_length, 256)),
-                progress=progress,
-            )
-        outputs.append(str(output))
+    outputs = [
+        _prepared(PrepareSettings.for_target(target_path, d, datasets=[name]), target_path, d, dist, progress)
+        for name in d.datasets
+    ]
     dist.barrier()
     return outputs
+
+
+EVAL_TEMPERATURES = (0.0, 1.0)  # the two temperatures lk-vllm predicts served acceptance at
+
+
+def ensure_eval_data(config: Config, target_path: str, dist: Dist, progress: bool) -> list[str]:
+    """``data.eval_dirs``, then for each of ``data.eval_datasets`` the target's answers to its first
+    ``data.eval_limit`` eval-split prompts at each of EVAL_TEMPERATURES (top-p 1), prepared if needed."""
+    import dataclasses
+
+    from training.prepare import PrepareSettings
+
+    d = config.data
+    outputs = [str(Path(directory).expanduser()) for directory in d.eval_dirs]
+    for name in d.eval_datasets:
+        settings = PrepareSettings.for_target(target_path, d, datasets=[name], split="eval")
+        for temperature in EVAL_TEMPERATURES:
+            settings = dataclasses.replace(settings, limit=d.eval_limit, temperature=temperature, top_p=1.0)
+            outputs.append(_prepared(settings, target_path, d, dist, progress))
+    if d.eval_datasets:
+        dist.barrier()
+    return outputs
+
+
+def _prepared(settings, target_path: str, data: DataSection, dist: Dist, progress: bool) -> str:
+    """The default output directory of ``settings``, which rank 0 prepares first unless it is finished."""
+    from training.prepare import default_output_dir, prepare
+
+    output = default_output_dir(settings)
+    if dist.main and not (output / "manifest.json").is_file():
+        from lk_vllm import engine
+
+        what = f"{', '.join(settings.datasets)} ({settings.split} split, T={settings.temperature:g})"
+        log(f"preparing data: the target regenerates {what} into {output}")
+        prepare(
+            settings,
+            output,
+            engine.EngineSettings(model=target_path, max_model_len=max(data.max_length, 256)),
+            progress=progress,
+        )
+    return str(output)
 
 
 def load_run_samples(dirs: list[str], fingerprint: str, max_length: int):
@@ -603,7 +634,7 @@ def build_run(config: Config, name: str = "run", resume: bool = False, progress:
     check_training_dirs(data_dirs)
     samples, truncated, dropped = load_run_samples(data_dirs, fingerprint, config.data.max_length)
     train_indices, heldout_indices = split_heldout(samples, config.data.heldout)
-    eval_dirs = [str(Path(d).expanduser()) for d in config.data.eval_dirs]
+    eval_dirs = ensure_eval_data(config, target_path, dist, progress)
     eval_sets = load_eval_sets(eval_dirs, samples, fingerprint, config.data.max_length)
     data_key = cache_key(fingerprint, data_dirs, (), config.data.max_length, "samples")
     if state is not None and state.get("data_key") != data_key:
