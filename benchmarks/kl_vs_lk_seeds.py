@@ -255,13 +255,14 @@ def plot(document: dict, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    colours = LOSS_COLOURS
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for ax, key, title in ((axes[0], "al_t0", "T=0"), (axes[1], "al_t1", "T=1")):
         for run in document["runs"]:
             xs = [p["training_tokens"] / 1e3 for p in run["curve"]]
-            ax.plot(xs, [p[key] for p in run["curve"]], color=colours[run["loss"]], alpha=0.35, linewidth=1)
-        for loss, colour in colours.items():
+            ax.plot(
+                xs, [p[key] for p in run["curve"]], color=LOSS_COLOURS[run["loss"]], alpha=0.35, linewidth=1
+            )
+        for loss, colour in LOSS_COLOURS.items():
             points = [p for p in document["mean_curves"] if p["loss"] == loss]
             if points:
                 ax.plot(
@@ -280,7 +281,7 @@ def plot(document: dict, path: Path) -> None:
     for i, c in enumerate(ratios):
         y = c["mean"]
         err = [[y - c["low"]], [c["high"] - y]] if c["low"] is not None else None
-        ax.errorbar([i], [y], yerr=err, fmt="o", color=colours[c["lk"]], capsize=3)
+        ax.errorbar([i], [y], yerr=err, fmt="o", color=LOSS_COLOURS[c["lk"]], capsize=3)
     ax.axhline(1.0, color="grey", linestyle=":")
     ax.set_xticks(range(len(ratios)))
     ax.set_xticklabels(

@@ -173,7 +173,6 @@ def plot(document: dict, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    colours = LOSS_COLOURS
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for ax, (key, label) in zip(axes, KEYS, strict=False):
         for loss, curve in document["curves"].items():
@@ -181,14 +180,14 @@ def plot(document: dict, path: Path) -> None:
             ax.plot(
                 [p["training_tokens"] / 1e3 for p in points],
                 [p[key] for p in points],
-                color=colours.get(loss),
+                color=LOSS_COLOURS.get(loss),
                 marker="o",
                 markersize=3,
                 label=loss,
             )
             b = curve["bend"][key]
             if b:
-                ax.axvline(b["training_tokens"] / 1e3, color=colours.get(loss), linestyle=":")
+                ax.axvline(b["training_tokens"] / 1e3, color=LOSS_COLOURS.get(loss), linestyle=":")
         ax.set_xlabel("training tokens (thousands)")
         ax.set_ylabel("held-out expected acceptance length")
         ax.set_title(f"Learning curves, {label} (dotted: bend)")
@@ -200,7 +199,7 @@ def plot(document: dict, path: Path) -> None:
             ax.plot(
                 [r["training_tokens"] / 1e3 for r in points],
                 [r[key] for r in points],
-                color=colours[kind],
+                color=LOSS_COLOURS[kind],
                 linestyle="-" if key == "al_t1" else "--",
                 label=f"{kind} {label}",
             )

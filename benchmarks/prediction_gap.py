@@ -38,40 +38,18 @@ def trainer_eval_data(
     """The ``eval_data`` entries ``lk-vllm train --eval-data`` would record for this drafter."""
     from lk_vllm.assets import resolve_target, target_fingerprint
     from lk_vllm.drafters import load_drafter
-    from lk_vllm.drafters.base import read_drafter_files
     from lk_vllm.target_model import TargetModel
     from training.capture import OnlineCapture
-    from training.train import evaluate, load_eval_sets
+    from training.evaluate import recorded_target
+    from training.train import evaluate_eval_sets, load_eval_sets
 
-    recorded = read_drafter_files(drafter_dir).record.target_path
-    target_path = resolve_target(
-        recorded if recorded and Path(recorded).is_dir() else None
-    )  # as lk-vllm eval
+    target_path = resolve_target(recorded_target(drafter_dir))  # as lk-vllm eval resolves it
     target = TargetModel(target_path)
     drafter = load_drafter(drafter_dir, target)
     samples: list = []
     sets = load_eval_sets(eval_dirs, samples, target_fingerprint(target_path), max_length=4096)
     capture = OnlineCapture(target, drafter.aux_layer_ids_needed())
-    entries = []
-    for e in sets:
-        started = time.time()
-        metrics = evaluate(drafter, capture, samples, e.indices, num_steps, batch_size)
-        entries.append(
-            {
-                "name": e.name,
-                "dir": e.directory,
-                "temperature": e.temperature,
-                "datasets": e.datasets,
-                "samples": len(e.indices),
-                **metrics,
-            }
-        )
-        print(
-            f"{e.name}: {metrics['expected_acceptance_length_greedy']:.3f} (T=0) "
-            f"{metrics['expected_acceptance_length']:.3f} (T=1) in {time.time() - started:.0f} s",
-            flush=True,
-        )
-    return entries
+    return evaluate_eval_sets(drafter, capture, samples, sets, num_steps, batch_size)
 
 
 def served(drafter_dir: str, datasets: list[str], limit: int, num_steps: int, max_tokens: int) -> dict:
@@ -88,7 +66,7 @@ def rows(training: dict, eval_data: list[dict], served_runs: dict, num_steps: in
     """One row per dataset (and 'all') and temperature: served, predicted from eval data / held-out, gaps."""
     from lk_vllm.acceptance import expected_acceptance_length, heldout_rates, predicted_rates
 
-    with_eval = {**training, "eval_data": eval_data}
+    only_eval = {"eval_data": eval_data}  # no held-out numbers to fall back on
     out = []
     for temperature, result in served_runs.items():
         per_dataset = {**result["datasets"], "all": result}
@@ -99,10 +77,9 @@ def rows(training: dict, eval_data: list[dict], served_runs: dict, num_steps: in
                 "served": summary["acceptance_length"],
                 "num_drafts": summary["num_drafts"],
             }
-            predicted = predicted_rates(with_eval, temperature, num_steps, dataset)
-            eval_prediction = predicted if predicted and predicted[1].startswith("eval data") else None
+            from_eval = predicted_rates(only_eval, temperature, num_steps, dataset)  # None without a match
             held = heldout_rates(training, temperature, num_steps)
-            for key, rates in (("eval_data", eval_prediction and eval_prediction[0]), ("heldout", held)):
+            for key, rates in (("eval_data", from_eval and from_eval[0]), ("heldout", held)):
                 expected = expected_acceptance_length(rates) if rates else None
                 row[f"predicted_{key}"] = expected
                 row[f"gap_{key}_percent"] = (

@@ -185,7 +185,7 @@ def run_eval(
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     if engine not in ("torch", "vllm"):
         raise UserError(f"--engine must be torch or vllm, got {engine!r}")
-    target_path = resolve_target(target or _recorded_target(drafter_dir))
+    target_path = resolve_target(target or recorded_target(drafter_dir))
     architecture = detect_architecture(read_drafter_files(drafter_dir).config, f"--drafter {drafter_dir}")
     check_target(target_path, architecture, needs_chat_template=not chat_template)
     prompts = [p for name in datasets for p in load_prompts(name, split="eval", limit=limit)]
@@ -240,7 +240,8 @@ def run_eval(
     return result
 
 
-def _recorded_target(drafter_dir: str) -> str | None:
+def recorded_target(drafter_dir: str) -> str | None:
+    """The target path recorded with the drafter, when that directory exists here."""
     path = read_drafter_files(drafter_dir).record.target_path
     return path if path and Path(path).is_dir() else None
 

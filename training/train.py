@@ -431,6 +431,30 @@ def evaluate(
     }
 
 
+def evaluate_eval_sets(
+    drafter,
+    capture,
+    samples,
+    eval_sets: list[EvalSet],
+    num_steps: int,
+    batch_size: int,
+    dist: Dist | None = None,
+) -> list[dict]:
+    """The ``eval_data`` entries of ``lk_training.json``: each eval set's description and its ``evaluate``
+    metrics."""
+    return [
+        {
+            "name": e.name,
+            "dir": e.directory,
+            "temperature": e.temperature,
+            "datasets": e.datasets,
+            "samples": len(e.indices),
+            **evaluate(drafter, capture, samples, e.indices, num_steps, batch_size, dist),
+        }
+        for e in eval_sets
+    ]
+
+
 # ------------------------------------------------------------------------------------------ logging
 class Logger:
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
@@ -846,25 +870,15 @@ def evaluate_run(run: Run, step: int) -> dict:
             t.eval_batch_size,
             run.dist,
         )
-        eval_data = [
-            {
-                "name": e.name,
-                "dir": e.directory,
-                "temperature": e.temperature,
-                "datasets": e.datasets,
-                "samples": len(e.indices),
-                **evaluate(
-                    run.drafter,
-                    run.capture,
-                    run.samples,
-                    e.indices,
-                    c.loss.num_steps,
-                    t.eval_batch_size,
-                    run.dist,
-                ),
-            }
-            for e in run.eval_sets
-        ]
+        eval_data = evaluate_eval_sets(
+            run.drafter,
+            run.capture,
+            run.samples,
+            run.eval_sets,
+            c.loss.num_steps,
+            t.eval_batch_size,
+            run.dist,
+        )
     if eval_data:
         metrics = {**metrics, "eval_data": eval_data}
     if metrics:
