@@ -127,12 +127,15 @@ def real_run(default_target, tmp_path_factory):
     )
     del target, drafter
 
-    snapshots = []  # (engine, counters) in the order the runner read them
+    snapshots = []  # (engine number, counters) in the order the runner read them
     real_read = runner.read_spec_decode_counters
 
     def spy(llm, num_positions=0):
         counters = real_read(llm, num_positions)
-        snapshots.append((id(llm), json.loads(json.dumps(counters))))
+        # Engines are numbered on first sight: id() is reused once the baseline engine is freed.
+        if not hasattr(llm, "_test_engine_number"):
+            llm._test_engine_number = len({number for number, _ in snapshots})
+        snapshots.append((llm._test_engine_number, json.loads(json.dumps(counters))))
         return counters
 
     patch = pytest.MonkeyPatch()
