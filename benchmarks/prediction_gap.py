@@ -49,7 +49,17 @@ def trainer_eval_data(
     samples: list = []
     sets = load_eval_sets(eval_dirs, samples, target_fingerprint(target_path), max_length=4096)
     capture = OnlineCapture(target, drafter.aux_layer_ids_needed())
-    return evaluate_eval_sets(drafter, capture, samples, sets, num_steps, batch_size)
+    entries = []
+    for eval_set in sets:  # one at a time, to say how far it got
+        started = time.time()
+        [entry] = evaluate_eval_sets(drafter, capture, samples, [eval_set], num_steps, batch_size)
+        print(
+            f"{entry['name']}: {entry['expected_acceptance_length_greedy']:.3f} (T=0) "
+            f"{entry['expected_acceptance_length']:.3f} (T=1) in {time.time() - started:.0f} s",
+            flush=True,
+        )
+        entries.append(entry)
+    return entries
 
 
 def served(drafter_dir: str, datasets: list[str], limit: int, num_steps: int, max_tokens: int) -> dict:
@@ -64,9 +74,8 @@ def served(drafter_dir: str, datasets: list[str], limit: int, num_steps: int, ma
 
 def rows(training: dict, eval_data: list[dict], served_runs: dict, num_steps: int) -> list[dict]:
     """One row per dataset (and 'all') and temperature: served, predicted from eval data / held-out, gaps."""
-    from lk_vllm.acceptance import expected_acceptance_length, heldout_rates, predicted_rates
+    from lk_vllm.acceptance import eval_data_rates, expected_acceptance_length, heldout_rates
 
-    only_eval = {"eval_data": eval_data}  # no held-out numbers to fall back on
     out = []
     for temperature, result in served_runs.items():
         per_dataset = {**result["datasets"], "all": result}
@@ -77,7 +86,7 @@ def rows(training: dict, eval_data: list[dict], served_runs: dict, num_steps: in
                 "served": summary["acceptance_length"],
                 "num_drafts": summary["num_drafts"],
             }
-            from_eval = predicted_rates(only_eval, temperature, num_steps, dataset)  # None without a match
+            from_eval = eval_data_rates({"eval_data": eval_data}, temperature, num_steps, dataset)
             held = heldout_rates(training, temperature, num_steps)
             for key, rates in (("eval_data", from_eval and from_eval[0]), ("heldout", held)):
                 expected = expected_acceptance_length(rates) if rates else None

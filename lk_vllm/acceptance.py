@@ -43,6 +43,7 @@ __all__ = [
     "cumulative_acceptance",
     "draft_acceptance_rate",
     "expected_acceptance_length",
+    "eval_data_rates",
     "heldout_rates",
     "mean_acceptance_length",
     "sampling_mode",
@@ -386,15 +387,14 @@ def heldout_rates(
     return [float(rate) for rate in rates[:num_speculative_tokens]]
 
 
-def predicted_rates(
+def eval_data_rates(
     training: Mapping[str, Any], temperature: float, num_speculative_tokens: int, dataset: str
 ) -> tuple[list[float], str] | None:
-    """The conditional per-position acceptance rates to expect when serving ``dataset`` (a dataset name, or
-    ``all`` for every one) at ``temperature``, and where they come from; None when there is no prediction.
-
-    First the trainer's ``eval_data`` (``lk_training.json``): the sets whose responses the target wrote at this
-    temperature and, unless ``dataset`` is ``all``, from this dataset's prompts, pooled by their number of
-    positions. Else the held-out training samples (:func:`heldout_rates`)."""
+    """The conditional per-position acceptance rates the trainer measured on its ``eval_data``
+    (``lk_training.json``) for serving ``dataset`` (a dataset name, or ``all`` for every one) at ``temperature``,
+    and the names of the sets they come from; None when no set matches. A set matches when the target wrote its
+    responses at this temperature and, unless ``dataset`` is ``all``, from this dataset's prompts; matching sets
+    are pooled by their number of positions."""
     key = {0.0: "top1_agreement", 1.0: "per_position_alpha"}.get(float(temperature))
     sets = training.get("eval_data") if isinstance(training.get("eval_data"), list) else []
     matching = [
@@ -407,13 +407,26 @@ def predicted_rates(
         and len(e[key]) >= num_speculative_tokens
         and e.get("positions")
     ]
-    if key and matching:
-        total = sum(e["positions"] for e in matching)
-        rates = [
-            sum(float(e[key][k]) * e["positions"] for e in matching) / total
-            for k in range(num_speculative_tokens)
-        ]
-        return rates, "eval data " + ", ".join(e["name"] for e in matching)
+    if not (key and matching):
+        return None
+    total = sum(e["positions"] for e in matching)
+    rates = [
+        sum(float(e[key][k]) * e["positions"] for e in matching) / total
+        for k in range(num_speculative_tokens)
+    ]
+    return rates, "eval data " + ", ".join(e["name"] for e in matching)
+
+
+def predicted_rates(
+    training: Mapping[str, Any], temperature: float, num_speculative_tokens: int, dataset: str
+) -> tuple[list[float], str] | None:
+    """The conditional per-position acceptance rates to expect when serving ``dataset`` (a dataset name, or
+    ``all`` for every one) at ``temperature``, and where they come from; None when there is no prediction:
+    the trainer's eval data (:func:`eval_data_rates`), else the held-out training samples
+    (:func:`heldout_rates`)."""
+    from_eval = eval_data_rates(training, temperature, num_speculative_tokens, dataset)
+    if from_eval is not None:
+        return from_eval
     rates = heldout_rates(training, temperature, num_speculative_tokens)
     return (rates, "held-out training samples") if rates is not None else None
 
