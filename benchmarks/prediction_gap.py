@@ -76,8 +76,10 @@ def rows(training: dict, eval_data: list[dict], served_runs: dict, num_steps: in
     """One row per dataset (and 'all') and temperature: served, predicted from eval data / held-out, gaps."""
     from lk_vllm.acceptance import eval_data_rates, expected_acceptance_length, heldout_rates
 
+    record = {"eval_data": eval_data}
     out = []
     for temperature, result in served_runs.items():
+        held = heldout_rates(training, temperature, num_steps)  # one number for every dataset
         per_dataset = {**result["datasets"], "all": result}
         for dataset, summary in per_dataset.items():
             row = {
@@ -86,8 +88,7 @@ def rows(training: dict, eval_data: list[dict], served_runs: dict, num_steps: in
                 "served": summary["acceptance_length"],
                 "num_drafts": summary["num_drafts"],
             }
-            from_eval = eval_data_rates({"eval_data": eval_data}, temperature, num_steps, dataset)
-            held = heldout_rates(training, temperature, num_steps)
+            from_eval = eval_data_rates(record, temperature, num_steps, dataset)
             for key, rates in (("eval_data", from_eval and from_eval[0]), ("heldout", held)):
                 expected = expected_acceptance_length(rates) if rates else None
                 row[f"predicted_{key}"] = expected
